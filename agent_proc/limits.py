@@ -1,0 +1,70 @@
+"""Apply a per-session memory limit spec in the freshly forked agent child (stdlib only).
+
+The spec comes from ``supervisor.limits.MemoryLimiter.prepare`` through the zygote's pipe. This
+runs before any agent code, so an agent can never run unconfined.
+"""
+from __future__ import annotations
+
+import os
+import resource
+
+__all__ = ["apply_limits", "OOM_EXIT_CODE", "AS_MULTIPLE"]
+
+# Exit status an agent uses after a MemoryError under rlimit, so the supervisor classifies "oom".
+OOM_EXIT_CODE = 86
+
+# RLIMIT_AS backstop = current virtual size + AS_MULTIPLE * limit (see _apply_rlimit for why).
+AS_MULTIPLE = 4
+
+
+def apply_limits(spec: dict) -> None:
+    """Confine the calling process as the spec says; raises OSError on failure."""
+    kind = (spec or {}).get("kind", "none")
+    if kind in ("cgroup2", "cgroup1"):
+        _join_cgroup(spec["path"])
+    elif kind == "rlimit":
+        _apply_rlimit(int(spec["limit_bytes"]))
+    elif kind != "none":
+        raise OSError(f"unknown memory limit kind {kind!r}")
+
+
+def _join_cgroup(path: str) -> None:
+    """Move ourselves into the per-spawn cgroup; processes we fork later start inside it too."""
+    with open(os.path.join(path, "cgroup.procs"), "w") as f:
+        f.write(str(os.getpid()))
+
+
+def _apply_rlimit(limit: int) -> None:
+    """Cap private writable memory (RLIMIT_DATA) and, loosely, the address space (RLIMIT_AS)."""
+    # RLIMIT_DATA, not RLIMIT_AS, is the real limit: since Linux 4.7 it counts every private writable
+    # mapping (heap, anonymous mmap — what malloc and bytearray use), while virtual size is inflated
+    # by things that cost no memory: 8 MiB reserved per thread stack, 64 MiB glibc malloc arenas per
+    # thread, PROT_NONE reservations, mapped shared libraries. An AS limit near the real budget would
+    # make thread creation fail long before memory runs out.
+    # The budget counts from what we already have: pages inherited from the zygote are shared
+    # copy-on-write (and under cgroups stay charged to the zygote), so a session gets `limit` *new*
+    # bytes, the same meaning as the cgroup mechanisms.
+    _lower_rlimit(resource.RLIMIT_DATA, _status_kib("VmData") * 1024 + limit)
+    # RLIMIT_AS only as a generous backstop for what RLIMIT_DATA does not count (MAP_SHARED anonymous
+    # or /dev/shm mappings): current size plus a multiple of the budget leaves room for threads.
+    _lower_rlimit(resource.RLIMIT_AS, _status_kib("VmSize") * 1024 + AS_MULTIPLE * limit)
+
+
+def _lower_rlimit(which: int, value: int) -> None:
+    """Set soft and hard limit to `value` (the agent must not raise it), never above an existing hard limit."""
+    _soft, hard = resource.getrlimit(which)
+    if hard != resource.RLIM_INFINITY and value > hard:
+        value = hard  # raising a hard limit needs CAP_SYS_RESOURCE; a tighter one is fine as is
+    resource.setrlimit(which, (value, value))
+
+
+def _status_kib(field: str) -> int:
+    """A "<field>: N kB" value from /proc/self/status, 0 when unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
