@@ -1,0 +1,111 @@
+"""In-process store: no durability; the "no store" baseline for benchmarks, and tests."""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+from .base import MessageRecord, SessionNotFound, SessionRecord, Store, build_stats
+
+
+class MemoryStore(Store):
+    """Dicts in this process; every method finishes without awaiting, so no locks are needed."""
+
+    backend = "memory"
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, SessionRecord] = {}
+        self._messages: dict[str, list[MessageRecord]] = {}
+
+    async def open(self) -> None:
+        """Nothing to connect to."""
+
+    async def close(self) -> None:
+        """Nothing to release; data stays for a reopen in the same process."""
+
+    async def upsert_session(self, session_id: str, *, tenant: str, agent: str,
+                             metadata: dict[str, Any] | None = None,
+                             status: str = "starting") -> SessionRecord:
+        """Create, or bring back an existing session (status set, end cleared)."""
+        rec = self._sessions.get(session_id)
+        if rec is None:
+            now = time.time()
+            rec = SessionRecord(session_id, tenant, agent, copy.deepcopy(metadata or {}),
+                                status, None, 0, now, now, None)
+            self._sessions[session_id] = rec
+            self._messages[session_id] = []
+        else:
+            rec.status, rec.end_reason, rec.ended_at = status, None, None
+        return copy.deepcopy(rec)  # callers must not mutate our copy
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        """A copy of the session, or None."""
+        rec = self._sessions.get(session_id)
+        return copy.deepcopy(rec) if rec else None
+
+    async def set_status(self, session_id: str, status: str, *, end_reason: str | None = None,
+                         ended: bool = False) -> None:
+        """Set status; ended stamps ended_at/end_reason, otherwise both are cleared."""
+        rec = self._sessions.get(session_id)
+        if rec is not None:
+            rec.status = status
+            rec.end_reason = end_reason if ended else None
+            rec.ended_at = time.time() if ended else None
+
+    async def append_message(self, session_id: str, role: str, content: str) -> MessageRecord:
+        """Append with the next seq."""
+        rec = self._sessions.get(session_id)
+        if rec is None:
+            raise SessionNotFound(session_id)
+        now = time.time()
+        rec.message_count += 1
+        rec.last_activity = now
+        msg = MessageRecord(session_id, rec.message_count, role, content, now)
+        self._messages[session_id].append(msg)
+        return copy.copy(msg)
+
+    async def history(self, session_id: str, *, limit: int | None = None) -> list[MessageRecord]:
+        """Messages by seq; the last `limit` when given."""
+        msgs = self._messages.get(session_id, [])
+        if limit is not None:
+            msgs = msgs[-limit:] if limit > 0 else []
+        return [copy.copy(m) for m in msgs]
+
+    async def touch(self, session_id: str) -> None:
+        """last_activity = now."""
+        rec = self._sessions.get(session_id)
+        if rec is not None:
+            rec.last_activity = time.time()
+
+    async def delete_session(self, session_id: str) -> bool:
+        """Remove the session and its messages."""
+        self._messages.pop(session_id, None)
+        return self._sessions.pop(session_id, None) is not None
+
+    async def purge_ended(self, older_than: float) -> int:
+        """Delete sessions whose ended_at is before now - older_than."""
+        cutoff = time.time() - older_than
+        old = [sid for sid, r in self._sessions.items()
+               if r.ended_at is not None and r.ended_at < cutoff]
+        for sid in old:
+            await self.delete_session(sid)
+        return len(old)
+
+    async def list_sessions(self, *, tenant: str | None = None, status: str | None = None,
+                            limit: int = 100, offset: int = 0) -> list[SessionRecord]:
+        """Sessions newest first, filtered by tenant/status."""
+        recs = [r for r in self._sessions.values()
+                if (tenant is None or r.tenant == tenant) and (status is None or r.status == status)]
+        recs.sort(key=lambda r: r.id)
+        recs.sort(key=lambda r: r.created_at, reverse=True)  # stable: ties keep id order
+        return [copy.deepcopy(r) for r in recs[offset:offset + limit]]
+
+    async def stats(self) -> dict[str, Any]:
+        """Totals and per-tenant numbers."""
+        groups: dict[str, list[int]] = {}
+        for r in self._sessions.values():
+            g = groups.setdefault(r.tenant, [0, 0, 0])
+            g[0] += 1
+            g[1] += r.ended_at is None
+            g[2] += r.message_count
+        return build_stats([(t, *g) for t, g in sorted(groups.items())])

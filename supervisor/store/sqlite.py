@@ -1,0 +1,262 @@
+"""SQLite backend: one aiosqlite connection, WAL journal, migrations at open."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import aiosqlite
+
+from .base import (
+    MessageRecord, SessionNotFound, SessionRecord, Store, StoreError, build_stats, load_migrations,
+)
+
+_SESSION_COLS = ("id, tenant, agent, metadata, status, end_reason, message_count, "
+                 "created_at, last_activity, ended_at")
+
+
+def _session(row: sqlite3.Row) -> SessionRecord:
+    """Row of `sessions` -> record."""
+    return SessionRecord(
+        id=row["id"], tenant=row["tenant"], agent=row["agent"],
+        metadata=json.loads(row["metadata"] or "{}"), status=row["status"],
+        end_reason=row["end_reason"], message_count=row["message_count"],
+        created_at=row["created_at"], last_activity=row["last_activity"], ended_at=row["ended_at"],
+    )
+
+
+def _message(row: sqlite3.Row) -> MessageRecord:
+    """Row of `messages` -> record."""
+    return MessageRecord(row["session_id"], row["seq"], row["role"], row["content"], row["created_at"])
+
+
+class SQLiteStore(Store):
+    """SQLite file store.
+
+    Durability: WAL with synchronous=NORMAL. A commit is in the WAL (the OS page cache) before
+    the call returns, so it survives the corral process being SIGKILLed; only an OS crash or
+    power loss can lose the last few commits. Pass synchronous="FULL" to fsync every commit.
+    """
+
+    backend = "sqlite"
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout_ms: int = 5000,
+                 synchronous: str = "NORMAL") -> None:
+        self.path = Path(path)
+        self._busy_timeout_ms = int(busy_timeout_ms)
+        self._synchronous = synchronous.upper()
+        if self._synchronous not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
+            raise ValueError(f"bad synchronous mode {synchronous!r}")
+        self._db: aiosqlite.Connection | None = None
+        # one connection: transactions of concurrent coroutines must not interleave on it
+        self._lock = asyncio.Lock()
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create/open the file, check integrity, apply migrations; StoreError on failure."""
+        if self._db is not None:
+            return
+        try:
+            self._prepare_file()
+            self._db = await aiosqlite.connect(str(self.path), isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            await self._configure()
+            await self._migrate()
+        except (sqlite3.Error, OSError, StoreError) as exc:
+            await self.close()
+            raise StoreError(f"cannot open SQLite store {self.path}: {exc}") from exc
+
+    def _prepare_file(self) -> None:
+        """Make the parent dir (0700) and the file (0600) so WAL/SHM files inherit 0600."""
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        elif not os.access(self.path, os.R_OK | os.W_OK):
+            raise StoreError("file is not readable and writable by this user")
+
+    async def _configure(self) -> None:
+        """Pragmas and the integrity check."""
+        db = self._db
+        await db.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+        await db.execute("PRAGMA foreign_keys = ON")
+        rows = await db.execute_fetchall("PRAGMA quick_check")
+        verdict = "; ".join(str(r[0]) for r in rows)
+        if verdict != "ok":
+            raise StoreError(f"integrity check failed: {verdict}")
+        (mode,), = await db.execute_fetchall("PRAGMA journal_mode = WAL")
+        if str(mode).lower() != "wal":
+            raise StoreError(f"cannot switch to WAL journal (got {mode})")
+        await db.execute(f"PRAGMA synchronous = {self._synchronous}")
+
+    async def _migrate(self) -> None:
+        """Apply pending migrations under BEGIN IMMEDIATE, so two processes cannot race."""
+        db = self._db
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            await db.execute("CREATE TABLE IF NOT EXISTS schema_version ("
+                             "version INTEGER PRIMARY KEY, name TEXT NOT NULL, "
+                             "applied_at REAL NOT NULL)")
+            done = {r[0] for r in await db.execute_fetchall("SELECT version FROM schema_version")}
+            for mig in load_migrations("sqlite"):
+                if mig.version in done:
+                    continue
+                for stmt in mig.statements():
+                    await db.execute(stmt)
+                await db.execute("INSERT INTO schema_version VALUES (?, ?, ?)",
+                                 (mig.version, mig.name, time.time()))
+            await db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                await db.execute("ROLLBACK")
+            raise
+
+    async def close(self) -> None:
+        """Close the connection; safe to call twice."""
+        db, self._db = self._db, None
+        if db is not None:
+            with contextlib.suppress(Exception):
+                await db.close()
+
+    # ---- plumbing --------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _conn(self) -> AsyncIterator[aiosqlite.Connection]:
+        """The connection under the lock, driver errors turned into StoreError."""
+        async with self._lock:
+            if self._db is None:
+                raise StoreError(f"SQLite store {self.path} is not open")
+            try:
+                yield self._db
+            except sqlite3.Error as exc:
+                raise StoreError(f"SQLite store {self.path}: {exc}") from exc
+
+    @contextlib.asynccontextmanager
+    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A write transaction; IMMEDIATE so a second process waits on busy_timeout, not deadlocks."""
+        async with self._conn() as db:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                await db.execute("COMMIT")
+            except BaseException:
+                # also after a failed COMMIT, which leaves the transaction open
+                with contextlib.suppress(sqlite3.Error):
+                    await db.execute("ROLLBACK")
+                raise
+
+    async def _one(self, sql: str, args: tuple = ()) -> sqlite3.Row | None:
+        """First row of a read."""
+        async with self._conn() as db:
+            rows = await db.execute_fetchall(sql, args)
+        return rows[0] if rows else None
+
+    # ---- sessions --------------------------------------------------------------------------
+
+    async def upsert_session(self, session_id: str, *, tenant: str, agent: str,
+                             metadata: dict[str, Any] | None = None,
+                             status: str = "starting") -> SessionRecord:
+        """Create, or bring back an existing session (status set, end cleared)."""
+        now = time.time()
+        async with self._tx() as db:
+            rows = await db.execute_fetchall(
+                f"INSERT INTO sessions ({_SESSION_COLS}) VALUES (?, ?, ?, ?, ?, NULL, 0, ?, ?, NULL) "
+                "ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
+                "end_reason = NULL, ended_at = NULL "
+                f"RETURNING {_SESSION_COLS}",
+                (session_id, tenant, agent, json.dumps(metadata or {}), status, now, now))
+        return _session(rows[0])
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        """The session, or None."""
+        row = await self._one(f"SELECT {_SESSION_COLS} FROM sessions WHERE id = ?", (session_id,))
+        return _session(row) if row else None
+
+    async def set_status(self, session_id: str, status: str, *, end_reason: str | None = None,
+                         ended: bool = False) -> None:
+        """Set status; ended stamps ended_at/end_reason, otherwise both are cleared."""
+        ended_at = time.time() if ended else None
+        async with self._tx() as db:
+            await db.execute(
+                "UPDATE sessions SET status = ?, end_reason = ?, ended_at = ? WHERE id = ?",
+                (status, end_reason if ended else None, ended_at, session_id))
+
+    async def touch(self, session_id: str) -> None:
+        """last_activity = now."""
+        async with self._tx() as db:
+            await db.execute("UPDATE sessions SET last_activity = ? WHERE id = ?",
+                             (time.time(), session_id))
+
+    async def delete_session(self, session_id: str) -> bool:
+        """Remove the session; its messages go by ON DELETE CASCADE."""
+        async with self._tx() as db:
+            cur = await db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+            return cur.rowcount > 0
+
+    async def purge_ended(self, older_than: float) -> int:
+        """Delete sessions whose ended_at is before now - older_than."""
+        async with self._tx() as db:
+            cur = await db.execute("DELETE FROM sessions WHERE ended_at < ?",
+                                   (time.time() - older_than,))
+            return cur.rowcount
+
+    async def list_sessions(self, *, tenant: str | None = None, status: str | None = None,
+                            limit: int = 100, offset: int = 0) -> list[SessionRecord]:
+        """Sessions newest first, filtered by tenant/status."""
+        where, args = [], []
+        if tenant is not None:
+            where.append("tenant = ?")
+            args.append(tenant)
+        if status is not None:
+            where.append("status = ?")
+            args.append(status)
+        sql = f"SELECT {_SESSION_COLS} FROM sessions"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, id LIMIT ? OFFSET ?"
+        async with self._conn() as db:
+            rows = await db.execute_fetchall(sql, (*args, int(limit), int(offset)))
+        return [_session(r) for r in rows]
+
+    async def stats(self) -> dict[str, Any]:
+        """Totals and per-tenant numbers in one grouped scan."""
+        async with self._conn() as db:
+            rows = await db.execute_fetchall(
+                "SELECT tenant, COUNT(*), SUM(ended_at IS NULL), SUM(message_count) "
+                "FROM sessions GROUP BY tenant ORDER BY tenant")
+        return build_stats([tuple(r) for r in rows])
+
+    # ---- messages --------------------------------------------------------------------------
+
+    async def append_message(self, session_id: str, role: str, content: str) -> MessageRecord:
+        """Bump message_count and insert with it as seq, in one committed transaction."""
+        now = time.time()
+        async with self._tx() as db:
+            rows = await db.execute_fetchall(
+                "UPDATE sessions SET message_count = message_count + 1, last_activity = ? "
+                "WHERE id = ? RETURNING message_count", (now, session_id))
+            if not rows:
+                raise SessionNotFound(session_id)
+            seq = rows[0][0]
+            await db.execute("INSERT INTO messages (session_id, seq, role, content, created_at) "
+                             "VALUES (?, ?, ?, ?, ?)", (session_id, seq, role, content, now))
+        return MessageRecord(session_id, seq, role, content, now)
+
+    async def history(self, session_id: str, *, limit: int | None = None) -> list[MessageRecord]:
+        """Messages by seq; the last `limit` when given."""
+        sql = "SELECT session_id, seq, role, content, created_at FROM messages WHERE session_id = ?"
+        if limit is None:
+            args: tuple = (session_id,)
+            sql += " ORDER BY seq"
+        else:
+            args = (session_id, max(int(limit), 0))
+            sql += " ORDER BY seq DESC LIMIT ?"
+        async with self._conn() as db:
+            rows = await db.execute_fetchall(sql, args)
+        out = [_message(r) for r in rows]
+        return out if limit is None else out[::-1]
