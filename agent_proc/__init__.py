@@ -1,0 +1,8 @@
+"""The agent side of corral: what runs inside each session's own process.
+
+Imports nothing from ``supervisor`` or ``web`` so an agent process never loads the web stack.
+"""
+
+from agent_proc.agent import Agent, BadRequest, UnknownCommand
+
+__all__ = ["Agent", "BadRequest", "UnknownCommand"]

@@ -1,0 +1,134 @@
+"""An agent process's main loop: one mailbox, one message at a time (actor semantics).
+
+Blocks on receive with no timeout while idle, so an idle agent costs no CPU. SIGINT interrupts
+the turn in progress only; one that lands between turns is ignored.
+"""
+
+import os
+import signal
+import sys
+import traceback
+
+import zmq
+
+from agent_proc import protocol as p
+from agent_proc.agent import BadRequest, UnknownCommand, iter_reply
+from agent_proc.limits import OOM_EXIT_CODE
+from agent_proc.process import agent_title, set_title
+
+
+class AgentLoop:
+    """Serves one session's mailbox over a DEALER socket."""
+
+    def __init__(self, agent_cls, sock, *, session_id: str, tenant: str, token: bytes):
+        self.agent_cls = agent_cls
+        self.sock = sock
+        self.session_id = session_id
+        self.tenant = tenant
+        self.token = token
+        self.agent = None
+        self.busy = False
+
+    def send(self, kind: int, req: int, body) -> None:
+        """Send one frame to the supervisor, signed with our spawn token."""
+        self.sock.send(p.pack([kind, self.token, req, body]))
+
+    def serve(self) -> int:
+        """Receive and handle messages until told to shut down; return the exit code."""
+        signal.signal(signal.SIGINT, self._on_sigint)
+        self.send(p.READY, 0, {"pid": os.getpid()})
+        while True:
+            try:
+                frame = p.unpack(self.sock.recv())
+            except KeyboardInterrupt:
+                continue  # an interrupt that arrived after its turn ended
+            except ValueError:
+                continue  # only the supervisor can reach this socket; garbage means a bug, not an attack
+            kind, req, body = frame[0], frame[1], frame[2]
+            if kind == p.SHUTDOWN:
+                if self.agent is not None:
+                    self.agent.on_stop()
+                return 0
+            self.handle(kind, req, body)
+
+    def _on_sigint(self, signum, frame):
+        """Interrupt the turn in progress, if any."""
+        if self.busy:
+            raise KeyboardInterrupt
+
+    def _set_busy(self, busy: bool) -> None:
+        """Flip busy/idle and show it in the process title."""
+        self.busy = busy
+        set_title(agent_title(self.session_id, self.tenant, busy))
+
+    def handle(self, kind: int, req: int, body) -> None:
+        """Run one message through the agent's hooks and answer it."""
+        self._set_busy(True)
+        try:
+            result = self.dispatch(kind, req, body)
+            state = self.agent.snapshot() if self.agent is not None else {}
+        except KeyboardInterrupt:
+            self._set_busy(False)
+            self.send(p.FAIL, req, {"code": p.INTERRUPTED, "message": "the turn was interrupted"})
+        except UnknownCommand as exc:
+            self._set_busy(False)
+            self.send(p.FAIL, req, {"code": p.UNKNOWN_COMMAND, "message": f"unknown command: {exc}"})
+        except BadRequest as exc:
+            self._set_busy(False)
+            self.send(p.FAIL, req, {"code": p.BAD_REQUEST, "message": str(exc)})
+        except MemoryError:
+            self._die(req, p.AGENT_OOM, "the agent ran out of memory", OOM_EXIT_CODE)
+        except Exception:
+            # Let it crash: state after an unexpected exception is suspect; the supervisor
+            # restarts the session with its history (restart policy) instead.
+            traceback.print_exc()
+            self._die(req, p.AGENT_CRASHED, "the agent raised an exception", 1)
+        else:
+            self._set_busy(False)
+            self.send(p.DONE, req, {"reply": result, "state": state})
+
+    def dispatch(self, kind: int, req: int, body):
+        """Call the hook for this kind of message; stream chunks as they come."""
+        if kind == p.START:
+            body = body or {}
+            self.agent = self.agent_cls(self.session_id, self.tenant, body.get("metadata") or {})
+            self.agent.on_start(body.get("history") or [])
+            return None
+        if self.agent is None:
+            raise RuntimeError("message before START")
+        if kind == p.MESSAGE:
+            chunks = []
+            for chunk in iter_reply(self.agent.on_message(body)):
+                chunks.append(chunk)
+                self.send(p.CHUNK, req, chunk)
+            return "".join(chunks)
+        if kind == p.SYSTEM:
+            return self.agent.on_system(body)
+        if kind == p.COMMAND:
+            body = body if isinstance(body, dict) else {}
+            return self.agent.on_command(str(body.get("command", "")), body.get("args"))
+        raise BadRequest(f"unknown message kind {kind}")
+
+    def _die(self, req: int, code: str, message: str, exit_code: int):
+        """Tell the supervisor why, then exit at once."""
+        try:
+            self.send(p.FAIL, req, {"code": code, "message": message})
+            self.sock.close(linger=200)  # let the frame leave before we go
+        finally:
+            sys.stderr.flush()
+            os._exit(exit_code)
+
+
+def run_agent(agent_cls, *, session_id: str, tenant: str, token: bytes, endpoint: str) -> int:
+    """Connect to the supervisor's ROUTER and serve; return the exit code."""
+    ctx = zmq.Context(io_threads=1)
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.ROUTING_ID, session_id.encode())
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.setsockopt(zmq.RECONNECT_IVL, 10)
+    sock.connect(endpoint)
+    try:
+        return AgentLoop(agent_cls, sock, session_id=session_id, tenant=tenant, token=token).serve()
+    finally:
+        sock.close()
+        ctx.term()

@@ -1,0 +1,71 @@
+"""Errors the supervisor raises, each with the HTTP status and code the API answers with."""
+
+
+class CorralError(Exception):
+    """Base of every error a client may see."""
+
+    status = 500
+    code = "internal_error"
+    retry_after: float | None = None
+
+    def __init__(self, message: str, *, retry_after: float | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        if retry_after is not None:
+            self.retry_after = retry_after
+        if code is not None:
+            self.code = code
+
+
+class BadRequest(CorralError):
+    status, code = 400, "bad_request"
+
+
+class UnknownCommand(BadRequest):
+    code = "unknown_command"
+
+
+class SessionNotFound(CorralError):
+    status, code = 404, "session_not_found"
+
+
+class TooLarge(CorralError):
+    status, code = 413, "too_large"
+
+
+class MailboxFull(CorralError):
+    status, code = 429, "mailbox_full"
+
+
+class RateLimited(CorralError):
+    status, code = 429, "rate_limited"
+
+
+class QuotaExceeded(CorralError):
+    status, code = 429, "quota_exceeded"
+
+
+class AgentDied(CorralError):
+    """The agent died (or was stopped) while serving the request; the next request respawns it."""
+
+    status, code = 502, "agent_crashed"
+
+
+class AtCapacity(CorralError):
+    status, code = 503, "at_capacity"
+
+
+class SessionFailed(CorralError):
+    """The session crashed more than ``max_restarts`` times in ``restart_window``."""
+
+    status, code = 503, "session_failed"
+
+
+class Unavailable(CorralError):
+    """A part the request needs (the store, the zygote) is down."""
+
+    status, code = 503, "unavailable"
+
+
+class TurnTimeout(CorralError):
+    status, code = 504, "request_timeout"

@@ -1,0 +1,131 @@
+"""One session as the supervisor sees it: its state, its process, its mailbox of turns."""
+
+import asyncio
+import re
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+
+from supervisor import states
+
+_SESSION_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def valid_session_id(session_id) -> bool:
+    """Whether a client-supplied session id is acceptable."""
+    return isinstance(session_id, str) and _SESSION_ID.fullmatch(session_id) is not None
+
+
+def new_session_id() -> str:
+    """A fresh session id (uuid4)."""
+    return str(uuid.uuid4())
+
+
+@dataclass
+class Turn:
+    """One message sent to the agent and awaiting its DONE or FAIL."""
+
+    kind: int
+    future: asyncio.Future
+    on_chunk: object = None  # callable(str) or None
+    chunks: int = 0
+    abandoned: bool = False  # the caller gave up (timeout); the answer is dropped when it comes
+
+
+class TokenBucket:
+    """Per-session rate limit: ``rate`` tokens a second, at most ``burst`` saved up."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate: float, burst: int):
+        self.rate, self.burst = rate, burst
+        self.tokens, self.stamp = float(burst), time.monotonic()
+
+    def take(self) -> float:
+        """Take one token; return 0 on success, else the seconds until one is available."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
+@dataclass(eq=False)
+class Session:
+    """A session: state machine position, process, pending turns, timers."""
+
+    id: str
+    tenant: str
+    metadata: dict = field(default_factory=dict)
+    state: str | None = None
+    pid: int | None = None
+    token: bytes | None = None
+    limits: dict | None = None
+    generation: int = 0
+    created_at: float = field(default_factory=time.time)
+    spawned_at: float | None = None  # monotonic
+    last_activity: float = field(default_factory=time.monotonic)
+    message_count: int = 0
+    restarts: deque = field(default_factory=deque)  # monotonic times of respawns after a crash
+    end_reason: str | None = None
+    exit_description: str | None = None
+    stop_reason: str | None = None
+    agent_state: dict = field(default_factory=dict)
+    turns: dict = field(default_factory=dict)  # req id -> Turn, sent to the agent
+    inflight: int = 0  # requests accepted and not answered (including ones waiting for a spawn)
+    bucket: TokenBucket | None = None
+    starting: asyncio.Future | None = None  # resolves when a spawn finishes (either way)
+    exited: asyncio.Future | None = None  # resolves when the current process is gone
+    ready: asyncio.Future | None = None  # resolves on the agent's READY
+    timers: dict = field(default_factory=dict)  # name -> asyncio.TimerHandle
+
+    @property
+    def routing_id(self) -> bytes:
+        """The ZeroMQ routing id of this session's agent."""
+        return self.id.encode()
+
+    @property
+    def live(self) -> bool:
+        """Whether the session has (or is getting) a process."""
+        return states.is_live(self.state)
+
+    @property
+    def is_processing(self) -> bool:
+        """Whether a turn is in progress."""
+        return self.inflight > 0
+
+    def idle_seconds(self) -> float:
+        """Seconds since the last message in or out."""
+        return max(0.0, time.monotonic() - self.last_activity)
+
+    def cancel_timer(self, name: str) -> None:
+        """Cancel one named timer, if set."""
+        handle = self.timers.pop(name, None)
+        if handle is not None:
+            handle.cancel()
+
+    def cancel_timers(self, *names: str) -> None:
+        """Cancel the named timers, or all of them."""
+        for name in names or list(self.timers):
+            self.cancel_timer(name)
+
+    def describe(self) -> dict:
+        """The session as the APIs show it."""
+        return {
+            "session_id": self.id,
+            "tenant": self.tenant,
+            "state": self.state,
+            "pid": self.pid,
+            "created_at": self.created_at,
+            "idle_seconds": round(self.idle_seconds(), 3),
+            "age_seconds": round(time.monotonic() - self.spawned_at, 3) if self.spawned_at and self.live else None,
+            "message_count": self.message_count,
+            "restarts": len(self.restarts),
+            "is_processing": self.is_processing,
+            "end_reason": self.end_reason,
+            "exit": self.exit_description,
+            "metadata": self.metadata,
+        }

@@ -1,0 +1,682 @@
+"""The Supervisor: the session registry and everything that happens to a session's process.
+
+One asyncio loop, no threads of its own, no per-session polling: agent frames arrive through
+the hub's reader, deaths through the zygote's reports, idle and age through timers. Each
+session's turns form its own mailbox; nothing takes a global lock.
+"""
+
+import asyncio
+import contextlib
+import itertools
+import os
+import secrets
+import shutil
+import signal
+import tempfile
+import time
+from collections import Counter
+
+from agent_proc import protocol as p
+from supervisor import errors, states
+from supervisor.config import Config
+from supervisor.events import EventBus
+from supervisor.hub import Hub
+from supervisor.limits import choose_limiter
+from supervisor.logs import get_logger
+from supervisor.reaper import Reaper, classify_exit, describe_status
+from supervisor.restarts import RestartPolicy
+from supervisor.session import Session, TokenBucket, Turn, new_session_id, valid_session_id
+from supervisor.spawner import SpawnError, ZygoteSpawner
+from supervisor.store import StoreError, create_store
+
+log = get_logger(component="supervisor")
+
+_FAIL_ERRORS = {
+    p.UNKNOWN_COMMAND: errors.UnknownCommand,
+    p.BAD_REQUEST: errors.BadRequest,
+    p.AGENT_CRASHED: errors.AgentDied,
+    p.AGENT_OOM: errors.AgentDied,
+}
+_DEATH_CODES = {states.OOM: p.AGENT_OOM, states.CRASHED: p.AGENT_CRASHED}
+
+
+class Supervisor:
+    """Owns every session of one corral server."""
+
+    def __init__(self, config: Config, *, store=None, events: EventBus | None = None, tenant_limits=None):
+        self.config = config
+        self.store = store
+        self.events = events or EventBus()
+        self.tenant_limits: dict[str, int] = dict(tenant_limits or {})
+        self.sessions: dict[str, Session] = {}
+        self.by_pid: dict[int, Session] = {}
+        self.by_rid: dict[bytes, Session] = {}
+        self.live_count = 0
+        self.live_by_tenant: Counter = Counter()
+        self.counters: Counter = Counter()  # spawns, restarts, crashes, ooms, reaps ... since start
+        self.policy = RestartPolicy(config.max_restarts, config.restart_window)
+        self.reaper = Reaper(idle_timeout=config.idle_timeout, max_age=config.max_age, on_due=self._on_due)
+        self.run_dir: str | None = None
+        self.limiter = None
+        self.hub: Hub | None = None
+        self.spawner: ZygoteSpawner | None = None
+        self.started_at = time.time()
+        self._req_ids = itertools.count(1)
+        self._background: set[asyncio.Task] = set()
+        self._retention_timer = None
+        self._closing = False
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Open the store, bind the hub, start the zygote."""
+        self.run_dir = tempfile.mkdtemp(prefix="corral-", dir=self._run_parent())
+        os.chmod(self.run_dir, 0o700)
+        try:
+            await self._start_parts()
+        except BaseException:
+            await self.close()
+            raise
+        self._schedule_retention()
+        log.info("supervisor_started", run_dir=self.run_dir, limit=self.limiter.describe(), agent=self.config.agent)
+
+    def _run_parent(self) -> str | None:
+        """Parent of the run directory."""
+        if self.config.run_dir:
+            os.makedirs(self.config.run_dir, mode=0o700, exist_ok=True)
+            return str(self.config.run_dir)
+        return os.environ.get("XDG_RUNTIME_DIR") or None
+
+    async def _start_parts(self) -> None:
+        """Start each part in dependency order."""
+        limit = self.config.memory_limit or None
+        self.limiter = choose_limiter(limit, run_id=os.path.basename(self.run_dir), prefer=self.config.limit_mechanism)
+        for reason in getattr(self.limiter, "fallback_reasons", ()):
+            log.info("limit_mechanism_skipped", reason=reason)
+        log.info("limit_mechanism", **self.limiter.describe())
+        if self.store is None:
+            self.store = create_store(self.config.database_url, self.config.data_dir)
+        await self.store.open()
+        self.hub = Hub(self.run_dir, token_for=self._token_for, on_frame=self._on_frame)
+        self.hub.start()
+        await self._start_spawner()
+
+    async def _start_spawner(self) -> None:
+        """Start a zygote."""
+        spawner = ZygoteSpawner(
+            self.config.agent, self.hub.endpoint, on_exit=self._on_exit, on_lost=self._on_zygote_lost
+        )
+        await spawner.start()
+        self.spawner = spawner
+
+    async def close(self) -> None:
+        """Stop every session, the zygote and the hub; remove the run directory."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._retention_timer is not None:
+            self._retention_timer.cancel()
+        live = [s for s in self.sessions.values() if s.live]
+        if live:
+            stops = [self.stop(s, states.ENDED) for s in live]
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*stops, return_exceptions=True), self.config.stop_timeout + 2)
+        if self.spawner is not None:
+            await self.spawner.close()
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=5)
+        if self.hub is not None:
+            self.hub.close()
+        if self.limiter is not None:
+            self.limiter.close()
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                await self.store.close()
+        if self.run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        log.info("supervisor_stopped")
+
+    # ---------------------------------------------------------------- registry
+
+    async def get_or_create(self, session_id: str | None, tenant: str, metadata: dict | None = None) -> Session:
+        """The session with this id (from memory or the store), or a new one; 404 if another tenant's."""
+        if session_id is None:
+            session_id = new_session_id()
+        elif not valid_session_id(session_id):
+            raise errors.BadRequest("session_id must be 1-128 characters of A-Z a-z 0-9 . _ -", code="bad_session_id")
+        s = self.sessions.get(session_id)
+        if s is None:
+            record = await self._store_call(self.store.get_session(session_id))
+            s = self.sessions.get(session_id)  # another request may have registered it meanwhile
+            if s is None:
+                s = self._register(session_id, tenant, metadata, record)
+        if s.tenant != tenant:
+            raise errors.SessionNotFound(f"no session {session_id}")
+        return s
+
+    async def find(self, session_id: str, tenant: str | None = None):
+        """The live Session, else the stored record, else None; never spawns or registers."""
+        if not valid_session_id(session_id):
+            return None
+        found = self.sessions.get(session_id)
+        if found is None:
+            found = await self._store_call(self.store.get_session(session_id))
+        if found is None or (tenant is not None and found.tenant != tenant):
+            return None
+        return found
+
+    def _register(self, session_id: str, tenant: str, metadata, record) -> Session:
+        """Put a session object in the registry."""
+        if record is not None:
+            tenant, metadata = record.tenant, record.metadata
+        s = Session(id=session_id, tenant=tenant, metadata=dict(metadata or {}))
+        if record is not None:
+            s.created_at, s.message_count = record.created_at, record.message_count
+        if self.config.rate_limit > 0:
+            s.bucket = TokenBucket(self.config.rate_limit, self.config.rate_burst)
+        self.sessions[session_id] = s
+        return s
+
+    def list_sessions(self) -> list[Session]:
+        """Every session the supervisor holds in memory (live, and recently crashed or failed)."""
+        return list(self.sessions.values())
+
+    def count(self) -> int:
+        """Number of live sessions."""
+        return self.live_count
+
+    def _forget(self, s: Session) -> None:
+        """Drop a down session from memory once nobody waits on it (the store keeps its data)."""
+        if s.live or s.inflight:
+            return
+        if s.state in states.STOP_REASONS or s.state is None:
+            if self.sessions.get(s.id) is s:
+                del self.sessions[s.id]
+            s.cancel_timers()
+        elif "forget" not in s.timers:
+            # Keep crash history for the restart window, then let it go.
+            loop = asyncio.get_running_loop()
+            s.timers["forget"] = loop.call_later(self.config.restart_window, self._forget_after_window, s)
+
+    def _forget_after_window(self, s: Session) -> None:
+        """The restart window of a crashed session has passed."""
+        s.timers.pop("forget", None)
+        if not s.live and not s.inflight and self.sessions.get(s.id) is s:
+            del self.sessions[s.id]
+
+    # ---------------------------------------------------------------- turns
+
+    async def chat(self, s: Session, text: str, *, on_chunk=None) -> dict:
+        """Send a user message and wait for the reply."""
+        turn = await self.submit(s, p.MESSAGE, text, on_chunk=on_chunk, record_as="user")
+        return await self.complete(s, turn)
+
+    async def submit_chat(self, s: Session, text: str, *, on_chunk=None) -> Turn:
+        """Commit a user message and put it in the agent's mailbox; ``complete`` waits for the reply."""
+        return await self.submit(s, p.MESSAGE, text, on_chunk=on_chunk, record_as="user")
+
+    async def system(self, s: Session, text: str) -> dict:
+        """Send a system message and wait for the agent's answer."""
+        turn = await self.submit(s, p.SYSTEM, text, record_as="system")
+        return await self.complete(s, turn)
+
+    async def command(self, s: Session, command: str, args) -> dict:
+        """Run an agent command and wait for its result."""
+        turn = await self.submit(s, p.COMMAND, {"command": command, "args": args})
+        return await self.complete(s, turn)
+
+    async def submit(self, s: Session, kind: int, body, *, on_chunk=None, record_as: str | None = None) -> Turn:
+        """Admit, persist and send one message; return the turn to wait on.
+
+        When this returns, the message is committed to the store and in the agent's mailbox.
+        """
+        self._admit(s, body)
+        s.inflight += 1
+        s.last_activity = time.monotonic()
+        try:
+            await self.ensure_live(s)
+            if record_as is not None:
+                await self._record(s, record_as, body)
+            return self._send(s, kind, body, on_chunk)
+        except BaseException:
+            self._turn_over(s)
+            raise
+
+    async def complete(self, s: Session, turn: Turn) -> dict:
+        """Wait for a submitted turn's answer (within request_timeout); persist and return it."""
+        try:
+            try:
+                done = await asyncio.wait_for(asyncio.shield(turn.future), self.config.request_timeout)
+            except asyncio.TimeoutError:
+                turn.abandoned = True
+                self.interrupt(s)
+                raise errors.TurnTimeout(
+                    f"no reply within request_timeout ({self.config.request_timeout:g}s); the turn was interrupted"
+                ) from None
+            if done.get("status") == "done":
+                s.agent_state = done.get("state") or s.agent_state
+                if turn.kind == p.MESSAGE:
+                    done["message"] = await self._record(s, "assistant", done.get("reply") or "")
+            return done
+        finally:
+            self._turn_over(s)
+
+    def _admit(self, s: Session, body) -> None:
+        """Refuse a message over the size, mailbox or rate bounds (before any work is done)."""
+        if isinstance(body, str) and len(body.encode()) > self.config.max_message_bytes:
+            raise errors.TooLarge(f"message is over max_message_bytes ({self.config.max_message_bytes})")
+        if s.inflight >= self.config.mailbox_size:
+            raise errors.MailboxFull(f"session {s.id} has {s.inflight} messages in flight", retry_after=1)
+        if s.bucket is not None:
+            wait = s.bucket.take()
+            if wait:
+                raise errors.RateLimited(f"session {s.id} is over its rate limit", retry_after=wait)
+
+    def _send(self, s: Session, kind: int, body, on_chunk) -> Turn:
+        """Put one frame in the agent's mailbox."""
+        req = next(self._req_ids)
+        turn = Turn(kind, asyncio.get_running_loop().create_future(), on_chunk)
+        s.turns[req] = turn
+        # If the agent is already gone, the frame is refused; its exit report fails the turn.
+        self.hub.send(s.routing_id, p.pack([kind, req, body]))
+        if s.state == states.IDLE:
+            self._transition(s, states.BUSY)
+        return turn
+
+    def _turn_over(self, s: Session) -> None:
+        """A request has been answered (or refused): settle busy/idle and bookkeeping."""
+        s.inflight -= 1
+        s.last_activity = time.monotonic()
+        if s.state == states.BUSY and not s.turns:
+            self._transition(s, states.IDLE)
+        elif not s.live:
+            self._forget(s)
+
+    async def _record(self, s: Session, role: str, content) -> dict:
+        """Commit one message to the store and tell listeners."""
+        msg = await self._store_call(self.store.append_message(s.id, role, content if isinstance(content, str) else str(content)))
+        s.message_count = msg.seq
+        data = msg.to_dict()
+        self.events.publish("message", s.id, to_all=False, message=data)
+        return data
+
+    def interrupt(self, s: Session) -> bool:
+        """SIGINT the agent's process group; the turn in progress ends as interrupted."""
+        if s.pid is None or s.state not in (states.BUSY, states.STOPPING):
+            return False
+        return self._signal(s, signal.SIGINT)
+
+    def _signal(self, s: Session, sig: int) -> bool:
+        """Send a signal to the session's process group."""
+        if s.pid is None:
+            return False
+        try:
+            os.killpg(s.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    # ---------------------------------------------------------------- spawning
+
+    async def ensure_live(self, s: Session) -> None:
+        """Make sure the session has a ready process, spawning (or respawning) it if needed."""
+        while True:
+            if s.state in (states.IDLE, states.BUSY):
+                return
+            if s.state == states.STARTING:
+                await asyncio.shield(s.starting)
+                if s.state not in (states.IDLE, states.BUSY):
+                    raise errors.AgentDied(f"session {s.id} failed to start ({s.exit_description})")
+                return
+            if s.state == states.STOPPING:
+                await asyncio.shield(s.exited)
+                continue
+            self._begin_spawn(s)
+
+    def _begin_spawn(self, s: Session) -> None:
+        """Check policy and capacity, then start a spawn task (synchronously, so checks hold)."""
+        if self._closing:
+            raise errors.Unavailable("the server is shutting down", retry_after=5)
+        restart = s.state in states.UNPLANNED or s.state == states.FAILED
+        if restart:
+            wait = self.policy.retry_after(s)
+            if wait:
+                if s.state != states.FAILED:
+                    self._transition(s, states.FAILED, reason="restart budget spent")
+                raise errors.SessionFailed(
+                    f"session {s.id} crashed {len(s.restarts)} times in {self.config.restart_window:g}s; "
+                    f"it can restart in {wait:.0f}s or be removed by an admin",
+                    retry_after=wait,
+                )
+        self._check_capacity(s)
+        s.cancel_timer("forget")
+        if restart:
+            self.policy.record(s)
+            self.counters["restarts"] += 1
+        self._transition(s, states.STARTING)
+        s.starting = asyncio.ensure_future(self._spawn(s))
+        s.starting.add_done_callback(_consume)
+
+    def _check_capacity(self, s: Session) -> None:
+        """Refuse a spawn past max_sessions (503) or the tenant's quota (429)."""
+        cap = self.tenant_limits.get(s.tenant) or self.config.max_sessions_per_tenant
+        if self.live_count >= self.config.max_sessions:
+            self._drop_if_new(s)
+            self.counters["refused_capacity"] += 1
+            raise errors.AtCapacity(f"the server is at max_sessions ({self.config.max_sessions})", retry_after=5)
+        if cap and self.live_by_tenant[s.tenant] >= cap:
+            self._drop_if_new(s)
+            self.counters["refused_quota"] += 1
+            raise errors.QuotaExceeded(f"tenant {s.tenant} is at its session quota ({cap})", retry_after=5)
+
+    def _drop_if_new(self, s: Session) -> None:
+        """Forget a session that was never started."""
+        if s.state is None and self.sessions.get(s.id) is s:
+            del self.sessions[s.id]
+
+    async def _spawn(self, s: Session) -> None:
+        """Fork the agent, wait for READY, hand it its history; the session ends up idle."""
+        loop = asyncio.get_running_loop()
+        s.generation += 1
+        s.token = secrets.token_bytes(16)
+        s.stop_reason = s.end_reason = s.exit_description = None
+        s.ready, s.exited = loop.create_future(), loop.create_future()
+        s.exited.add_done_callback(_consume)
+        self.by_rid[s.routing_id] = s
+        started = time.monotonic()
+        try:
+            history = await self._prepare_spawn(s)
+            await self._fork(s)
+            await asyncio.wait_for(asyncio.shield(s.ready), self.config.spawn_timeout)
+            start = self._send(s, p.START, {"history": history, "metadata": s.metadata}, None)
+            await asyncio.wait_for(asyncio.shield(start.future), self.config.spawn_timeout)
+        except BaseException as exc:
+            await self._spawn_failed(s, exc)
+            raise
+        s.spawned_at = time.monotonic()
+        self.counters["spawns"] += 1
+        self.events.publish("spawned", s.id, tenant=s.tenant, pid=s.pid, seconds=s.spawned_at - started)
+        self._transition(s, states.BUSY if s.turns else states.IDLE)
+        self.reaper.arm_age(s)
+
+    async def _prepare_spawn(self, s: Session) -> list[dict]:
+        """Record the session in the store and fetch its history."""
+        record = await self._store_call(
+            self.store.upsert_session(s.id, tenant=s.tenant, agent=self.config.agent, metadata=s.metadata)
+        )
+        s.created_at, s.message_count = record.created_at, record.message_count
+        history = await self._store_call(self.store.history(s.id))
+        return [{"role": m.role, "content": m.content} for m in history]
+
+    async def _fork(self, s: Session) -> None:
+        """Ask the spawner for a process inside the session's memory limit."""
+        if self.spawner is None:
+            raise errors.Unavailable("the zygote is restarting", retry_after=1)
+        try:
+            s.limits = self.limiter.prepare(f"s{s.generation}-{s.id}")
+        except OSError as exc:
+            raise errors.Unavailable(f"cannot set up the memory limit: {exc}", retry_after=5) from None
+        try:
+            pid = await self.spawner.spawn(
+                {"session_id": s.id, "tenant": s.tenant, "token": s.token, "limits": s.limits}
+            )
+        except SpawnError as exc:
+            raise errors.Unavailable(str(exc), retry_after=1) from None
+        s.pid = pid
+        self.by_pid[pid] = s
+
+    async def _spawn_failed(self, s: Session, exc: BaseException) -> None:
+        """Make sure a failed spawn leaves no process behind and the session down."""
+        if s.pid is not None:
+            if s.exit_description is None and isinstance(exc, asyncio.TimeoutError):
+                s.exit_description = f"did not start within spawn_timeout ({self.config.spawn_timeout:g}s)"
+            self._signal(s, signal.SIGKILL)
+            await asyncio.shield(s.exited)
+        elif s.state == states.STARTING:
+            self._release(s)
+            s.exit_description = str(exc) or type(exc).__name__
+            self._went_down(s, states.CRASHED)
+        log.warning("spawn_failed", session_id=s.id, tenant=s.tenant, error=str(exc) or type(exc).__name__)
+
+    # ---------------------------------------------------------------- agent frames
+
+    def _token_for(self, rid: bytes) -> bytes | None:
+        """The spawn token the agent with this routing id must sign with."""
+        s = self.by_rid.get(rid)
+        return s.token if s is not None else None
+
+    def _on_frame(self, rid: bytes, kind: int, req: int, body) -> None:
+        """Handle one authenticated frame from an agent."""
+        s = self.by_rid[rid]
+        if kind == p.CHUNK:
+            turn = s.turns.get(req)
+            if turn is not None and not turn.abandoned:
+                turn.chunks += 1
+                if turn.on_chunk is not None:
+                    turn.on_chunk(body)
+                if self.events.watched(s.id):
+                    self.events.publish("delta", s.id, to_all=False, req=req, seq=turn.chunks, text=body)
+        elif kind == p.DONE:
+            self._finish_turn(s, req, {"status": "done", **(body or {})})
+        elif kind == p.FAIL:
+            self._fail_turn(s, req, body or {})
+        elif kind == p.READY:
+            if s.ready is not None and not s.ready.done():
+                s.ready.set_result(body)
+
+    def _finish_turn(self, s: Session, req: int, result: dict) -> None:
+        """Resolve a turn."""
+        turn = s.turns.pop(req, None)
+        if turn is not None and not turn.future.done():
+            turn.future.set_result(result)
+        if s.state == states.BUSY and not s.turns and not s.inflight:
+            self._transition(s, states.IDLE)
+
+    def _fail_turn(self, s: Session, req: int, body: dict) -> None:
+        """Resolve a turn the agent reported as failed."""
+        code = str(body.get("code", p.AGENT_CRASHED))
+        message = str(body.get("message", "the agent failed"))
+        if code == p.INTERRUPTED:
+            self._finish_turn(s, req, {"status": "interrupted", "reply": None, "message_text": message})
+            return
+        turn = s.turns.pop(req, None)
+        if turn is not None and not turn.future.done():
+            err_cls = _FAIL_ERRORS.get(code, errors.AgentDied)
+            turn.future.set_exception(err_cls(message, code=code if err_cls is errors.AgentDied else None))
+            turn.future.add_done_callback(_consume)
+
+    # ---------------------------------------------------------------- deaths
+
+    def _on_exit(self, pid: int, status: int) -> None:
+        """The zygote reports a child's death: classify it and bring the session down."""
+        s = self.by_pid.pop(pid, None)
+        if s is None:
+            return
+        oom = bool(s.limits) and self.limiter.oom_killed(s.limits)
+        final = classify_exit(status, stop_reason=s.stop_reason, oom_killed=oom)
+        if s.exit_description is None:
+            s.exit_description = describe_status(status)
+        self._release(s)
+        self._went_down(s, final)
+
+    def _release(self, s: Session) -> None:
+        """Free what a dead process held: its cgroup, routing id and pid."""
+        if s.limits:
+            self.limiter.release(s.limits)
+            s.limits = None
+        if self.by_rid.get(s.routing_id) is s:
+            del self.by_rid[s.routing_id]
+        if s.pid is not None and self.by_pid.get(s.pid) is s:
+            del self.by_pid[s.pid]
+        s.pid = None
+
+    def _went_down(self, s: Session, final: str) -> None:
+        """Fail what was waiting on the process, record the end, tell everyone."""
+        s.cancel_timers("idle", "age", "term", "kill")
+        code = _DEATH_CODES.get(final, "session_ended")
+        err = errors.AgentDied(f"the agent {_verb(final)} ({s.exit_description})", code=code)
+        for turn in s.turns.values():
+            if not turn.future.done():
+                turn.future.set_exception(err)
+                turn.future.add_done_callback(_consume)
+        s.turns.clear()
+        if s.ready is not None and not s.ready.done():
+            s.ready.set_exception(err)
+            s.ready.add_done_callback(_consume)
+        s.end_reason = final
+        self.counters[final] += 1
+        self._transition(s, final, exit=s.exit_description)
+        if s.exited is not None and not s.exited.done():
+            s.exited.set_result(final)
+        self.events.publish("end", s.id, tenant=s.tenant, reason=final, exit=s.exit_description)
+        self._background_task(self._store_call(self.store.set_status(s.id, final, end_reason=final, ended=True)))
+        self._forget(s)
+
+    def _on_zygote_lost(self) -> None:
+        """The zygote died and took every agent with it: mark them crashed and start another."""
+        self.spawner = None
+        for pid in list(self.by_pid):
+            s = self.by_pid.pop(pid)
+            s.exit_description = "the zygote died"
+            self._release(s)
+            self._went_down(s, classify_exit(-1, stop_reason=s.stop_reason, oom_killed=False))
+        if not self._closing:
+            self._background_task(self._restart_zygote())
+
+    async def _restart_zygote(self) -> None:
+        """Start a new zygote after the old one died."""
+        try:
+            await self._start_spawner()
+        except Exception as exc:
+            log.error("zygote_restart_failed", error=str(exc))
+
+    # ---------------------------------------------------------------- stopping
+
+    def _on_due(self, s: Session, reason: str) -> None:
+        """A reaper timer fired: stop the session in the background."""
+        self._background_task(self.stop(s, reason))
+
+    async def stop(self, s: Session, reason: str, *, force: bool = False) -> str | None:
+        """Stop a session's process: shutdown message, SIGTERM, SIGKILL on the stop_timeout ladder."""
+        if s.state == states.STARTING:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(s.starting)
+        if s.state == states.STOPPING:
+            if force:
+                self._signal(s, signal.SIGKILL)
+            return await asyncio.shield(s.exited)
+        if s.state not in (states.IDLE, states.BUSY):
+            return s.state
+        s.stop_reason = reason
+        self._transition(s, states.STOPPING, reason=reason)
+        if force:
+            self._signal(s, signal.SIGKILL)
+        else:
+            self.hub.send(s.routing_id, p.pack([p.SHUTDOWN, 0, None]))
+            loop = asyncio.get_running_loop()
+            s.timers["term"] = loop.call_later(self.config.stop_timeout / 2, self._signal, s, signal.SIGTERM)
+            s.timers["kill"] = loop.call_later(self.config.stop_timeout, self._signal, s, signal.SIGKILL)
+        return await asyncio.shield(s.exited)
+
+    async def kill(self, s: Session) -> str | None:
+        """Kill a session now (admin)."""
+        return await self.stop(s, states.KILLED, force=True)
+
+    async def remove(self, s: Session, *, purge: bool = False) -> None:
+        """End a session (its owner asked); with purge, delete its data too."""
+        await self.stop(s, states.ENDED)
+        if self.sessions.get(s.id) is s and not s.live and not s.inflight:
+            del self.sessions[s.id]
+            s.cancel_timers()
+        if purge:
+            await self._store_call(self.store.delete_session(s.id))
+
+    # ---------------------------------------------------------------- helpers
+
+    def _transition(self, s: Session, new: str, **info) -> None:
+        """Move a session to a new state (asserted), keep counts, log and publish it."""
+        old = s.state
+        states.check(old, new)
+        s.state = new
+        was_live, is_live = states.is_live(old), states.is_live(new)
+        if is_live and not was_live:
+            self.live_count += 1
+            self.live_by_tenant[s.tenant] += 1
+        elif was_live and not is_live:
+            self.live_count -= 1
+            self.live_by_tenant[s.tenant] -= 1
+        if new == states.IDLE:
+            self.reaper.arm_idle(s)
+        level = log.debug if new in (states.IDLE, states.BUSY) and old in (states.IDLE, states.BUSY) else log.info
+        level("session_state", session_id=s.id, tenant=s.tenant, pid=s.pid, old=old, new=new, **info)
+        self.events.publish("state", s.id, tenant=s.tenant, state=new, previous=old, pid=s.pid, **info)
+
+    async def _store_call(self, coro):
+        """Await a store operation; an unreachable store is a 503, not a traceback."""
+        try:
+            return await coro
+        except StoreError as exc:
+            log.error("store_error", error=str(exc))
+            raise errors.Unavailable(f"the session store is unavailable: {exc}", retry_after=5) from None
+
+    def _background_task(self, coro) -> None:
+        """Run a coroutine the supervisor owns, kept until done (awaited at close)."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task) -> None:
+        """Log what a background task raised."""
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            if not isinstance(exc, errors.CorralError):
+                log.error("background_task_failed", error=repr(exc))
+
+    def _schedule_retention(self) -> None:
+        """Delete ended sessions past the retention period, on a timer."""
+        interval = max(1.0, min(3600.0, self.config.retention / 4))
+        loop = asyncio.get_running_loop()
+        self._retention_timer = loop.call_later(interval, self._retention_due)
+
+    def _retention_due(self) -> None:
+        """Run one retention pass and schedule the next."""
+        self._background_task(self.purge_ended())
+        self._schedule_retention()
+
+    async def purge_ended(self) -> int:
+        """Delete sessions that ended more than ``retention`` seconds ago."""
+        removed = await self._store_call(self.store.purge_ended(self.config.retention))
+        if removed:
+            log.info("retention_purged", sessions=removed)
+        return removed
+
+    def health(self) -> dict:
+        """What /health reports about the supervisor."""
+        return {
+            "live_sessions": self.live_count,
+            "sessions_in_memory": len(self.sessions),
+            "zygote_pid": self.spawner.pid if self.spawner else None,
+            "limit": self.limiter.describe() if self.limiter else None,
+            "store": getattr(self.store, "backend", None),
+            "uptime_seconds": round(time.time() - self.started_at, 3),
+        }
+
+
+def _verb(final: str) -> str:
+    """How a death reads in an error message."""
+    return {
+        states.OOM: "ran out of memory",
+        states.CRASHED: "crashed",
+        states.KILLED: "was killed",
+        states.REAPED: "was reaped",
+        states.EXPIRED: "reached max_age",
+        states.ENDED: "was stopped",
+    }.get(final, "stopped")
+
+
+def _consume(fut: asyncio.Future) -> None:
+    """Mark a future's exception as seen (its waiters may be gone)."""
+    if not fut.cancelled():
+        fut.exception()
+

@@ -1,0 +1,74 @@
+"""Shared fixtures: real supervisors, real agent processes, real aiohttp servers."""
+
+import asyncio
+import os
+
+import pytest
+
+from supervisor import Config, Supervisor
+from supervisor.logs import configure
+
+configure("warning", json=True)
+
+# Tests that need PostgreSQL read its address from here; .ci/run sets it and checks it is reachable.
+POSTGRES_URL = os.environ.get("CORRAL_TEST_DATABASE_URL")
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    """Build a Config for tests: data and run dirs under tmp_path, short timeouts."""
+
+    def make(**overrides) -> Config:
+        values = dict(
+            data_dir=tmp_path / "data",
+            run_dir=tmp_path / "run",
+            stop_timeout=2.0,
+            spawn_timeout=10.0,
+            request_timeout=30.0,
+            rate_limit=0,
+        )
+        values.update(overrides)
+        return Config(**values)
+
+    return make
+
+
+@pytest.fixture
+async def make_supervisor(make_config):
+    """Start supervisors for a test; every one is closed afterwards."""
+    started = []
+
+    async def make(**overrides) -> Supervisor:
+        sup = Supervisor(make_config(**overrides))
+        await sup.start()
+        started.append(sup)
+        return sup
+
+    yield make
+    for sup in started:
+        await sup.close()
+
+
+@pytest.fixture
+async def sup(make_supervisor):
+    """One started supervisor with default test settings."""
+    return await make_supervisor()
+
+
+async def wait_for_state(sup, session, states, timeout=10.0):
+    """Wait (on events, not polling) until a session reaches one of ``states``."""
+    if isinstance(states, str):
+        states = {states}
+    if session.state in states:
+        return session.state
+    reached = asyncio.get_running_loop().create_future()
+
+    def on_event(event):
+        if event["type"] == "state" and event["state"] in states and not reached.done():
+            reached.set_result(event["state"])
+
+    unsubscribe = sup.events.subscribe_session(session.id, on_event)
+    try:
+        return await asyncio.wait_for(reached, timeout)
+    finally:
+        unsubscribe()

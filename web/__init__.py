@@ -1,0 +1,1 @@
+"""The HTTP front end: aiohttp app, chat API, SSE, admin API, auth, pages."""

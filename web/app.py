@@ -1,0 +1,58 @@
+"""The aiohttp application: routes, middleware, and the supervisor on the same loop."""
+
+import asyncio
+
+from aiohttp import web
+
+from supervisor import Config, Supervisor
+from supervisor.logs import get_logger
+from web.errors import error_middleware
+from web.routes import chat, health
+
+log = get_logger(component="web")
+
+
+def create_app(config: Config, *, store=None) -> web.Application:
+    """Build the app; the supervisor starts and stops with it."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_message_bytes * 4 + 4096)
+    app["config"] = config
+    app["supervisor"] = Supervisor(config, store=store)
+    tasks: set[asyncio.Task] = set()
+
+    def background(coro) -> None:
+        """Run a coroutine past the request that started it; awaited on shutdown."""
+        task = asyncio.ensure_future(coro)
+        tasks.add(task)
+        task.add_done_callback(_finished(tasks))
+
+    app["background"] = background
+    app["background_tasks"] = tasks
+    for module in (health, chat):
+        app.add_routes(module.routes)
+    app.on_startup.append(_start_supervisor)
+    app.on_cleanup.append(_stop_supervisor)
+    return app
+
+
+def _finished(tasks: set):
+    """A done-callback that forgets the task and retrieves its outcome."""
+
+    def done(task: asyncio.Task) -> None:
+        tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # errors already reached the client or the event stream
+
+    return done
+
+
+async def _start_supervisor(app: web.Application) -> None:
+    """Start the supervisor with the app."""
+    await app["supervisor"].start()
+
+
+async def _stop_supervisor(app: web.Application) -> None:
+    """Drain background turns, then stop every session."""
+    tasks = app["background_tasks"]
+    if tasks:
+        await asyncio.wait(list(tasks), timeout=app["config"].stop_timeout)
+    await app["supervisor"].close()

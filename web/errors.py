@@ -1,0 +1,36 @@
+"""Every error leaves as ``{"error": {"code", "message"}}`` with the design's status codes."""
+
+import json
+
+from aiohttp import web
+
+from supervisor import errors
+from supervisor.logs import get_logger
+
+log = get_logger(component="web")
+
+
+def error_response(status: int, code: str, message: str, *, retry_after: float | None = None) -> web.Response:
+    """A JSON error response."""
+    headers = {}
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, int(retry_after + 0.999)))
+    body = json.dumps({"error": {"code": code, "message": message}})
+    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler):
+    """Turn supervisor errors and aiohttp HTTP errors into JSON; never leak a traceback."""
+    try:
+        return await handler(request)
+    except errors.CorralError as exc:
+        return error_response(exc.status, exc.code, exc.message, retry_after=exc.retry_after)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status, "http_error")
+        return error_response(exc.status, code, exc.reason, retry_after=None)
+    except Exception:
+        log.exception("unhandled_error", path=request.path, method=request.method)
+        return error_response(500, "internal_error", "internal error; see the server log")
