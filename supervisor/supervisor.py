@@ -321,6 +321,9 @@ class Supervisor:
     async def ensure_live(self, s: Session) -> None:
         """Make sure the session has a ready process, spawning (or respawning) it if needed."""
         while True:
+            if s.state in (states.IDLE, states.BUSY) and s.dying:
+                await asyncio.shield(s.exited)  # its exit report brings it down; then respawn
+                continue
             if s.state in (states.IDLE, states.BUSY):
                 return
             if s.state == states.STARTING:
@@ -380,6 +383,7 @@ class Supervisor:
         s.generation += 1
         s.token = secrets.token_bytes(16)
         s.stop_reason = s.end_reason = s.exit_description = None
+        s.dying = False
         s.ready, s.exited = loop.create_future(), loop.create_future()
         s.exited.add_done_callback(_consume)
         self.by_rid[s.routing_id] = s
@@ -479,6 +483,8 @@ class Supervisor:
         if code == p.INTERRUPTED:
             self._finish_turn(s, req, {"status": "interrupted", "reply": None, "message_text": message})
             return
+        if code in (p.AGENT_CRASHED, p.AGENT_OOM):
+            s.dying = True  # it exits right after this frame: new turns must wait for the respawn
         turn = s.turns.pop(req, None)
         if turn is not None and not turn.future.done():
             err_cls = _FAIL_ERRORS.get(code, errors.AgentDied)
