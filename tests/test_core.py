@@ -304,3 +304,15 @@ async def test_zygote_death_crashes_its_agents_and_a_new_one_takes_over(sup):
     # A replacement zygote comes up; the next message waits for it and brings the session back.
     assert await say(sup, "z", "what is my name?") == "Your name is Zed."
     assert sup.spawner.pid != old_zygote
+
+
+async def test_an_agents_children_die_with_it(make_supervisor):
+    from tests.procs import wait_gone
+
+    sup = await make_supervisor(agent="tests.core_agents:ForkingAgent")
+    s = await sup.get_or_create("parent", "default")
+    child = (await sup.command(s, "fork", {}))["reply"]["child"]
+    assert psutil.pid_exists(child)
+    with pytest.raises(errors.AgentDied):
+        await sup.command(s, "crash", {"how": "exit"})
+    assert wait_gone([child], timeout=5) == []
