@@ -241,6 +241,9 @@ class Supervisor:
             await self.ensure_live(s)
             if record_as is not None:
                 await self._record(s, record_as, body)
+                # The process may have died (and a respawn begun) while the message was committed:
+                # sending now would put the turn in a mailbox nobody reads.
+                await self.ensure_live(s)
             return self._send(s, kind, body, on_chunk)
         except BaseException:
             self._turn_over(s)
