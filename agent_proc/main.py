@@ -64,29 +64,31 @@ class AgentLoop:
         """Interrupt the turn in progress; between turns, remember it for the next one."""
         self.sigints += 1
         if self.busy:
+            self.busy = False  # one interrupt per turn: a second SIGINT must not escape ``handle``
             self.sigints_used = self.sigints
             raise KeyboardInterrupt
 
-    def _set_busy(self, busy: bool) -> None:
-        """Flip busy/idle and show it in the process title."""
-        self.busy = busy
-        set_title(agent_title(self.session_id, self.tenant, busy))
-
     def handle(self, kind: int, req: int, body) -> None:
-        """Run one message through the agent's hooks and answer it."""
-        self._set_busy(True)
+        """Run one message through the agent's hooks and answer it.
+
+        ``busy`` is only true inside the inner ``try``, so a SIGINT can only raise where it is caught:
+        one that lands as the turn ends interrupts it or is merely counted, never kills the process.
+        """
         try:
-            result = self.dispatch(kind, req, body)
-            state = self.agent.snapshot() if self.agent is not None else {}
+            try:
+                self.busy = True
+                set_title(agent_title(self.session_id, self.tenant, True))
+                result = self.dispatch(kind, req, body)
+                state = self.agent.snapshot() if self.agent is not None else {}
+            finally:
+                self.busy = False
+            answer = p.DONE, {"reply": result, "state": state}
         except KeyboardInterrupt:
-            self._set_busy(False)
-            self.send(p.FAIL, req, {"code": p.INTERRUPTED, "message": "the turn was interrupted"})
+            answer = p.FAIL, {"code": p.INTERRUPTED, "message": "the turn was interrupted"}
         except UnknownCommand as exc:
-            self._set_busy(False)
-            self.send(p.FAIL, req, {"code": p.UNKNOWN_COMMAND, "message": f"unknown command: {exc}"})
+            answer = p.FAIL, {"code": p.UNKNOWN_COMMAND, "message": f"unknown command: {exc}"}
         except BadRequest as exc:
-            self._set_busy(False)
-            self.send(p.FAIL, req, {"code": p.BAD_REQUEST, "message": str(exc)})
+            answer = p.FAIL, {"code": p.BAD_REQUEST, "message": str(exc)}
         except MemoryError:
             self._die(req, p.AGENT_OOM, "the agent ran out of memory", OOM_EXIT_CODE)
         except Exception:
@@ -94,9 +96,8 @@ class AgentLoop:
             # restarts the session with its history (restart policy) instead.
             traceback.print_exc()
             self._die(req, p.AGENT_CRASHED, "the agent raised an exception", 1)
-        else:
-            self._set_busy(False)
-            self.send(p.DONE, req, {"reply": result, "state": state})
+        set_title(agent_title(self.session_id, self.tenant, False))
+        self.send(answer[0], req, answer[1])
 
     def dispatch(self, kind: int, req: int, body):
         """Call the hook for this kind of message; stream chunks as they come."""
