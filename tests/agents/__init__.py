@@ -1,0 +1,1 @@
+"""Agent classes the reliability tests run with ``--agent tests.agents.hostile:...``."""
