@@ -60,8 +60,10 @@ class Reaper:
     def _idle_check(self, s: Session) -> None:
         """Reap the session if it has really been idle for the whole timeout."""
         s.timers.pop("idle", None)
-        if s.state != states.IDLE:
-            return  # busy or going down; the next idle transition re-arms
+        if s.state != states.IDLE or s.inflight:
+            # Busy, going down, or a request is between admission and its frame (e.g. committing
+            # the message): not idle. The next busy -> idle transition re-arms.
+            return
         due = s.last_activity + self.idle_timeout
         if due > time.monotonic():
             self._schedule_idle(s, due)

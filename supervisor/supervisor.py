@@ -296,6 +296,8 @@ class Supervisor:
         s.last_activity = time.monotonic()
         if s.state == states.BUSY and not s.turns:
             self._transition(s, states.IDLE)
+        elif s.state == states.IDLE:
+            self.reaper.arm_idle(s)  # a request refused before its frame left skips the idle timer's re-arm
         elif not s.live:
             self._forget(s)
 
