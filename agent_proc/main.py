@@ -131,11 +131,11 @@ class AgentLoop:
             os._exit(exit_code)
 
 
-def run_agent(agent_cls, *, session_id: str, tenant: str, token: bytes, endpoint: str) -> int:
+def run_agent(agent_cls, *, session_id: str, tenant: str, token: bytes, endpoint: str, routing_id: bytes) -> int:
     """Connect to the supervisor's ROUTER and serve; return the exit code."""
     ctx = zmq.Context(io_threads=1)
     sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.ROUTING_ID, session_id.encode())
+    sock.setsockopt(zmq.ROUTING_ID, routing_id)
     sock.setsockopt(zmq.LINGER, 1000)
     sock.setsockopt(zmq.RECONNECT_IVL, 10)
     sock.connect(endpoint)

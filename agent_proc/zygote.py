@@ -135,6 +135,7 @@ class Zygote:
             code = run_agent(
                 self.agent_cls,
                 session_id=req["session_id"],
+                routing_id=req.get("routing_id") or req["session_id"].encode(),
                 tenant=req["tenant"],
                 token=req["token"],
                 endpoint=self.endpoint,

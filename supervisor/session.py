@@ -83,11 +83,9 @@ class Session:
     dying: bool = False  # the agent announced its death (FAIL agent_crashed/agent_oom) and is exiting
     ready: asyncio.Future | None = None  # resolves on the agent's READY
     timers: dict = field(default_factory=dict)  # name -> asyncio.TimerHandle
-
-    @property
-    def routing_id(self) -> bytes:
-        """The ZeroMQ routing id of this session's agent."""
-        return self.id.encode()
+    # The ZeroMQ routing id of the current process: the session id plus a random per-spawn suffix,
+    # so no agent can connect first under a session's id and lock its next process out (see _spawn).
+    routing_id: bytes = b""
 
     @property
     def live(self) -> bool:

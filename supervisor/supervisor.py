@@ -392,6 +392,9 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         s.generation += 1
         s.token = secrets.token_bytes(16)
+        # ROUTER refuses a second peer under a routing id in use: with the bare session id, any agent
+        # could connect under a future session's id first and keep that session from ever starting.
+        s.routing_id = f"{s.id}/{secrets.token_hex(8)}".encode()
         s.stop_reason = s.end_reason = s.exit_description = None
         s.dying = False
         s.interrupts = 0
@@ -436,7 +439,8 @@ class Supervisor:
             raise errors.Unavailable(f"cannot set up the memory limit: {exc}", retry_after=5) from None
         try:
             pid = await self.spawner.spawn(
-                {"session_id": s.id, "tenant": s.tenant, "token": s.token, "limits": s.limits}
+                {"session_id": s.id, "routing_id": s.routing_id, "tenant": s.tenant, "token": s.token,
+                 "limits": s.limits}
             )
         except SpawnError as exc:
             raise errors.Unavailable(str(exc), retry_after=1) from None
