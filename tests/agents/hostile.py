@@ -59,7 +59,21 @@ class Flooder(DemoAgent):
         return {"sent": sent}
 
 
-class Spoofer(DemoAgent):
+class Squatter(DemoAgent):
+    """``squat``: connects a DEALER under a session id nobody uses yet, and keeps it connected."""
+
+    def cmd_squat(self, args):
+        """Hold the victim's routing id before the victim exists."""
+        ctx = zmq.Context.instance()
+        squat = ctx.socket(zmq.DEALER)
+        squat.setsockopt(zmq.ROUTING_ID, str(args["victim"]).encode())
+        squat.connect(_endpoint())
+        squat.send(p.pack([p.READY, _token(), 0, {"pid": os.getpid()}]))  # and claim to be it
+        self._squats = getattr(self, "_squats", []) + [squat]
+        return {"squatting": args["victim"]}
+
+
+class Spoofer(Squatter):
     """``spoof``: speaks in another session's name, with that session's routing id and a wrong token."""
 
     def cmd_spoof(self, args):

@@ -1,0 +1,163 @@
+"""Hostile agents are contained: floods are bounded, spoofed frames dropped, children die with
+their agent, and an agent that ignores SIGTERM is SIGKILLed at stop_timeout. Others do not notice.
+"""
+
+import asyncio
+import json
+import os
+import time
+
+import psutil
+import pytest
+
+from supervisor import errors, states
+from tests.chaos_kit import latency_summary
+from tests.conftest import wait_for_state
+from tests.procs import wait_gone
+
+CALM = 8
+ROUNDS = 10
+
+
+async def calm_round(sup, sessions, samples) -> list[str]:
+    """One message to each calm session at once; latencies into samples; return the replies."""
+
+    async def one(s):
+        started = time.monotonic()
+        result = await sup.chat(s, f"still here {s.id}")
+        samples.append(time.monotonic() - started)
+        return result["reply"]
+
+    return await asyncio.gather(*(one(s) for s in sessions))
+
+
+async def calm_sessions(sup) -> list:
+    """CALM well-behaved sessions, started."""
+    sessions = [await sup.get_or_create(f"calm-{i}", "calm") for i in range(CALM)]
+    await calm_round(sup, sessions, [])
+    return sessions
+
+
+async def rounds_while(sup, sessions, task) -> tuple[list[str], list[float]]:
+    """Chat rounds with the calm sessions until ``task`` is done (at least ROUNDS)."""
+    replies, samples, n = [], [], 0
+    while n < ROUNDS or not task.done():
+        replies += await calm_round(sup, sessions, samples)
+        n += 1
+    return replies, samples
+
+
+def expected(sessions) -> list[str]:
+    """What the calm sessions answer in rounds."""
+    return [f"You said: still here {s.id}" for s in sessions]
+
+
+async def test_a_flood_is_bounded_and_the_others_keep_answering(make_supervisor):
+    sup = await make_supervisor(agent="tests.agents.hostile:Flooder")
+    calm = await calm_sessions(sup)
+    flooder = await sup.get_or_create("flooder", "evil")
+    await sup.chat(flooder, "hello")
+    _, before = await rounds_while(sup, calm, _done())
+    dropped_before, rss_before = sup.hub.dropped, psutil.Process().memory_info().rss
+    flood = asyncio.ensure_future(sup.command(flooder, "flood", {"frames": 200_000, "bytes": 256}))
+    replies, during = await rounds_while(sup, calm, flood)
+    result = await flood
+    figures = {"before": latency_summary(before), "during": latency_summary(during),
+               "frames": result["reply"]["sent"], "dropped": sup.hub.dropped - dropped_before,
+               "rss_growth_mib": round((psutil.Process().memory_info().rss - rss_before) / 2**20, 1)}
+    print(json.dumps(figures))
+    assert replies == expected(calm) * (len(replies) // CALM)  # every calm message answered, correctly
+    assert figures["dropped"] == 100_000  # every forged frame dropped, counted
+    assert (await sup.chat(flooder, "and now?"))["reply"] == "You said: and now?"  # its own turns still pair up
+    # The hub's per-agent receive high-water mark (100,000 frames) bounds what a flood can queue:
+    # here ~200,000 small frames cost tens of MiB at most (docs/reliability.md has the figures).
+    assert figures["rss_growth_mib"] < 256
+
+
+def _done():
+    """A finished future (for a phase that runs just ROUNDS rounds)."""
+    fut = asyncio.get_running_loop().create_future()
+    fut.set_result(None)
+    return fut
+
+
+async def test_spoofed_frames_are_dropped_and_the_victim_is_unaffected(make_supervisor):
+    sup = await make_supervisor(agent="tests.agents.hostile:Spoofer")
+    victim = await sup.get_or_create("victim", "alice")
+    spoofer = await sup.get_or_create("spoofer", "mallory")
+    await sup.chat(victim, "my name is Alice")
+    await sup.chat(spoofer, "hello")
+    dropped = sup.hub.dropped
+    drops, all_dropped = [0], asyncio.get_running_loop().create_future()
+
+    def on_drop(event):
+        """Count drops until every spoofed frame is accounted for."""
+        if event["type"] == "frame_dropped":
+            drops[0] += 1
+            if drops[0] == expected_drops and not all_dropped.done():
+                all_dropped.set_result(None)
+
+    unsubscribe = sup.events.subscribe(on_drop)
+    # The victim has a turn in flight; the spoofer answers every request id near it, as the victim.
+    pending = asyncio.ensure_future(sup.command(victim, "sleep", {"seconds": 1}))
+    await wait_for_state(sup, victim, states.BUSY)
+    req = max(victim.turns)
+    low, high = max(0, req - 100), req + 500
+    expected_drops = 4 * (high - low)  # 3 tokens under the victim's session id, 1 under its own id
+    spoof = await sup.command(spoofer, "spoof", {"victim": "victim", "low": low, "high": high})
+    assert (await pending)["reply"] == {"slept": 1}  # the real answer, not a spoofed one
+    assert (await sup.chat(victim, "what is my name?"))["reply"] == "Your name is Alice."
+    # Every spoofed frame is dropped: those under the victim's session id (no such routing id: the
+    # victim's is suffixed per spawn) and the forged ones under the spoofer's own routing id.
+    await asyncio.wait_for(all_dropped, 30)
+    unsubscribe()
+    assert spoof["reply"]["sent"] == expected_drops and sup.hub.dropped - dropped == expected_drops
+    print(json.dumps({"spoofed_frames": spoof["reply"]["sent"], "dropped": sup.hub.dropped - dropped}))
+
+
+async def test_a_squatted_routing_id_does_not_lock_a_session_out(make_supervisor):
+    """A hostile agent that connects first under a future session's id cannot hold that session."""
+    sup = await make_supervisor(agent="tests.agents.hostile:Spoofer", spawn_timeout=5.0)
+    spoofer = await sup.get_or_create("spoofer", "mallory")
+    await sup.chat(spoofer, "hello")
+    await sup.command(spoofer, "squat", {"victim": "late-victim"})
+    victim = await sup.get_or_create("late-victim", "alice")
+    assert (await sup.chat(victim, "my name is Alice"))["reply"] == "Got it: your name is Alice."
+
+
+async def test_children_die_with_their_agent(make_supervisor):
+    sup = await make_supervisor(agent="tests.agents.hostile:Forker")
+    bystander = await sup.get_or_create("bystander", "calm")
+    await sup.chat(bystander, "hello")
+    escapes = sup.limiter.describe()["mechanism"] in ("cgroup1", "cgroup2")  # only a cgroup finds a setsid child
+    for ending in ("crash", "kill", "remove"):
+        s = await sup.get_or_create(f"forker-{ending}", "evil")
+        pids = (await sup.command(s, "fork", {"n": 2, "escape": escapes}))["reply"]["pids"]
+        assert len(pids) == 4 and all(psutil.pid_exists(pid) for pid in pids)
+        if ending == "crash":
+            with pytest.raises(errors.AgentDied):
+                await sup.command(s, "crash", {"how": "exit"})
+        elif ending == "kill":
+            await sup.kill(s)
+        else:
+            await sup.remove(s)
+        assert wait_gone(pids, timeout=5) == [], f"{ending}: children outlived their agent"
+    assert (await sup.chat(bystander, "still?"))["reply"] == "You said: still?"
+
+
+async def test_an_agent_ignoring_sigterm_is_killed_at_stop_timeout(make_supervisor):
+    sup = await make_supervisor(agent="tests.agents.hostile:StubbornAgent", stop_timeout=1.0)
+    bystander = await sup.get_or_create("bystander", "calm")
+    stubborn = await sup.get_or_create("stubborn", "evil")
+    await sup.chat(bystander, "hello")
+    await sup.chat(stubborn, "hello")
+    pid = stubborn.pid
+    started = time.monotonic()
+    final = await sup.stop(stubborn, states.ENDED)
+    took = time.monotonic() - started
+    print(json.dumps({"stop_seconds": round(took, 3), "exit": stubborn.exit_description}))
+    assert final == states.ENDED and stubborn.exit_description == "killed by signal SIGKILL"
+    assert 0.9 <= took <= 1.0 + 5  # the SIGKILL rung of the ladder, not before, not long after
+    assert wait_gone([pid], timeout=2) == []
+    assert (await sup.chat(bystander, "still?"))["reply"] == "You said: still?"
+    assert bystander.pid is not None and os.getpgid(bystander.pid) == bystander.pid
