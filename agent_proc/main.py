@@ -51,14 +51,7 @@ class AgentLoop:
                 if self.agent is not None:
                     self.agent.on_stop()
                 return 0
-            sent_before = frame[3] if len(frame) > 3 else 0
-            if self.sigints > max(sent_before, self.sigints_used):
-                # The interrupt was sent after this turn and arrived before we picked it up.
-                self.sigints_used = self.sigints
-                self.send(p.FAIL, req, {"code": p.INTERRUPTED, "message": "the turn was interrupted"})
-                continue
-            self.sigints_used = max(self.sigints_used, sent_before)
-            self.handle(kind, req, body)
+            self.handle(kind, req, body, frame[3] if len(frame) > 3 else 0)
 
     def _on_sigint(self, signum, frame):
         """Interrupt the turn in progress; between turns, remember it for the next one."""
@@ -68,15 +61,21 @@ class AgentLoop:
             self.sigints_used = self.sigints
             raise KeyboardInterrupt
 
-    def handle(self, kind: int, req: int, body) -> None:
+    def handle(self, kind: int, req: int, body, sent_before: int = 0) -> None:
         """Run one message through the agent's hooks and answer it.
 
         ``busy`` is only true inside the inner ``try``, so a SIGINT can only raise where it is caught:
         one that lands as the turn ends interrupts it or is merely counted, never kills the process.
+        ``sent_before`` is how many SIGINTs the supervisor had sent when it sent this frame.
         """
         try:
             try:
-                self.busy = True
+                self.busy = True  # from here a SIGINT raises; one that came earlier is counted:
+                if self.sigints > max(sent_before, self.sigints_used):
+                    # ... sent after this frame, landed before we took it up: it is this turn's.
+                    self.sigints_used = self.sigints
+                    raise KeyboardInterrupt
+                self.sigints_used = max(self.sigints_used, sent_before)
                 set_title(agent_title(self.session_id, self.tenant, True))
                 result = self.dispatch(kind, req, body)
                 state = self.agent.snapshot() if self.agent is not None else {}
