@@ -283,7 +283,13 @@ class ChaosRun:
             pid = s.pid
             turn = asyncio.ensure_future(self.command(sid, "sleep", {"seconds": 60}, full=True))
             await self.wait_state(s, states.BUSY)
-            await self.interrupt_turn(sid)
+            # A client request admitted before the session went quiet may still reach the agent
+            # first and take the SIGINT; then ours is still running: interrupt again.
+            for _ in range(12):
+                await self.interrupt_turn(sid)
+                done, _ = await asyncio.wait({turn}, timeout=5)
+                if done:
+                    break
             status, body = await turn
         finally:
             self.quiet.discard(sid)
