@@ -269,7 +269,11 @@ class Supervisor:
             self._turn_over(s)
 
     def _admit(self, s: Session, body) -> None:
-        """Refuse a message over the size, mailbox or rate bounds (before any work is done)."""
+        """Refuse a message that cannot be sent or is over the size, mailbox or rate bounds (before any work)."""
+        try:
+            p.pack(body)  # JSON admits what msgpack refuses: lone surrogates ("\ud800"), ints over 64 bits
+        except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
+            raise errors.BadRequest(f"the message cannot be encoded for the agent: {exc}") from None
         if isinstance(body, str) and len(body.encode()) > self.config.max_message_bytes:
             raise errors.TooLarge(f"message is over max_message_bytes ({self.config.max_message_bytes})")
         if s.inflight >= self.config.mailbox_size:

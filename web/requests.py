@@ -22,7 +22,7 @@ async def json_body(request: web.Request) -> dict:
         return {}
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise errors.BadRequest(f"malformed JSON: {exc}", code="malformed_json") from None
     if not isinstance(body, dict):
         raise errors.BadRequest("the JSON body must be an object", code="malformed_json")
