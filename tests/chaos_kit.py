@@ -6,6 +6,7 @@ per-session nonce, so a reply or a stored message that reached the wrong session
 
 import asyncio
 import contextlib
+import itertools
 import os
 import random
 import re
@@ -195,6 +196,9 @@ class ChaosRun:
         self.report = ChaosReport()
         self.deadline = 0.0
         self.routes = {r.canonical for r in app.router.resources()}
+        self.actions = itertools.cycle([self.sigkill, self.oom, self.crash, self.interrupt, self.kill])
+        self.crash_kinds = itertools.cycle(CRASH_KINDS)
+        self.ops_http = None  # chaos has its own connections: the clients keep theirs all busy
 
     # -- the clients
 
@@ -228,11 +232,10 @@ class ChaosRun:
 
     async def chaos_worker(self, rng: random.Random) -> None:
         """Harm random harmable sessions, one action at a time, until the deadline."""
-        actions = [self.sigkill, self.oom, self.crash, self.interrupt, self.kill]
         while time.monotonic() < self.deadline:
             free = [sid for sid in self.harmable if sid not in self.in_chaos]
             sid = rng.choice(free)
-            action = rng.choice(actions)
+            action = next(self.actions)  # round-robin, so even a short run does every kind
             self.in_chaos.add(sid)
             self.report.harmed.add(sid)
             try:
@@ -256,9 +259,9 @@ class ChaosRun:
         s = await self.live_session(sid)
         if s is None or s.pid is None or s.state not in (states.IDLE, states.BUSY):
             return
-        exited = s.exited
+        down = self.next_down(s)
         os.kill(s.pid, signal.SIGKILL)
-        final = await asyncio.wait_for(asyncio.shield(exited), 30)
+        final = await asyncio.wait_for(down, 30)
         self.expect(sid, "sigkill", final in (states.CRASHED, states.KILLED), f"ended as {final}")
 
     async def oom(self, sid: str, rng) -> None:
@@ -269,7 +272,7 @@ class ChaosRun:
 
     async def crash(self, sid: str, rng) -> None:
         """Crash with a random crash kind: 502 agent_crashed."""
-        how = rng.choice(CRASH_KINDS)
+        how = next(self.crash_kinds)
         status, code = await self.command(sid, "crash", {"how": how})
         self.report.actions[f"crash_{how}"] += 1
         self.expect(sid, f"crash {how}", (status, code) == (502, "agent_crashed"), f"answered {status} {code}")
@@ -297,20 +300,32 @@ class ChaosRun:
         self.expect(sid, "interrupt", ok, f"answered {status} {body}")
 
     async def kill(self, sid: str, rng) -> None:
-        """Kill the session through the admin API: it ends as killed."""
-        await self.live_session(sid)
+        """Kill the session through the admin API (202 while it stops): its process ends as killed."""
+        s = await self.live_session(sid)
+        down = self.next_down(s)
         status = await self.admin_kill(sid)
-        s = self.sup.sessions.get(sid)
-        state = s.state if s is not None else "forgotten"
-        self.expect(sid, "kill", status in (200, 204) and state in (states.KILLED, "forgotten"),
-                    f"answered {status}, state {state}")
+        final = await asyncio.wait_for(down, 30)
+        self.expect(sid, "kill", status in (200, 202, 204) and final == states.KILLED,
+                    f"answered {status}, ended {final}")
+
+    def next_down(self, s) -> asyncio.Future:
+        """A future for the next state the session goes down to (subscribed now, so it cannot be missed)."""
+        down = asyncio.get_running_loop().create_future()
+
+        def on_event(event):
+            if event["type"] == "state" and event["state"] in states.DOWN and not down.done():
+                down.set_result(event["state"])
+                unsubscribe()
+
+        unsubscribe = self.sup.events.subscribe_session(s.id, on_event)
+        return down
 
     # -- the ways in (HTTP where the route exists, else the supervisor's own API)
 
     async def command(self, sid: str, command: str, args, *, full: bool = False):
         """Run an agent command; (status, code) or, with full, (status, body)."""
         if "/api/mcp-command" in self.routes:
-            status, body = await call(self.http, "POST", self.url + "/api/mcp-command",
+            status, body = await call(self.ops_http, "POST", self.url + "/api/mcp-command",
                                       json={"command": command, "args": args, "session_id": sid})
         else:
             status, body = await self.via_supervisor(sid, command, args)
@@ -328,14 +343,14 @@ class ChaosRun:
     async def interrupt_turn(self, sid: str) -> None:
         """Interrupt the session's turn (admin API when there)."""
         if "/admin/sessions/{session_id}/interrupt" in self.routes:
-            await call(self.http, "POST", f"{self.url}/admin/sessions/{sid}/interrupt", headers=_admin())
+            await call(self.ops_http, "POST", f"{self.url}/admin/sessions/{sid}/interrupt", headers=_admin())
         else:
             self.sup.interrupt(self.sup.sessions[sid])
 
     async def admin_kill(self, sid: str) -> int:
         """DELETE /admin/sessions/{id} (or ``sup.kill`` before the admin API exists)."""
         if "/admin/sessions/{session_id}" in self.routes:
-            status, _ = await call(self.http, "DELETE", f"{self.url}/admin/sessions/{sid}", headers=_admin())
+            status, _ = await call(self.ops_http, "DELETE", f"{self.url}/admin/sessions/{sid}", headers=_admin())
             return status
         s = self.sup.sessions.get(sid)
         if s is not None:
@@ -366,6 +381,11 @@ class ChaosRun:
 
     async def run(self) -> ChaosReport:
         """Warm up, measure, load + chaos, heal, check everything; return the report."""
+        async with client_session(2 * self.plan.chaos_workers) as self.ops_http:
+            return await self._run()
+
+    async def _run(self) -> ChaosReport:
+        """The run, with the chaos connections open."""
         started = time.monotonic()
         await self.warm_up()
         self.report.figures["warm_up_s"] = round(time.monotonic() - started, 2)
