@@ -1,6 +1,7 @@
 """Bad input, generated: malformed JSON, wrong types, huge and unicode-heavy strings, odd session
 ids and header abuse against a real ``corral serve`` over raw HTTP. No 5xx beyond the documented
-502/503/504, never a traceback, the server stays up, and a session nobody named is untouched.
+502/503/504, never a traceback, the server stays up, and another tenant's session is untouched
+(with API keys enforced the fuzzer names it on purpose; without, nobody names it).
 """
 
 import http.client
@@ -17,6 +18,14 @@ from tests.procs import start_server
 
 EXAMPLES = int(os.environ.get("CORRAL_FUZZ_EXAMPLES", "400"))
 VICTIM = "fuzz-victim-untouched"
+ALICE = [("Authorization", "Bearer alice-fuzz-key")]  # owns the victim
+MALLORY = [("Authorization", "Bearer mallory-fuzz-key")]  # sends every fuzzed request
+TENANTS = """admin_token = "fuzz-admin-token-not-used-by-the-fuzzer"
+[tenants.alice]
+keys = ["alice-fuzz-key"]
+[tenants.mallory]
+keys = ["mallory-fuzz-key"]
+"""
 ROUTES = [
     ("GET", "/health"), ("POST", "/api/chat"), ("GET", "/api/state"), ("POST", "/api/interrupt"),
     ("POST", "/api/system"), ("POST", "/api/mcp-command"), ("POST", "/api/sessions"),
@@ -71,13 +80,18 @@ headers = st.lists(
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """One corral serve for the whole fuzz run, with a victim session nobody else names."""
+    """One corral serve for the whole fuzz run, with another tenant's victim session."""
     tmp = tmp_path_factory.mktemp("fuzz")
-    proc, url = start_server(tmp, "--max-message-bytes", "64K", "--request-timeout", "20")
+    (tmp / "tenants.toml").write_text(TENANTS)
+    proc, url = start_server(tmp, "--max-message-bytes", "64K", "--request-timeout", "20",
+                             "--tenants", str(tmp / "tenants.toml"))
     host, port = url.removeprefix("http://").split(":")
-    status, body = request(host, int(port), "POST", "/api/chat", [], json.dumps({"message": "my name is Victim", "session_id": VICTIM}).encode())
+    status, body = request(host, int(port), "POST", "/api/chat", ALICE, json.dumps({"message": "my name is Victim", "session_id": VICTIM}).encode())
     assert status == 200, body
-    yield proc, host, int(port), tmp
+    # With API keys enforced the fuzzer (tenant mallory) also names the victim: it must get 404 and
+    # leave it alone. A server without auth puts everyone in one tenant: then nobody names it.
+    unknown_key, _ = request(host, int(port), "POST", "/api/chat", [("Authorization", "Bearer nope")], b"{}")
+    yield proc, host, int(port), tmp, unknown_key == 401
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=30)
 
@@ -98,10 +112,16 @@ def request(host, port, method, path, header_list, body) -> tuple[int, bytes]:
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
-@given(route=st.sampled_from(ROUTES), sid=odd_text, query=st.none() | odd_text, header_list=headers, body=bodies)
-def test_fuzzed_requests_never_break_the_server(server, route, sid, query, header_list, body):
-    proc, host, port, _ = server
+@given(route=st.sampled_from(ROUTES), sid=odd_text, query=st.none() | odd_text, header_list=headers, body=bodies,
+       aim_at_victim=st.booleans())
+def test_fuzzed_requests_never_break_the_server(server, route, sid, query, header_list, body, aim_at_victim):
+    proc, host, port, _, auth = server
     method, path = route
+    if auth and aim_at_victim:  # name the other tenant's session in the path, the query and a header
+        sid = query = VICTIM
+        header_list = header_list + [("X-Session-Id", VICTIM), ("Cookie", f"corral_session={VICTIM}")]
+    if not any(name == "Authorization" for name, _ in header_list):
+        header_list = MALLORY + header_list
     path = path.replace("{sid}", urllib.parse.quote(sid, safe="", errors="surrogatepass") or "x")
     if query is not None:
         path += "?session_id=" + urllib.parse.quote(query, safe="", errors="surrogatepass")
@@ -116,8 +136,8 @@ def test_fuzzed_requests_never_break_the_server(server, route, sid, query, heade
 
 def test_the_victim_was_not_touched(server):
     """Runs after the fuzz run: the session nobody named still has exactly its history."""
-    proc, host, port, tmp = server
-    status, body = request(host, port, "POST", "/api/chat", [], json.dumps({"message": "what is my name?", "session_id": VICTIM}).encode())
+    proc, host, port, tmp, _ = server
+    status, body = request(host, port, "POST", "/api/chat", ALICE, json.dumps({"message": "what is my name?", "session_id": VICTIM}).encode())
     assert (status, json.loads(body)["reply"]) == (200, "Your name is Victim.")
     assert json.loads(body)["message_count"] == 4  # its two exchanges, nothing else
     assert b"unhandled_error" not in (tmp / "serve.log").read_bytes()
