@@ -84,10 +84,14 @@ def serve(config: Config) -> int:
     from agent_proc.process import set_title
     from supervisor.logs import configure, get_logger
     from web.app import create_app
+    from web.auth import AuthConfigError
 
     configure(config.log_level)
     set_title(f"corral: supervisor {config.host}:{config.port}")
-    app = create_app(config)
+    try:
+        app = create_app(config)
+    except AuthConfigError as exc:
+        raise SystemExit(f"corral: {exc}") from None
     get_logger(component="cli").info("serving", host=config.host, port=config.port, agent=config.agent)
     web.run_app(app, host=config.host, port=config.port, print=None, access_log=None)
     return 0
