@@ -74,12 +74,9 @@ async def started_sleep(client, session_id: str, *, headers=None, seconds: int =
     return call
 
 
-async def interrupt_until_done(client, call: asyncio.Task, path: str, **kwargs):
-    """Interrupt until the waiting call returns; the agent ignores a SIGINT that lands before its turn."""
-    for _ in range(30):
-        response = await client.post(path, **kwargs)
-        assert response.status == 200, await response.text()
-        done, _ = await asyncio.wait({call}, timeout=0.5)
-        if done:
-            return await call
-    raise AssertionError("the turn was never interrupted")
+async def interrupted(client, call: asyncio.Task, path: str, **kwargs):
+    """Interrupt a started turn through ``path``; return the waiting call's response."""
+    response = await client.post(path, **kwargs)
+    body = await json_of(response, 200)
+    assert body["interrupted"] is True, body
+    return await asyncio.wait_for(call, 30)

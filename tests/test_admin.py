@@ -5,7 +5,7 @@ import os
 
 import pytest
 from apihelpers import (
-    ADMIN, ALICE, BOB, TENANTS, assert_error, interrupt_until_done, json_of, start, started_sleep, supervisor_of,
+    ADMIN, ALICE, BOB, TENANTS, assert_error, interrupted, json_of, start, started_sleep, supervisor_of,
 )
 
 from conftest import wait_for_state
@@ -108,7 +108,7 @@ async def test_kill_with_purge_deletes_the_data(client):
 async def test_admin_interrupt(client):
     """POST /admin/sessions/{id}/interrupt ends a sleep turn; the waiting call says interrupted."""
     call = await started_sleep(client, "bob-sleeps", headers=BOB)
-    response = await interrupt_until_done(client, call, "/admin/sessions/bob-sleeps/interrupt", headers=ADMIN)
+    response = await interrupted(client, call, "/admin/sessions/bob-sleeps/interrupt", headers=ADMIN)
     assert (await json_of(response, 200))["status"] == "interrupted"
     idle = await json_of(await client.post("/admin/sessions/bob-sleeps/interrupt", headers=ADMIN), 200)
     assert idle == {"session_id": "bob-sleeps", "state": "idle", "interrupted": False}

@@ -3,7 +3,7 @@
 import asyncio
 
 import pytest
-from apihelpers import assert_error, interrupt_until_done, json_of, start, started_sleep, supervisor_of
+from apihelpers import assert_error, interrupted, json_of, start, started_sleep, supervisor_of
 
 from conftest import wait_for_state
 
@@ -95,7 +95,7 @@ async def test_interrupt_ends_a_sleep_turn(client):
     call = await started_sleep(client, "s-sleepy")
     other = await chat(client, "still here", "s-awake")  # another session is not held up
     assert other["reply"] == "You said: still here"
-    response = await interrupt_until_done(client, call, "/api/interrupt", json={"session_id": "s-sleepy"})
+    response = await interrupted(client, call, "/api/interrupt", json={"session_id": "s-sleepy"})
     body = await json_of(response, 200)
     assert body["status"] == "interrupted" and body["result"] is None
     assert (await chat(client, "hello", "s-sleepy"))["reply"] == "You said: hello"  # the process lives on
@@ -193,7 +193,7 @@ async def test_429_mailbox_full_with_retry_after(aiohttp_client, make_config, tm
     response = await client.post("/api/chat", json={"message": "queued?", "session_id": "s-full"})
     await assert_error(response, 429, "mailbox_full")
     assert response.headers["Retry-After"] == "1"
-    assert (await json_of(await interrupt_until_done(client, call, "/api/interrupt", json={"session_id": "s-full"}), 200))["status"] == "interrupted"
+    assert (await json_of(await interrupted(client, call, "/api/interrupt", json={"session_id": "s-full"}), 200))["status"] == "interrupted"
 
 
 async def test_502_agent_crashed_then_respawned_with_history(client):

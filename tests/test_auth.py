@@ -7,7 +7,7 @@ import sys
 
 import pytest
 from apihelpers import (
-    ADMIN, ALICE, BOB, SMALL, TENANTS, assert_error, bearer, interrupt_until_done, json_of, start, started_sleep,
+    ADMIN, ALICE, BOB, SMALL, TENANTS, assert_error, bearer, interrupted, json_of, start, started_sleep,
 )
 
 from web.app import create_app
@@ -200,7 +200,7 @@ async def test_bob_cannot_interrupt_alices_turn(client):
     await assert_error(await client.post("/api/interrupt", json={"session_id": "alice-sleeps"}, headers=BOB),
                        404, "session_not_found")
     assert not call.done()
-    response = await interrupt_until_done(client, call, "/api/interrupt", json={"session_id": "alice-sleeps"}, headers=ALICE)
+    response = await interrupted(client, call, "/api/interrupt", json={"session_id": "alice-sleeps"}, headers=ALICE)
     assert (await json_of(response, 200))["status"] == "interrupted"
 
 

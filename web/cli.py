@@ -92,7 +92,8 @@ def serve(config: Config) -> int:
     try:
         app = create_app(config)
     except AuthConfigError as exc:
-        raise SystemExit(f"corral: {exc}") from None
+        print(f"corral: cannot start: {exc}", file=sys.stderr)
+        return 1
     get_logger(component="cli").info("serving", host=config.host, port=config.port, agent=config.agent)
     try:
         web.run_app(app, host=config.host, port=config.port, print=None, access_log=None)
