@@ -68,6 +68,7 @@ async def test_list_refuses_bad_filters(client):
     await assert_error(await client.get("/admin/sessions", params={"state": "asleep"}, headers=ADMIN), 400, "wrong_type")
     await assert_error(await client.get("/admin/sessions", params={"limit": "0"}, headers=ADMIN), 400, "wrong_type")
     await assert_error(await client.get("/admin/sessions", params={"offset": "-1"}, headers=ADMIN), 400, "wrong_type")
+    await assert_error(await client.get("/admin/sessions", params={"offset": "9" * 30}, headers=ADMIN), 400, "wrong_type")
 
 
 async def test_inspect_and_kill(client):

@@ -26,7 +26,7 @@ async def list_sessions(request: web.Request) -> web.Response:
     if state is not None and state not in states.ALL and state != LIVE_FILTER:
         raise errors.BadRequest(f"state must be one of {sorted(states.ALL)} or '{LIVE_FILTER}'", code="wrong_type")
     limit = query_int(request, "limit", default=100, low=1, high=1000)
-    offset = query_int(request, "offset", default=0, low=0)
+    offset = query_int(request, "offset", default=0, low=0, high=1_000_000_000)
     rows = await _rows(request.app, tenant, state, limit + 1, offset)
     more = len(rows) > limit
     return web.json_response(

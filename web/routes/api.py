@@ -33,7 +33,7 @@ _MAX_DEPTH = 64
 async def state(request: web.Request) -> web.Response:
     """The session's messages (from the store), ``is_processing`` and agent state; never spawns."""
     sid = requested_session_id(request)
-    limit = query_int(request, "limit", default=None, low=1)
+    limit = query_int(request, "limit", default=None, low=1, high=100_000)
     found = await find_session(request, sid, missing_ok=True)
     if found is None:
         return session_response(new_session_view(sid, messages=[]), sid)
