@@ -125,3 +125,18 @@ async def test_stats(client):
     assert alice["sessions_total"] == 2 and alice["average_messages_per_session"] == 3.0 and alice["live"] == 2
     assert stats["by_tenant"]["bob"]["average_messages_per_session"] == 0.0
     assert stats["counters"]["spawns"] == 3
+
+
+async def test_only_an_admin_clears_a_failed_session(aiohttp_client, make_config, tmp_path):
+    """Past max_restarts a session is failed (503); the tenant's DELETE keeps it so, the admin's clears it."""
+    client = await start(aiohttp_client, make_config, tmp_path, tenants=TENANTS, max_restarts=0)
+    crash = {"command": "crash", "args": {"how": "exit"}, "session_id": "alice-crashy"}
+    await assert_error(await client.post("/api/mcp-command", json=crash, headers=ALICE), 502, "agent_crashed")
+    hello = {"message": "hello", "session_id": "alice-crashy"}
+    response = await client.post("/api/chat", json=hello, headers=ALICE)
+    await assert_error(response, 503, "session_failed")
+    assert int(response.headers["Retry-After"]) >= 1
+    assert (await json_of(await client.delete("/api/sessions/alice-crashy", headers=ALICE), 200))["state"] == "failed"
+    await assert_error(await client.post("/api/chat", json=hello, headers=ALICE), 503, "session_failed")
+    assert (await json_of(await client.delete("/admin/sessions/alice-crashy", headers=ADMIN), 200))["state"] == "failed"
+    assert (await json_of(await client.post("/api/chat", json=hello, headers=ALICE), 200))["reply"] == "You said: hello"

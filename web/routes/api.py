@@ -96,22 +96,22 @@ async def get_session(request: web.Request) -> web.Response:
 
 @routes.delete("/api/sessions/{session_id}")
 async def delete_session(request: web.Request) -> web.Response:
-    """End a session (stop its process); ``?purge=true`` also deletes its messages and record."""
+    """End a session (stop its process); ``?purge=true`` also deletes its messages and record.
+
+    A session that crashed keeps its restart budget: only an admin can clear a ``failed`` one.
+    """
     purge = query_bool(request, "purge")
     found = await find_session(request, request.match_info["session_id"])
     sup = request.app["supervisor"]
-    if isinstance(found, Session):
+    if isinstance(found, Session) and found.live:
         await sup.remove(found, purge=purge)
-        final = found.state
     elif purge:
         await sup.store.delete_session(found.id)
-        final = found.status
-    else:
-        if found.ended_at is None:  # its node is gone; record the end so retention applies
-            await sup.store.set_status(found.id, states.ENDED, end_reason=states.ENDED, ended=True)
-            found.status = states.ENDED
-        final = found.status
-    return web.json_response({"session_id": found.id, "state": final, "purged": purge})
+    elif not isinstance(found, Session) and found.ended_at is None:
+        # Live on a node that is gone: record the end so retention applies.
+        await sup.store.set_status(found.id, states.ENDED, end_reason=states.ENDED, ended=True)
+        found.status = states.ENDED
+    return web.json_response({"session_id": found.id, "state": session_view(found)["state"], "purged": purge})
 
 
 def check_packable(name: str, value, depth: int = 0) -> None:
