@@ -15,6 +15,7 @@ class FixedProcStats:
     """Stands in for the operators' process statistics: the hook's contract is ``for_session(s) -> dict``."""
 
     def for_session(self, session) -> dict:
+        """A fixed figure for sessions with a process."""
         return {"rss_bytes": 1234 if session.pid else None}
 
 

@@ -53,6 +53,7 @@ async def test_client_without_id_gets_one_and_keeps_it_via_cookie(client):
 async def test_session_id_sources_in_order(client):
     """Body beats query beats X-Session-Id header beats cookie (each answer re-sets the cookie)."""
     async def named(**kwargs) -> str:
+        """The session id /api/interrupt resolved for these request parts."""
         return (await json_of(await client.post("/api/interrupt", **kwargs), 200))["session_id"]
 
     header = {"X-Session-Id": "from-header"}
