@@ -8,7 +8,7 @@ import time
 from collections import Counter
 
 from supervisor import errors, states
-from tests.chaos_kit import Figures, leftovers, scaled  # noqa: F401  (scaled is re-exported)
+from tests.chaos_kit import Figures, leftovers
 from tests.conftest import wait_for_state
 
 ENDINGS = ("reaped", "killed", "crashed", "ended")

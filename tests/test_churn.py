@@ -6,7 +6,8 @@ CI runs CORRAL_CHURN_SESSIONS (default 2,000); ``bench/soak.py`` runs 10,000 wit
 
 import json
 
-from tests.churn_kit import churn, scaled
+from tests.chaos_kit import scaled
+from tests.churn_kit import churn
 
 # Bounds against a baseline taken after a warm-up churn of the same kind (all sessions ended).
 MAX_FD_GROWTH = 8
