@@ -80,6 +80,7 @@ class Session:
     bucket: TokenBucket | None = None
     starting: asyncio.Future | None = None  # resolves when a spawn finishes (either way)
     exited: asyncio.Future | None = None  # resolves when the current process is gone
+    stray_frames: int = 0  # frames for turns it was never given, or forged, from the current process
     dying: bool = False  # the agent announced its death (FAIL agent_crashed/agent_oom) and is exiting
     ready: asyncio.Future | None = None  # resolves on the agent's READY
     timers: dict = field(default_factory=dict)  # name -> asyncio.TimerHandle

@@ -38,6 +38,9 @@ _FAIL_ERRORS = {
     p.AGENT_OOM: errors.AgentDied,
 }
 _DEATH_CODES = {states.OOM: p.AGENT_OOM, states.CRASHED: p.AGENT_CRASHED}
+# Frames an agent may send for turns it was never given (or with a forged token on its own
+# connection) before it is killed as hostile. A well-behaved agent sends none.
+STRAY_FRAME_LIMIT = 10_000
 
 
 class Supervisor:
@@ -406,6 +409,7 @@ class Supervisor:
         s.routing_id = f"{s.id}/{secrets.token_hex(8)}".encode()
         s.stop_reason = s.end_reason = s.exit_description = None
         s.dying = False
+        s.stray_frames = 0
         s.interrupts = 0
         s.ready, s.exited = loop.create_future(), loop.create_future()
         s.exited.add_done_callback(_consume)
@@ -479,6 +483,9 @@ class Supervisor:
     def _on_frame(self, rid: bytes, kind: int, req: int, body) -> None:
         """Handle one authenticated frame from an agent."""
         s = self.by_rid[rid]
+        if kind in (p.CHUNK, p.DONE, p.FAIL) and req not in s.turns:
+            self._stray(s)
+            return
         if kind == p.CHUNK:
             turn = s.turns.get(req)
             if turn is not None and not turn.abandoned:
@@ -499,6 +506,19 @@ class Supervisor:
         """Count a frame the hub refused and tell global listeners (metrics, tests)."""
         self.counters["frames_dropped"] += 1
         self.events.publish_global("frame_dropped", routing_id=rid[:128].decode("utf-8", "replace"), reason=why)
+        s = self.by_rid.get(rid)
+        if s is not None:
+            # ZeroMQ sets the routing id from the connection, so a live session's own process sent it.
+            self._stray(s)
+
+    def _stray(self, s: Session) -> None:
+        """Count a frame an agent had no business sending; kill the agent past STRAY_FRAME_LIMIT."""
+        s.stray_frames += 1
+        if s.stray_frames == STRAY_FRAME_LIMIT:
+            self.counters["agents_killed_for_abuse"] += 1
+            log.warning("agent_flooding_killed", session_id=s.id, tenant=s.tenant, pid=s.pid, frames=s.stray_frames)
+            s.exit_description = f"killed after {STRAY_FRAME_LIMIT} frames for turns it was not given"
+            self._signal(s, signal.SIGKILL)
 
     def _finish_turn(self, s: Session, req: int, result: dict) -> None:
         """Resolve a turn."""
