@@ -1,0 +1,150 @@
+"""GET /api/chat/stream: a session's events as Server-Sent Events, pushed as they happen.
+
+On connect the stream sends a ``state`` snapshot (read from memory and the store; a session
+with no process is not spawned), then ``state``, ``delta``, ``message``, ``error`` and ``end``
+events as the supervisor publishes them. A client that reconnects with ``Last-Event-ID`` gets
+exactly the events it missed while they are still buffered, else a fresh snapshot.
+"""
+
+import asyncio
+import contextlib
+
+from aiohttp import web
+
+from supervisor import errors
+from supervisor.session import new_session_id, valid_session_id
+from supervisor.store import StoreError
+from web.requests import remember_session, session_id_of, tenant_of
+from web.sse import CLOSE, KEEPALIVE_FRAME, Listener, StreamHub, format_event
+
+routes = web.RouteTableDef()
+STREAMS = web.AppKey("streams", StreamHub)
+RETRY_MS = 2000  # how long an EventSource waits before reconnecting
+
+
+def setup(app: web.Application) -> StreamHub:
+    """Give the app its stream hub; every open stream ends when the app shuts down."""
+    sup = app["supervisor"]
+
+    def owner_of(session_id: str) -> str | None:
+        """The tenant of a session the supervisor holds."""
+        s = sup.sessions.get(session_id)
+        return s.tenant if s is not None else None
+
+    hub = app[STREAMS] = StreamHub(sup.events, owner_of)
+    app.on_shutdown.append(_close_streams)
+    return hub
+
+
+async def _close_streams(app: web.Application) -> None:
+    """End open streams so shutdown does not wait on them."""
+    app[STREAMS].close()
+
+
+@routes.get("/api/chat/stream")
+async def chat_stream(request: web.Request) -> web.StreamResponse:
+    """Stream one session's events until the client goes away."""
+    sid = session_id_of(request) or new_session_id()
+    if not valid_session_id(sid):
+        raise errors.BadRequest("session_id must be 1-128 characters of A-Z a-z 0-9 . _ -", code="bad_session_id")
+    tenant = tenant_of(request)
+    sup = request.app["supervisor"]
+    found = await sup.find(sid)
+    if found is not None and found.tenant != tenant:
+        raise errors.SessionNotFound(f"no session {sid}")
+    # Join before reading anything, so no event falls between the snapshot and the live stream.
+    listener = request.app[STREAMS].listen(tenant, sid)
+    try:
+        backlog = await _first_frames(request, listener, sid, found)
+        response = await _open(request, sid)
+        await _pump(response, listener, backlog, request.app[STREAMS].keepalive)
+    finally:
+        listener.leave()
+    return response
+
+
+def last_event_id(request: web.Request) -> int | None:
+    """The client's ``Last-Event-ID`` as a number, or None (absent or not one of ours)."""
+    raw = request.headers.get("Last-Event-ID", "").strip()
+    return int(raw) if raw.isdigit() else None
+
+
+async def _first_frames(request: web.Request, listener: Listener, sid: str, found) -> list[bytes]:
+    """What the stream starts with: the missed events on a resume, else a state snapshot."""
+    channel = listener.channel
+    resume_from = last_event_id(request)
+    if resume_from is not None:
+        missed = channel.events_after(resume_from)
+        if missed is not None:
+            return [event.encode() for event in missed]
+    snapshot_id = channel.last_id
+    snapshot = await _snapshot(request.app["supervisor"], sid, found)
+    _drop_covered_messages(listener, snapshot)
+    return [format_event("state", snapshot, snapshot_id)]
+
+
+async def _snapshot(sup, sid: str, found) -> dict:
+    """The session's state: live fields if it has a process here, else the store's; its messages."""
+    live = sup.sessions.get(sid)
+    if live is not None:
+        found = live
+    try:
+        history = await sup.store.history(sid) if found is not None else []
+    except StoreError as exc:
+        raise errors.Unavailable(f"the session store is unavailable: {exc}", retry_after=5) from None
+    messages = [{"seq": m.seq, "role": m.role, "content": m.content, "created_at": m.created_at} for m in history]
+    if found is None:
+        state, processing, agent_state = None, False, {}
+    elif hasattr(found, "is_processing"):
+        state, processing, agent_state = found.state, found.is_processing, found.agent_state
+    else:  # a stored record: no process on this node, nothing in progress
+        state, processing, agent_state = found.status, False, {}
+    return {
+        "session_id": sid,
+        "state": state,
+        "is_processing": processing,
+        "message_count": max([found.message_count if found is not None else 0] + [m["seq"] for m in messages]),
+        "agent_state": agent_state,
+        "messages": messages,
+    }
+
+
+def _drop_covered_messages(listener: Listener, snapshot: dict) -> None:
+    """Drop queued ``message`` events the snapshot already holds (they arrived while it was read)."""
+    newest = snapshot["messages"][-1]["seq"] if snapshot["messages"] else 0
+    queue = listener.queue
+    kept = [queue.get_nowait() for _ in range(queue.qsize())]
+    for item in kept:
+        if not (item is not CLOSE and item.type == "message" and item.data.get("seq", 0) <= newest):
+            queue.put_nowait(item)
+
+
+async def _open(request: web.Request, sid: str) -> web.StreamResponse:
+    """Send the headers of the event stream."""
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",  # nginx: pass events through at once
+        }
+    )
+    remember_session(response, sid)
+    await response.prepare(request)
+    await response.write(f"retry: {RETRY_MS}\n\n".encode())
+    return response
+
+
+async def _pump(response: web.StreamResponse, listener: Listener, backlog: list[bytes], keepalive: float) -> None:
+    """Write the backlog, then each event as it comes, with a keep-alive comment when quiet."""
+    with contextlib.suppress(ConnectionError):
+        for frame in backlog:
+            await response.write(frame)
+        while True:
+            try:
+                item = await asyncio.wait_for(listener.queue.get(), keepalive)
+            except asyncio.TimeoutError:
+                await response.write(KEEPALIVE_FRAME)
+                continue
+            if item is CLOSE:
+                return
+            await response.write(item.encode())
