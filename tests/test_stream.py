@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from supervisor import states
+from supervisor import errors, states
 from tests.conftest import wait_for_state
 from web.app import create_app
 from web.routes.stream import STREAMS
@@ -156,6 +156,21 @@ async def test_end_arrives_when_the_session_is_killed(client):
     events = await stream.until(lambda e: e["event"] == "end")
     assert events[-1]["data"]["reason"] == states.KILLED
     assert [e["data"]["state"] for e in events if e["event"] == "state"] == [states.STOPPING, states.KILLED]
+    stream.close()
+
+
+async def test_a_crash_during_a_turn_sends_error_and_end(client):
+    """The agent dies mid-request: listeners get ``end`` (crashed) and the turn's ``error``."""
+    await chat(client, "gina", "hello")
+    stream = await listen(client, "gina")
+    await stream.next()
+    sup = client.app["supervisor"]
+    with pytest.raises(errors.AgentDied):
+        await sup.command(sup.sessions["gina"], "crash", {"how": "exit"})
+    events = await stream.until(lambda e: e["event"] == "error")
+    ended = [e["data"] for e in events if e["event"] == "end"]
+    assert ended and ended[0]["reason"] == states.CRASHED
+    assert events[-1]["data"]["code"] == "agent_crashed" and events[-1]["data"]["message"]
     stream.close()
 
 
