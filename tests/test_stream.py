@@ -223,6 +223,20 @@ async def test_stream_refuses_bad_ids_and_other_tenants_sessions(client):
     assert (await response.json())["error"]["code"] == "session_not_found"
 
 
+async def test_listening_on_an_unused_id_shows_nothing_of_another_tenants_session(client):
+    """A tenant listening on an id nobody used sees none of the events once another tenant takes it."""
+    hub, sup = client.app[STREAMS], client.app["supervisor"]
+    stream = await listen(client, "contested")
+    await stream.next()
+    owner = hub.listen("acme", "contested")  # what acme's own stream would be fed
+    s = await sup.get_or_create("contested", "acme")
+    await sup.chat(s, "my name is Mallory")  # events are handed out before the reply returns
+    assert not owner.queue.empty()
+    assert list(hub.channels[("default", "contested")].buffer) == []
+    owner.leave()
+    stream.close()
+
+
 async def test_stream_without_an_id_gets_a_new_one(client):
     """No session id: a fresh one, in the header, the cookie and the first event."""
     response = await client.get("/api/chat/stream")

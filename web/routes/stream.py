@@ -141,8 +141,9 @@ async def _pump(response: web.StreamResponse, listener: Listener, backlog: list[
             await response.write(frame)
         while True:
             try:
-                item = await asyncio.wait_for(listener.queue.get(), keepalive)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(keepalive):  # the stream's one timer, re-armed per wait
+                    item = await listener.queue.get()
+            except TimeoutError:
                 await response.write(KEEPALIVE_FRAME)
                 continue
             if item is CLOSE:
