@@ -26,7 +26,7 @@ from web.openapi import SPEC
 ALLOWED_5XX = {502, 503, 504}
 # An endless stream has no end for a generated case to wait for; tests/test_stream.py covers it.
 ENDLESS = {"GET /api/chat/stream"}
-EXAMPLES = {GenerationMode.POSITIVE: 12, GenerationMode.NEGATIVE: 6}
+EXAMPLES = {GenerationMode.POSITIVE: 40, GenerationMode.NEGATIVE: 15}
 DESIGN_ROUTES = {
     ("get", "/health"), ("post", "/api/chat"), ("get", "/api/state"), ("get", "/api/chat/stream"),
     ("post", "/api/interrupt"), ("post", "/api/system"), ("post", "/api/mcp-command"),
@@ -75,22 +75,46 @@ async def test_openapi_is_served(aiohttp_client, make_config):
     assert (await response.json()) == SPEC
 
 
-def run_schemathesis(base_url: str) -> list[str]:
-    """Fuzz every operation with a bounded number of examples; return the failures found."""
+TENANT_KEY, ADMIN_TOKEN = "fuzz-tenant-key", "fuzz-admin-token"
+TENANTS = f"""
+admin_token = "{ADMIN_TOKEN}"
+
+[tenants.fuzz]
+keys = ["{TENANT_KEY}"]
+"""
+TOKENS = {"tenantKey": TENANT_KEY, "adminToken": ADMIN_TOKEN}
+
+
+def credentials(operation) -> dict:
+    """The Authorization header the operation's security scheme asks for (none for open routes)."""
+    security = operation.definition.raw.get("security", SPEC["security"])
+    for requirement in security:
+        for scheme in requirement:
+            return {"Authorization": f"Bearer {TOKENS[scheme]}"}
+    return {}
+
+
+def run_schemathesis(base_url: str) -> tuple[list[str], dict[str, set[int]]]:
+    """Fuzz every operation with a bounded number of examples; return the failures and the statuses seen."""
     schema = schemathesis.openapi.from_url(f"{base_url}/api/openapi.json")
-    failures = []
+    failures, statuses = [], {}
     for result in schema.get_all_operations():
         operation = result.ok()
         if operation.label in ENDLESS:
             continue
+        seen = statuses[operation.label] = set()
         for mode, examples in EXAMPLES.items():
-            failures += _fuzz(operation, mode, examples, base_url)
-    return failures
+            failures += _fuzz(operation, mode, examples, base_url, seen)
+    return failures, statuses
 
 
-def _fuzz(operation, mode, examples: int, base_url: str) -> list[str]:
+def _fuzz(operation, mode, examples: int, base_url: str, seen: set[int]) -> list[str]:
     """Run one operation's cases in one generation mode; the first failure of each is kept."""
     failures = []
+
+    def record_status(ctx, response, case) -> None:
+        """Remember the status (so the test knows the credentials worked)."""
+        seen.add(response.status_code)
 
     @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
     @hypothesis.settings(
@@ -104,7 +128,8 @@ def _fuzz(operation, mode, examples: int, base_url: str) -> list[str]:
     def check(case):
         """Send one case and validate the answer."""
         try:
-            case.call_and_validate(base_url=base_url, checks=CHECKS, timeout=30)
+            case.call_and_validate(base_url=base_url, headers=credentials(operation), checks=[record_status, *CHECKS],
+                                  timeout=30)
         except (Exception, FailureGroup) as exc:  # collect, so one run reports every operation's problem
             if not failures:
                 failures.append(f"{operation.label} [{mode}] {case.as_curl_command()}\n{exc}")
@@ -117,10 +142,14 @@ def _fuzz(operation, mode, examples: int, base_url: str) -> list[str]:
 
 
 @pytest.mark.timeout(180)
-async def test_schemathesis_finds_nothing_undocumented(aiohttp_server, make_config):
-    """No undocumented status, content type or body; no 5xx but 502/503/504."""
-    config = make_config(request_timeout=2.0, max_sessions=30, idle_timeout=5.0, rate_limit=0)
+async def test_schemathesis_finds_nothing_undocumented(aiohttp_server, make_config, tmp_path):
+    """No undocumented status, content type or body; no 5xx but 502/503/504 (with tenants and admin)."""
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(TENANTS)
+    config = make_config(request_timeout=2.0, max_sessions=30, idle_timeout=5.0, rate_limit=0, tenants=tenants)
     server = await aiohttp_server(create_app(config))
     base_url = str(server.make_url("")).rstrip("/")
-    failures = await asyncio.to_thread(run_schemathesis, base_url)
+    failures, statuses = await asyncio.to_thread(run_schemathesis, base_url)
     assert not failures, "\n\n".join(failures)
+    assert all(seen - {401} for seen in statuses.values()), statuses  # the fuzz got past authentication
+    assert 200 in statuses["POST /api/chat"] and 200 in statuses["GET /admin/stats"], statuses
