@@ -41,7 +41,7 @@ async def _close_streams(app: web.Application) -> None:
     app[STREAMS].close()
 
 
-@routes.get("/api/chat/stream")
+@routes.get("/api/chat/stream", allow_head=False)  # an endless body has no HEAD form
 async def chat_stream(request: web.Request) -> web.StreamResponse:
     """Stream one session's events until the client goes away."""
     sid = session_id_of(request) or new_session_id()
