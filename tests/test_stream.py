@@ -136,10 +136,11 @@ async def test_two_listeners_and_resume_without_loss_or_duplicates(client):
     resumed.close()
 
 
-async def test_unknown_last_event_id_starts_with_a_fresh_state(client):
-    """A Last-Event-ID the server no longer buffers gives a full snapshot instead of a gap."""
+@pytest.mark.parametrize("last_id", ["1", "not-a-number", "\u00b2", "9" * 5000])
+async def test_unknown_last_event_id_starts_with_a_fresh_state(client, last_id):
+    """A Last-Event-ID the server no longer buffers (or never issued) gives a full snapshot, not a gap."""
     await chat(client, "carol", "my colour is red")
-    stream = await listen(client, "carol", **{"Last-Event-ID": "1"})
+    stream = await listen(client, "carol", **{"Last-Event-ID": last_id})
     first = await stream.next()
     assert first["event"] == "state"
     assert [m["content"] for m in first["data"]["messages"]] == ["my colour is red", "Got it: your colour is red."]

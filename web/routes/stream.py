@@ -66,7 +66,8 @@ async def chat_stream(request: web.Request) -> web.StreamResponse:
 def last_event_id(request: web.Request) -> int | None:
     """The client's ``Last-Event-ID`` as a number, or None (absent or not one of ours)."""
     raw = request.headers.get("Last-Event-ID", "").strip()
-    return int(raw) if raw.isdigit() else None
+    # ASCII and short: headers may carry other Unicode digits, and int() refuses very long numbers.
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 20 else None
 
 
 async def _first_frames(request: web.Request, listener: Listener, sid: str, found) -> list[bytes]:
