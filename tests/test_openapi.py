@@ -11,6 +11,7 @@ import asyncio
 import hypothesis
 import pytest
 import schemathesis
+from apihelpers import ADMIN, ALICE, TENANTS, start
 from schemathesis.core.failures import FailureGroup
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import (
@@ -95,14 +96,7 @@ async def test_openapi_is_served(aiohttp_client, make_config):
     assert (await response.json()) == SPEC
 
 
-TENANT_KEY, ADMIN_TOKEN = "fuzz-tenant-key", "fuzz-admin-token"
-TENANTS = f"""
-admin_token = "{ADMIN_TOKEN}"
-
-[tenants.fuzz]
-keys = ["{TENANT_KEY}"]
-"""
-TOKENS = {"tenantKey": TENANT_KEY, "adminToken": ADMIN_TOKEN}
+CREDENTIALS = {"tenantKey": ALICE, "adminToken": ADMIN}
 
 
 def credentials(operation) -> dict:
@@ -110,7 +104,7 @@ def credentials(operation) -> dict:
     security = operation.definition.raw.get("security", SPEC["security"])
     for requirement in security:
         for scheme in requirement:
-            return {"Authorization": f"Bearer {TOKENS[scheme]}"}
+            return CREDENTIALS[scheme]
     return {}
 
 
@@ -162,16 +156,13 @@ def _fuzz(operation, mode, examples: int, base_url: str, seen: set[int]) -> list
 
 
 @pytest.mark.timeout(180)
-async def test_schemathesis_finds_nothing_undocumented(aiohttp_server, make_config, tmp_path):
+async def test_schemathesis_finds_nothing_undocumented(aiohttp_client, make_config, tmp_path):
     """No undocumented status, content type or body; no 5xx but 502/503/504 (with tenants and admin)."""
-    tenants = tmp_path / "tenants.toml"
-    tenants.write_text(TENANTS)
-    config = make_config(request_timeout=2.0, max_sessions=30, idle_timeout=5.0, rate_limit=0, tenants=tenants)
-    app = create_app(config)
-    missing = documented_but_not_served(app)  # see test_the_document_and_the_router_agree
-    server = await aiohttp_server(app)
-    base_url = str(server.make_url("")).rstrip("/")
+    client = await start(aiohttp_client, make_config, tmp_path, tenants=TENANTS,
+                         request_timeout=2.0, max_sessions=30, idle_timeout=5.0)
+    missing = documented_but_not_served(client.app)  # see test_the_document_and_the_router_agree
+    base_url = str(client.make_url("")).rstrip("/")
     failures, statuses = await asyncio.to_thread(run_schemathesis, base_url, missing)
     assert not failures, "\n\n".join(failures)
     assert all(seen - {401} for seen in statuses.values()), statuses  # the fuzz got past authentication
-    assert 200 in statuses["POST /api/chat"], statuses
+    assert 200 in statuses["POST /api/chat"] and 200 in statuses["GET /admin/stats"], statuses

@@ -4,9 +4,9 @@ import asyncio
 import json
 
 import pytest
+from apihelpers import ALICE, BOB, TENANTS, assert_error, start
 
 from supervisor import errors, states
-from tests.conftest import wait_for_state
 from web.app import create_app
 from web.routes.stream import STREAMS
 
@@ -235,6 +235,19 @@ async def test_listening_on_an_unused_id_shows_nothing_of_another_tenants_sessio
     assert not owner.queue.empty()
     assert list(hub.channels[("default", "contested")].buffer) == []
     owner.leave()
+    stream.close()
+
+
+async def test_tenants_stream_only_their_own_sessions(aiohttp_client, make_config, tmp_path):
+    """With API keys: no key is 401, another tenant's session is 404 (JSON, before any stream)."""
+    client = await start(aiohttp_client, make_config, tmp_path, tenants=TENANTS)
+    response = await client.post("/api/chat", json={"message": "my name is Alice", "session_id": "a-1"}, headers=ALICE)
+    assert response.status == 200
+    await assert_error(await client.get("/api/chat/stream", params={"session_id": "a-1"}), 401, "unauthorized")
+    await assert_error(await client.get("/api/chat/stream", params={"session_id": "a-1"}, headers=BOB),
+                       404, "session_not_found")
+    stream = await listen(client, "a-1", **ALICE)
+    assert [m["role"] for m in (await stream.next())["data"]["messages"]] == ["user", "assistant"]
     stream.close()
 
 

@@ -11,11 +11,9 @@ import contextlib
 
 from aiohttp import web
 
-from supervisor import errors
-from supervisor.session import new_session_id, valid_session_id
-from supervisor.store import StoreError
-from web.requests import remember_session, session_id_of, tenant_of
+from web.requests import find_session, remember_session, requested_session_id, tenant_of
 from web.sse import CLOSE, KEEPALIVE_FRAME, Listener, StreamHub, format_event
+from web.views import message_view, new_session_view, session_view
 
 routes = web.RouteTableDef()
 STREAMS = web.AppKey("streams", StreamHub)
@@ -44,18 +42,12 @@ async def _close_streams(app: web.Application) -> None:
 @routes.get("/api/chat/stream", allow_head=False)  # an endless body has no HEAD form
 async def chat_stream(request: web.Request) -> web.StreamResponse:
     """Stream one session's events until the client goes away."""
-    sid = session_id_of(request) or new_session_id()
-    if not valid_session_id(sid):
-        raise errors.BadRequest("session_id must be 1-128 characters of A-Z a-z 0-9 . _ -", code="bad_session_id")
-    tenant = tenant_of(request)
-    sup = request.app["supervisor"]
-    found = await sup.find(sid)
-    if found is not None and found.tenant != tenant:
-        raise errors.SessionNotFound(f"no session {sid}")
+    sid = requested_session_id(request)
+    await find_session(request, sid, missing_ok=True)  # 404 here for another tenant's session
     # Join before reading anything, so no event falls between the snapshot and the live stream.
-    listener = request.app[STREAMS].listen(tenant, sid)
+    listener = request.app[STREAMS].listen(tenant_of(request), sid)
     try:
-        backlog = await _first_frames(request, listener, sid, found)
+        backlog = await _first_frames(request, listener, sid)
         response = await _open(request, sid)
         await _pump(response, listener, backlog, request.app[STREAMS].keepalive)
     finally:
@@ -70,7 +62,7 @@ def last_event_id(request: web.Request) -> int | None:
     return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 20 else None
 
 
-async def _first_frames(request: web.Request, listener: Listener, sid: str, found) -> list[bytes]:
+async def _first_frames(request: web.Request, listener: Listener, sid: str) -> list[bytes]:
     """What the stream starts with: the missed events on a resume, else a state snapshot."""
     channel = listener.channel
     resume_from = last_event_id(request)
@@ -79,35 +71,18 @@ async def _first_frames(request: web.Request, listener: Listener, sid: str, foun
         if missed is not None:
             return [event.encode() for event in missed]
     snapshot_id = channel.last_id
-    snapshot = await _snapshot(request.app["supervisor"], sid, found)
+    snapshot = await _snapshot(request, sid)
     _drop_covered_messages(listener, snapshot)
     return [format_event("state", snapshot, snapshot_id)]
 
 
-async def _snapshot(sup, sid: str, found) -> dict:
-    """The session's state: live fields if it has a process here, else the store's; its messages."""
-    live = sup.sessions.get(sid)
-    if live is not None:
-        found = live
-    try:
-        history = await sup.store.history(sid) if found is not None else []
-    except StoreError as exc:
-        raise errors.Unavailable(f"the session store is unavailable: {exc}", retry_after=5) from None
-    messages = [{"seq": m.seq, "role": m.role, "content": m.content, "created_at": m.created_at} for m in history]
+async def _snapshot(request: web.Request, sid: str) -> dict:
+    """What ``GET /api/state`` answers, read after joining (never starts a process)."""
+    found = await find_session(request, sid, missing_ok=True)
     if found is None:
-        state, processing, agent_state = None, False, {}
-    elif hasattr(found, "is_processing"):
-        state, processing, agent_state = found.state, found.is_processing, found.agent_state
-    else:  # a stored record: no process on this node, nothing in progress
-        state, processing, agent_state = found.status, False, {}
-    return {
-        "session_id": sid,
-        "state": state,
-        "is_processing": processing,
-        "message_count": max([found.message_count if found is not None else 0] + [m["seq"] for m in messages]),
-        "agent_state": agent_state,
-        "messages": messages,
-    }
+        return new_session_view(sid, messages=[])
+    history = await request.app["supervisor"].store.history(sid)
+    return session_view(found, messages=[message_view(m) for m in history])
 
 
 def _drop_covered_messages(listener: Listener, snapshot: dict) -> None:
