@@ -116,6 +116,22 @@ async def test_deltas_in_order_then_message(client):
     stream.close()
 
 
+async def test_a_reply_not_waited_for_comes_on_the_stream(client):
+    """wait=false answers 202 at once; the reply arrives as events; a new stream starts from /api/state."""
+    stream = await listen(client, "hana")
+    await stream.next()
+    response = await client.post("/api/chat", json={"message": "my name is Hana", "session_id": "hana", "wait": False})
+    assert response.status == 202
+    events = await stream.until(assistant_message)
+    assert events[-1]["data"]["content"] == "Got it: your name is Hana."
+    await stream.until(lambda e: e["event"] == "state" and e["data"]["state"] == states.IDLE)
+    state = await (await client.get("/api/state", params={"session_id": "hana"})).json()
+    second = await listen(client, "hana")
+    assert (await second.next())["data"] == state
+    stream.close()
+    second.close()
+
+
 async def test_two_listeners_and_resume_without_loss_or_duplicates(client):
     """Two listeners see the same events; one hangs up mid-turn and resumes with Last-Event-ID."""
     steady, dropper = await listen(client, "bob"), await listen(client, "bob")
