@@ -32,8 +32,8 @@ ROUTES = [
     ("GET", "/api/sessions/{sid}"), ("DELETE", "/api/sessions/{sid}"), ("GET", "/admin/sessions"),
     ("GET", "/admin/sessions/{sid}"), ("DELETE", "/admin/sessions/{sid}"),
     ("POST", "/admin/sessions/{sid}/interrupt"), ("GET", "/admin/stats"), ("GET", "/metrics"),
-    ("GET", "/api/openapi.json"), ("GET", "/api/chat/stream"), ("PUT", "/api/chat"), ("GET", "/nope/%E2%98%83"),
-]
+    ("GET", "/api/openapi.json"), ("PUT", "/api/chat"), ("GET", "/nope/%E2%98%83"),
+]  # not GET /api/chat/stream: an event stream never ends (its schemathesis run covers it)
 DOCUMENTED_5XX = {502, 503, 504}
 
 odd_text = st.one_of(
