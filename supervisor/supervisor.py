@@ -54,6 +54,8 @@ class Supervisor:
         self.sessions: dict[str, Session] = {}
         self.by_pid: dict[int, Session] = {}
         self.by_rid: dict[bytes, Session] = {}
+        # Exit reports that arrived before their spawn was registered (see _on_exit); bounded.
+        self._early_exits: dict[int, int] = {}
         self.live_count = 0
         self.live_by_tenant: Counter = Counter()
         self.counters: Counter = Counter()  # spawns, restarts, crashes, ooms, reaps ... since start
@@ -463,6 +465,8 @@ class Supervisor:
             raise errors.Unavailable(str(exc), retry_after=1) from None
         s.pid = pid
         self.by_pid[pid] = s
+        if pid in self._early_exits:  # it is already dead: without this, its exit would never come
+            self._on_exit(pid, self._early_exits.pop(pid))
 
     async def _spawn_failed(self, s: Session, exc: BaseException) -> None:
         """Make sure a failed spawn leaves no process behind and the session down."""
@@ -553,6 +557,11 @@ class Supervisor:
         """The zygote reports a child's death: classify it and bring the session down."""
         s = self.by_pid.pop(pid, None)
         if s is None:
+            # The zygote's "spawned" and "exited" for a child that died at once can be read in one
+            # batch, before _fork resumes and registers the pid: keep the report for it.
+            self._early_exits[pid] = status
+            while len(self._early_exits) > 1024:
+                del self._early_exits[next(iter(self._early_exits))]
             return
         oom = bool(s.limits) and self.limiter.oom_killed(s.limits)
         final = classify_exit(status, stop_reason=s.stop_reason, oom_killed=oom)

@@ -7,8 +7,13 @@ import signal
 import socket
 import time
 
+import psutil
+import pytest
+
+from supervisor import errors, states
 from supervisor.store import create_store
 from tests.chaos_kit import agent_pids, call, client_session
+from tests.conftest import wait_for_state
 from tests.procs import descendants, start_server, wait_gone
 
 SESSIONS = 24
@@ -98,3 +103,29 @@ async def test_sigkill_under_load_then_restart_then_sigterm_drain(tmp_path):
                 assert ("user", text) in contents and ("assistant", reply) in contents, (sid, text)
     finally:
         await store.close()
+
+
+async def test_an_agent_dead_before_its_spawn_is_registered_still_comes_down(make_supervisor):
+    """The zygote's "spawned" and "exited" reports read in one batch must not lose the death."""
+    sup = await make_supervisor()
+    s = await sup.get_or_create("early-death", "default")
+    first = asyncio.ensure_future(sup.chat(s, "hello"))
+    await wait_for_state(sup, s, states.STARTING)
+    while not sup.spawner._pending:  # the spawn request is on its way to the zygote (no event for it)
+        await asyncio.sleep(0)
+    # Block the loop (on purpose) until the child is forked, killed and reaped by the zygote, so both
+    # reports wait in the pipe and are read together when the loop runs again.
+    deadline = time.monotonic() + 30
+    victim = None
+    while victim is None and time.monotonic() < deadline:
+        victim = next((c for c in psutil.Process(sup.spawner.pid).children()
+                       if "sid=early-death" in " ".join(c.cmdline())), None)
+    assert victim is not None, "the agent was never forked"
+    victim.kill()
+    gone = time.monotonic() + 30
+    while psutil.pid_exists(victim.pid) and time.monotonic() < gone:  # until the zygote has reaped it
+        time.sleep(0.001)
+    with pytest.raises(errors.AgentDied):
+        await asyncio.wait_for(first, 30)  # before the fix: stuck in starting forever
+    assert s.state == states.CRASHED
+    assert (await sup.chat(s, "again"))["reply"] == "You said: again"
