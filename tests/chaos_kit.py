@@ -202,12 +202,12 @@ class ChaosRun:
 
     # -- the clients
 
-    async def chat(self, sid: str) -> tuple[int, dict]:
-        """Send one nonce-carrying message and check the reply belongs to it."""
+    async def chat(self, sid: str, http=None) -> tuple[int, dict]:
+        """Send one nonce-carrying message (on ``http``, default the clients') and check the reply."""
         self.sent[sid] += 1
         text = f"{self.nonce[sid]} #{self.sent[sid]}"
         started = time.monotonic()
-        status, body = await call(self.http, "POST", self.url + "/api/chat",
+        status, body = await call(http or self.http, "POST", self.url + "/api/chat",
                                   json={"message": text, "session_id": sid})
         self.report.latencies.append(time.monotonic() - started)
         code = error_code(body) or body.get("status")
@@ -250,7 +250,9 @@ class ChaosRun:
         """The session, made live by a chat if it is down (chaos hits running processes)."""
         s = self.sup.sessions.get(sid)
         if s is None or s.state not in (states.IDLE, states.BUSY):
-            await self.chat(sid)
+            # On chaos's own connections: the 64 clients keep the pool busy and a request waiting for
+            # one of its connections can starve until the client timeout.
+            await self.chat(sid, self.ops_http)
             s = self.sup.sessions.get(sid)
         return s
 
