@@ -40,6 +40,7 @@ SERVE_FLAGS = {
     "admin_token": (str, "token for the admin API and dashboard"),
     "cors_origins": (lambda v: tuple(o.strip() for o in v.split(",") if o.strip()), "comma-separated origins allowed by CORS"),
     "log_level": (str, "debug | info | warning | error (default info)"),
+    "loop": (str, "event loop: auto (uvloop when installed) | asyncio | uvloop (default auto)"),
 }
 
 
@@ -79,8 +80,6 @@ def config_from(args: argparse.Namespace, environ=os.environ) -> Config:
 
 def serve(config: Config) -> int:
     """Run the server until SIGINT/SIGTERM."""
-    from aiohttp import web
-
     from agent_proc.process import set_title
     from supervisor.logs import configure, get_logger
     from web.app import create_app
@@ -89,8 +88,34 @@ def serve(config: Config) -> int:
     set_title(f"corral: supervisor {config.host}:{config.port}")
     app = create_app(config)
     get_logger(component="cli").info("serving", host=config.host, port=config.port, agent=config.agent)
-    web.run_app(app, host=config.host, port=config.port, print=None, access_log=None)
+    run_app(app, host=config.host, port=config.port, loop=config.loop)
     return 0
+
+
+def new_event_loop(choice: str = "auto"):
+    """A fresh event loop: uvloop when chosen (or, with ``auto``, when importable), else asyncio's."""
+    import asyncio
+
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise SystemExit("corral: --loop uvloop needs uvloop (pip install 'corral[speed]')") from None
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def run_app(app, *, host: str, port: int, loop: str = "auto") -> None:
+    """Serve an aiohttp app until SIGINT/SIGTERM on the chosen event loop."""
+    from aiohttp import web
+
+    from supervisor.logs import get_logger
+
+    event_loop = new_event_loop(loop)
+    get_logger(component="cli").info("event_loop", loop=type(event_loop).__module__.split(".")[0])
+    web.run_app(app, host=host, port=port, print=None, access_log=None, loop=event_loop)
 
 
 def main(argv=None) -> int:
