@@ -81,6 +81,7 @@ def config_from(args: argparse.Namespace, environ=os.environ) -> Config:
 def serve(config: Config) -> int:
     """Run the server until SIGINT/SIGTERM."""
     from agent_proc.process import set_title
+    from supervisor.errors import StartupError
     from supervisor.logs import configure, get_logger
     from web.app import create_app
 
@@ -88,7 +89,11 @@ def serve(config: Config) -> int:
     set_title(f"corral: supervisor {config.host}:{config.port}")
     app = create_app(config)
     get_logger(component="cli").info("serving", host=config.host, port=config.port, agent=config.agent)
-    run_app(app, host=config.host, port=config.port, loop=config.loop)
+    try:
+        run_app(app, host=config.host, port=config.port, loop=config.loop)
+    except StartupError as exc:
+        print(f"corral: cannot start: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
