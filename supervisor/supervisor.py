@@ -250,8 +250,11 @@ class Supervisor:
         """Wait for a submitted turn's answer (within request_timeout); persist and return it."""
         try:
             try:
-                done = await asyncio.wait_for(asyncio.shield(turn.future), self.config.request_timeout)
-            except asyncio.TimeoutError:
+                # asyncio.timeout, not wait_for: wait_for wraps the await in a task of its own,
+                # which is a measurable share of a warm turn's cost (docs/benchmarks.md).
+                async with asyncio.timeout(self.config.request_timeout):
+                    done = await asyncio.shield(turn.future)
+            except TimeoutError:
                 turn.abandoned = True
                 self.interrupt(s)
                 raise errors.TurnTimeout(

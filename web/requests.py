@@ -2,12 +2,13 @@
 
 import json
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from supervisor import errors
 
 SESSION_COOKIE = "corral_session"
 SESSION_HEADER = "X-Session-Id"
+_COOKIE_ATTRIBUTES = f"HttpOnly; Max-Age={30 * 86400}; Path=/; SameSite=Lax"
 
 
 async def json_body(request: web.Request) -> dict:
@@ -69,4 +70,6 @@ def tenant_of(request: web.Request) -> str:
 def remember_session(response: web.StreamResponse, session_id: str) -> None:
     """Give the client its session id in the header and the cookie."""
     response.headers[SESSION_HEADER] = session_id
-    response.set_cookie(SESSION_COOKIE, session_id, httponly=True, samesite="Lax", max_age=30 * 86400)
+    # The header aiohttp's set_cookie would write, built directly: session ids are validated to
+    # [A-Za-z0-9._-] so need no quoting, and set_cookie's Morsel machinery is ~5% of a warm turn.
+    response.headers.add(hdrs.SET_COOKIE, f"{SESSION_COOKIE}={session_id}; {_COOKIE_ATTRIBUTES}")

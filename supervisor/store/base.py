@@ -54,8 +54,9 @@ class MessageRecord:
     created_at: float
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict."""
-        return asdict(self)
+        """Plain JSON-ready dict (built by hand: asdict deep-copies, and this runs twice per turn)."""
+        return {"session_id": self.session_id, "seq": self.seq, "role": self.role,
+                "content": self.content, "created_at": self.created_at}
 
 
 @dataclass(frozen=True)

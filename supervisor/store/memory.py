@@ -60,9 +60,9 @@ class MemoryStore(Store):
         now = time.time()
         rec.message_count += 1
         rec.last_activity = now
-        msg = MessageRecord(session_id, rec.message_count, role, content, now)
-        self._messages[session_id].append(msg)
-        return copy.copy(msg)
+        self._messages[session_id].append(MessageRecord(session_id, rec.message_count, role, content, now))
+        # a fresh record rather than copy.copy, which is several times slower on the hot path
+        return MessageRecord(session_id, rec.message_count, role, content, now)
 
     async def history(self, session_id: str, *, limit: int | None = None) -> list[MessageRecord]:
         """Messages by seq; the last `limit` when given."""
