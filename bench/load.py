@@ -22,7 +22,7 @@ def warm_chat(url: str, *, connections: int, sessions: int, seconds: float, pref
     if not have_wrk():
         return _python_load(url, connections=connections, sessions=sessions, seconds=seconds, prefix=prefix)
     env = {**os.environ, "BENCH_PREFIX": prefix, "BENCH_SESSIONS": str(sessions), "BENCH_THREADS": str(threads)}
-    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s",
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "30s",
             "-s", os.path.join(HERE, "chat.lua"), url]
     out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout
     line = [ln for ln in out.splitlines() if ln.startswith("{")][-1]

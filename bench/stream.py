@@ -11,6 +11,7 @@ import time
 
 from bench.agents import StreamAgent
 from supervisor import Config, Supervisor
+from supervisor.logs import configure
 
 
 async def _one_turn(sup: Supervisor, s) -> tuple[float, int, float]:
@@ -60,4 +61,5 @@ async def _run(concurrency: tuple[int, ...], rounds: int) -> dict:
 
 def measure(concurrency: tuple[int, ...] = (1, 100), rounds: int = 20) -> dict:
     """Run the streaming figures on a fresh supervisor (``rounds`` turns for the single session)."""
+    configure("warning")
     return asyncio.run(_run(concurrency, rounds))
