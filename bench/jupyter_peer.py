@@ -28,7 +28,7 @@ def measure(n: int = 5) -> dict:
         km, kc = start_new_kernel(kernel_name="python3", startup_timeout=60)
         starts.append(time.perf_counter() - begin)
         try:
-            kc.execute_interactive("1", timeout=30)  # one cell, like one chat turn, then idle
+            kc.execute_interactive("1", timeout=30, output_hook=lambda msg: None)  # one cell, like one chat turn, then idle
             mem = memory([psutil.Process(km.provisioner.pid)])
             uss.append(mem["uss"])
             pss.append(mem["pss"])

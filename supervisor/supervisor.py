@@ -22,7 +22,7 @@ from supervisor.config import Config
 from supervisor.events import EventBus
 from supervisor.hub import Hub
 from supervisor.limits import choose_limiter
-from supervisor.logs import get_logger
+from supervisor.logs import debug_enabled, get_logger
 from supervisor.reaper import Reaper, classify_exit, describe_status
 from supervisor.restarts import RestartPolicy
 from supervisor.session import Session, TokenBucket, Turn, new_session_id, valid_session_id
@@ -38,6 +38,7 @@ _FAIL_ERRORS = {
     p.AGENT_OOM: errors.AgentDied,
 }
 _DEATH_CODES = {states.OOM: p.AGENT_OOM, states.CRASHED: p.AGENT_CRASHED}
+_TURN_STATES = (states.IDLE, states.BUSY)
 
 
 class Supervisor:
@@ -248,25 +249,30 @@ class Supervisor:
 
     async def complete(self, s: Session, turn: Turn) -> dict:
         """Wait for a submitted turn's answer (within request_timeout); persist and return it."""
+        # One timer that fails the turn's future, rather than asyncio.timeout/wait_for around a
+        # shield: those cost a task or a future and several callbacks per turn, a measurable
+        # share of a warm turn (docs/benchmarks.md).
+        timer = asyncio.get_running_loop().call_later(self.config.request_timeout, self._time_out, s, turn)
         try:
-            try:
-                # asyncio.timeout, not wait_for: wait_for wraps the await in a task of its own,
-                # which is a measurable share of a warm turn's cost (docs/benchmarks.md).
-                async with asyncio.timeout(self.config.request_timeout):
-                    done = await asyncio.shield(turn.future)
-            except TimeoutError:
-                turn.abandoned = True
-                self.interrupt(s)
-                raise errors.TurnTimeout(
-                    f"no reply within request_timeout ({self.config.request_timeout:g}s); the turn was interrupted"
-                ) from None
+            done = await turn.future
             if done.get("status") == "done":
                 s.agent_state = done.get("state") or s.agent_state
                 if turn.kind == p.MESSAGE:
                     done["message"] = await self._record(s, "assistant", done.get("reply") or "")
             return done
         finally:
+            timer.cancel()
             self._turn_over(s)
+
+    def _time_out(self, s: Session, turn: Turn) -> None:
+        """request_timeout passed without an answer: interrupt the turn and fail its waiter (504)."""
+        if turn.future.done():
+            return
+        turn.abandoned = True
+        self.interrupt(s)
+        turn.future.set_exception(errors.TurnTimeout(
+            f"no reply within request_timeout ({self.config.request_timeout:g}s); the turn was interrupted"
+        ))
 
     def _admit(self, s: Session, body) -> None:
         """Refuse a message over the size, mailbox or rate bounds (before any work is done)."""
@@ -626,8 +632,15 @@ class Supervisor:
             self.live_by_tenant[s.tenant] -= 1
         if new == states.IDLE:
             self.reaper.arm_idle(s)
-        level = log.debug if new in (states.IDLE, states.BUSY) and old in (states.IDLE, states.BUSY) else log.info
-        level("session_state", session_id=s.id, tenant=s.tenant, pid=s.pid, old=old, new=new, **info)
+        if new in _TURN_STATES and old in _TURN_STATES:
+            # The idle <-> busy flip happens twice per turn: log it only when debug is on, and
+            # build the event only when someone listens (both measurable on a warm turn).
+            if debug_enabled():
+                log.debug("session_state", session_id=s.id, tenant=s.tenant, pid=s.pid, old=old, new=new, **info)
+            if self.events.reaches_anyone(s.id):
+                self.events.publish("state", s.id, tenant=s.tenant, state=new, previous=old, pid=s.pid, **info)
+            return
+        log.info("session_state", session_id=s.id, tenant=s.tenant, pid=s.pid, old=old, new=new, **info)
         self.events.publish("state", s.id, tenant=s.tenant, state=new, previous=old, pid=s.pid, **info)
 
     async def _store_call(self, coro):

@@ -1,0 +1,34 @@
+"""The per-turn idle <-> busy flip still reaches listeners after its fast path."""
+
+from supervisor.logs import configure, debug_enabled
+
+
+async def test_session_and_global_listeners_see_busy_and_idle(sup):
+    s = await sup.get_or_create("flip", "t")
+    await sup.ensure_live(s)
+    seen_session, seen_global = [], []
+    unsub_session = sup.events.subscribe_session(s.id, lambda e: e["type"] == "state" and seen_session.append(e["state"]))
+    unsub_global = sup.events.subscribe(lambda e: e["type"] == "state" and seen_global.append(e["state"]))
+    try:
+        await sup.chat(s, "hello")
+    finally:
+        unsub_session()
+        unsub_global()
+    assert seen_session == ["busy", "idle"]
+    assert seen_global == ["busy", "idle"]
+
+
+async def test_unwatched_turns_still_flip_state(sup):
+    s = await sup.get_or_create("quiet", "t")
+    reply = await sup.chat(s, "my name is Ann")
+    assert reply["status"] == "done" and s.state == "idle" and not s.is_processing
+
+
+def test_debug_enabled_follows_the_configured_level():
+    try:
+        configure("debug", json=True)
+        assert debug_enabled()
+        configure("info", json=True)
+        assert not debug_enabled()
+    finally:
+        configure("warning", json=True)
