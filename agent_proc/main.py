@@ -108,8 +108,11 @@ class AgentLoop:
         if self.agent is None:
             raise RuntimeError("message before START")
         if kind == p.MESSAGE:
+            result = self.agent.on_message(body)
+            if isinstance(result, str):
+                return result  # not streamed: DONE carries it, and the supervisor shows it as one chunk
             chunks = []
-            for chunk in iter_reply(self.agent.on_message(body)):
+            for chunk in iter_reply(result):
                 chunks.append(chunk)
                 self.send(p.CHUNK, req, chunk)
             return "".join(chunks)

@@ -32,3 +32,25 @@ def test_debug_enabled_follows_the_configured_level():
         assert not debug_enabled()
     finally:
         configure("warning", json=True)
+
+
+async def test_a_reply_returned_whole_still_reaches_listeners_as_one_chunk(make_supervisor):
+    sup = await make_supervisor(agent="tests.perf_agents:WholeReplyAgent")
+    s = await sup.get_or_create("whole", "t")
+    await sup.ensure_live(s)
+    deltas, chunks = [], []
+    unsubscribe = sup.events.subscribe_session(s.id, lambda e: e["type"] == "delta" and deltas.append(e["text"]))
+    try:
+        reply = await sup.chat(s, "echo me", on_chunk=chunks.append)
+    finally:
+        unsubscribe()
+    assert reply["reply"] == "echo me"
+    assert chunks == ["echo me"] and deltas == ["echo me"]
+
+
+async def test_a_streamed_reply_is_not_doubled(make_supervisor):
+    sup = await make_supervisor(agent="tests.perf_agents:ChunkyAgent")
+    s = await sup.get_or_create("streamed", "t")
+    chunks = []
+    reply = await sup.chat(s, "ab", on_chunk=chunks.append)
+    assert chunks == ["ab"] * 3 and reply["reply"] == "ab" * 3
