@@ -87,37 +87,40 @@ async def stream(url: str, n: int, prefix: str) -> dict:
 
 
 async def _one_stream(http: aiohttp.ClientSession, url: str, sid: str) -> tuple[float, int, float]:
-    """(seconds to first delta, deltas, seconds to the message event) for one streamed turn."""
+    """(seconds to first delta, deltas, seconds to the stored reply) for one streamed turn."""
     async with http.get(url + "/api/chat/stream", params={"session_id": sid}) as r:
         if r.status != 200:
             raise RuntimeError(f"GET /api/chat/stream -> {r.status}")
-        await _next_event(r, "state")
+        events = _events(r)
+        while (await anext(events))[0] != "state":
+            pass  # the snapshot on connect
         start = time.perf_counter()
         async with http.post(url + "/api/chat", json={"message": "x", "session_id": sid, "wait": False}) as post:
             await post.read()
         first, chunks = None, 0
-        while True:
-            event = await _next_event(r, "delta", "message", "end", "error")
-            if event != "delta":
+        async for kind, data in events:
+            if kind == "delta":
+                chunks += 1
+                if first is None:
+                    first = time.perf_counter() - start
+            elif (kind == "message" and data.get("role") == "assistant") or kind in ("error", "end"):
                 break
-            chunks += 1
-            if first is None:
-                first = time.perf_counter() - start
         return first or 0.0, chunks, time.perf_counter() - start
 
 
-async def _next_event(r: aiohttp.ClientResponse, *types: str) -> str:
-    """Read SSE lines until an event of one of ``types`` is complete; return its type."""
-    current = "message"
+async def _events(r: aiohttp.ClientResponse):
+    """Yield (event name, JSON data) from an SSE response."""
+    kind, data = "message", ""
     async for raw in r.content:
         line = raw.decode().rstrip("\r\n")
         if line.startswith("event:"):
-            current = line[6:].strip()
+            kind = line[6:].strip()
+        elif line.startswith("data:"):
+            data += line[5:].strip()
         elif line == "":
-            if current in types:
-                return current
-            current = "message"
-    raise RuntimeError("the event stream ended")
+            if data:
+                yield kind, json.loads(data)
+            kind, data = "message", ""
 
 
 def main(argv=None) -> None:

@@ -60,8 +60,10 @@ def warm(table: Table, args) -> None:
     servers = {"bare": server.bare(args.loop), "memory": server.corral("memory", args.loop),
                "sqlite": server.corral("sqlite", args.loop)}
     runs: dict[str, list[dict]] = {name: [] for name in servers}
-    started = [srv.__enter__() for srv in servers.values()]
+    started = []
     try:
+        for srv in servers.values():
+            started.append(srv.__enter__())
         for name, srv in servers.items():  # spawn the 64 sessions and warm the code paths
             load.warm_chat(srv.url, connections=64, sessions=64, seconds=2, prefix="warm")
         for _ in range(args.rounds):
@@ -177,15 +179,15 @@ def streaming(table: Table, args) -> None:
 
 
 def _has_sse(url: str) -> bool:
-    """Whether GET /api/chat/stream exists on this server."""
-    import urllib.error
+    """Whether GET /api/chat/stream answers with an event stream on this server."""
     import urllib.request
 
     try:
-        with urllib.request.urlopen(url + "/api/chat/stream?session_id=probe", timeout=5) as r:
+        hello = urllib.request.Request(url + "/api/chat", data=b'{"message": "hi", "session_id": "sse-probe"}',
+                                       headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(hello, timeout=10).close()  # a live session to ask about
+        with urllib.request.urlopen(url + "/api/chat/stream?session_id=sse-probe", timeout=5) as r:
             return r.headers.get("Content-Type", "").startswith("text/event-stream")
-    except urllib.error.HTTPError as exc:
-        return exc.code not in (404, 405)
     except OSError:
         return False
 
