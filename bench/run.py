@@ -87,6 +87,9 @@ def warm(table: Table, args) -> None:
                   f"{m['p50_ms'] / bare['p50_ms']:.2f}x", "<= 1.5x")
         table.add(f"warm: corral, {label}, p99", f"{m['p99_ms']:.2f} ms", f"{bare['p99_ms']:.2f} ms",
                   f"{m['p99_ms'] / bare['p99_ms']:.2f}x")
+    if not load.have_wrk():
+        table.add("warm: note", "no wrk: the Python load generator is the limit, so these ratios say little "
+                  "(apt-get install -y wrk)")
     if any(errors.values()):
         table.add("warm: errors (non-200 or socket)", json.dumps(errors))
 
