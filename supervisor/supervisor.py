@@ -63,6 +63,8 @@ class Supervisor:
         self.started_at = time.time()
         self._req_ids = itertools.count(1)
         self._background: set[asyncio.Task] = set()
+        # session id -> the store write recording its last death, awaited before it respawns
+        self._status_writes: dict[str, asyncio.Task] = {}
         self._retention_timer = None
         self._closing = False
 
@@ -401,6 +403,11 @@ class Supervisor:
 
     async def _prepare_spawn(self, s: Session) -> list[dict]:
         """Record the session in the store and fetch its history."""
+        ended = self._status_writes.get(s.id)
+        if ended is not None:
+            # Otherwise, with a pool of connections, the old end could land after the new start
+            # and leave a live session marked ended (and purgeable by retention).
+            await asyncio.wait([ended])
         record = await self._store_call(
             self.store.upsert_session(s.id, tenant=s.tenant, agent=self.config.agent, metadata=s.metadata)
         )
@@ -484,6 +491,23 @@ class Supervisor:
             err_cls = _FAIL_ERRORS.get(code, errors.AgentDied)
             turn.future.set_exception(err_cls(message, code=code if err_cls is errors.AgentDied else None))
             turn.future.add_done_callback(_consume)
+        if code in _DEATH_CODES.values():
+            self._dying(s)
+
+    def _dying(self, s: Session) -> None:
+        """The agent said it is exiting: take no more messages until its exit report arrives.
+
+        Without this the session would look idle between the FAIL frame and the exit report,
+        and the next request would be sent to a process that is about to vanish.
+        """
+        if s.state not in (states.IDLE, states.BUSY):
+            return
+        self._transition(s, states.STOPPING, reason="agent_exiting")
+        # stop_reason stays None, so the exit is classified as crashed/oom; the timer covers an
+        # agent that announces its death and then does not die.
+        s.timers["kill"] = asyncio.get_running_loop().call_later(
+            self.config.stop_timeout, self._signal, s, signal.SIGKILL
+        )
 
     # ---------------------------------------------------------------- deaths
 
@@ -529,8 +553,19 @@ class Supervisor:
         if s.exited is not None and not s.exited.done():
             s.exited.set_result(final)
         self.events.publish("end", s.id, tenant=s.tenant, reason=final, exit=s.exit_description)
-        self._background_task(self._store_call(self.store.set_status(s.id, final, end_reason=final, ended=True)))
+        self._record_end(s, final)
         self._forget(s)
+
+    def _record_end(self, s: Session, final: str) -> None:
+        """Write the end to the store in the background; a respawn waits for it (see _prepare_spawn)."""
+        write = self._background_task(self._store_call(self.store.set_status(s.id, final, end_reason=final, ended=True)))
+        self._status_writes[s.id] = write
+        write.add_done_callback(lambda _: self._status_writes.pop(s.id, None) if self._status_writes.get(s.id) is write else None)
+
+    async def settle_store(self) -> None:
+        """Wait for the background store writes in flight (ends of sessions that went down)."""
+        if self._status_writes:
+            await asyncio.wait(list(self._status_writes.values()))
 
     def _on_zygote_lost(self) -> None:
         """The zygote died and took every agent with it: mark them crashed and start another."""
@@ -619,11 +654,12 @@ class Supervisor:
             log.error("store_error", error=str(exc))
             raise errors.Unavailable(f"the session store is unavailable: {exc}", retry_after=5) from None
 
-    def _background_task(self, coro) -> None:
+    def _background_task(self, coro) -> asyncio.Task:
         """Run a coroutine the supervisor owns, kept until done (awaited at close)."""
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background_done)
+        return task
 
     def _background_done(self, task: asyncio.Task) -> None:
         """Log what a background task raised."""
