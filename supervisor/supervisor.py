@@ -27,6 +27,7 @@ from supervisor.reaper import Reaper, classify_exit, describe_status
 from supervisor.restarts import RestartPolicy
 from supervisor.session import Session, TokenBucket, Turn, new_session_id, valid_session_id
 from supervisor.spawner import SpawnError, ZygoteSpawner
+from supervisor.store import SessionNotFound as StoredSessionMissing
 from supervisor.store import StoreError, create_store
 
 log = get_logger(component="supervisor")
@@ -442,7 +443,13 @@ class Supervisor:
         elif s.state == states.STARTING:
             self._release(s)
             s.exit_description = str(exc) or type(exc).__name__
-            self._went_down(s, states.CRASHED)
+            if isinstance(exc, errors.Unavailable):
+                # The server could not start it (store down, zygote restarting): not the agent's
+                # crash, so it must not spend the restart budget and leave the session failed.
+                self._transition(s, states.STOPPING, reason="unavailable")
+                self._went_down(s, states.ENDED)
+            else:
+                self._went_down(s, states.CRASHED)
         log.warning("spawn_failed", session_id=s.id, tenant=s.tenant, error=str(exc) or type(exc).__name__)
 
     # ---------------------------------------------------------------- agent frames
@@ -653,6 +660,9 @@ class Supervisor:
         except StoreError as exc:
             log.error("store_error", error=str(exc))
             raise errors.Unavailable(f"the session store is unavailable: {exc}", retry_after=5) from None
+        except StoredSessionMissing as exc:
+            # its data was purged (DELETE ?purge=true, retention) while a request was on its way
+            raise errors.SessionNotFound(f"session {exc.args[0]} was deleted") from None
 
     def _background_task(self, coro) -> asyncio.Task:
         """Run a coroutine the supervisor owns, kept until done (awaited at close)."""
@@ -685,7 +695,17 @@ class Supervisor:
         removed = await self._store_call(self.store.purge_ended(self.config.retention))
         if removed:
             log.info("retention_purged", sessions=removed)
+            self.events.publish("purged", None, sessions=removed, retention=self.config.retention)
         return removed
+
+    async def stats(self) -> dict:
+        """The seed's analytics from the store (totals, active, average messages, per tenant) plus live processes."""
+        stored = await self._store_call(self.store.stats())
+        return {
+            **stored,
+            "live_sessions": self.live_count,
+            "live_by_tenant": {t: n for t, n in self.live_by_tenant.items() if n},
+        }
 
     def health(self) -> dict:
         """What /health reports about the supervisor."""

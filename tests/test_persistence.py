@@ -14,6 +14,7 @@ import pytest
 from supervisor import Supervisor, errors, states
 from supervisor.store import create_store
 from tests.conftest import POSTGRES_URL, wait_for_state
+from web.app import create_app
 
 ALICE = "Your name is Alice."
 
@@ -25,15 +26,26 @@ BACKENDS = [
 ]
 
 
+def new_schema() -> str:
+    """A fresh PostgreSQL schema name for one test."""
+    return f"corral_persist_{uuid.uuid4().hex[:12]}"
+
+
+def pg_store(schema: str):
+    """An unopened PostgreSQL store in ``schema``."""
+    # its own application_name, so a test can find (and kill) exactly its own connections
+    return create_store(POSTGRES_URL, schema=schema, application_name=f"corral-{schema}")
+
+
 @pytest.fixture(params=BACKENDS)
 async def new_store(request, tmp_path):
     """Factory of unopened stores that all share one database (one SQLite file / one PG schema)."""
-    schema = f"corral_persist_{uuid.uuid4().hex[:12]}"
+    schema = new_schema()
 
     def new():
         if request.param == "sqlite":
             return create_store(None, tmp_path / "data")
-        return create_store(POSTGRES_URL, schema=schema)
+        return pg_store(schema)
 
     new.backend = request.param
     yield new
@@ -167,3 +179,158 @@ async def test_status_follows_the_process(start_supervisor):
     assert await ask_name(sup, s.id) == ALICE
     record = await sup.store.get_session(s.id)
     assert record.ended_at is None and record.end_reason is None
+
+
+async def test_retention_timer_deletes_ended_sessions(start_supervisor):
+    sup = await start_supervisor(retention=0.2)
+    purged = asyncio.get_running_loop().create_future()
+    sup.events.subscribe(lambda e: e["type"] == "purged" and not purged.done() and purged.set_result(e))
+    ended = await tell_alice(sup)
+    live = await tell_alice(sup)
+    await sup.remove(ended)
+    event = await asyncio.wait_for(purged, 15)  # the timer runs every max(1 s, retention / 4)
+    assert event["sessions"] == 1
+    assert await sup.store.get_session(ended.id) is None
+    assert await sup.store.history(ended.id) == []
+    assert (await sup.store.get_session(live.id)).ended_at is None  # live sessions are never purged
+    assert await ask_name(sup, live.id) == ALICE
+
+
+async def test_purge_removes_data_at_once(start_supervisor):
+    sup = await start_supervisor()
+    s = await tell_alice(sup)
+    kept = await tell_alice(sup)
+    await sup.remove(s, purge=True)
+    assert s.id not in sup.sessions
+    assert await sup.store.get_session(s.id) is None
+    assert await sup.store.history(s.id) == []
+    # the id is free again: a new session with no memory of Alice
+    assert await ask_name(sup, s.id) == "I don't know your name yet."
+    assert await ask_name(sup, kept.id) == ALICE
+
+
+async def test_stats_count_sessions_messages_and_tenants(start_supervisor):
+    sup = await start_supervisor()
+    a1 = await tell_alice(sup, tenant="a")
+    await tell_alice(sup, tenant="a")
+    b1 = await tell_alice(sup, tenant="b")
+    await sup.chat(b1, "What is my name?")
+    await sup.kill(a1)
+    await sup.settle_store()
+    stats = await sup.stats()
+    assert stats["sessions_total"] == 3
+    assert stats["sessions_active"] == 2
+    assert stats["messages_total"] == 8
+    assert stats["average_messages_per_session"] == pytest.approx(8 / 3)
+    assert stats["by_tenant"]["a"] == {
+        "sessions_total": 2, "sessions_active": 1, "messages_total": 4, "average_messages_per_session": 2.0,
+    }
+    assert stats["by_tenant"]["b"]["messages_total"] == 4
+    assert stats["live_sessions"] == 2 and stats["live_by_tenant"] == {"a": 1, "b": 1}
+
+
+# ---------------------------------------------------------------- over HTTP
+
+
+@pytest.fixture
+async def start_app(aiohttp_client, make_config, new_store):
+    """Start a corral app (a test client for it) on the test's database."""
+
+    async def start(**overrides):
+        client = await aiohttp_client(create_app(make_config(**overrides), store=new_store()))
+        client.sup = client.app["supervisor"]
+        return client
+
+    return start
+
+
+async def http_chat(client, message: str, session_id: str | None = None) -> dict:
+    """POST /api/chat; the JSON answer (asserting 200)."""
+    body = {"message": message} if session_id is None else {"message": message, "session_id": session_id}
+    resp = await client.post("/api/chat", json=body)
+    assert resp.status == 200, await resp.text()
+    return await resp.json()
+
+
+async def test_http_history_survives_every_way_a_process_goes(start_app):
+    client = await start_app(idle_timeout=0.5, memory_limit=64 * 1024 * 1024, max_restarts=10)
+    sup = client.sup
+    sid = (await http_chat(client, "My name is Alice"))["session_id"]
+
+    async def go_and_ask(take_away):
+        s = await sup.find(sid)
+        await take_away(s)
+        assert (await http_chat(client, "What is my name?", sid))["reply"] == ALICE
+
+    async def crash(how):
+        with pytest.raises(errors.AgentDied):
+            await sup.command(await sup.find(sid), "crash", {"how": how})
+
+    for how in ("exit", "signal", "exception"):
+        await go_and_ask(lambda s, how=how: crash(how))
+    await go_and_ask(sup.kill)
+    await go_and_ask(lambda s: wait_for_state(sup, s, states.REAPED))
+    if sup.limiter.describe().get("mechanism") not in (None, "none"):
+        async def oom(s):
+            with pytest.raises(errors.AgentDied):
+                await sup.command(s, "allocate", {"mib": 256})
+        await go_and_ask(oom)
+
+
+async def test_http_history_survives_a_server_restart(start_app):
+    first = await start_app()
+    sid = (await http_chat(first, "My name is Alice"))["session_id"]
+    await first.close()
+    second = await start_app()
+    answer = await http_chat(second, "What is my name?", sid)
+    assert answer["reply"] == ALICE and answer["message_count"] == 4
+
+
+@pytest.fixture
+async def pg_app(aiohttp_client, make_config):
+    """A corral app on its own PostgreSQL schema (the store under it is broken by the test)."""
+    if not POSTGRES_URL:
+        pytest.skip("CORRAL_TEST_DATABASE_URL is not set (e.g. postgresql://postgres@127.0.0.1:5432/test)")
+    schema = new_schema()
+    client = await aiohttp_client(create_app(make_config(), store=pg_store(schema)))
+    client.sup = client.app["supervisor"]
+    yield client
+    await drop_schema(schema)
+
+
+async def test_http_store_gone_at_runtime_is_503(pg_app):
+    client = pg_app
+    sid = (await http_chat(client, "My name is Alice"))["session_id"]
+    store = client.sup.store
+    await drop_schema(store.schema)
+    for body in ({"message": "What is my name?", "session_id": sid}, {"message": "hello"}):
+        resp = await client.post("/api/chat", json=body)
+        assert resp.status == 503
+        assert (await resp.json())["error"]["code"] == "unavailable"
+        assert "Retry-After" in resp.headers
+    assert (await client.get("/health")).status == 200
+    # The store comes back (here: its schema is migrated again) and the server serves again.
+    await store.close()
+    await store.open()
+    assert (await http_chat(client, "My name is Bob", "bob"))["reply"] == "Got it: your name is Bob."
+
+
+async def test_http_broken_connections_heal(pg_app):
+    client = pg_app
+    store = client.sup.store
+    sid = (await http_chat(client, "My name is Alice"))["session_id"]
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        killed = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = $1", store.application_name)
+    finally:
+        await conn.close()
+    assert killed >= 1
+    statuses = []
+    for _ in range(3):  # a dead pooled connection costs at most a 503, never a 500 or a crash
+        resp = await client.post("/api/chat", json={"message": "What is my name?", "session_id": sid})
+        statuses.append(resp.status)
+        if resp.status == 200:
+            assert (await resp.json())["reply"] == ALICE
+    assert set(statuses) <= {200, 503} and statuses[-1] == 200

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from supervisor.config import DEFAULT_AGENT, Config
 from supervisor.limits import parse_size
+from supervisor.store import StoreError
 
 # name -> (parser, help); every entry is a Config field
 SERVE_FLAGS = {
@@ -87,9 +88,16 @@ def serve(config: Config) -> int:
 
     configure(config.log_level)
     set_title(f"corral: supervisor {config.host}:{config.port}")
-    app = create_app(config)
-    get_logger(component="cli").info("serving", host=config.host, port=config.port, agent=config.agent)
-    web.run_app(app, host=config.host, port=config.port, print=None, access_log=None)
+    log = get_logger(component="cli")
+    try:
+        app = create_app(config)
+        log.info("serving", host=config.host, port=config.port, agent=config.agent)
+        web.run_app(app, host=config.host, port=config.port, print=None, access_log=None)
+    except StoreError as exc:
+        # a corrupt, locked or unreachable store is the operator's to fix: say what, not where in our code
+        log.error("store_unavailable", error=str(exc))
+        print(f"corral: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -79,19 +79,23 @@ class PostgresStore(Store):
 
     def __init__(self, url: str, *, schema: str | None = None, min_size: int = 1,
                  max_size: int = 10, statement_cache_size: int = 256,
-                 connect_timeout: float = 5.0, command_timeout: float = 30.0) -> None:
+                 connect_timeout: float = 5.0, command_timeout: float = 30.0,
+                 application_name: str = "corral") -> None:
         if schema is not None and not _SCHEMA_NAME.match(schema):
             raise ValueError(f"bad schema name {schema!r}")
         self.url = url
         self.schema = schema
         self.target = describe_target(url)
+        self.application_name = application_name
         self._pool_kwargs = dict(
             min_size=min_size, max_size=max_size,
             # 0 is needed behind pgbouncer in transaction mode
             statement_cache_size=statement_cache_size,
             timeout=connect_timeout, command_timeout=command_timeout,
             init=_init_connection,
-            server_settings={"search_path": f'"{schema}"'} if schema else None,
+            # application_name shows corral's connections in pg_stat_activity
+            server_settings={"application_name": application_name,
+                             **({"search_path": f'"{schema}"'} if schema else {})},
         )
         self._acquire_timeout = connect_timeout * 2
         self._pool: asyncpg.Pool | None = None
