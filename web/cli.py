@@ -11,7 +11,6 @@ from pathlib import Path
 
 from supervisor.config import DEFAULT_AGENT, Config
 from supervisor.limits import parse_size
-from supervisor.store import StoreError
 
 # name -> (parser, help); every entry is a Config field
 SERVE_FLAGS = {
@@ -83,20 +82,22 @@ def serve(config: Config) -> int:
     from aiohttp import web
 
     from agent_proc.process import set_title
+    from supervisor.errors import StartupError
     from supervisor.logs import configure, get_logger
     from web.app import create_app
 
     configure(config.log_level)
     set_title(f"corral: supervisor {config.host}:{config.port}")
     log = get_logger(component="cli")
+    app = create_app(config)
+    log.info("serving", host=config.host, port=config.port, agent=config.agent)
     try:
-        app = create_app(config)
-        log.info("serving", host=config.host, port=config.port, agent=config.agent)
         web.run_app(app, host=config.host, port=config.port, print=None, access_log=None)
-    except StoreError as exc:
-        # a corrupt, locked or unreachable store is the operator's to fix: say what, not where in our code
-        log.error("store_unavailable", error=str(exc))
-        print(f"corral: {exc}", file=sys.stderr)
+    except StartupError as exc:
+        # e.g. a corrupt or locked SQLite file, an unreachable PostgreSQL: the operator's to fix,
+        # so one line saying what (and the log event with the cause), not a traceback
+        log.error("cannot_start", error=str(exc))
+        print(f"corral: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
 
