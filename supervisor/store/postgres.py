@@ -236,18 +236,21 @@ class PostgresStore(Store):
     # ---- messages --------------------------------------------------------------------------
 
     async def append_message(self, session_id: str, role: str, content: str) -> MessageRecord:
-        """Bump message_count (row lock serialises appenders) and insert with it as seq."""
-        async with self._conn() as con, con.transaction():
+        """Bump message_count (row lock serialises appenders) and insert with it as seq.
+
+        One statement, so one round trip: the UPDATE and the INSERT of the CTE commit together.
+        """
+        async with self._conn() as con:
             row = await con.fetchrow(
-                "UPDATE sessions SET message_count = message_count + 1, "
+                "WITH bumped AS (UPDATE sessions SET message_count = message_count + 1, "
                 "last_activity = clock_timestamp() WHERE id = $1 "
-                "RETURNING message_count, last_activity", session_id)
-            if row is None:
-                raise SessionNotFound(session_id)
-            seq, at = row["message_count"], row["last_activity"]
-            await con.execute("INSERT INTO messages (session_id, seq, role, content, created_at) "
-                              "VALUES ($1, $2, $3, $4, $5)", session_id, seq, role, content, at)
-        return MessageRecord(session_id, seq, role, content, at.timestamp())
+                "RETURNING id, message_count, last_activity) "
+                "INSERT INTO messages (session_id, seq, role, content, created_at) "
+                "SELECT id, message_count, $2, $3, last_activity FROM bumped "
+                "RETURNING seq, created_at", session_id, role, content)
+        if row is None:
+            raise SessionNotFound(session_id)
+        return MessageRecord(session_id, row["seq"], role, content, row["created_at"].timestamp())
 
     async def history(self, session_id: str, *, limit: int | None = None) -> list[MessageRecord]:
         """Messages by seq; the last `limit` when given."""
