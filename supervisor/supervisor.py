@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from collections import Counter
@@ -39,6 +40,8 @@ _FAIL_ERRORS = {
     p.AGENT_OOM: errors.AgentDied,
 }
 _DEATH_CODES = {states.OOM: p.AGENT_OOM, states.CRASHED: p.AGENT_CRASHED}
+# Store status of a session whose server died while it was live (not a state of a live server).
+LOST, LOST_REASON = "lost", "server_died"
 
 
 class Supervisor:
@@ -62,6 +65,9 @@ class Supervisor:
         self.hub: Hub | None = None
         self.spawner: ZygoteSpawner | None = None
         self.started_at = time.time()
+        # Names this server in the store's sessions.node: stable across restarts of the same server
+        # and distinct for two servers on one host, so a restart ends only what it left behind.
+        self.node = f"{socket.gethostname()}:{config.port}"
         self._req_ids = itertools.count(1)
         self._background: set[asyncio.Task] = set()
         # session id -> the store write recording its last death, awaited before it respawns
@@ -104,9 +110,16 @@ class Supervisor:
         if self.store is None:
             self.store = create_store(self.config.database_url, self.config.data_dir)
         await self.store.open()
+        await self._end_orphans()
         self.hub = Hub(self.run_dir, token_for=self._token_for, on_frame=self._on_frame, on_drop=self._on_drop)
         self.hub.start()
         await self._start_spawner()
+
+    async def _end_orphans(self) -> None:
+        """End the sessions this server's previous run left live in the store (it died with them)."""
+        lost = await self.store.end_orphans(self.node, status=LOST, end_reason=LOST_REASON)
+        if lost:
+            log.warning("orphans_ended", node=self.node, sessions=lost, reason=LOST_REASON)
 
     async def _start_spawner(self) -> None:
         """Start a zygote."""
@@ -416,7 +429,7 @@ class Supervisor:
             # and leave a live session marked ended (and purgeable by retention).
             await asyncio.wait([ended])
         record = await self._store_call(
-            self.store.upsert_session(s.id, tenant=s.tenant, agent=self.config.agent, metadata=s.metadata)
+            self.store.upsert_session(s.id, tenant=s.tenant, agent=self.config.agent, metadata=s.metadata, node=self.node)
         )
         s.created_at, s.message_count = record.created_at, record.message_count
         history = await self._store_call(self.store.history(s.id))

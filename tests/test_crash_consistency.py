@@ -39,11 +39,11 @@ def free_port() -> int:
 class Server:
     """One `corral serve` subprocess on a data dir."""
 
-    def __init__(self, tmp_path: Path, *extra: str):
-        self.port = free_port()
+    def __init__(self, tmp_path: Path, port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = ["--data-dir", str(tmp_path / "data"), "--run-dir", str(tmp_path / "run"),
-                "--port", str(self.port), "--rate-limit", "0", "--log-level", "info", *extra]
+                "--port", str(self.port), "--rate-limit", "0", "--log-level", "info"]
         self.log = open(tmp_path / f"serve-{self.port}.log", "w+b")
         self.proc = subprocess.Popen(SERVE + args, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -89,8 +89,8 @@ def servers(tmp_path):
     """Start servers on the test's data dir; all are stopped afterwards."""
     started = []
 
-    def start(*extra) -> Server:
-        server = Server(tmp_path, *extra)
+    def start(port: int | None = None) -> Server:
+        server = Server(tmp_path, port)
         started.append(server)
         return server
 
@@ -190,8 +190,13 @@ async def test_sigkill_under_traffic_loses_no_acknowledged_message(servers, tmp_
     finally:
         await store.close()
 
-    again = servers()
+    again = servers(server.port)  # the same node (host:port) comes back
     await again.ready()
+    await store.open()
+    try:  # it ended what its predecessor left live, so stats and retention see them as ended
+        assert (await store.stats())["sessions_active"] == 0
+    finally:
+        await store.close()
     async with aiohttp.ClientSession() as http:
         answers = await asyncio.gather(*(chat(http, again.url, sid, "What is my name?") for sid in acked))
     assert answers == [ALICE] * len(acked)

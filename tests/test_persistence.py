@@ -154,6 +154,24 @@ async def test_history_restored_after_supervisor_restart(start_supervisor):
     assert history[-1].content == ALICE
 
 
+async def test_restart_ends_the_sessions_its_dead_predecessor_left_live(start_supervisor):
+    first = await start_supervisor()
+    s = await tell_alice(first)
+    await first.close()
+    # What a SIGKILLed server leaves behind: its session still live in the store.
+    await first.store.open()
+    await first.store.set_status(s.id, states.IDLE)
+    await first.store.upsert_session("elsewhere", tenant="t1", agent="x", node="another-host:8080")
+    await first.store.close()
+    second = await start_supervisor()
+    assert second.node == first.node
+    lost = await second.store.get_session(s.id)
+    assert (lost.status, lost.end_reason) == ("lost", "server_died") and lost.ended_at is not None
+    assert (await second.store.get_session("elsewhere")).ended_at is None  # another node's is left alone
+    assert (await second.stats())["sessions_active"] == 1
+    assert await ask_name(second, s.id) == ALICE
+
+
 async def test_restored_session_keeps_tenant_and_metadata(start_supervisor):
     first = await start_supervisor()
     s = await first.get_or_create(None, "t1", {"website_domain": "example.com", "client_ip": "10.0.0.1"})

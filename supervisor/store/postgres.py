@@ -16,7 +16,7 @@ from .base import (
 )
 
 _SESSION_COLS = ("id, tenant, agent, metadata, status, end_reason, message_count, "
-                 "created_at, last_activity, ended_at")
+                 "created_at, last_activity, ended_at, node")
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 # any fixed key works; every corral node uses this one, so migrations run one node at a time
 _MIGRATION_LOCK = 0x636F7272616C  # "corral"
@@ -56,7 +56,7 @@ def _session(row: asyncpg.Record) -> SessionRecord:
         id=row["id"], tenant=row["tenant"], agent=row["agent"], metadata=row["metadata"] or {},
         status=row["status"], end_reason=row["end_reason"], message_count=row["message_count"],
         created_at=_ts(row["created_at"]), last_activity=_ts(row["last_activity"]),
-        ended_at=_ts(row["ended_at"]),
+        ended_at=_ts(row["ended_at"]), node=row["node"],
     )
 
 
@@ -176,15 +176,15 @@ class PostgresStore(Store):
 
     async def upsert_session(self, session_id: str, *, tenant: str, agent: str,
                              metadata: dict[str, Any] | None = None,
-                             status: str = "starting") -> SessionRecord:
-        """Create, or bring back an existing session (status set, end cleared)."""
+                             status: str = "starting", node: str | None = None) -> SessionRecord:
+        """Create, or bring back an existing session (status and node set, end cleared)."""
         rows = await self._fetch(
-            "INSERT INTO sessions (id, tenant, agent, metadata, status, created_at, last_activity) "
-            "VALUES ($1, $2, $3, $4, $5, now(), now()) "
-            "ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, "
+            "INSERT INTO sessions (id, tenant, agent, metadata, status, node, created_at, last_activity) "
+            "VALUES ($1, $2, $3, $4, $5, $6, now(), now()) "
+            "ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, node = EXCLUDED.node, "
             "end_reason = NULL, ended_at = NULL "
             f"RETURNING {_SESSION_COLS}",
-            session_id, tenant, agent, metadata or {}, status)
+            session_id, tenant, agent, metadata or {}, status, node)
         return _session(rows[0])
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
@@ -208,6 +208,13 @@ class PostgresStore(Store):
         """Remove the session; its messages go by ON DELETE CASCADE."""
         tag = await self._execute("DELETE FROM sessions WHERE id = $1", session_id)
         return tag.split()[-1] != "0"
+
+    async def end_orphans(self, node: str, *, status: str, end_reason: str) -> int:
+        """End the sessions ``node`` left unended."""
+        tag = await self._execute(
+            "UPDATE sessions SET status = $2, end_reason = $3, ended_at = now() "
+            "WHERE node = $1 AND ended_at IS NULL", node, status, end_reason)
+        return int(tag.split()[-1])
 
     async def purge_ended(self, older_than: float) -> int:
         """Delete sessions whose ended_at is before now - older_than."""
