@@ -685,8 +685,9 @@ class Supervisor:
         try:
             return await coro
         except StoreError as exc:
+            # the cause names files, hosts and tables: it goes to the log, not to tenants
             log.error("store_error", error=str(exc))
-            raise errors.Unavailable(f"the session store is unavailable: {exc}", retry_after=5) from None
+            raise errors.Unavailable("the session store is unavailable; try again shortly", retry_after=5) from None
         except StoredSessionMissing as exc:
             # its data was purged (DELETE ?purge=true, retention) while a request was on its way
             raise errors.SessionNotFound(f"session {exc.args[0]} was deleted") from None

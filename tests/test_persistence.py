@@ -6,6 +6,7 @@ the supervisor), and the demo agent that comes back still answers "Your name is 
 """
 
 import asyncio
+import sqlite3
 import uuid
 
 import asyncpg
@@ -13,6 +14,7 @@ import pytest
 
 from supervisor import Supervisor, errors, states
 from supervisor.store import create_store
+from supervisor.store.sqlite import SQLiteStore
 from tests.conftest import POSTGRES_URL, wait_for_state
 from web.app import create_app
 
@@ -352,3 +354,21 @@ async def test_http_broken_connections_heal(pg_app):
         if resp.status == 200:
             assert (await resp.json())["reply"] == ALICE
     assert set(statuses) <= {200, 503} and statuses[-1] == 200
+
+
+async def test_http_sqlite_locked_at_runtime_is_503_then_serves_again(aiohttp_client, make_config, tmp_path):
+    path = tmp_path / "locked.sqlite3"
+    store = SQLiteStore(path, busy_timeout_ms=200)  # give up on the lock quickly
+    client = await aiohttp_client(create_app(make_config(), store=store))
+    sid = (await http_chat(client, "My name is Alice", "alice"))["session_id"]
+    holder = sqlite3.connect(path, isolation_level=None)  # another process's writer, say a backup tool
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        resp = await client.post("/api/chat", json={"message": "What is my name?", "session_id": sid})
+        assert resp.status == 503
+        error = (await resp.json())["error"]
+        assert error["code"] == "unavailable" and str(tmp_path) not in error["message"]
+        holder.execute("ROLLBACK")
+    finally:
+        holder.close()
+    assert (await http_chat(client, "What is my name?", sid))["reply"] == ALICE
