@@ -7,6 +7,7 @@ session's turns form its own mailbox; nothing takes a global lock.
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import os
 import secrets
@@ -594,7 +595,12 @@ class Supervisor:
         """Write the end to the store in the background; a respawn waits for it (see _prepare_spawn)."""
         write = self._background_task(self._store_call(self.store.set_status(s.id, final, end_reason=final, ended=True)))
         self._status_writes[s.id] = write
-        write.add_done_callback(lambda _: self._status_writes.pop(s.id, None) if self._status_writes.get(s.id) is write else None)
+        write.add_done_callback(functools.partial(self._end_recorded, s.id))
+
+    def _end_recorded(self, session_id: str, write: asyncio.Task) -> None:
+        """Forget a finished end write (unless a newer one for the session replaced it)."""
+        if self._status_writes.get(session_id) is write:
+            del self._status_writes[session_id]
 
     async def settle_store(self) -> None:
         """Wait for the background store writes in flight (ends of sessions that went down)."""
