@@ -15,7 +15,7 @@ import pytest
 from supervisor import Supervisor, errors, states
 from supervisor.store import create_store
 from supervisor.store.sqlite import SQLiteStore
-from tests.conftest import POSTGRES_URL, wait_for_state
+from tests.conftest import POSTGRES_URL, drop_schema, wait_for_state
 from web.app import create_app
 
 ALICE = "Your name is Alice."
@@ -55,29 +55,14 @@ async def new_store(request, tmp_path):
         await drop_schema(schema)
 
 
-async def drop_schema(schema: str) -> None:
-    """Remove a test's PostgreSQL schema."""
-    conn = await asyncpg.connect(POSTGRES_URL)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
-
-
 @pytest.fixture
-async def start_supervisor(make_config, new_store):
+def start_supervisor(make_supervisor, new_store):
     """Start supervisors on the test's database; all are closed afterwards."""
-    started = []
 
     async def start(**overrides) -> Supervisor:
-        sup = Supervisor(make_config(**overrides), store=new_store())
-        await sup.start()
-        started.append(sup)
-        return sup
+        return await make_supervisor(store=new_store(), **overrides)
 
-    yield start
-    for sup in started:
-        await sup.close()
+    return start
 
 
 async def tell_alice(sup: Supervisor, session_id: str | None = None, tenant: str = "t1"):

@@ -21,6 +21,7 @@ from supervisor.store import (
 from supervisor.store.base import load_migrations
 from supervisor.store.postgres import PostgresStore
 from supervisor.store.sqlite import SQLiteStore
+from tests.conftest import drop_schema
 
 PG_URL = os.environ.get("CORRAL_TEST_DATABASE_URL", "")
 REPO = Path(__file__).resolve().parents[1]
@@ -64,11 +65,7 @@ async def make_store(backend, tmp_path):
     for store in opened:
         await store.close()
     if backend == "postgresql":
-        conn = await asyncpg.connect(PG_URL)
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        finally:
-            await conn.close()
+        await drop_schema(schema)
 
 
 @pytest.fixture
