@@ -732,15 +732,6 @@ class Supervisor:
             self.events.publish_global("purged", sessions=removed, retention=self.config.retention)
         return removed
 
-    async def stats(self) -> dict:
-        """The seed's analytics from the store (totals, active, average messages, per tenant) plus live processes."""
-        stored = await self._store_call(self.store.stats())
-        return {
-            **stored,
-            "live_sessions": self.live_count,
-            "live_by_tenant": {t: n for t, n in self.live_by_tenant.items() if n},
-        }
-
     def health(self) -> dict:
         """What /health reports about the supervisor."""
         return {
