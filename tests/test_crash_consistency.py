@@ -122,7 +122,8 @@ async def client_traffic(url: str, sessions: list[str], acked: dict, enough: asy
                 return  # the server was killed: this message was never acknowledged
             acked[sid].append((message, reply))
             i += 1
-            if sum(len(v) for v in acked.values()) >= ACKED_BEFORE_KILL:
+            # every session has its process (all greeted) and enough turns were acknowledged
+            if all(acked.values()) and sum(len(v) for v in acked.values()) >= ACKED_BEFORE_KILL:
                 enough.set()
 
 

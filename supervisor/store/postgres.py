@@ -20,8 +20,11 @@ _SESSION_COLS = ("id, tenant, agent, metadata, status, end_reason, message_count
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 # any fixed key works; every corral node uses this one, so migrations run one node at a time
 _MIGRATION_LOCK = 0x636F7272616C  # "corral"
+# errors of a connection the server dropped or that lost track of its protocol state (e.g.
+# InternalClientError after pg_terminate_backend, MagicStack/asyncpg#1069): never pooled again
+_BROKEN = (asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
 # errors meaning "the database is unreachable or refused us", reported as StoreError (-> 503)
-_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+_DB_ERRORS = (asyncpg.PostgresError, *_BROKEN, asyncio.TimeoutError)
 
 
 def describe_target(url: str) -> str:
@@ -158,7 +161,11 @@ class PostgresStore(Store):
             raise StoreError(f"PostgreSQL store at {self.target} is not open")
         try:
             async with self._pool.acquire(timeout=self._acquire_timeout) as con:
-                yield con
+                try:
+                    yield con
+                except _BROKEN:
+                    con.terminate()  # the pool opens a fresh one in its place
+                    raise
         except _DB_ERRORS as exc:
             raise StoreError(f"PostgreSQL at {self.target}: {self._reason(exc)}") from None
 
