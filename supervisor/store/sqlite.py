@@ -243,20 +243,18 @@ class SQLiteStore(Store):
     # ---- messages --------------------------------------------------------------------------
 
     async def append_message(self, session_id: str, role: str, content: str) -> MessageRecord:
-        """Insert with seq = message_count + 1; a trigger (migration 0002) bumps message_count.
-
-        One statement is one implicit transaction and one trip to aiosqlite's thread (instead of
-        BEGIN, UPDATE, INSERT, COMMIT); a writing statement takes the write lock before it reads.
-        """
+        """Bump message_count and insert with it as seq, in one committed transaction."""
         now = time.time()
-        async with self._conn() as db:
+        async with self._tx() as db:
             rows = await db.execute_fetchall(
-                "INSERT INTO messages (session_id, seq, role, content, created_at) "
-                "SELECT id, message_count + 1, ?, ?, ? FROM sessions WHERE id = ? RETURNING seq",
-                (role, content, now, session_id))
-        if not rows:
-            raise SessionNotFound(session_id)
-        return MessageRecord(session_id, rows[0][0], role, content, now)
+                "UPDATE sessions SET message_count = message_count + 1, last_activity = ? "
+                "WHERE id = ? RETURNING message_count", (now, session_id))
+            if not rows:
+                raise SessionNotFound(session_id)
+            seq = rows[0][0]
+            await db.execute("INSERT INTO messages (session_id, seq, role, content, created_at) "
+                             "VALUES (?, ?, ?, ?, ?)", (session_id, seq, role, content, now))
+        return MessageRecord(session_id, seq, role, content, now)
 
     async def history(self, session_id: str, *, limit: int | None = None) -> list[MessageRecord]:
         """Messages by seq; the last `limit` when given."""
