@@ -251,7 +251,12 @@ class Supervisor:
 
         When this returns, the message is committed to the store and in the agent's mailbox.
         """
-        self._admit(s, body)
+        try:
+            self._admit(s, body)
+        except errors.CorralError:
+            if not s.inflight:
+                self._drop_if_new(s)  # a refused first message must not leave an unstarted session behind
+            raise
         s.inflight += 1
         s.last_activity = time.monotonic()
         try:
@@ -279,6 +284,10 @@ class Supervisor:
                 if turn.kind == p.MESSAGE:
                     done["message"] = await self._record(s, "assistant", done.get("reply") or "")
             return done
+        except errors.CorralError as exc:
+            # The session's listeners learn why no reply is coming (a wait=false caller has no other way).
+            self.events.publish("error", s.id, to_all=False, code=exc.code, message=exc.message)
+            raise
         finally:
             self._turn_over(s)
 
