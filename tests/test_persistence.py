@@ -257,29 +257,53 @@ async def http_chat(client, message: str, session_id: str | None = None) -> dict
     return await resp.json()
 
 
+async def http_command(client, sid: str, command: str, args: dict):
+    """POST /api/mcp-command; the response."""
+    return await client.post("/api/mcp-command", json={"command": command, "args": args, "session_id": sid})
+
+
 async def test_http_history_survives_every_way_a_process_goes(start_app):
     client = await start_app(idle_timeout=0.5, memory_limit=64 * 1024 * 1024, max_restarts=10)
     sup = client.sup
     sid = (await http_chat(client, "My name is Alice"))["session_id"]
 
-    async def go_and_ask(take_away):
-        s = await sup.find(sid)
-        await take_away(s)
-        assert (await http_chat(client, "What is my name?", sid))["reply"] == ALICE
-
-    async def crash(how):
-        with pytest.raises(errors.AgentDied):
-            await sup.command(await sup.find(sid), "crash", {"how": how})
+    async def ask():
+        answer = await http_chat(client, "What is my name?", sid)
+        assert answer["reply"] == ALICE
 
     for how in ("exit", "signal", "exception"):
-        await go_and_ask(lambda s, how=how: crash(how))
-    await go_and_ask(sup.kill)
-    await go_and_ask(lambda s: wait_for_state(sup, s, states.REAPED))
+        resp = await http_command(client, sid, "crash", {"how": how})
+        assert resp.status == 502 and (await resp.json())["error"]["code"] == "agent_crashed"
+        await ask()
     if sup.limiter.describe().get("mechanism") not in (None, "none"):
-        async def oom(s):
-            with pytest.raises(errors.AgentDied):
-                await sup.command(s, "allocate", {"mib": 256})
-        await go_and_ask(oom)
+        resp = await http_command(client, sid, "allocate", {"mib": 256})
+        assert resp.status == 502 and (await resp.json())["error"]["code"] == "agent_oom"
+        await ask()
+    s = await sup.find(sid)
+    resp = await client.delete(f"/admin/sessions/{sid}")  # admin kill; history kept
+    assert resp.status == 202
+    await wait_for_state(sup, s, states.KILLED)
+    await ask()
+    await wait_for_state(sup, await sup.find(sid), states.REAPED)
+    await ask()
+    state = await (await client.get("/api/state", params={"session_id": sid})).json()
+    assert [m["content"] for m in state["messages"][-2:]] == ["What is my name?", ALICE]
+
+
+async def test_http_purge_and_stats(start_app):
+    client = await start_app()
+    sid = (await http_chat(client, "My name is Alice"))["session_id"]
+    kept = (await http_chat(client, "My name is Alice", "kept"))["session_id"]
+    stats = await (await client.get("/admin/stats")).json()
+    assert (stats["sessions_total"], stats["sessions_active"], stats["messages_total"]) == (2, 2, 4)
+    assert stats["average_messages_per_session"] == 2.0
+    resp = await client.delete(f"/api/sessions/{sid}", params={"purge": "true"})
+    assert resp.status == 200 and (await resp.json())["purged"] is True
+    assert await client.sup.store.get_session(sid) is None and await client.sup.store.history(sid) == []
+    stats = await (await client.get("/admin/stats")).json()
+    assert (stats["sessions_total"], stats["messages_total"]) == (1, 2)
+    assert (await http_chat(client, "What is my name?", sid))["reply"] == "I don't know your name yet."
+    assert (await http_chat(client, "What is my name?", kept))["reply"] == ALICE
 
 
 async def test_http_history_survives_a_server_restart(start_app):
@@ -314,6 +338,10 @@ async def test_http_store_gone_at_runtime_is_503(pg_app):
         assert resp.status == 503
         assert (await resp.json())["error"]["code"] == "unavailable"
         assert "Retry-After" in resp.headers
+    for path in ("/api/state", "/admin/stats"):  # routes that read the store directly
+        resp = await client.get(path, params={"session_id": sid})
+        error = (await resp.json())["error"]
+        assert resp.status == 503 and error["code"] == "unavailable" and store.schema not in error["message"]
     assert (await client.get("/health")).status == 200
     # The store comes back (here: its schema is migrated again) and the server serves again.
     await store.close()
