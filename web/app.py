@@ -7,7 +7,8 @@ from aiohttp import web
 from supervisor import Config, Supervisor
 from supervisor.logs import get_logger
 from web.errors import error_middleware
-from web.routes import chat, health
+from web import monitoring
+from web.routes import chat, dashboard, health, metrics
 
 log = get_logger(component="web")
 
@@ -27,8 +28,10 @@ def create_app(config: Config, *, store=None) -> web.Application:
 
     app["background"] = background
     app["background_tasks"] = tasks
-    for module in (health, chat):
+    for module in (health, chat, metrics):
         app.add_routes(module.routes)
+    monitoring.install(app)
+    dashboard.install(app)
     app.on_startup.append(_start_supervisor)
     app.on_cleanup.append(_stop_supervisor)
     return app
