@@ -2,8 +2,9 @@
 
 Reading /proc costs a few system calls per process, so it is done only while someone looks:
 ``refresh()`` samples every live agent in one pass on a worker thread and caches the result;
-calls within ``max_age`` seconds of the last pass reuse it, so any number of admin requests or
-scrapes cost at most one pass a second, and nobody looking costs nothing (no timer at all).
+calls within ``max_age`` seconds of the last pass reuse it (unless agents came or went since), so
+any number of admin requests or scrapes cost at most one pass a second, and nobody looking costs
+nothing (no timer at all).
 ``for_session(s)`` is synchronous and returns the cached figures for one session.
 
 CPU % is measured between two passes (psutil keeps each process's previous CPU times); the
@@ -40,14 +41,15 @@ class ProcStats:
         self.last_pass_seconds: float | None = None
         self._figures: dict[int, dict] = {}  # pid -> figures of the last pass
         self._procs: dict[int, psutil.Process] = {}  # kept between passes for CPU deltas
+        self._sampled_pids: frozenset[int] = frozenset()
         self._sampled_at = float("-inf")  # monotonic
         self._pass: asyncio.Future | None = None
 
     # ---------------------------------------------------------------- on the loop
 
     async def refresh(self) -> None:
-        """Make the cache at most ``max_age`` old: join the pass in flight or run one."""
-        if self._pass is None and time.monotonic() - self._sampled_at < self.max_age:
+        """Make the cache at most ``max_age`` old and cover every agent: join the pass in flight or run one."""
+        if self._pass is None and not self._stale():
             return
         if self._pass is None:
             self._pass = asyncio.ensure_future(self._run_pass())
@@ -56,6 +58,7 @@ class ProcStats:
     async def _run_pass(self) -> None:
         """Snapshot the pids on the loop, read /proc on a worker thread, publish the result."""
         targets = self._targets()
+        self._sampled_pids = frozenset(pid for pid, _ in targets)
         loop = asyncio.get_running_loop()
         try:
             figures = await loop.run_in_executor(None, self._sample, targets)
@@ -67,6 +70,12 @@ class ProcStats:
         self._figures = figures
         self._sampled_at = time.monotonic()
         self.passes += 1
+
+    def _stale(self) -> bool:
+        """Whether the cache is too old, or agents started or died since it was taken."""
+        if time.monotonic() - self._sampled_at >= self.max_age:
+            return True
+        return self.sup.by_pid.keys() != self._sampled_pids
 
     def _targets(self) -> list[tuple[int, object]]:
         """(pid, limit spec) of every session that has a process."""
