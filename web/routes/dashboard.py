@@ -1,7 +1,7 @@
 """The pages (``/`` chat, ``/admin`` dashboard, ``/static/``) and the admin event stream.
 
 ``GET /admin/events`` (admin token, like every ``/admin/`` path) is SSE: a ``sessions`` snapshot
-on connect, then the supervisor's ``state``, ``spawned`` and ``end`` events as they happen, and
+of the live sessions on connect, then the supervisor's ``state``, ``spawned`` and ``end`` events as they happen, and
 a ``figures`` event with every session's process figures every ``FIGURES_EVERY`` seconds while
 the stream is open (one timer per watching dashboard, none when nobody watches).
 """
@@ -114,9 +114,9 @@ def _drain(queue: asyncio.Queue) -> None:
 
 
 async def _send_snapshot(request: web.Request, response: web.StreamResponse) -> None:
-    """Every session the supervisor holds, with fresh figures."""
+    """Every live session, with fresh figures."""
     await request.app["procstats"].refresh()
-    sessions = [session_row(request, s) for s in request.app["supervisor"].list_sessions()]
+    sessions = [session_row(request, s) for s in request.app["supervisor"].list_sessions() if s.live]
     await _send(response, "sessions", {"sessions": sessions})
 
 
