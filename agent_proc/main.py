@@ -28,6 +28,8 @@ class AgentLoop:
         self.token = token
         self.agent = None
         self.busy = False
+        self.sigints = 0  # SIGINTs received
+        self.sigints_used = 0  # ... of which already ended a turn (or predate the current one)
 
     def send(self, kind: int, req: int, body) -> None:
         """Send one frame to the supervisor, signed with our spawn token."""
@@ -49,11 +51,20 @@ class AgentLoop:
                 if self.agent is not None:
                     self.agent.on_stop()
                 return 0
+            sent_before = frame[3] if len(frame) > 3 else 0
+            if self.sigints > max(sent_before, self.sigints_used):
+                # The interrupt was sent after this turn and arrived before we picked it up.
+                self.sigints_used = self.sigints
+                self.send(p.FAIL, req, {"code": p.INTERRUPTED, "message": "the turn was interrupted"})
+                continue
+            self.sigints_used = max(self.sigints_used, sent_before)
             self.handle(kind, req, body)
 
     def _on_sigint(self, signum, frame):
-        """Interrupt the turn in progress, if any."""
+        """Interrupt the turn in progress; between turns, remember it for the next one."""
+        self.sigints += 1
         if self.busy:
+            self.sigints_used = self.sigints
             raise KeyboardInterrupt
 
     def _set_busy(self, busy: bool) -> None:

@@ -1,6 +1,8 @@
 """The wire format between the supervisor's ROUTER and each agent's DEALER.
 
-Every frame is one msgpack array. Supervisor -> agent: ``[kind, req_id, body]``.
+Every frame is one msgpack array. Supervisor -> agent: ``[kind, req_id, body, interrupts]``,
+where ``interrupts`` counts the SIGINTs the supervisor had sent this process when it sent the frame
+(so a SIGINT that lands before the agent picks the turn up still interrupts that turn).
 Agent -> supervisor: ``[kind, token, req_id, body]``; the token is the spawn token the agent
 was forked with, so the supervisor can drop frames an agent sends in another session's name.
 Kinds are small ints: they are packed on every message of the hot path.

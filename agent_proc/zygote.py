@@ -94,14 +94,22 @@ class Zygote:
         self.conn.send(("spawned", req["spawn_id"], pid))
 
     def reap(self) -> None:
-        """Collect every exited child and report its raw wait status."""
+        """Collect every exited child, kill what it left in its process group, report its status."""
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
                 return
-            if pid == 0:
+            if info is None:
                 return
+            pid = info.si_pid
+            # The zombie still holds its pid, so the group id cannot have been reused yet:
+            # whatever the agent forked dies with it, and nobody else is hit.
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            _, status = os.waitpid(pid, 0)
             self.children.discard(pid)
             self.conn.send(("exited", pid, status))
 

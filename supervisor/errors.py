@@ -69,3 +69,7 @@ class Unavailable(CorralError):
 
 class TurnTimeout(CorralError):
     status, code = 504, "request_timeout"
+
+
+class StartupError(Exception):
+    """The server cannot start (agent not importable, store unreachable, ...); the message says why."""

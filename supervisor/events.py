@@ -51,3 +51,10 @@ class EventBus:
         if to_all:
             for fn in list(self._global):
                 fn(event)
+
+    def publish_global(self, type_: str, **data) -> None:
+        """Send an event that concerns the server, not a session's listeners, to global listeners."""
+        if self._global:
+            event = {"type": type_, "time": time.time(), **data}
+            for fn in list(self._global):
+                fn(event)

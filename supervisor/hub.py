@@ -27,12 +27,14 @@ class Hub:
         *,
         token_for: Callable[[bytes], bytes | None],
         on_frame: Callable[[bytes, int, int, object], None],
+        on_drop: Callable[[bytes, str], None] | None = None,
         max_frame_bytes: int = 16 * 1024 * 1024,
     ):
         self.path = os.path.join(run_dir, "agents.sock")
         self.endpoint = f"ipc://{self.path}"
         self.token_for = token_for
         self.on_frame = on_frame
+        self.on_drop = on_drop
         self.dropped = 0
         self.ctx = zmq.Context(io_threads=1)
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -100,6 +102,8 @@ class Hub:
     def _drop(self, rid: bytes, why: str) -> None:
         """Count and log a dropped frame (the first few per burst: a flood must not flood the log)."""
         self.dropped += 1
+        if self.on_drop is not None:
+            self.on_drop(rid, why)
         if self.dropped <= 100 or self.dropped % 1000 == 0:
             log.warning("frame_dropped", routing_id=rid[:128].decode("utf-8", "replace"), reason=why, dropped=self.dropped)
 

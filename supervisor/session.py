@@ -75,6 +75,7 @@ class Session:
     stop_reason: str | None = None
     agent_state: dict = field(default_factory=dict)
     turns: dict = field(default_factory=dict)  # req id -> Turn, sent to the agent
+    interrupts: int = 0  # SIGINTs sent to the current process
     inflight: int = 0  # requests accepted and not answered (including ones waiting for a spawn)
     bucket: TokenBucket | None = None
     starting: asyncio.Future | None = None  # resolves when a spawn finishes (either way)

@@ -64,6 +64,7 @@ class Supervisor:
         self._req_ids = itertools.count(1)
         self._background: set[asyncio.Task] = set()
         self._retention_timer = None
+        self._zygote_restart: asyncio.Task | None = None
         self._closing = False
 
     # ---------------------------------------------------------------- lifecycle
@@ -74,6 +75,9 @@ class Supervisor:
         os.chmod(self.run_dir, 0o700)
         try:
             await self._start_parts()
+        except (SpawnError, StoreError, OSError, ValueError) as exc:
+            await self.close()
+            raise errors.StartupError(str(exc)) from exc
         except BaseException:
             await self.close()
             raise
@@ -97,7 +101,7 @@ class Supervisor:
         if self.store is None:
             self.store = create_store(self.config.database_url, self.config.data_dir)
         await self.store.open()
-        self.hub = Hub(self.run_dir, token_for=self._token_for, on_frame=self._on_frame)
+        self.hub = Hub(self.run_dir, token_for=self._token_for, on_frame=self._on_frame, on_drop=self._on_drop)
         self.hub.start()
         await self._start_spawner()
 
@@ -278,7 +282,7 @@ class Supervisor:
         turn = Turn(kind, asyncio.get_running_loop().create_future(), on_chunk)
         s.turns[req] = turn
         # If the agent is already gone, the frame is refused; its exit report fails the turn.
-        self.hub.send(s.routing_id, p.pack([kind, req, body]))
+        self.hub.send(s.routing_id, p.pack([kind, req, body, s.interrupts]))
         if s.state == states.IDLE:
             self._transition(s, states.BUSY)
         return turn
@@ -301,9 +305,10 @@ class Supervisor:
         return data
 
     def interrupt(self, s: Session) -> bool:
-        """SIGINT the agent's process group; the turn in progress ends as interrupted."""
-        if s.pid is None or s.state not in (states.BUSY, states.STOPPING):
+        """SIGINT the agent's process group; the turn in progress (or about to start) ends as interrupted."""
+        if s.pid is None or not s.turns or s.state not in (states.BUSY, states.STOPPING):
             return False
+        s.interrupts += 1
         return self._signal(s, signal.SIGINT)
 
     def _signal(self, s: Session, sig: int) -> bool:
@@ -380,6 +385,7 @@ class Supervisor:
         s.generation += 1
         s.token = secrets.token_bytes(16)
         s.stop_reason = s.end_reason = s.exit_description = None
+        s.interrupts = 0
         s.ready, s.exited = loop.create_future(), loop.create_future()
         s.exited.add_done_callback(_consume)
         self.by_rid[s.routing_id] = s
@@ -410,6 +416,9 @@ class Supervisor:
 
     async def _fork(self, s: Session) -> None:
         """Ask the spawner for a process inside the session's memory limit."""
+        if self.spawner is None and self._zygote_restart is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._zygote_restart), self.config.spawn_timeout)
         if self.spawner is None:
             raise errors.Unavailable("the zygote is restarting", retry_after=1)
         try:
@@ -463,6 +472,11 @@ class Supervisor:
         elif kind == p.READY:
             if s.ready is not None and not s.ready.done():
                 s.ready.set_result(body)
+
+    def _on_drop(self, rid: bytes, why: str) -> None:
+        """Count a frame the hub refused and tell global listeners (metrics, tests)."""
+        self.counters["frames_dropped"] += 1
+        self.events.publish_global("frame_dropped", routing_id=rid[:128].decode("utf-8", "replace"), reason=why)
 
     def _finish_turn(self, s: Session, req: int, result: dict) -> None:
         """Resolve a turn."""
@@ -541,7 +555,9 @@ class Supervisor:
             self._release(s)
             self._went_down(s, classify_exit(-1, stop_reason=s.stop_reason, oom_killed=False))
         if not self._closing:
-            self._background_task(self._restart_zygote())
+            self._zygote_restart = asyncio.ensure_future(self._restart_zygote())
+            self._background.add(self._zygote_restart)
+            self._zygote_restart.add_done_callback(self._background_done)
 
     async def _restart_zygote(self) -> None:
         """Start a new zygote after the old one died."""
@@ -572,7 +588,7 @@ class Supervisor:
         if force:
             self._signal(s, signal.SIGKILL)
         else:
-            self.hub.send(s.routing_id, p.pack([p.SHUTDOWN, 0, None]))
+            self.hub.send(s.routing_id, p.pack([p.SHUTDOWN, 0, None, s.interrupts]))
             loop = asyncio.get_running_loop()
             s.timers["term"] = loop.call_later(self.config.stop_timeout / 2, self._signal, s, signal.SIGTERM)
             s.timers["kill"] = loop.call_later(self.config.stop_timeout, self._signal, s, signal.SIGKILL)

@@ -84,6 +84,7 @@ def serve(config: Config) -> int:
     from aiohttp import web
 
     from agent_proc.process import set_title
+    from supervisor.errors import StartupError
     from supervisor.logs import configure, get_logger
     from web.app import create_app
 
@@ -91,7 +92,11 @@ def serve(config: Config) -> int:
     set_title(f"corral: supervisor {config.host}:{config.port}")
     app = create_app(config)
     get_logger(component="cli").info("serving", host=config.host, port=config.port, agent=config.agent)
-    web.run_app(app, host=config.host, port=config.port, print=None, access_log=None)
+    try:
+        web.run_app(app, host=config.host, port=config.port, print=None, access_log=None)
+    except StartupError as exc:
+        print(f"corral: cannot start: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,0 +1,68 @@
+"""Process helpers for tests: waiting for processes to die on pidfds, not by polling."""
+
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+
+
+def wait_gone(pids, timeout: float) -> list[int]:
+    """Wait until every pid has exited (a zombie counts as exited); return those still running."""
+    fds = {}
+    for pid in pids:
+        try:
+            fds[os.pidfd_open(pid)] = pid
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    try:
+        while fds:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            ready, _, _ = select.select(list(fds), [], [], remaining)
+            for fd in ready:
+                os.close(fd)
+                del fds[fd]
+        return sorted(fds.values())
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(tmp_path, *args, env=None) -> tuple[subprocess.Popen, str]:
+    """Start ``corral serve`` as a real subprocess; return it and its base URL once it answers."""
+    port = free_port()
+    cmd = [
+        sys.executable, "-c", "from web.cli import main; raise SystemExit(main())", "serve",
+        "--port", str(port), "--data-dir", str(tmp_path / "data"), "--run-dir", str(tmp_path / "run"), *args,
+    ]
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stderr=open(tmp_path / "serve.log", "ab"))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the port opening is the event; connect() is how it is seen
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return proc, url
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"corral serve exited: {(tmp_path / 'serve.log').read_text()}")
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("corral serve did not open its port within 30 s")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below pid."""
+    import psutil
+
+    return [child.pid for child in psutil.Process(pid).children(recursive=True)]
