@@ -21,6 +21,7 @@ class ChatManager {
     this.lastEventId = null;
     this.attempt = 0;
     this.controller = null;
+    this.deltaCount = 0; // chunks received over the stream (the page shows them as they come)
   }
 
   static generateSessionId() {
@@ -95,6 +96,7 @@ class ChatManager {
         this.onStatus(data.is_processing || data.state === "busy" ? "busy" : (data.state || "ready"));
         break;
       case "delta":
+        this.deltaCount++;
         if (!this.streaming) this.streaming = { text: "" };
         this.streaming.text += data.text || "";
         this.render();
