@@ -9,9 +9,13 @@ nothing (no timer at all).
 
 CPU % is measured between two passes (psutil keeps each process's previous CPU times); the
 first time a process is seen it is its average since it started, like ``ps``'s %CPU.
+USS and PSS come from /proc/PID/smaps_rollup, which makes the kernel walk the process's page
+tables (most of a pass's cost), so each process's are re-read at most every ``uss_max_age``
+seconds, at staggered times; RSS, CPU, threads and fds are read on every pass.
 """
 
 import asyncio
+import random
 import time
 
 import psutil
@@ -34,13 +38,14 @@ _EMPTY = {
 class ProcStats:
     """Cached process figures of every live agent of one supervisor."""
 
-    def __init__(self, sup, *, max_age: float = 1.0):
+    def __init__(self, sup, *, max_age: float = 1.0, uss_max_age: float = 10.0):
         self.sup = sup
         self.max_age = max_age
+        self.uss_max_age = uss_max_age
         self.passes = 0
         self.last_pass_seconds: float | None = None
         self._figures: dict[int, dict] = {}  # pid -> figures of the last pass
-        self._procs: dict[int, psutil.Process] = {}  # kept between passes for CPU deltas
+        self._tracked: dict[int, _Tracked] = {}  # kept between passes for CPU deltas and USS
         self._sampled_pids: frozenset[int] = frozenset()
         self._sampled_at = float("-inf")  # monotonic
         self._pass: asyncio.Future | None = None
@@ -117,49 +122,69 @@ class ProcStats:
     def _sample(self, targets: list[tuple[int, object]]) -> dict[int, dict]:
         """One pass over every target process."""
         started = time.perf_counter()
+        now = time.monotonic()
         limiter = self.sup.limiter
-        procs, figures = {}, {}
+        tracked, figures = {}, {}
         for pid, spec in targets:
-            proc = self._procs.get(pid)
-            first = proc is None
+            entry = self._tracked.get(pid)
             try:
-                if first:
-                    proc = psutil.Process(pid)
-                figures[pid] = self._read(proc, first)
+                if entry is None:
+                    entry = _Tracked(psutil.Process(pid), now, self.uss_max_age)
+                figures[pid] = entry.read(now, self.uss_max_age)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue  # it died during the pass; its exit report is on its way
-            procs[pid] = proc
+            tracked[pid] = entry
             if spec and limiter is not None:
                 figures[pid]["cgroup"] = limiter.usage(spec)
-        self._procs = procs
+        self._tracked = tracked
         self.last_pass_seconds = time.perf_counter() - started
         return figures
 
-    @staticmethod
-    def _read(proc: psutil.Process, first: bool) -> dict:
-        """The figures of one process, read in one oneshot() batch."""
+
+class _Tracked:
+    """One agent process followed from pass to pass: psutil's handle and its last USS/PSS."""
+
+    __slots__ = ("proc", "fresh", "uss", "pss", "uss_due")
+
+    def __init__(self, proc: psutil.Process, now: float, uss_max_age: float):
+        self.proc = proc
+        self.fresh = True
+        self.uss = self.pss = None
+        self.uss_due = now  # read at once, then at a random phase so passes share the work
+
+    def read(self, now: float, uss_max_age: float) -> dict:
+        """The figures of the process, read in one oneshot() batch."""
+        proc = self.proc
         with proc.oneshot():
-            mem = _memory(proc)
-            if first:
+            rss = self._memory(now, uss_max_age)
+            if self.fresh:
                 cpu = _lifetime_cpu_percent(proc)
                 proc.cpu_percent(None)  # start the interval for the next pass
+                self.fresh = False
             else:
                 cpu = proc.cpu_percent(None)
             return {
-                **mem,
+                "rss_bytes": rss,
+                "uss_bytes": self.uss,
+                "pss_bytes": self.pss,
                 "cpu_percent": round(cpu, 1),
                 "threads": proc.num_threads(),
                 "open_fds": proc.num_fds(),
             }
 
-
-def _memory(proc: psutil.Process) -> dict:
-    """RSS, plus USS and PSS from smaps_rollup (RSS only if that cannot be read)."""
-    try:
-        full = proc.memory_full_info()
-        return {"rss_bytes": full.rss, "uss_bytes": full.uss, "pss_bytes": getattr(full, "pss", None)}
-    except psutil.AccessDenied:
-        return {"rss_bytes": proc.memory_info().rss, "uss_bytes": None, "pss_bytes": None}
+    def _memory(self, now: float, uss_max_age: float) -> int:
+        """RSS now; USS and PSS (smaps_rollup: the costly read) when due."""
+        if now < self.uss_due:
+            return self.proc.memory_info().rss
+        first = self.uss is None
+        try:
+            full = self.proc.memory_full_info()
+        except psutil.AccessDenied:
+            self.uss_due = float("inf")  # never readable for us: RSS only
+            return self.proc.memory_info().rss
+        self.uss, self.pss = full.uss, getattr(full, "pss", None)
+        self.uss_due = now + (random.uniform(0, uss_max_age) if first else uss_max_age)
+        return full.rss
 
 
 def _lifetime_cpu_percent(proc: psutil.Process) -> float:
