@@ -9,12 +9,14 @@ nothing (no timer at all).
 
 CPU % is measured between two passes (psutil keeps each process's previous CPU times); the
 first time a process is seen it is its average since it started, like ``ps``'s %CPU.
-USS and PSS come from /proc/PID/smaps_rollup, which makes the kernel walk the process's page
-tables (most of a pass's cost), so each process's are re-read at most every ``uss_max_age``
-seconds, at staggered times; RSS, CPU, threads and fds are read on every pass.
+RSS, CPU % and threads are read on every pass. USS and PSS come from /proc/PID/smaps_rollup,
+which makes the kernel walk the process's page tables (most of a pass's cost), so they, the open
+fds and the cgroup's usage are re-read at most every ``detail_max_age`` seconds per process, at
+staggered times so each pass does a share of that work.
 """
 
 import asyncio
+import os
 import random
 import time
 
@@ -23,6 +25,9 @@ import psutil
 from supervisor.logs import get_logger
 
 log = get_logger(component="procstats")
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 # Figures for a session that has no process (or whose process vanished mid-pass).
 _EMPTY = {
@@ -38,14 +43,14 @@ _EMPTY = {
 class ProcStats:
     """Cached process figures of every live agent of one supervisor."""
 
-    def __init__(self, sup, *, max_age: float = 1.0, uss_max_age: float = 10.0):
+    def __init__(self, sup, *, max_age: float = 1.0, detail_max_age: float = 10.0):
         self.sup = sup
         self.max_age = max_age
-        self.uss_max_age = uss_max_age
+        self.detail_max_age = detail_max_age
         self.passes = 0
         self.last_pass_seconds: float | None = None
         self._figures: dict[int, dict] = {}  # pid -> figures of the last pass
-        self._tracked: dict[int, _Tracked] = {}  # kept between passes for CPU deltas and USS
+        self._tracked: dict[int, _Tracked] = {}  # kept between passes for CPU deltas and details
         self._sampled_pids: frozenset[int] = frozenset()
         self._sampled_at = float("-inf")  # monotonic
         self._pass: asyncio.Future | None = None
@@ -123,68 +128,76 @@ class ProcStats:
         """One pass over every target process."""
         started = time.perf_counter()
         now = time.monotonic()
-        limiter = self.sup.limiter
         tracked, figures = {}, {}
         for pid, spec in targets:
             entry = self._tracked.get(pid)
             try:
                 if entry is None:
-                    entry = _Tracked(psutil.Process(pid), now, self.uss_max_age)
-                figures[pid] = entry.read(now, self.uss_max_age)
+                    entry = _Tracked(psutil.Process(pid), spec, now)
+                figures[pid] = entry.read(now, self.detail_max_age, self.sup.limiter)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue  # it died during the pass; its exit report is on its way
             tracked[pid] = entry
-            if spec and limiter is not None:
-                figures[pid]["cgroup"] = limiter.usage(spec)
         self._tracked = tracked
         self.last_pass_seconds = time.perf_counter() - started
         return figures
 
 
 class _Tracked:
-    """One agent process followed from pass to pass: psutil's handle and its last USS/PSS."""
+    """One agent process followed from pass to pass: its last CPU reading and slow-changing figures."""
 
-    __slots__ = ("proc", "fresh", "uss", "pss", "uss_due")
+    __slots__ = ("proc", "spec", "started", "cpu_ticks", "cpu_at", "detail", "detail_due")
 
-    def __init__(self, proc: psutil.Process, now: float, uss_max_age: float):
-        self.proc = proc
-        self.fresh = True
-        self.uss = self.pss = None
-        self.uss_due = now  # read at once, then at a random phase so passes share the work
+    def __init__(self, proc: psutil.Process, spec, now: float):
+        self.proc, self.spec = proc, spec
+        self.started = self.cpu_ticks = None
+        self.cpu_at = now
+        self.detail: dict = {}
+        self.detail_due = now  # read at once, then at a random phase so passes share the work
 
-    def read(self, now: float, uss_max_age: float) -> dict:
-        """The figures of the process, read in one oneshot() batch."""
-        proc = self.proc
-        with proc.oneshot():
-            rss = self._memory(now, uss_max_age)
-            if self.fresh:
-                cpu = _lifetime_cpu_percent(proc)
-                proc.cpu_percent(None)  # start the interval for the next pass
-                self.fresh = False
-            else:
-                cpu = proc.cpu_percent(None)
-            return {
-                "rss_bytes": rss,
-                "uss_bytes": self.uss,
-                "pss_bytes": self.pss,
-                "cpu_percent": round(cpu, 1),
-                "threads": proc.num_threads(),
-                "open_fds": proc.num_fds(),
-            }
+    def read(self, now: float, detail_max_age: float, limiter) -> dict:
+        """RSS, CPU % and threads now (one read of /proc/PID/stat); the rest when due."""
+        started, ticks, threads, rss_pages = _read_stat(self.proc.pid)
+        if self.started is None or started != self.started:  # first sight (or a reused pid)
+            self.started = started
+            cpu = _lifetime_cpu_percent(self.proc)
+        else:
+            cpu = 100.0 * (ticks - self.cpu_ticks) / _CLK_TCK / max(now - self.cpu_at, 1e-3)
+        self.cpu_ticks, self.cpu_at = ticks, now
+        if now >= self.detail_due:
+            first = not self.detail
+            self.detail = self._read_detail(limiter)
+            self.detail_due = now + (random.uniform(0, detail_max_age) if first else detail_max_age)
+        return {"rss_bytes": rss_pages * _PAGE, "cpu_percent": round(cpu, 1), "threads": threads, **self.detail}
 
-    def _memory(self, now: float, uss_max_age: float) -> int:
-        """RSS now; USS and PSS (smaps_rollup: the costly read) when due."""
-        if now < self.uss_due:
-            return self.proc.memory_info().rss
-        first = self.uss is None
+    def _read_detail(self, limiter) -> dict:
+        """USS and PSS (smaps_rollup: the kernel walks the page tables), open fds, cgroup usage."""
         try:
             full = self.proc.memory_full_info()
+            uss, pss = full.uss, getattr(full, "pss", None)
         except psutil.AccessDenied:
-            self.uss_due = float("inf")  # never readable for us: RSS only
-            return self.proc.memory_info().rss
-        self.uss, self.pss = full.uss, getattr(full, "pss", None)
-        self.uss_due = now + (random.uniform(0, uss_max_age) if first else uss_max_age)
-        return full.rss
+            uss = pss = None
+        usage = limiter.usage(self.spec) if self.spec and limiter is not None else None
+        return {"uss_bytes": uss, "pss_bytes": pss, "open_fds": self.proc.num_fds(), "cgroup": usage}
+
+
+def _read_stat(pid: int) -> tuple[int, int, int, int]:
+    """(start time, utime + stime in ticks, threads, RSS pages) from /proc/PID/stat.
+
+    One read instead of psutil's three (stat, statm, status) for what every pass needs.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        raise psutil.NoSuchProcess(pid) from None
+    except PermissionError:
+        raise psutil.AccessDenied(pid) from None
+    fields = raw[raw.rfind(b")") + 2 :].split()  # after "pid (comm) "; comm may hold spaces
+    if fields[0] == b"Z":
+        raise psutil.ZombieProcess(pid)
+    # field numbers of proc(5) minus 3: utime 14, stime 15, num_threads 20, starttime 22, rss 24
+    return int(fields[19]), int(fields[11]) + int(fields[12]), int(fields[17]), int(fields[21])
 
 
 def _lifetime_cpu_percent(proc: psutil.Process) -> float:
