@@ -5,6 +5,7 @@ A failing test leaves a screenshot of each page it had open under test-output/.
 """
 
 import contextlib
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -23,12 +24,19 @@ OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
 TOKEN = "browser-test-admin-token"
 WAIT_MS = 20_000  # generous: the machine may be loaded
 
+def _has(module: str) -> bool:
+    """Whether a module of the app is importable."""
+    return importlib.util.find_spec(module) is not None
+
+
 try:
     from playwright.async_api import async_playwright, expect
 except ImportError:  # pragma: no cover - the test extra installs it
     async_playwright = None
 
 pytestmark = [
+    pytest.mark.skipif(not (_has("web.routes.stream") and _has("web.routes.admin")),
+                       reason="the chat stream and the admin API are not both in this tree"),
     pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)"),
     pytest.mark.skipif(async_playwright is None, reason="playwright is not installed (pip install playwright)"),
 ]
