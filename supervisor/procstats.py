@@ -116,12 +116,6 @@ class ProcStats:
         """Unique memory of every sampled agent together, in bytes."""
         return sum(f["uss_bytes"] or 0 for f in self._figures.values())
 
-    def sampled_age(self) -> float | None:
-        """Seconds since the last pass, or None before the first."""
-        if self._sampled_at == float("-inf"):
-            return None
-        return time.monotonic() - self._sampled_at
-
     # ---------------------------------------------------------------- on the worker thread
 
     def _sample(self, targets: list[tuple[int, object]]) -> dict[int, dict]:

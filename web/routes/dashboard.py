@@ -2,8 +2,9 @@
 
 ``GET /admin/events`` (admin token, like every ``/admin/`` path) is SSE: a ``sessions`` snapshot
 of the live sessions on connect, then the supervisor's ``state``, ``spawned`` and ``end`` events as they happen, and
-a ``figures`` event with every session's process figures every ``FIGURES_EVERY`` seconds while
-the stream is open (one timer per watching dashboard, none when nobody watches).
+a ``figures`` event with every live session's process figures every ``FIGURES_EVERY`` seconds
+while the stream is open (it doubles as the keep-alive; one timer per watching dashboard, none
+when nobody watches).
 """
 
 import asyncio
@@ -66,22 +67,25 @@ async def admin_events(request: web.Request) -> web.StreamResponse:
     streams = request.app["event_streams"]
     streams.add(queue)
     unsubscribe = sup.events.subscribe(on_event)
+    loop = asyncio.get_running_loop()
     try:
         await _send_snapshot(request, response)
+        figures_due = loop.time() + FIGURES_EVERY
         while True:
-            item = await _next_item(queue)
+            item = await _next_item(queue, figures_due - loop.time())
             if item is _CLOSE:
                 break
             if overflowed:
                 _drain(queue)
                 overflowed = False
                 await _send_snapshot(request, response)
-            elif item == "figures":
-                await _send_figures(request, response)
-            else:
+            elif item is not None:
                 await _send(response, item["type"], item)
-    except (ConnectionResetError, asyncio.CancelledError):
-        pass
+            if loop.time() >= figures_due:
+                await _send_figures(request, response)
+                figures_due = loop.time() + FIGURES_EVERY
+    except ConnectionError:
+        pass  # the dashboard went away
     finally:
         unsubscribe()
         streams.discard(queue)
@@ -99,12 +103,12 @@ async def _open_stream(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _next_item(queue: asyncio.Queue):
-    """The next event, or ``"figures"`` when none came for FIGURES_EVERY (it doubles as keep-alive)."""
+async def _next_item(queue: asyncio.Queue, timeout: float):
+    """The next event, or None if none comes within ``timeout`` seconds."""
     try:
-        return await asyncio.wait_for(queue.get(), FIGURES_EVERY)
+        return await asyncio.wait_for(queue.get(), max(0.0, timeout))
     except asyncio.TimeoutError:
-        return "figures"
+        return None
 
 
 def _drain(queue: asyncio.Queue) -> None:
