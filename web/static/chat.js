@@ -103,7 +103,9 @@ class ChatManager {
         break;
       case "message":
         this.messages.set(data.seq, data);
-        if (data.role === "assistant") this.streaming = null;
+        // The stored reply replaces its streamed chunks; a new user turn drops what an
+        // interrupted turn left streaming.
+        if (data.role === "assistant" || data.role === "user") this.streaming = null;
         this.render();
         break;
       case "error":
