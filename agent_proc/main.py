@@ -74,8 +74,8 @@ class AgentLoop:
 
     def handle(self, kind: int, req: int, body) -> None:
         """Run one message through the agent's hooks and answer it."""
-        self._set_busy(True)
         try:
+            self._set_busy(True)  # inside the try: a SIGINT landing right after busy is set is an interrupt
             result = self.dispatch(kind, req, body)
             state = self.agent.snapshot() if self.agent is not None else {}
         except KeyboardInterrupt:

@@ -234,7 +234,12 @@ class Supervisor:
 
         When this returns, the message is committed to the store and in the agent's mailbox.
         """
-        self._admit(s, body)
+        try:
+            self._admit(s, body)
+        except errors.CorralError:
+            if not s.inflight:
+                self._drop_if_new(s)  # a refused first message must not leave an unstarted session behind
+            raise
         s.inflight += 1
         s.last_activity = time.monotonic()
         try:

@@ -87,10 +87,15 @@ def serve(config: Config) -> int:
     from supervisor.errors import StartupError
     from supervisor.logs import configure, get_logger
     from web.app import create_app
+    from web.auth import AuthConfigError
 
     configure(config.log_level)
     set_title(f"corral: supervisor {config.host}:{config.port}")
-    app = create_app(config)
+    try:
+        app = create_app(config)
+    except AuthConfigError as exc:
+        print(f"corral: cannot start: {exc}", file=sys.stderr)
+        return 1
     get_logger(component="cli").info("serving", host=config.host, port=config.port, agent=config.agent)
     try:
         web.run_app(app, host=config.host, port=config.port, print=None, access_log=None)
