@@ -5,12 +5,8 @@ import json
 import os
 import sys
 
-import pytest
-
-pytest.importorskip("web.routes.admin", reason="the admin API (web/routes/admin.py) is not in this tree")
-
-from tests.conftest import wait_for_state  # noqa: E402
-from web.app import create_app  # noqa: E402
+from tests.conftest import wait_for_state
+from web.app import create_app
 
 TOKEN = "ops-test-admin-token"
 

@@ -36,10 +36,15 @@ async def _close_metrics(app: web.Application) -> None:
 async def procstats_middleware(request: web.Request, handler):
     """Refresh the process figures before a request that shows them."""
     if request.method == "GET" and request.path.startswith(_FIGURE_PATHS):
-        refresh = getattr(request.app.get("procstats"), "refresh", None)  # the hook's contract is for_session
-        if refresh is not None:
-            await refresh()
+        await refresh_figures(request.app)
     return await handler(request)
+
+
+async def refresh_figures(app: web.Application) -> None:
+    """Make the process figures fresh (at most a second old), if the app's hook can refresh."""
+    refresh = getattr(app.get("procstats"), "refresh", None)  # the admin hook's contract is for_session
+    if refresh is not None:
+        await refresh()
 
 
 @web.middleware

@@ -13,6 +13,9 @@ from pathlib import Path
 
 from aiohttp import web
 
+from web.monitoring import refresh_figures
+from web.views import admin_row
+
 STATIC = Path(__file__).resolve().parent.parent / "static"
 FIGURES_EVERY = 2.0
 QUEUE_BOUND = 1000  # events a slow dashboard may fall behind before it is sent a fresh snapshot
@@ -37,15 +40,6 @@ async def admin_page(request: web.Request) -> web.FileResponse:
 def _page(name: str) -> web.FileResponse:
     """A page that is never cached stale: it references the static files it needs."""
     return web.FileResponse(STATIC / name, headers={"Cache-Control": "no-cache"})
-
-
-def session_row(request: web.Request, s) -> dict:
-    """A session as the dashboard lists it: its description and its process figures."""
-    row = s.describe()
-    stats = request.app.get("procstats")
-    if stats is not None:
-        row.update(stats.for_session(s))
-    return row
 
 
 @routes.get("/admin/events")
@@ -119,15 +113,16 @@ def _drain(queue: asyncio.Queue) -> None:
 
 async def _send_snapshot(request: web.Request, response: web.StreamResponse) -> None:
     """Every live session, with fresh figures."""
-    await request.app["procstats"].refresh()
-    sessions = [session_row(request, s) for s in request.app["supervisor"].list_sessions() if s.live]
+    await refresh_figures(request.app)
+    stats = request.app.get("procstats")
+    sessions = [admin_row(s, stats) for s in request.app["supervisor"].list_sessions() if s.live]
     await _send(response, "sessions", {"sessions": sessions})
 
 
 async def _send_figures(request: web.Request, response: web.StreamResponse) -> None:
     """The process figures of every live session."""
+    await refresh_figures(request.app)
     stats = request.app["procstats"]
-    await stats.refresh()
     figures = {s.id: stats.for_session(s) for s in request.app["supervisor"].list_sessions() if s.live}
     await _send(response, "figures", {"figures": figures})
 
