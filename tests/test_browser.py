@@ -5,7 +5,6 @@ A failing test leaves a screenshot of each page it had open under test-output/.
 """
 
 import contextlib
-import importlib.util
 import os
 import re
 from pathlib import Path
@@ -23,11 +22,6 @@ CHROMIUM_ARGS = [
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
 TOKEN = "browser-test-admin-token"
 WAIT_MS = 20_000  # generous: the machine may be loaded
-
-def _has(module: str) -> bool:
-    """Whether a module of the app is importable."""
-    return importlib.util.find_spec(module) is not None
-
 
 try:
     from playwright.async_api import async_playwright, expect
@@ -71,7 +65,6 @@ async def screenshots_on_failure(name: str, **pages):
         raise
 
 
-@pytest.mark.skipif(not _has("web.routes.stream"), reason="the chat stream (web/routes/stream.py) is not in this tree")
 async def test_chat_page_streams_and_keeps_the_conversation(server, browser):
     page = await browser.new_page()
     page.set_default_timeout(WAIT_MS)

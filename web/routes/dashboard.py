@@ -8,12 +8,12 @@ when nobody watches).
 """
 
 import asyncio
-import json
 from pathlib import Path
 
 from aiohttp import web
 
 from web.monitoring import refresh_figures
+from web.sse import SSE_HEADERS, format_event
 from web.views import admin_row
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -88,11 +88,7 @@ async def admin_events(request: web.Request) -> web.StreamResponse:
 
 async def _open_stream(request: web.Request) -> web.StreamResponse:
     """Start an SSE response."""
-    response = web.StreamResponse(headers={
-        "Content-Type": "text/event-stream",
-        "Cache-Control": "no-cache",
-        "X-Accel-Buffering": "no",  # nginx: pass events through as they come
-    })
+    response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
     return response
 
@@ -129,8 +125,7 @@ async def _send_figures(request: web.Request, response: web.StreamResponse) -> N
 
 async def _send(response: web.StreamResponse, event: str, data: dict) -> None:
     """Write one SSE event."""
-    payload = json.dumps(data, default=str)
-    await response.write(f"event: {event}\ndata: {payload}\n\n".encode())
+    await response.write(format_event(event, data))
 
 
 async def close_event_streams(app: web.Application) -> None:
