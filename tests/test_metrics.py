@@ -27,7 +27,7 @@ def value(samples: dict, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-async def test_counters_move_on_spawn_crash_oom_and_reap(aiohttp_client, make_config):
+async def test_counters_move_on_spawn_crash_restart_oom_and_reap(aiohttp_client, make_config):
     app = create_app(make_config(memory_limit=64 * MiB))
     client = await aiohttp_client(app)
     sup = app["supervisor"]
@@ -48,6 +48,10 @@ async def test_counters_move_on_spawn_crash_oom_and_reap(aiohttp_client, make_co
     seen = await scrape(client)
     assert value(seen, "corral_crashes_total") == 1
     assert value(seen, "corral_sessions", state="crashed") == 1
+    response = await client.post("/api/chat", json={"message": "back?", "session_id": "m1"})
+    assert response.status == 200  # the crashed session is respawned with its history
+    seen = await scrape(client)
+    assert value(seen, "corral_restarts_total") == 1
 
     hog = await sup.get_or_create("m2", "default")
     with pytest.raises(errors.AgentDied) as died:
@@ -55,7 +59,7 @@ async def test_counters_move_on_spawn_crash_oom_and_reap(aiohttp_client, make_co
     assert died.value.code == "agent_oom"
     seen = await scrape(client)
     assert value(seen, "corral_oom_kills_total") == 1
-    assert value(seen, "corral_spawns_total") == 2
+    assert value(seen, "corral_spawns_total") == 3
 
     sup.reaper.idle_timeout = 0.3  # only sessions going idle from now on get the short timeout
     idler = await sup.get_or_create("m3", "default")
@@ -63,8 +67,8 @@ async def test_counters_move_on_spawn_crash_oom_and_reap(aiohttp_client, make_co
     assert await wait_for_state(sup, idler, {"reaped"}) == "reaped"
     seen = await scrape(client)
     assert value(seen, "corral_reaps_total") == 1
-    assert value(seen, "corral_spawns_total") == 3
-    assert value(seen, "corral_spawn_seconds_count") == 3
+    assert value(seen, "corral_spawns_total") == 4
+    assert value(seen, "corral_spawn_seconds_count") == 4
 
 
 async def test_refusals_are_counted_by_status_and_code(aiohttp_client, make_config):
