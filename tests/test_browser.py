@@ -121,3 +121,26 @@ async def test_dashboard_lists_live_and_kills(server, browser, aiohttp_client):
         assert await wait_for_state(sup, victim, {"killed"}) == "killed"
         await expect(rows).to_have_count(2)
         assert bystander.state == "idle"
+
+
+async def test_chat_page_asks_for_an_api_key_when_the_server_wants_one(aiohttp_server, make_config, tmp_path, browser):
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text('[tenants.alice]\nkeys = ["alice-browser-key"]\n')
+    server = await aiohttp_server(create_app(make_config(tenants=tenants)))
+    page = await browser.new_page()
+    page.set_default_timeout(WAIT_MS)
+    asked = []
+
+    async def answer(dialog):
+        asked.append(dialog.message)
+        await dialog.accept("alice-browser-key")
+
+    page.on("dialog", answer)
+    async with screenshots_on_failure("chat-key", chat=page):
+        await page.goto(str(server.make_url("/")))
+        await page.fill("#input", "hello")
+        await page.press("#input", "Enter")
+        await expect(page.locator(".msg.assistant")).to_have_text(["You said: hello"], timeout=WAIT_MS)
+        assert asked == ["This server needs an API key:"]
+        session_id = await page.evaluate("localStorage.getItem('corral_session_id')")
+        assert server.app["supervisor"].sessions[session_id].tenant == "alice"

@@ -1,8 +1,8 @@
 // The chat page's client: what the seeds' ChatManager does, against corral's API.
 // It keeps its session id in localStorage and sends it on every call, streams replies over
 // SSE (GET /api/chat/stream), reconnects with backoff (resuming with Last-Event-ID), interrupts
-// the turn in progress, and starts new sessions. An API key, when the server wants one, is read
-// from localStorage "corral_api_key" (set it from the console or with ?key=... once).
+// the turn in progress, and starts new sessions. When the server wants an API key (a 401), the
+// page asks for one and keeps it in localStorage "corral_api_key".
 "use strict";
 
 const STORAGE_KEY = "corral_session_id";
@@ -30,6 +30,14 @@ class ChatManager {
       const r = (Math.random() * 16) | 0;
       return (c === "x" ? r : (r & 0x3) | 0x8).toString(16);
     });
+  }
+
+  // Ask the user for an API key; true if one was given.
+  static askForKey() {
+    const key = window.prompt("This server needs an API key:");
+    if (!key) return false;
+    localStorage.setItem(KEY_STORAGE, key.trim());
+    return true;
   }
 
   getSessionId() { return this.sessionId; }
@@ -66,7 +74,11 @@ class ChatManager {
           );
         } catch (error) {
           if (controller.signal.aborted) return;
-          if (error.status === 401) this.onError("the server wants an API key (localStorage corral_api_key)");
+          if (error.status === 401 && !ChatManager.askForKey()) {
+            this.onError("this server needs an API key; reload the page to enter one");
+            this.onStatus("offline");
+            return;
+          }
         }
         if (controller.signal.aborted) return;
         this.onStatus("offline");
@@ -168,8 +180,6 @@ class ChatManager {
 // ------------------------------------------------------------------ the page
 
 (function () {
-  const params = new URLSearchParams(location.search);
-  if (params.get("key")) localStorage.setItem(KEY_STORAGE, params.get("key"));
   const $ = (id) => document.getElementById(id);
   const showError = (text) => { $("error").textContent = text; $("error").classList.toggle("hidden", !text); };
 
