@@ -267,6 +267,10 @@ class Supervisor:
                 if turn.kind == p.MESSAGE:
                     done["message"] = await self._record(s, "assistant", done.get("reply") or "")
             return done
+        except errors.CorralError as exc:
+            # The session's listeners learn why no reply is coming (a wait=false caller has no other way).
+            self.events.publish("error", s.id, to_all=False, code=exc.code, message=exc.message)
+            raise
         finally:
             self._turn_over(s)
 
