@@ -11,6 +11,7 @@ from pathlib import Path
 
 from supervisor.config import DEFAULT_AGENT, Config
 from supervisor.limits import parse_size
+from web import ops_cli
 
 # name -> (parser, help); every entry is a Config field
 SERVE_FLAGS = {
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (parse, help_text) in SERVE_FLAGS.items():
         serve.add_argument("--" + name.replace("_", "-"), dest=name, type=parse, default=None,
                            help=f"{help_text} [env {env_name(name)}]")
+    ops_cli.add_parsers(sub)
     return parser
 
 
@@ -112,4 +114,4 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(config_from(args))
-    return 2
+    return ops_cli.run(args)
