@@ -63,7 +63,7 @@ class AgentLoop:
     def _on_sigint(self, signum, frame):
         """Interrupt the turn in progress; between turns, remember it for the next one."""
         self.sigints += 1
-        if self.busy:
+        if self.busy and self.sigints > self.sigints_used:  # not a late one sent before this turn
             self.sigints_used = self.sigints
             raise KeyboardInterrupt
 
@@ -74,8 +74,11 @@ class AgentLoop:
 
     def handle(self, kind: int, req: int, body) -> None:
         """Run one message through the agent's hooks and answer it."""
-        self._set_busy(True)
         try:
+            self._set_busy(True)  # inside the try: a SIGINT landing right after busy is set is an interrupt
+            if self.sigints > self.sigints_used:  # ... and so is one that landed between pickup and busy
+                self.sigints_used = self.sigints
+                raise KeyboardInterrupt
             result = self.dispatch(kind, req, body)
             state = self.agent.snapshot() if self.agent is not None else {}
         except KeyboardInterrupt:

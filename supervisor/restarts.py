@@ -23,6 +23,8 @@ class RestartPolicy:
         self._prune(s, now)
         if len(s.restarts) < self.max_restarts:
             return 0.0
+        if not s.restarts:  # max_restarts = 0: no respawns; the session is forgotten a window after its crash
+            return self.window
         return max(0.001, s.restarts[0] + self.window - now)
 
     def record(self, s: Session) -> None:

@@ -7,11 +7,13 @@ session's turns form its own mailbox; nothing takes a global lock.
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import os
 import secrets
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from collections import Counter
@@ -27,6 +29,7 @@ from supervisor.reaper import Reaper, classify_exit, describe_status
 from supervisor.restarts import RestartPolicy
 from supervisor.session import Session, TokenBucket, Turn, new_session_id, valid_session_id
 from supervisor.spawner import SpawnError, ZygoteSpawner
+from supervisor.store import SessionNotFound as StoredSessionMissing
 from supervisor.store import StoreError, create_store
 
 log = get_logger(component="supervisor")
@@ -39,6 +42,8 @@ _FAIL_ERRORS = {
 }
 _DEATH_CODES = {states.OOM: p.AGENT_OOM, states.CRASHED: p.AGENT_CRASHED}
 _TURN_STATES = (states.IDLE, states.BUSY)
+# Store status of a session whose server died while it was live (not a state of a live server).
+LOST, LOST_REASON = "lost", "server_died"
 
 
 class Supervisor:
@@ -62,8 +67,13 @@ class Supervisor:
         self.hub: Hub | None = None
         self.spawner: ZygoteSpawner | None = None
         self.started_at = time.time()
+        # Names this server in the store's sessions.node: stable across restarts of the same server
+        # and distinct for two servers on one host, so a restart ends only what it left behind.
+        self.node = f"{socket.gethostname()}:{config.port}"
         self._req_ids = itertools.count(1)
         self._background: set[asyncio.Task] = set()
+        # session id -> the store write recording its last death, awaited before it respawns
+        self._status_writes: dict[str, asyncio.Task] = {}
         self._retention_timer = None
         self._zygote_restart: asyncio.Task | None = None
         self._closing = False
@@ -102,9 +112,16 @@ class Supervisor:
         if self.store is None:
             self.store = create_store(self.config.database_url, self.config.data_dir)
         await self.store.open()
+        await self._end_orphans()
         self.hub = Hub(self.run_dir, token_for=self._token_for, on_frame=self._on_frame, on_drop=self._on_drop)
         self.hub.start()
         await self._start_spawner()
+
+    async def _end_orphans(self) -> None:
+        """End the sessions this server's previous run left live in the store (it died with them)."""
+        lost = await self.store.end_orphans(self.node, status=LOST, end_reason=LOST_REASON)
+        if lost:
+            log.warning("orphans_ended", node=self.node, sessions=lost, reason=LOST_REASON)
 
     async def _start_spawner(self) -> None:
         """Start a zygote."""
@@ -235,7 +252,12 @@ class Supervisor:
 
         When this returns, the message is committed to the store and in the agent's mailbox.
         """
-        self._admit(s, body)
+        try:
+            self._admit(s, body)
+        except errors.CorralError:
+            if not s.inflight:
+                self._drop_if_new(s)  # a refused first message must not leave an unstarted session behind
+            raise
         s.inflight += 1
         s.last_activity = time.monotonic()
         try:
@@ -260,6 +282,10 @@ class Supervisor:
                 if turn.kind == p.MESSAGE:
                     done["message"] = await self._record(s, "assistant", done.get("reply") or "")
             return done
+        except errors.CorralError as exc:
+            # The session's listeners learn why no reply is coming (a wait=false caller has no other way).
+            self.events.publish("error", s.id, to_all=False, code=exc.code, message=exc.message)
+            raise
         finally:
             timer.cancel()
             self._turn_over(s)
@@ -416,8 +442,13 @@ class Supervisor:
 
     async def _prepare_spawn(self, s: Session) -> list[dict]:
         """Record the session in the store and fetch its history."""
+        ended = self._status_writes.get(s.id)
+        if ended is not None:
+            # Otherwise, with a pool of connections, the old end could land after the new start
+            # and leave a live session marked ended (and purgeable by retention).
+            await asyncio.wait([ended])
         record = await self._store_call(
-            self.store.upsert_session(s.id, tenant=s.tenant, agent=self.config.agent, metadata=s.metadata)
+            self.store.upsert_session(s.id, tenant=s.tenant, agent=self.config.agent, metadata=s.metadata, node=self.node)
         )
         s.created_at, s.message_count = record.created_at, record.message_count
         history = await self._store_call(self.store.history(s.id))
@@ -453,7 +484,13 @@ class Supervisor:
         elif s.state == states.STARTING:
             self._release(s)
             s.exit_description = str(exc) or type(exc).__name__
-            self._went_down(s, states.CRASHED)
+            if isinstance(exc, errors.Unavailable):
+                # The server could not start it (store down, zygote restarting): not the agent's
+                # crash, so it must not spend the restart budget and leave the session failed.
+                self._transition(s, states.STOPPING, reason="unavailable")
+                self._went_down(s, states.ENDED)
+            else:
+                self._went_down(s, states.CRASHED)
         log.warning("spawn_failed", session_id=s.id, tenant=s.tenant, error=str(exc) or type(exc).__name__)
 
     # ---------------------------------------------------------------- agent frames
@@ -512,6 +549,23 @@ class Supervisor:
             err_cls = _FAIL_ERRORS.get(code, errors.AgentDied)
             turn.future.set_exception(err_cls(message, code=code if err_cls is errors.AgentDied else None))
             turn.future.add_done_callback(_consume)
+        if code in _DEATH_CODES.values():
+            self._dying(s)
+
+    def _dying(self, s: Session) -> None:
+        """The agent said it is exiting: take no more messages until its exit report arrives.
+
+        Without this the session would look idle between the FAIL frame and the exit report,
+        and the next request would be sent to a process that is about to vanish.
+        """
+        if s.state not in (states.IDLE, states.BUSY):
+            return
+        self._transition(s, states.STOPPING, reason="agent_exiting")
+        # stop_reason stays None, so the exit is classified as crashed/oom; the timer covers an
+        # agent that announces its death and then does not die.
+        s.timers["kill"] = asyncio.get_running_loop().call_later(
+            self.config.stop_timeout, self._signal, s, signal.SIGKILL
+        )
 
     # ---------------------------------------------------------------- deaths
 
@@ -557,8 +611,24 @@ class Supervisor:
         if s.exited is not None and not s.exited.done():
             s.exited.set_result(final)
         self.events.publish("end", s.id, tenant=s.tenant, reason=final, exit=s.exit_description)
-        self._background_task(self._store_call(self.store.set_status(s.id, final, end_reason=final, ended=True)))
+        self._record_end(s, final)
         self._forget(s)
+
+    def _record_end(self, s: Session, final: str) -> None:
+        """Write the end to the store in the background; a respawn waits for it (see _prepare_spawn)."""
+        write = self._background_task(self._store_call(self.store.set_status(s.id, final, end_reason=final, ended=True)))
+        self._status_writes[s.id] = write
+        write.add_done_callback(functools.partial(self._end_recorded, s.id))
+
+    def _end_recorded(self, session_id: str, write: asyncio.Task) -> None:
+        """Forget a finished end write (unless a newer one for the session replaced it)."""
+        if self._status_writes.get(session_id) is write:
+            del self._status_writes[session_id]
+
+    async def settle_store(self) -> None:
+        """Wait for the background store writes in flight (ends of sessions that went down)."""
+        if self._status_writes:
+            await asyncio.wait(list(self._status_writes.values()))
 
     def _on_zygote_lost(self) -> None:
         """The zygote died and took every agent with it: mark them crashed and start another."""
@@ -569,9 +639,7 @@ class Supervisor:
             self._release(s)
             self._went_down(s, classify_exit(-1, stop_reason=s.stop_reason, oom_killed=False))
         if not self._closing:
-            self._zygote_restart = asyncio.ensure_future(self._restart_zygote())
-            self._background.add(self._zygote_restart)
-            self._zygote_restart.add_done_callback(self._background_done)
+            self._zygote_restart = self._background_task(self._restart_zygote())
 
     async def _restart_zygote(self) -> None:
         """Start a new zygote after the old one died."""
@@ -653,14 +721,19 @@ class Supervisor:
         try:
             return await coro
         except StoreError as exc:
+            # the cause names files, hosts and tables: it goes to the log, not to tenants
             log.error("store_error", error=str(exc))
-            raise errors.Unavailable(f"the session store is unavailable: {exc}", retry_after=5) from None
+            raise errors.Unavailable("the session store is unavailable; try again shortly", retry_after=5) from None
+        except StoredSessionMissing as exc:
+            # its data was purged (DELETE ?purge=true, retention) while a request was on its way
+            raise errors.SessionNotFound(f"session {exc.args[0]} was deleted") from None
 
-    def _background_task(self, coro) -> None:
+    def _background_task(self, coro) -> asyncio.Task:
         """Run a coroutine the supervisor owns, kept until done (awaited at close)."""
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background_done)
+        return task
 
     def _background_done(self, task: asyncio.Task) -> None:
         """Log what a background task raised."""
@@ -686,6 +759,7 @@ class Supervisor:
         removed = await self._store_call(self.store.purge_ended(self.config.retention))
         if removed:
             log.info("retention_purged", sessions=removed)
+            self.events.publish_global("purged", sessions=removed, retention=self.config.retention)
         return removed
 
     def health(self) -> dict:

@@ -6,17 +6,28 @@ from aiohttp import web
 
 from supervisor import Config, Supervisor
 from supervisor.logs import get_logger
+from web import cors, monitoring, openapi
+from web.auth import auth_from_config, auth_middleware, check_bind, log_mode
 from web.errors import error_middleware
-from web.routes import chat, health
+from web.routes import admin, api, chat, dashboard, health, metrics, stream
 
 log = get_logger(component="web")
 
 
 def create_app(config: Config, *, store=None) -> web.Application:
-    """Build the app; the supervisor starts and stops with it."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.max_message_bytes * 4 + 4096)
+    """Build the app; the supervisor starts and stops with it.
+
+    Raises ``AuthConfigError`` for a bad tenants file or for dev mode (no keys) off loopback.
+    """
+    auth = auth_from_config(config)
+    check_bind(auth, config.host)
+    log_mode(auth)
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware], client_max_size=config.max_message_bytes * 4 + 4096
+    )
     app["config"] = config
-    app["supervisor"] = Supervisor(config, store=store)
+    app["auth"] = auth
+    app["supervisor"] = Supervisor(config, store=store, tenant_limits=auth.tenant_limits)
     tasks: set[asyncio.Task] = set()
 
     def background(coro) -> None:
@@ -27,8 +38,12 @@ def create_app(config: Config, *, store=None) -> web.Application:
 
     app["background"] = background
     app["background_tasks"] = tasks
-    for module in (health, chat):
+    for module in (health, chat, api, admin, stream, openapi, metrics):
         app.add_routes(module.routes)
+    stream.setup(app)
+    cors.setup(app, config.cors_origins)
+    monitoring.install(app)
+    dashboard.install(app)
     app.on_startup.append(_start_supervisor)
     app.on_cleanup.append(_stop_supervisor)
     return app

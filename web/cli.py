@@ -11,6 +11,7 @@ from pathlib import Path
 
 from supervisor.config import DEFAULT_AGENT, Config
 from supervisor.limits import parse_size
+from web import ops_cli
 
 # name -> (parser, help); every entry is a Config field
 SERVE_FLAGS = {
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (parse, help_text) in SERVE_FLAGS.items():
         serve.add_argument("--" + name.replace("_", "-"), dest=name, type=parse, default=None,
                            help=f"{help_text} [env {env_name(name)}]")
+    ops_cli.add_parsers(sub)
     return parser
 
 
@@ -84,14 +86,23 @@ def serve(config: Config) -> int:
     from supervisor.errors import StartupError
     from supervisor.logs import configure, get_logger
     from web.app import create_app
+    from web.auth import AuthConfigError
 
     configure(config.log_level)
     set_title(f"corral: supervisor {config.host}:{config.port}")
-    app = create_app(config)
-    get_logger(component="cli").info("serving", host=config.host, port=config.port, agent=config.agent)
+    log = get_logger(component="cli")
+    try:
+        app = create_app(config)
+    except AuthConfigError as exc:
+        print(f"corral: cannot start: {exc}", file=sys.stderr)
+        return 1
+    log.info("serving", host=config.host, port=config.port, agent=config.agent)
     try:
         run_app(app, host=config.host, port=config.port, loop=config.loop)
     except StartupError as exc:
+        # e.g. a corrupt or locked SQLite file, an unreachable PostgreSQL: the operator's to fix,
+        # so one line saying what (and the log event with the cause), not a traceback
+        log.error("cannot_start", error=str(exc))
         print(f"corral: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -128,4 +139,4 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(config_from(args))
-    return 2
+    return ops_cli.run(args)

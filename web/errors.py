@@ -6,6 +6,7 @@ from aiohttp import web
 
 from supervisor import errors
 from supervisor.logs import get_logger
+from supervisor.store import StoreError
 
 log = get_logger(component="web")
 
@@ -26,6 +27,10 @@ async def error_middleware(request: web.Request, handler):
         return await handler(request)
     except errors.CorralError as exc:
         return error_response(exc.status, exc.code, exc.message, retry_after=exc.retry_after)
+    except StoreError as exc:
+        log.error("store_error", path=request.path, error=str(exc))
+        # the cause names files, hosts and tables: it stays in the log
+        return error_response(503, "unavailable", "the session store is unavailable; try again shortly", retry_after=5)
     except web.HTTPException as exc:
         if exc.status < 400 or exc.content_type == "application/json":
             raise

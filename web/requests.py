@@ -5,6 +5,7 @@ import json
 from aiohttp import hdrs, web
 
 from supervisor import errors
+from supervisor.session import new_session_id, valid_session_id
 
 SESSION_COOKIE = "corral_session"
 SESSION_HEADER = "X-Session-Id"
@@ -23,7 +24,7 @@ async def json_body(request: web.Request) -> dict:
         return {}
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise errors.BadRequest(f"malformed JSON: {exc}", code="malformed_json") from None
     if not isinstance(body, dict):
         raise errors.BadRequest("the JSON body must be an object", code="malformed_json")
@@ -39,7 +40,41 @@ def field(body: dict, name: str, kind: type, *, required: bool = False, default=
         return default
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         raise errors.BadRequest(f"'{name}' must be {_kind_name(kind)}", code="wrong_type")
+    if kind is str and not _is_utf8(value):
+        raise errors.BadRequest(f"'{name}' must be valid Unicode text (no lone surrogates)", code="wrong_type")
     return value
+
+
+def _is_utf8(text: str) -> bool:
+    """Whether a decoded JSON string can be encoded again (JSON allows lone surrogate escapes)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def query_int(request: web.Request, name: str, *, default: int | None, low: int = 0, high: int | None = None):
+    """An integer query parameter within bounds; 400 naming it when wrong."""
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+        raise errors.BadRequest(f"query parameter '{name}' must be an integer {bounds}", code="wrong_type")
+    return value
+
+
+def query_bool(request: web.Request, name: str) -> bool:
+    """A boolean query parameter (true/false/1/0, absent = false); 400 when it is anything else."""
+    raw = request.query.get(name, "false").lower()
+    if raw not in ("true", "false", "1", "0", ""):
+        raise errors.BadRequest(f"query parameter '{name}' must be true or false", code="wrong_type")
+    return raw in ("true", "1")
 
 
 def _kind_name(kind) -> str:
@@ -62,6 +97,49 @@ def session_id_of(request: web.Request, body: dict | None = None) -> str | None:
     )
 
 
+def requested_session_id(request: web.Request, body: dict | None = None, *, body_only: bool = False) -> str:
+    """The validated session id a request names, or a fresh uuid4 when it names none."""
+    sid = (body or {}).get("session_id") if body_only else session_id_of(request, body)
+    if sid is None:
+        return new_session_id()
+    return checked_session_id(sid)
+
+
+def checked_session_id(sid) -> str:
+    """A client-supplied session id, or 400 bad_session_id."""
+    if not valid_session_id(sid):
+        raise errors.BadRequest("session_id must be 1-128 characters of A-Z a-z 0-9 . _ -", code="bad_session_id")
+    return sid
+
+
+async def open_session(request: web.Request, body: dict | None = None, *, body_only: bool = False):
+    """The request's session for its tenant, created if new (not yet spawned); 404 if another tenant's."""
+    sid = requested_session_id(request, body, body_only=body_only)
+    return await request.app["supervisor"].get_or_create(sid, tenant_of(request), client_metadata(request))
+
+
+async def find_session(request: web.Request, sid: str, *, missing_ok: bool = False):
+    """The tenant's session (live Session or stored record) without spawning; 404 if foreign or unknown.
+
+    With ``missing_ok`` an unknown id gives None instead: the seed routes treat it as a new session.
+    """
+    found = await request.app["supervisor"].find(checked_session_id(sid))
+    if found is None and missing_ok:
+        return None
+    if found is None or found.tenant != tenant_of(request):
+        raise errors.SessionNotFound(f"no session {sid}")
+    return found
+
+
+def client_metadata(request: web.Request) -> dict:
+    """What the seeds kept about a client: website domain and ip."""
+    meta = {"client_ip": request.remote}
+    origin = request.headers.get("Origin") or request.headers.get("Referer")
+    if origin:
+        meta["website_domain"] = origin.split("//", 1)[-1].split("/", 1)[0][:255]
+    return meta
+
+
 def tenant_of(request: web.Request) -> str:
     """The tenant the request authenticated as."""
     return request.get("tenant", "default")
@@ -70,6 +148,16 @@ def tenant_of(request: web.Request) -> str:
 def remember_session(response: web.StreamResponse, session_id: str) -> None:
     """Give the client its session id in the header and the cookie."""
     response.headers[SESSION_HEADER] = session_id
-    # The header aiohttp's set_cookie would write, built directly: session ids are validated to
-    # [A-Za-z0-9._-] so need no quoting, and set_cookie's Morsel machinery is ~5% of a warm turn.
-    response.headers.add(hdrs.SET_COOKIE, f"{SESSION_COOKIE}={session_id}; {_COOKIE_ATTRIBUTES}")
+    if valid_session_id(session_id):
+        # The header aiohttp's set_cookie would write, built directly: a valid id is [A-Za-z0-9._-]
+        # and needs no quoting, and set_cookie's Morsel machinery is ~5% of a warm turn.
+        response.headers.add(hdrs.SET_COOKIE, f"{SESSION_COOKIE}={session_id}; {_COOKIE_ATTRIBUTES}")
+    else:
+        response.set_cookie(SESSION_COOKIE, session_id, httponly=True, samesite="Lax", max_age=30 * 86400)
+
+
+def session_response(data: dict, session_id: str, *, status: int = 200) -> web.Response:
+    """A JSON answer about a session that also hands the client its id (header and cookie)."""
+    response = web.json_response(data, status=status)
+    remember_session(response, session_id)
+    return response

@@ -18,7 +18,7 @@ from .base import (
 
 _BATCH = 256  # appends per group-commit transaction at most (well under SQLite's bound-variable limit)
 _SESSION_COLS = ("id, tenant, agent, metadata, status, end_reason, message_count, "
-                 "created_at, last_activity, ended_at")
+                 "created_at, last_activity, ended_at, node")
 
 
 def _session(row: sqlite3.Row) -> SessionRecord:
@@ -28,6 +28,7 @@ def _session(row: sqlite3.Row) -> SessionRecord:
         metadata=json.loads(row["metadata"] or "{}"), status=row["status"],
         end_reason=row["end_reason"], message_count=row["message_count"],
         created_at=row["created_at"], last_activity=row["last_activity"], ended_at=row["ended_at"],
+        node=row["node"],
     )
 
 
@@ -164,16 +165,16 @@ class SQLiteStore(Store):
 
     async def upsert_session(self, session_id: str, *, tenant: str, agent: str,
                              metadata: dict[str, Any] | None = None,
-                             status: str = "starting") -> SessionRecord:
-        """Create, or bring back an existing session (status set, end cleared)."""
+                             status: str = "starting", node: str | None = None) -> SessionRecord:
+        """Create, or bring back an existing session (status and node set, end cleared)."""
         now = time.time()
         async with self._tx() as db:
             rows = await db.execute_fetchall(
-                f"INSERT INTO sessions ({_SESSION_COLS}) VALUES (?, ?, ?, ?, ?, NULL, 0, ?, ?, NULL) "
-                "ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
+                f"INSERT INTO sessions ({_SESSION_COLS}) VALUES (?, ?, ?, ?, ?, NULL, 0, ?, ?, NULL, ?) "
+                "ON CONFLICT (id) DO UPDATE SET status = excluded.status, node = excluded.node, "
                 "end_reason = NULL, ended_at = NULL "
                 f"RETURNING {_SESSION_COLS}",
-                (session_id, tenant, agent, json.dumps(metadata or {}), status, now, now))
+                (session_id, tenant, agent, json.dumps(metadata or {}), status, now, now, node))
         return _session(rows[0])
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
@@ -201,6 +202,14 @@ class SQLiteStore(Store):
         async with self._tx() as db:
             cur = await db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
             return cur.rowcount > 0
+
+    async def end_orphans(self, node: str, *, status: str, end_reason: str) -> int:
+        """End the sessions ``node`` left unended."""
+        async with self._tx() as db:
+            cur = await db.execute(
+                "UPDATE sessions SET status = ?, end_reason = ?, ended_at = ? "
+                "WHERE node = ? AND ended_at IS NULL", (status, end_reason, time.time(), node))
+            return cur.rowcount
 
     async def purge_ended(self, older_than: float) -> int:
         """Delete sessions whose ended_at is before now - older_than."""

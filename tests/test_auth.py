@@ -1,0 +1,215 @@
+"""Tenants, API keys, the admin token and dev mode, over real HTTP and a real ``corral serve``."""
+
+import asyncio
+import os
+import socket
+import sys
+
+import pytest
+from apihelpers import (
+    ADMIN, ALICE, BOB, SMALL, TENANTS, assert_error, bearer, interrupted, json_of, start, started_sleep,
+)
+
+from web.app import create_app
+from web.auth import AuthConfigError, auth_from_config, is_loopback
+from web.cli import build_parser, config_from
+
+
+@pytest.fixture
+async def client(aiohttp_client, make_config, tmp_path):
+    """An app with tenants alice, bob and small (quota 1) and an admin token."""
+    return await start(aiohttp_client, make_config, tmp_path, tenants=TENANTS)
+
+
+def tenants_file(tmp_path, text: str):
+    """Write a tenants file and return its path."""
+    path = tmp_path / "tenants.toml"
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------- the tenants file
+
+
+def test_tenants_file_is_read(make_config, tmp_path):
+    """Keys map to tenants, quotas go to the supervisor, the admin token is taken from the file."""
+    auth = auth_from_config(make_config(tenants=tenants_file(tmp_path, TENANTS)))
+    assert auth.tenant_for("alice-key-2") == "alice" and auth.tenant_for("bob-key") == "bob"
+    assert auth.tenant_for("alice-key-") is None and auth.tenant_for(None) is None
+    assert auth.tenant_limits == {"small": 1}
+    assert auth.is_admin_token("admin-secret-token") and not auth.is_admin_token("alice-key-1")
+    assert not auth.dev_mode and "alice-key" not in repr(auth) and "admin-secret" not in repr(auth)
+    flag = auth_from_config(make_config(tenants=tenants_file(tmp_path, TENANTS), admin_token="from-flag"))
+    assert flag.is_admin_token("from-flag") and not flag.is_admin_token("admin-secret-token")
+
+
+@pytest.mark.parametrize("text, says", [
+    ("[tenants.a\nkeys = [", "not valid TOML"),
+    ("[tenants.a]\nmax_sessions = 2\n", "keys must be a non-empty list"),
+    ("[tenants.a]\nkeys = []\n", "keys must be a non-empty list"),
+    ("[tenants.a]\nkeys = ['']\n", "keys must be a non-empty list"),
+    ("[tenants.a]\nkeys = ['k-secret']\nmax_sessions = 0\n", "max_sessions must be a positive integer"),
+    ("[tenants.a]\nkeys = ['k-secret']\nquota = 3\n", "unknown settings ['quota']"),
+    ("[tenants.'a b']\nkeys = ['k-secret']\n", "tenant names are"),
+    ("[tenants.a]\nkeys = ['k-secret']\n[tenants.b]\nkeys = ['k-secret']\n", "the same API key is given to tenants"),
+    ("admin_token = 'k-secret'\n[tenants.a]\nkeys = ['k-secret']\n", "must differ from every tenant key"),
+    ("admin_token = 3\n", "admin_token must be a non-empty string"),
+    ("tenant = 1\n", "unknown top-level keys"),
+])
+def test_bad_tenants_files_are_refused_without_echoing_keys(make_config, tmp_path, text, says):
+    """Each mistake stops the start with a message naming it, and never the key itself."""
+    with pytest.raises(AuthConfigError) as caught:
+        create_app(make_config(tenants=tenants_file(tmp_path, text)))
+    assert says in str(caught.value) and "k-secret" not in str(caught.value)
+
+
+def test_missing_tenants_file_and_env_variable(make_config, tmp_path):
+    """A missing file is a clear error; CORRAL_TENANTS and CORRAL_ADMIN_TOKEN name the file and token."""
+    with pytest.raises(AuthConfigError, match="No such file"):
+        auth_from_config(make_config(tenants=tmp_path / "absent.toml"))
+    path = tenants_file(tmp_path, TENANTS)
+    args = build_parser().parse_args(["serve"])
+    config = config_from(args, environ={"CORRAL_TENANTS": str(path), "CORRAL_ADMIN_TOKEN": "env-admin"})
+    assert config.tenants == path and auth_from_config(config).is_admin_token("env-admin")
+
+
+def test_loopback_addresses():
+    """Only loopback binds and peers count as loopback."""
+    assert all(map(is_loopback, ["127.0.0.1", "127.8.0.1", "::1", "localhost"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "::", "10.0.0.1", "example.com", "", None]))
+
+
+def test_dev_mode_refused_off_loopback(make_config):
+    """No keys and a public bind address: the app refuses to build."""
+    with pytest.raises(AuthConfigError, match="allowed only on loopback"):
+        create_app(make_config(host="0.0.0.0"))
+
+
+# ---------------------------------------------------------------- corral serve, for real
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def run_corral(tmp_path, *args, until: bytes | None = None):
+    """Run ``corral serve``; return its exit code and stderr (stopped once ``until`` is logged)."""
+    env = {**os.environ, "CORRAL_DATA_DIR": str(tmp_path / "data"), "CORRAL_RUN_DIR": str(tmp_path / "run")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "from web.cli import main; raise SystemExit(main())", "serve", *args,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env,
+    )
+    seen = b""
+    try:
+        while until is not None and until not in seen:
+            line = await asyncio.wait_for(proc.stderr.readline(), 30)
+            if not line:
+                break
+            seen += line
+        if until is not None and until in seen:
+            proc.terminate()
+        seen += await asyncio.wait_for(proc.stderr.read(), 30)
+        return await asyncio.wait_for(proc.wait(), 30), seen.decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_corral_serve_refuses_dev_mode_on_a_public_address(tmp_path):
+    """``corral serve --host 0.0.0.0`` without keys exits at once with the reason."""
+    code, err = await run_corral(tmp_path, "--host", "0.0.0.0", "--port", str(free_port()))
+    assert code != 0 and "dev mode (no keys) is allowed only on loopback" in err and "--tenants" in err
+
+
+async def test_corral_serve_warns_in_dev_mode(tmp_path):
+    """On loopback without keys it serves, and says so (admin open to loopback) in the log."""
+    code, err = await run_corral(tmp_path, "--port", str(free_port()), until=b'"serving"')
+    assert '"dev_mode"' in err and "admin API is open to loopback clients" in err and '"warning"' in err
+
+
+async def test_corral_serve_never_logs_keys(tmp_path):
+    """With a tenants file the log names tenants and counts keys, never a key or the token."""
+    path = tenants_file(tmp_path, TENANTS)
+    code, err = await run_corral(tmp_path, "--port", str(free_port()), "--tenants", str(path), until=b'"serving"')
+    assert '"tenants_loaded"' in err and '"alice"' in err and '"dev_mode"' not in err
+    assert "alice-key" not in err and "admin-secret" not in err
+
+
+# ---------------------------------------------------------------- requests
+
+
+async def test_missing_or_wrong_key_is_401(client):
+    """No key, a wrong key, or another scheme: 401 with a Bearer challenge; /health needs none."""
+    for headers in ({}, bearer("not-a-key"), {"Authorization": "Basic YWxpY2U6eA=="}, bearer("admin-secret-token")):
+        response = await client.post("/api/chat", json={"message": "hi"}, headers=headers)
+        await assert_error(response, 401, "unauthorized")
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert (await client.get("/health")).status == 200
+    assert (await json_of(await client.post("/api/chat", json={"message": "hi"}, headers=bearer("alice-key-2")), 200))
+
+
+async def test_admin_needs_the_admin_token(client):
+    """A tenant key is not the admin token; the admin token opens /admin/."""
+    await assert_error(await client.get("/admin/sessions"), 401, "unauthorized")
+    await assert_error(await client.get("/admin/sessions", headers=ALICE), 401, "unauthorized")
+    assert (await client.get("/admin/sessions", headers=ADMIN)).status == 200
+
+
+async def test_admin_disabled_without_token_and_open_in_dev_mode(aiohttp_client, make_config, tmp_path):
+    """Keys but no admin token: the admin API is closed. Dev mode: open to loopback clients."""
+    no_token = "[tenants.alice]\nkeys = ['alice-key-1']\n"
+    closed = await start(aiohttp_client, make_config, tmp_path, tenants=no_token)
+    body = await assert_error(await closed.get("/admin/stats", headers=ALICE), 401, "unauthorized")
+    assert "disabled" in body["error"]["message"]
+    dev = await start(aiohttp_client, make_config, tmp_path / "dev")
+    assert (await json_of(await dev.get("/admin/stats"), 200))["live_sessions"] == 0
+
+
+async def test_tenant_b_gets_404_for_tenant_a_session_on_every_route(client):
+    """Bob can neither see nor touch Alice's session by any route; Alice's session is unharmed."""
+    sid = "alice-private"
+    await json_of(await client.post("/api/chat", json={"message": "my name is Alice", "session_id": sid}, headers=ALICE), 200)
+    as_bob = [
+        client.post("/api/chat", json={"message": "what is my name?", "session_id": sid}, headers=BOB),
+        client.post("/api/chat", json={"message": "x", "wait": False}, headers={**BOB, "X-Session-Id": sid}),
+        client.get("/api/state", params={"session_id": sid}, headers=BOB),
+        client.post("/api/interrupt", json={"session_id": sid}, headers=BOB),
+        client.post("/api/system", json={"message": "x", "session_id": sid}, headers=BOB),
+        client.post("/api/mcp-command", json={"command": "facts", "session_id": sid}, headers=BOB),
+        client.post("/api/sessions", json={"session_id": sid}, headers=BOB),
+        client.get(f"/api/sessions/{sid}", headers=BOB),
+        client.delete(f"/api/sessions/{sid}", params={"purge": "true"}, headers=BOB),
+    ]
+    for call in as_bob:
+        body = await assert_error(await call, 404, "session_not_found")
+        assert "Alice" not in str(body)
+    client.session.cookie_jar.update_cookies({"corral_session": sid}, response_url=client.make_url("/"))
+    await assert_error(await client.post("/api/chat", json={"message": "hi"}, headers=BOB), 404, "session_not_found")
+    mine = await json_of(await client.post("/api/chat", json={"message": "what is my name?", "session_id": sid},
+                                           headers=ALICE), 200)
+    assert mine["reply"] == "Your name is Alice." and mine["message_count"] == 4
+
+
+async def test_bob_cannot_interrupt_alices_turn(client):
+    """Bob's interrupt of Alice's busy session is a 404 and her turn runs on; hers ends it."""
+    call = await started_sleep(client, "alice-sleeps", headers=ALICE)
+    await assert_error(await client.post("/api/interrupt", json={"session_id": "alice-sleeps"}, headers=BOB),
+                       404, "session_not_found")
+    assert not call.done()
+    response = await interrupted(client, call, "/api/interrupt", json={"session_id": "alice-sleeps"}, headers=ALICE)
+    assert (await json_of(response, 200))["status"] == "interrupted"
+
+
+async def test_tenant_quota_is_429_and_other_tenants_unaffected(client):
+    """Tenant small (max_sessions = 1): a second live session is 429 quota_exceeded with Retry-After."""
+    await json_of(await client.post("/api/sessions", json={"session_id": "small-1"}, headers=SMALL), 201)
+    response = await client.post("/api/chat", json={"message": "hi", "session_id": "small-2"}, headers=SMALL)
+    await assert_error(response, 429, "quota_exceeded")
+    assert int(response.headers["Retry-After"]) >= 1
+    await json_of(await client.post("/api/chat", json={"message": "hi", "session_id": "alice-2"}, headers=ALICE), 200)
+    await json_of(await client.delete("/api/sessions/small-1", headers=SMALL), 200)
+    await json_of(await client.post("/api/chat", json={"message": "hi", "session_id": "small-2"}, headers=SMALL), 200)

@@ -1,0 +1,234 @@
+"""Who is calling: tenants and their API keys, the admin token, and dev mode.
+
+Tenants come from a TOML file (``--tenants`` / ``CORRAL_TENANTS``)::
+
+    admin_token = "..."            # optional; --admin-token / CORRAL_ADMIN_TOKEN wins
+
+    [tenants.acme]
+    keys = ["key-1", "key-2"]
+    max_sessions = 20              # optional per-tenant session quota
+
+Requests carry ``Authorization: Bearer <key>``. Keys are compared in constant time and never
+logged. With no keys at all the server is in dev mode: every loopback client is tenant
+``default``, and the server refuses to bind anywhere but loopback.
+"""
+
+import hashlib
+import hmac
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from supervisor.logs import get_logger
+from web.errors import error_response
+
+log = get_logger(component="auth")
+
+DEV_TENANT = "default"
+_TENANT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# Paths under /api/ anyone may read (the API description).
+PUBLIC_API_PATHS = frozenset({"/api/openapi.json"})
+
+
+class AuthConfigError(ValueError):
+    """A tenants file or auth setting the server cannot start with; the message says why."""
+
+
+@dataclass
+class Auth:
+    """The credentials a server accepts."""
+
+    # (sha256 of the key, tenant) pairs: a list, not a dict, so a lookup compares every key, and
+    # digests of one length, so the comparison time says nothing about a key's length either
+    keys: list[tuple[bytes, str]] = field(default_factory=list, repr=False)
+    tenant_limits: dict[str, int] = field(default_factory=dict)
+    admin_token: bytes | None = field(default=None, repr=False)
+
+    @property
+    def dev_mode(self) -> bool:
+        """No API keys configured: loopback clients are tenant ``default``."""
+        return not self.keys
+
+    def tenant_for(self, token: str | None) -> str | None:
+        """The tenant whose key this is, or None; looks at every key whatever matches."""
+        if token is None:
+            return None
+        given = digest(token)
+        found = None
+        for key, tenant in self.keys:
+            if hmac.compare_digest(key, given) and found is None:
+                found = tenant
+        return found
+
+    def is_admin_token(self, token: str | None) -> bool:
+        """Whether this is the admin token (constant time)."""
+        if token is None or self.admin_token is None:
+            return False
+        return hmac.compare_digest(self.admin_token, digest(token))
+
+
+def digest(secret: str) -> bytes:
+    """The sha256 of a key or token: what is kept and compared."""
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def load_tenants(path: Path) -> tuple[list[tuple[bytes, str]], dict[str, int], str | None]:
+    """Read a tenants TOML file: (key digests, per-tenant session limits, admin token or None)."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise AuthConfigError(f"tenants file {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise AuthConfigError(f"tenants file {path}: not valid TOML ({exc})") from None
+    unknown = set(data) - {"tenants", "admin_token"}
+    if unknown:
+        raise AuthConfigError(f"tenants file {path}: unknown top-level keys {sorted(unknown)}")
+    tenants = data.get("tenants", {})
+    if not isinstance(tenants, dict):
+        raise AuthConfigError(f"tenants file {path}: [tenants] must be a table of [tenants.NAME] tables")
+    keys, limits = [], {}
+    for name, table in tenants.items():
+        where = f"tenants file {path}: [tenants.{name}]"
+        tenant_keys, limit = _read_tenant(where, name, table)
+        keys.extend((digest(key), name) for key in tenant_keys)
+        if limit is not None:
+            limits[name] = limit
+    admin = data.get("admin_token")
+    if admin is not None and (not isinstance(admin, str) or not admin):
+        raise AuthConfigError(f"tenants file {path}: admin_token must be a non-empty string")
+    return keys, limits, admin
+
+
+def _read_tenant(where: str, name: str, table) -> tuple[list[str], int | None]:
+    """Validate one [tenants.NAME] table: its keys and optional max_sessions."""
+    if not _TENANT_NAME.fullmatch(name):
+        raise AuthConfigError(f"{where}: tenant names are 1-64 characters of A-Z a-z 0-9 . _ -")
+    if not isinstance(table, dict):
+        raise AuthConfigError(f"{where}: must be a table with keys = [...]")
+    unknown = set(table) - {"keys", "max_sessions"}
+    if unknown:
+        raise AuthConfigError(f"{where}: unknown settings {sorted(unknown)} (allowed: keys, max_sessions)")
+    keys = table.get("keys")
+    if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and k for k in keys):
+        raise AuthConfigError(f"{where}: keys must be a non-empty list of non-empty strings")
+    limit = table.get("max_sessions")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise AuthConfigError(f"{where}: max_sessions must be a positive integer")
+    return keys, limit
+
+
+def auth_from_config(config) -> Auth:
+    """Build the server's Auth from ``config.tenants`` and ``config.admin_token``."""
+    keys, limits, admin = ([], {}, None) if config.tenants is None else load_tenants(config.tenants)
+    seen: dict[bytes, str] = {}
+    for key, tenant in keys:
+        if key in seen:
+            raise AuthConfigError(f"the same API key is given to tenants {seen[key]!r} and {tenant!r}")
+        seen[key] = tenant
+    admin = config.admin_token or admin
+    if admin and digest(admin) in seen:
+        raise AuthConfigError("the admin token must differ from every tenant key")
+    return Auth(keys=keys, tenant_limits=limits, admin_token=digest(admin) if admin else None)
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether a bind address or peer address is loopback-only."""
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(auth: Auth, host: str) -> None:
+    """Refuse dev mode (no keys) on anything but a loopback address."""
+    if auth.dev_mode and not is_loopback(host):
+        raise AuthConfigError(
+            f"refusing to serve on {host} without API keys: dev mode (no keys) is allowed only on loopback. "
+            "Give a tenants file with keys (--tenants FILE or CORRAL_TENANTS) or bind to 127.0.0.1."
+        )
+
+
+def log_mode(auth: Auth) -> None:
+    """Say at start how requests are authenticated (names and counts, never keys)."""
+    if auth.dev_mode:
+        log.warning(
+            "dev_mode",
+            detail="no API keys configured: loopback clients only, all as tenant 'default'; "
+            + ("the admin API needs the admin token" if auth.admin_token else "the admin API is open to loopback clients"),
+        )
+        return
+    tenants = sorted({tenant for _, tenant in auth.keys})
+    log.info("tenants_loaded", tenants=tenants, keys=len(auth.keys), quotas=auth.tenant_limits)
+    if auth.admin_token is None:
+        log.warning("admin_api_disabled", detail="no admin token configured (--admin-token or admin_token)")
+
+
+def bearer_token(request: web.Request) -> str | None:
+    """The token of an ``Authorization: Bearer`` header, or None."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def unauthorized(message: str) -> web.Response:
+    """A 401 with the Bearer challenge."""
+    response = error_response(401, "unauthorized", message)
+    response.headers["WWW-Authenticate"] = 'Bearer realm="corral"'
+    return response
+
+
+def _tenant_check(auth: Auth, request: web.Request) -> str | web.Response:
+    """The request's tenant, or the 401 to answer with."""
+    if auth.dev_mode:
+        if not is_loopback(request.remote):
+            return unauthorized("dev mode (no API keys configured) accepts loopback clients only")
+        return DEV_TENANT
+    tenant = auth.tenant_for(bearer_token(request))
+    if tenant is None:
+        has_key = bearer_token(request) is not None
+        return unauthorized("invalid API key" if has_key else "missing API key: send Authorization: Bearer <key>")
+    return tenant
+
+
+def _admin_check(auth: Auth, request: web.Request) -> web.Response | None:
+    """None if the request may use the admin API, else the 401 to answer with."""
+    if auth.admin_token is not None:
+        if auth.is_admin_token(bearer_token(request)):
+            return None
+        return unauthorized("the admin API needs the admin token: Authorization: Bearer <admin token>")
+    if auth.dev_mode and is_loopback(request.remote):
+        return None
+    if auth.dev_mode:
+        return unauthorized("dev mode: the admin API accepts loopback clients only")
+    return unauthorized("the admin API is disabled: no admin token is configured")
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler):
+    """Authenticate /api/ requests as a tenant and /admin/ requests as the admin."""
+    auth: Auth = request.app["auth"]
+    path = request.path
+    if request.method == "OPTIONS":  # CORS preflights carry no credentials
+        return await handler(request)
+    if path.startswith("/admin/"):
+        refused = _admin_check(auth, request)
+        if refused is not None:
+            return refused
+        request["admin"] = True
+    elif path.startswith("/api/") and path not in PUBLIC_API_PATHS:
+        tenant = _tenant_check(auth, request)
+        if isinstance(tenant, web.Response):
+            return tenant
+        request["tenant"] = tenant
+    return await handler(request)

@@ -1,0 +1,135 @@
+"""The admin API (admin token): list, inspect, kill and interrupt sessions; stats.
+
+Rows merge the sessions this node holds in memory (live, or recently crashed) with the ones only
+the store knows (ended, or live on another node), newest first.
+"""
+
+from collections import Counter
+
+from aiohttp import web
+
+from supervisor import errors, states
+from supervisor.session import Session
+from web.requests import checked_session_id, query_bool, query_int
+from web.views import admin_row
+
+routes = web.RouteTableDef()
+
+LIVE_FILTER = "live"  # ?state=live: every state that has a process
+
+
+@routes.get("/admin/sessions")
+async def list_sessions(request: web.Request) -> web.Response:
+    """Sessions, filtered by ``tenant`` and ``state`` (a state or ``live``), paginated."""
+    tenant = request.query.get("tenant") or None
+    state = request.query.get("state") or None
+    if state is not None and state not in states.ALL and state != LIVE_FILTER:
+        raise errors.BadRequest(f"state must be one of {sorted(states.ALL)} or '{LIVE_FILTER}'", code="wrong_type")
+    limit = query_int(request, "limit", default=100, low=1, high=1000)
+    offset = query_int(request, "offset", default=0, low=0, high=1_000_000_000)
+    rows = await _rows(request.app, tenant, state, limit + 1, offset)
+    more = len(rows) > limit
+    return web.json_response(
+        {"sessions": rows[:limit], "limit": limit, "offset": offset, "next_offset": offset + limit if more else None}
+    )
+
+
+async def _rows(app: web.Application, tenant: str | None, state: str | None, want: int, offset: int) -> list[dict]:
+    """Rows ``offset .. offset+want`` of memory and store merged, newest first."""
+    sup = app["supervisor"]
+    held = sup.list_sessions()
+    rows = [admin_row(s, app.get("procstats")) for s in held if _matches(s, tenant, state)]
+    if state != LIVE_FILTER:
+        # Enough stored rows that, after dropping the ones memory already shows, offset+want remain.
+        stored = await sup.store.list_sessions(tenant=tenant, status=state, limit=offset + want + len(held))
+        held_ids = {s.id for s in held}
+        rows += [admin_row(r) for r in stored if r.id not in held_ids]
+    rows.sort(key=lambda row: (-row["created_at"], row["session_id"]))
+    return rows[offset : offset + want]
+
+
+def _matches(s: Session, tenant: str | None, state: str | None) -> bool:
+    """Whether an in-memory session passes the list filters."""
+    if tenant is not None and s.tenant != tenant:
+        return False
+    if state == LIVE_FILTER:
+        return s.live
+    return state is None or s.state == state
+
+
+async def _found(request: web.Request):
+    """The session named in the path (memory, else store), any tenant; 404 if unknown."""
+    sid = checked_session_id(request.match_info["session_id"])
+    found = await request.app["supervisor"].find(sid)
+    if found is None:
+        raise errors.SessionNotFound(f"no session {sid}")
+    return found
+
+
+@routes.get("/admin/sessions/{session_id}")
+async def get_session(request: web.Request) -> web.Response:
+    """One session's row."""
+    return web.json_response(admin_row(await _found(request), request.app.get("procstats")))
+
+
+@routes.delete("/admin/sessions/{session_id}")
+async def kill_session(request: web.Request) -> web.Response:
+    """Kill a live session (202 while it stops); a down one is forgotten (its restart budget too).
+
+    ``?purge=true`` also deletes the session's messages and record.
+    """
+    purge = query_bool(request, "purge")
+    found = await _found(request)
+    sup = request.app["supervisor"]
+    if isinstance(found, Session) and found.live:
+        request.app["background"](_kill(sup, found, purge))
+        return web.json_response({**admin_row(found), "state": states.STOPPING}, status=202)
+    if isinstance(found, Session):
+        await sup.remove(found, purge=purge)
+    elif purge:
+        await sup.store.delete_session(found.id)
+    return web.json_response({**admin_row(found), "purged": purge})
+
+
+async def _kill(sup, s: Session, purge: bool) -> None:
+    """Kill the session's process, then delete its data if asked."""
+    await sup.kill(s)
+    if purge:
+        await sup.remove(s, purge=True)
+
+
+@routes.post("/admin/sessions/{session_id}/interrupt")
+async def interrupt_session(request: web.Request) -> web.Response:
+    """Interrupt the session's turn in progress, if any."""
+    found = await _found(request)
+    done = isinstance(found, Session) and request.app["supervisor"].interrupt(found)
+    return web.json_response({"session_id": found.id, "state": admin_row(found)["state"], "interrupted": done})
+
+
+@routes.get("/admin/stats")
+async def stats(request: web.Request) -> web.Response:
+    """Totals from the store (sessions, active, messages, averages, per tenant) and this node's live view."""
+    sup = request.app["supervisor"]
+    stored = await sup.store.stats()
+    by_state = Counter(s.state for s in sup.list_sessions() if s.state is not None)
+    quotas = sup.tenant_limits
+    by_tenant = stored["by_tenant"]  # every live session was recorded before it was spawned
+    for tenant, entry in by_tenant.items():
+        entry["live"] = sup.live_by_tenant.get(tenant, 0)
+        entry["max_sessions"] = quotas.get(tenant) or sup.config.max_sessions_per_tenant or None
+    return web.json_response({
+        **stored,
+        "live_sessions": sup.count(),
+        "max_sessions": sup.config.max_sessions,
+        "by_state": dict(by_state),
+        "by_tenant": by_tenant,
+        "counters": dict(sup.counters),
+        **_agent_memory(request.app.get("procstats")),
+    })
+
+
+def _agent_memory(procstats) -> dict:
+    """All agents' memory together, when the process figures can total it."""
+    if not hasattr(procstats, "total_rss"):
+        return {}
+    return {"agent_memory": {"rss_bytes": procstats.total_rss(), "uss_bytes": procstats.total_uss()}}

@@ -1,0 +1,134 @@
+"""The seed endpoints besides chat (state, interrupt, system, mcp-command) and /api/sessions.
+
+Seed routes get-or-create: an unknown id, or none, names a new session. Only routes that send
+the session something (system, mcp-command, and chat) start its process; state and interrupt
+answer for a new session without starting one. The /api/sessions/{id} routes answer 404 for an
+unknown id. Every route answers 404 for another tenant's session.
+"""
+
+from aiohttp import web
+
+from supervisor import errors, states
+from supervisor.session import Session
+from web.requests import (
+    field,
+    find_session,
+    json_body,
+    open_session,
+    query_bool,
+    query_int,
+    requested_session_id,
+    session_response,
+)
+from web.views import message_view, new_session_view, session_detail, session_view
+
+routes = web.RouteTableDef()
+
+# msgpack carries integers of at most 64 bits and nests at most a few hundred levels.
+_INT_RANGE = (-(2**63), 2**64 - 1)
+_MAX_DEPTH = 64
+
+
+@routes.get("/api/state")
+async def state(request: web.Request) -> web.Response:
+    """The session's messages (from the store), ``is_processing`` and agent state; never spawns."""
+    sid = requested_session_id(request)
+    limit = query_int(request, "limit", default=None, low=1, high=100_000)
+    found = await find_session(request, sid, missing_ok=True)
+    if found is None:
+        return session_response(new_session_view(sid, messages=[]), sid)
+    history = await request.app["supervisor"].store.history(sid, limit=limit)
+    return session_response(session_view(found, messages=[message_view(m) for m in history]), sid)
+
+
+@routes.post("/api/interrupt")
+async def interrupt(request: web.Request) -> web.Response:
+    """Interrupt the turn in progress; the waiting call returns it as ``interrupted``."""
+    body = await json_body(request)
+    sid = requested_session_id(request, body)
+    found = await find_session(request, sid, missing_ok=True)
+    if found is None:
+        return session_response(new_session_view(sid, interrupted=False), sid)
+    done = isinstance(found, Session) and request.app["supervisor"].interrupt(found)
+    return session_response(session_view(found, interrupted=done), sid)
+
+
+@routes.post("/api/system")
+async def system(request: web.Request) -> web.Response:
+    """Put a system message into the session and return the agent's answer."""
+    body = await json_body(request)
+    message = field(body, "message", str, required=True)
+    s = await open_session(request, body)
+    result = await request.app["supervisor"].system(s, message)
+    return session_response(session_view(s, status=result["status"], reply=result.get("reply")), s.id)
+
+
+@routes.post("/api/mcp-command")
+async def mcp_command(request: web.Request) -> web.Response:
+    """Run an agent command and return its result."""
+    body = await json_body(request)
+    command = field(body, "command", str, required=True)
+    args = body.get("args")
+    check_packable("args", args)
+    s = await open_session(request, body)
+    result = await request.app["supervisor"].command(s, command, args)
+    return session_response(session_view(s, status=result["status"], result=result.get("reply")), s.id)
+
+
+@routes.post("/api/sessions")
+async def create_session(request: web.Request) -> web.Response:
+    """Start a session now (id from the body, else a fresh one): 201 if started, 200 if it was live."""
+    body = await json_body(request)
+    s = await open_session(request, body, body_only=True)
+    was_live = s.live
+    await request.app["supervisor"].ensure_live(s)
+    response = session_response(session_detail(s), s.id, status=200 if was_live else 201)
+    response.headers["Location"] = f"/api/sessions/{s.id}"
+    return response
+
+
+@routes.get("/api/sessions/{session_id}")
+async def get_session(request: web.Request) -> web.Response:
+    """One of the tenant's sessions; 404 if unknown or another tenant's."""
+    found = await find_session(request, request.match_info["session_id"])
+    return web.json_response(session_detail(found))
+
+
+@routes.delete("/api/sessions/{session_id}")
+async def delete_session(request: web.Request) -> web.Response:
+    """End a session (stop its process); ``?purge=true`` also deletes its messages and record.
+
+    A session that crashed keeps its restart budget: only an admin can clear a ``failed`` one.
+    """
+    purge = query_bool(request, "purge")
+    found = await find_session(request, request.match_info["session_id"])
+    sup = request.app["supervisor"]
+    if isinstance(found, Session) and found.live:
+        await sup.remove(found, purge=purge)
+    elif purge:
+        await sup.store.delete_session(found.id)
+    elif not isinstance(found, Session) and found.ended_at is None:
+        # Live on a node that is gone: record the end so retention applies.
+        await sup.store.set_status(found.id, states.ENDED, end_reason=states.ENDED, ended=True)
+        found.status = states.ENDED
+    return web.json_response({"session_id": found.id, "state": session_view(found)["state"], "purged": purge})
+
+
+def check_packable(name: str, value, depth: int = 0) -> None:
+    """Refuse JSON the agent wire format cannot carry (huge integers, very deep nesting)."""
+    if depth > _MAX_DEPTH:
+        raise errors.BadRequest(f"'{name}' nests deeper than {_MAX_DEPTH} levels", code="wrong_type")
+    if isinstance(value, bool) or value is None or isinstance(value, float):
+        return
+    if isinstance(value, int):
+        if not _INT_RANGE[0] <= value <= _INT_RANGE[1]:
+            raise errors.BadRequest(f"'{name}' holds an integer beyond 64 bits", code="wrong_type")
+    elif isinstance(value, str):
+        field({name: value}, name, str)
+    elif isinstance(value, list):
+        for item in value:
+            check_packable(name, item, depth + 1)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            field({name: key}, name, str)
+            check_packable(name, item, depth + 1)

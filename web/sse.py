@@ -1,0 +1,227 @@
+"""Server-Sent Events fan-out: one replay buffer per watched session, one queue per open stream.
+
+A ``SessionChannel`` exists only while a session has listeners (and for ``linger`` seconds after
+the last one leaves, so a client that reconnects can resume). It subscribes to the supervisor's
+EventBus for its session, numbers each event with an id from one process-wide counter, keeps the
+last ``buffer_size`` of them for ``Last-Event-ID`` resumes, and hands each one to every listener's
+queue. Nothing runs while a session is idle: no task and no timer per session, only the one-shot
+drop timer after the last listener has left.
+"""
+
+import asyncio
+import itertools
+import json
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+# The EventBus types a stream carries (``spawned`` is an operator event, not a client one).
+STREAM_TYPES = frozenset({"state", "delta", "message", "error", "end"})
+# Fields of a bus event that are not for clients (the pid is the operator's business).
+_PRIVATE_FIELDS = ("type", "time", "tenant", "pid")
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    """One numbered event as it goes on the wire."""
+
+    id: int
+    type: str
+    data: dict
+
+    def encode(self) -> bytes:
+        """The event in the text/event-stream format."""
+        return format_event(self.type, self.data, self.id)
+
+
+def format_event(event_type: str, data: dict, event_id: int | None = None) -> bytes:
+    """One SSE frame: ``id``, ``event`` and a single-line JSON ``data`` field."""
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event_type}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
+KEEPALIVE_FRAME = b": keep-alive\n\n"
+# Headers of every event-stream response.
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx: pass events through at once
+}
+CLOSE = object()  # put on a listener's queue to end its stream
+
+
+def client_data(event: dict) -> dict:
+    """The part of a bus event a client sees."""
+    if event["type"] == "message":
+        return {"session_id": event["session_id"], **event["message"]}
+    return {key: value for key, value in event.items() if key not in _PRIVATE_FIELDS}
+
+
+class Listener:
+    """One open stream's end of a channel: a bounded queue the stream's handler drains."""
+
+    def __init__(self, channel: "SessionChannel", queue_size: int):
+        self.channel = channel
+        self.queue: asyncio.Queue = asyncio.Queue(queue_size)
+        self.closed = False
+
+    def deliver(self, item) -> None:
+        """Queue an event; a listener too slow to keep up is closed (it resumes on reconnect)."""
+        if self.closed:
+            return
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.close_stream()
+
+    def close_stream(self) -> None:
+        """End the stream: its handler finds CLOSE after what is already queued."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.queue.full():
+            self.queue.get_nowait()  # make room: the client resumes from its last id anyway
+        self.queue.put_nowait(CLOSE)
+
+    def leave(self) -> None:
+        """The stream is over: stop receiving events."""
+        self.closed = True
+        self.channel.remove(self)
+
+
+class SessionChannel:
+    """One session's events for one tenant: the replay buffer and the listeners."""
+
+    def __init__(self, hub: "StreamHub", tenant: str, session_id: str):
+        self.hub, self.tenant, self.session_id = hub, tenant, session_id
+        self.buffer: deque[StreamEvent] = deque(maxlen=hub.buffer_size)
+        # Ids up to ``floor`` are not in the buffer (before this channel, or evicted).
+        self.floor = hub.last_id
+        self.listeners: set[Listener] = set()
+        self._drop_timer: asyncio.TimerHandle | None = None
+        self._released: asyncio.Future | None = None  # made only when someone waits for the drop
+        self._unsubscribe = hub.bus.subscribe_session(session_id, self._on_event)
+
+    @property
+    def last_id(self) -> int:
+        """The id of the newest event in the buffer (or the floor when there is none)."""
+        return self.buffer[-1].id if self.buffer else self.floor
+
+    def _on_event(self, event: dict) -> None:
+        """Number, buffer and fan out one bus event of this session."""
+        if event["type"] not in STREAM_TYPES or not self.hub.owned_by(self.session_id, self.tenant):
+            return
+        if len(self.buffer) == self.buffer.maxlen:
+            self.floor = self.buffer[0].id
+        numbered = StreamEvent(self.hub.next_id(), event["type"], client_data(event))
+        self.buffer.append(numbered)
+        for listener in list(self.listeners):
+            listener.deliver(numbered)
+
+    def add(self) -> Listener:
+        """A new listener; cancels a pending drop."""
+        if self._drop_timer is not None:
+            self._drop_timer.cancel()
+            self._drop_timer = None
+        listener = Listener(self, self.hub.queue_size)
+        self.listeners.add(listener)
+        return listener
+
+    def remove(self, listener: Listener) -> None:
+        """Forget a listener; the last one out arms the drop timer."""
+        self.listeners.discard(listener)
+        if not self.listeners and self._drop_timer is None and self.hub.channels.get(self.key) is self:
+            loop = asyncio.get_running_loop()
+            self._drop_timer = loop.call_later(self.hub.linger, self.drop)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """The hub's key of this channel."""
+        return (self.tenant, self.session_id)
+
+    def events_after(self, last_id: int) -> list[StreamEvent] | None:
+        """The buffered events after ``last_id``; None when some of them are no longer kept."""
+        if last_id < self.floor or last_id > self.last_id:
+            return None
+        return [e for e in self.buffer if e.id > last_id]
+
+    def drop(self) -> None:
+        """Unsubscribe and release the buffer (nobody listens any more, or the server stops)."""
+        if self._drop_timer is not None:
+            self._drop_timer.cancel()
+            self._drop_timer = None
+        self._unsubscribe()
+        self.buffer.clear()
+        if self.hub.channels.get(self.key) is self:
+            del self.hub.channels[self.key]
+        for listener in list(self.listeners):
+            listener.close_stream()
+        if self._released is not None and not self._released.done():
+            self._released.set_result(None)
+
+    def released(self) -> asyncio.Future:
+        """A future that resolves when this channel is dropped."""
+        if self._released is None:
+            self._released = asyncio.get_running_loop().create_future()
+        return self._released
+
+
+class StreamHub:
+    """Every open session channel of one server, and the stream settings."""
+
+    def __init__(
+        self,
+        bus,
+        owner_of: Callable[[str], str | None],
+        *,
+        keepalive: float = 15.0,
+        linger: float = 60.0,
+        buffer_size: int = 256,
+        queue_size: int = 1024,
+    ):
+        self.bus = bus
+        self._owner_of = owner_of
+        self.keepalive = keepalive  # seconds between keep-alive comments on a quiet stream
+        self.linger = linger  # seconds a channel outlives its last listener (for resumes)
+        self.buffer_size = buffer_size  # events kept per session for Last-Event-ID
+        self.queue_size = queue_size  # events a listener may fall behind before it is dropped
+        self.channels: dict[tuple[str, str], SessionChannel] = {}
+        # Seeded from the clock so ids keep increasing across a restart of the server.
+        self._ids = itertools.count(time.time_ns() // 1000)
+        self.last_id = next(self._ids)
+
+    def next_id(self) -> int:
+        """The next event id (process-wide, so a session's ids increase across channel lifetimes)."""
+        self.last_id = next(self._ids)
+        return self.last_id
+
+    def owned_by(self, session_id: str, tenant: str) -> bool:
+        """Whether the session (if it exists) belongs to the tenant; events of others are not sent."""
+        owner = self._owner_of(session_id)
+        return owner is None or owner == tenant
+
+    def listen(self, tenant: str, session_id: str) -> Listener:
+        """Join (or open) the session's channel."""
+        channel = self.channels.get((tenant, session_id))
+        if channel is None:
+            channel = self.channels[(tenant, session_id)] = SessionChannel(self, tenant, session_id)
+        return channel.add()
+
+    def released(self, tenant: str, session_id: str) -> asyncio.Future:
+        """Resolves once no channel holds this session's events (at once if none does)."""
+        channel = self.channels.get((tenant, session_id))
+        if channel is not None:
+            return channel.released()
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    def listeners(self) -> int:
+        """Open streams in all."""
+        return sum(len(c.listeners) for c in self.channels.values())
+
+    def close(self) -> None:
+        """End every stream (server shutdown)."""
+        for channel in list(self.channels.values()):
+            channel.drop()
