@@ -56,7 +56,7 @@ class AgentLoop:
     def _on_sigint(self, signum, frame):
         """Interrupt the turn in progress; between turns, remember it for the next one."""
         self.sigints += 1
-        if self.busy:
+        if self.busy and self.sigints > self.sigints_used:  # not a late one sent before this turn
             self.busy = False  # one interrupt per turn: a second SIGINT must not escape ``handle``
             self.sigints_used = self.sigints
             raise KeyboardInterrupt
@@ -66,16 +66,17 @@ class AgentLoop:
 
         ``busy`` is only true inside the inner ``try``, so a SIGINT can only raise where it is caught:
         one that lands as the turn ends interrupts it or is merely counted, never kills the process.
-        ``sent_before`` is how many SIGINTs the supervisor had sent when it sent this frame.
+        ``sent_before`` is how many SIGINTs the supervisor had sent when it sent this frame; those are
+        for earlier turns, however late they land.
         """
         try:
             try:
-                self.busy = True  # from here a SIGINT raises; one that came earlier is counted:
-                if self.sigints > max(sent_before, self.sigints_used):
-                    # ... sent after this frame, landed before we took it up: it is this turn's.
+                self.sigints_used = max(self.sigints_used, sent_before)
+                self.busy = True  # from here a SIGINT for this turn raises ...
+                if self.sigints > self.sigints_used:  # ... and one that landed before we took it up counts
+                    self.busy = False
                     self.sigints_used = self.sigints
                     raise KeyboardInterrupt
-                self.sigints_used = max(self.sigints_used, sent_before)
                 set_title(agent_title(self.session_id, self.tenant, True))
                 result = self.dispatch(kind, req, body)
                 state = self.agent.snapshot() if self.agent is not None else {}
@@ -108,8 +109,11 @@ class AgentLoop:
         if self.agent is None:
             raise RuntimeError("message before START")
         if kind == p.MESSAGE:
+            result = self.agent.on_message(body)
+            if isinstance(result, str):
+                return result  # not streamed: DONE carries it, and the supervisor shows it as one chunk
             chunks = []
-            for chunk in iter_reply(self.agent.on_message(body)):
+            for chunk in iter_reply(result):
                 chunks.append(chunk)
                 self.send(p.CHUNK, req, chunk)
             return "".join(chunks)

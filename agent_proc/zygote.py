@@ -7,6 +7,7 @@ milliseconds where a fresh interpreter costs tens of them, and children share it
 
 import gc
 import os
+import pickle
 import resource
 import selectors
 import signal
@@ -15,6 +16,20 @@ import traceback
 
 from agent_proc.limits import apply_limits
 from agent_proc.process import agent_title, die_with_parent, load_agent_class, set_title
+
+
+def send_msg(conn, msg) -> None:
+    """Send one message on the supervisor <-> zygote pipe.
+
+    Plain pickle over ``send_bytes``: ``Connection.send`` pickles with dill under ``multiprocess``,
+    about 100 µs a message against 3 µs, paid on each side of every spawn and every exit.
+    """
+    conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def recv_msg(conn):
+    """Receive one message sent with ``send_msg``."""
+    return pickle.loads(conn.recv_bytes())
 
 
 def zygote_main(conn, agent_spec: str, endpoint: str, supervisor_pid: int) -> None:
@@ -30,7 +45,7 @@ def zygote_main(conn, agent_spec: str, endpoint: str, supervisor_pid: int) -> No
         import zmq  # noqa: F401  pre-import what every child needs
         import agent_proc.main  # noqa: F401
     except Exception as exc:
-        conn.send(("failed", f"cannot load agent {agent_spec}: {exc!r}"))
+        send_msg(conn, ("failed", f"cannot load agent {agent_spec}: {exc!r}"))
         return
     gc.freeze()  # keep the imported objects out of GC passes so children don't copy their pages
     Zygote(conn, agent_cls, endpoint).serve()
@@ -53,7 +68,7 @@ class Zygote:
         signal.signal(signal.SIGCHLD, lambda *_: None)  # the wakeup fd does the work
         self.selector.register(self.conn.fileno(), selectors.EVENT_READ, "conn")
         self.selector.register(self.wake_r, selectors.EVENT_READ, "signal")
-        self.conn.send(("ready", os.getpid()))
+        send_msg(self.conn, ("ready", os.getpid()))
         while True:
             for key, _ in self.selector.select():
                 if key.data == "signal":
@@ -73,7 +88,7 @@ class Zygote:
     def handle_request(self) -> bool:
         """Serve one request from the supervisor; False means stop."""
         try:
-            msg = self.conn.recv()
+            msg = recv_msg(self.conn)
         except (EOFError, OSError):
             return False  # the supervisor is gone; our children's death signal takes them too
         if msg[0] == "spawn":
@@ -86,12 +101,12 @@ class Zygote:
         try:
             pid = os.fork()
         except OSError as exc:
-            self.conn.send(("spawn_failed", req["spawn_id"], f"fork failed: {exc}"))
+            send_msg(self.conn, ("spawn_failed", req["spawn_id"], f"fork failed: {exc}"))
             return
         if pid == 0:
             self._become_agent(req)  # never returns
         self.children.add(pid)
-        self.conn.send(("spawned", req["spawn_id"], pid))
+        send_msg(self.conn, ("spawned", req["spawn_id"], pid))
 
     def reap(self) -> None:
         """Collect every exited child, kill what it left in its process group, report its status."""
@@ -111,7 +126,7 @@ class Zygote:
                 pass
             _, status = os.waitpid(pid, 0)
             self.children.discard(pid)
-            self.conn.send(("exited", pid, status))
+            send_msg(self.conn, ("exited", pid, status))
 
     def _become_agent(self, req: dict) -> None:
         """In the forked child: isolate, limit, and run the agent; always exits."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 DEFAULT_AGENT = "agent_proc.demo:DemoAgent"
+LOOPS = ("auto", "asyncio", "uvloop")
 
 
 def default_data_dir() -> Path:
@@ -47,6 +48,7 @@ class Config:
     admin_token: str | None = None
     cors_origins: tuple[str, ...] = ()
     log_level: str = "info"
+    loop: str = "auto"  # event loop of `corral serve`: auto (uvloop when importable) | asyncio | uvloop
 
     def __post_init__(self):
         """Validate values that would otherwise fail far from their cause."""
@@ -58,6 +60,8 @@ class Config:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_restarts < 0 or self.max_age < 0 or self.memory_limit < 0:
             raise ValueError("max_restarts, max_age and memory_limit cannot be negative")
+        if self.loop not in LOOPS:
+            raise ValueError(f"loop must be one of {', '.join(LOOPS)}")
         self.data_dir = Path(self.data_dir)
 
 

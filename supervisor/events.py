@@ -40,6 +40,10 @@ class EventBus:
         """Whether anyone listens to this session."""
         return session_id in self._by_session
 
+    def reaches_anyone(self, session_id: str) -> bool:
+        """Whether a session-level event for this session would reach any listener."""
+        return bool(self._global) or session_id in self._by_session
+
     def publish(self, type_: str, session_id: str, *, to_all: bool = True, **data) -> None:
         """Send one event to the session's listeners (and to global ones when ``to_all``)."""
         listeners = self._by_session.get(session_id)

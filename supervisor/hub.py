@@ -16,6 +16,8 @@ from supervisor.logs import get_logger
 
 log = get_logger(component="hub")
 _BATCH = 256
+_NOBLOCK, _MORE_NOBLOCK = int(zmq.NOBLOCK), int(zmq.SNDMORE | zmq.NOBLOCK)
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 class Hub:
@@ -56,12 +58,15 @@ class Hub:
 
     def send(self, routing_id: bytes, frame: bytes) -> bool:
         """Send one frame to an agent; False if it is not connected."""
+        sock = self.sock
         try:
-            self.sock.send_multipart((routing_id, frame), zmq.NOBLOCK)
+            # Two plain sends with int flags: send_multipart's enum arithmetic costs more than the copy.
+            sock.send(routing_id, _MORE_NOBLOCK)
+            sock.send(frame, _NOBLOCK)
         except zmq.ZMQError:
             return False
         # A send can consume the edge that announced pending input; look again.
-        if not self._drain_scheduled and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if not self._drain_scheduled and sock.getsockopt(_EVENTS) & _POLLIN:
             self._drain_scheduled = True
             self._loop.call_soon(self._drain)
         return True
@@ -78,7 +83,7 @@ class Hub:
             except zmq.ZMQError:
                 return  # closed under us during shutdown
             self._dispatch(parts)
-        if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if sock.getsockopt(_EVENTS) & _POLLIN:
             self._drain_scheduled = True
             self._loop.call_soon(self._drain)
 

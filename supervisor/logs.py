@@ -6,8 +6,13 @@ import sys
 import structlog
 
 
+_debug = True  # structlog passes everything until configure() says otherwise
+
+
 def configure(level: str = "info", *, json: bool | None = None) -> None:
     """Configure structlog once for the process."""
+    global _debug
+    _debug = logging.getLevelName(level.upper()) <= logging.DEBUG
     if json is None:
         json = not sys.stderr.isatty()
     renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
@@ -28,3 +33,8 @@ def configure(level: str = "info", *, json: bool | None = None) -> None:
 def get_logger(**bound):
     """A logger with the given keys bound; lazy, so module-level loggers follow ``configure``."""
     return structlog.get_logger("corral", **bound)
+
+
+def debug_enabled() -> bool:
+    """Whether debug events pass the configured level (lets hot paths skip building them)."""
+    return _debug

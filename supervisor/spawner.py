@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import multiprocess
 
-from agent_proc.zygote import zygote_main
+from agent_proc.zygote import recv_msg, send_msg, zygote_main
 from supervisor.logs import get_logger
 
 log = get_logger(component="spawner")
@@ -115,7 +115,7 @@ class ZygoteSpawner(Spawner):
         fut = asyncio.get_running_loop().create_future()
         self._pending[spawn_id] = fut
         try:
-            self.conn.send(("spawn", {**request, "spawn_id": spawn_id}))
+            send_msg(self.conn, ("spawn", {**request, "spawn_id": spawn_id}))
         except (OSError, ValueError) as exc:
             self._pending.pop(spawn_id, None)
             raise SpawnError(f"the zygote is gone: {exc}") from None
@@ -125,7 +125,7 @@ class ZygoteSpawner(Spawner):
         """Handle everything the zygote has reported."""
         try:
             while self.conn is not None and self.conn.poll(0):
-                self._handle(self.conn.recv())
+                self._handle(recv_msg(self.conn))
         except (EOFError, OSError):
             self._lost()
 
@@ -176,7 +176,7 @@ class ZygoteSpawner(Spawner):
         self._closing = True
         if self.conn is not None:
             with contextlib.suppress(Exception):
-                self.conn.send(("quit",))
+                send_msg(self.conn, ("quit",))
         self._detach()
         if self.process is not None:
             await _wait_process(self.process, timeout=2.0)

@@ -7,11 +7,13 @@ session's turns form its own mailbox; nothing takes a global lock.
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import os
 import secrets
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from collections import Counter
@@ -22,11 +24,12 @@ from supervisor.config import Config
 from supervisor.events import EventBus
 from supervisor.hub import Hub
 from supervisor.limits import choose_limiter
-from supervisor.logs import get_logger
+from supervisor.logs import debug_enabled, get_logger
 from supervisor.reaper import Reaper, classify_exit, describe_status
 from supervisor.restarts import RestartPolicy
 from supervisor.session import Session, TokenBucket, Turn, new_session_id, valid_session_id
 from supervisor.spawner import SpawnError, ZygoteSpawner
+from supervisor.store import SessionNotFound as StoredSessionMissing
 from supervisor.store import StoreError, create_store
 
 log = get_logger(component="supervisor")
@@ -38,6 +41,9 @@ _FAIL_ERRORS = {
     p.AGENT_OOM: errors.AgentDied,
 }
 _DEATH_CODES = {states.OOM: p.AGENT_OOM, states.CRASHED: p.AGENT_CRASHED}
+_TURN_STATES = (states.IDLE, states.BUSY)
+# Store status of a session whose server died while it was live (not a state of a live server).
+LOST, LOST_REASON = "lost", "server_died"
 # Frames an agent may send for turns it was never given (or with a forged token on its own
 # connection) before it is killed as hostile. A well-behaved agent sends none.
 STRAY_FRAME_LIMIT = 10_000
@@ -66,8 +72,13 @@ class Supervisor:
         self.hub: Hub | None = None
         self.spawner: ZygoteSpawner | None = None
         self.started_at = time.time()
+        # Names this server in the store's sessions.node: stable across restarts of the same server
+        # and distinct for two servers on one host, so a restart ends only what it left behind.
+        self.node = f"{socket.gethostname()}:{config.port}"
         self._req_ids = itertools.count(1)
         self._background: set[asyncio.Task] = set()
+        # session id -> the store write recording its last death, awaited before it respawns
+        self._status_writes: dict[str, asyncio.Task] = {}
         self._retention_timer = None
         self._zygote_restart: asyncio.Task | None = None
         self._closing = False
@@ -106,9 +117,16 @@ class Supervisor:
         if self.store is None:
             self.store = create_store(self.config.database_url, self.config.data_dir)
         await self.store.open()
+        await self._end_orphans()
         self.hub = Hub(self.run_dir, token_for=self._token_for, on_frame=self._on_frame, on_drop=self._on_drop)
         self.hub.start()
         await self._start_spawner()
+
+    async def _end_orphans(self) -> None:
+        """End the sessions this server's previous run left live in the store (it died with them)."""
+        lost = await self.store.end_orphans(self.node, status=LOST, end_reason=LOST_REASON)
+        if lost:
+            log.warning("orphans_ended", node=self.node, sessions=lost, reason=LOST_REASON)
 
     async def _start_spawner(self) -> None:
         """Start a zygote."""
@@ -261,15 +279,12 @@ class Supervisor:
 
     async def complete(self, s: Session, turn: Turn) -> dict:
         """Wait for a submitted turn's answer (within request_timeout); persist and return it."""
+        # One timer that fails the turn's future, rather than asyncio.timeout/wait_for around a
+        # shield: those cost a task or a future and several callbacks per turn, a measurable
+        # share of a warm turn (docs/benchmarks.md).
+        timer = asyncio.get_running_loop().call_later(self.config.request_timeout, self._time_out, s, turn)
         try:
-            try:
-                done = await asyncio.wait_for(asyncio.shield(turn.future), self.config.request_timeout)
-            except asyncio.TimeoutError:
-                turn.abandoned = True
-                self.interrupt(s)
-                raise errors.TurnTimeout(
-                    f"no reply within request_timeout ({self.config.request_timeout:g}s); the turn was interrupted"
-                ) from None
+            done = await turn.future
             if done.get("status") == "done":
                 s.agent_state = done.get("state") or s.agent_state
                 if turn.kind == p.MESSAGE:
@@ -280,7 +295,18 @@ class Supervisor:
             self.events.publish("error", s.id, to_all=False, code=exc.code, message=exc.message)
             raise
         finally:
+            timer.cancel()
             self._turn_over(s)
+
+    def _time_out(self, s: Session, turn: Turn) -> None:
+        """request_timeout passed without an answer: interrupt the turn and fail its waiter (504)."""
+        if turn.future.done():
+            return
+        turn.abandoned = True
+        self.interrupt(s)
+        turn.future.set_exception(errors.TurnTimeout(
+            f"no reply within request_timeout ({self.config.request_timeout:g}s); the turn was interrupted"
+        ))
 
     def _admit(self, s: Session, body) -> None:
         """Refuse a message that cannot be sent or is over the size, mailbox or rate bounds (before any work)."""
@@ -438,8 +464,13 @@ class Supervisor:
 
     async def _prepare_spawn(self, s: Session) -> list[dict]:
         """Record the session in the store and fetch its history."""
+        ended = self._status_writes.get(s.id)
+        if ended is not None:
+            # Otherwise, with a pool of connections, the old end could land after the new start
+            # and leave a live session marked ended (and purgeable by retention).
+            await asyncio.wait([ended])
         record = await self._store_call(
-            self.store.upsert_session(s.id, tenant=s.tenant, agent=self.config.agent, metadata=s.metadata)
+            self.store.upsert_session(s.id, tenant=s.tenant, agent=self.config.agent, metadata=s.metadata, node=self.node)
         )
         s.created_at, s.message_count = record.created_at, record.message_count
         history = await self._store_call(self.store.history(s.id))
@@ -478,7 +509,13 @@ class Supervisor:
         elif s.state == states.STARTING:
             self._release(s)
             s.exit_description = str(exc) or type(exc).__name__
-            self._went_down(s, states.CRASHED)
+            if isinstance(exc, errors.Unavailable):
+                # The server could not start it (store down, zygote restarting): not the agent's
+                # crash, so it must not spend the restart budget and leave the session failed.
+                self._transition(s, states.STOPPING, reason="unavailable")
+                self._went_down(s, states.ENDED)
+            else:
+                self._went_down(s, states.CRASHED)
         log.warning("spawn_failed", session_id=s.id, tenant=s.tenant, error=str(exc) or type(exc).__name__)
 
     # ---------------------------------------------------------------- agent frames
@@ -503,6 +540,11 @@ class Supervisor:
                 if self.events.watched(s.id):
                     self.events.publish("delta", s.id, to_all=False, req=req, seq=turn.chunks, text=body)
         elif kind == p.DONE:
+            turn = s.turns.get(req)
+            if turn is not None and turn.kind == p.MESSAGE and not turn.chunks and body and body.get("reply"):
+                # A reply the agent returned whole comes without a CHUNK frame (one frame less per
+                # turn); listeners still see it as the turn's one chunk, as if it had been streamed.
+                self._on_frame(rid, p.CHUNK, req, body["reply"])
             self._finish_turn(s, req, {"status": "done", **(body or {})})
         elif kind == p.FAIL:
             self._fail_turn(s, req, body or {})
@@ -550,6 +592,23 @@ class Supervisor:
             err_cls = _FAIL_ERRORS.get(code, errors.AgentDied)
             turn.future.set_exception(err_cls(message, code=code if err_cls is errors.AgentDied else None))
             turn.future.add_done_callback(_consume)
+        if code in _DEATH_CODES.values():
+            self._dying(s)
+
+    def _dying(self, s: Session) -> None:
+        """The agent said it is exiting: take no more messages until its exit report arrives.
+
+        Without this the session would look idle between the FAIL frame and the exit report,
+        and the next request would be sent to a process that is about to vanish.
+        """
+        if s.state not in (states.IDLE, states.BUSY):
+            return
+        self._transition(s, states.STOPPING, reason="agent_exiting")
+        # stop_reason stays None, so the exit is classified as crashed/oom; the timer covers an
+        # agent that announces its death and then does not die.
+        s.timers["kill"] = asyncio.get_running_loop().call_later(
+            self.config.stop_timeout, self._signal, s, signal.SIGKILL
+        )
 
     # ---------------------------------------------------------------- deaths
 
@@ -600,8 +659,24 @@ class Supervisor:
         if s.exited is not None and not s.exited.done():
             s.exited.set_result(final)
         self.events.publish("end", s.id, tenant=s.tenant, reason=final, exit=s.exit_description)
-        self._background_task(self._store_call(self.store.set_status(s.id, final, end_reason=final, ended=True)))
+        self._record_end(s, final)
         self._forget(s)
+
+    def _record_end(self, s: Session, final: str) -> None:
+        """Write the end to the store in the background; a respawn waits for it (see _prepare_spawn)."""
+        write = self._background_task(self._store_call(self.store.set_status(s.id, final, end_reason=final, ended=True)))
+        self._status_writes[s.id] = write
+        write.add_done_callback(functools.partial(self._end_recorded, s.id))
+
+    def _end_recorded(self, session_id: str, write: asyncio.Task) -> None:
+        """Forget a finished end write (unless a newer one for the session replaced it)."""
+        if self._status_writes.get(session_id) is write:
+            del self._status_writes[session_id]
+
+    async def settle_store(self) -> None:
+        """Wait for the background store writes in flight (ends of sessions that went down)."""
+        if self._status_writes:
+            await asyncio.wait(list(self._status_writes.values()))
 
     def _on_zygote_lost(self) -> None:
         """The zygote died and took every agent with it: mark them crashed and start another."""
@@ -612,9 +687,7 @@ class Supervisor:
             self._release(s)
             self._went_down(s, classify_exit(-1, stop_reason=s.stop_reason, oom_killed=False))
         if not self._closing:
-            self._zygote_restart = asyncio.ensure_future(self._restart_zygote())
-            self._background.add(self._zygote_restart)
-            self._zygote_restart.add_done_callback(self._background_done)
+            self._zygote_restart = self._background_task(self._restart_zygote())
 
     async def _restart_zygote(self) -> None:
         """Start a new zygote after the old one died."""
@@ -680,8 +753,15 @@ class Supervisor:
             self.live_by_tenant[s.tenant] -= 1
         if new == states.IDLE:
             self.reaper.arm_idle(s)
-        level = log.debug if new in (states.IDLE, states.BUSY) and old in (states.IDLE, states.BUSY) else log.info
-        level("session_state", session_id=s.id, tenant=s.tenant, pid=s.pid, old=old, new=new, **info)
+        if new in _TURN_STATES and old in _TURN_STATES:
+            # The idle <-> busy flip happens twice per turn: log it only when debug is on, and
+            # build the event only when someone listens (both measurable on a warm turn).
+            if debug_enabled():
+                log.debug("session_state", session_id=s.id, tenant=s.tenant, pid=s.pid, old=old, new=new, **info)
+            if self.events.reaches_anyone(s.id):
+                self.events.publish("state", s.id, tenant=s.tenant, state=new, previous=old, pid=s.pid, **info)
+            return
+        log.info("session_state", session_id=s.id, tenant=s.tenant, pid=s.pid, old=old, new=new, **info)
         self.events.publish("state", s.id, tenant=s.tenant, state=new, previous=old, pid=s.pid, **info)
 
     async def _store_call(self, coro):
@@ -689,14 +769,19 @@ class Supervisor:
         try:
             return await coro
         except StoreError as exc:
+            # the cause names files, hosts and tables: it goes to the log, not to tenants
             log.error("store_error", error=str(exc))
-            raise errors.Unavailable(f"the session store is unavailable: {exc}", retry_after=5) from None
+            raise errors.Unavailable("the session store is unavailable; try again shortly", retry_after=5) from None
+        except StoredSessionMissing as exc:
+            # its data was purged (DELETE ?purge=true, retention) while a request was on its way
+            raise errors.SessionNotFound(f"session {exc.args[0]} was deleted") from None
 
-    def _background_task(self, coro) -> None:
+    def _background_task(self, coro) -> asyncio.Task:
         """Run a coroutine the supervisor owns, kept until done (awaited at close)."""
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background_done)
+        return task
 
     def _background_done(self, task: asyncio.Task) -> None:
         """Log what a background task raised."""
@@ -722,6 +807,7 @@ class Supervisor:
         removed = await self._store_call(self.store.purge_ended(self.config.retention))
         if removed:
             log.info("retention_purged", sessions=removed)
+            self.events.publish_global("purged", sessions=removed, retention=self.config.retention)
         return removed
 
     def health(self) -> dict:

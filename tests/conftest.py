@@ -3,6 +3,7 @@
 import asyncio
 import os
 
+import asyncpg
 import pytest
 
 from supervisor import Config, Supervisor
@@ -12,6 +13,15 @@ configure("warning", json=True)
 
 # Tests that need PostgreSQL read its address from here; .ci/run sets it and checks it is reachable.
 POSTGRES_URL = os.environ.get("CORRAL_TEST_DATABASE_URL")
+
+
+async def drop_schema(schema: str) -> None:
+    """Remove a test's PostgreSQL schema and everything in it."""
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
 
 
 @pytest.fixture
@@ -38,8 +48,8 @@ async def make_supervisor(make_config):
     """Start supervisors for a test; every one is closed afterwards."""
     started = []
 
-    async def make(**overrides) -> Supervisor:
-        sup = Supervisor(make_config(**overrides))
+    async def make(store=None, **overrides) -> Supervisor:
+        sup = Supervisor(make_config(**overrides), store=store)
         await sup.start()
         started.append(sup)
         return sup

@@ -21,6 +21,7 @@ from supervisor.store import (
 from supervisor.store.base import load_migrations
 from supervisor.store.postgres import PostgresStore
 from supervisor.store.sqlite import SQLiteStore
+from tests.conftest import drop_schema
 
 PG_URL = os.environ.get("CORRAL_TEST_DATABASE_URL", "")
 REPO = Path(__file__).resolve().parents[1]
@@ -64,11 +65,7 @@ async def make_store(backend, tmp_path):
     for store in opened:
         await store.close()
     if backend == "postgresql":
-        conn = await asyncpg.connect(PG_URL)
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        finally:
-            await conn.close()
+        await drop_schema(schema)
 
 
 @pytest.fixture
@@ -246,6 +243,21 @@ async def test_delete_cascades_to_messages(store):
     await store.upsert_session("s", tenant="t", agent="a")
     assert (await store.append_message("s", "user", "again")).seq == 1
     assert [m.content for m in await store.history("keep")] == ["stay"]
+
+
+async def test_end_orphans_ends_only_that_nodes_unended_sessions(store):
+    await store.upsert_session("a", tenant="t", agent="x", node="n1")
+    await store.upsert_session("b", tenant="t", agent="x", node="n2")
+    await store.upsert_session("c", tenant="t", agent="x", node="n1")
+    await store.set_status("c", "reaped", end_reason="reaped", ended=True)
+    assert await store.end_orphans("n1", status="lost", end_reason="server_died") == 1
+    a, b, c = [await store.get_session(sid) for sid in "abc"]
+    assert (a.status, a.end_reason, a.node) == ("lost", "server_died", "n1") and a.ended_at is not None
+    assert b.ended_at is None and (c.status, c.end_reason) == ("reaped", "reaped")
+    assert (await store.stats())["sessions_active"] == 1
+    back = await store.upsert_session("a", tenant="t", agent="x", node="n2")  # resumed on another node
+    assert (back.node, back.ended_at) == ("n2", None)
+    assert await store.end_orphans("n1", status="lost", end_reason="server_died") == 0
 
 
 async def test_purge_ended_removes_only_old_ended(store):

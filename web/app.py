@@ -6,10 +6,10 @@ from aiohttp import web
 
 from supervisor import Config, Supervisor
 from supervisor.logs import get_logger
-from web import cors, openapi
+from web import cors, monitoring, openapi
 from web.auth import auth_from_config, auth_middleware, check_bind, log_mode
 from web.errors import error_middleware
-from web.routes import admin, api, chat, health, stream
+from web.routes import admin, api, chat, dashboard, health, metrics, stream
 
 log = get_logger(component="web")
 
@@ -38,10 +38,12 @@ def create_app(config: Config, *, store=None) -> web.Application:
 
     app["background"] = background
     app["background_tasks"] = tasks
-    for module in (health, chat, api, admin, stream, openapi):
+    for module in (health, chat, api, admin, stream, openapi, metrics):
         app.add_routes(module.routes)
     stream.setup(app)
     cors.setup(app, config.cors_origins)
+    monitoring.install(app)
+    dashboard.install(app)
     app.on_startup.append(_start_supervisor)
     app.on_cleanup.append(_stop_supervisor)
     return app

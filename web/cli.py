@@ -11,6 +11,7 @@ from pathlib import Path
 
 from supervisor.config import DEFAULT_AGENT, Config
 from supervisor.limits import parse_size
+from web import ops_cli
 
 # name -> (parser, help); every entry is a Config field
 SERVE_FLAGS = {
@@ -40,6 +41,7 @@ SERVE_FLAGS = {
     "admin_token": (str, "token for the admin API and dashboard"),
     "cors_origins": (lambda v: tuple(o.strip() for o in v.split(",") if o.strip()), "comma-separated origins allowed by CORS"),
     "log_level": (str, "debug | info | warning | error (default info)"),
+    "loop": (str, "event loop: auto (uvloop when installed) | asyncio | uvloop (default auto)"),
 }
 
 
@@ -56,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (parse, help_text) in SERVE_FLAGS.items():
         serve.add_argument("--" + name.replace("_", "-"), dest=name, type=parse, default=None,
                            help=f"{help_text} [env {env_name(name)}]")
+    ops_cli.add_parsers(sub)
     return parser
 
 
@@ -79,8 +82,6 @@ def config_from(args: argparse.Namespace, environ=os.environ) -> Config:
 
 def serve(config: Config) -> int:
     """Run the server until SIGINT/SIGTERM."""
-    from aiohttp import web
-
     from agent_proc.process import set_title
     from supervisor.errors import StartupError
     from supervisor.logs import configure, get_logger
@@ -89,18 +90,48 @@ def serve(config: Config) -> int:
 
     configure(config.log_level)
     set_title(f"corral: supervisor {config.host}:{config.port}")
+    log = get_logger(component="cli")
     try:
         app = create_app(config)
     except AuthConfigError as exc:
         print(f"corral: cannot start: {exc}", file=sys.stderr)
         return 1
-    get_logger(component="cli").info("serving", host=config.host, port=config.port, agent=config.agent)
+    log.info("serving", host=config.host, port=config.port, agent=config.agent)
     try:
-        web.run_app(app, host=config.host, port=config.port, print=None, access_log=None)
+        run_app(app, host=config.host, port=config.port, loop=config.loop)
     except StartupError as exc:
+        # e.g. a corrupt or locked SQLite file, an unreachable PostgreSQL: the operator's to fix,
+        # so one line saying what (and the log event with the cause), not a traceback
+        log.error("cannot_start", error=str(exc))
         print(f"corral: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def new_event_loop(choice: str = "auto"):
+    """A fresh event loop: uvloop when chosen (or, with ``auto``, when importable), else asyncio's."""
+    import asyncio
+
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise SystemExit("corral: --loop uvloop needs uvloop (pip install 'corral[speed]')") from None
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def run_app(app, *, host: str, port: int, loop: str = "auto") -> None:
+    """Serve an aiohttp app until SIGINT/SIGTERM on the chosen event loop."""
+    from aiohttp import web
+
+    from supervisor.logs import get_logger
+
+    event_loop = new_event_loop(loop)
+    get_logger(component="cli").info("event_loop", loop=type(event_loop).__module__.split(".")[0])
+    web.run_app(app, host=host, port=port, print=None, access_log=None, loop=event_loop)
 
 
 def main(argv=None) -> int:
@@ -108,4 +139,4 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(config_from(args))
-    return 2
+    return ops_cli.run(args)

@@ -29,7 +29,8 @@ async def error_middleware(request: web.Request, handler):
         return error_response(exc.status, exc.code, exc.message, retry_after=exc.retry_after)
     except StoreError as exc:
         log.error("store_error", path=request.path, error=str(exc))
-        return error_response(503, "unavailable", f"the session store is unavailable: {exc}", retry_after=5)
+        # the cause names files, hosts and tables: it stays in the log
+        return error_response(503, "unavailable", "the session store is unavailable; try again shortly", retry_after=5)
     except web.HTTPException as exc:
         if exc.status < 400 or exc.content_type == "application/json":
             raise

@@ -186,9 +186,21 @@ SCHEMAS = {
             "exit": _nullable(STRING),
             "metadata": {"type": "object"},
             "live": BOOLEAN,
+            # Process figures (docs/operations.md): sessions held on this node; null without a process.
+            "rss_bytes": _nullable(INTEGER),
+            "uss_bytes": _nullable(INTEGER),
+            "pss_bytes": _nullable(INTEGER),
+            "cpu_percent": _nullable(NUMBER),
+            "threads": _nullable(INTEGER),
+            "open_fds": _nullable(INTEGER),
+            "memory_limit": _nullable(_object({"bytes": _nullable(INTEGER), "mechanism": STRING})),
+            "cgroup": _nullable(_object({"current": INTEGER, "peak": _nullable(INTEGER)})),
         },
         required=("session_id", "tenant", "state"),
-        description="One session; live ones on this node also carry process figures (rss, uss, cpu_percent)",
+        description=(
+            "One session; the ones this node holds also carry process figures (RSS/USS/PSS, CPU % since "
+            "the previous sample, threads, fds, memory limit and mechanism, cgroup usage)"
+        ),
     ),
     "AdminSessionList": _object(
         {
@@ -211,6 +223,8 @@ SCHEMAS = {
             "live_sessions": INTEGER,
             "by_state": {"type": "object", "additionalProperties": INTEGER},
             "by_tenant": {"type": "object", "additionalProperties": {"type": "object"}},
+            "agent_memory": _object({"rss_bytes": INTEGER, "uss_bytes": INTEGER},
+                                    description="Memory of all agents on this node together"),
         },
         required=("sessions_total", "sessions_active", "by_tenant"),
     ),

@@ -2,13 +2,14 @@
 
 import json
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from supervisor import errors
 from supervisor.session import new_session_id, valid_session_id
 
 SESSION_COOKIE = "corral_session"
 SESSION_HEADER = "X-Session-Id"
+_COOKIE_ATTRIBUTES = f"HttpOnly; Max-Age={30 * 86400}; Path=/; SameSite=Lax"
 
 
 async def json_body(request: web.Request) -> dict:
@@ -147,7 +148,12 @@ def tenant_of(request: web.Request) -> str:
 def remember_session(response: web.StreamResponse, session_id: str) -> None:
     """Give the client its session id in the header and the cookie."""
     response.headers[SESSION_HEADER] = session_id
-    response.set_cookie(SESSION_COOKIE, session_id, httponly=True, samesite="Lax", max_age=30 * 86400)
+    if valid_session_id(session_id):
+        # The header aiohttp's set_cookie would write, built directly: a valid id is [A-Za-z0-9._-]
+        # and needs no quoting, and set_cookie's Morsel machinery is ~5% of a warm turn.
+        response.headers.add(hdrs.SET_COOKIE, f"{SESSION_COOKIE}={session_id}; {_COOKIE_ATTRIBUTES}")
+    else:
+        response.set_cookie(SESSION_COOKIE, session_id, httponly=True, samesite="Lax", max_age=30 * 86400)
 
 
 def session_response(data: dict, session_id: str, *, status: int = 200) -> web.Response:

@@ -42,6 +42,12 @@ def format_event(event_type: str, data: dict, event_id: int | None = None) -> by
 
 
 KEEPALIVE_FRAME = b": keep-alive\n\n"
+# Headers of every event-stream response.
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx: pass events through at once
+}
 CLOSE = object()  # put on a listener's queue to end its stream
 
 

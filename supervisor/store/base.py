@@ -37,6 +37,7 @@ class SessionRecord:
     created_at: float = 0.0
     last_activity: float = 0.0
     ended_at: float | None = None
+    node: str | None = None  # the server that ran its process last
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (metadata is copied)."""
@@ -54,8 +55,9 @@ class MessageRecord:
     created_at: float
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict."""
-        return asdict(self)
+        """Plain JSON-ready dict (built by hand: asdict deep-copies, and this runs twice per turn)."""
+        return {"session_id": self.session_id, "seq": self.seq, "role": self.role,
+                "content": self.content, "created_at": self.created_at}
 
 
 @dataclass(frozen=True)
@@ -143,9 +145,9 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def upsert_session(
         self, session_id: str, *, tenant: str, agent: str,
-        metadata: dict[str, Any] | None = None, status: str = "starting",
+        metadata: dict[str, Any] | None = None, status: str = "starting", node: str | None = None,
     ) -> SessionRecord:
-        """Create the session, or set status and clear ended_at/end_reason of an existing one."""
+        """Create the session, or set status and node and clear ended_at/end_reason of an existing one."""
 
     @abc.abstractmethod
     async def get_session(self, session_id: str) -> SessionRecord | None:
@@ -172,6 +174,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def delete_session(self, session_id: str) -> bool:
         """Remove the session and its messages; False if it was not there."""
+
+    @abc.abstractmethod
+    async def end_orphans(self, node: str, *, status: str, end_reason: str) -> int:
+        """End every session of ``node`` not ended yet (its server died with them); how many."""
 
     @abc.abstractmethod
     async def purge_ended(self, older_than: float) -> int:

@@ -16,12 +16,15 @@ from .base import (
 )
 
 _SESSION_COLS = ("id, tenant, agent, metadata, status, end_reason, message_count, "
-                 "created_at, last_activity, ended_at")
+                 "created_at, last_activity, ended_at, node")
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 # any fixed key works; every corral node uses this one, so migrations run one node at a time
 _MIGRATION_LOCK = 0x636F7272616C  # "corral"
+# errors of a connection the server dropped or that lost track of its protocol state (e.g.
+# InternalClientError after pg_terminate_backend, MagicStack/asyncpg#1069): never pooled again
+_BROKEN = (asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
 # errors meaning "the database is unreachable or refused us", reported as StoreError (-> 503)
-_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+_DB_ERRORS = (asyncpg.PostgresError, *_BROKEN, asyncio.TimeoutError)
 
 
 def describe_target(url: str) -> str:
@@ -56,7 +59,7 @@ def _session(row: asyncpg.Record) -> SessionRecord:
         id=row["id"], tenant=row["tenant"], agent=row["agent"], metadata=row["metadata"] or {},
         status=row["status"], end_reason=row["end_reason"], message_count=row["message_count"],
         created_at=_ts(row["created_at"]), last_activity=_ts(row["last_activity"]),
-        ended_at=_ts(row["ended_at"]),
+        ended_at=_ts(row["ended_at"]), node=row["node"],
     )
 
 
@@ -79,19 +82,23 @@ class PostgresStore(Store):
 
     def __init__(self, url: str, *, schema: str | None = None, min_size: int = 1,
                  max_size: int = 10, statement_cache_size: int = 256,
-                 connect_timeout: float = 5.0, command_timeout: float = 30.0) -> None:
+                 connect_timeout: float = 5.0, command_timeout: float = 30.0,
+                 application_name: str = "corral") -> None:
         if schema is not None and not _SCHEMA_NAME.match(schema):
             raise ValueError(f"bad schema name {schema!r}")
         self.url = url
         self.schema = schema
         self.target = describe_target(url)
+        self.application_name = application_name
         self._pool_kwargs = dict(
             min_size=min_size, max_size=max_size,
             # 0 is needed behind pgbouncer in transaction mode
             statement_cache_size=statement_cache_size,
             timeout=connect_timeout, command_timeout=command_timeout,
             init=_init_connection,
-            server_settings={"search_path": f'"{schema}"'} if schema else None,
+            # application_name shows corral's connections in pg_stat_activity
+            server_settings={"application_name": application_name,
+                             **({"search_path": f'"{schema}"'} if schema else {})},
         )
         self._acquire_timeout = connect_timeout * 2
         self._pool: asyncpg.Pool | None = None
@@ -154,7 +161,11 @@ class PostgresStore(Store):
             raise StoreError(f"PostgreSQL store at {self.target} is not open")
         try:
             async with self._pool.acquire(timeout=self._acquire_timeout) as con:
-                yield con
+                try:
+                    yield con
+                except _BROKEN:
+                    con.terminate()  # the pool opens a fresh one in its place
+                    raise
         except _DB_ERRORS as exc:
             raise StoreError(f"PostgreSQL at {self.target}: {self._reason(exc)}") from None
 
@@ -172,15 +183,15 @@ class PostgresStore(Store):
 
     async def upsert_session(self, session_id: str, *, tenant: str, agent: str,
                              metadata: dict[str, Any] | None = None,
-                             status: str = "starting") -> SessionRecord:
-        """Create, or bring back an existing session (status set, end cleared)."""
+                             status: str = "starting", node: str | None = None) -> SessionRecord:
+        """Create, or bring back an existing session (status and node set, end cleared)."""
         rows = await self._fetch(
-            "INSERT INTO sessions (id, tenant, agent, metadata, status, created_at, last_activity) "
-            "VALUES ($1, $2, $3, $4, $5, now(), now()) "
-            "ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, "
+            "INSERT INTO sessions (id, tenant, agent, metadata, status, node, created_at, last_activity) "
+            "VALUES ($1, $2, $3, $4, $5, $6, now(), now()) "
+            "ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, node = EXCLUDED.node, "
             "end_reason = NULL, ended_at = NULL "
             f"RETURNING {_SESSION_COLS}",
-            session_id, tenant, agent, metadata or {}, status)
+            session_id, tenant, agent, metadata or {}, status, node)
         return _session(rows[0])
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
@@ -204,6 +215,13 @@ class PostgresStore(Store):
         """Remove the session; its messages go by ON DELETE CASCADE."""
         tag = await self._execute("DELETE FROM sessions WHERE id = $1", session_id)
         return tag.split()[-1] != "0"
+
+    async def end_orphans(self, node: str, *, status: str, end_reason: str) -> int:
+        """End the sessions ``node`` left unended."""
+        tag = await self._execute(
+            "UPDATE sessions SET status = $2, end_reason = $3, ended_at = now() "
+            "WHERE node = $1 AND ended_at IS NULL", node, status, end_reason)
+        return int(tag.split()[-1])
 
     async def purge_ended(self, older_than: float) -> int:
         """Delete sessions whose ended_at is before now - older_than."""
@@ -232,18 +250,21 @@ class PostgresStore(Store):
     # ---- messages --------------------------------------------------------------------------
 
     async def append_message(self, session_id: str, role: str, content: str) -> MessageRecord:
-        """Bump message_count (row lock serialises appenders) and insert with it as seq."""
-        async with self._conn() as con, con.transaction():
+        """Bump message_count (row lock serialises appenders) and insert with it as seq.
+
+        One statement, so one round trip: the UPDATE and the INSERT of the CTE commit together.
+        """
+        async with self._conn() as con:
             row = await con.fetchrow(
-                "UPDATE sessions SET message_count = message_count + 1, "
+                "WITH bumped AS (UPDATE sessions SET message_count = message_count + 1, "
                 "last_activity = clock_timestamp() WHERE id = $1 "
-                "RETURNING message_count, last_activity", session_id)
-            if row is None:
-                raise SessionNotFound(session_id)
-            seq, at = row["message_count"], row["last_activity"]
-            await con.execute("INSERT INTO messages (session_id, seq, role, content, created_at) "
-                              "VALUES ($1, $2, $3, $4, $5)", session_id, seq, role, content, at)
-        return MessageRecord(session_id, seq, role, content, at.timestamp())
+                "RETURNING id, message_count, last_activity) "
+                "INSERT INTO messages (session_id, seq, role, content, created_at) "
+                "SELECT id, message_count, $2, $3, last_activity FROM bumped "
+                "RETURNING seq, created_at", session_id, role, content)
+        if row is None:
+            raise SessionNotFound(session_id)
+        return MessageRecord(session_id, row["seq"], role, content, row["created_at"].timestamp())
 
     async def history(self, session_id: str, *, limit: int | None = None) -> list[MessageRecord]:
         """Messages by seq; the last `limit` when given."""

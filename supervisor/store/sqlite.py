@@ -16,8 +16,9 @@ from .base import (
     MessageRecord, SessionNotFound, SessionRecord, Store, StoreError, build_stats, load_migrations,
 )
 
+_BATCH = 256  # appends per group-commit transaction at most (well under SQLite's bound-variable limit)
 _SESSION_COLS = ("id, tenant, agent, metadata, status, end_reason, message_count, "
-                 "created_at, last_activity, ended_at")
+                 "created_at, last_activity, ended_at, node")
 
 
 def _session(row: sqlite3.Row) -> SessionRecord:
@@ -27,6 +28,7 @@ def _session(row: sqlite3.Row) -> SessionRecord:
         metadata=json.loads(row["metadata"] or "{}"), status=row["status"],
         end_reason=row["end_reason"], message_count=row["message_count"],
         created_at=row["created_at"], last_activity=row["last_activity"], ended_at=row["ended_at"],
+        node=row["node"],
     )
 
 
@@ -55,6 +57,9 @@ class SQLiteStore(Store):
         self._db: aiosqlite.Connection | None = None
         # one connection: transactions of concurrent coroutines must not interleave on it
         self._lock = asyncio.Lock()
+        # group commit: appends waiting for the next batch transaction, and the task writing them
+        self._appends: list[tuple[str, str, str, asyncio.Future]] = []
+        self._flusher: asyncio.Task | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -160,16 +165,16 @@ class SQLiteStore(Store):
 
     async def upsert_session(self, session_id: str, *, tenant: str, agent: str,
                              metadata: dict[str, Any] | None = None,
-                             status: str = "starting") -> SessionRecord:
-        """Create, or bring back an existing session (status set, end cleared)."""
+                             status: str = "starting", node: str | None = None) -> SessionRecord:
+        """Create, or bring back an existing session (status and node set, end cleared)."""
         now = time.time()
         async with self._tx() as db:
             rows = await db.execute_fetchall(
-                f"INSERT INTO sessions ({_SESSION_COLS}) VALUES (?, ?, ?, ?, ?, NULL, 0, ?, ?, NULL) "
-                "ON CONFLICT (id) DO UPDATE SET status = excluded.status, "
+                f"INSERT INTO sessions ({_SESSION_COLS}) VALUES (?, ?, ?, ?, ?, NULL, 0, ?, ?, NULL, ?) "
+                "ON CONFLICT (id) DO UPDATE SET status = excluded.status, node = excluded.node, "
                 "end_reason = NULL, ended_at = NULL "
                 f"RETURNING {_SESSION_COLS}",
-                (session_id, tenant, agent, json.dumps(metadata or {}), status, now, now))
+                (session_id, tenant, agent, json.dumps(metadata or {}), status, now, now, node))
         return _session(rows[0])
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
@@ -197,6 +202,14 @@ class SQLiteStore(Store):
         async with self._tx() as db:
             cur = await db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
             return cur.rowcount > 0
+
+    async def end_orphans(self, node: str, *, status: str, end_reason: str) -> int:
+        """End the sessions ``node`` left unended."""
+        async with self._tx() as db:
+            cur = await db.execute(
+                "UPDATE sessions SET status = ?, end_reason = ?, ended_at = ? "
+                "WHERE node = ? AND ended_at IS NULL", (status, end_reason, time.time(), node))
+            return cur.rowcount
 
     async def purge_ended(self, older_than: float) -> int:
         """Delete sessions whose ended_at is before now - older_than."""
@@ -234,18 +247,68 @@ class SQLiteStore(Store):
     # ---- messages --------------------------------------------------------------------------
 
     async def append_message(self, session_id: str, role: str, content: str) -> MessageRecord:
-        """Bump message_count and insert with it as seq, in one committed transaction."""
+        """Bump message_count and insert with it as seq; returns once the row is committed.
+
+        Group commit: appends made while a batch is being written wait for the next one and go
+        into a single transaction together, so N concurrent turns cost one commit and a few
+        thread hops instead of N commits of four hops each. Nobody is answered before the
+        transaction holding their row has committed.
+        """
+        done = asyncio.get_running_loop().create_future()
+        self._appends.append((session_id, role, content, done))
+        if self._flusher is None:
+            self._flusher = asyncio.ensure_future(self._flush_appends())
+        return await done
+
+    async def _flush_appends(self) -> None:
+        """Write queued appends in batches until none are left."""
+        try:
+            while self._appends:
+                batch, self._appends = self._appends[:_BATCH], self._appends[_BATCH:]
+                try:
+                    records = await self._append_batch(batch)
+                except BaseException as exc:
+                    failure = exc if isinstance(exc, StoreError) else StoreError(f"SQLite store {self.path}: {exc}")
+                    for *_, done in batch:
+                        if not done.done():
+                            done.set_exception(failure)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for (session_id, *_, done), record in zip(batch, records):
+                    if done.done():
+                        continue
+                    if record is None:
+                        done.set_exception(SessionNotFound(session_id))
+                    else:
+                        done.set_result(record)
+        finally:
+            self._flusher = None
+
+    async def _append_batch(self, batch: list) -> list[MessageRecord | None]:
+        """One transaction for a batch of appends; None for an append whose session is gone."""
         now = time.time()
+        ids = list({session_id for session_id, *_ in batch})
         async with self._tx() as db:
             rows = await db.execute_fetchall(
-                "UPDATE sessions SET message_count = message_count + 1, last_activity = ? "
-                "WHERE id = ? RETURNING message_count", (now, session_id))
-            if not rows:
-                raise SessionNotFound(session_id)
-            seq = rows[0][0]
-            await db.execute("INSERT INTO messages (session_id, seq, role, content, created_at) "
-                             "VALUES (?, ?, ?, ?, ?)", (session_id, seq, role, content, now))
-        return MessageRecord(session_id, seq, role, content, now)
+                f"SELECT id, message_count FROM sessions WHERE id IN ({', '.join('?' * len(ids))})", ids)
+            counts = {row[0]: row[1] for row in rows}
+            records: list[MessageRecord | None] = []
+            for session_id, role, content, _ in batch:
+                if session_id not in counts:
+                    records.append(None)
+                    continue
+                counts[session_id] += 1
+                records.append(MessageRecord(session_id, counts[session_id], role, content, now))
+            written = [r for r in records if r is not None]
+            if written:
+                await db.executemany(
+                    "INSERT INTO messages (session_id, seq, role, content, created_at) VALUES (?, ?, ?, ?, ?)",
+                    [(r.session_id, r.seq, r.role, r.content, r.created_at) for r in written])
+                await db.executemany(
+                    "UPDATE sessions SET message_count = ?, last_activity = ? WHERE id = ?",
+                    [(counts[sid], now, sid) for sid in {r.session_id for r in written}])
+        return records
 
     async def history(self, session_id: str, *, limit: int | None = None) -> list[MessageRecord]:
         """Messages by seq; the last `limit` when given."""

@@ -124,4 +124,12 @@ async def stats(request: web.Request) -> web.Response:
         "by_state": dict(by_state),
         "by_tenant": by_tenant,
         "counters": dict(sup.counters),
+        **_agent_memory(request.app.get("procstats")),
     })
+
+
+def _agent_memory(procstats) -> dict:
+    """All agents' memory together, when the process figures can total it."""
+    if not hasattr(procstats, "total_rss"):
+        return {}
+    return {"agent_memory": {"rss_bytes": procstats.total_rss(), "uss_bytes": procstats.total_uss()}}

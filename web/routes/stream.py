@@ -12,7 +12,7 @@ import contextlib
 from aiohttp import web
 
 from web.requests import find_session, remember_session, requested_session_id, tenant_of
-from web.sse import CLOSE, KEEPALIVE_FRAME, Listener, StreamHub, format_event
+from web.sse import CLOSE, KEEPALIVE_FRAME, SSE_HEADERS, Listener, StreamHub, format_event
 from web.views import message_view, new_session_view, session_view
 
 routes = web.RouteTableDef()
@@ -97,13 +97,7 @@ def _drop_covered_messages(listener: Listener, snapshot: dict) -> None:
 
 async def _open(request: web.Request, sid: str) -> web.StreamResponse:
     """Send the headers of the event stream."""
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",  # nginx: pass events through at once
-        }
-    )
+    response = web.StreamResponse(headers=SSE_HEADERS)
     remember_session(response, sid)
     await response.prepare(request)
     await response.write(f"retry: {RETRY_MS}\n\n".encode())

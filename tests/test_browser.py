@@ -1,0 +1,146 @@
+"""End to end in headless Chromium (Debian's, driven by Playwright): the chat page and the dashboard.
+
+Skipped with a reason when /usr/bin/chromium or Playwright is missing; .ci/run installs both.
+A failing test leaves a screenshot of each page it had open under test-output/.
+"""
+
+import contextlib
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import wait_for_state
+from web.app import create_app
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+]
+OUTPUT = Path(__file__).resolve().parent.parent / "test-output"
+TOKEN = "browser-test-admin-token"
+WAIT_MS = 20_000  # generous: the machine may be loaded
+
+try:
+    from playwright.async_api import async_playwright, expect
+except ImportError:  # pragma: no cover - the test extra installs it
+    async_playwright = None
+
+pytestmark = [
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)"),
+    pytest.mark.skipif(async_playwright is None, reason="playwright is not installed (pip install playwright)"),
+]
+
+
+@pytest.fixture
+async def browser(tmp_path):
+    """A headless Chromium with an empty profile."""
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+@pytest.fixture
+async def server(aiohttp_server, make_config):
+    """A live corral server (dev mode on loopback, with an admin token)."""
+    app = create_app(make_config(admin_token=TOKEN))
+    return await aiohttp_server(app)
+
+
+@contextlib.asynccontextmanager
+async def screenshots_on_failure(name: str, **pages):
+    """On an exception, save a screenshot of each page as test-output/NAME-PAGE.png."""
+    try:
+        yield
+    except BaseException:
+        OUTPUT.mkdir(exist_ok=True)
+        for label, page in pages.items():
+            with contextlib.suppress(Exception):
+                await page.screenshot(path=str(OUTPUT / f"{name}-{label}.png"), full_page=True)
+        raise
+
+
+async def test_chat_page_streams_and_keeps_the_conversation(server, browser):
+    page = await browser.new_page()
+    page.set_default_timeout(WAIT_MS)
+    async with screenshots_on_failure("chat", chat=page):
+        await page.goto(str(server.make_url("/")))
+        await expect(page.locator("#status")).not_to_have_text(re.compile("connecting|offline"), timeout=WAIT_MS)
+        session_id = await page.evaluate("localStorage.getItem('corral_session_id')")
+        assert await page.locator("#session-id").text_content() == session_id
+
+        await page.fill("#input", "my name is Alice")
+        await page.press("#input", "Enter")
+        await expect(page.locator(".msg.assistant")).to_have_text(["Got it: your name is Alice."], timeout=WAIT_MS)
+        await page.fill("#input", "what is my name?")
+        await page.click("#send")
+        assistant = page.locator(".msg.assistant")
+        await expect(assistant).to_have_text(["Got it: your name is Alice.", "Your name is Alice."], timeout=WAIT_MS)
+        # The POSTs said wait:false: the replies could only come over the event stream, in chunks.
+        assert await page.evaluate("chatManager.deltaCount") >= 4
+
+        await page.reload()
+        await expect(page.locator(".msg")).to_have_count(4, timeout=WAIT_MS)
+        await expect(page.locator(".msg.user").first).to_have_text("my name is Alice")
+        assert await page.evaluate("localStorage.getItem('corral_session_id')") == session_id
+
+        await page.click("#new-session")
+        await expect(page.locator(".msg")).to_have_count(0)
+        assert await page.evaluate("localStorage.getItem('corral_session_id')") != session_id
+
+
+async def test_dashboard_lists_live_and_kills(server, browser, aiohttp_client):
+    sup = server.app["supervisor"]
+    victim, bystander = await sup.get_or_create("victim", "acme"), await sup.get_or_create("bystander", "acme")
+    for s in (victim, bystander):
+        await sup.ensure_live(s)
+    page = await browser.new_page()
+    page.set_default_timeout(WAIT_MS)
+    async with screenshots_on_failure("dashboard", admin=page):
+        await page.goto(str(server.make_url("/admin")))
+        await expect(page.locator("#login")).to_be_visible()  # the stream answered 401: it asks
+        await page.fill("#token", TOKEN)
+        await page.press("#token", "Enter")
+        rows = page.locator("#sessions tbody tr")
+        await expect(rows).to_have_count(2)
+        await expect(page.locator("tr[data-session-id=victim] td").nth(2)).to_have_text(str(victim.pid))
+        assert await page.evaluate("sessionStorage.getItem('corral_admin_token')") == TOKEN
+
+        # A session that starts now shows up without a reload (pushed over SSE).
+        late = await sup.get_or_create("late", "globex")
+        await sup.ensure_live(late)
+        await expect(rows).to_have_count(3)
+
+        await page.click("tr[data-session-id=victim] button.kill")
+        await expect(page.locator("tr[data-session-id=victim]")).to_have_count(0)
+        assert await wait_for_state(sup, victim, {"killed"}) == "killed"
+        await expect(rows).to_have_count(2)
+        assert bystander.state == "idle"
+
+
+async def test_chat_page_asks_for_an_api_key_when_the_server_wants_one(aiohttp_server, make_config, tmp_path, browser):
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text('[tenants.alice]\nkeys = ["alice-browser-key"]\n')
+    server = await aiohttp_server(create_app(make_config(tenants=tenants)))
+    page = await browser.new_page()
+    page.set_default_timeout(WAIT_MS)
+    asked = []
+
+    async def answer(dialog):
+        asked.append(dialog.message)
+        await dialog.accept("alice-browser-key")
+
+    page.on("dialog", answer)
+    async with screenshots_on_failure("chat-key", chat=page):
+        await page.goto(str(server.make_url("/")))
+        await page.fill("#input", "hello")
+        await page.press("#input", "Enter")
+        await expect(page.locator(".msg.assistant")).to_have_text(["You said: hello"], timeout=WAIT_MS)
+        assert asked == ["This server needs an API key:"]
+        session_id = await page.evaluate("localStorage.getItem('corral_session_id')")
+        assert server.app["supervisor"].sessions[session_id].tenant == "alice"

@@ -1,0 +1,71 @@
+"""``corral top --once`` and ``corral sessions`` against a live server, as separate processes."""
+
+import asyncio
+import json
+import os
+import sys
+
+from tests.conftest import wait_for_state
+from web.app import create_app
+
+TOKEN = "ops-test-admin-token"
+
+
+async def corral(*args: str, env_token: str | None = None) -> tuple[int, str, str]:
+    """Run the ``corral`` command in a child process; (exit code, stdout, stderr)."""
+    env = {**os.environ, "CORRAL_ADMIN_TOKEN": env_token or ""}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import sys; from web.cli import main; sys.exit(main())", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def start_server(aiohttp_server, make_config):
+    """A live server with an admin token and two sessions of two tenants."""
+    app = create_app(make_config(admin_token=TOKEN))
+    server = await aiohttp_server(app)
+    sup = app["supervisor"]
+    sessions = []
+    for sid, tenant in (("top-one", "acme"), ("top-two", "globex")):
+        s = await sup.get_or_create(sid, tenant)
+        await sup.ensure_live(s)
+        sessions.append(s)
+    return server, sup, sessions
+
+
+async def test_top_once_shows_the_live_sessions(aiohttp_server, make_config):
+    server, sup, sessions = await start_server(aiohttp_server, make_config)
+    url = str(server.make_url("/"))
+    code, out, err = await corral("top", "--once", "--url", url, env_token=TOKEN)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0].split() == ["SESSION", "PID", "TENANT", "STATE", "IDLE", "RSS", "USS", "CPU%", "MSGS"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert set(rows) == {"top-one", "top-two"}
+    for s in sessions:
+        assert rows[s.id][1:4] == [str(s.pid), s.tenant, "idle"]
+        assert rows[s.id][5].endswith("M")  # RSS of a real process, in MiB
+
+
+async def test_sessions_list_and_kill(aiohttp_server, make_config):
+    server, sup, (one, two) = await start_server(aiohttp_server, make_config)
+    url = str(server.make_url("/"))
+    code, out, err = await corral("sessions", "list", "--json", "--url", url, "--admin-token", TOKEN)
+    assert code == 0, err
+    listed = {row["session_id"]: row for row in json.loads(out)}
+    assert listed["top-one"]["pid"] == one.pid and listed["top-two"]["tenant"] == "globex"
+
+    code, out, err = await corral("sessions", "kill", "top-one", "--url", url, "--admin-token", TOKEN)
+    assert code == 0, err
+    assert out.startswith("top-one ")
+    assert await wait_for_state(sup, one, {"killed"}) == "killed"
+    assert two.state == "idle"
+
+
+async def test_refused_token_is_one_line(aiohttp_server, make_config):
+    server, _, _ = await start_server(aiohttp_server, make_config)
+    code, out, err = await corral("top", "--once", "--url", str(server.make_url("/")), "--admin-token", "wrong")
+    assert code == 1 and out == ""
+    assert err.startswith("corral: GET /admin/sessions: 401") and len(err.strip().splitlines()) == 1

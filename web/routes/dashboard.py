@@ -1,0 +1,143 @@
+"""The pages (``/`` chat, ``/admin`` dashboard, ``/static/``) and the admin event stream.
+
+``GET /admin/events`` (admin token, like every ``/admin/`` path) is SSE: a ``sessions`` snapshot
+of the live sessions on connect, then the supervisor's ``state``, ``spawned`` and ``end`` events as they happen, and
+a ``figures`` event with every live session's process figures every ``FIGURES_EVERY`` seconds
+while the stream is open (it doubles as the keep-alive; one timer per watching dashboard, none
+when nobody watches).
+"""
+
+import asyncio
+from pathlib import Path
+
+from aiohttp import web
+
+from web.monitoring import refresh_figures
+from web.sse import SSE_HEADERS, format_event
+from web.views import admin_row
+
+STATIC = Path(__file__).resolve().parent.parent / "static"
+FIGURES_EVERY = 2.0
+QUEUE_BOUND = 1000  # events a slow dashboard may fall behind before it is sent a fresh snapshot
+_FORWARDED = frozenset({"state", "spawned", "end"})
+_CLOSE = object()
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/")
+async def chat_page(request: web.Request) -> web.FileResponse:
+    """The chat page."""
+    return _page("index.html")
+
+
+@routes.get("/admin")
+async def admin_page(request: web.Request) -> web.FileResponse:
+    """The dashboard page (it asks for the admin token; the data it loads needs it)."""
+    return _page("admin.html")
+
+
+def _page(name: str) -> web.FileResponse:
+    """A page that is never cached stale: it references the static files it needs."""
+    return web.FileResponse(STATIC / name, headers={"Cache-Control": "no-cache"})
+
+
+@routes.get("/admin/events")
+async def admin_events(request: web.Request) -> web.StreamResponse:
+    """SSE of session events for the dashboard."""
+    sup = request.app["supervisor"]
+    queue: asyncio.Queue = asyncio.Queue(QUEUE_BOUND)
+    overflowed = False
+
+    def on_event(event: dict) -> None:
+        nonlocal overflowed
+        if event["type"] in _FORWARDED and not overflowed:
+            try:
+                queue.put_nowait(event)
+            except asyncio.QueueFull:
+                overflowed = True  # the writer catches up by sending a fresh snapshot
+
+    response = await _open_stream(request)
+    streams = request.app["event_streams"]
+    streams.add(queue)
+    unsubscribe = sup.events.subscribe(on_event)
+    loop = asyncio.get_running_loop()
+    try:
+        await _send_snapshot(request, response)
+        figures_due = loop.time() + FIGURES_EVERY
+        while True:
+            item = await _next_item(queue, figures_due - loop.time())
+            if item is _CLOSE:
+                break
+            if overflowed:
+                _drain(queue)
+                overflowed = False
+                await _send_snapshot(request, response)
+            elif item is not None:
+                await _send(response, item["type"], item)
+            if loop.time() >= figures_due:
+                await _send_figures(request, response)
+                figures_due = loop.time() + FIGURES_EVERY
+    except ConnectionError:
+        pass  # the dashboard went away
+    finally:
+        unsubscribe()
+        streams.discard(queue)
+    return response
+
+
+async def _open_stream(request: web.Request) -> web.StreamResponse:
+    """Start an SSE response."""
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    await response.prepare(request)
+    return response
+
+
+async def _next_item(queue: asyncio.Queue, timeout: float):
+    """The next event, or None if none comes within ``timeout`` seconds."""
+    try:
+        return await asyncio.wait_for(queue.get(), max(0.0, timeout))
+    except asyncio.TimeoutError:
+        return None
+
+
+def _drain(queue: asyncio.Queue) -> None:
+    """Drop what a slow reader missed (a snapshot replaces it)."""
+    while not queue.empty():
+        queue.get_nowait()
+
+
+async def _send_snapshot(request: web.Request, response: web.StreamResponse) -> None:
+    """Every live session, with fresh figures."""
+    await refresh_figures(request.app)
+    stats = request.app.get("procstats")
+    sessions = [admin_row(s, stats) for s in request.app["supervisor"].list_sessions() if s.live]
+    await _send(response, "sessions", {"sessions": sessions})
+
+
+async def _send_figures(request: web.Request, response: web.StreamResponse) -> None:
+    """The process figures of every live session."""
+    await refresh_figures(request.app)
+    stats = request.app["procstats"]
+    figures = {s.id: stats.for_session(s) for s in request.app["supervisor"].list_sessions() if s.live}
+    await _send(response, "figures", {"figures": figures})
+
+
+async def _send(response: web.StreamResponse, event: str, data: dict) -> None:
+    """Write one SSE event."""
+    await response.write(format_event(event, data))
+
+
+async def close_event_streams(app: web.Application) -> None:
+    """On shutdown, end every open dashboard stream so the server can stop at once."""
+    for queue in list(app["event_streams"]):
+        _drain(queue)
+        queue.put_nowait(_CLOSE)
+
+
+def install(app: web.Application) -> None:
+    """Add the pages, the static files and the event stream to the app."""
+    app["event_streams"] = set()
+    app.add_routes(routes)
+    app.router.add_static("/static/", STATIC, name="static", append_version=False)
+    app.on_shutdown.append(close_event_streams)

@@ -1,0 +1,14 @@
+"""GET /metrics: Prometheus text format from the app's own registry."""
+
+from aiohttp import web
+
+from supervisor.metrics import CONTENT_TYPE
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    """Every metric of this server (process figures at most a second old)."""
+    body = request.app["metrics"].exposition()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

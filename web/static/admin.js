@@ -1,0 +1,173 @@
+// The admin dashboard: live sessions pushed over SSE (GET /admin/events), kill with a button.
+// The admin token is asked for once and kept in sessionStorage; it goes as a Bearer token.
+"use strict";
+
+(function () {
+  const TOKEN_KEY = "corral_admin_token";
+  const $ = (id) => document.getElementById(id);
+  const rows = new Map(); // session_id -> row data
+  let controller = null;
+  let attempt = 0;
+
+  const token = () => sessionStorage.getItem(TOKEN_KEY);
+  const authHeaders = () => (token() ? { Authorization: `Bearer ${token()}` } : {});
+
+  function setStatus(text) {
+    $("status").textContent = text;
+    $("status").dataset.state = text;
+  }
+
+  function showError(text) {
+    $("error").textContent = text;
+    $("error").classList.toggle("hidden", !text);
+  }
+
+  function bytes(n) {
+    if (n === null || n === undefined) return "–";
+    const units = ["B", "K", "M", "G"];
+    let i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+    return i ? `${n.toFixed(1)}${units[i]}` : `${n}B`;
+  }
+
+  function seconds(s) {
+    if (s === null || s === undefined) return "–";
+    s = Math.floor(s);
+    return s < 60 ? `${s}s` : s < 3600 ? `${Math.floor(s / 60)}m${String(s % 60).padStart(2, "0")}s`
+      : `${Math.floor(s / 3600)}h${String(Math.floor(s % 3600 / 60)).padStart(2, "0")}m`;
+  }
+
+  function render() {
+    const body = $("sessions").querySelector("tbody");
+    const sorted = [...rows.values()].sort((a, b) => (b.rss_bytes || 0) - (a.rss_bytes || 0) || a.session_id.localeCompare(b.session_id));
+    body.replaceChildren(...sorted.map(renderRow));
+    const total = sorted.reduce((sum, r) => sum + (r.rss_bytes || 0), 0);
+    $("totals").textContent = `${sorted.length} live · ${bytes(total)} RSS`;
+    $("empty").classList.toggle("hidden", sorted.length > 0);
+  }
+
+  function renderRow(r) {
+    const tr = document.createElement("tr");
+    tr.dataset.sessionId = r.session_id;
+    tr.dataset.state = r.state;
+    const idle = r.idle_seconds === undefined ? null : r.idle_seconds + (Date.now() - r.seenAt) / 1000;
+    const cells = [r.session_id, r.tenant, r.pid ?? "–", r.state, seconds(r.state === "idle" ? idle : 0),
+      bytes(r.rss_bytes), bytes(r.uss_bytes), r.cpu_percent == null ? "–" : r.cpu_percent.toFixed(1),
+      r.message_count ?? 0, r.restarts ?? 0];
+    cells.forEach((value, i) => {
+      const td = document.createElement("td");
+      td.textContent = value;
+      if (i === 0) td.className = "sid";
+      tr.appendChild(td);
+    });
+    const td = document.createElement("td");
+    const kill = document.createElement("button");
+    kill.className = "danger kill";
+    kill.textContent = "Kill";
+    kill.disabled = r.state === "stopping";
+    kill.addEventListener("click", () => killSession(r.session_id));
+    td.appendChild(kill);
+    tr.appendChild(td);
+    return tr;
+  }
+
+  function merge(sessionId, fields) {
+    const row = rows.get(sessionId) || { session_id: sessionId };
+    Object.assign(row, fields, { seenAt: Date.now() });
+    rows.set(sessionId, row);
+  }
+
+  function handle(event) {
+    const d = event.data || {};
+    switch (event.type) {
+      case "sessions":
+        rows.clear();
+        for (const r of d.sessions) merge(r.session_id, r);
+        break;
+      case "state":
+        if (["starting", "idle", "busy", "stopping"].includes(d.state)) {
+          merge(d.session_id, { state: d.state, tenant: d.tenant, pid: d.pid ?? rows.get(d.session_id)?.pid,
+                                ...(d.state === "idle" ? { idle_seconds: 0 } : {}) });
+        } else {
+          rows.delete(d.session_id);
+        }
+        break;
+      case "spawned":
+        merge(d.session_id, { pid: d.pid, tenant: d.tenant });
+        break;
+      case "end":
+        rows.delete(d.session_id);
+        break;
+      case "figures":
+        for (const [sid, figures] of Object.entries(d.figures)) if (rows.has(sid)) merge(sid, figures);
+        break;
+    }
+    render();
+  }
+
+  async function killSession(sessionId) {
+    showError("");
+    merge(sessionId, { state: "stopping" });
+    render();
+    const response = await fetch(`/admin/sessions/${encodeURIComponent(sessionId)}`, { method: "DELETE", headers: authHeaders() });
+    if (!response.ok) {
+      const data = await response.json().catch(() => ({}));
+      showError(`kill ${sessionId}: ${(data.error && data.error.message) || response.status}`);
+    }
+  }
+
+  function askForToken(message) {
+    if (controller) controller.abort();
+    $("sessions").classList.add("hidden");
+    $("login").classList.remove("hidden");
+    $("login-error").textContent = message || "";
+    setStatus("locked");
+    $("token").focus();
+  }
+
+  // Keep the event stream open; reconnect with backoff; a 401 asks for the token.
+  function connect() {
+    if (controller) controller.abort();
+    const mine = (controller = new AbortController());
+    $("login").classList.add("hidden");
+    $("sessions").classList.remove("hidden");
+    $("logout").classList.toggle("hidden", !token());
+    (async () => {
+      while (!mine.signal.aborted) {
+        setStatus("connecting");
+        try {
+          await CorralSSE.readStream("/admin/events", {
+            headers: authHeaders(),
+            signal: mine.signal,
+            onOpen: () => { attempt = 0; setStatus("live"); },
+            onEvent: handle,
+          });
+        } catch (error) {
+          if (mine.signal.aborted) return;
+          if (error.status === 401) {
+            const refused = token() !== null;
+            sessionStorage.removeItem(TOKEN_KEY);
+            askForToken(refused ? "that token was refused" : "");
+            return;
+          }
+        }
+        if (mine.signal.aborted) return;
+        setStatus("offline");
+        await new Promise((resolve) => setTimeout(resolve, CorralSSE.backoff(attempt++)));
+      }
+    })();
+  }
+
+  $("login").addEventListener("submit", (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(TOKEN_KEY, $("token").value);
+    $("token").value = "";
+    connect();
+  });
+  $("logout").addEventListener("click", () => {
+    sessionStorage.removeItem(TOKEN_KEY);
+    askForToken("");
+  });
+  setInterval(render, 1000); // only ticks the idle clocks locally; data comes from the stream
+  connect();
+})();
