@@ -40,6 +40,9 @@ _FAIL_ERRORS = {
     p.AGENT_CRASHED: errors.AgentDied,
     p.AGENT_OOM: errors.AgentDied,
 }
+# An interrupt is signalled again this often while its turn is still running (a lost SIGINT).
+INTERRUPT_RESEND_AFTER = 0.5
+INTERRUPT_RESENDS = 4
 _DEATH_CODES = {states.OOM: p.AGENT_OOM, states.CRASHED: p.AGENT_CRASHED}
 _TURN_STATES = (states.IDLE, states.BUSY)
 # Store status of a session whose server died while it was live (not a state of a live server).
@@ -357,8 +360,30 @@ class Supervisor:
         """SIGINT the agent's process group; the turn in progress (or about to start) ends as interrupted."""
         if s.pid is None or not s.turns or s.state not in (states.BUSY, states.STOPPING):
             return False
+        s.cancel_timer("interrupt")
+        return self._send_interrupt(s, next(iter(s.turns)), INTERRUPT_RESENDS)
+
+    def _send_interrupt(self, s: Session, target: int, resends: int) -> bool:
+        """Signal the agent, and look again shortly in case the signal was lost.
+
+        CPython loses a SIGINT that lands between its last signal check and a blocking call
+        such as time.sleep (the handler then runs only when the call returns), so while the
+        interrupted turn is still the one in progress, it is signalled again a few times.
+        The agent counts signals against the count on each frame, so a resend that lands
+        after the turn ended does not interrupt the next one.
+        """
         s.interrupts += 1
-        return self._signal(s, signal.SIGINT)
+        sent = self._signal(s, signal.SIGINT)
+        if sent and resends > 0:
+            loop = asyncio.get_running_loop()
+            s.timers["interrupt"] = loop.call_later(INTERRUPT_RESEND_AFTER, self._resend_interrupt, s, target, resends)
+        return sent
+
+    def _resend_interrupt(self, s: Session, target: int, resends: int) -> None:
+        """The interrupt timer fired: signal again if the target turn is still the one running."""
+        s.timers.pop("interrupt", None)
+        if s.pid is not None and s.turns and next(iter(s.turns)) == target:
+            self._send_interrupt(s, target, resends - 1)
 
     def _signal(self, s: Session, sig: int) -> bool:
         """Send a signal to the session's process group."""
@@ -642,7 +667,7 @@ class Supervisor:
 
     def _went_down(self, s: Session, final: str) -> None:
         """Fail what was waiting on the process, record the end, tell everyone."""
-        s.cancel_timers("idle", "age", "term", "kill")
+        s.cancel_timers("idle", "age", "term", "kill", "interrupt")
         code = _DEATH_CODES.get(final, "session_ended")
         err = errors.AgentDied(f"the agent {_verb(final)} ({s.exit_description})", code=code)
         for turn in s.turns.values():

@@ -316,3 +316,17 @@ async def test_an_agents_children_die_with_it(make_supervisor):
     with pytest.raises(errors.AgentDied):
         await sup.command(s, "crash", {"how": "exit"})
     assert wait_gone([child], timeout=5) == []
+
+
+async def test_a_lost_interrupt_is_sent_again(make_supervisor):
+    sup = await make_supervisor(agent="tests.core_agents:ForkingAgent")
+    s = await sup.get_or_create("deaf", "default")
+    await sup.command(s, "go_deaf", {})
+    turn = asyncio.ensure_future(sup.command(s, "deaf_sleep", {"deaf": 0.8, "seconds": 30}))
+    await wait_for_state(sup, s, states.BUSY)
+    assert sup.interrupt(s)
+    result = await asyncio.wait_for(turn, 10)
+    assert result["status"] == "interrupted"
+    assert s.interrupts >= 2  # the first SIGINT fell on deaf ears; a resend ended the turn
+    # A resend never spills into the next turn.
+    assert (await sup.command(s, "sleep", {"seconds": 1.5}))["status"] == "done"
