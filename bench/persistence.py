@@ -30,6 +30,7 @@ from supervisor import Config, Supervisor
 from supervisor.logs import configure
 from supervisor.store import create_store
 from web.app import create_app
+from web.keys import SUPERVISOR
 
 BASELINE = "memory"
 
@@ -67,7 +68,7 @@ class Target:
 
     @property
     def sup(self) -> Supervisor:
-        return self.app["supervisor"]
+        return self.app[SUPERVISOR]
 
     async def start(self) -> None:
         """Start the app (and so the supervisor) on a loopback port."""

@@ -4,6 +4,7 @@ import asyncio
 
 from conftest import wait_for_state
 from web.app import create_app
+from web.keys import PROCSTATS, SUPERVISOR
 
 TENANTS = """
 admin_token = "admin-secret-token"
@@ -36,13 +37,13 @@ async def start(aiohttp_client, make_config, tmp_path, *, tenants: str | None = 
         overrides["tenants"] = path
     app = create_app(make_config(**overrides))
     if procstats is not None:
-        app["procstats"] = procstats
+        app[PROCSTATS] = procstats
     return await aiohttp_client(app)
 
 
 def supervisor_of(client):
     """The Supervisor behind a test client."""
-    return client.server.app["supervisor"]
+    return client.server.app[SUPERVISOR]
 
 
 async def json_of(response, status: int) -> dict:

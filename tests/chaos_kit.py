@@ -24,6 +24,7 @@ from aiohttp import web
 from supervisor import errors, states
 from tests.conftest import wait_for_state
 from web.app import create_app
+from web.keys import SUPERVISOR
 
 ADMIN_TOKEN = "chaos-admin-token"
 CRASH_KINDS = ("exit", "signal", "exception")
@@ -183,7 +184,7 @@ class ChaosRun:
 
     def __init__(self, app, url: str, http, plan: ChaosPlan):
         self.app, self.url, self.http, self.plan = app, url, http, plan
-        self.sup = app["supervisor"]
+        self.sup = app[SUPERVISOR]
         self.prefix = secrets.token_hex(2) + "-"
         self.ids = [f"{self.prefix}{i:04d}" for i in range(plan.sessions)]
         self.nonce = {sid: f"N{secrets.token_hex(6)}N" for sid in self.ids}

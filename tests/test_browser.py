@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import wait_for_state
 from web.app import create_app
+from web.keys import SUPERVISOR
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -95,7 +96,7 @@ async def test_chat_page_streams_and_keeps_the_conversation(server, browser):
 
 
 async def test_dashboard_lists_live_and_kills(server, browser, aiohttp_client):
-    sup = server.app["supervisor"]
+    sup = server.app[SUPERVISOR]
     victim, bystander = await sup.get_or_create("victim", "acme"), await sup.get_or_create("bystander", "acme")
     for s in (victim, bystander):
         await sup.ensure_live(s)
@@ -143,4 +144,4 @@ async def test_chat_page_asks_for_an_api_key_when_the_server_wants_one(aiohttp_s
         await expect(page.locator(".msg.assistant")).to_have_text(["You said: hello"], timeout=WAIT_MS)
         assert asked == ["This server needs an API key:"]
         session_id = await page.evaluate("localStorage.getItem('corral_session_id')")
-        assert server.app["supervisor"].sessions[session_id].tenant == "alice"
+        assert server.app[SUPERVISOR].sessions[session_id].tenant == "alice"

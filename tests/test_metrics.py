@@ -6,6 +6,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from supervisor import errors
 from tests.conftest import wait_for_state
 from web.app import create_app
+from web.keys import SUPERVISOR
 
 MiB = 1 << 20
 
@@ -30,7 +31,7 @@ def value(samples: dict, name: str, **labels) -> float:
 async def test_counters_move_on_spawn_crash_restart_oom_and_reap(aiohttp_client, make_config):
     app = create_app(make_config(memory_limit=64 * MiB))
     client = await aiohttp_client(app)
-    sup = app["supervisor"]
+    sup = app[SUPERVISOR]
     assert value(await scrape(client), "corral_spawns_total") == 0
 
     response = await client.post("/api/chat", json={"message": "hello", "session_id": "m1"})

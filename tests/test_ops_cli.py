@@ -7,6 +7,7 @@ import sys
 
 from tests.conftest import wait_for_state
 from web.app import create_app
+from web.keys import SUPERVISOR
 
 TOKEN = "ops-test-admin-token"
 
@@ -26,7 +27,7 @@ async def start_server(aiohttp_server, make_config):
     """A live server with an admin token and two sessions of two tenants."""
     app = create_app(make_config(admin_token=TOKEN))
     server = await aiohttp_server(app)
-    sup = app["supervisor"]
+    sup = app[SUPERVISOR]
     sessions = []
     for sid, tenant in (("top-one", "acme"), ("top-two", "globex")):
         s = await sup.get_or_create(sid, tenant)

@@ -17,6 +17,7 @@ from supervisor.store import create_store
 from supervisor.store.sqlite import SQLiteStore
 from tests.conftest import POSTGRES_URL, drop_schema, wait_for_state
 from web.app import create_app
+from web.keys import SUPERVISOR
 
 ALICE = "Your name is Alice."
 
@@ -243,7 +244,7 @@ async def start_app(aiohttp_client, make_config, new_store):
 
     async def start(**overrides):
         client = await aiohttp_client(create_app(make_config(**overrides), store=new_store()))
-        client.sup = client.app["supervisor"]
+        client.sup = client.app[SUPERVISOR]
         return client
 
     return start
@@ -322,7 +323,7 @@ async def pg_app(aiohttp_client, make_config):
         pytest.skip("CORRAL_TEST_DATABASE_URL is not set (e.g. postgresql://postgres@127.0.0.1:5432/test)")
     schema = new_schema()
     client = await aiohttp_client(create_app(make_config(), store=pg_store(schema)))
-    client.sup = client.app["supervisor"]
+    client.sup = client.app[SUPERVISOR]
     yield client
     await client.close()  # before the schema goes, so closing sessions can record their ends
     await drop_schema(schema)

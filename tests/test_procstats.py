@@ -8,6 +8,7 @@ import pytest
 
 from supervisor.procstats import ProcStats
 from web.app import create_app
+from web.keys import SUPERVISOR
 
 MiB = 1 << 20
 
@@ -37,7 +38,7 @@ TOKEN = "figures-admin-token"
 async def served(aiohttp_client, make_config):
     """(client, supervisor) of a live app with an admin token."""
     app = create_app(make_config(admin_token=TOKEN))
-    return await aiohttp_client(app), app["supervisor"]
+    return await aiohttp_client(app), app[SUPERVISOR]
 
 
 async def admin_rows(client) -> dict:

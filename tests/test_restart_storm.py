@@ -7,6 +7,7 @@ import json
 import time
 
 from tests.chaos_kit import call, client_session, error_code, latency_summary, running_app
+from web.keys import SUPERVISOR
 
 OTHERS = 16
 ROUNDS = 10  # messages per other session per phase
@@ -36,7 +37,7 @@ async def test_restart_storm_fails_the_session_and_spares_the_others(make_config
     config = make_config(agent="tests.agents.hostile:StormAgent", max_restarts=3, restart_window=120.0)
     others = [f"calm-{i}" for i in range(OTHERS)]
     async with running_app(config) as (app, url), client_session() as http:
-        sup = app["supervisor"]
+        sup = app[SUPERVISOR]
         await chat_round(http, url, others, [])  # every other session up
         before_statuses, before = await phase(http, url, others)
 

@@ -9,6 +9,7 @@ from apihelpers import ALICE, BOB, TENANTS, assert_error, start
 from supervisor import errors, states
 from web.app import create_app
 from web.routes.stream import STREAMS
+from web.keys import SUPERVISOR
 
 TIMEOUT = 20.0  # generous: the machine is shared
 
@@ -168,7 +169,7 @@ async def test_end_arrives_when_the_session_is_killed(client):
     await chat(client, "dave", "hello")
     stream = await listen(client, "dave")
     assert (await stream.next())["data"]["state"] == states.IDLE
-    sup = client.app["supervisor"]
+    sup = client.app[SUPERVISOR]
     await sup.kill(sup.sessions["dave"])
     events = await stream.until(lambda e: e["event"] == "end")
     assert events[-1]["data"]["reason"] == states.KILLED
@@ -181,7 +182,7 @@ async def test_a_crash_during_a_turn_sends_error_and_end(client):
     await chat(client, "gina", "hello")
     stream = await listen(client, "gina")
     await stream.next()
-    sup = client.app["supervisor"]
+    sup = client.app[SUPERVISOR]
     with pytest.raises(errors.AgentDied):
         await sup.command(sup.sessions["gina"], "crash", {"how": "exit"})
     events = await stream.until(lambda e: e["event"] == "error")
@@ -193,7 +194,7 @@ async def test_a_crash_during_a_turn_sends_error_and_end(client):
 
 async def test_state_on_connect_for_a_reaped_session_does_not_spawn(client):
     """A session with no process is answered from the store; connecting starts nothing."""
-    sup = client.app["supervisor"]
+    sup = client.app[SUPERVISOR]
     await chat(client, "erin", "my name is Erin")
     s = sup.sessions["erin"]
     await sup.stop(s, states.REAPED)
@@ -219,7 +220,7 @@ async def test_a_gone_listener_is_unsubscribed_and_its_buffer_released(client):
     """After the client hangs up the channel goes: no bus subscription, no buffer."""
     hub = client.app[STREAMS]
     hub.linger = 0.05
-    sup = client.app["supervisor"]
+    sup = client.app[SUPERVISOR]
     stream = await listen(client, "frank")
     await stream.next()
     assert sup.events.watched("frank") and hub.listeners() == 1
@@ -234,7 +235,7 @@ async def test_stream_refuses_bad_ids_and_other_tenants_sessions(client):
     response = await client.get("/api/chat/stream", params={"session_id": "no spaces"})
     assert response.status == 400
     assert (await response.json())["error"]["code"] == "bad_session_id"
-    await client.app["supervisor"].get_or_create("theirs", "acme")
+    await client.app[SUPERVISOR].get_or_create("theirs", "acme")
     response = await client.get("/api/chat/stream", params={"session_id": "theirs"})
     assert response.status == 404
     assert (await response.json())["error"]["code"] == "session_not_found"
@@ -242,7 +243,7 @@ async def test_stream_refuses_bad_ids_and_other_tenants_sessions(client):
 
 async def test_listening_on_an_unused_id_shows_nothing_of_another_tenants_session(client):
     """A tenant listening on an id nobody used sees none of the events once another tenant takes it."""
-    hub, sup = client.app[STREAMS], client.app["supervisor"]
+    hub, sup = client.app[STREAMS], client.app[SUPERVISOR]
     stream = await listen(client, "contested")
     await stream.next()
     owner = hub.listen("acme", "contested")  # what acme's own stream would be fed

@@ -10,6 +10,7 @@ from web import cors, monitoring, openapi
 from web.auth import auth_from_config, auth_middleware, check_bind, log_mode
 from web.errors import error_middleware
 from web.routes import admin, api, chat, dashboard, health, metrics, stream
+from web.keys import AUTH, BACKGROUND, BACKGROUND_TASKS, CONFIG, SUPERVISOR
 
 log = get_logger(component="web")
 
@@ -25,9 +26,9 @@ def create_app(config: Config, *, store=None) -> web.Application:
     app = web.Application(
         middlewares=[error_middleware, auth_middleware], client_max_size=config.max_message_bytes * 4 + 4096
     )
-    app["config"] = config
-    app["auth"] = auth
-    app["supervisor"] = Supervisor(config, store=store, tenant_limits=auth.tenant_limits)
+    app[CONFIG] = config
+    app[AUTH] = auth
+    app[SUPERVISOR] = Supervisor(config, store=store, tenant_limits=auth.tenant_limits)
     tasks: set[asyncio.Task] = set()
 
     def background(coro) -> None:
@@ -36,8 +37,8 @@ def create_app(config: Config, *, store=None) -> web.Application:
         tasks.add(task)
         task.add_done_callback(_finished(tasks))
 
-    app["background"] = background
-    app["background_tasks"] = tasks
+    app[BACKGROUND] = background
+    app[BACKGROUND_TASKS] = tasks
     for module in (health, chat, api, admin, stream, openapi, metrics):
         app.add_routes(module.routes)
     stream.setup(app)
@@ -62,12 +63,12 @@ def _finished(tasks: set):
 
 async def _start_supervisor(app: web.Application) -> None:
     """Start the supervisor with the app."""
-    await app["supervisor"].start()
+    await app[SUPERVISOR].start()
 
 
 async def _stop_supervisor(app: web.Application) -> None:
     """Drain background turns, then stop every session."""
-    tasks = app["background_tasks"]
+    tasks = app[BACKGROUND_TASKS]
     if tasks:
-        await asyncio.wait(list(tasks), timeout=app["config"].stop_timeout)
-    await app["supervisor"].close()
+        await asyncio.wait(list(tasks), timeout=app[CONFIG].stop_timeout)
+    await app[SUPERVISOR].close()

@@ -25,6 +25,7 @@ from aiohttp import web
 
 from supervisor.logs import get_logger
 from web.errors import error_response
+from web.keys import ADMIN, AUTH, TENANT
 
 log = get_logger(component="auth")
 
@@ -217,7 +218,7 @@ def _admin_check(auth: Auth, request: web.Request) -> web.Response | None:
 @web.middleware
 async def auth_middleware(request: web.Request, handler):
     """Authenticate /api/ requests as a tenant and /admin/ requests as the admin."""
-    auth: Auth = request.app["auth"]
+    auth: Auth = request.app[AUTH]
     path = request.path
     if request.method == "OPTIONS":  # CORS preflights carry no credentials
         return await handler(request)
@@ -225,10 +226,10 @@ async def auth_middleware(request: web.Request, handler):
         refused = _admin_check(auth, request)
         if refused is not None:
             return refused
-        request["admin"] = True
+        request[ADMIN] = True
     elif path.startswith("/api/") and path not in PUBLIC_API_PATHS:
         tenant = _tenant_check(auth, request)
         if isinstance(tenant, web.Response):
             return tenant
-        request["tenant"] = tenant
+        request[TENANT] = tenant
     return await handler(request)

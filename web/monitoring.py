@@ -1,6 +1,6 @@
 """Wires process stats and Prometheus metrics into the app: instruments and middleware.
 
-``app["procstats"]`` (admin rows merge its figures) and ``app["metrics"]`` are created here.
+``app[PROCSTATS]`` (admin rows merge its figures) and ``app[METRICS]`` are created here.
 The metrics middleware is the outermost one, so it times whole requests and sees the final JSON
 error of every refusal, whichever middleware or handler produced it.
 """
@@ -12,6 +12,7 @@ from aiohttp import web
 
 from supervisor.metrics import Metrics
 from supervisor.procstats import ProcStats
+from web.keys import METRICS, PROCSTATS, SUPERVISOR
 
 # Requests under these paths show process figures: make them fresh (at most one pass a second).
 _FIGURE_PATHS = ("/admin/sessions", "/admin/stats", "/metrics")
@@ -19,9 +20,9 @@ _FIGURE_PATHS = ("/admin/sessions", "/admin/stats", "/metrics")
 
 def install(app: web.Application) -> None:
     """Create the instruments for the app's supervisor and put the middleware in front."""
-    sup = app["supervisor"]
-    app["procstats"] = ProcStats(sup)
-    app["metrics"] = Metrics(sup, app["procstats"])
+    sup = app[SUPERVISOR]
+    app[PROCSTATS] = ProcStats(sup)
+    app[METRICS] = Metrics(sup, app[PROCSTATS])
     app.middlewares.insert(0, metrics_middleware)
     app.middlewares.append(procstats_middleware)  # innermost: after auth has let the request in
     app.on_cleanup.append(_close_metrics)
@@ -29,7 +30,7 @@ def install(app: web.Application) -> None:
 
 async def _close_metrics(app: web.Application) -> None:
     """Stop the metrics listening to the supervisor."""
-    app["metrics"].close()
+    app[METRICS].close()
 
 
 @web.middleware
@@ -42,7 +43,7 @@ async def procstats_middleware(request: web.Request, handler):
 
 async def refresh_figures(app: web.Application) -> None:
     """Make the process figures fresh (at most a second old), if the app's hook can refresh."""
-    refresh = getattr(app.get("procstats"), "refresh", None)  # the admin hook's contract is for_session
+    refresh = getattr(app.get(PROCSTATS), "refresh", None)  # the admin hook's contract is for_session
     if refresh is not None:
         await refresh()
 
@@ -51,7 +52,7 @@ async def refresh_figures(app: web.Application) -> None:
 async def metrics_middleware(request: web.Request, handler):
     """Time each request by route and count refusals by status and error code."""
     started = time.perf_counter()
-    metrics = request.app["metrics"]
+    metrics = request.app[METRICS]
     try:
         response = await handler(request)
     except web.HTTPException as exc:

@@ -6,6 +6,7 @@ from aiohttp import hdrs, web
 
 from supervisor import errors
 from supervisor.session import new_session_id, valid_session_id
+from web.keys import CONFIG, SUPERVISOR, TENANT
 
 SESSION_COOKIE = "corral_session"
 SESSION_HEADER = "X-Session-Id"
@@ -14,7 +15,7 @@ _COOKIE_ATTRIBUTES = f"HttpOnly; Max-Age={30 * 86400}; Path=/; SameSite=Lax"
 
 async def json_body(request: web.Request) -> dict:
     """The request's JSON object body; 400 if malformed, 413 if over the size limit."""
-    limit = request.app["config"].max_message_bytes * 4 + 4096
+    limit = request.app[CONFIG].max_message_bytes * 4 + 4096
     if request.content_length is not None and request.content_length > limit:
         raise errors.TooLarge(f"request body is over {limit} bytes")
     raw = await request.content.read(limit + 1)
@@ -115,7 +116,7 @@ def checked_session_id(sid) -> str:
 async def open_session(request: web.Request, body: dict | None = None, *, body_only: bool = False):
     """The request's session for its tenant, created if new (not yet spawned); 404 if another tenant's."""
     sid = requested_session_id(request, body, body_only=body_only)
-    return await request.app["supervisor"].get_or_create(sid, tenant_of(request), client_metadata(request))
+    return await request.app[SUPERVISOR].get_or_create(sid, tenant_of(request), client_metadata(request))
 
 
 async def find_session(request: web.Request, sid: str, *, missing_ok: bool = False):
@@ -123,7 +124,7 @@ async def find_session(request: web.Request, sid: str, *, missing_ok: bool = Fal
 
     With ``missing_ok`` an unknown id gives None instead: the seed routes treat it as a new session.
     """
-    found = await request.app["supervisor"].find(checked_session_id(sid))
+    found = await request.app[SUPERVISOR].find(checked_session_id(sid))
     if found is None and missing_ok:
         return None
     if found is None or found.tenant != tenant_of(request):
@@ -142,7 +143,7 @@ def client_metadata(request: web.Request) -> dict:
 
 def tenant_of(request: web.Request) -> str:
     """The tenant the request authenticated as."""
-    return request.get("tenant", "default")
+    return request.get(TENANT, "default")
 
 
 def remember_session(response: web.StreamResponse, session_id: str) -> None:

@@ -12,6 +12,7 @@ from supervisor import errors, states
 from supervisor.session import Session
 from web.requests import checked_session_id, query_bool, query_int
 from web.views import admin_row
+from web.keys import BACKGROUND, PROCSTATS, SUPERVISOR
 
 routes = web.RouteTableDef()
 
@@ -36,9 +37,9 @@ async def list_sessions(request: web.Request) -> web.Response:
 
 async def _rows(app: web.Application, tenant: str | None, state: str | None, want: int, offset: int) -> list[dict]:
     """Rows ``offset .. offset+want`` of memory and store merged, newest first."""
-    sup = app["supervisor"]
+    sup = app[SUPERVISOR]
     held = sup.list_sessions()
-    rows = [admin_row(s, app.get("procstats")) for s in held if _matches(s, tenant, state)]
+    rows = [admin_row(s, app.get(PROCSTATS)) for s in held if _matches(s, tenant, state)]
     if state != LIVE_FILTER:
         # Enough stored rows that, after dropping the ones memory already shows, offset+want remain.
         stored = await sup.store.list_sessions(tenant=tenant, status=state, limit=offset + want + len(held))
@@ -60,7 +61,7 @@ def _matches(s: Session, tenant: str | None, state: str | None) -> bool:
 async def _found(request: web.Request):
     """The session named in the path (memory, else store), any tenant; 404 if unknown."""
     sid = checked_session_id(request.match_info["session_id"])
-    found = await request.app["supervisor"].find(sid)
+    found = await request.app[SUPERVISOR].find(sid)
     if found is None:
         raise errors.SessionNotFound(f"no session {sid}")
     return found
@@ -69,7 +70,7 @@ async def _found(request: web.Request):
 @routes.get("/admin/sessions/{session_id}")
 async def get_session(request: web.Request) -> web.Response:
     """One session's row."""
-    return web.json_response(admin_row(await _found(request), request.app.get("procstats")))
+    return web.json_response(admin_row(await _found(request), request.app.get(PROCSTATS)))
 
 
 @routes.delete("/admin/sessions/{session_id}")
@@ -80,9 +81,9 @@ async def kill_session(request: web.Request) -> web.Response:
     """
     purge = query_bool(request, "purge")
     found = await _found(request)
-    sup = request.app["supervisor"]
+    sup = request.app[SUPERVISOR]
     if isinstance(found, Session) and found.live:
-        request.app["background"](_kill(sup, found, purge))
+        request.app[BACKGROUND](_kill(sup, found, purge))
         return web.json_response({**admin_row(found), "state": states.STOPPING}, status=202)
     if isinstance(found, Session):
         await sup.remove(found, purge=purge)
@@ -102,14 +103,14 @@ async def _kill(sup, s: Session, purge: bool) -> None:
 async def interrupt_session(request: web.Request) -> web.Response:
     """Interrupt the session's turn in progress, if any."""
     found = await _found(request)
-    done = isinstance(found, Session) and request.app["supervisor"].interrupt(found)
+    done = isinstance(found, Session) and request.app[SUPERVISOR].interrupt(found)
     return web.json_response({"session_id": found.id, "state": admin_row(found)["state"], "interrupted": done})
 
 
 @routes.get("/admin/stats")
 async def stats(request: web.Request) -> web.Response:
     """Totals from the store (sessions, active, messages, averages, per tenant) and this node's live view."""
-    sup = request.app["supervisor"]
+    sup = request.app[SUPERVISOR]
     stored = await sup.store.stats()
     by_state = Counter(s.state for s in sup.list_sessions() if s.state is not None)
     quotas = sup.tenant_limits
@@ -124,7 +125,7 @@ async def stats(request: web.Request) -> web.Response:
         "by_state": dict(by_state),
         "by_tenant": by_tenant,
         "counters": dict(sup.counters),
-        **_agent_memory(request.app.get("procstats")),
+        **_agent_memory(request.app.get(PROCSTATS)),
     })
 
 

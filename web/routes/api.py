@@ -21,6 +21,7 @@ from web.requests import (
     session_response,
 )
 from web.views import message_view, new_session_view, session_detail, session_view
+from web.keys import SUPERVISOR
 
 routes = web.RouteTableDef()
 
@@ -37,7 +38,7 @@ async def state(request: web.Request) -> web.Response:
     found = await find_session(request, sid, missing_ok=True)
     if found is None:
         return session_response(new_session_view(sid, messages=[]), sid)
-    history = await request.app["supervisor"].store.history(sid, limit=limit)
+    history = await request.app[SUPERVISOR].store.history(sid, limit=limit)
     return session_response(session_view(found, messages=[message_view(m) for m in history]), sid)
 
 
@@ -49,7 +50,7 @@ async def interrupt(request: web.Request) -> web.Response:
     found = await find_session(request, sid, missing_ok=True)
     if found is None:
         return session_response(new_session_view(sid, interrupted=False), sid)
-    done = isinstance(found, Session) and request.app["supervisor"].interrupt(found)
+    done = isinstance(found, Session) and request.app[SUPERVISOR].interrupt(found)
     return session_response(session_view(found, interrupted=done), sid)
 
 
@@ -59,7 +60,7 @@ async def system(request: web.Request) -> web.Response:
     body = await json_body(request)
     message = field(body, "message", str, required=True)
     s = await open_session(request, body)
-    result = await request.app["supervisor"].system(s, message)
+    result = await request.app[SUPERVISOR].system(s, message)
     return session_response(session_view(s, status=result["status"], reply=result.get("reply")), s.id)
 
 
@@ -71,7 +72,7 @@ async def mcp_command(request: web.Request) -> web.Response:
     args = body.get("args")
     check_packable("args", args)
     s = await open_session(request, body)
-    result = await request.app["supervisor"].command(s, command, args)
+    result = await request.app[SUPERVISOR].command(s, command, args)
     return session_response(session_view(s, status=result["status"], result=result.get("reply")), s.id)
 
 
@@ -81,7 +82,7 @@ async def create_session(request: web.Request) -> web.Response:
     body = await json_body(request)
     s = await open_session(request, body, body_only=True)
     was_live = s.live
-    await request.app["supervisor"].ensure_live(s)
+    await request.app[SUPERVISOR].ensure_live(s)
     response = session_response(session_detail(s), s.id, status=200 if was_live else 201)
     response.headers["Location"] = f"/api/sessions/{s.id}"
     return response
@@ -102,7 +103,7 @@ async def delete_session(request: web.Request) -> web.Response:
     """
     purge = query_bool(request, "purge")
     found = await find_session(request, request.match_info["session_id"])
-    sup = request.app["supervisor"]
+    sup = request.app[SUPERVISOR]
     if isinstance(found, Session) and found.live:
         await sup.remove(found, purge=purge)
     elif purge:

@@ -4,6 +4,7 @@ from aiohttp import web
 
 from web.requests import field, json_body, open_session, session_response
 from web.views import session_view
+from web.keys import BACKGROUND, SUPERVISOR
 
 routes = web.RouteTableDef()
 
@@ -14,11 +15,11 @@ async def chat(request: web.Request) -> web.Response:
     body = await json_body(request)
     message = field(body, "message", str, required=True)
     wait = field(body, "wait", bool, default=True)
-    sup = request.app["supervisor"]
+    sup = request.app[SUPERVISOR]
     s = await open_session(request, body)
     turn = await sup.submit_chat(s, message)
     if not wait:
-        request.app["background"](sup.complete(s, turn))
+        request.app[BACKGROUND](sup.complete(s, turn))
         return session_response(session_view(s, status="accepted"), s.id, status=202)
     result = await sup.complete(s, turn)
     return session_response(session_view(s, status=result["status"], reply=result.get("reply")), s.id)

@@ -15,6 +15,7 @@ from aiohttp import web
 from web.monitoring import refresh_figures
 from web.sse import SSE_HEADERS, format_event
 from web.views import admin_row
+from web.keys import EVENT_STREAMS, PROCSTATS, SUPERVISOR
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 FIGURES_EVERY = 2.0
@@ -45,7 +46,7 @@ def _page(name: str) -> web.FileResponse:
 @routes.get("/admin/events")
 async def admin_events(request: web.Request) -> web.StreamResponse:
     """SSE of session events for the dashboard."""
-    sup = request.app["supervisor"]
+    sup = request.app[SUPERVISOR]
     queue: asyncio.Queue = asyncio.Queue(QUEUE_BOUND)
     overflowed = False
 
@@ -58,7 +59,7 @@ async def admin_events(request: web.Request) -> web.StreamResponse:
                 overflowed = True  # the writer catches up by sending a fresh snapshot
 
     response = await _open_stream(request)
-    streams = request.app["event_streams"]
+    streams = request.app[EVENT_STREAMS]
     streams.add(queue)
     unsubscribe = sup.events.subscribe(on_event)
     loop = asyncio.get_running_loop()
@@ -110,16 +111,16 @@ def _drain(queue: asyncio.Queue) -> None:
 async def _send_snapshot(request: web.Request, response: web.StreamResponse) -> None:
     """Every live session, with fresh figures."""
     await refresh_figures(request.app)
-    stats = request.app.get("procstats")
-    sessions = [admin_row(s, stats) for s in request.app["supervisor"].list_sessions() if s.live]
+    stats = request.app.get(PROCSTATS)
+    sessions = [admin_row(s, stats) for s in request.app[SUPERVISOR].list_sessions() if s.live]
     await _send(response, "sessions", {"sessions": sessions})
 
 
 async def _send_figures(request: web.Request, response: web.StreamResponse) -> None:
     """The process figures of every live session."""
     await refresh_figures(request.app)
-    stats = request.app["procstats"]
-    figures = {s.id: stats.for_session(s) for s in request.app["supervisor"].list_sessions() if s.live}
+    stats = request.app[PROCSTATS]
+    figures = {s.id: stats.for_session(s) for s in request.app[SUPERVISOR].list_sessions() if s.live}
     await _send(response, "figures", {"figures": figures})
 
 
@@ -130,14 +131,14 @@ async def _send(response: web.StreamResponse, event: str, data: dict) -> None:
 
 async def close_event_streams(app: web.Application) -> None:
     """On shutdown, end every open dashboard stream so the server can stop at once."""
-    for queue in list(app["event_streams"]):
+    for queue in list(app[EVENT_STREAMS]):
         _drain(queue)
         queue.put_nowait(_CLOSE)
 
 
 def install(app: web.Application) -> None:
     """Add the pages, the static files and the event stream to the app."""
-    app["event_streams"] = set()
+    app[EVENT_STREAMS] = set()
     app.add_routes(routes)
     app.router.add_static("/static/", STATIC, name="static", append_version=False)
     app.on_shutdown.append(close_event_streams)

@@ -3,6 +3,7 @@
 from aiohttp import web
 
 from supervisor.metrics import CONTENT_TYPE
+from web.keys import METRICS
 
 routes = web.RouteTableDef()
 
@@ -10,5 +11,5 @@ routes = web.RouteTableDef()
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     """Every metric of this server (process figures at most a second old)."""
-    body = request.app["metrics"].exposition()
+    body = request.app[METRICS].exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

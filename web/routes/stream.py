@@ -14,6 +14,7 @@ from aiohttp import web
 from web.requests import find_session, remember_session, requested_session_id, tenant_of
 from web.sse import CLOSE, KEEPALIVE_FRAME, SSE_HEADERS, Listener, StreamHub, format_event
 from web.views import message_view, new_session_view, session_view
+from web.keys import SUPERVISOR
 
 routes = web.RouteTableDef()
 STREAMS = web.AppKey("streams", StreamHub)
@@ -22,7 +23,7 @@ RETRY_MS = 2000  # how long an EventSource waits before reconnecting
 
 def setup(app: web.Application) -> StreamHub:
     """Give the app its stream hub; every open stream ends when the app shuts down."""
-    sup = app["supervisor"]
+    sup = app[SUPERVISOR]
 
     def owner_of(session_id: str) -> str | None:
         """The tenant of a session the supervisor holds."""
@@ -81,7 +82,7 @@ async def _snapshot(request: web.Request, sid: str) -> dict:
     found = await find_session(request, sid, missing_ok=True)
     if found is None:
         return new_session_view(sid, messages=[])
-    history = await request.app["supervisor"].store.history(sid)
+    history = await request.app[SUPERVISOR].store.history(sid)
     return session_view(found, messages=[message_view(m) for m in history])
 
 
