@@ -476,8 +476,12 @@ class Supervisor:
             history = await self._prepare_spawn(s)
             await self._fork(s)
             await asyncio.wait_for(asyncio.shield(s.ready), self.config.spawn_timeout)
+            self._still_starting(s)  # it may have died between READY and now
             start = self._send(s, p.START, {"history": history, "metadata": s.metadata}, None)
             await asyncio.wait_for(asyncio.shield(start.future), self.config.spawn_timeout)
+        except asyncio.TimeoutError as exc:
+            await self._spawn_failed(s, exc)
+            raise errors.AgentDied(f"session {s.id} failed to start ({s.exit_description})") from None
         except BaseException as exc:
             await self._spawn_failed(s, exc)
             raise
@@ -486,6 +490,11 @@ class Supervisor:
         self.events.publish("spawned", s.id, tenant=s.tenant, pid=s.pid, seconds=s.spawned_at - started)
         self._transition(s, states.BUSY if s.turns else states.IDLE)
         self.reaper.arm_age(s)
+
+    def _still_starting(self, s: Session) -> None:
+        """Raise if the process being started has already died."""
+        if s.state != states.STARTING:
+            raise errors.AgentDied(f"session {s.id} died while starting ({s.exit_description})")
 
     async def _prepare_spawn(self, s: Session) -> list[dict]:
         """Record the session in the store and fetch its history."""
