@@ -238,7 +238,7 @@ class Supervisor:
 
     async def chat(self, s: Session, text: str, *, on_chunk=None) -> dict:
         """Send a user message and wait for the reply."""
-        turn = await self.submit(s, p.MESSAGE, text, on_chunk=on_chunk, record_as="user")
+        turn = await self.submit_chat(s, text, on_chunk=on_chunk)
         return await self.complete(s, turn)
 
     async def submit_chat(self, s: Session, text: str, *, on_chunk=None) -> Turn:
@@ -313,12 +313,15 @@ class Supervisor:
 
     def _admit(self, s: Session, body) -> None:
         """Refuse a message that cannot be sent or is over the size, mailbox or rate bounds (before any work)."""
+        # JSON admits what msgpack refuses: lone surrogates ("\ud800"), ints over 64 bits.
         try:
-            p.pack(body)  # JSON admits what msgpack refuses: lone surrogates ("\ud800"), ints over 64 bits
+            if isinstance(body, str):  # the common case: the size check's encode catches surrogates
+                if len(body.encode()) > self.config.max_message_bytes:
+                    raise errors.TooLarge(f"message is over max_message_bytes ({self.config.max_message_bytes})")
+            else:
+                p.pack(body)
         except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
             raise errors.BadRequest(f"the message cannot be encoded for the agent: {exc}") from None
-        if isinstance(body, str) and len(body.encode()) > self.config.max_message_bytes:
-            raise errors.TooLarge(f"message is over max_message_bytes ({self.config.max_message_bytes})")
         if s.inflight >= self.config.mailbox_size:
             raise errors.MailboxFull(f"session {s.id} has {s.inflight} messages in flight", retry_after=1)
         if s.bucket is not None:
