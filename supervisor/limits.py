@@ -212,6 +212,18 @@ class _CgroupLimiter(MemoryLimiter):
     """Shared logic for one leaf cgroup per spawn under a per-run parent dir."""
 
     procs_files = ("cgroup.procs",)
+    usage_files: tuple[str, str]  # (current, peak) file names, set by each cgroup version
+
+    def usage(self, spec) -> dict | None:
+        """Current and peak usage of the spawn's cgroup (peak None where the kernel lacks it)."""
+        path = _spec_path(spec)
+        if path is None:
+            return None
+        current_file, peak_file = self.usage_files
+        current = _read_int(os.path.join(path, current_file))
+        if current is None:
+            return None
+        return {"current": current, "peak": _read_int(os.path.join(path, peak_file))}
 
     def prepare(self, key: str) -> dict:
         """Create <parent>/<key>, set its limits, return the spec; cleans up and raises OSError on failure."""
@@ -292,6 +304,7 @@ class Cgroup2Limiter(_CgroupLimiter):
     """cgroup v2: memory.max + memory.swap.max=0 + memory.oom.group=1, verdict from memory.events."""
 
     mechanism = "cgroup2"
+    usage_files = ("memory.current", "memory.peak")  # memory.peak: >= 5.19, else peak is None
 
     def _set_limits(self, path: str) -> None:
         """Hard limit, no swap escape, and kill the whole session tree on OOM."""
@@ -306,16 +319,6 @@ class Cgroup2Limiter(_CgroupLimiter):
             return False
         ev = _read_keyed(os.path.join(path, "memory.events"))
         return ev.get("oom_kill", 0) > 0 or ev.get("oom_group_kill", 0) > 0
-
-    def usage(self, spec) -> dict | None:
-        """memory.current and memory.peak (>= 5.19, else None)."""
-        path = _spec_path(spec)
-        if path is None:
-            return None
-        current = _read_int(os.path.join(path, "memory.current"))
-        if current is None:
-            return None
-        return {"current": current, "peak": _read_int(os.path.join(path, "memory.peak"))}
 
     def kill_all(self, spec) -> None:
         """cgroup.kill (>= 5.14) kills atomically, forks included; else fall back to iterating procs."""
@@ -336,6 +339,7 @@ class Cgroup1Limiter(_CgroupLimiter):
 
     mechanism = "cgroup1"
     procs_files = ("cgroup.procs", "tasks")
+    usage_files = ("memory.usage_in_bytes", "memory.max_usage_in_bytes")
 
     def _set_limits(self, path: str) -> None:
         """Hard limit; memsw to the same value so a session cannot escape into swap."""
@@ -349,16 +353,6 @@ class Cgroup1Limiter(_CgroupLimiter):
         if path is None:
             return False
         return _read_keyed(os.path.join(path, "memory.oom_control")).get("oom_kill", 0) > 0
-
-    def usage(self, spec) -> dict | None:
-        """memory.usage_in_bytes and memory.max_usage_in_bytes."""
-        path = _spec_path(spec)
-        if path is None:
-            return None
-        current = _read_int(os.path.join(path, "memory.usage_in_bytes"))
-        if current is None:
-            return None
-        return {"current": current, "peak": _read_int(os.path.join(path, "memory.max_usage_in_bytes"))}
 
 
 # ----------------------------------------------------------------------------------------------
