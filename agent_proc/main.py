@@ -9,16 +9,15 @@ import signal
 import sys
 import traceback
 
-import zmq
-
 from agent_proc import protocol as p
+from agent_proc.dealer import Dealer
 from agent_proc.agent import BadRequest, UnknownCommand, iter_reply
 from agent_proc.limits import OOM_EXIT_CODE
 from agent_proc.process import agent_title, set_title
 
 
 class AgentLoop:
-    """Serves one session's mailbox over a DEALER socket."""
+    """Serves one session's mailbox over its DEALER connection to the hub."""
 
     def __init__(self, agent_cls, sock, *, session_id: str, tenant: str, token: bytes):
         self.agent_cls = agent_cls
@@ -30,10 +29,23 @@ class AgentLoop:
         self.busy = False
         self.sigints = 0  # SIGINTs received
         self.sigints_used = 0  # ... of which already ended a turn (or predate the current one)
+        self.sending = False
+        self.interrupt_pending = False  # an interrupt that landed mid-send, raised once the frame is out
 
     def send(self, kind: int, req: int, body) -> None:
-        """Send one frame to the supervisor, signed with our spawn token."""
-        self.sock.send(p.pack([kind, self.token, req, body]))
+        """Send one frame to the supervisor, signed with our spawn token.
+
+        The frame goes out whole even if the turn is interrupted meanwhile: a stream socket cut
+        mid-frame would garble every frame after it. The interrupt is raised once it is sent.
+        """
+        self.sending = True
+        try:
+            self.sock.send(p.pack([kind, self.token, req, body]))
+        finally:
+            self.sending = False
+        if self.interrupt_pending:
+            self.interrupt_pending = False
+            raise KeyboardInterrupt
 
     def serve(self) -> int:
         """Receive and handle messages until told to shut down; return the exit code."""
@@ -42,6 +54,8 @@ class AgentLoop:
         while True:
             try:
                 frame = p.unpack(self.sock.recv())
+            except EOFError:
+                return 0  # the supervisor closed our connection: it is shutting down
             except KeyboardInterrupt:
                 continue  # an interrupt that arrived after its turn ended
             except ValueError:
@@ -59,6 +73,9 @@ class AgentLoop:
         if self.busy and self.sigints > self.sigints_used:  # not a late one sent before this turn
             self.busy = False  # one interrupt per turn: a second SIGINT must not escape ``handle``
             self.sigints_used = self.sigints
+            if self.sending:
+                self.interrupt_pending = True
+                return
             raise KeyboardInterrupt
 
     def handle(self, kind: int, req: int, body, sent_before: int = 0) -> None:
@@ -128,7 +145,7 @@ class AgentLoop:
         """Tell the supervisor why, then exit at once."""
         try:
             self.send(p.FAIL, req, {"code": code, "message": message})
-            self.sock.close(linger=200)  # let the frame leave before we go
+            self.sock.close()  # the frame is already in the supervisor's receive queue
         finally:
             sys.stderr.flush()
             os._exit(exit_code)
@@ -136,14 +153,8 @@ class AgentLoop:
 
 def run_agent(agent_cls, *, session_id: str, tenant: str, token: bytes, endpoint: str, routing_id: bytes) -> int:
     """Connect to the supervisor's ROUTER and serve; return the exit code."""
-    ctx = zmq.Context(io_threads=1)
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.ROUTING_ID, routing_id)
-    sock.setsockopt(zmq.LINGER, 1000)
-    sock.setsockopt(zmq.RECONNECT_IVL, 10)
-    sock.connect(endpoint)
+    sock = Dealer(endpoint, routing_id)
     try:
         return AgentLoop(agent_cls, sock, session_id=session_id, tenant=tenant, token=token).serve()
     finally:
         sock.close()
-        ctx.term()

@@ -42,8 +42,7 @@ def zygote_main(conn, agent_spec: str, endpoint: str, supervisor_pid: int) -> No
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         agent_cls = load_agent_class(agent_spec)
-        import zmq  # noqa: F401  pre-import what every child needs
-        import agent_proc.main  # noqa: F401
+        import agent_proc.main  # noqa: F401  pre-import what every child needs
     except Exception as exc:
         send_msg(conn, ("failed", f"cannot load agent {agent_spec}: {exc!r}"))
         return

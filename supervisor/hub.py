@@ -1,27 +1,28 @@
-"""The ZeroMQ hub: one ROUTER socket for every agent, on the asyncio loop without zmq.asyncio.
+"""The hub: the ROUTER every agent's DEALER connects to, spoken natively on the asyncio loop.
 
-The socket's FD is edge-triggered, so each wake-up drains everything that is readable, in
-bounded batches so one flooding agent cannot starve the loop. Frames whose spawn token does not
-match their routing id are dropped: an agent cannot speak for another session.
+ZMTP (ZeroMQ's wire protocol, ``agent_proc/zmtp.py``) over the ``ipc://`` Unix socket, each
+agent's connection an asyncio protocol: a frame is read and dispatched in the loop's own read
+callback and written with one ``transport.write``, with no libzmq I/O thread to hand it across
+(docs/benchmarks.md). ROUTER semantics are kept: a peer is addressed by the routing id it
+announces, a second peer under a routing id in use is refused, sending to an unknown one fails.
+Frames whose spawn token does not match their routing id are dropped: an agent cannot speak for
+another session.
 """
 
 import asyncio
+import itertools
 import os
 from collections.abc import Callable
 
-import zmq
-
 from agent_proc import protocol as p
+from agent_proc import zmtp
 from supervisor.logs import get_logger
 
 log = get_logger(component="hub")
-_BATCH = 256
-_NOBLOCK, _MORE_NOBLOCK = int(zmq.NOBLOCK), int(zmq.SNDMORE | zmq.NOBLOCK)
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 class Hub:
-    """The ROUTER socket agents connect to."""
+    """The ROUTER agents connect to."""
 
     def __init__(
         self,
@@ -37,74 +38,43 @@ class Hub:
         self.token_for = token_for
         self.on_frame = on_frame
         self.on_drop = on_drop
+        self.max_frame_bytes = max_frame_bytes
         self.dropped = 0
-        self.ctx = zmq.Context(io_threads=1)
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a gone agent raises instead of vanishing
-        self.sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)  # a peer sending more is disconnected
-        self.sock.setsockopt(zmq.SNDHWM, 0)  # per-session mailboxes bound what we queue
-        self.sock.setsockopt(zmq.RCVHWM, 100_000)
-        self.sock.bind(self.endpoint)
-        os.chmod(self.path, 0o600)
-        self._fd = self.sock.getsockopt(zmq.FD)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._drain_scheduled = False
+        self.peers: dict[bytes, AgentConnection] = {}
+        self._anonymous = itertools.count(1)
+        self._server: asyncio.AbstractServer | None = None
 
-    def start(self) -> None:
-        """Start reading on the running loop."""
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._fd, self._drain)
+    async def start(self) -> None:
+        """Listen on the ipc socket (only the owner may connect: 0600 in a 0700 run dir)."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: AgentConnection(self), self.path)
+        os.chmod(self.path, 0o600)
 
     def send(self, routing_id: bytes, frame: bytes) -> bool:
         """Send one frame to an agent; False if it is not connected."""
-        sock = self.sock
-        try:
-            # Two plain sends with int flags: send_multipart's enum arithmetic costs more than the copy.
-            sock.send(routing_id, _MORE_NOBLOCK)
-            sock.send(frame, _NOBLOCK)
-        except zmq.ZMQError:
+        peer = self.peers.get(routing_id)
+        if peer is None:
             return False
-        # A send can consume the edge that announced pending input; look again.
-        if not self._drain_scheduled and sock.getsockopt(_EVENTS) & _POLLIN:
-            self._drain_scheduled = True
-            self._loop.call_soon(self._drain)
+        peer.transport.write(zmtp.frame(frame))
         return True
 
-    def _drain(self) -> None:
-        """Read up to a batch of frames; schedule the rest."""
-        self._drain_scheduled = False
-        sock = self.sock
-        for _ in range(_BATCH):
-            try:
-                parts = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            except zmq.ZMQError:
-                return  # closed under us during shutdown
-            self._dispatch(parts)
-        if sock.getsockopt(_EVENTS) & _POLLIN:
-            self._drain_scheduled = True
-            self._loop.call_soon(self._drain)
-
-    def _dispatch(self, parts: list[bytes]) -> None:
-        """Authenticate one frame and hand it on."""
-        if len(parts) != 2:
-            self._drop(parts[0], "malformed frame")
+    def dispatch(self, rid: bytes, parts: list[bytes]) -> None:
+        """Authenticate one message from an agent and hand it on."""
+        if len(parts) != 1:
+            self.drop(rid, "malformed frame")
             return
-        rid, payload = parts
         try:
-            kind, token, req, body = p.unpack(payload)
+            kind, token, req, body = p.unpack(parts[0])
         except (ValueError, TypeError):
-            self._drop(rid, "undecodable frame")
+            self.drop(rid, "undecodable frame")
             return
         expected = self.token_for(rid)
         if expected is None or token != expected:
-            self._drop(rid, "spawn token does not match routing id")
+            self.drop(rid, "spawn token does not match routing id")
             return
         self.on_frame(rid, kind, req, body)
 
-    def _drop(self, rid: bytes, why: str) -> None:
+    def drop(self, rid: bytes, why: str) -> None:
         """Count and log a dropped frame (the first few per burst: a flood must not flood the log)."""
         self.dropped += 1
         if self.on_drop is not None:
@@ -112,12 +82,82 @@ class Hub:
         if self.dropped <= 100 or self.dropped % 1000 == 0:
             log.warning("frame_dropped", routing_id=rid[:128].decode("utf-8", "replace"), reason=why, dropped=self.dropped)
 
+    def register(self, peer: "AgentConnection", rid: bytes) -> bool:
+        """Route to a peer by the id it announced; refuse a second one under an id in use."""
+        if not rid:
+            rid = b"\x00anonymous-%d" % next(self._anonymous)  # as libzmq names a peer without one
+        if rid in self.peers:
+            log.warning("duplicate_routing_id_refused", routing_id=rid[:128].decode("utf-8", "replace"))
+            return False
+        peer.rid = rid
+        self.peers[rid] = peer
+        return True
+
+    def unregister(self, peer: "AgentConnection") -> None:
+        """Forget a peer whose connection closed."""
+        if peer.rid is not None and self.peers.get(peer.rid) is peer:
+            del self.peers[peer.rid]
+
     def close(self) -> None:
-        """Stop reading and close the socket."""
-        if self._loop is not None:
-            try:
-                self._loop.remove_reader(self._fd)
-            except Exception:
-                pass
-        self.sock.close(linger=0)
-        self.ctx.term()
+        """Stop listening and drop every connection."""
+        if self._server is not None:
+            self._server.close()
+        for peer in list(self.peers.values()):
+            peer.transport.abort()
+        self.peers.clear()
+
+
+class AgentConnection(asyncio.Protocol):
+    """One agent's connection: the ZMTP handshake, then its messages to the hub."""
+
+    def __init__(self, hub: Hub):
+        self.hub = hub
+        self.reader = zmtp.Reader(hub.max_frame_bytes)
+        self.transport: asyncio.Transport | None = None
+        self.rid: bytes | None = None
+
+    def connection_made(self, transport) -> None:
+        """Greet at once: the agent does the same, so the handshake costs no round trip."""
+        self.transport = transport
+        transport.write(zmtp.GREETING + zmtp.ready(b"ROUTER"))
+
+    def data_received(self, data: bytes) -> None:
+        """Dispatch every whole message the read completed."""
+        reader = self.reader
+        try:
+            for is_command, value in reader.feed(data):
+                if is_command:
+                    if not self._on_command(value):
+                        return
+                elif self.rid is None:
+                    raise zmtp.ProtocolError("a message before READY")
+                else:
+                    self.hub.dispatch(self.rid, value)
+        except zmtp.ProtocolError as exc:
+            self._refuse(str(exc))
+            return
+        if reader.error is not None:
+            self._refuse(reader.error)
+
+    def _on_command(self, body: bytes) -> bool:
+        """READY registers the peer under its routing id; PING is answered. False: connection refused."""
+        name, data = zmtp.parse_command(body)
+        if name == b"READY" and self.rid is None:
+            props = zmtp.parse_properties(data)
+            if props.get(b"Socket-Type") != b"DEALER":
+                raise zmtp.ProtocolError(f"a {props.get(b'Socket-Type')!r} socket is not an agent's DEALER")
+            if not self.hub.register(self, props.get(b"Identity", b"")):
+                self.transport.abort()  # libzmq's ROUTER ignores such a peer; we hang up on it
+                return False
+        elif name == b"PING":
+            self.transport.write(zmtp.pong(data))
+        return True
+
+    def _refuse(self, why: str) -> None:
+        """Close a connection that broke the protocol (an oversize frame, garbage)."""
+        self.hub.drop(self.rid or b"", why)
+        self.transport.abort()
+
+    def connection_lost(self, exc) -> None:
+        """The agent exited or was refused."""
+        self.hub.unregister(self)

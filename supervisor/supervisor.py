@@ -122,7 +122,7 @@ class Supervisor:
         await self.store.open()
         await self._end_orphans()
         self.hub = Hub(self.run_dir, token_for=self._token_for, on_frame=self._on_frame, on_drop=self._on_drop)
-        self.hub.start()
+        await self.hub.start()
         await self._start_spawner()
 
     async def _end_orphans(self) -> None:
@@ -595,7 +595,7 @@ class Supervisor:
         self.events.publish_global("frame_dropped", routing_id=rid[:128].decode("utf-8", "replace"), reason=why)
         s = self.by_rid.get(rid)
         if s is not None:
-            # ZeroMQ sets the routing id from the connection, so a live session's own process sent it.
+            # The hub routes by connection, so a live session's own process sent it.
             self._stray(s)
 
     def _stray(self, s: Session) -> None:

@@ -1,0 +1,75 @@
+"""The agent's end of the hub: a blocking ZMTP DEALER on the supervisor's ipc socket.
+
+An agent serves one message at a time, so a blocking socket read in the main thread is all it
+needs: no I/O thread, no context, no poller. Idle, it sits in ``recv`` and costs nothing.
+"""
+
+import socket
+from collections import deque
+
+from agent_proc import zmtp
+
+_READ_SIZE = 64 * 1024
+
+
+class Dealer:
+    """A connected DEALER: ``send`` and ``recv`` whole single-frame messages."""
+
+    def __init__(self, endpoint: str, routing_id: bytes, *, max_frame_bytes: int = 64 * 1024 * 1024):
+        if not endpoint.startswith("ipc://"):
+            raise ValueError(f"agents connect to an ipc:// endpoint, not {endpoint!r}")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(endpoint[len("ipc://"):])
+        self._reader = zmtp.Reader(max_frame_bytes)
+        self._inbox: deque[bytes] = deque()
+        self._peer_ready = False
+        # libzmq hangs up on a peer whose handshake arrives before its own greeting has gone out,
+        # so greet and wait for the answering greeting; READY then goes out with the first message.
+        self.sock.sendall(zmtp.GREETING)
+        while not self._reader.greeted:
+            self._read()
+        self._hello = zmtp.ready(b"DEALER", routing_id)
+
+    def send(self, payload: bytes) -> None:
+        """Send one message (blocks only while the supervisor's buffer is full)."""
+        data = zmtp.frame(payload)
+        if self._hello:
+            data, self._hello = self._hello + data, b""
+        self.sock.sendall(data)
+
+    def recv(self) -> bytes:
+        """The next message; raises EOFError when the supervisor closes the connection."""
+        while not self._inbox:
+            self._read()
+        return self._inbox.popleft()
+
+    def _read(self) -> None:
+        """Read once (blocking) and take in what it completed."""
+        data = self.sock.recv(_READ_SIZE)
+        if not data:
+            raise EOFError("the supervisor closed the connection")
+        for is_command, value in self._reader.feed(data):
+            if is_command:
+                self._on_command(value)
+            elif not self._peer_ready:
+                raise zmtp.ProtocolError("a message before the hub's READY")
+            elif len(value) == 1:
+                self._inbox.append(value[0])
+            # a multipart message is not something the supervisor sends: skip it
+        if self._reader.error is not None:
+            raise zmtp.ProtocolError(self._reader.error)
+
+    def _on_command(self, body: bytes) -> None:
+        """Check the hub's READY; answer heartbeats."""
+        name, data = zmtp.parse_command(body)
+        if name == b"READY":
+            props = zmtp.parse_properties(data)
+            if props.get(b"Socket-Type") != b"ROUTER":
+                raise zmtp.ProtocolError(f"the hub is a {props.get(b'Socket-Type')!r} socket, not ROUTER")
+            self._peer_ready = True
+        elif name == b"PING":
+            self.sock.sendall(zmtp.pong(data))
+
+    def close(self) -> None:
+        """Close the socket (what was sent is already in the supervisor's receive queue)."""
+        self.sock.close()
