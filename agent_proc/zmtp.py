@@ -106,6 +106,10 @@ class Reader:
             self.error = str(exc)
         return out
 
+    def idle(self) -> bool:
+        """Between messages: greeted, nothing buffered, no multipart message begun, no error."""
+        return self.greeted and not self._buf and not self._parts and self.error is None
+
     def _feed(self, data, out: list) -> None:
         """Take the greeting, then whole frames; keep the remainder for the next read."""
         if self._buf or not self.greeted:

@@ -123,6 +123,10 @@ class AgentConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         """Dispatch every whole message the read completed."""
+        if self.rid is not None and len(data) > 2 and data[0] == 0 and len(data) == data[1] + 2 and self.reader.idle():
+            # The common read on a warm turn: exactly one short single-frame message.
+            self.hub.dispatch(self.rid, [data[2:]])
+            return
         reader = self.reader
         try:
             for is_command, value in reader.feed(data):
