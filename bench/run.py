@@ -56,9 +56,9 @@ def client(mode: str, url: str, **opts) -> dict:
 # ------------------------------------------------------------------------------------------ warm
 
 def warm(table: Table, args) -> None:
-    """Warm chat over HTTP: bare handler vs corral (memory store, SQLite store), rounds interleaved."""
-    servers = {"bare": server.bare(args.loop), "memory": server.corral("memory", args.loop),
-               "sqlite": server.corral("sqlite", args.loop)}
+    """Warm chat over HTTP: bare handler, naive zmq round trip, corral (memory, SQLite); rounds interleaved."""
+    servers = {"bare": server.bare(args.loop), "naive": server.bare(args.loop, "bench.naive_zmq"),
+               "memory": server.corral("memory", args.loop), "sqlite": server.corral("sqlite", args.loop)}
     runs: dict[str, list[dict]] = {name: [] for name in servers}
     started = []
     try:
@@ -79,6 +79,9 @@ def warm(table: Table, args) -> None:
     bare = med["bare"]
     table.add("warm: bare aiohttp handler, req/s (p50 / p99)", f"{bare['rps']:.0f} ({bare['p50_ms']:.2f} / "
               f"{bare['p99_ms']:.2f} ms)")
+    naive = med["naive"]
+    table.add("warm: bare handler + naive zmq.asyncio round trip to one child, req/s (p50)",
+              f"{naive['rps']:.0f} ({naive['p50_ms']:.2f} ms)", f"{bare['rps']:.0f}", f"{naive['rps'] / bare['rps']:.2f}x")
     for name, label in (("memory", "memory store (pure transport)"), ("sqlite", "SQLite store (default)")):
         m = med[name]
         table.add(f"warm: corral, {label}, req/s", f"{m['rps']:.0f}", f"{bare['rps']:.0f}",

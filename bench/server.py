@@ -115,14 +115,14 @@ def corral(store: str = "memory", loop: str | None = None, **overrides) -> Serve
     return Server(f"corral/{store}", argv, bench_env(), port, tmp)
 
 
-def bare(loop: str | None = None) -> Server:
-    """The bare aiohttp handler subprocess."""
+def bare(loop: str | None = None, module: str = "bench.bare") -> Server:
+    """A baseline server subprocess: the bare aiohttp handler, or ``bench.naive_zmq``."""
     tmp = tempfile.TemporaryDirectory(prefix="corral-bench-")
     port = free_port()
-    argv = [sys.executable, "-m", "bench.bare", "--port", str(port)]
+    argv = [sys.executable, "-m", module, "--port", str(port)]
     if loop is not None:
         argv += ["--loop", loop]
-    return Server("bare aiohttp", argv, bench_env(), port, tmp)
+    return Server(module, argv, bench_env(), port, tmp)
 
 
 def bench_env() -> dict:
