@@ -24,6 +24,7 @@ __all__ = [
 MECHANISMS = ("cgroup2", "cgroup1", "rlimit", "none")
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+_OWNER_RE = re.compile(r"^corral-[A-Za-z0-9._-]+@(?P<pid>\d+)\.(?P<start>\d+)$")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _NO_LIMIT_WORDS = {"none", "off", "unlimited", "max"}
@@ -159,6 +160,7 @@ class MemoryLimiter:
         self.limit_bytes = limit_bytes
         self.path = path  # per-run parent cgroup dir (cgroups only)
         self.fallback_reasons: list[str] = []
+        self.swept: list[str] = []  # per-run dirs of dead corral servers removed at start
 
     def describe(self) -> dict:
         """What /health and the logs show."""
@@ -358,6 +360,59 @@ class Cgroup1Limiter(_CgroupLimiter):
 # ----------------------------------------------------------------------------------------------
 # probing
 
+def run_dir_name(run_id: str, pid: int | None = None) -> str:
+    """The per-run cgroup's name: the run id and its owner (pid and start time, so a reused pid is told apart)."""
+    pid = os.getpid() if pid is None else pid
+    started = process_start_time(pid)
+    if started is None:
+        return f"corral-{run_id}"  # no /proc to prove we are alive: a name no sweep touches
+    return f"corral-{run_id}@{pid}.{started}"
+
+
+def process_start_time(pid: int) -> int | None:
+    """When a process started (clock ticks since boot, /proc/<pid>/stat field 22), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(b")") + 2:].split()[19])  # the name in parentheses may hold spaces
+
+
+def sweep_stale_runs(own: str, limiter_for) -> list[str]:
+    """Remove the per-run cgroups of corral servers that died without cleaning up (SIGKILL, OOM).
+
+    A run's owner is alive when a process with its pid exists and started when the name says;
+    runs of live servers, and dirs without an owner in their name, are left alone.
+    """
+    swept = []
+    for name in os.listdir(own):
+        owner = _OWNER_RE.match(name)
+        if owner is None:
+            continue
+        if _owner_alive(int(owner["pid"]), int(owner["start"])):
+            continue
+        path = os.path.join(own, name)
+        limiter_for(path).close()  # kills what is left (nothing, normally) and removes the dirs
+        if not os.path.exists(path):
+            swept.append(path)
+    return swept
+
+
+def _owner_alive(pid: int, started: int) -> bool:
+    """Whether the server that named a per-run cgroup is still running."""
+    now = process_start_time(pid)
+    if now is not None:
+        return now == started  # another start time: the pid was reused
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True  # it exists but /proc hides it (hidepid): assume it is the owner
+
+
 def _probe_cgroup2(limit: int, run_id: str, v2_root: str, proc_self_cgroup: str) -> Cgroup2Limiter:
     """Set up <own>/corral-<run_id> with +memory for children; raises with a reason when impossible."""
     controllers = os.path.join(v2_root, "cgroup.controllers")
@@ -375,14 +430,16 @@ def _probe_cgroup2(limit: int, run_id: str, v2_root: str, proc_self_cgroup: str)
         raise RuntimeError(f"memory controller not delegated to our cgroup {own}")
     _make_leaf_for_ourselves(own)
     _enable_memory(own)
-    parent = os.path.join(own, f"corral-{run_id}")
+    parent = os.path.join(own, run_dir_name(run_id))
     os.makedirs(parent, exist_ok=True)
     try:
         _enable_memory(parent)
     except OSError:
         _rmdir_retry(parent)
         raise
-    return Cgroup2Limiter(limit, parent)
+    limiter = Cgroup2Limiter(limit, parent)
+    limiter.swept = sweep_stale_runs(own, lambda path: Cgroup2Limiter(limit, path))
+    return limiter
 
 
 def _make_leaf_for_ourselves(own: str) -> None:
@@ -420,9 +477,11 @@ def _probe_cgroup1(limit: int, run_id: str, v1_root: str, proc_self_cgroup: str)
     own = _join(v1_root, _own_cgroup(proc_self_cgroup, "memory"))
     if not os.path.isdir(own):
         raise RuntimeError(f"our memory cgroup {own} is not visible under {v1_root}")
-    parent = os.path.join(own, f"corral-{run_id}")
+    parent = os.path.join(own, run_dir_name(run_id))
     os.makedirs(parent, exist_ok=True)
-    return Cgroup1Limiter(limit, parent)
+    limiter = Cgroup1Limiter(limit, parent)
+    limiter.swept = sweep_stale_runs(own, lambda path: Cgroup1Limiter(limit, path))
+    return limiter
 
 
 def choose_limiter(limit_bytes: int | None, *, run_id: str, prefer: str | None = None,

@@ -113,9 +113,11 @@ class Supervisor:
     async def _start_parts(self) -> None:
         """Start each part in dependency order."""
         limit = self.config.memory_limit or None
-        self.limiter = choose_limiter(limit, run_id=os.path.basename(self.run_dir), prefer=self.config.limit_mechanism)
+        self.limiter = choose_limiter(limit, run_id=os.path.basename(self.run_dir).removeprefix("corral-"), prefer=self.config.limit_mechanism)
         for reason in getattr(self.limiter, "fallback_reasons", ()):
             log.info("limit_mechanism_skipped", reason=reason)
+        for path in getattr(self.limiter, "swept", ()):
+            log.info("stale_cgroup_removed", path=path)
         log.info("limit_mechanism", **self.limiter.describe())
         if self.store is None:
             self.store = create_store(self.config.database_url, self.config.data_dir)

@@ -10,10 +10,12 @@ import pytest
 
 from agent_proc.limits import OOM_EXIT_CODE, apply_limits
 from supervisor.limits import (
-    Cgroup1Limiter, Cgroup2Limiter, NoLimiter, RlimitLimiter, choose_limiter, parse_size,
+    Cgroup1Limiter, Cgroup2Limiter, NoLimiter, RlimitLimiter, choose_limiter, parse_size, process_start_time,
+    run_dir_name,
 )
 
 MiB = 1 << 20
+RUN = run_dir_name("r1")  # what _choose names this process's per-run cgroup
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,8 +122,8 @@ def test_v2_chosen_with_leaf_move_and_subtree_control(fake_v2):
     assert isinstance(lim, Cgroup2Limiter) and lim.fallback_reasons == []
     assert (own / "supervisor" / "cgroup.procs").read_text() == str(os.getpid())
     assert (own / "cgroup.subtree_control").read_text() == "+memory"
-    assert (own / "corral-r1" / "cgroup.subtree_control").read_text() == "+memory"
-    assert lim.describe() == {"mechanism": "cgroup2", "limit_bytes": 64 * MiB, "path": str(own / "corral-r1")}
+    assert (own / RUN / "cgroup.subtree_control").read_text() == "+memory"
+    assert lim.describe() == {"mechanism": "cgroup2", "limit_bytes": 64 * MiB, "path": str(own / RUN)}
 
 
 def test_v2_no_leaf_when_our_cgroup_is_empty(fake_v2):
@@ -136,7 +138,7 @@ def test_v2_no_leaf_when_our_cgroup_is_empty(fake_v2):
 def test_v2_prepare_oom_usage_kill(fake_v2):
     lim = _choose(fake_v2)
     spec = lim.prepare("s-abc-1")
-    leaf = fake_v2["own"] / "corral-r1" / "s-abc-1"
+    leaf = fake_v2["own"] / RUN / "s-abc-1"
     assert spec == {"kind": "cgroup2", "path": str(leaf), "limit_bytes": 64 * MiB}
     assert (leaf / "memory.max").read_text() == str(64 * MiB)
     assert (leaf / "memory.oom.group").read_text() == "1"
@@ -209,7 +211,7 @@ def test_prefer_forces_or_raises(fake_v2, fake_v1):
 
 def test_v1_chosen_prepare_oom_usage(fake_v1):
     lim = _choose(fake_v1)
-    parent = fake_v1["own"] / "corral-r1"
+    parent = fake_v1["own"] / RUN
     assert isinstance(lim, Cgroup1Limiter) and lim.path == str(parent) and parent.is_dir()
     assert lim.fallback_reasons and lim.fallback_reasons[0].startswith("cgroup2: no pure cgroup v2 mount")
     spec = lim.prepare("s-x-2")
@@ -250,6 +252,51 @@ def test_apply_limits_none_and_errors(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # the real host
+
+def _dead_pid() -> int:
+    """A pid that no process holds: a child that has been reaped."""
+    pid = _fork(lambda: 0)
+    _wait(pid)
+    return pid
+
+
+@pytest.mark.parametrize("tree", ["fake_v2", "fake_v1"])
+def test_start_sweeps_per_run_cgroups_of_dead_servers_only(tree, request):
+    fake = request.getfixturevalue(tree)
+    own, me = fake["own"], os.getpid()
+    dead = own / f"corral-old@{_dead_pid()}.123"  # its server was SIGKILLed
+    reused = own / f"corral-reused@{me}.{process_start_time(me) - 1}"  # our pid, another process's start
+    alive = own / f"corral-peer@{me}.{process_start_time(me)}"  # a live server (here: us) owns it
+    legacy = own / "corral-unmarked"  # no owner in the name: nobody can tell, so nobody touches it
+    for path in (dead, reused, alive, legacy):
+        path.mkdir()
+    (dead / "s1-sess").mkdir()  # a per-spawn dir its agents left
+    lim = _choose(fake)
+    assert sorted(lim.swept) == sorted([str(dead), str(reused)])
+    assert not dead.exists() and not reused.exists()
+    assert alive.exists() and legacy.exists() and (own / RUN).exists()
+
+
+def test_run_dir_name_marks_its_owner():
+    assert run_dir_name("r9", os.getpid()) == f"corral-r9@{os.getpid()}.{process_start_time(os.getpid())}"
+    assert process_start_time(_dead_pid()) is None
+
+
+def test_real_stale_run_is_swept(real_limiter):
+    """The real kernel: a per-run cgroup (with a per-spawn one inside) of a dead server goes at the next start."""
+    own = os.path.dirname(real_limiter.path)
+    stale = os.path.join(own, f"corral-stale-{uuid.uuid4().hex[:8]}@{_dead_pid()}.1")
+    os.makedirs(os.path.join(stale, "s1-gone"))
+    try:
+        lim = choose_limiter(64 * MiB, run_id=f"test-{uuid.uuid4().hex[:8]}")
+        lim.close()
+        assert stale in lim.swept and not os.path.exists(stale)
+        assert os.path.exists(real_limiter.path)  # the live run next to it is untouched
+    finally:
+        if os.path.exists(stale):
+            os.rmdir(os.path.join(stale, "s1-gone"))
+            os.rmdir(stale)
+
 
 @pytest.fixture
 def real_limiter():
