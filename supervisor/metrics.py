@@ -50,7 +50,7 @@ class Metrics:
             ["status", "code"], registry=self.registry,
         )
         self.registry.register(_SupervisorCollector(self))
-        self._unsubscribe = sup.events.subscribe(self._on_event)
+        self._unsubscribe = sup.events.subscribe(self._on_event, types={"spawned"})
 
     def _on_event(self, event: dict) -> None:
         """Observe spawn latency as sessions come up."""

@@ -795,7 +795,7 @@ class Supervisor:
             # build the event only when someone listens (both measurable on a warm turn).
             if debug_enabled():
                 log.debug("session_state", session_id=s.id, tenant=s.tenant, pid=s.pid, old=old, new=new, **info)
-            if self.events.reaches_anyone(s.id):
+            if self.events.reaches_anyone(s.id, "state"):
                 self.events.publish("state", s.id, tenant=s.tenant, state=new, previous=old, pid=s.pid, **info)
             return
         log.info("session_state", session_id=s.id, tenant=s.tenant, pid=s.pid, old=old, new=new, **info)
