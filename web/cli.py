@@ -5,6 +5,7 @@ snake case (``--idle-timeout`` <-> ``CORRAL_IDLE_TIMEOUT``); a flag on the comma
 """
 
 import argparse
+import gc
 import os
 import sys
 from pathlib import Path
@@ -43,6 +44,12 @@ SERVE_FLAGS = {
     "log_level": (str, "debug | info | warning | error (default info)"),
     "loop": (str, "event loop: auto (uvloop when installed) | asyncio | uvloop (default auto)"),
 }
+
+
+# CPython collects its youngest generation every 700 net container allocations; a warm chat request
+# makes hundreds, and those collections were ~4% of the server's CPU (docs/benchmarks.md). Every
+# 10,000 keeps at most that many more objects of cyclic garbage alive (a few MB) a little longer.
+GC_THRESHOLD = (10_000, 10, 10)
 
 
 def env_name(name: str) -> str:
@@ -90,6 +97,7 @@ def serve(config: Config) -> int:
 
     configure(config.log_level)
     set_title(f"corral: supervisor {config.host}:{config.port}")
+    gc.set_threshold(*GC_THRESHOLD)  # this process only: the zygote is a fresh interpreter
     log = get_logger(component="cli")
     try:
         app = create_app(config)
