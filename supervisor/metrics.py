@@ -49,8 +49,11 @@ class Metrics:
             "corral_http_refused", "Requests answered with an error, by status and error code",
             ["status", "code"], registry=self.registry,
         )
+        # labels() validates and locks on every call (~3% of a request): keep each child once made.
+        # A child is never removed from its metric, so a kept one cannot go stale.
+        self._request_children: dict[tuple[str, str], object] = {}
         self.registry.register(_SupervisorCollector(self))
-        self._unsubscribe = sup.events.subscribe(self._on_event)
+        self._unsubscribe = sup.events.subscribe(self._on_event, types={"spawned"})
 
     def _on_event(self, event: dict) -> None:
         """Observe spawn latency as sessions come up."""
@@ -59,7 +62,10 @@ class Metrics:
 
     def observe_request(self, route: str, method: str, seconds: float) -> None:
         """Count one answered request."""
-        self.request_seconds.labels(route, method).observe(seconds)
+        child = self._request_children.get((route, method))
+        if child is None:
+            child = self._request_children[(route, method)] = self.request_seconds.labels(route, method)
+        child.observe(seconds)
 
     def observe_refusal(self, status: int, code: str) -> None:
         """Count one request answered with an error."""

@@ -22,9 +22,9 @@ def new_session_id() -> str:
     return str(uuid.uuid4())
 
 
-@dataclass
+@dataclass(eq=False)
 class Turn:
-    """One message sent to the agent and awaiting its DONE or FAIL."""
+    """One message sent to the agent and awaiting its DONE or FAIL (hashable: compared by identity)."""
 
     kind: int
     future: asyncio.Future

@@ -21,6 +21,7 @@ from collections import Counter
 from agent_proc import protocol as p
 from supervisor import errors, states
 from supervisor.config import Config
+from supervisor.deadlines import Deadlines
 from supervisor.events import EventBus
 from supervisor.hub import Hub
 from supervisor.limits import choose_limiter
@@ -70,6 +71,7 @@ class Supervisor:
         self.counters: Counter = Counter()  # spawns, restarts, crashes, ooms, reaps ... since start
         self.policy = RestartPolicy(config.max_restarts, config.restart_window)
         self.reaper = Reaper(idle_timeout=config.idle_timeout, max_age=config.max_age, on_due=self._on_due)
+        self.turn_deadlines = Deadlines(on_due=self._time_out)  # turn -> its session, until request_timeout
         self.run_dir: str | None = None
         self.limiter = None
         self.hub: Hub | None = None
@@ -157,6 +159,7 @@ class Supervisor:
             await self.spawner.close()
         if self._background:
             await asyncio.wait(list(self._background), timeout=5)
+        self.turn_deadlines.close()
         if self.hub is not None:
             self.hub.close()
         if self.limiter is not None:
@@ -284,10 +287,10 @@ class Supervisor:
 
     async def complete(self, s: Session, turn: Turn) -> dict:
         """Wait for a submitted turn's answer (within request_timeout); persist and return it."""
-        # One timer that fails the turn's future, rather than asyncio.timeout/wait_for around a
-        # shield: those cost a task or a future and several callbacks per turn, a measurable
-        # share of a warm turn (docs/benchmarks.md).
-        timer = asyncio.get_running_loop().call_later(self.config.request_timeout, self._time_out, s, turn)
+        # A deadline that fails the turn's future, rather than asyncio.timeout/wait_for around a
+        # shield or a timer per turn: those cost a task, futures, callbacks or a timer per turn,
+        # a measurable share of a warm turn (docs/benchmarks.md).
+        self.turn_deadlines.add(turn, self.config.request_timeout, s)
         try:
             done = await turn.future
             if done.get("status") == "done":
@@ -300,10 +303,10 @@ class Supervisor:
             self.events.publish("error", s.id, to_all=False, code=exc.code, message=exc.message)
             raise
         finally:
-            timer.cancel()
+            self.turn_deadlines.discard(turn)
             self._turn_over(s)
 
-    def _time_out(self, s: Session, turn: Turn) -> None:
+    def _time_out(self, turn: Turn, s: Session) -> None:
         """request_timeout passed without an answer: interrupt the turn and fail its waiter (504)."""
         if turn.future.done():
             return
@@ -797,7 +800,7 @@ class Supervisor:
             # build the event only when someone listens (both measurable on a warm turn).
             if debug_enabled():
                 log.debug("session_state", session_id=s.id, tenant=s.tenant, pid=s.pid, old=old, new=new, **info)
-            if self.events.reaches_anyone(s.id):
+            if self.events.reaches_anyone(s.id, "state"):
                 self.events.publish("state", s.id, tenant=s.tenant, state=new, previous=old, pid=s.pid, **info)
             return
         log.info("session_state", session_id=s.id, tenant=s.tenant, pid=s.pid, old=old, new=new, **info)

@@ -82,3 +82,13 @@ async def test_refusals_are_counted_by_status_and_code(aiohttp_client, make_conf
     assert value(seen, "corral_http_refused_total", status="400", code="malformed_json") == 1
     assert value(seen, "corral_http_refused_total", status="404", code="not_found") == 1
     assert value(seen, "corral_http_request_seconds_count", route="unmatched", method="GET") == 1
+
+
+async def test_every_request_of_a_route_is_counted(aiohttp_client, make_config):
+    client = await aiohttp_client(create_app(make_config()))
+    for _ in range(3):
+        assert (await client.get("/health")).status == 200
+    assert (await client.get("/api/state", params={"session_id": "nobody"})).status == 200
+    seen = await scrape(client)
+    assert value(seen, "corral_http_request_seconds_count", route="/health", method="GET") == 3
+    assert value(seen, "corral_http_request_seconds_count", route="/api/state", method="GET") == 1

@@ -7,8 +7,8 @@ from aiohttp import web
 from supervisor import Config, Supervisor
 from supervisor.logs import get_logger
 from web import cors, monitoring, openapi
-from web.auth import auth_from_config, auth_middleware, check_bind, log_mode
-from web.errors import error_middleware
+from web.auth import auth_from_config, check_bind, log_mode
+from web.middleware import front_door
 from web.routes import admin, api, chat, dashboard, health, metrics, stream
 from web.keys import AUTH, BACKGROUND, BACKGROUND_TASKS, CONFIG, SUPERVISOR
 
@@ -24,7 +24,7 @@ def create_app(config: Config, *, store=None) -> web.Application:
     check_bind(auth, config.host)
     log_mode(auth)
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware], client_max_size=config.max_message_bytes * 4 + 4096
+        middlewares=[front_door], client_max_size=config.max_message_bytes * 4 + 4096
     )
     app[CONFIG] = config
     app[AUTH] = auth

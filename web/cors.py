@@ -52,7 +52,7 @@ def setup(app: web.Application, origins) -> None:
     if not origins:
         return
     policy = CorsPolicy(origins)
-    app.middlewares.insert(0, _preflight_middleware(policy))
+    app.middlewares.append(_preflight_middleware(policy))  # inside the front door: counted, never refused
     app.on_response_prepare.append(_marker(policy))
 
 

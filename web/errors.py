@@ -20,22 +20,18 @@ def error_response(status: int, code: str, message: str, *, retry_after: float |
     return web.Response(status=status, text=body, content_type="application/json", headers=headers)
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler):
-    """Turn supervisor errors and aiohttp HTTP errors into JSON; never leak a traceback."""
-    try:
-        return await handler(request)
-    except errors.CorralError as exc:
+def json_error(request: web.Request, exc: Exception) -> web.Response | None:
+    """The JSON answer for an exception a handler raised, or None to let it pass on; never leaks a traceback."""
+    if isinstance(exc, errors.CorralError):
         return error_response(exc.status, exc.code, exc.message, retry_after=exc.retry_after)
-    except StoreError as exc:
+    if isinstance(exc, StoreError):
         log.error("store_error", path=request.path, error=str(exc))
         # the cause names files, hosts and tables: it stays in the log
         return error_response(503, "unavailable", "the session store is unavailable; try again shortly", retry_after=5)
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400 or exc.content_type == "application/json":
-            raise
+            return None
         code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status, "http_error")
         return error_response(exc.status, code, exc.reason, retry_after=None)
-    except Exception:
-        log.exception("unhandled_error", path=request.path, method=request.method)
-        return error_response(500, "internal_error", "internal error; see the server log")
+    log.exception("unhandled_error", path=request.path, method=request.method)
+    return error_response(500, "internal_error", "internal error; see the server log")

@@ -1,8 +1,7 @@
-"""Wires process stats and Prometheus metrics into the app: instruments and middleware.
+"""Wires process stats and Prometheus metrics into the app: the instruments and what feeds them.
 
-``app[PROCSTATS]`` (admin rows merge its figures) and ``app[METRICS]`` are created here.
-The metrics middleware is the outermost one, so it times whole requests and sees the final JSON
-error of every refusal, whichever middleware or handler produced it.
+``app[PROCSTATS]`` (admin rows merge its figures) and ``app[METRICS]`` are created here; the
+front door (web/middleware.py) times every request and counts every refusal with ``count``.
 """
 
 import json
@@ -19,12 +18,10 @@ _FIGURE_PATHS = ("/admin/sessions", "/admin/stats", "/metrics")
 
 
 def install(app: web.Application) -> None:
-    """Create the instruments for the app's supervisor and put the middleware in front."""
+    """Create the instruments for the app's supervisor (web.middleware.front_door feeds them)."""
     sup = app[SUPERVISOR]
     app[PROCSTATS] = ProcStats(sup)
     app[METRICS] = Metrics(sup, app[PROCSTATS])
-    app.middlewares.insert(0, metrics_middleware)
-    app.middlewares.append(procstats_middleware)  # innermost: after auth has let the request in
     app.on_cleanup.append(_close_metrics)
 
 
@@ -33,12 +30,9 @@ async def _close_metrics(app: web.Application) -> None:
     app[METRICS].close()
 
 
-@web.middleware
-async def procstats_middleware(request: web.Request, handler):
-    """Refresh the process figures before a request that shows them."""
-    if request.method == "GET" and request.path.startswith(_FIGURE_PATHS):
-        await refresh_figures(request.app)
-    return await handler(request)
+def shows_figures(request: web.Request) -> bool:
+    """Whether a request shows process figures, which must then be fresh."""
+    return request.method == "GET" and request.path.startswith(_FIGURE_PATHS)
 
 
 async def refresh_figures(app: web.Application) -> None:
@@ -48,24 +42,7 @@ async def refresh_figures(app: web.Application) -> None:
         await refresh()
 
 
-@web.middleware
-async def metrics_middleware(request: web.Request, handler):
-    """Time each request by route and count refusals by status and error code."""
-    started = time.perf_counter()
-    metrics = request.app[METRICS]
-    try:
-        response = await handler(request)
-    except web.HTTPException as exc:
-        _count(metrics, request, exc, started)
-        raise
-    except BaseException:
-        metrics.observe_refusal(500, "internal_error")
-        raise
-    _count(metrics, request, response, started)
-    return response
-
-
-def _count(metrics: Metrics, request: web.Request, response: web.StreamResponse, started: float) -> None:
+def count(metrics: Metrics, request: web.Request, response: web.StreamResponse, started: float) -> None:
     """Record one answered request (streams are long-lived: they are not timed)."""
     if isinstance(response, web.Response):
         metrics.observe_request(route_of(request), request.method, time.perf_counter() - started)

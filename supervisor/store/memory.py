@@ -15,7 +15,10 @@ class MemoryStore(Store):
 
     def __init__(self) -> None:
         self._sessions: dict[str, SessionRecord] = {}
-        self._messages: dict[str, list[MessageRecord]] = {}
+        # Messages as plain tuples of (session_id, seq, role, content, created_at): the cycle
+        # collector stops tracking a tuple of strings and numbers, so a store holding many
+        # messages does not make every full collection longer (records stay tracked).
+        self._messages: dict[str, list[tuple]] = {}
 
     async def open(self) -> None:
         """Nothing to connect to."""
@@ -60,16 +63,16 @@ class MemoryStore(Store):
         now = time.time()
         rec.message_count += 1
         rec.last_activity = now
-        self._messages[session_id].append(MessageRecord(session_id, rec.message_count, role, content, now))
-        # a fresh record rather than copy.copy, which is several times slower on the hot path
-        return MessageRecord(session_id, rec.message_count, role, content, now)
+        row = (session_id, rec.message_count, role, content, now)
+        self._messages[session_id].append(row)
+        return MessageRecord(*row)
 
     async def history(self, session_id: str, *, limit: int | None = None) -> list[MessageRecord]:
         """Messages by seq; the last `limit` when given."""
         msgs = self._messages.get(session_id, [])
         if limit is not None:
             msgs = msgs[-limit:] if limit > 0 else []
-        return [copy.copy(m) for m in msgs]
+        return [MessageRecord(*m) for m in msgs]
 
     async def touch(self, session_id: str) -> None:
         """last_activity = now."""

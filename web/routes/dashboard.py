@@ -52,7 +52,7 @@ async def admin_events(request: web.Request) -> web.StreamResponse:
 
     def on_event(event: dict) -> None:
         nonlocal overflowed
-        if event["type"] in _FORWARDED and not overflowed:
+        if not overflowed:
             try:
                 queue.put_nowait(event)
             except asyncio.QueueFull:
@@ -61,7 +61,7 @@ async def admin_events(request: web.Request) -> web.StreamResponse:
     response = await _open_stream(request)
     streams = request.app[EVENT_STREAMS]
     streams.add(queue)
-    unsubscribe = sup.events.subscribe(on_event)
+    unsubscribe = sup.events.subscribe(on_event, types=_FORWARDED)
     loop = asyncio.get_running_loop()
     try:
         await _send_snapshot(request, response)
