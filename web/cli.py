@@ -46,12 +46,6 @@ SERVE_FLAGS = {
 }
 
 
-# CPython collects its youngest generation every 700 net container allocations; a warm chat request
-# makes hundreds, and those collections were ~4% of the server's CPU (docs/benchmarks.md). Every
-# 10,000 keeps at most that many more objects of cyclic garbage alive (a few MB) a little longer.
-GC_THRESHOLD = (10_000, 10, 10)
-
-
 def env_name(name: str) -> str:
     """The environment variable for a setting."""
     return "CORRAL_" + name.upper()
@@ -97,7 +91,6 @@ def serve(config: Config) -> int:
 
     configure(config.log_level)
     set_title(f"corral: supervisor {config.host}:{config.port}")
-    gc.set_threshold(*GC_THRESHOLD)  # this process only: the zygote is a fresh interpreter
     log = get_logger(component="cli")
     try:
         app = create_app(config)
