@@ -25,6 +25,8 @@ GREETING = (
 _LONG_SIZE = struct.Struct(">Q")
 # A command this large is not a READY or PING any peer of ours sends.
 MAX_COMMAND_BYTES = 64 * 1024
+# Frames in one multipart message: corral's peers send one; a peer must not grow one without end.
+MAX_PARTS = 64
 
 
 class ProtocolError(ValueError):
@@ -150,6 +152,8 @@ class Reader:
                 out.append((True, body))
             elif flags & MORE:
                 self._parts.append(body)
+                if len(self._parts) >= MAX_PARTS or sum(map(len, self._parts)) > self.max_frame_bytes:
+                    raise ProtocolError(f"a multipart message over {MAX_PARTS} frames or {self.max_frame_bytes} bytes")
             elif self._parts:
                 self._parts.append(body)
                 out.append((False, self._parts))

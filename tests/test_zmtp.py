@@ -56,6 +56,8 @@ def test_ready_properties_round_trip():
         (zmtp.GREETING[:12] + b"CURVE".ljust(20, b"\0") + zmtp.GREETING[32:], "NULL"),
         (zmtp.GREETING + b"\x02" + (2048).to_bytes(8, "big"), "over the limit"),
         (zmtp.GREETING + b"\x06" + (10**6).to_bytes(8, "big"), "over the limit"),
+        (zmtp.GREETING + zmtp.frame(b"x", zmtp.MORE) * zmtp.MAX_PARTS, "multipart"),
+        (zmtp.GREETING + zmtp.frame(b"x" * 600, zmtp.MORE) * 2, "multipart"),
     ],
 )
 def test_reader_refuses_what_is_not_zmtp_3_null(wire, why):
