@@ -5,6 +5,8 @@ tests hold it to real libzmq peers through pyzmq, both ways, over real ipc socke
 """
 
 import asyncio
+import contextlib
+import os
 import signal
 
 import pytest
@@ -14,7 +16,7 @@ from agent_proc import protocol as p
 from agent_proc import zmtp
 from agent_proc.agent import Agent
 from agent_proc.dealer import Dealer
-from agent_proc.main import AgentLoop
+from agent_proc.main import AgentLoop, run_agent
 from supervisor.hub import Hub
 
 
@@ -189,3 +191,28 @@ def test_an_interrupt_during_a_send_lets_the_frame_finish():
     assert kinds == [(p.DONE, 1), (p.CHUNK, 2), (p.FAIL, 2)]
     assert sock.frames[1][3] == "first" and sock.frames[2][3]["code"] == p.INTERRUPTED
 
+
+
+async def test_an_agent_exits_cleanly_when_the_hub_hangs_up(tmp_path):
+    """Agents never reconnect: a closed hub connection ends the agent with exit code 0."""
+    ready = asyncio.get_running_loop().create_future()
+    hub = Hub(str(tmp_path), token_for={b"s/1": b"k" * 16}.get,
+              on_frame=lambda rid, kind, req, body: kind == p.READY and ready.set_result(body["pid"]))
+    await hub.start()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the agent process
+        code = 1
+        try:
+            code = run_agent(_Streaming, session_id="s", tenant="t", token=b"k" * 16,
+                             endpoint=hub.endpoint, routing_id=b"s/1")
+        finally:
+            os._exit(code)
+    try:
+        assert await asyncio.wait_for(ready, 10) == pid
+        hub.close()
+        _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
