@@ -12,6 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from supervisor import states
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 # Seconds; a zygote fork is ~5 ms, a loaded machine or a cold spawn can take seconds.
 SPAWN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -61,7 +62,9 @@ class Metrics:
             self.spawn_seconds.observe(event["seconds"])
 
     def observe_request(self, route: str, method: str, seconds: float) -> None:
-        """Count one answered request."""
+        """Count one answered request (methods outside HTTP's own share one label, so labels stay few)."""
+        if method not in _METHODS:
+            method = "other"
         child = self._request_children.get((route, method))
         if child is None:
             child = self._request_children[(route, method)] = self.request_seconds.labels(route, method)

@@ -92,3 +92,16 @@ async def test_every_request_of_a_route_is_counted(aiohttp_client, make_config):
     seen = await scrape(client)
     assert value(seen, "corral_http_request_seconds_count", route="/health", method="GET") == 3
     assert value(seen, "corral_http_request_seconds_count", route="/api/state", method="GET") == 1
+
+
+
+async def test_unknown_http_methods_share_one_label(aiohttp_client, make_config):
+    """The method label comes from the client: anything outside HTTP's own methods is "other"."""
+    app = create_app(make_config())
+    client = await aiohttp_client(app)
+    for method in ("PROPFIND", "MKCOL", "LOCK", "UNLOCK", "SEARCH", "PURGE"):  # the parser knows these
+        await client.request(method, "/health")
+    await client.get("/health")
+    seen = await scrape(client)
+    methods = {dict(labels)["method"] for name, labels in seen if name == "corral_http_request_seconds_count"}
+    assert methods == {"GET", "other"}
