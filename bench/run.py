@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -68,13 +69,12 @@ def warm(table: Table, args) -> None:
             load.warm_chat(srv.url, connections=64, sessions=64, seconds=2, prefix="warm")
         for _ in range(args.rounds):
             for name, srv in servers.items():
-                runs[name].append(load.warm_chat(srv.url, connections=64, sessions=64, seconds=args.seconds,
-                                                 prefix="warm"))
+                runs[name].append(_warm_round(srv, args.seconds))
     finally:
         for srv in started:
             srv.stop()
-    med = {name: {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50_ms", "p99_ms")}
-           for name, rs in runs.items()}
+    figures = ("rps", "p50_ms", "p99_ms", "server_us", "peers_us", "load_us")
+    med = {name: {k: statistics.median(r[k] for r in rs) for k in figures} for name, rs in runs.items()}
     errors = {name: sum(r["errors"] for r in rs) for name, rs in runs.items()}
     bare = med["bare"]
     table.add("warm: bare aiohttp handler, req/s (p50 / p99)", f"{bare['rps']:.0f} ({bare['p50_ms']:.2f} / "
@@ -90,11 +90,39 @@ def warm(table: Table, args) -> None:
                   f"{m['p50_ms'] / bare['p50_ms']:.2f}x", "<= 1.5x")
         table.add(f"warm: corral, {label}, p99", f"{m['p99_ms']:.2f} ms", f"{bare['p99_ms']:.2f} ms",
                   f"{m['p99_ms'] / bare['p99_ms']:.2f}x")
+    for name, label in (("bare", "bare handler"), ("naive", "naive zmq (child)"), ("memory", "corral, memory (agents)"),
+                        ("sqlite", "corral, SQLite (agents)")):
+        m = med[name]
+        table.add(f"warm: CPU per request, server / other side / load generator: {label}",
+                  f"{m['server_us']:.0f} / {m['peers_us']:.0f} / {m['load_us']:.0f} µs")
     if not load.have_wrk():
         table.add("warm: note", "no wrk: the Python load generator is the limit, so these ratios say little "
                   "(apt-get install -y wrk)")
     if any(errors.values()):
         table.add("warm: errors (non-200 or socket)", json.dumps(errors))
+
+
+def _warm_round(srv: server.Server, seconds: float) -> dict:
+    """One warm round, with the CPU each side spent per request: where the time goes, every run.
+
+    The server process (all its threads), its children (zygote and agents; the naive peer's
+    child), and the load generator (wrk, reaped by this process, so it shows in RUSAGE_CHILDREN).
+    """
+    sides = {"server": [srv.process()], "peers": srv.process().children(recursive=True)}
+    before = {side: footprint.cpu_seconds(procs) for side, procs in sides.items()}
+    load_before = _reaped_children_cpu()
+    result = load.warm_chat(srv.url, connections=64, sessions=64, seconds=seconds, prefix="warm")
+    per_request = 1e6 / max(1, result["requests"])
+    for side, procs in sides.items():
+        result[f"{side}_us"] = (footprint.cpu_seconds(procs) - before[side]) * per_request
+    result["load_us"] = (_reaped_children_cpu() - load_before) * per_request
+    return result
+
+
+def _reaped_children_cpu() -> float:
+    """User + system CPU seconds of this process's children that have exited and been waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 # ------------------------------------------------------------------------------------------ cold

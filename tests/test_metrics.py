@@ -94,7 +94,6 @@ async def test_every_request_of_a_route_is_counted(aiohttp_client, make_config):
     assert value(seen, "corral_http_request_seconds_count", route="/api/state", method="GET") == 1
 
 
-
 async def test_unknown_http_methods_share_one_label(aiohttp_client, make_config):
     """The method label comes from the client: anything outside HTTP's own methods is "other"."""
     app = create_app(make_config())
