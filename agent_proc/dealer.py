@@ -63,9 +63,7 @@ class Dealer:
         """Check the hub's READY; answer heartbeats."""
         name, data = zmtp.parse_command(body)
         if name == b"READY":
-            props = zmtp.parse_properties(data)
-            if props.get(b"Socket-Type") != b"ROUTER":
-                raise zmtp.ProtocolError(f"the hub is a {props.get(b'Socket-Type')!r} socket, not ROUTER")
+            zmtp.ready_properties(data, b"ROUTER")
             self._peer_ready = True
         elif name == b"PING":
             self.sock.sendall(zmtp.pong(data))

@@ -77,6 +77,14 @@ def parse_properties(data: bytes) -> dict[bytes, bytes]:
     return props
 
 
+def ready_properties(data: bytes, expected_type: bytes) -> dict[bytes, bytes]:
+    """The metadata of a peer's READY; ProtocolError unless it is the socket type this side talks to."""
+    props = parse_properties(data)
+    if props.get(b"Socket-Type") != expected_type:
+        raise ProtocolError(f"the peer is a {props.get(b'Socket-Type')!r} socket, not {expected_type.decode()}")
+    return props
+
+
 def pong(ping_data: bytes) -> bytes:
     """The answer to a ZMTP 3.1 heartbeat PING: PONG with the ping's context."""
     return command(b"PONG", ping_data[2:] if len(ping_data) >= 2 else b"")
@@ -107,10 +115,6 @@ class Reader:
         except ProtocolError as exc:
             self.error = str(exc)
         return out
-
-    def idle(self) -> bool:
-        """Between messages: greeted, nothing buffered, no multipart message begun, no error."""
-        return self.greeted and not self._buf and not self._parts and self.error is None
 
     def _feed(self, data, out: list) -> None:
         """Take the greeting, then whole frames; keep the remainder for the next read."""

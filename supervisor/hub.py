@@ -123,10 +123,6 @@ class AgentConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         """Dispatch every whole message the read completed."""
-        if self.rid is not None and len(data) > 2 and data[0] == 0 and len(data) == data[1] + 2 and self.reader.idle():
-            # The common read on a warm turn: exactly one short single-frame message.
-            self.hub.dispatch(self.rid, [data[2:]])
-            return
         reader = self.reader
         try:
             for is_command, value in reader.feed(data):
@@ -147,9 +143,7 @@ class AgentConnection(asyncio.Protocol):
         """READY registers the peer under its routing id; PING is answered. False: connection refused."""
         name, data = zmtp.parse_command(body)
         if name == b"READY" and self.rid is None:
-            props = zmtp.parse_properties(data)
-            if props.get(b"Socket-Type") != b"DEALER":
-                raise zmtp.ProtocolError(f"a {props.get(b'Socket-Type')!r} socket is not an agent's DEALER")
+            props = zmtp.ready_properties(data, b"DEALER")
             if not self.hub.register(self, props.get(b"Identity", b"")):
                 self.transport.abort()  # libzmq's ROUTER ignores such a peer; we hang up on it
                 return False
