@@ -18,9 +18,7 @@ async def json_body(request: web.Request) -> dict:
     limit = request.app[CONFIG].max_message_bytes * 4 + 4096
     if request.content_length is not None and request.content_length > limit:
         raise errors.TooLarge(f"request body is over {limit} bytes")
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        raise errors.TooLarge(f"request body is over {limit} bytes")
+    raw = await _read_body(request, limit)
     if not raw.strip():
         return {}
     try:
@@ -30,6 +28,17 @@ async def json_body(request: web.Request) -> dict:
     if not isinstance(body, dict):
         raise errors.BadRequest("the JSON body must be an object", code="malformed_json")
     return body
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body however it arrives (segments, chunked); 413 as soon as it passes ``limit``."""
+    pieces, size = [], 0
+    while piece := await request.content.readany():  # b"" only at the body's end
+        size += len(piece)
+        if size > limit:
+            raise errors.TooLarge(f"request body is over {limit} bytes")
+        pieces.append(piece)
+    return b"".join(pieces)
 
 
 def field(body: dict, name: str, kind: type, *, required: bool = False, default=None):

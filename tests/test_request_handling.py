@@ -1,0 +1,59 @@
+"""Requests as a real network delivers them and as a hostile client writes them, over raw sockets.
+
+A body split over TCP segments or sent chunked is read whole; aiohttp's own refusals (bad
+request line, unknown method, oversized headers) answer in the JSON error shape like every
+other error, without echoing the input.
+"""
+
+import json
+
+import pytest
+from apihelpers import start
+from rawhttp import NETWORK_PAUSE, chunked, exchange, json_error_of, json_post, pieces_of, request_head
+
+MSS = 1448  # a typical TCP segment's payload
+
+
+@pytest.fixture
+async def server(aiohttp_client, make_config, tmp_path):
+    """A real server on a loopback port (dev mode, demo agent)."""
+    client = await start(aiohttp_client, make_config, tmp_path, max_message_bytes=32 * 1024)
+    return client.server
+
+
+def reply_of(status: int, body: bytes) -> str:
+    """The reply of a successful chat answer."""
+    assert status == 200, body[:300]
+    return json.loads(body)["reply"]
+
+
+async def test_a_body_split_by_a_pause_is_read_whole(server):
+    """20 bytes of the body with the headers, a pause, then the rest: one valid request."""
+    head, body = json_post("/api/chat", {"message": "split in two", "session_id": "s-split"})
+    status, _, answer = await exchange(server, head + body[:20], body[20:], pause=NETWORK_PAUSE)
+    assert reply_of(status, answer) == "You said: split in two"
+
+
+async def test_a_20_kb_body_in_segments_is_read_whole(server):
+    """A 20 kB body written in 1,448-byte pieces."""
+    message = "x" * 20_000
+    head, body = json_post("/api/chat", {"message": message, "session_id": "s-segments"})
+    status, _, answer = await exchange(server, head, *pieces_of(body, MSS), pause=NETWORK_PAUSE / 10)
+    assert reply_of(status, answer) == f"You said: {message}"
+
+
+async def test_a_chunked_upload_is_read_whole(server):
+    """A body in chunked transfer coding, each chunk its own write."""
+    data = json.dumps({"message": "sent in chunks", "session_id": "s-chunked"}).encode()
+    head = request_head("POST", "/api/chat", {"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+    status, _, answer = await exchange(server, head, *chunked(data, 7), pause=NETWORK_PAUSE / 5)
+    assert reply_of(status, answer) == "You said: sent in chunks"
+
+
+async def test_an_over_limit_chunked_body_is_413(server):
+    """A chunked body past the request limit (no Content-Length to refuse it by) is 413 too_large."""
+    data = json.dumps({"message": "y" * 200_000, "session_id": "s-huge"}).encode()
+    head = request_head("POST", "/api/chat", {"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+    status, headers, answer = await exchange(server, head, *chunked(data, 16 * 1024), pause=NETWORK_PAUSE / 5)
+    assert status == 413
+    assert json_error_of(status, headers, answer)["code"] == "too_large"
