@@ -57,3 +57,22 @@ async def test_an_over_limit_chunked_body_is_413(server):
     status, headers, answer = await exchange(server, head, *chunked(data, 16 * 1024), pause=NETWORK_PAUSE / 5)
     assert status == 413
     assert json_error_of(status, headers, answer)["code"] == "too_large"
+
+
+MALFORMED = {
+    "unknown method": b"BREW /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    "not HTTP": b"\x16\x03\x01 hello-SECRET-INPUT\r\n\r\n",
+    "header over 8 KiB": request_head("GET", "/health", {"X-Padding": "SECRET-INPUT" + "a" * 9000}),
+    "too many cookies": request_head("GET", "/health", {"Cookie": "; ".join(f"SECRET-INPUT{i}=1" for i in range(2000))}),
+    "too many headers": request_head("GET", "/health", {f"X-SECRET-INPUT-{i}": "1" for i in range(300)}),
+    "bad request line": b"GET /health HTTP/1.1 trailing-SECRET-INPUT\r\nHost: 127.0.0.1\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("what", MALFORMED)
+async def test_what_the_http_parser_refuses_is_a_json_400(server, what):
+    """aiohttp's own refusals answer in the JSON error shape and never echo the input."""
+    status, headers, body = await exchange(server, MALFORMED[what])
+    assert status == 400
+    assert json_error_of(status, headers, body)["code"] == "bad_request"
+    assert b"SECRET-INPUT" not in body and b"BREW" not in body
