@@ -28,7 +28,7 @@ from supervisor.limits import choose_limiter
 from supervisor.logs import debug_enabled, get_logger
 from supervisor.reaper import Reaper, classify_exit, describe_status
 from supervisor.restarts import RestartPolicy
-from supervisor.session import Session, TokenBucket, Turn, new_session_id, valid_session_id
+from supervisor.session import Session, TokenBucket, Turn, bad_session_id, new_session_id, valid_session_id
 from supervisor.spawner import SpawnError, ZygoteSpawner
 from supervisor.store import SessionNotFound as StoredSessionMissing
 from supervisor.store import StoreError, create_store
@@ -178,7 +178,7 @@ class Supervisor:
         if session_id is None:
             session_id = new_session_id()
         elif not valid_session_id(session_id):
-            raise errors.BadRequest("session_id must be 1-128 characters of A-Z a-z 0-9 . _ -", code="bad_session_id")
+            raise bad_session_id()
         s = self.sessions.get(session_id)
         if s is None:
             record = await self._store_call(self.store.get_session(session_id))

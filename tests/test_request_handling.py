@@ -8,16 +8,21 @@ other error, without echoing the input.
 import json
 
 import pytest
-from apihelpers import start
+from apihelpers import assert_error, json_of, start, supervisor_of
 from rawhttp import NETWORK_PAUSE, chunked, exchange, json_error_of, json_post, pieces_of, request_head
 
 MSS = 1448  # a typical TCP segment's payload
 
 
 @pytest.fixture
-async def server(aiohttp_client, make_config, tmp_path):
-    """A real server on a loopback port (dev mode, demo agent)."""
-    client = await start(aiohttp_client, make_config, tmp_path, max_message_bytes=32 * 1024)
+async def client(aiohttp_client, make_config, tmp_path):
+    """A client of a real server on a loopback port (dev mode, demo agent)."""
+    return await start(aiohttp_client, make_config, tmp_path, max_message_bytes=32 * 1024)
+
+
+@pytest.fixture
+def server(client):
+    """The real server itself, for raw sockets."""
     return client.server
 
 
@@ -76,3 +81,56 @@ async def test_what_the_http_parser_refuses_is_a_json_400(server, what):
     assert status == 400
     assert json_error_of(status, headers, body)["code"] == "bad_request"
     assert b"SECRET-INPUT" not in body and b"BREW" not in body
+
+
+async def test_an_empty_message_is_400_and_nothing_is_stored(client):
+    """An empty chat or system message is refused before any session is made or anything stored."""
+    for path in ("/api/chat", "/api/system"):
+        await assert_error(await client.post(path, json={"message": "", "session_id": "s-empty"}), 400, "empty_message")
+    assert not supervisor_of(client).sessions
+    state = await json_of(await client.get("/api/state", params={"session_id": "s-empty"}), 200)
+    assert state["messages"] == [] and state["state"] is None
+
+
+@pytest.mark.parametrize("sid", [".", ".."])
+async def test_dot_session_ids_are_refused(client, sid):
+    """"." and ".." are no session id, wherever the request names one."""
+    named = [
+        client.post("/api/chat", json={"message": "hi", "session_id": sid}),
+        client.post("/api/sessions", json={"session_id": sid}),
+        client.get("/api/state", params={"session_id": sid}),
+        client.get("/api/state", headers={"X-Session-Id": sid}),
+        client.get("/api/chat/stream", headers={"X-Session-Id": sid}),
+    ]
+    for request in named:
+        await assert_error(await request, 400, "bad_session_id")
+    for path in ("/api/sessions/", "/admin/sessions/"):  # percent-encoded, as a client would not normalise it
+        answer = await exchange(client.server, request_head("GET", path + sid.replace(".", "%2E")))
+        assert json_error_of(*answer)["code"] == "bad_session_id", answer
+    assert not supervisor_of(client).sessions
+    cookie_jar = client.session.cookie_jar
+    cookie_jar.update_cookies({"corral_session": sid})
+    await assert_error(await client.get("/api/state"), 400, "bad_session_id")
+
+
+async def test_a_405_names_the_allowed_methods(client):
+    """A route called with the wrong method answers 405 with an Allow header."""
+    response = await assert_error_response(client.get("/api/chat"), 405, "method_not_allowed")
+    assert response.headers["Allow"] == "POST"
+    response = await assert_error_response(client.post("/health"), 405, "method_not_allowed")
+    assert set(response.headers["Allow"].split(",")) == {"GET", "HEAD"}
+
+
+async def test_a_missing_static_file_is_the_json_404(client):
+    """/static/ answers its files, and the JSON 404 of any unknown path for a name that is none of them."""
+    assert (await client.get("/static/chat.js")).status == 200
+    for name in ("nope.js", "index.html.bak", "%2E%2E", "%2E"):
+        answer = await exchange(client.server, request_head("GET", f"/static/{name}"))
+        assert answer[0] == 404 and json_error_of(*answer)["code"] == "not_found", answer
+
+
+async def assert_error_response(request, status: int, code: str):
+    """Await a request, assert its JSON error, and return the response (for its headers)."""
+    response = await request
+    await assert_error(response, status, code)
+    return response

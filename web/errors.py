@@ -32,7 +32,10 @@ def json_error(request: web.Request, exc: Exception) -> web.Response | None:
         if exc.status < 400 or exc.content_type == "application/json":
             return None
         code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status, "http_error")
-        return error_response(exc.status, code, exc.reason, retry_after=None)
+        response = error_response(exc.status, code, exc.reason, retry_after=None)
+        if "Allow" in exc.headers:  # a 405 names the methods the route takes (RFC 9110)
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     log.exception("unhandled_error", path=request.path, method=request.method)
     return error_response(500, "internal_error", "internal error; see the server log")
 

@@ -5,7 +5,7 @@ import json
 from aiohttp import hdrs, web
 
 from supervisor import errors
-from supervisor.session import new_session_id, valid_session_id
+from supervisor.session import bad_session_id, new_session_id, valid_session_id
 from web.keys import CONFIG, SUPERVISOR, TENANT
 
 SESSION_COOKIE = "corral_session"
@@ -53,6 +53,14 @@ def field(body: dict, name: str, kind: type, *, required: bool = False, default=
     if kind is str and not _is_utf8(value):
         raise errors.BadRequest(f"'{name}' must be valid Unicode text (no lone surrogates)", code="wrong_type")
     return value
+
+
+def message_of(body: dict) -> str:
+    """The body's ``message``: required, text, not empty (an empty turn is nobody's message)."""
+    message = field(body, "message", str, required=True)
+    if not message:
+        raise errors.BadRequest("'message' must not be empty", code="empty_message")
+    return message
 
 
 def _is_utf8(text: str) -> bool:
@@ -118,7 +126,7 @@ def requested_session_id(request: web.Request, body: dict | None = None, *, body
 def checked_session_id(sid) -> str:
     """A client-supplied session id, or 400 bad_session_id."""
     if not valid_session_id(sid):
-        raise errors.BadRequest("session_id must be 1-128 characters of A-Z a-z 0-9 . _ -", code="bad_session_id")
+        raise bad_session_id()
     return sid
 
 

@@ -14,6 +14,7 @@ from web.requests import (
     field,
     find_session,
     json_body,
+    message_of,
     open_session,
     query_bool,
     query_int,
@@ -58,7 +59,7 @@ async def interrupt(request: web.Request) -> web.Response:
 async def system(request: web.Request) -> web.Response:
     """Put a system message into the session and return the agent's answer."""
     body = await json_body(request)
-    message = field(body, "message", str, required=True)
+    message = message_of(body)
     s = await open_session(request, body)
     result = await request.app[SUPERVISOR].system(s, message)
     return session_response(session_view(s, status=result["status"], reply=result.get("reply")), s.id)
