@@ -174,7 +174,10 @@ class Supervisor:
     # ---------------------------------------------------------------- registry
 
     async def get_or_create(self, session_id: str | None, tenant: str, metadata: dict | None = None) -> Session:
-        """The session with this id (from memory or the store), or a new one; 404 if another tenant's."""
+        """The session with this id (from memory or the store), or a new one; 404 if another tenant's.
+
+        The tenant is checked before a stored session is registered: a refused request loads nothing.
+        """
         if session_id is None:
             session_id = new_session_id()
         elif not valid_session_id(session_id):
@@ -182,6 +185,8 @@ class Supervisor:
         s = self.sessions.get(session_id)
         if s is None:
             record = await self._store_call(self.store.get_session(session_id))
+            if record is not None and record.tenant != tenant:
+                raise errors.SessionNotFound(f"no session {session_id}")
             s = self.sessions.get(session_id)  # another request may have registered it meanwhile
             if s is None:
                 s = self._register(session_id, tenant, metadata, record)

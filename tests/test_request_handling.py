@@ -8,7 +8,7 @@ other error, without echoing the input.
 import json
 
 import pytest
-from apihelpers import assert_error, json_of, start, supervisor_of
+from apihelpers import ALICE, BOB, TENANTS, assert_error, json_of, start, supervisor_of
 from rawhttp import NETWORK_PAUSE, chunked, exchange, json_error_of, json_post, pieces_of, request_head
 
 MSS = 1448  # a typical TCP segment's payload
@@ -134,3 +134,33 @@ async def assert_error_response(request, status: int, code: str):
     response = await request
     await assert_error(response, status, code)
     return response
+
+
+PROBES = 300
+OPENING_ROUTES = (  # the routes that get-or-create the session they name
+    ("/api/chat", {"message": "is this yours?"}),
+    ("/api/system", {"message": "be mine"}),
+    ("/api/mcp-command", {"command": "facts"}),
+    ("/api/sessions", {}),
+)
+
+
+async def test_a_foreign_tenants_probes_load_nothing(aiohttp_client, make_config, tmp_path):
+    """Bob probing Alice's stored sessions gets 404s and the supervisor holds no more sessions than before."""
+    client = await start(aiohttp_client, make_config, tmp_path, tenants=TENANTS)
+    sup = supervisor_of(client)
+    await json_of(await client.post("/api/chat", json={"message": "my name is Alice", "session_id": "a-real"},
+                                    headers=ALICE), 200)
+    await json_of(await client.delete("/api/sessions/a-real", headers=ALICE), 200)  # ended: in the store only
+    for n in range(PROBES - 1):
+        await sup.store.upsert_session(f"a-{n}", tenant="alice", agent=sup.config.agent, status="ended")
+    held = sup.health()["sessions_in_memory"]
+    for n, sid in enumerate(["a-real"] + [f"a-{n}" for n in range(PROBES - 1)]):
+        path, body = OPENING_ROUTES[n % len(OPENING_ROUTES)]
+        response = await client.post(path, json={**body, "session_id": sid}, headers=BOB)
+        await assert_error(response, 404, "session_not_found")
+    assert sup.health()["sessions_in_memory"] == held
+    assert "a-real" not in sup.sessions
+    answer = await json_of(await client.post("/api/chat", json={"message": "what is my name?", "session_id": "a-real"},
+                                             headers=ALICE), 200)
+    assert answer["reply"] == "Your name is Alice."
