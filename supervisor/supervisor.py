@@ -40,6 +40,7 @@ _FAIL_ERRORS = {
     p.BAD_REQUEST: errors.BadRequest,
     p.AGENT_CRASHED: errors.AgentDied,
     p.AGENT_OOM: errors.AgentDied,
+    p.AGENT_BAD_REPLY: errors.AgentBadReply,
 }
 # An interrupt is signalled again this often while its turn is still running (a lost SIGINT).
 INTERRUPT_RESEND_AFTER = 0.5
@@ -587,12 +588,16 @@ class Supervisor:
                 if self.events.watched(s.id):
                     self.events.publish("delta", s.id, to_all=False, req=req, seq=turn.chunks, text=body)
         elif kind == p.DONE:
+            problem = p.reply_problem(body)  # any ZeroMQ peer may be an agent: it is checked, not trusted
+            if problem is not None:
+                self._fail_turn(s, req, {"code": p.AGENT_BAD_REPLY, "message": problem})
+                return
             turn = s.turns.get(req)
-            if turn is not None and turn.kind == p.MESSAGE and not turn.chunks and body and body.get("reply"):
+            if turn is not None and turn.kind == p.MESSAGE and not turn.chunks and body.get("reply"):
                 # A reply the agent returned whole comes without a CHUNK frame (one frame less per
                 # turn); listeners still see it as the turn's one chunk, as if it had been streamed.
                 self._on_frame(rid, p.CHUNK, req, body["reply"])
-            self._finish_turn(s, req, {"status": "done", **(body or {})})
+            self._finish_turn(s, req, {"status": "done", **body})
         elif kind == p.FAIL:
             self._fail_turn(s, req, body or {})
         elif kind == p.READY:

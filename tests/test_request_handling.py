@@ -164,3 +164,35 @@ async def test_a_foreign_tenants_probes_load_nothing(aiohttp_client, make_config
     answer = await json_of(await client.post("/api/chat", json={"message": "what is my name?", "session_id": "a-real"},
                                              headers=ALICE), 200)
     assert answer["reply"] == "Your name is Alice."
+
+
+async def test_a_result_json_cannot_carry_is_a_502_and_the_agent_lives(aiohttp_client, make_config, tmp_path):
+    """bytes, a set, an object, NaN, ... from on_command: 502 agent_bad_reply; the same process answers on."""
+    client = await start(aiohttp_client, make_config, tmp_path, agent="tests.agents.odd:OddAgent")
+    sup = supervisor_of(client)
+
+    async def odd(kind: str, status: int = 502):
+        """Run ``odd {kind}`` in session s-odd; return the answer's JSON."""
+        response = await client.post("/api/mcp-command", json={"command": "odd", "args": {"kind": kind}, "session_id": "s-odd"})
+        return await json_of(response, status)
+
+    await odd("fix", 200)
+    pid = sup.sessions["s-odd"].pid
+    for kind in ("bytes", "set", "object", "nan", "nested", "tuple-key", "huge", "surrogate", "state"):
+        error = (await odd(kind))["error"]
+        assert error["code"] == "agent_bad_reply", (kind, error)
+        assert "JSON cannot carry" in error["message"] or "cannot be sent" in error["message"], (kind, error)
+    assert "snapshot()" in error["message"]  # the broken state is named as such
+    assert (await odd("fix", 200))["result"] == "done"
+    state = await json_of(await client.get("/api/state", params={"session_id": "s-odd"}), 200)
+    assert "blob" not in state["agent_state"]
+    assert sup.sessions["s-odd"].pid == pid and not sup.sessions["s-odd"].restarts  # never died
+
+
+async def test_a_raw_agents_bytes_are_a_502_too(aiohttp_client, make_config, tmp_path):
+    """A DONE frame with bytes sent past the agent-side check is refused by the supervisor as well."""
+    client = await start(aiohttp_client, make_config, tmp_path, agent="tests.agents.odd:RawOdd")
+    response = await client.post("/api/mcp-command", json={"command": "raw", "session_id": "s-raw"})
+    await assert_error(response, 502, "agent_bad_reply")
+    answer = await json_of(await client.post("/api/chat", json={"message": "still there?", "session_id": "s-raw"}), 200)
+    assert answer["reply"] == "You said: still there?"

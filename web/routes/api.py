@@ -8,6 +8,7 @@ unknown id. Every route answers 404 for another tenant's session.
 
 from aiohttp import web
 
+from agent_proc import protocol as p
 from supervisor import errors, states
 from supervisor.session import Session
 from web.requests import (
@@ -26,9 +27,7 @@ from web.keys import SUPERVISOR
 
 routes = web.RouteTableDef()
 
-# msgpack carries integers of at most 64 bits and nests at most a few hundred levels.
-_INT_RANGE = (-(2**63), 2**64 - 1)
-_MAX_DEPTH = 64
+_INT_RANGE, _MAX_DEPTH = p.INT_RANGE, p.MAX_DEPTH  # what the wire format carries
 
 
 @routes.get("/api/state")
