@@ -28,7 +28,7 @@ from supervisor.limits import choose_limiter
 from supervisor.logs import debug_enabled, get_logger
 from supervisor.reaper import Reaper, classify_exit, describe_status
 from supervisor.restarts import RestartPolicy
-from supervisor.session import Session, TokenBucket, Turn, new_session_id, valid_session_id
+from supervisor.session import Session, TokenBucket, Turn, bad_session_id, new_session_id, valid_session_id
 from supervisor.spawner import SpawnError, ZygoteSpawner
 from supervisor.store import SessionNotFound as StoredSessionMissing
 from supervisor.store import StoreError, create_store
@@ -40,6 +40,7 @@ _FAIL_ERRORS = {
     p.BAD_REQUEST: errors.BadRequest,
     p.AGENT_CRASHED: errors.AgentDied,
     p.AGENT_OOM: errors.AgentDied,
+    p.AGENT_BAD_REPLY: errors.AgentBadReply,
 }
 # An interrupt is signalled again this often while its turn is still running (a lost SIGINT).
 INTERRUPT_RESEND_AFTER = 0.5
@@ -174,14 +175,19 @@ class Supervisor:
     # ---------------------------------------------------------------- registry
 
     async def get_or_create(self, session_id: str | None, tenant: str, metadata: dict | None = None) -> Session:
-        """The session with this id (from memory or the store), or a new one; 404 if another tenant's."""
+        """The session with this id (from memory or the store), or a new one; 404 if another tenant's.
+
+        The tenant is checked before a stored session is registered: a refused request loads nothing.
+        """
         if session_id is None:
             session_id = new_session_id()
         elif not valid_session_id(session_id):
-            raise errors.BadRequest("session_id must be 1-128 characters of A-Z a-z 0-9 . _ -", code="bad_session_id")
+            raise bad_session_id()
         s = self.sessions.get(session_id)
         if s is None:
             record = await self._store_call(self.store.get_session(session_id))
+            if record is not None and record.tenant != tenant:
+                raise errors.SessionNotFound(f"no session {session_id}")
             s = self.sessions.get(session_id)  # another request may have registered it meanwhile
             if s is None:
                 s = self._register(session_id, tenant, metadata, record)
@@ -582,12 +588,16 @@ class Supervisor:
                 if self.events.watched(s.id):
                     self.events.publish("delta", s.id, to_all=False, req=req, seq=turn.chunks, text=body)
         elif kind == p.DONE:
+            problem = p.reply_problem(body)  # any ZeroMQ peer may be an agent: it is checked, not trusted
+            if problem is not None:
+                self._fail_turn(s, req, {"code": p.AGENT_BAD_REPLY, "message": problem})
+                return
             turn = s.turns.get(req)
-            if turn is not None and turn.kind == p.MESSAGE and not turn.chunks and body and body.get("reply"):
+            if turn is not None and turn.kind == p.MESSAGE and not turn.chunks and body.get("reply"):
                 # A reply the agent returned whole comes without a CHUNK frame (one frame less per
                 # turn); listeners still see it as the turn's one chunk, as if it had been streamed.
                 self._on_frame(rid, p.CHUNK, req, body["reply"])
-            self._finish_turn(s, req, {"status": "done", **(body or {})})
+            self._finish_turn(s, req, {"status": "done", **body})
         elif kind == p.FAIL:
             self._fail_turn(s, req, body or {})
         elif kind == p.READY:

@@ -8,6 +8,7 @@ from supervisor import Config, Supervisor
 from supervisor.logs import get_logger
 from web import cors, monitoring, openapi
 from web.auth import auth_from_config, check_bind, log_mode
+from web.errors import answer_protocol_errors_in_json
 from web.middleware import front_door
 from web.routes import admin, api, chat, dashboard, health, metrics, stream
 from web.keys import AUTH, BACKGROUND, BACKGROUND_TASKS, CONFIG, SUPERVISOR
@@ -26,6 +27,7 @@ def create_app(config: Config, *, store=None) -> web.Application:
     app = web.Application(
         middlewares=[front_door], client_max_size=config.max_message_bytes * 4 + 4096
     )
+    answer_protocol_errors_in_json(app)
     app[CONFIG] = config
     app[AUTH] = auth
     app[SUPERVISOR] = Supervisor(config, store=store, tenant_limits=auth.tenant_limits)
