@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import tempfile
 import time
 from collections import Counter
@@ -26,6 +25,7 @@ from supervisor.events import EventBus
 from supervisor.hub import Hub
 from supervisor.limits import choose_limiter
 from supervisor.logs import debug_enabled, get_logger
+from supervisor.node import claim_node, node_name
 from supervisor.reaper import Reaper, classify_exit, describe_status
 from supervisor.restarts import RestartPolicy
 from supervisor.session import Session, TokenBucket, Turn, bad_session_id, new_session_id, valid_session_id
@@ -57,7 +57,9 @@ STRAY_FRAME_LIMIT = 10_000
 class Supervisor:
     """Owns every session of one corral server."""
 
-    def __init__(self, config: Config, *, store=None, events: EventBus | None = None, tenant_limits=None):
+    def __init__(self, config: Config, *, store=None, claim=None, events: EventBus | None = None,
+                 tenant_limits=None):
+        """``claim``: this node's identity, already claimed in ``store`` (supervisor/node.py); else claimed at start."""
         self.config = config
         self.store = store
         self.events = events or EventBus()
@@ -78,9 +80,9 @@ class Supervisor:
         self.hub: Hub | None = None
         self.spawner: ZygoteSpawner | None = None
         self.started_at = time.time()
-        # Names this server in the store's sessions.node: stable across restarts of the same server
-        # and distinct for two servers on one host, so a restart ends only what it left behind.
-        self.node = f"{socket.gethostname()}:{config.port}"
+        # Names this server in the store's sessions.node (supervisor/node.py says what it means)
+        self.node = node_name(config.port)
+        self.claim = claim  # this server's hold on its identity, from before the store opens; released at close
         self._req_ids = itertools.count(1)
         self._background: set[asyncio.Task] = set()
         # session id -> the store write recording its last death, awaited before it respawns
@@ -124,6 +126,9 @@ class Supervisor:
         log.info("limit_mechanism", **self.limiter.describe())
         if self.store is None:
             self.store = create_store(self.config.database_url, self.config.data_dir)
+        # the identity first: a server whose identity is held by a live one must not touch the store
+        if self.claim is None:
+            self.claim = await claim_node(self.store, self.node)
         await self.store.open()
         await self._end_orphans()
         self.hub = Hub(self.run_dir, token_for=self._token_for, on_frame=self._on_frame, on_drop=self._on_drop)
@@ -132,7 +137,7 @@ class Supervisor:
 
     async def _end_orphans(self) -> None:
         """End the sessions this server's previous run left live in the store (it died with them)."""
-        lost = await self.store.end_orphans(self.node, status=LOST, end_reason=LOST_REASON)
+        lost = await self.store.end_orphans(self.claim.orphans_of, status=LOST, end_reason=LOST_REASON)
         if lost:
             log.warning("orphans_ended", node=self.node, sessions=lost, reason=LOST_REASON)
 
@@ -168,6 +173,8 @@ class Supervisor:
         if self.store is not None:
             with contextlib.suppress(Exception):
                 await self.store.close()
+        if self.claim is not None:
+            await self.claim.release()
         if self.run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         log.info("supervisor_stopped")

@@ -16,8 +16,8 @@ from web.keys import AUTH, BACKGROUND, BACKGROUND_TASKS, CONFIG, SUPERVISOR
 log = get_logger(component="web")
 
 
-def create_app(config: Config, *, store=None) -> web.Application:
-    """Build the app; the supervisor starts and stops with it.
+def create_app(config: Config, *, store=None, claim=None) -> web.Application:
+    """Build the app; the supervisor starts and stops with it (``claim``: see Supervisor).
 
     Raises ``AuthConfigError`` for a bad tenants file or for dev mode (no keys) off loopback.
     """
@@ -30,7 +30,7 @@ def create_app(config: Config, *, store=None) -> web.Application:
     answer_protocol_errors_in_json(app)
     app[CONFIG] = config
     app[AUTH] = auth
-    app[SUPERVISOR] = Supervisor(config, store=store, tenant_limits=auth.tenant_limits)
+    app[SUPERVISOR] = Supervisor(config, store=store, claim=claim, tenant_limits=auth.tenant_limits)
     tasks: set[asyncio.Task] = set()
 
     def background(coro) -> None:
