@@ -44,6 +44,7 @@ def zygote_main(conn, agent_spec: str, endpoint: str, supervisor_pid: int, optio
     try:
         agent_cls = load_agent_class(agent_spec)
         import agent_proc.main  # noqa: F401  pre-import what every child needs
+        preload_stdlib()
     except Exception as exc:
         send_msg(conn, ("failed", f"cannot load agent {agent_spec}: {exc!r}"))
         return
@@ -99,6 +100,25 @@ def _reap_all() -> None:
             return
         if pid == 0:
             return
+
+
+# Stdlib modules Python imports lazily, on first use, that agents commonly reach. A sandboxed agent
+# may not be able to read the installation (a dropped uid and Python under root's 0700 home), so
+# the zygote imports them once for every child; the pages are shared (docs/security.md).
+PRELOAD = ("encodings.idna", "encodings.ascii", "encodings.latin_1", "encodings.utf_16", "encodings.utf_32",
+           "encodings.raw_unicode_escape", "encodings.unicode_escape", "stringprep", "unicodedata",
+           "tempfile", "json", "linecache", "tokenize", "traceback", "socket", "selectors", "ssl", "hashlib")
+
+
+def preload_stdlib() -> None:
+    """Import PRELOAD; a module this Python lacks (no ssl built) is skipped."""
+    import importlib
+
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
 
 
 class Zygote:

@@ -56,7 +56,6 @@ class Config:
     agent_network: str = "on"  # off: agents get no TCP/UDP (Landlock + seccomp)
     max_pids: int = 64  # processes per session (its own uid's RLIMIT_NPROC, or cgroup v2 pids.max); 0 = no cap
     max_open_files: int = 1024  # RLIMIT_NOFILE per agent process; 0 = inherited
-    cpu_limit: float = 0.0  # cores per session (cgroup v2 cpu.max); 0 = no cap
     loop: str = "auto"  # event loop of `corral serve`: auto (uvloop when importable) | asyncio | uvloop
 
     def __post_init__(self):
@@ -73,8 +72,8 @@ class Config:
             raise ValueError(f"sandbox must be one of {', '.join(SANDBOX_MODES)}")
         if self.agent_network not in ("on", "off"):
             raise ValueError("agent_network must be on or off")
-        if self.max_pids < 0 or self.max_open_files < 0 or self.cpu_limit < 0:
-            raise ValueError("max_pids, max_open_files and cpu_limit cannot be negative")
+        if self.max_pids < 0 or self.max_open_files < 0:
+            raise ValueError("max_pids and max_open_files cannot be negative")
         if self.max_open_files and self.max_open_files < 16:
             raise ValueError("max_open_files below 16 leaves an agent unable to start")
         self.uid_range = parse_uid_range(self.sandbox_uid_range)

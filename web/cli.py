@@ -47,7 +47,6 @@ SERVE_FLAGS = {
     "agent_network": (str, "on | off: whether agents may use TCP/UDP (default on)"),
     "max_pids": (int, "processes per session (default 64; 0 = no cap)"),
     "max_open_files": (int, "open files per agent process (default 1024; 0 = inherited)"),
-    "cpu_limit": (float, "CPU cores per session, cgroup v2 only (default 0: no cap)"),
     "loop": (str, "event loop: auto (uvloop when installed) | asyncio | uvloop (default auto)"),
 }
 
