@@ -157,10 +157,13 @@ class AgentLoop:
             os._exit(exit_code)
 
 
-def run_agent(agent_cls, *, session_id: str, tenant: str, token: bytes, endpoint: str, routing_id: bytes) -> int:
-    """Connect to the supervisor's ROUTER and serve; return the exit code."""
+def run_agent(agent_cls, *, session_id: str, tenant: str, token: bytes, endpoint: str, routing_id: bytes,
+              confine=None) -> int:
+    """Connect to the supervisor's ROUTER, confine ourselves (the sandbox), and serve; return the exit code."""
     sock = Dealer(endpoint, routing_id)
     try:
+        if confine is not None:
+            confine()  # after the connect: a sandboxed agent could not reach the hub's socket any more
         return AgentLoop(agent_cls, sock, session_id=session_id, tenant=tenant, token=token).serve()
     finally:
         sock.close()

@@ -73,6 +73,7 @@ class Session:
     pid: int | None = None
     token: bytes | None = None
     limits: dict | None = None
+    sandbox: dict | None = None  # this process's sandbox spec (uid, temp dir), freed after it exits
     generation: int = 0
     created_at: float = field(default_factory=time.time)
     spawned_at: float | None = None  # monotonic

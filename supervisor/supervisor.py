@@ -28,6 +28,7 @@ from supervisor.logs import debug_enabled, get_logger
 from supervisor.node import claim_node, node_name
 from supervisor.reaper import Reaper, classify_exit, describe_status
 from supervisor.restarts import RestartPolicy
+from supervisor.sandbox import SandboxRefused, choose_sandbox
 from supervisor.session import Session, TokenBucket, Turn, bad_session_id, new_session_id, valid_session_id
 from supervisor.spawner import SpawnError, ZygoteSpawner
 from supervisor.store import SessionNotFound as StoredSessionMissing
@@ -77,6 +78,7 @@ class Supervisor:
         self.turn_deadlines = Deadlines(on_due=self._time_out)  # turn -> its session, until request_timeout
         self.run_dir: str | None = None
         self.limiter = None
+        self.sandbox = None
         self.hub: Hub | None = None
         self.spawner: ZygoteSpawner | None = None
         self.started_at = time.time()
@@ -99,7 +101,7 @@ class Supervisor:
         os.chmod(self.run_dir, 0o700)
         try:
             await self._start_parts()
-        except (SpawnError, StoreError, OSError, ValueError) as exc:
+        except (SpawnError, StoreError, OSError, ValueError, SandboxRefused) as exc:
             await self.close()
             raise errors.StartupError(str(exc)) from exc
         except BaseException:
@@ -124,6 +126,7 @@ class Supervisor:
         for path in getattr(self.limiter, "swept", ()):
             log.info("stale_cgroup_removed", path=path)
         log.info("limit_mechanism", **self.limiter.describe())
+        self._choose_sandbox()
         if self.store is None:
             self.store = create_store(self.config.database_url, self.config.data_dir)
         # the identity first: a server whose identity is held by a live one must not touch the store
@@ -135,6 +138,23 @@ class Supervisor:
         await self.hub.start()
         await self._start_spawner()
 
+    def _choose_sandbox(self) -> None:
+        """Probe the sandbox layers; log each, in force or missing and why (strict refuses here)."""
+        c = self.config
+        protected = [str(c.data_dir), self.run_dir, str(c.tenants) if c.tenants else None]
+        self.sandbox = choose_sandbox(
+            c.sandbox, protected=protected, network=c.agent_network == "on", uid_range=c.uid_range,
+            max_pids=c.max_pids, max_open_files=c.max_open_files,
+            run_id=os.path.basename(self.run_dir).removeprefix("corral-"))
+        for name, layer in self.sandbox.layers.items():
+            if layer["in_force"]:
+                log.info("sandbox_layer", layer=name, detail=layer["detail"])
+            else:
+                log.warning("sandbox_layer_missing", layer=name, reason=layer["reason"])
+        for note in self.sandbox.notes:
+            log.warning("sandbox_note", note=note)
+        log.info("sandbox", mode=self.sandbox.mode, network=self.sandbox.network)
+
     async def _end_orphans(self) -> None:
         """End the sessions this server's previous run left live in the store (it died with them)."""
         lost = await self.store.end_orphans(self.claim.orphans_of, status=LOST, end_reason=LOST_REASON)
@@ -144,7 +164,8 @@ class Supervisor:
     async def _start_spawner(self) -> None:
         """Start a zygote."""
         spawner = ZygoteSpawner(
-            self.config.agent, self.hub.endpoint, on_exit=self._on_exit, on_lost=self._on_zygote_lost
+            self.config.agent, self.hub.endpoint, on_exit=self._on_exit, on_lost=self._on_zygote_lost,
+            zygote_options=self.sandbox.zygote_options(),
         )
         await spawner.start()
         self.spawner = spawner
@@ -170,6 +191,8 @@ class Supervisor:
             self.hub.close()
         if self.limiter is not None:
             self.limiter.close()
+        if self.sandbox is not None:
+            self.sandbox.close()
         if self.store is not None:
             with contextlib.suppress(Exception):
                 await self.store.close()
@@ -543,9 +566,13 @@ class Supervisor:
         except OSError as exc:
             raise errors.Unavailable(f"cannot set up the memory limit: {exc}", retry_after=5) from None
         try:
+            s.sandbox = self.sandbox.prepare(f"s{s.generation}-{s.id}")
+        except OSError as exc:
+            raise errors.Unavailable(f"cannot set up the sandbox: {exc}", retry_after=5) from None
+        try:
             pid = await self.spawner.spawn(
                 {"session_id": s.id, "routing_id": s.routing_id, "tenant": s.tenant, "token": s.token,
-                 "limits": s.limits}
+                 "limits": s.limits, "sandbox": s.sandbox}
             )
         except SpawnError as exc:
             raise errors.Unavailable(str(exc), retry_after=1) from None
@@ -693,6 +720,9 @@ class Supervisor:
         if s.limits:
             self.limiter.release(s.limits)
             s.limits = None
+        if s.sandbox:
+            self.sandbox.release(s.sandbox)
+            s.sandbox = None
         if self.by_rid.get(s.routing_id) is s:
             del self.by_rid[s.routing_id]
         if s.pid is not None and self.by_pid.get(s.pid) is s:
@@ -876,6 +906,7 @@ class Supervisor:
             "sessions_in_memory": len(self.sessions),
             "zygote_pid": self.spawner.pid if self.spawner else None,
             "limit": self.limiter.describe() if self.limiter else None,
+            "sandbox": self.sandbox.describe() if self.sandbox else None,
             "store": getattr(self.store, "backend", None),
             "uptime_seconds": round(time.time() - self.started_at, 3),
         }

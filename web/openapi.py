@@ -236,6 +236,8 @@ SCHEMAS = {
             "version": STRING,
             "live_sessions": INTEGER,
             "limit": _nullable({"type": "object", "description": "The memory-limit mechanism in use"}),
+            "sandbox": _nullable({"type": "object", "description": "Admin only: the agent sandbox's mode and "
+                                  "layers, each in force (detail) or missing (reason)"}),
         },
         required=("status", "version", "live_sessions"),
     ),
