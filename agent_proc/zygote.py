@@ -78,7 +78,7 @@ def _enter_pid_namespace(conn) -> int:
 def _ns_init(conn, zygote_fd: int) -> None:
     """Pid 1 of the agents' namespace: reap orphans until the zygote dies, then take everyone along."""
     try:
-        set_title("corral: agents' pid 1")
+        set_title("corral: init of the agents' pid namespace")
         arm_death_signal()
         if sandbox.parent_gone(zygote_fd):
             os._exit(0)
