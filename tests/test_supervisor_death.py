@@ -66,8 +66,9 @@ async def test_sigkill_under_load_then_restart_then_sigterm_drain(tmp_path):
         assert not agent_pids(prefix)
         print(f"sigkill: {sum(map(len, acked.values()))} exchanges acknowledged; every child gone in {gone_in:.2f}s")
 
-        # The next start serves every session with its history.
-        proc, url = await asyncio.to_thread(start_server, tmp_path, *args)
+        # The next start serves every session with its history. Its agents signal the test through a
+        # socket under the test's 0700 temp dir, which sandboxed agents (their own uids) cannot reach.
+        proc, url = await asyncio.to_thread(start_server, tmp_path, *args, "--sandbox", "off")
         for sid in ids:
             status, body = await call(http, "POST", url + "/api/chat", json={"message": "what is my name?", "session_id": sid})
             assert (status, body.get("reply")) == (200, f"Your name is {sid}.")
