@@ -6,7 +6,7 @@ from aiohttp import web
 
 from supervisor import Config, Supervisor
 from supervisor.logs import get_logger
-from web import cors, monitoring, openapi
+from web import cors, forward, monitoring, openapi
 from web.auth import auth_from_config, check_bind, log_mode
 from web.middleware import front_door
 from web.routes import admin, api, chat, dashboard, health, metrics, stream
@@ -42,6 +42,7 @@ def create_app(config: Config, *, store=None) -> web.Application:
     for module in (health, chat, api, admin, stream, openapi, metrics):
         app.add_routes(module.routes)
     stream.setup(app)
+    forward.install(app)
     cors.setup(app, config.cors_origins)
     monitoring.install(app)
     dashboard.install(app)

@@ -42,6 +42,8 @@ SERVE_FLAGS = {
     "admin_token": (str, "token for the admin API and dashboard"),
     "cors_origins": (lambda v: tuple(o.strip() for o in v.split(",") if o.strip()), "comma-separated origins allowed by CORS"),
     "log_level": (str, "debug | info | warning | error (default info)"),
+    "advertise_url": (str, "URL other cluster nodes reach this one at (default http://HOST:PORT)"),
+    "node_lease": (float, "seconds a cluster node stays alive without renewing its heartbeat (default 10)"),
     "loop": (str, "event loop: auto (uvloop when installed) | asyncio | uvloop (default auto)"),
 }
 

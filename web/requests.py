@@ -6,7 +6,7 @@ from aiohttp import hdrs, web
 
 from supervisor import errors
 from supervisor.session import new_session_id, valid_session_id
-from web.keys import CONFIG, SUPERVISOR, TENANT
+from web.keys import CONFIG, RAW_BODY, SUPERVISOR, TENANT
 
 SESSION_COOKIE = "corral_session"
 SESSION_HEADER = "X-Session-Id"
@@ -21,6 +21,7 @@ async def json_body(request: web.Request) -> dict:
     raw = await request.content.read(limit + 1)
     if len(raw) > limit:
         raise errors.TooLarge(f"request body is over {limit} bytes")
+    request[RAW_BODY] = raw  # a session another node owns gets the same bytes (web/forward.py)
     if not raw.strip():
         return {}
     try:
