@@ -56,6 +56,14 @@ class Activation:
         return {"live_sessions": self.live_count, "sessions_in_memory": len(self.sessions),
                 "server_rss_bytes": rss, "pid": os.getpid()}
 
+    async def cluster_nodes(self) -> list[dict]:
+        """The nodes of the cluster as /admin/nodes lists them; a single node lists itself."""
+        rows = await self._store_call(self.directory.nodes())
+        if rows or self.membership is not None:
+            return rows
+        return [{"node": self.node, "url": advertised_url(self.config), "alive": True, "self": True,
+                 "lease_age_seconds": 0.0, "sessions_owned": self.live_count, **self.node_info()}]
+
     async def _placed(self, session_id: str):
         """The stored record of a session this node may serve; SessionMoved if a live peer owns it."""
         placement = await self._store_call(self.directory.lookup(session_id))

@@ -39,7 +39,7 @@ async def _rows(app: web.Application, tenant: str | None, state: str | None, wan
     """Rows ``offset .. offset+want`` of memory and store merged, newest first."""
     sup = app[SUPERVISOR]
     held = sup.list_sessions()
-    rows = [admin_row(s, app.get(PROCSTATS)) for s in held if _matches(s, tenant, state)]
+    rows = [{**admin_row(s, app.get(PROCSTATS)), "node": sup.node} for s in held if _matches(s, tenant, state)]
     if state != LIVE_FILTER:
         # Enough stored rows that, after dropping the ones memory already shows, offset+want remain.
         stored = await sup.store.list_sessions(tenant=tenant, status=state, limit=offset + want + len(held))
@@ -70,7 +70,9 @@ async def _found(request: web.Request):
 @routes.get("/admin/sessions/{session_id}")
 async def get_session(request: web.Request) -> web.Response:
     """One session's row."""
-    return web.json_response(admin_row(await _found(request), request.app.get(PROCSTATS)))
+    found = await _found(request)
+    node = {"node": request.app[SUPERVISOR].node} if isinstance(found, Session) else {}
+    return web.json_response({**admin_row(found, request.app.get(PROCSTATS)), **node})
 
 
 @routes.delete("/admin/sessions/{session_id}")
@@ -126,7 +128,15 @@ async def stats(request: web.Request) -> web.Response:
         "by_tenant": by_tenant,
         "counters": dict(sup.counters),
         **_agent_memory(request.app.get(PROCSTATS)),
+        **await _cluster_totals(sup),
     })
+
+
+async def _cluster_totals(sup) -> dict:
+    """This node's name and, across the cluster, the live nodes and their live sessions."""
+    nodes = [n for n in await sup.cluster_nodes() if n.get("alive")]
+    return {"node": sup.node, "cluster": {
+        "nodes": len(nodes), "live_sessions": sum(n.get("live_sessions") or 0 for n in nodes)}}
 
 
 def _agent_memory(procstats) -> dict:
