@@ -7,6 +7,8 @@ message lost, and fencing of a node that was paused past its lease.
 
 import asyncio
 import signal
+import subprocess
+import sys
 import uuid
 
 import aiohttp
@@ -102,6 +104,11 @@ async def test_one_session_through_every_node_answers_from_one_process(cluster, 
         state = await r.json()
     assert state["message_count"] == 10 and state["agent_state"]["facts"]["city"] == "Rome"
     assert agent_processes(sid) == {sid: 1}
+    status, live = await get_json(http, nodes[1].url, "/admin/sessions?state=live")  # every node's processes
+    assert [(r["session_id"], r["node"], r["pid"]) for r in live["sessions"]] == [(sid, owner["node"], owner["pid"])]
+    top = subprocess.run([sys.executable, "-c", "from web.cli import main; raise SystemExit(main())", "top", "--once", "--url", nodes[2].url],
+                         capture_output=True, text=True, timeout=30)
+    assert top.returncode == 0 and owner["node"] in top.stdout and str(owner["pid"]) in top.stdout, top
     status, listing = await get_json(http, nodes[2].url, "/admin/nodes")
     assert status == 200 and len(listing["nodes"]) == 3 and all(n["alive"] for n in listing["nodes"])
     assert sum(n["sessions_owned"] for n in listing["nodes"]) == 1

@@ -93,6 +93,30 @@ async def relay(request: web.Request, owner_url: str) -> web.StreamResponse:
     return web.Response(status=upstream.status, body=payload, headers=_answer_headers(upstream))
 
 
+async def live_rows_elsewhere(request: web.Request, tenant: str | None, most: int) -> list[dict]:
+    """The live sessions of every other live node, as their own /admin/sessions?state=live lists them.
+
+    Each node answers for its own processes (pid, memory, CPU); a node that does not answer in
+    time is left out of this view rather than holding it up.
+    """
+    sup = request.app[SUPERVISOR]
+    peers = [n["url"] for n in await sup.cluster_nodes() if n.get("alive") and not n.get("self")]
+    if not peers:
+        return []
+    headers = {FORWARDED_BY: sup.node}  # marks the call as local-only: no fan-out from there
+    if hdrs.AUTHORIZATION in request.headers:
+        headers[hdrs.AUTHORIZATION] = request.headers[hdrs.AUTHORIZATION]
+    query = {"state": "live", "limit": str(min(most, 1000)), **({"tenant": tenant} if tenant else {})}
+
+    async def one(url: str) -> list[dict]:
+        async with request.app[CLIENT].get(url + "/admin/sessions", params=query, headers=headers,
+                                           timeout=aiohttp.ClientTimeout(total=5)) as r:
+            return (await r.json())["sessions"] if r.status == 200 else []
+
+    answers = await asyncio.gather(*(one(url) for url in peers), return_exceptions=True)
+    return [row for rows in answers if isinstance(rows, list) for row in rows]
+
+
 def _answer_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict:
     """The owner's response headers (every Set-Cookie kept) minus the hop's own."""
     return CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in _NOT_RELAYED)
