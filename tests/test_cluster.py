@@ -266,3 +266,17 @@ async def test_a_stale_owners_writes_are_refused_and_its_process_ended(pg_pair):
     assert [m.content for m in history if m.role == "user"] == ["my name is Alice", "what is my name?"]
     await a.settle_store()
     assert (await b.store.get_session(sid)).node == b.node  # a's end of its process was not written over b's
+
+
+async def test_a_passivated_session_is_claimed_where_its_next_request_lands(pg_pair):
+    a, b = pg_pair
+    sid = new_prefix() + "idle"
+    sa = await a.get_or_create(sid, "t")
+    await a.chat(sa, "my name is Alice")
+    with pytest.raises(errors.SessionMoved):  # active on a: b forwards
+        await b.get_or_create(sid, "t")
+    await a.stop(sa, "reaped")  # what the idle timeout does
+    await a.settle_store()
+    sb = await b.get_or_create(sid, "t")  # ended on a, which is alive: b may claim it now
+    assert "Alice" in (await b.chat(sb, "what is my name?"))["reply"]
+    assert (await b.store.get_session(sid)).node == b.node and agent_processes(sid) == {sid: 1}

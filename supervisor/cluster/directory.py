@@ -75,11 +75,12 @@ class PgDirectory(Directory):
         self._cols, self._record = postgres._SESSION_COLS, postgres._session
 
     async def lookup(self, session_id: str) -> Placement:
-        """The session with its owner's URL when a live node other than this one owns it."""
+        """The session with its owner's URL when a live node other than this one holds it active."""
         rows = await self.store._fetch(
             f"SELECT {self._cols}, "
             "(SELECT url FROM nodes n WHERE n.id = sessions.node AND n.expires_at > now() "
-            " AND n.id <> $2) AS owner_url FROM sessions WHERE id = $1", session_id, self.node)
+            " AND n.id <> $2 AND sessions.ended_at IS NULL) AS owner_url FROM sessions WHERE id = $1",
+            session_id, self.node)
         if not rows:
             return Placement(None)
         record = self._record(rows[0])
@@ -87,7 +88,7 @@ class PgDirectory(Directory):
         return Placement(record, url, record.node if url else None)
 
     async def claim(self, session_id: str, *, tenant: str, agent: str, metadata: dict) -> SessionRecord | None:
-        """One statement: insert, or take over when unowned, ours, or the owner's lease expired.
+        """One statement: insert, or take over when unowned, ours, ended (passivated), or the owner is dead.
 
         Concurrent claims of one row serialise on its lock and the loser re-reads the winner's
         row (READ COMMITTED re-checks the WHERE), so at most one node wins each epoch.
@@ -97,7 +98,8 @@ class PgDirectory(Directory):
             "VALUES ($1, $2, $3, $4, 'starting', $5, 1, now(), now()) "
             "ON CONFLICT (id) DO UPDATE SET status = 'starting', node = EXCLUDED.node, "
             "epoch = sessions.epoch + 1, end_reason = NULL, ended_at = NULL "
-            f"WHERE sessions.node IS NULL OR sessions.node = EXCLUDED.node OR NOT {_OWNER_ALIVE} "
+            "WHERE sessions.node IS NULL OR sessions.node = EXCLUDED.node OR sessions.ended_at IS NOT NULL "
+            f"OR NOT {_OWNER_ALIVE} "
             f"RETURNING {self._cols}",
             session_id, tenant, agent, metadata or {}, self.node)
         return self._record(rows[0]) if rows else None
