@@ -23,21 +23,22 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 LEASE = 2.0  # --node-lease of the test nodes: failover takes about this long
 
 
-async def create_database() -> tuple[str, str]:
-    """A PostgreSQL database of its own (name, url) next to the test database."""
+async def create_database(base_url: str | None = None) -> tuple[str, str]:
+    """A PostgreSQL database of its own (name, url) next to the test database (or ``base_url``'s)."""
+    base_url = base_url or POSTGRES_URL
     name = f"corral_cluster_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(POSTGRES_URL)
+    conn = await asyncpg.connect(base_url)
     try:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
-    parts = urlsplit(POSTGRES_URL)
+    parts = urlsplit(base_url)
     return name, urlunsplit(parts._replace(path=f"/{name}"))
 
 
-async def drop_database(name: str) -> None:
+async def drop_database(name: str, base_url: str | None = None) -> None:
     """Remove a database made by create_database, with any connections still open to it."""
-    conn = await asyncpg.connect(POSTGRES_URL)
+    conn = await asyncpg.connect(base_url or POSTGRES_URL)
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:

@@ -280,3 +280,52 @@ async def test_a_passivated_session_is_claimed_where_its_next_request_lands(pg_p
     sb = await b.get_or_create(sid, "t")  # ended on a, which is alive: b may claim it now
     assert "Alice" in (await b.chat(sb, "what is my name?"))["reply"]
     assert (await b.store.get_session(sid)).node == b.node and agent_processes(sid) == {sid: 1}
+
+
+async def sse_events(response: aiohttp.ClientResponse):
+    """(event, data) pairs of an event stream as they arrive."""
+    import json
+
+    event, data = None, []
+    async for raw in response.content:
+        line = raw.decode().rstrip("\n")
+        if line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: "):
+            data.append(line[6:])
+        elif line == "" and event is not None:
+            yield event, json.loads("\n".join(data))
+            event, data = None, []
+
+
+async def next_event(events, wanted) -> dict:
+    """The data of the next event the predicate accepts."""
+    async for event, data in events:
+        if wanted(event, data):
+            return data
+    raise AssertionError("the stream ended")
+
+
+async def test_stream_interrupt_and_admin_kill_work_from_nodes_that_do_not_own_the_session(cluster, http):
+    owner, second, third = [cluster.start_node() for _ in range(3)]
+    sid = new_prefix() + "ops"
+    assert (await chat(http, owner.url, sid, "my name is Alice"))[0] == 200
+    pid = (await admin_row(http, owner.url, sid))["pid"]
+    async with http.get(f"{second.url}/api/chat/stream?session_id={sid}") as stream:  # relayed, chunk by chunk
+        assert stream.status == 200 and stream.headers["Content-Type"].startswith("text/event-stream")
+        assert stream.headers["X-Session-Id"] == sid
+        events = sse_events(stream)
+        snapshot = await next_event(events, lambda e, d: e == "state")
+        assert snapshot["messages"][0]["content"] == "my name is Alice"
+        sleeping = asyncio.ensure_future(http.post(f"{third.url}/api/mcp-command", json={
+            "session_id": sid, "command": "sleep", "args": {"seconds": 600}}))
+        await next_event(events, lambda e, d: e == "state" and d.get("state") == "busy")
+        async with http.post(f"{second.url}/api/interrupt", json={"session_id": sid}) as r:
+            assert r.status == 200 and (await r.json())["interrupted"] is True
+        async with await sleeping as r:
+            assert r.status == 200 and (await r.json())["status"] == "interrupted"
+        async with http.delete(f"{third.url}/admin/sessions/{sid}") as r:  # the admin kill, relayed
+            assert r.status == 202, await r.text()
+        ended = await next_event(events, lambda e, d: e == "end")
+        assert ended["reason"] == "killed"
+    assert wait_gone([pid], timeout=10) == []
