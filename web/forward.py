@@ -22,7 +22,7 @@ log = get_logger(component="forward")
 
 FORWARDED_BY = "X-Corral-Forwarded-By"
 STREAM_PATHS = frozenset({"/api/chat/stream"})
-CLIENT = web.AppKey("forward_client", aiohttp.ClientSession)
+
 # headers of one hop (RFC 9110 7.6.1), and the ones aiohttp recomputes for the relayed body
 _NOT_RELAYED = frozenset(h.lower() for h in (
     hdrs.CONNECTION, "Keep-Alive", hdrs.PROXY_AUTHENTICATE, hdrs.PROXY_AUTHORIZATION, hdrs.TE,
@@ -30,26 +30,41 @@ _NOT_RELAYED = frozenset(h.lower() for h in (
 ))
 
 
+class Pool:
+    """One pool of connections to the other nodes, opened on the first forward (a lone node never opens it)."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The client session, made on first use; 503 once the server is shutting down."""
+        if self._closed:
+            raise errors.Unavailable("the server is shutting down", retry_after=1)
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=256, limit_per_host=64, keepalive_timeout=30),
+                auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._session
+
+    async def close(self, _app=None) -> None:
+        """Close the pool: ends relayed streams, so shutdown does not wait on them."""
+        self._closed = True
+        if self._session is not None:
+            await self._session.close()
+
+
+POOL = web.AppKey("forward_pool", Pool)
+
+
 def install(app: web.Application) -> None:
-    """Add the relaying middleware (inside the front door) and its pooled client."""
+    """Add the relaying middleware (inside the front door) and its connection pool."""
     app.middlewares.append(relay_moved)
-    app.cleanup_ctx.append(_client)
-    app.on_shutdown.append(_close_client)
-
-
-async def _client(app: web.Application):
-    """One connection pool to the other nodes for the app's life (closed first at shutdown: ends relayed streams)."""
-    app[CLIENT] = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=256, limit_per_host=64, keepalive_timeout=30),
-        auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
-    )
-    yield
-    await app[CLIENT].close()
-
-
-async def _close_client(app: web.Application) -> None:
-    """Close relayed streams before the app waits for its handlers."""
-    await app[CLIENT].close()
+    app[POOL] = Pool()
+    app.on_shutdown.append(app[POOL].close)
+    app.on_cleanup.append(app[POOL].close)
 
 
 @web.middleware
@@ -74,7 +89,7 @@ async def relay(request: web.Request, owner_url: str) -> web.StreamResponse:
     # the owner bounds its own turns by request_timeout; this only guards against an owner that hangs
     read = None if streaming else request.app[CONFIG].request_timeout + 10
     try:
-        upstream = await request.app[CLIENT].request(
+        upstream = await request.app[POOL].session.request(
             request.method, owner_url + request.rel_url.raw_path_qs, headers=headers, data=body,
             allow_redirects=False, timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=read))
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
@@ -109,7 +124,7 @@ async def live_rows_elsewhere(request: web.Request, tenant: str | None, most: in
     query = {"state": "live", "limit": str(min(most, 1000)), **({"tenant": tenant} if tenant else {})}
 
     async def one(url: str) -> list[dict]:
-        async with request.app[CLIENT].get(url + "/admin/sessions", params=query, headers=headers,
+        async with request.app[POOL].session.get(url + "/admin/sessions", params=query, headers=headers,
                                            timeout=aiohttp.ClientTimeout(total=5)) as r:
             return (await r.json())["sessions"] if r.status == 200 else []
 
