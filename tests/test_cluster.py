@@ -106,6 +106,9 @@ async def test_one_session_through_every_node_answers_from_one_process(cluster, 
     assert agent_processes(sid) == {sid: 1}
     status, live = await get_json(http, nodes[1].url, "/admin/sessions?state=live")  # every node's processes
     assert [(r["session_id"], r["node"], r["pid"]) for r in live["sessions"]] == [(sid, owner["node"], owner["pid"])]
+    async with http.get(f"{nodes[2].url}/admin/events") as events:  # the dashboard's stream
+        first = await next_event(sse_events(events), lambda e, d: e == "sessions")
+    assert [(r["session_id"], r["node"], r["pid"]) for r in first["sessions"]] == [(sid, owner["node"], owner["pid"])]
     top = subprocess.run([sys.executable, "-c", "from web.cli import main; raise SystemExit(main())", "top", "--once", "--url", nodes[2].url],
                          capture_output=True, text=True, timeout=30)
     assert top.returncode == 0 and owner["node"] in top.stdout and str(owner["pid"]) in top.stdout, top
