@@ -332,3 +332,15 @@ async def test_stream_interrupt_and_admin_kill_work_from_nodes_that_do_not_own_t
         ended = await next_event(events, lambda e, d: e == "end")
         assert ended["reason"] == "killed"
     assert wait_gone([pid], timeout=10) == []
+
+
+async def test_a_clean_stop_hands_the_sessions_over_at_once(pg_pair):
+    a, b = pg_pair
+    sid = new_prefix() + "bye"
+    sa = await a.get_or_create(sid, "t")
+    await a.chat(sa, "my name is Alice")
+    await a.close()  # SIGTERM's path: stop the sessions, then delete the node's row
+    sb = await b.get_or_create(sid, "t")  # no wait for a lease: a is gone from the table
+    assert "Alice" in (await b.chat(sb, "what is my name?"))["reply"]
+    nodes = await b.cluster_nodes()
+    assert [n["node"] for n in nodes] == [b.node] and nodes[0]["sessions_owned"] == 1
