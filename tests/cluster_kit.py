@@ -191,3 +191,43 @@ async def get_json(http: aiohttp.ClientSession, url: str, path: str) -> tuple[in
 
 __all__ = ["Cluster", "ProcessSampler", "agent_processes", "chat", "create_database", "drop_database",
            "get_json", "wait_gone", "LEASE", "NGINX", "POSTGRES_URL"]
+
+
+class CuttableLink:
+    """A TCP relay to PostgreSQL that a test can cut: the network partition of the failure table."""
+
+    def __init__(self, target_host: str, target_port: int):
+        self.target = (target_host, target_port)
+        self.server: asyncio.AbstractServer | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> int:
+        """Listen on a free local port; return it."""
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _relay(self, reader, writer) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        self.writers |= {writer, up_writer}
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    async def _pipe(self, reader, writer) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    def cut(self) -> None:
+        """Refuse new connections and reset the open ones."""
+        self.server.close()
+        for writer in self.writers:
+            writer.transport.abort()
+        self.writers.clear()

@@ -208,7 +208,7 @@ async def test_a_node_paused_past_its_lease_is_fenced_out_when_it_wakes(cluster,
     status, body, _ = await late
     # refused to the stale process, it went to the new owner (or the client is told to retry)
     assert status in (200, 503), body
-    assert wait_gone(old_pids, timeout=LEASE + 10) == []  # it ended its stale processes itself
+    assert await asyncio.to_thread(wait_gone, old_pids, LEASE + 10) == []  # it ended its stale processes itself
     for sid in sids:
         row = await admin_row(http, paused.url, sid)  # the woken node now forwards to the owner
         assert row["pid"] not in old_pids and row["node"] == (await admin_row(http, other.url, sid))["node"]
@@ -263,7 +263,7 @@ async def test_a_stale_owners_writes_are_refused_and_its_process_ended(pg_pair):
     with pytest.raises(errors.SessionMoved) as refused:  # a still thinks it owns it: its write is refused
         await a.chat(sa, "my name is Mallory")
     assert refused.value.owner_url is None or refused.value.owner_url == b.membership.url
-    assert wait_gone([old_pid], timeout=10) == []
+    assert await asyncio.to_thread(wait_gone, [old_pid], 10) == []  # the loop runs meanwhile
     assert a.counters["fenced_out"] == 1
     history = await b.store.history(sid)
     assert [m.content for m in history if m.role == "user"] == ["my name is Alice", "what is my name?"]
@@ -331,7 +331,7 @@ async def test_stream_interrupt_and_admin_kill_work_from_nodes_that_do_not_own_t
             assert r.status == 202, await r.text()
         ended = await next_event(events, lambda e, d: e == "end")
         assert ended["reason"] == "killed"
-    assert wait_gone([pid], timeout=10) == []
+    assert await asyncio.to_thread(wait_gone, [pid], 10) == []
 
 
 async def test_a_clean_stop_hands_the_sessions_over_at_once(pg_pair):
@@ -344,3 +344,29 @@ async def test_a_clean_stop_hands_the_sessions_over_at_once(pg_pair):
     assert "Alice" in (await b.chat(sb, "what is my name?"))["reply"]
     nodes = await b.cluster_nodes()
     assert [n["node"] for n in nodes] == [b.node] and nodes[0]["sessions_owned"] == 1
+
+
+async def test_a_node_cut_off_from_postgresql_ends_its_processes_after_its_lease(make_supervisor):
+    from urllib.parse import urlsplit, urlunsplit
+
+    from tests.cluster_kit import CuttableLink
+
+    parts = urlsplit(POSTGRES_URL)
+    link = CuttableLink(parts.hostname or "127.0.0.1", parts.port or 5432)
+    port = await link.start()
+    via_link = urlunsplit(parts._replace(netloc=f"{parts.netloc.rpartition('@')[0]}@127.0.0.1:{port}"
+                                         if "@" in parts.netloc else f"127.0.0.1:{port}"))
+    schema = f"corral_cluster_{uuid.uuid4().hex[:10]}"
+    a = await make_supervisor(store=create_store(via_link, schema=schema, connect_timeout=1.0),
+                              node_lease=LEASE, port=18803)
+    try:
+        sid = new_prefix() + "cut"
+        sa = await a.get_or_create(sid, "t")
+        await a.chat(sa, "my name is Alice")
+        pid = sa.pid
+        link.cut()  # PostgreSQL is out of reach: a cannot renew, so it cannot prove it owns anything
+        assert await asyncio.to_thread(wait_gone, [pid], LEASE + 10) == []  # it ended it itself (self-fencing)
+        assert a.counters["fenced_out"] == 1
+    finally:
+        await a.close()
+        await drop_schema(schema)
