@@ -6,6 +6,7 @@ message lost, and fencing of a node that was paused past its lease.
 """
 
 import asyncio
+import re
 import signal
 import subprocess
 import sys
@@ -112,6 +113,9 @@ async def test_one_session_through_every_node_answers_from_one_process(cluster, 
     top = subprocess.run([sys.executable, "-c", "from web.cli import main; raise SystemExit(main())", "top", "--once", "--url", nodes[2].url],
                          capture_output=True, text=True, timeout=30)
     assert top.returncode == 0 and owner["node"] in top.stdout and str(owner["pid"]) in top.stdout, top
+    async with http.get(f"{nodes[1].url}/metrics") as r:
+        forwards = re.search(r"(?m)^corral_forwards_total (\S+)$", await r.text())
+    assert forwards and float(forwards.group(1)) >= 2  # its chat and its admin row went to the owner
     status, listing = await get_json(http, nodes[2].url, "/admin/nodes")
     assert status == 200 and len(listing["nodes"]) == 3 and all(n["alive"] for n in listing["nodes"])
     assert sum(n["sessions_owned"] for n in listing["nodes"]) == 1

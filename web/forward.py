@@ -75,6 +75,7 @@ async def relay_moved(request: web.Request, handler):
     except errors.SessionMoved as moved:
         if moved.owner_url is None or FORWARDED_BY in request.headers:
             raise
+        request.app[SUPERVISOR].counters["forwards"] += 1
         return await relay(request, moved.owner_url)
 
 

@@ -105,7 +105,7 @@ class Activation:
             if s.pid is not None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(s.pid, signal.SIGKILL)  # at once: it must not answer anything more
-            self._background_task(self.stop(s, states.KILLED, force=True))
+            self._background_task(self.stop(s, states.ENDED, force=True))
 
     async def _verify_claims(self) -> None:
         """After a late heartbeat: end every process whose session another node claimed meanwhile."""
