@@ -56,11 +56,16 @@ class Config:
     agent_network: str = "on"  # off: agents get no TCP/UDP (Landlock + seccomp)
     max_pids: int = 64  # processes per session (its own uid's RLIMIT_NPROC, or cgroup v2 pids.max); 0 = no cap
     max_open_files: int = 1024  # RLIMIT_NOFILE per agent process; 0 = inherited
+    # cluster (PostgreSQL): where other nodes reach this one (default http://host:port), and the
+    # seconds a node stays alive for the others without renewing its row (docs/cluster.md)
+    advertise_url: str | None = None
+    node_lease: float = 10.0
     loop: str = "auto"  # event loop of `corral serve`: auto (uvloop when importable) | asyncio | uvloop
 
     def __post_init__(self):
         """Validate values that would otherwise fail far from their cause."""
-        for name in ("idle_timeout", "stop_timeout", "spawn_timeout", "request_timeout", "restart_window"):
+        for name in ("idle_timeout", "stop_timeout", "spawn_timeout", "request_timeout", "restart_window",
+                     "node_lease"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         for name in ("max_sessions", "mailbox_size", "max_message_bytes"):

@@ -73,6 +73,20 @@ class Unavailable(CorralError):
     status, code = 503, "unavailable"
 
 
+class SessionMoved(Unavailable):
+    """Another cluster node owns the session (``owner_url`` when it is known and alive).
+
+    The web layer forwards the request there; when it cannot, the client sees a 503 to retry.
+    """
+
+    code = "session_moved"
+    retry_after = 1
+
+    def __init__(self, message: str, *, owner_url: str | None = None, owner: str | None = None):
+        super().__init__(message)
+        self.owner_url, self.owner = owner_url, owner
+
+
 class TurnTimeout(CorralError):
     status, code = 504, "request_timeout"
 

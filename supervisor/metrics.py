@@ -28,6 +28,8 @@ _COUNTERS = {
     "corral_expiries": (states.EXPIRED, "Sessions stopped by max_age"),
     "corral_admin_kills": (states.KILLED, "Sessions killed by an admin"),
     "corral_session_stops": (states.ENDED, "Sessions ended by their owner or at shutdown"),
+    "corral_fenced_out": ("fenced_out", "Agent processes ended because another cluster node claimed their session"),
+    "corral_forwards": ("forwards", "Requests relayed to the cluster node that owns their session"),
 }
 
 

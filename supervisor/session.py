@@ -97,6 +97,7 @@ class Session:
     # The ZeroMQ routing id of the current process: the session id plus a random per-spawn suffix,
     # so no agent can connect first under a session's id and lock its next process out (see _spawn).
     routing_id: bytes = b""
+    epoch: int | None = None  # the cluster claim this node's process runs under (None: not claimed)
 
     @property
     def live(self) -> bool:

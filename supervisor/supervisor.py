@@ -19,6 +19,7 @@ from collections import Counter
 
 from agent_proc import protocol as p
 from supervisor import errors, states
+from supervisor.cluster.activation import Activation
 from supervisor.config import Config
 from supervisor.deadlines import Deadlines
 from supervisor.events import EventBus
@@ -32,7 +33,7 @@ from supervisor.sandbox import SandboxRefused, choose_sandbox
 from supervisor.session import Session, TokenBucket, Turn, bad_session_id, new_session_id, valid_session_id
 from supervisor.spawner import SpawnError, ZygoteSpawner
 from supervisor.store import SessionNotFound as StoredSessionMissing
-from supervisor.store import StoreError, create_store
+from supervisor.store import StaleEpoch, StoreError, create_store
 
 log = get_logger(component="supervisor")
 
@@ -55,7 +56,7 @@ LOST, LOST_REASON = "lost", "server_died"
 STRAY_FRAME_LIMIT = 10_000
 
 
-class Supervisor:
+class Supervisor(Activation):
     """Owns every session of one corral server."""
 
     def __init__(self, config: Config, *, store=None, claim=None, events: EventBus | None = None,
@@ -133,6 +134,7 @@ class Supervisor:
         if self.claim is None:
             self.claim = await claim_node(self.store, self.node)
         await self.store.open()
+        await self._join_cluster()
         await self._end_orphans()
         self.hub = Hub(self.run_dir, token_for=self._token_for, on_frame=self._on_frame, on_drop=self._on_drop)
         await self.hub.start()
@@ -184,6 +186,8 @@ class Supervisor:
                 await asyncio.wait_for(asyncio.gather(*stops, return_exceptions=True), self.config.stop_timeout + 2)
         if self.spawner is not None:
             await self.spawner.close()
+        with contextlib.suppress(Exception):
+            await self._leave_cluster()
         if self._background:
             await asyncio.wait(list(self._background), timeout=5)
         self.turn_deadlines.close()
@@ -214,8 +218,8 @@ class Supervisor:
         elif not valid_session_id(session_id):
             raise bad_session_id()
         s = self.sessions.get(session_id)
-        if s is None:
-            record = await self._store_call(self.store.get_session(session_id))
+        if s is None or (not s.live and self.directory.fenced):
+            record = await self._placed(session_id)
             if record is not None and record.tenant != tenant:
                 raise errors.SessionNotFound(f"no session {session_id}")
             s = self.sessions.get(session_id)  # another request may have registered it meanwhile
@@ -230,8 +234,9 @@ class Supervisor:
         if not valid_session_id(session_id):
             return None
         found = self.sessions.get(session_id)
-        if found is None:
-            found = await self._store_call(self.store.get_session(session_id))
+        if found is None or (not found.live and self.directory.fenced):
+            record = await self._placed(session_id)
+            found = found or record
         if found is None or (tenant is not None and found.tenant != tenant):
             return None
         return found
@@ -312,7 +317,10 @@ class Supervisor:
         try:
             await self.ensure_live(s)
             if record_as is not None:
-                await self._record(s, record_as, body)
+                try:
+                    await self._record(s, record_as, body)
+                except errors.SessionMoved:
+                    raise await self._moved(s.id) from None  # not committed: the new owner may take it
                 # The process may have died (and a respawn begun) while the message was committed:
                 # sending now would put the turn in a mailbox nobody reads.
                 await self.ensure_live(s)
@@ -394,7 +402,12 @@ class Supervisor:
 
     async def _record(self, s: Session, role: str, content) -> dict:
         """Commit one message to the store and tell listeners."""
-        msg = await self._store_call(self.store.append_message(s.id, role, content if isinstance(content, str) else str(content)))
+        text = content if isinstance(content, str) else str(content)
+        try:
+            msg = await self._store_call(self.store.append_message(s.id, role, text, epoch=s.epoch))
+        except errors.SessionMoved:
+            self._fence_out(s, f"its {role} message was refused for a stale epoch")
+            raise
         s.message_count = msg.seq
         data = msg.to_dict()
         self.events.publish("message", s.id, to_all=False, message=data)
@@ -547,9 +560,7 @@ class Supervisor:
             # Otherwise, with a pool of connections, the old end could land after the new start
             # and leave a live session marked ended (and purgeable by retention).
             await asyncio.wait([ended])
-        record = await self._store_call(
-            self.store.upsert_session(s.id, tenant=s.tenant, agent=self.config.agent, metadata=s.metadata, node=self.node)
-        )
+        record = await self._claim(s)
         s.created_at, s.message_count = record.created_at, record.message_count
         history = await self._store_call(self.store.history(s.id))
         return [{"role": m.role, "content": m.content} for m in history]
@@ -753,7 +764,10 @@ class Supervisor:
 
     def _record_end(self, s: Session, final: str) -> None:
         """Write the end to the store in the background; a respawn waits for it (see _prepare_spawn)."""
-        write = self._background_task(self._store_call(self.store.set_status(s.id, final, end_reason=final, ended=True)))
+        if self._unclaimed(s):
+            return  # fenced out, or its claim was refused: the session's row is another node's
+        write = self._background_task(self._store_call(
+            self.store.set_status(s.id, final, end_reason=final, ended=True, epoch=s.epoch)))
         self._status_writes[s.id] = write
         write.add_done_callback(functools.partial(self._end_recorded, s.id))
 
@@ -861,6 +875,8 @@ class Supervisor:
             # the cause names files, hosts and tables: it goes to the log, not to tenants
             log.error("store_error", error=str(exc))
             raise errors.Unavailable("the session store is unavailable; try again shortly", retry_after=5) from None
+        except StaleEpoch as exc:
+            raise errors.SessionMoved(f"session {exc.args[0]} was claimed by another node") from None
         except StoredSessionMissing as exc:
             # its data was purged (DELETE ?purge=true, retention) while a request was on its way
             raise errors.SessionNotFound(f"session {exc.args[0]} was deleted") from None

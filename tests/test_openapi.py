@@ -36,6 +36,8 @@ DESIGN_ROUTES = {
     ("get", "/admin/sessions"), ("get", "/admin/sessions/{session_id}"), ("delete", "/admin/sessions/{session_id}"),
     ("post", "/admin/sessions/{session_id}/interrupt"), ("get", "/admin/stats"), ("get", "/metrics"),
     ("get", "/api/openapi.json"), ("get", "/admin/events"), ("get", "/"), ("get", "/admin"), ("get", "/static/{name}"),
+    ("get", "/api/openapi.json"),
+    ("get", "/admin/nodes"),  # the cluster's membership (issue 13, docs/cluster.md)
 }
 
 

@@ -42,7 +42,7 @@ async def test_top_once_shows_the_live_sessions(aiohttp_server, make_config):
     code, out, err = await corral("top", "--once", "--url", url, env_token=TOKEN)
     assert code == 0, err
     lines = out.strip().splitlines()
-    assert lines[0].split() == ["SESSION", "PID", "TENANT", "STATE", "IDLE", "RSS", "USS", "CPU%", "MSGS"]
+    assert lines[0].split() == ["SESSION", "PID", "TENANT", "STATE", "IDLE", "RSS", "USS", "CPU%", "MSGS", "NODE"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     assert set(rows) == {"top-one", "top-two"}
     for s in sessions:

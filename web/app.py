@@ -6,11 +6,11 @@ from aiohttp import web
 
 from supervisor import Config, Supervisor
 from supervisor.logs import get_logger
-from web import cors, monitoring, openapi
+from web import cors, forward, monitoring, openapi
 from web.auth import auth_from_config, check_bind, log_mode
 from web.errors import answer_protocol_errors_in_json
 from web.middleware import front_door
-from web.routes import admin, api, chat, dashboard, health, metrics, stream
+from web.routes import admin, api, chat, cluster, dashboard, health, metrics, stream
 from web.keys import AUTH, BACKGROUND, BACKGROUND_TASKS, CONFIG, SUPERVISOR
 
 log = get_logger(component="web")
@@ -41,9 +41,10 @@ def create_app(config: Config, *, store=None, claim=None) -> web.Application:
 
     app[BACKGROUND] = background
     app[BACKGROUND_TASKS] = tasks
-    for module in (health, chat, api, admin, stream, openapi, metrics):
+    for module in (health, chat, api, admin, cluster, stream, openapi, metrics):
         app.add_routes(module.routes)
     stream.setup(app)
+    forward.install(app)
     cors.setup(app, config.cors_origins)
     monitoring.install(app)
     dashboard.install(app)

@@ -47,6 +47,8 @@ SERVE_FLAGS = {
     "agent_network": (str, "on | off: whether agents may use TCP/UDP (default on)"),
     "max_pids": (int, "processes per session (default 64; 0 = no cap)"),
     "max_open_files": (int, "open files per agent process (default 1024; 0 = inherited)"),
+    "advertise_url": (str, "URL other cluster nodes reach this one at (default http://HOST:PORT)"),
+    "node_lease": (float, "seconds a cluster node stays alive without renewing its heartbeat (default 10)"),
     "loop": (str, "event loop: auto (uvloop when installed) | asyncio | uvloop (default auto)"),
 }
 

@@ -17,3 +17,4 @@ BACKGROUND_TASKS = web.AppKey("background_tasks", set[asyncio.Task])
 
 TENANT = web.RequestKey("tenant", str)  # the tenant the request authenticated as
 ADMIN = web.RequestKey("admin", bool)  # the request carried the admin token
+RAW_BODY = web.RequestKey("raw_body", bytes)  # the body json_body read, kept for a relay to the owner node

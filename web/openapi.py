@@ -188,6 +188,7 @@ SCHEMAS = {
             "exit": _nullable(STRING),
             "metadata": {"type": "object"},
             "live": BOOLEAN,
+            "node": _nullable(STRING),  # the node that holds it (in a cluster, its owner)
             # Process figures (docs/operations.md): sessions held on this node; null without a process.
             "rss_bytes": _nullable(INTEGER),
             "uss_bytes": _nullable(INTEGER),
@@ -227,9 +228,27 @@ SCHEMAS = {
             "by_tenant": {"type": "object", "additionalProperties": {"type": "object"}},
             "agent_memory": _object({"rss_bytes": INTEGER, "uss_bytes": INTEGER},
                                     description="Memory of all agents on this node together"),
+            "node": STRING,
+            "cluster": _object({"nodes": INTEGER, "live_sessions": INTEGER},
+                               description="Live nodes and their live sessions together (docs/cluster.md)"),
         },
         required=("sessions_total", "sessions_active", "by_tenant"),
     ),
+    "Node": _object(
+        {
+            "node": STRING,
+            "url": _nullable(STRING),
+            "alive": BOOLEAN,
+            "self": BOOLEAN,
+            "lease_age_seconds": NUMBER,
+            "sessions_owned": INTEGER,
+            "live_sessions": _nullable(INTEGER),
+            "server_rss_bytes": _nullable(INTEGER),
+        },
+        required=("node", "alive"),
+        description="One cluster node: its heartbeat's age, the sessions it owns and its memory",
+    ),
+    "NodeList": _object({"node": STRING, "nodes": {"type": "array", "items": ref("Node")}}, required=("nodes",)),
     "Health": _object(
         {
             "status": {"type": "string", "example": "ok"},
@@ -442,6 +461,11 @@ def _operations() -> dict:
                     "text/html", "text/css", "text/javascript", "application/javascript")}},
                 **answers({}, 404),
             },
+        }},
+        "/admin/nodes": {"get": {
+            "summary": "The cluster's nodes: lease age, sessions owned, memory", "operationId": "adminNodes",
+            "tags": ["admin"], "security": admin,
+            "responses": answers({200: ("Every node of the membership table", ref("NodeList"))}, 401, 503),
         }},
         "/metrics": {"get": {
             "summary": "Prometheus metrics", "operationId": "metrics", "tags": ["operations"], "security": public,

@@ -29,7 +29,7 @@ SORTS = {
     "pid": ("pid", False),
 }
 _SORT_KEYS = {"m": "mem", "c": "cpu", "i": "idle", "n": "messages", "p": "pid"}
-COLUMNS = ("SESSION", "PID", "TENANT", "STATE", "IDLE", "RSS", "USS", "CPU%", "MSGS")
+COLUMNS = ("SESSION", "PID", "TENANT", "STATE", "IDLE", "RSS", "USS", "CPU%", "MSGS", "NODE")
 
 
 class OpsError(Exception):
@@ -125,6 +125,7 @@ def cells(row: dict) -> list[str]:
         human_bytes(row.get("uss_bytes")),
         "-" if cpu is None else f"{cpu:.1f}",
         str(row.get("message_count", 0)),
+        str(row.get("node") or "-"),  # in a cluster, the node that owns the session
     ]
 
 
@@ -151,7 +152,7 @@ def rich_table(rows: list[dict], url: str, sort: str):
     title = f"corral top — {url} — {len(rows)} live sessions, {human_bytes(total_rss)} RSS — sort: {sort}"
     table = Table(title=title, caption="m mem · c cpu · i idle · n messages · p pid · q quit", expand=True)
     for name in COLUMNS:
-        table.add_column(name, justify="left" if name in ("SESSION", "TENANT", "STATE") else "right", no_wrap=True)
+        table.add_column(name, justify="left" if name in ("SESSION", "TENANT", "STATE", "NODE") else "right", no_wrap=True)
     for row in rows:
         table.add_row(*cells(row))
     return table

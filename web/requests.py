@@ -6,7 +6,7 @@ from aiohttp import hdrs, web
 
 from supervisor import errors
 from supervisor.session import bad_session_id, new_session_id, valid_session_id
-from web.keys import CONFIG, SUPERVISOR, TENANT
+from web.keys import CONFIG, RAW_BODY, SUPERVISOR, TENANT
 
 SESSION_COOKIE = "corral_session"
 SESSION_HEADER = "X-Session-Id"
@@ -19,6 +19,7 @@ async def json_body(request: web.Request) -> dict:
     if request.content_length is not None and request.content_length > limit:
         raise errors.TooLarge(f"request body is over {limit} bytes")
     raw = await _read_body(request, limit)
+    request[RAW_BODY] = raw  # a session another node owns gets the same bytes (web/forward.py)
     if not raw.strip():
         return {}
     try:

@@ -74,6 +74,7 @@ def _record_row(record) -> dict:
         "exit": None,
         "metadata": record.metadata,
         "live": False,
+        "node": record.node,  # in a cluster: the node that owns it (its process, if any, is there)
     }
 
 

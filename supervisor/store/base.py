@@ -16,6 +16,13 @@ class StoreError(Exception):
     """A store that cannot be opened or reached; message says the cause (file, host, reason)."""
 
 
+class StaleEpoch(Exception):
+    """A write carrying an epoch older than the session's: another node has claimed it (fencing)."""
+
+    def __str__(self) -> str:
+        return f"session {self.args[0]!r} was claimed by another node (epoch {self.args[1]} is stale)"
+
+
 class SessionNotFound(KeyError):
     """append_message on a session id the store does not hold."""
 
@@ -37,7 +44,8 @@ class SessionRecord:
     created_at: float = 0.0
     last_activity: float = 0.0
     ended_at: float | None = None
-    node: str | None = None  # the server that ran its process last
+    node: str | None = None  # the server that ran its process last (in a cluster: its owner)
+    epoch: int = 0  # grows by one on every claim (cluster fencing token)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (metadata is copied)."""
@@ -156,12 +164,21 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def set_status(
         self, session_id: str, status: str, *, end_reason: str | None = None, ended: bool = False,
+        epoch: int | None = None,
     ) -> None:
-        """Set status; ended=True stamps ended_at=now and end_reason, ended=False clears both."""
+        """Set status; ended=True stamps ended_at=now and end_reason, ended=False clears both.
+
+        ``epoch`` (the writer's claim, see docs/cluster.md) makes the write a no-op for a session
+        claimed since; single-node backends ignore it.
+        """
 
     @abc.abstractmethod
-    async def append_message(self, session_id: str, role: str, content: str) -> MessageRecord:
-        """Append with the next seq, committed before returning; SessionNotFound if absent."""
+    async def append_message(self, session_id: str, role: str, content: str, *,
+                             epoch: int | None = None) -> MessageRecord:
+        """Append with the next seq, committed before returning; SessionNotFound if absent.
+
+        With ``epoch``, StaleEpoch if the session has been claimed since (single-node backends ignore it).
+        """
 
     @abc.abstractmethod
     async def history(self, session_id: str, *, limit: int | None = None) -> list[MessageRecord]:

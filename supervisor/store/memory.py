@@ -47,7 +47,7 @@ class MemoryStore(Store):
         return copy.deepcopy(rec) if rec else None
 
     async def set_status(self, session_id: str, status: str, *, end_reason: str | None = None,
-                         ended: bool = False) -> None:
+                         ended: bool = False, epoch: int | None = None) -> None:
         """Set status; ended stamps ended_at/end_reason, otherwise both are cleared."""
         rec = self._sessions.get(session_id)
         if rec is not None:
@@ -55,7 +55,8 @@ class MemoryStore(Store):
             rec.end_reason = end_reason if ended else None
             rec.ended_at = time.time() if ended else None
 
-    async def append_message(self, session_id: str, role: str, content: str) -> MessageRecord:
+    async def append_message(self, session_id: str, role: str, content: str, *,
+                             epoch: int | None = None) -> MessageRecord:
         """Append with the next seq."""
         rec = self._sessions.get(session_id)
         if rec is None:

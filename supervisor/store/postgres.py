@@ -12,11 +12,12 @@ from urllib.parse import unquote, urlsplit
 import asyncpg
 
 from .base import (
-    MessageRecord, SessionNotFound, SessionRecord, Store, StoreError, build_stats, load_migrations,
+    MessageRecord, SessionNotFound, SessionRecord, StaleEpoch, Store, StoreError, build_stats,
+    load_migrations,
 )
 
 _SESSION_COLS = ("id, tenant, agent, metadata, status, end_reason, message_count, "
-                 "created_at, last_activity, ended_at, node")
+                 "created_at, last_activity, ended_at, node, epoch")
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 # any fixed key works; every corral node uses this one, so migrations run one node at a time
 _MIGRATION_LOCK = 0x636F7272616C  # "corral"
@@ -59,7 +60,7 @@ def _session(row: asyncpg.Record) -> SessionRecord:
         id=row["id"], tenant=row["tenant"], agent=row["agent"], metadata=row["metadata"] or {},
         status=row["status"], end_reason=row["end_reason"], message_count=row["message_count"],
         created_at=_ts(row["created_at"]), last_activity=_ts(row["last_activity"]),
-        ended_at=_ts(row["ended_at"]), node=row["node"],
+        ended_at=_ts(row["ended_at"]), node=row["node"], epoch=row["epoch"],
     )
 
 
@@ -208,12 +209,13 @@ class PostgresStore(Store):
         return _session(rows[0]) if rows else None
 
     async def set_status(self, session_id: str, status: str, *, end_reason: str | None = None,
-                         ended: bool = False) -> None:
-        """Set status; ended stamps ended_at/end_reason, otherwise both are cleared."""
+                         ended: bool = False, epoch: int | None = None) -> None:
+        """Set status; ended stamps ended_at/end_reason, otherwise both are cleared (fenced by epoch)."""
         await self._execute(
             "UPDATE sessions SET status = $2, end_reason = $3, "
-            "ended_at = CASE WHEN $4 THEN now() END WHERE id = $1",
-            session_id, status, end_reason if ended else None, ended)
+            "ended_at = CASE WHEN $4 THEN now() END "
+            "WHERE id = $1 AND ($5::bigint IS NULL OR epoch = $5)",
+            session_id, status, end_reason if ended else None, ended, epoch)
 
     async def touch(self, session_id: str) -> None:
         """last_activity = now."""
@@ -257,19 +259,26 @@ class PostgresStore(Store):
 
     # ---- messages --------------------------------------------------------------------------
 
-    async def append_message(self, session_id: str, role: str, content: str) -> MessageRecord:
+    async def append_message(self, session_id: str, role: str, content: str, *,
+                             epoch: int | None = None) -> MessageRecord:
         """Bump message_count (row lock serialises appenders) and insert with it as seq.
 
         One statement, so one round trip: the UPDATE and the INSERT of the CTE commit together.
+        With ``epoch`` the UPDATE matches only while the session is still claimed at that epoch,
+        and a claim takes the same row lock, so a stale owner's append can never land.
         """
         async with self._conn() as con:
             row = await con.fetchrow(
                 "WITH bumped AS (UPDATE sessions SET message_count = message_count + 1, "
                 "last_activity = clock_timestamp() WHERE id = $1 "
+                "AND ($4::bigint IS NULL OR epoch = $4) "
                 "RETURNING id, message_count, last_activity) "
                 "INSERT INTO messages (session_id, seq, role, content, created_at) "
                 "SELECT id, message_count, $2, $3, last_activity FROM bumped "
-                "RETURNING seq, created_at", session_id, role, content)
+                "RETURNING seq, created_at", session_id, role, content, epoch)
+            if row is None and epoch is not None:
+                if await con.fetchval("SELECT 1 FROM sessions WHERE id = $1", session_id):
+                    raise StaleEpoch(session_id, epoch)
         if row is None:
             raise SessionNotFound(session_id)
         return MessageRecord(session_id, row["seq"], role, content, row["created_at"].timestamp())

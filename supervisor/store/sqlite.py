@@ -194,7 +194,7 @@ class SQLiteStore(Store):
         return _session(row) if row else None
 
     async def set_status(self, session_id: str, status: str, *, end_reason: str | None = None,
-                         ended: bool = False) -> None:
+                         ended: bool = False, epoch: int | None = None) -> None:
         """Set status; ended stamps ended_at/end_reason, otherwise both are cleared."""
         ended_at = time.time() if ended else None
         await self._tx(lambda db: db.execute(
@@ -248,7 +248,8 @@ class SQLiteStore(Store):
 
     # ---- messages --------------------------------------------------------------------------
 
-    async def append_message(self, session_id: str, role: str, content: str) -> MessageRecord:
+    async def append_message(self, session_id: str, role: str, content: str, *,
+                             epoch: int | None = None) -> MessageRecord:
         """Bump message_count and insert with it as seq; returns once the row is committed.
 
         Group commit: appends made while a batch is being written wait for the next one and go

@@ -1,7 +1,9 @@
 """The admin API (admin token): list, inspect, kill and interrupt sessions; stats.
 
 Rows merge the sessions this node holds in memory (live, or recently crashed) with the ones only
-the store knows (ended, or live on another node), newest first.
+the store knows (ended, or live on another node), newest first. In a cluster, ``?state=live``
+also asks every other live node for its own live sessions (web/forward.py), so any node shows
+every process with its pid and memory.
 """
 
 from collections import Counter
@@ -10,6 +12,7 @@ from aiohttp import web
 
 from supervisor import errors, states
 from supervisor.session import Session
+from web import forward
 from web.requests import checked_session_id, query_bool, query_int
 from web.views import admin_row
 from web.keys import BACKGROUND, PROCSTATS, SUPERVISOR
@@ -28,18 +31,21 @@ async def list_sessions(request: web.Request) -> web.Response:
         raise errors.BadRequest(f"state must be one of {sorted(states.ALL)} or '{LIVE_FILTER}'", code="wrong_type")
     limit = query_int(request, "limit", default=100, low=1, high=1000)
     offset = query_int(request, "offset", default=0, low=0, high=1_000_000_000)
-    rows = await _rows(request.app, tenant, state, limit + 1, offset)
+    rows = await _rows(request, tenant, state, limit + 1, offset)
     more = len(rows) > limit
     return web.json_response(
         {"sessions": rows[:limit], "limit": limit, "offset": offset, "next_offset": offset + limit if more else None}
     )
 
 
-async def _rows(app: web.Application, tenant: str | None, state: str | None, want: int, offset: int) -> list[dict]:
-    """Rows ``offset .. offset+want`` of memory and store merged, newest first."""
+async def _rows(request: web.Request, tenant: str | None, state: str | None, want: int, offset: int) -> list[dict]:
+    """Rows ``offset .. offset+want`` of memory and store merged, newest first (live: from every node)."""
+    app = request.app
     sup = app[SUPERVISOR]
     held = sup.list_sessions()
-    rows = [admin_row(s, app.get(PROCSTATS)) for s in held if _matches(s, tenant, state)]
+    rows = [{**admin_row(s, app.get(PROCSTATS)), "node": sup.node} for s in held if _matches(s, tenant, state)]
+    if state == LIVE_FILTER and forward.FORWARDED_BY not in request.headers:
+        rows += await forward.live_rows_elsewhere(request, tenant, offset + want)
     if state != LIVE_FILTER:
         # Enough stored rows that, after dropping the ones memory already shows, offset+want remain.
         stored = await sup.store.list_sessions(tenant=tenant, status=state, limit=offset + want + len(held))
@@ -70,7 +76,9 @@ async def _found(request: web.Request):
 @routes.get("/admin/sessions/{session_id}")
 async def get_session(request: web.Request) -> web.Response:
     """One session's row."""
-    return web.json_response(admin_row(await _found(request), request.app.get(PROCSTATS)))
+    found = await _found(request)
+    node = {"node": request.app[SUPERVISOR].node} if isinstance(found, Session) else {}
+    return web.json_response({**admin_row(found, request.app.get(PROCSTATS)), **node})
 
 
 @routes.delete("/admin/sessions/{session_id}")
@@ -126,7 +134,15 @@ async def stats(request: web.Request) -> web.Response:
         "by_tenant": by_tenant,
         "counters": dict(sup.counters),
         **_agent_memory(request.app.get(PROCSTATS)),
+        **await _cluster_totals(sup),
     })
+
+
+async def _cluster_totals(sup) -> dict:
+    """This node's name and, across the cluster, the live nodes and their live sessions."""
+    nodes = [n for n in await sup.cluster_nodes() if n.get("alive")]
+    return {"node": sup.node, "cluster": {
+        "nodes": len(nodes), "live_sessions": sum(n.get("live_sessions") or 0 for n in nodes)}}
 
 
 def _agent_memory(procstats) -> dict:

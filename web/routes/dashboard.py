@@ -4,7 +4,8 @@
 of the live sessions on connect, then the supervisor's ``state``, ``spawned`` and ``end`` events as they happen, and
 a ``figures`` event with every live session's process figures every ``FIGURES_EVERY`` seconds
 while the stream is open (it doubles as the keep-alive; one timer per watching dashboard, none
-when nobody watches).
+when nobody watches). In a cluster the tick sends a whole ``sessions`` snapshot instead, with the
+other nodes' live sessions asked of them, so the dashboard shows every node's (docs/cluster.md).
 """
 
 import asyncio
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from web import forward
 from web.monitoring import refresh_figures
 from web.sse import SSE_HEADERS, format_event
 from web.views import admin_row
@@ -90,7 +92,10 @@ async def admin_events(request: web.Request) -> web.StreamResponse:
             elif item is not None:
                 await _send(response, item["type"], item)
             if loop.time() >= figures_due:
-                await _send_figures(request, response)
+                if sup.membership is not None:  # a cluster: the other nodes' sessions change too
+                    await _send_snapshot(request, response)
+                else:
+                    await _send_figures(request, response)
                 figures_due = loop.time() + FIGURES_EVERY
     except ConnectionError:
         pass  # the dashboard went away
@@ -122,10 +127,13 @@ def _drain(queue: asyncio.Queue) -> None:
 
 
 async def _send_snapshot(request: web.Request, response: web.StreamResponse) -> None:
-    """Every live session, with fresh figures."""
+    """Every live session, with fresh figures (in a cluster, every node's, asked of each)."""
     await refresh_figures(request.app)
     stats = request.app.get(PROCSTATS)
-    sessions = [admin_row(s, stats) for s in request.app[SUPERVISOR].list_sessions() if s.live]
+    sup = request.app[SUPERVISOR]
+    sessions = [{**admin_row(s, stats), "node": sup.node} for s in sup.list_sessions() if s.live]
+    if sup.membership is not None:
+        sessions += await forward.live_rows_elsewhere(request, None, 1000)
     await _send(response, "sessions", {"sessions": sessions})
 
 

@@ -53,7 +53,7 @@
     const idle = r.idle_seconds === undefined ? null : r.idle_seconds + (Date.now() - r.seenAt) / 1000;
     const cells = [r.session_id, r.tenant, r.pid ?? "–", r.state, seconds(r.state === "idle" ? idle : 0),
       bytes(r.rss_bytes), bytes(r.uss_bytes), r.cpu_percent == null ? "–" : r.cpu_percent.toFixed(1),
-      r.message_count ?? 0, r.restarts ?? 0];
+      r.message_count ?? 0, r.restarts ?? 0, r.node ?? "–"];
     cells.forEach((value, i) => {
       const td = document.createElement("td");
       td.textContent = value;

@@ -1,0 +1,150 @@
+"""Any node serves any session: a request for a session another live node owns is relayed to it.
+
+The supervisor raises ``SessionMoved`` (with the owner's advertised URL) when a request names a
+session a live peer holds; this middleware then sends the same request there over one pooled
+HTTP connection and answers with the owner's status, headers and body (streamed for SSE). A
+relayed request carries ``X-Corral-Forwarded-By`` and is never relayed again: if ownership
+moved once more on the way, the client gets 503 ``session_moved`` with ``Retry-After`` instead of a
+loop. The balancer's session hashing (deploy/nginx.conf) makes relays rare.
+"""
+
+import asyncio
+
+import aiohttp
+from aiohttp import hdrs, web
+from multidict import CIMultiDict
+
+from supervisor import errors
+from supervisor.logs import get_logger
+from web.keys import CONFIG, RAW_BODY, SUPERVISOR
+
+log = get_logger(component="forward")
+
+FORWARDED_BY = "X-Corral-Forwarded-By"
+STREAM_PATHS = frozenset({"/api/chat/stream"})
+
+# headers of one hop (RFC 9110 7.6.1), and the ones aiohttp recomputes for the relayed body
+_NOT_RELAYED = frozenset(h.lower() for h in (
+    hdrs.CONNECTION, "Keep-Alive", hdrs.PROXY_AUTHENTICATE, hdrs.PROXY_AUTHORIZATION, hdrs.TE,
+    hdrs.TRAILER, hdrs.TRANSFER_ENCODING, hdrs.UPGRADE, hdrs.HOST, hdrs.CONTENT_LENGTH,
+))
+
+
+class Pool:
+    """One pool of connections to the other nodes, opened on the first forward (a lone node never opens it)."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The client session, made on first use; 503 once the server is shutting down."""
+        if self._closed:
+            raise errors.Unavailable("the server is shutting down", retry_after=1)
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=256, limit_per_host=64, keepalive_timeout=30),
+                auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._session
+
+    async def close(self, _app=None) -> None:
+        """Close the pool: ends relayed streams, so shutdown does not wait on them."""
+        self._closed = True
+        if self._session is not None:
+            await self._session.close()
+
+
+POOL = web.AppKey("forward_pool", Pool)
+
+
+def install(app: web.Application) -> None:
+    """Add the relaying middleware (inside the front door) and its connection pool."""
+    app.middlewares.append(relay_moved)
+    app[POOL] = Pool()
+    app.on_shutdown.append(app[POOL].close)
+    app.on_cleanup.append(app[POOL].close)
+
+
+@web.middleware
+async def relay_moved(request: web.Request, handler):
+    """Run the handler; if the session lives on another live node, answer with that node's answer."""
+    try:
+        return await handler(request)
+    except errors.SessionMoved as moved:
+        if moved.owner_url is None or FORWARDED_BY in request.headers:
+            raise
+        request.app[SUPERVISOR].counters["forwards"] += 1
+        return await relay(request, moved.owner_url)
+
+
+async def relay(request: web.Request, owner_url: str) -> web.StreamResponse:
+    """Send the request to ``owner_url`` and give its answer back unchanged."""
+    body = request.get(RAW_BODY)
+    if body is None:
+        body = await request.read()
+    headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _NOT_RELAYED)
+    headers[FORWARDED_BY] = request.app[SUPERVISOR].node
+    streaming = request.path in STREAM_PATHS
+    # the owner bounds its own turns by request_timeout; this only guards against an owner that hangs
+    read = None if streaming else request.app[CONFIG].request_timeout + 10
+    try:
+        upstream = await request.app[POOL].session.request(
+            request.method, owner_url + request.rel_url.raw_path_qs, headers=headers, data=body,
+            allow_redirects=False, timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=read))
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+        log.warning("forward_failed", owner=owner_url, path=request.path, error=str(exc) or type(exc).__name__)
+        raise errors.Unavailable("the node that owns this session is not answering; retry shortly",
+                                 retry_after=1, code="owner_unreachable") from None
+    try:
+        if streaming and upstream.status == 200:
+            return await _relay_stream(request, upstream)
+        payload = await upstream.read()
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise errors.Unavailable(f"the owning node broke off its answer ({type(exc).__name__})",
+                                 retry_after=1, code="owner_unreachable") from None
+    finally:
+        upstream.release()
+    return web.Response(status=upstream.status, body=payload, headers=_answer_headers(upstream))
+
+
+async def live_rows_elsewhere(request: web.Request, tenant: str | None, most: int) -> list[dict]:
+    """The live sessions of every other live node, as their own /admin/sessions?state=live lists them.
+
+    Each node answers for its own processes (pid, memory, CPU); a node that does not answer in
+    time is left out of this view rather than holding it up.
+    """
+    sup = request.app[SUPERVISOR]
+    peers = [n["url"] for n in await sup.cluster_nodes() if n.get("alive") and not n.get("self")]
+    if not peers:
+        return []
+    headers = {FORWARDED_BY: sup.node}  # marks the call as local-only: no fan-out from there
+    if hdrs.AUTHORIZATION in request.headers:
+        headers[hdrs.AUTHORIZATION] = request.headers[hdrs.AUTHORIZATION]
+    query = {"state": "live", "limit": str(min(most, 1000)), **({"tenant": tenant} if tenant else {})}
+
+    async def one(url: str) -> list[dict]:
+        async with request.app[POOL].session.get(url + "/admin/sessions", params=query, headers=headers,
+                                           timeout=aiohttp.ClientTimeout(total=5)) as r:
+            return (await r.json())["sessions"] if r.status == 200 else []
+
+    answers = await asyncio.gather(*(one(url) for url in peers), return_exceptions=True)
+    return [row for rows in answers if isinstance(rows, list) for row in rows]
+
+
+def _answer_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict:
+    """The owner's response headers (every Set-Cookie kept) minus the hop's own."""
+    return CIMultiDict((k, v) for k, v in upstream.headers.items() if k.lower() not in _NOT_RELAYED)
+
+
+async def _relay_stream(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    """Pass an event stream through chunk by chunk until either side goes away."""
+    response = web.StreamResponse(status=upstream.status, headers=_answer_headers(upstream))
+    await response.prepare(request)
+    try:
+        async for chunk in upstream.content.iter_any():
+            await response.write(chunk)
+    except (ConnectionError, aiohttp.ClientError):
+        pass  # the client left, or the owner ended the stream (it died): the client reconnects
+    return response
