@@ -4,15 +4,28 @@
 environment as ``CORRAL_`` plus its name in upper snake case.
 """
 
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from supervisor.limits import MECHANISMS
 from supervisor.sandbox import MODES as SANDBOX_MODES
 from supervisor.sandbox import parse_uid_range
 
 DEFAULT_AGENT = "agent_proc.demo:DemoAgent"
 LOOPS = ("auto", "asyncio", "uvloop")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_SECONDS = ("idle_timeout", "max_age", "stop_timeout", "spawn_timeout", "request_timeout", "restart_window",
+            "retention", "rate_limit")
+
+
+class SettingError(ValueError):
+    """A setting's value is out of its range; ``name`` says which setting, ``problem`` what is wrong."""
+
+    def __init__(self, name: str, problem: str):
+        super().__init__(f"{name} {problem}")
+        self.name, self.problem = name, problem
 
 
 def default_data_dir() -> Path:
@@ -49,6 +62,7 @@ class Config:
     retention: float = 86400.0
     tenants: Path | None = None
     admin_token: str | None = None
+    metrics_token: str | None = None  # bearer token GET /metrics requires; None = /metrics is open
     cors_origins: tuple[str, ...] = ()
     log_level: str = "info"
     sandbox: str = "auto"  # auto: every layer the host allows | strict: refuse to start without them | off
@@ -64,27 +78,42 @@ class Config:
 
     def __post_init__(self):
         """Validate values that would otherwise fail far from their cause."""
+        for name in _SECONDS:
+            if not math.isfinite(getattr(self, name)):
+                raise SettingError(name, "must be a finite number")
         for name in ("idle_timeout", "stop_timeout", "spawn_timeout", "request_timeout", "restart_window",
                      "node_lease"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
-        for name in ("max_sessions", "mailbox_size", "max_message_bytes"):
+                raise SettingError(name, "must be positive")
+        for name in ("max_sessions", "mailbox_size", "max_message_bytes", "rate_burst"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if self.max_restarts < 0 or self.max_age < 0 or self.memory_limit < 0:
-            raise ValueError("max_restarts, max_age and memory_limit cannot be negative")
-        if self.sandbox not in SANDBOX_MODES:
-            raise ValueError(f"sandbox must be one of {', '.join(SANDBOX_MODES)}")
-        if self.agent_network not in ("on", "off"):
-            raise ValueError("agent_network must be on or off")
-        if self.max_pids < 0 or self.max_open_files < 0:
-            raise ValueError("max_pids and max_open_files cannot be negative")
+                raise SettingError(name, "must be at least 1")
+        for name in ("max_restarts", "max_age", "memory_limit", "max_sessions_per_tenant", "retention", "rate_limit"):
+            if getattr(self, name) < 0:
+                raise SettingError(name, "cannot be negative")
+        if not 0 <= self.port <= 65535:
+            raise SettingError("port", "must be 0-65535")
+        self._check_choice("loop", LOOPS)
+        self._check_choice("sandbox", SANDBOX_MODES)
+        self._check_choice("agent_network", ("on", "off"))
+        for name in ("max_pids", "max_open_files"):
+            if getattr(self, name) < 0:
+                raise SettingError(name, "cannot be negative")
         if self.max_open_files and self.max_open_files < 16:
-            raise ValueError("max_open_files below 16 leaves an agent unable to start")
-        self.uid_range = parse_uid_range(self.sandbox_uid_range)
-        if self.loop not in LOOPS:
-            raise ValueError(f"loop must be one of {', '.join(LOOPS)}")
+            raise SettingError("max_open_files", "below 16 leaves an agent unable to start")
+        try:
+            self.uid_range = parse_uid_range(self.sandbox_uid_range)
+        except ValueError as exc:
+            raise SettingError("sandbox_uid_range", str(exc)) from None
+        self._check_choice("log_level", LOG_LEVELS)
+        if self.limit_mechanism is not None:
+            self._check_choice("limit_mechanism", MECHANISMS)
         self.data_dir = Path(self.data_dir)
+
+    def _check_choice(self, name: str, allowed: tuple[str, ...]) -> None:
+        """Refuse a value outside a fixed set, naming the set."""
+        if getattr(self, name) not in allowed:
+            raise SettingError(name, f"must be one of {', '.join(allowed)}")
 
 
 def setting_names() -> list[str]:

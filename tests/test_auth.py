@@ -13,6 +13,7 @@ from apihelpers import (
 from web.app import create_app
 from web.auth import AuthConfigError, auth_from_config, is_loopback
 from web.cli import build_parser, config_from
+from web.version import VERSION
 
 
 @pytest.fixture
@@ -165,7 +166,7 @@ async def test_admin_disabled_without_token_and_open_in_dev_mode(aiohttp_client,
     closed = await start(aiohttp_client, make_config, tmp_path, tenants=no_token)
     body = await assert_error(await closed.get("/admin/stats", headers=ALICE), 401, "unauthorized")
     assert "disabled" in body["error"]["message"]
-    dev = await start(aiohttp_client, make_config, tmp_path / "dev", data_dir=tmp_path / "dev-data")  # one server per store
+    dev = await start(aiohttp_client, make_config, tmp_path / "dev", data_dir=tmp_path / "dev-data")  # one server per SQLite file
     assert (await json_of(await dev.get("/admin/stats"), 200))["live_sessions"] == 0
 
 
@@ -213,3 +214,42 @@ async def test_tenant_quota_is_429_and_other_tenants_unaffected(client):
     await json_of(await client.post("/api/chat", json={"message": "hi", "session_id": "alice-2"}, headers=ALICE), 200)
     await json_of(await client.delete("/api/sessions/small-1", headers=SMALL), 200)
     await json_of(await client.post("/api/chat", json={"message": "hi", "session_id": "small-2"}, headers=SMALL), 200)
+
+
+# ---------------------------------------------------------------- /health and /metrics
+
+
+async def test_health_shows_pids_and_paths_only_to_the_admin(client):
+    """With tenants, /health without the admin token is status and version; with it, the whole document."""
+    for headers in ({}, ALICE, bearer("not-a-key")):
+        assert await json_of(await client.get("/health", headers=headers), 200) == {"status": "ok", "version": VERSION}
+    full = await json_of(await client.get("/health", headers=ADMIN), 200)
+    assert full["zygote_pid"] > 0 and "limit" in full and "live_sessions" in full
+
+
+async def test_health_in_dev_mode_is_whole_for_loopback(aiohttp_client, make_config, tmp_path):
+    """Dev mode without an admin token: loopback clients may use the admin API, so they see it all."""
+    client = await start(aiohttp_client, make_config, tmp_path)
+    assert (await json_of(await client.get("/health"), 200))["zygote_pid"] > 0
+
+
+async def test_metrics_token_is_required_when_set(aiohttp_client, make_config, tmp_path):
+    """--metrics-token: /metrics answers 401 JSON without it, the text format with it (or the admin token)."""
+    client = await start(aiohttp_client, make_config, tmp_path, tenants=TENANTS, metrics_token="scrape-secret")
+    for headers in ({}, ALICE, bearer("wrong")):
+        response = await client.get("/metrics", headers=headers)
+        await assert_error(response, 401, "unauthorized")
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    for headers in (bearer("scrape-secret"), ADMIN):
+        response = await client.get("/metrics", headers=headers)
+        assert response.status == 200 and "corral_sessions" in await response.text()
+
+
+async def test_metrics_stay_open_without_a_token(client):
+    response = await client.get("/metrics")
+    assert response.status == 200 and "corral_sessions" in await response.text()
+
+
+def test_metrics_token_comes_from_the_environment():
+    args = build_parser().parse_args(["serve"])
+    assert config_from(args, environ={"CORRAL_METRICS_TOKEN": "scrape-secret"}).metrics_token == "scrape-secret"

@@ -97,7 +97,7 @@ async def test_openapi_is_served(aiohttp_client, make_config):
     assert (await response.json()) == SPEC
 
 
-CREDENTIALS = {"tenantKey": ALICE, "adminToken": ADMIN}
+CREDENTIALS = {"tenantKey": ALICE, "adminToken": ADMIN, "metricsToken": ADMIN}  # the admin token opens /metrics too
 
 
 def credentials(operation) -> dict:

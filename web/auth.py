@@ -49,6 +49,7 @@ class Auth:
     keys: list[tuple[bytes, str]] = field(default_factory=list, repr=False)
     tenant_limits: dict[str, int] = field(default_factory=dict)
     admin_token: bytes | None = field(default=None, repr=False)
+    metrics_token: bytes | None = field(default=None, repr=False)  # None: /metrics is open
 
     @property
     def dev_mode(self) -> bool:
@@ -68,9 +69,18 @@ class Auth:
 
     def is_admin_token(self, token: str | None) -> bool:
         """Whether this is the admin token (constant time)."""
-        if token is None or self.admin_token is None:
-            return False
-        return hmac.compare_digest(self.admin_token, digest(token))
+        return _matches(self.admin_token, token)
+
+    def is_metrics_token(self, token: str | None) -> bool:
+        """Whether this is the metrics token (constant time)."""
+        return _matches(self.metrics_token, token)
+
+
+def _matches(kept: bytes | None, token: str | None) -> bool:
+    """Whether a token's digest is the kept one (constant time); never when either is missing."""
+    if token is None or kept is None:
+        return False
+    return hmac.compare_digest(kept, digest(token))
 
 
 def digest(secret: str) -> bytes:
@@ -135,7 +145,9 @@ def auth_from_config(config) -> Auth:
     admin = config.admin_token or admin
     if admin and digest(admin) in seen:
         raise AuthConfigError("the admin token must differ from every tenant key")
-    return Auth(keys=keys, tenant_limits=limits, admin_token=digest(admin) if admin else None)
+    metrics = getattr(config, "metrics_token", None)
+    return Auth(keys=keys, tenant_limits=limits, admin_token=digest(admin) if admin else None,
+                metrics_token=digest(metrics) if metrics else None)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -217,16 +229,26 @@ def _admin_check(auth: Auth, request: web.Request) -> web.Response | None:
     return unauthorized("the admin API is disabled: no admin token is configured")
 
 
-def is_admin(request: web.Request) -> bool:
-    """Whether a request carries admin rights (the admin token, or a loopback client in dev mode)."""
+def may_administer(request: web.Request) -> bool:
+    """Whether the request may see what the admin API shows (pids, paths): /health uses it."""
     return _admin_check(request.app[AUTH], request) is None
 
 
+def _metrics_check(auth: Auth, request: web.Request) -> web.Response | None:
+    """None if the request may read /metrics (open unless a metrics token is set), else the 401."""
+    token = bearer_token(request)
+    if auth.metrics_token is None or auth.is_metrics_token(token) or auth.is_admin_token(token):
+        return None
+    return unauthorized("/metrics needs the metrics token: Authorization: Bearer <metrics token>")
+
+
 def refusal(request: web.Request) -> web.Response | None:
-    """Authenticate /api/ requests as a tenant and /admin/ requests as the admin: the 401, or None to go on."""
+    """Authenticate /api/ requests as a tenant, /admin/ requests as the admin, /metrics by its token: the 401, or None."""
     if request.method == "OPTIONS":  # CORS preflights carry no credentials
         return None
     path = request.path
+    if path == "/metrics":
+        return _metrics_check(request.app[AUTH], request)
     if path.startswith("/admin/"):
         refused = _admin_check(request.app[AUTH], request)
         if refused is not None:

@@ -1,4 +1,5 @@
-"""The one middleware of the app: metrics around JSON errors around auth and fresh figures.
+"""The one middleware of the app: metrics around JSON errors around auth (and, in dev mode, the
+browser guard of web/browser_guard.py) and fresh figures.
 
 These were four middlewares (metrics, errors, auth, process figures). Every layer costs a
 coroutine and a call per request, ~10% of a warm chat request in the profile, so they are
@@ -12,6 +13,7 @@ import time
 from aiohttp import web
 
 from web.auth import refusal
+from web.browser_guard import browser_refusal
 from web.errors import json_error
 from web.keys import METRICS
 from web.monitoring import count, refresh_figures, shows_figures
@@ -24,7 +26,7 @@ async def front_door(request: web.Request, handler):
     metrics = request.app[METRICS]
     try:
         try:
-            response = refusal(request)
+            response = browser_refusal(request) or refusal(request)
             if response is None:
                 if shows_figures(request):
                     await refresh_figures(request.app)

@@ -258,7 +258,7 @@ SCHEMAS = {
             "sandbox": _nullable({"type": "object", "description": "Admin only: the agent sandbox's mode and "
                                   "layers, each in force (detail) or missing (reason)"}),
         },
-        required=("status", "version", "live_sessions"),
+        required=("status", "version"),
     ),
 }
 
@@ -317,7 +317,8 @@ def _operations() -> dict:
     return {
         "/health": {"get": {
             "summary": "Status, version, live sessions and the memory-limit mechanism",
-            "operationId": "health", "tags": ["operations"], "security": public,
+            "description": "Without the admin token (where the admin API needs one) only `status` and `version`.",
+            "operationId": "health", "tags": ["operations"], "security": [{}, *admin],
             "responses": answers({200: ("The server is up", ref("Health"))}),
         }},
         "/api/chat": {"post": {
@@ -468,8 +469,10 @@ def _operations() -> dict:
             "responses": answers({200: ("Every node of the membership table", ref("NodeList"))}, 401, 503),
         }},
         "/metrics": {"get": {
-            "summary": "Prometheus metrics", "operationId": "metrics", "tags": ["operations"], "security": public,
-            "responses": {"200": {
+            "summary": "Prometheus metrics", "operationId": "metrics", "tags": ["operations"],
+            "description": "Open unless the server has a metrics token (--metrics-token); then it, or the admin token, is needed.",
+            "security": [{}, {"metricsToken": []}, *admin],
+            "responses": {**answers({}, 401), "200": {
                 "description": "The Prometheus text exposition format",
                 "content": {"text/plain": {"schema": {"type": "string"}}},
             }},
@@ -503,6 +506,7 @@ def build_spec() -> dict:
                     "description": "A tenant's API key (from the tenants file). In dev mode (no keys) loopback clients need none.",
                 },
                 "adminToken": {"type": "http", "scheme": "bearer", "description": "The admin token"},
+                "metricsToken": {"type": "http", "scheme": "bearer", "description": "The metrics token (--metrics-token)"},
             },
             "schemas": SCHEMAS,
             "parameters": PARAMETERS,
