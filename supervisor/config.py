@@ -48,6 +48,7 @@ class Config:
     admin_token: str | None = None
     cors_origins: tuple[str, ...] = ()
     log_level: str = "info"
+    agent_log_lines: int = 200  # lines of each session's agent output kept for the admin API; 0 = none
     loop: str = "auto"  # event loop of `corral serve`: auto (uvloop when importable) | asyncio | uvloop
 
     def __post_init__(self):
@@ -58,8 +59,8 @@ class Config:
         for name in ("max_sessions", "mailbox_size", "max_message_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        if self.max_restarts < 0 or self.max_age < 0 or self.memory_limit < 0:
-            raise ValueError("max_restarts, max_age and memory_limit cannot be negative")
+        if self.max_restarts < 0 or self.max_age < 0 or self.memory_limit < 0 or self.agent_log_lines < 0:
+            raise ValueError("max_restarts, max_age, memory_limit and agent_log_lines cannot be negative")
         if self.loop not in LOOPS:
             raise ValueError(f"loop must be one of {', '.join(LOOPS)}")
         self.data_dir = Path(self.data_dir)

@@ -42,6 +42,7 @@ SERVE_FLAGS = {
     "admin_token": (str, "token for the admin API and dashboard"),
     "cors_origins": (lambda v: tuple(o.strip() for o in v.split(",") if o.strip()), "comma-separated origins allowed by CORS"),
     "log_level": (str, "debug | info | warning | error (default info)"),
+    "agent_log_lines": (int, "lines of each session's agent stdout/stderr kept for GET /admin/sessions/ID/logs (default 200)"),
     "loop": (str, "event loop: auto (uvloop when installed) | asyncio | uvloop (default auto)"),
 }
 
