@@ -91,6 +91,7 @@ def serve(config: Config) -> int:
     from web.auth import AuthConfigError
 
     configure(config.log_level)
+    agents_importable_from_cwd()
     set_title(f"corral: supervisor {config.host}:{config.port}")
     log = get_logger(component="cli")
     try:
@@ -108,6 +109,17 @@ def serve(config: Config) -> int:
         print(f"corral: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def agents_importable_from_cwd() -> None:
+    """Let ``--agent mymod:Cls`` name a module in the current directory, as gunicorn does.
+
+    The zygote is started with this process's ``sys.path``. The directory goes last, so a file
+    there cannot shadow an installed package (corral's own included).
+    """
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
 
 
 def new_event_loop(choice: str = "auto"):
