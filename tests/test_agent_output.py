@@ -3,6 +3,7 @@
 import asyncio
 import json
 import signal
+import sys
 import urllib.request
 
 import pytest
@@ -184,3 +185,22 @@ def test_the_servers_stderr_is_json_lines_only(tmp_path):
     assert {r["session_id"] for r in output} == {"j1"} and all(r["tenant"] == "default" for r in output)
     assert ("stdout", "printed") in {(r["stream"], r["line"]) for r in output}
     assert ("stderr", "RuntimeError: demo agent crashed on request") in {(r["stream"], r["line"]) for r in output}
+
+
+def test_serve_lifts_its_open_files_limit(tmp_path):
+    """Each live session holds three descriptors in the server: a 1024 soft limit would cap it near 340."""
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 1024:
+        pytest.skip(f"the hard open-files limit here ({hard}) leaves nothing to lift")
+    low = [sys.executable, "-c", "import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (1024, %d)); "
+           "from web.cli import main; sys.exit(main())" % hard]
+    proc, _ = start_server(tmp_path, program=low)
+    try:
+        limits = open(f"/proc/{proc.pid}/limits").read()
+        soft = int(next(line for line in limits.splitlines() if line.startswith("Max open files")).split()[3])
+        assert soft == hard
+    finally:
+        proc.kill()
+        proc.wait()

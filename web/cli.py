@@ -5,6 +5,7 @@ snake case (``--idle-timeout`` <-> ``CORRAL_IDLE_TIMEOUT``); a flag on the comma
 """
 
 import argparse
+import contextlib
 import gc
 import os
 import sys
@@ -92,6 +93,7 @@ def serve(config: Config) -> int:
 
     configure(config.log_level)
     agents_importable_from_cwd()
+    raise_open_files_limit()
     set_title(f"corral: supervisor {config.host}:{config.port}")
     log = get_logger(component="cli")
     try:
@@ -120,6 +122,16 @@ def agents_importable_from_cwd() -> None:
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
         sys.path.append(cwd)
+
+
+def raise_open_files_limit() -> None:
+    """Lift the soft open-files limit to the hard one: each live session holds three descriptors here."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def new_event_loop(choice: str = "auto"):
