@@ -100,6 +100,9 @@ class AgentLoop:
             finally:
                 self.busy = False
             answer = p.DONE, {"reply": result, "state": state}
+            problem = p.reply_problem(answer[1])
+            if problem is not None:
+                answer = p.FAIL, {"code": p.AGENT_BAD_REPLY, "message": problem}
         except KeyboardInterrupt:
             answer = p.FAIL, {"code": p.INTERRUPTED, "message": "the turn was interrupted"}
         except UnknownCommand as exc:
@@ -114,7 +117,10 @@ class AgentLoop:
             traceback.print_exc()
             self._die(req, p.AGENT_CRASHED, "the agent raised an exception", 1)
         set_title(agent_title(self.session_id, self.tenant, False))
-        self.send(answer[0], req, answer[1])
+        try:
+            self.send(answer[0], req, answer[1])
+        except (TypeError, ValueError, OverflowError) as exc:  # what msgpack cannot pack (e.g. a lone surrogate)
+            self.send(p.FAIL, req, {"code": p.AGENT_BAD_REPLY, "message": f"the agent's answer cannot be sent: {exc}"})
 
     def dispatch(self, kind: int, req: int, body):
         """Call the hook for this kind of message; stream chunks as they come."""
@@ -151,10 +157,13 @@ class AgentLoop:
             os._exit(exit_code)
 
 
-def run_agent(agent_cls, *, session_id: str, tenant: str, token: bytes, endpoint: str, routing_id: bytes) -> int:
-    """Connect to the supervisor's ROUTER and serve; return the exit code."""
+def run_agent(agent_cls, *, session_id: str, tenant: str, token: bytes, endpoint: str, routing_id: bytes,
+              confine=None) -> int:
+    """Connect to the supervisor's ROUTER, confine ourselves (the sandbox), and serve; return the exit code."""
     sock = Dealer(endpoint, routing_id)
     try:
+        if confine is not None:
+            confine()  # after the connect: a sandboxed agent could not reach the hub's socket any more
         return AgentLoop(agent_cls, sock, session_id=session_id, tenant=tenant, token=token).serve()
     finally:
         sock.close()

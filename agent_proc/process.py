@@ -26,13 +26,18 @@ def die_with_parent(expected_parent: int) -> None:
 
     The check after arming closes the race where the parent died before prctl ran.
     """
+    arm_death_signal()
+    if os.getppid() != expected_parent:
+        os._exit(1)
+
+
+def arm_death_signal() -> None:
+    """Ask the kernel to SIGKILL us when our parent dies (the caller checks it has not already)."""
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
     if _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != expected_parent:
-        os._exit(1)
 
 
 def load_agent_class(spec: str):

@@ -15,8 +15,9 @@ import socket
 import sys
 import traceback
 
+from agent_proc import sandbox
 from agent_proc.limits import apply_limits
-from agent_proc.process import agent_title, die_with_parent, load_agent_class, set_title
+from agent_proc.process import agent_title, arm_death_signal, die_with_parent, load_agent_class, set_title
 from agent_proc.stdio import attach_stdio
 
 
@@ -34,8 +35,8 @@ def recv_msg(conn):
     return pickle.loads(conn.recv_bytes())
 
 
-def zygote_main(conn, agent_spec: str, endpoint: str, supervisor_pid: int) -> None:
-    """Entry point of the zygote process."""
+def zygote_main(conn, agent_spec: str, endpoint: str, supervisor_pid: int, options: dict | None = None) -> None:
+    """Entry point of the zygote process; ``options`` from ``supervisor.sandbox.Sandbox.zygote_options``."""
     set_title(f"corral: zygote agent={agent_spec}")
     die_with_parent(supervisor_pid)
     # Ctrl-C and a group-wide SIGTERM reach us too; the supervisor decides when we go (and if it
@@ -45,18 +46,91 @@ def zygote_main(conn, agent_spec: str, endpoint: str, supervisor_pid: int) -> No
     try:
         agent_cls = load_agent_class(agent_spec)
         import agent_proc.main  # noqa: F401  pre-import what every child needs
+        preload_stdlib()
     except Exception as exc:
         send_msg(conn, ("failed", f"cannot load agent {agent_spec}: {exc!r}"))
         return
+    options = options or {}
+    try:
+        if options.get("subreaper"):
+            sandbox.set_subreaper()  # an agent's orphans come to us, not to init
+        ns_init = _enter_pid_namespace(conn) if options.get("pid_namespace") else None
+    except OSError as exc:
+        send_msg(conn, ("failed", f"cannot set up the sandbox: {exc}"))
+        return
     gc.freeze()  # keep the imported objects out of GC passes so children don't copy their pages
-    Zygote(conn, agent_cls, endpoint).serve()
+    Zygote(conn, agent_cls, endpoint, ns_init=ns_init).serve()
+
+
+def _enter_pid_namespace(conn) -> int:
+    """Put every agent forked from now on in one new pid namespace, whose init we fork now.
+
+    When that init dies (with us, by its death signal), the kernel kills every process in the
+    namespace: agents, and whatever they setsid'ed or double-forked, even if the server was SIGKILLed.
+    """
+    sandbox.unshare_pid_namespace()
+    zygote_fd = os.pidfd_open(os.getpid())
+    pid = os.fork()
+    if pid == 0:
+        _ns_init(conn, zygote_fd)  # never returns
+    os.close(zygote_fd)
+    return pid
+
+
+def _ns_init(conn, zygote_fd: int) -> None:
+    """Pid 1 of the agents' namespace: reap orphans until the zygote dies, then take everyone along."""
+    try:
+        set_title("corral: init of the agents' pid namespace")
+        arm_death_signal()
+        if sandbox.parent_gone(zygote_fd):
+            os._exit(0)
+        conn.close()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        while True:
+            signal.sigwait({signal.SIGCHLD})
+            _reap_all()
+    finally:
+        os._exit(0)
+
+
+def _reap_all() -> None:
+    """Collect every exited child without blocking."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+# Stdlib modules Python imports lazily, on first use, that agents commonly reach. A sandboxed agent
+# may not be able to read the installation (a dropped uid and Python under root's 0700 home), so
+# the zygote imports them once for every child; the pages are shared (docs/security.md).
+PRELOAD = ("encodings.idna", "encodings.ascii", "encodings.latin_1", "encodings.utf_16", "encodings.utf_32",
+           "encodings.raw_unicode_escape", "encodings.unicode_escape", "stringprep", "unicodedata",
+           "tempfile", "json", "linecache", "tokenize", "traceback", "socket", "selectors", "ssl", "hashlib")
+
+
+def preload_stdlib() -> None:
+    """Import PRELOAD; a module this Python lacks (no ssl built) is skipped."""
+    import importlib
+
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
 
 
 class Zygote:
     """Forks children on request and reports their deaths."""
 
-    def __init__(self, conn, agent_cls, endpoint: str):
+    def __init__(self, conn, agent_cls, endpoint: str, *, ns_init: int | None = None):
         self.conn = conn
+        self.ns_init = ns_init  # pid 1 of the agents' pid namespace, if there is one
+        self.pidfd = os.pidfd_open(os.getpid())  # lets a child check we are alive (its getppid is 0 in a pid namespace)
+        self.uids: dict[int, int] = {}  # child pid -> its sandbox uid
         self.agent_cls = agent_cls
         self.endpoint = endpoint
         self.children: set[int] = set()
@@ -74,7 +148,8 @@ class Zygote:
             for key, _ in self.selector.select():
                 if key.data == "signal":
                     self._drain_wakeups()
-                    self.reap()
+                    if not self.reap():
+                        return
                 elif not self.handle_request():
                     return
 
@@ -112,24 +187,35 @@ class Zygote:
         if pid is None:
             return
         self.children.add(pid)
+        uid = (req.get("sandbox") or {}).get("uid")
+        if uid is not None:
+            self.uids[pid] = uid
         send_msg(self.conn, ("spawned", req["spawn_id"], pid))
 
-    def reap(self) -> None:
-        """Collect every exited child, kill what it left in its process group, report its status."""
+    def reap(self) -> bool:
+        """Collect every exited child, kill what it left behind, report its status; False if pid 1 of the agents died."""
         while True:
             try:
                 info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
-                return
+                return True
             if info is None:
-                return
+                return True
             pid = info.si_pid
+            if pid not in self.children:
+                os.waitpid(pid, 0)  # an orphan adopted as subreaper, or the namespace's init
+                if pid == self.ns_init:
+                    return False  # no agent can be forked any more: let the supervisor start a new zygote
+                continue
             # The zombie still holds its pid, so the group id cannot have been reused yet:
             # whatever the agent forked dies with it, and nobody else is hit.
             try:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+            uid = self.uids.pop(pid, None)
+            if uid is not None:
+                _kill_uid(uid)  # setsid'ed and double-forked leftovers too, before the uid is handed out again
             _, status = os.waitpid(pid, 0)
             self.children.discard(pid)
             send_msg(self.conn, ("exited", pid, status))
@@ -146,9 +232,11 @@ class Zygote:
         try:
             if stdio:
                 attach_stdio(*stdio)  # first, so everything after it is captured
-            zygote_pid = os.getppid()
             os.setpgid(0, 0)  # own process group, so a stop or interrupt reaches the agent's children too
-            die_with_parent(zygote_pid)
+            arm_death_signal()
+            if sandbox.parent_gone(self.pidfd):
+                os._exit(1)
+            os.close(self.pidfd)
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -168,6 +256,7 @@ class Zygote:
                 tenant=req["tenant"],
                 token=req["token"],
                 endpoint=self.endpoint,
+                confine=lambda: sandbox.confine(req.get("sandbox")),
             )
         except BaseException:
             traceback.print_exc()
@@ -175,3 +264,19 @@ class Zygote:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
+
+
+def _kill_uid(uid: int) -> None:
+    """SIGKILL every process of a sandbox uid (what an agent left behind): kill(-1) from a child that becomes it."""
+    try:
+        pid = os.fork()
+    except OSError:
+        return
+    if pid == 0:
+        try:
+            os.setresuid(uid, uid, uid)
+            os.kill(-1, signal.SIGKILL)  # every process we may signal but ourselves: that uid's
+        except OSError:
+            pass
+        os._exit(0)
+    os.waitpid(pid, 0)

@@ -8,6 +8,9 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from supervisor.sandbox import MODES as SANDBOX_MODES
+from supervisor.sandbox import parse_uid_range
+
 DEFAULT_AGENT = "agent_proc.demo:DemoAgent"
 LOOPS = ("auto", "asyncio", "uvloop")
 
@@ -49,6 +52,11 @@ class Config:
     cors_origins: tuple[str, ...] = ()
     log_level: str = "info"
     agent_log_lines: int = 200  # lines of each session's agent output kept for the admin API; 0 = none
+    sandbox: str = "auto"  # auto: every layer the host allows | strict: refuse to start without them | off
+    sandbox_uid_range: str = "60000-60999"  # as root: one uid (and gid) per live session from this range
+    agent_network: str = "on"  # off: agents get no TCP/UDP (Landlock + seccomp)
+    max_pids: int = 64  # processes per session (its own uid's RLIMIT_NPROC, or cgroup v2 pids.max); 0 = no cap
+    max_open_files: int = 1024  # RLIMIT_NOFILE per agent process; 0 = inherited
     loop: str = "auto"  # event loop of `corral serve`: auto (uvloop when importable) | asyncio | uvloop
 
     def __post_init__(self):
@@ -61,6 +69,15 @@ class Config:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_restarts < 0 or self.max_age < 0 or self.memory_limit < 0 or self.agent_log_lines < 0:
             raise ValueError("max_restarts, max_age, memory_limit and agent_log_lines cannot be negative")
+        if self.sandbox not in SANDBOX_MODES:
+            raise ValueError(f"sandbox must be one of {', '.join(SANDBOX_MODES)}")
+        if self.agent_network not in ("on", "off"):
+            raise ValueError("agent_network must be on or off")
+        if self.max_pids < 0 or self.max_open_files < 0:
+            raise ValueError("max_pids and max_open_files cannot be negative")
+        if self.max_open_files and self.max_open_files < 16:
+            raise ValueError("max_open_files below 16 leaves an agent unable to start")
+        self.uid_range = parse_uid_range(self.sandbox_uid_range)
         if self.loop not in LOOPS:
             raise ValueError(f"loop must be one of {', '.join(LOOPS)}")
         self.data_dir = Path(self.data_dir)

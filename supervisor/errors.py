@@ -51,6 +51,12 @@ class AgentDied(CorralError):
     status, code = 502, "agent_crashed"
 
 
+class AgentBadReply(CorralError):
+    """The agent answered with something JSON cannot carry (bytes, a set, an object, NaN); it lives on."""
+
+    status, code = 502, "agent_bad_reply"
+
+
 class AtCapacity(CorralError):
     status, code = 503, "at_capacity"
 

@@ -7,14 +7,23 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
-from supervisor import states
+from supervisor import errors, states
 
-_SESSION_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+# The one statement of the session-id rule: the checks, the error message and the OpenAPI pattern.
+# "." and ".." are refused: as a path segment (/api/sessions/..) they name another resource.
+SESSION_ID_PATTERN = r"^(?!\.\.?$)[A-Za-z0-9._-]{1,128}$"
+SESSION_ID_RULE = "session_id must be 1-128 characters of A-Z a-z 0-9 . _ - (and not . or ..)"
+_SESSION_ID = re.compile(SESSION_ID_PATTERN)
 
 
 def valid_session_id(session_id) -> bool:
     """Whether a client-supplied session id is acceptable."""
     return isinstance(session_id, str) and _SESSION_ID.fullmatch(session_id) is not None
+
+
+def bad_session_id() -> errors.BadRequest:
+    """The 400 for a session id that breaks the rule."""
+    return errors.BadRequest(SESSION_ID_RULE, code="bad_session_id")
 
 
 def new_session_id() -> str:
@@ -64,6 +73,7 @@ class Session:
     pid: int | None = None
     token: bytes | None = None
     limits: dict | None = None
+    sandbox: dict | None = None  # this process's sandbox spec (uid, temp dir), freed after it exits
     generation: int = 0
     created_at: float = field(default_factory=time.time)
     spawned_at: float | None = None  # monotonic

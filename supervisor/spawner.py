@@ -67,12 +67,14 @@ class ZygoteSpawner(Spawner):
         on_exit: Callable[[int, int], None],
         on_lost: Callable[[], None],
         start_timeout: float = 30.0,
+        zygote_options: dict | None = None,
     ):
         self.agent_spec = agent_spec
         self.endpoint = endpoint
         self.on_exit = on_exit
         self.on_lost = on_lost
         self.start_timeout = start_timeout
+        self.zygote_options = zygote_options or {}
         self.process = None
         self.conn = None
         self.pid: int | None = None
@@ -88,7 +90,7 @@ class ZygoteSpawner(Spawner):
         self.conn, child_conn = ctx.Pipe(duplex=True)
         self.process = ctx.Process(
             target=zygote_main,
-            args=(child_conn, self.agent_spec, self.endpoint, os.getpid()),
+            args=(child_conn, self.agent_spec, self.endpoint, os.getpid(), self.zygote_options),
             name="corral-zygote",
             daemon=True,
         )

@@ -13,7 +13,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import tempfile
 import time
 from collections import Counter
@@ -27,9 +26,11 @@ from supervisor.events import EventBus
 from supervisor.hub import Hub
 from supervisor.limits import choose_limiter
 from supervisor.logs import debug_enabled, get_logger
+from supervisor.node import claim_node, node_name
 from supervisor.reaper import Reaper, classify_exit, describe_status
 from supervisor.restarts import RestartPolicy
-from supervisor.session import Session, TokenBucket, Turn, new_session_id, valid_session_id
+from supervisor.sandbox import SandboxRefused, choose_sandbox
+from supervisor.session import Session, TokenBucket, Turn, bad_session_id, new_session_id, valid_session_id
 from supervisor.spawner import SpawnError, ZygoteSpawner
 from supervisor.store import SessionNotFound as StoredSessionMissing
 from supervisor.store import StoreError, create_store
@@ -41,6 +42,7 @@ _FAIL_ERRORS = {
     p.BAD_REQUEST: errors.BadRequest,
     p.AGENT_CRASHED: errors.AgentDied,
     p.AGENT_OOM: errors.AgentDied,
+    p.AGENT_BAD_REPLY: errors.AgentBadReply,
 }
 # An interrupt is signalled again this often while its turn is still running (a lost SIGINT).
 INTERRUPT_RESEND_AFTER = 0.5
@@ -57,7 +59,9 @@ STRAY_FRAME_LIMIT = 10_000
 class Supervisor:
     """Owns every session of one corral server."""
 
-    def __init__(self, config: Config, *, store=None, events: EventBus | None = None, tenant_limits=None):
+    def __init__(self, config: Config, *, store=None, claim=None, events: EventBus | None = None,
+                 tenant_limits=None):
+        """``claim``: this node's identity, already claimed in ``store`` (supervisor/node.py); else claimed at start."""
         self.config = config
         self.store = store
         self.events = events or EventBus()
@@ -75,13 +79,14 @@ class Supervisor:
         self.turn_deadlines = Deadlines(on_due=self._time_out)  # turn -> its session, until request_timeout
         self.run_dir: str | None = None
         self.limiter = None
+        self.sandbox = None
         self.hub: Hub | None = None
         self.spawner: ZygoteSpawner | None = None
         self.output = AgentOutput(config.agent_log_lines, self.events)  # every agent's stdout/stderr, and each session's tail
         self.started_at = time.time()
-        # Names this server in the store's sessions.node: stable across restarts of the same server
-        # and distinct for two servers on one host, so a restart ends only what it left behind.
-        self.node = f"{socket.gethostname()}:{config.port}"
+        # Names this server in the store's sessions.node (supervisor/node.py says what it means)
+        self.node = node_name(config.port)
+        self.claim = claim  # this server's hold on its identity, from before the store opens; released at close
         self._req_ids = itertools.count(1)
         self._background: set[asyncio.Task] = set()
         # session id -> the store write recording its last death, awaited before it respawns
@@ -98,7 +103,7 @@ class Supervisor:
         os.chmod(self.run_dir, 0o700)
         try:
             await self._start_parts()
-        except (SpawnError, StoreError, OSError, ValueError) as exc:
+        except (SpawnError, StoreError, OSError, ValueError, SandboxRefused) as exc:
             await self.close()
             raise errors.StartupError(str(exc)) from exc
         except BaseException:
@@ -123,24 +128,46 @@ class Supervisor:
         for path in getattr(self.limiter, "swept", ()):
             log.info("stale_cgroup_removed", path=path)
         log.info("limit_mechanism", **self.limiter.describe())
+        self._choose_sandbox()
         if self.store is None:
             self.store = create_store(self.config.database_url, self.config.data_dir)
+        # the identity first: a server whose identity is held by a live one must not touch the store
+        if self.claim is None:
+            self.claim = await claim_node(self.store, self.node)
         await self.store.open()
         await self._end_orphans()
         self.hub = Hub(self.run_dir, token_for=self._token_for, on_frame=self._on_frame, on_drop=self._on_drop)
         await self.hub.start()
         await self._start_spawner()
 
+    def _choose_sandbox(self) -> None:
+        """Probe the sandbox layers; log each, in force or missing and why (strict refuses here)."""
+        c = self.config
+        protected = [str(c.data_dir), self.run_dir, str(c.tenants) if c.tenants else None]
+        self.sandbox = choose_sandbox(
+            c.sandbox, protected=protected, network=c.agent_network == "on", uid_range=c.uid_range,
+            max_pids=c.max_pids, max_open_files=c.max_open_files,
+            run_id=os.path.basename(self.run_dir).removeprefix("corral-"))
+        for name, layer in self.sandbox.layers.items():
+            if layer["in_force"]:
+                log.info("sandbox_layer", layer=name, detail=layer["detail"])
+            else:
+                log.warning("sandbox_layer_missing", layer=name, reason=layer["reason"])
+        for note in self.sandbox.notes:
+            log.warning("sandbox_note", note=note)
+        log.info("sandbox", mode=self.sandbox.mode, network=self.sandbox.network)
+
     async def _end_orphans(self) -> None:
         """End the sessions this server's previous run left live in the store (it died with them)."""
-        lost = await self.store.end_orphans(self.node, status=LOST, end_reason=LOST_REASON)
+        lost = await self.store.end_orphans(self.claim.orphans_of, status=LOST, end_reason=LOST_REASON)
         if lost:
             log.warning("orphans_ended", node=self.node, sessions=lost, reason=LOST_REASON)
 
     async def _start_spawner(self) -> None:
         """Start a zygote."""
         spawner = ZygoteSpawner(
-            self.config.agent, self.hub.endpoint, on_exit=self._on_exit, on_lost=self._on_zygote_lost
+            self.config.agent, self.hub.endpoint, on_exit=self._on_exit, on_lost=self._on_zygote_lost,
+            zygote_options=self.sandbox.zygote_options(),
         )
         await spawner.start()
         self.spawner = spawner
@@ -167,9 +194,13 @@ class Supervisor:
             self.hub.close()
         if self.limiter is not None:
             self.limiter.close()
+        if self.sandbox is not None:
+            self.sandbox.close()
         if self.store is not None:
             with contextlib.suppress(Exception):
                 await self.store.close()
+        if self.claim is not None:
+            await self.claim.release()
         if self.run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         log.info("supervisor_stopped")
@@ -177,14 +208,19 @@ class Supervisor:
     # ---------------------------------------------------------------- registry
 
     async def get_or_create(self, session_id: str | None, tenant: str, metadata: dict | None = None) -> Session:
-        """The session with this id (from memory or the store), or a new one; 404 if another tenant's."""
+        """The session with this id (from memory or the store), or a new one; 404 if another tenant's.
+
+        The tenant is checked before a stored session is registered: a refused request loads nothing.
+        """
         if session_id is None:
             session_id = new_session_id()
         elif not valid_session_id(session_id):
-            raise errors.BadRequest("session_id must be 1-128 characters of A-Z a-z 0-9 . _ -", code="bad_session_id")
+            raise bad_session_id()
         s = self.sessions.get(session_id)
         if s is None:
             record = await self._store_call(self.store.get_session(session_id))
+            if record is not None and record.tenant != tenant:
+                raise errors.SessionNotFound(f"no session {session_id}")
             s = self.sessions.get(session_id)  # another request may have registered it meanwhile
             if s is None:
                 s = self._register(session_id, tenant, metadata, record)
@@ -541,11 +577,15 @@ class Supervisor:
             s.limits = self.limiter.prepare(f"s{s.generation}-{s.id}")
         except OSError as exc:
             raise errors.Unavailable(f"cannot set up the memory limit: {exc}", retry_after=5) from None
+        try:
+            s.sandbox = self.sandbox.prepare(f"s{s.generation}-{s.id}")
+        except OSError as exc:
+            raise errors.Unavailable(f"cannot set up the sandbox: {exc}", retry_after=5) from None
         read_fds, write_fds = self.output.pipes()
         try:
             pid = await self.spawner.spawn(
                 {"session_id": s.id, "routing_id": s.routing_id, "tenant": s.tenant, "token": s.token,
-                 "limits": s.limits},
+                 "limits": s.limits, "sandbox": s.sandbox},
                 stdio=write_fds,
             )
         except SpawnError as exc:
@@ -603,12 +643,16 @@ class Supervisor:
                 if self.events.watched(s.id):
                     self.events.publish("delta", s.id, to_all=False, req=req, seq=turn.chunks, text=body)
         elif kind == p.DONE:
+            problem = p.reply_problem(body)  # any ZeroMQ peer may be an agent: it is checked, not trusted
+            if problem is not None:
+                self._fail_turn(s, req, {"code": p.AGENT_BAD_REPLY, "message": problem})
+                return
             turn = s.turns.get(req)
-            if turn is not None and turn.kind == p.MESSAGE and not turn.chunks and body and body.get("reply"):
+            if turn is not None and turn.kind == p.MESSAGE and not turn.chunks and body.get("reply"):
                 # A reply the agent returned whole comes without a CHUNK frame (one frame less per
                 # turn); listeners still see it as the turn's one chunk, as if it had been streamed.
                 self._on_frame(rid, p.CHUNK, req, body["reply"])
-            self._finish_turn(s, req, {"status": "done", **(body or {})})
+            self._finish_turn(s, req, {"status": "done", **body})
         elif kind == p.FAIL:
             self._fail_turn(s, req, body or {})
         elif kind == p.READY:
@@ -698,6 +742,9 @@ class Supervisor:
         if s.limits:
             self.limiter.release(s.limits)
             s.limits = None
+        if s.sandbox:
+            self.sandbox.release(s.sandbox)
+            s.sandbox = None
         if self.by_rid.get(s.routing_id) is s:
             del self.by_rid[s.routing_id]
         if s.pid is not None and self.by_pid.get(s.pid) is s:
@@ -881,6 +928,7 @@ class Supervisor:
             "sessions_in_memory": len(self.sessions),
             "zygote_pid": self.spawner.pid if self.spawner else None,
             "limit": self.limiter.describe() if self.limiter else None,
+            "sandbox": self.sandbox.describe() if self.sandbox else None,
             "store": getattr(self.store, "backend", None),
             "uptime_seconds": round(time.time() - self.started_at, 3),
         }

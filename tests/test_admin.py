@@ -142,3 +142,14 @@ async def test_only_an_admin_clears_a_failed_session(aiohttp_client, make_config
     await assert_error(await client.post("/api/chat", json=hello, headers=ALICE), 503, "session_failed")
     assert (await json_of(await client.delete("/admin/sessions/alice-crashy", headers=ADMIN), 200))["state"] == "failed"
     assert (await json_of(await client.post("/api/chat", json=hello, headers=ALICE), 200))["reply"] == "You said: hello"
+
+
+async def test_health_lists_the_sandbox_layers_to_the_admin_only(client):
+    """Which layers are missing (and why) is for the operator, not for tenants or anonymous callers."""
+    public = await json_of(await client.get("/health"), 200)
+    as_tenant = await json_of(await client.get("/health", headers=ALICE), 200)
+    as_admin = await json_of(await client.get("/health", headers=ADMIN), 200)
+    assert "sandbox" not in public and "sandbox" not in as_tenant
+    layers = as_admin["sandbox"]["layers"]
+    assert as_admin["sandbox"]["mode"] == "auto" and {"landlock", "seccomp", "uid"} <= set(layers)
+    assert all(("detail" if layer["in_force"] else "reason") in layer for layer in layers.values())

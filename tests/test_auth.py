@@ -165,7 +165,7 @@ async def test_admin_disabled_without_token_and_open_in_dev_mode(aiohttp_client,
     closed = await start(aiohttp_client, make_config, tmp_path, tenants=no_token)
     body = await assert_error(await closed.get("/admin/stats", headers=ALICE), 401, "unauthorized")
     assert "disabled" in body["error"]["message"]
-    dev = await start(aiohttp_client, make_config, tmp_path / "dev")
+    dev = await start(aiohttp_client, make_config, tmp_path / "dev", data_dir=tmp_path / "dev-data")  # one server per store
     assert (await json_of(await dev.get("/admin/stats"), 200))["live_sessions"] == 0
 
 

@@ -4,10 +4,14 @@ nothing leaks. Sizes scale with CORRAL_CHAOS_* (bench/soak.py runs the same code
 """
 
 import json
+
+import pytest
 import time
 
 from tests.chaos_kit import ADMIN_TOKEN, ChaosPlan, ChaosRun, agent_pids, client_session, running_app, scaled
 from tests.procs import wait_gone
+
+pytestmark = pytest.mark.slow
 
 # Bounds on the supervisor process after the run, against the same 200 live sessions before it.
 MAX_FD_GROWTH = 16  # a few sockets of a connection pool or the store may come and go

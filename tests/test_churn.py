@@ -6,8 +6,12 @@ CI runs CORRAL_CHURN_SESSIONS (default 2,000); ``bench/soak.py`` runs 10,000 wit
 
 import json
 
+import pytest
+
 from tests.chaos_kit import scaled
 from tests.churn_kit import churn
+
+pytestmark = pytest.mark.slow
 
 # Bounds against a baseline taken after a warm-up churn of the same kind (all sessions ended).
 MAX_FD_GROWTH = 8

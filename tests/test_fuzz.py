@@ -111,6 +111,7 @@ def request(host, port, method, path, header_list, body) -> tuple[int, bytes]:
         conn.close()
 
 
+@pytest.mark.slow
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
 @given(route=st.sampled_from(ROUTES), sid=odd_text, query=st.none() | odd_text, header_list=headers, body=bodies,
        aim_at_victim=st.booleans())

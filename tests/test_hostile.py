@@ -87,7 +87,9 @@ def _done():
 
 
 async def test_spoofed_frames_are_dropped_and_the_victim_is_unaffected(make_supervisor):
-    sup = await make_supervisor(agent="tests.agents.hostile:Spoofer")
+    # The sandbox keeps a spoofer from even reaching the hub's socket (tests/test_sandbox.py); with it
+    # off, this proves the hub's own check, the layer behind it.
+    sup = await make_supervisor(agent="tests.agents.hostile:Spoofer", sandbox="off")
     victim = await sup.get_or_create("victim", "alice")
     spoofer = await sup.get_or_create("spoofer", "mallory")
     await sup.chat(victim, "my name is Alice")
@@ -137,7 +139,9 @@ async def test_children_die_with_their_agent(make_supervisor):
     escapes = sup.limiter.describe()["mechanism"] in ("cgroup1", "cgroup2")  # only a cgroup finds a setsid child
     for ending in ("crash", "kill", "remove"):
         s = await sup.get_or_create(f"forker-{ending}", "evil")
-        pids = (await sup.command(s, "fork", {"n": 2, "escape": escapes}))["reply"]["pids"]
+        await sup.command(s, "fork", {"n": 2, "escape": escapes})
+        # host pids: the ones the agent sees are in its pid namespace when the sandbox gives it one
+        pids = [c.pid for c in psutil.Process(s.pid).children(recursive=True)]
         assert len(pids) == 4 and all(psutil.pid_exists(pid) for pid in pids)
         if ending == "crash":
             with pytest.raises(errors.AgentDied):

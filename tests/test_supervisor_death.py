@@ -6,6 +6,7 @@ import asyncio
 import signal
 import socket
 import time
+import uuid
 
 import psutil
 import pytest
@@ -22,7 +23,9 @@ STOP_TIMEOUT = 10.0
 
 async def test_sigkill_under_load_then_restart_then_sigterm_drain(tmp_path):
     args = ("--agent", "tests.agents.hostile:SlowAgent", "--stop-timeout", str(STOP_TIMEOUT), "--rate-limit", "0")
-    ids = [f"death-{i}" for i in range(SESSIONS)]
+    # a prefix of this run's own (titles show 12 characters), so a run in another checkout is not counted
+    prefix = f"death{uuid.uuid4().hex[:6]}-"
+    ids = [f"{prefix}{i}" for i in range(SESSIONS)]
     proc, url = await asyncio.to_thread(start_server, tmp_path, *args)
     acked: dict[str, list[tuple[str, str]]] = {sid: [] for sid in ids}
     async with client_session() as http:
@@ -30,7 +33,7 @@ async def test_sigkill_under_load_then_restart_then_sigterm_drain(tmp_path):
             status, _ = await call(http, "POST", url + "/api/chat", json={"message": f"my name is {sid}", "session_id": sid})
             assert status == 200
         children = descendants(proc.pid)
-        assert len(agent_pids("death-")) == SESSIONS
+        assert len(agent_pids(prefix)) == SESSIONS
 
         stop_load, flowing = asyncio.Event(), asyncio.Event()
 
@@ -60,11 +63,12 @@ async def test_sigkill_under_load_then_restart_then_sigterm_drain(tmp_path):
         await asyncio.gather(*loaders)
         proc.wait()
         assert left == [], f"still alive 2 s after the supervisor's SIGKILL: {left}"
-        assert not agent_pids("death-")
+        assert not agent_pids(prefix)
         print(f"sigkill: {sum(map(len, acked.values()))} exchanges acknowledged; every child gone in {gone_in:.2f}s")
 
-        # The next start serves every session with its history.
-        proc, url = await asyncio.to_thread(start_server, tmp_path, *args)
+        # The next start serves every session with its history. Its agents signal the test through a
+        # socket under the test's 0700 temp dir, which sandboxed agents (their own uids) cannot reach.
+        proc, url = await asyncio.to_thread(start_server, tmp_path, *args, "--sandbox", "off")
         for sid in ids:
             status, body = await call(http, "POST", url + "/api/chat", json={"message": "what is my name?", "session_id": sid})
             assert (status, body.get("reply")) == (200, f"Your name is {sid}.")

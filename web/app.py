@@ -8,6 +8,7 @@ from supervisor import Config, Supervisor
 from supervisor.logs import get_logger
 from web import cors, monitoring, openapi
 from web.auth import auth_from_config, check_bind, log_mode
+from web.errors import answer_protocol_errors_in_json
 from web.middleware import front_door
 from web.routes import admin, api, chat, dashboard, health, metrics, stream
 from web.keys import AUTH, BACKGROUND, BACKGROUND_TASKS, CONFIG, SUPERVISOR
@@ -15,8 +16,8 @@ from web.keys import AUTH, BACKGROUND, BACKGROUND_TASKS, CONFIG, SUPERVISOR
 log = get_logger(component="web")
 
 
-def create_app(config: Config, *, store=None) -> web.Application:
-    """Build the app; the supervisor starts and stops with it.
+def create_app(config: Config, *, store=None, claim=None) -> web.Application:
+    """Build the app; the supervisor starts and stops with it (``claim``: see Supervisor).
 
     Raises ``AuthConfigError`` for a bad tenants file or for dev mode (no keys) off loopback.
     """
@@ -26,9 +27,10 @@ def create_app(config: Config, *, store=None) -> web.Application:
     app = web.Application(
         middlewares=[front_door], client_max_size=config.max_message_bytes * 4 + 4096
     )
+    answer_protocol_errors_in_json(app)
     app[CONFIG] = config
     app[AUTH] = auth
-    app[SUPERVISOR] = Supervisor(config, store=store, tenant_limits=auth.tenant_limits)
+    app[SUPERVISOR] = Supervisor(config, store=store, claim=claim, tenant_limits=auth.tenant_limits)
     tasks: set[asyncio.Task] = set()
 
     def background(coro) -> None:

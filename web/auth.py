@@ -217,6 +217,11 @@ def _admin_check(auth: Auth, request: web.Request) -> web.Response | None:
     return unauthorized("the admin API is disabled: no admin token is configured")
 
 
+def is_admin(request: web.Request) -> bool:
+    """Whether a request carries admin rights (the admin token, or a loopback client in dev mode)."""
+    return _admin_check(request.app[AUTH], request) is None
+
+
 def refusal(request: web.Request) -> web.Response | None:
     """Authenticate /api/ requests as a tenant and /admin/ requests as the admin: the 401, or None to go on."""
     if request.method == "OPTIONS":  # CORS preflights carry no credentials

@@ -44,6 +44,11 @@ SERVE_FLAGS = {
     "cors_origins": (lambda v: tuple(o.strip() for o in v.split(",") if o.strip()), "comma-separated origins allowed by CORS"),
     "log_level": (str, "debug | info | warning | error (default info)"),
     "agent_log_lines": (int, "lines of each session's agent stdout/stderr kept for GET /admin/sessions/ID/logs (default 200)"),
+    "sandbox": (str, "agent sandbox: auto (every layer the host allows) | strict (refuse to start without all) | off"),
+    "sandbox_uid_range": (str, "as root, uids for agents, one per live session (default 60000-60999)"),
+    "agent_network": (str, "on | off: whether agents may use TCP/UDP (default on)"),
+    "max_pids": (int, "processes per session (default 64; 0 = no cap)"),
+    "max_open_files": (int, "open files per agent process (default 1024; 0 = inherited)"),
     "loop": (str, "event loop: auto (uvloop when installed) | asyncio | uvloop (default auto)"),
 }
 

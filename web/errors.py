@@ -2,7 +2,7 @@
 
 import json
 
-from aiohttp import web
+from aiohttp import http_exceptions, web
 
 from supervisor import errors
 from supervisor.logs import get_logger
@@ -32,6 +32,71 @@ def json_error(request: web.Request, exc: Exception) -> web.Response | None:
         if exc.status < 400 or exc.content_type == "application/json":
             return None
         code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status, "http_error")
-        return error_response(exc.status, code, exc.reason, retry_after=None)
+        response = error_response(exc.status, code, exc.reason, retry_after=None)
+        if "Allow" in exc.headers:  # a 405 names the methods the route takes (RFC 9110)
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     log.exception("unhandled_error", path=request.path, method=request.method)
     return error_response(500, "internal_error", "internal error; see the server log")
+
+
+# What aiohttp's HTTP parser refused, said without echoing the client's bytes back.
+_PARSER_REFUSALS = (
+    (http_exceptions.BadHttpMethod, "unknown HTTP method"),
+    (http_exceptions.LineTooLong, "the request line or a header is over the server's size limit"),
+    (http_exceptions.InvalidHeader, "a header is malformed"),
+    (http_exceptions.BadStatusLine, "malformed request line"),
+    (http_exceptions.PayloadEncodingError, "malformed request body encoding"),
+)
+_PROTOCOL_CODES = {400: "bad_request", 413: "too_large", 431: "too_large", 500: "internal_error"}
+
+
+def protocol_error_response(status: int, exc: BaseException | None) -> web.Response:
+    """The JSON answer for a request aiohttp refused before any handler or middleware saw it."""
+    message = next((text for kind, text in _PARSER_REFUSALS if isinstance(exc, kind)), None)
+    if message is None:
+        message = "malformed HTTP request" if status == 400 else "internal error; see the server log"
+    response = error_response(status, _PROTOCOL_CODES.get(status, "http_error"), message)
+    response.force_close()  # the parser's state is unknown after a refusal: aiohttp closes too
+    return response
+
+
+class _JsonErrorProtocol(web.RequestHandler):
+    """aiohttp's connection protocol, answering its own refusals in the JSON error shape.
+
+    A request its parser refuses (unknown method, bad request line, a header over 8 KiB) never
+    reaches a handler or the middleware: the protocol answers it with ``handle_error``, by default
+    in text/plain and quoting the offending input.
+    """
+
+    __slots__ = ()
+
+    def handle_error(self, request, status: int = 500, exc=None, message=None) -> web.StreamResponse:
+        """Log as aiohttp does (and refuse if an answer already started), then answer in JSON."""
+        super().handle_error(request, status, exc, message)
+        return protocol_error_response(status, exc)
+
+
+class _JsonErrorServer(web.Server):
+    """aiohttp's server, making connections of the JSON-answering protocol."""
+
+    def __call__(self) -> web.RequestHandler:
+        """A protocol for one new connection."""
+        return _JsonErrorProtocol(self, loop=self._loop, **self._kwargs)
+
+
+def answer_protocol_errors_in_json(app: web.Application) -> None:
+    """Make every server of this app (web.run_app, AppRunner, the test server) answer parser errors in JSON.
+
+    aiohttp has no hook for those answers (aio-libs/aiohttp#3287); its runners build the server
+    through the app's ``_make_handler``, so the app's own one hands out ours.
+    """
+    make_server = app._make_handler
+
+    def make_json_error_server(**kwargs) -> web.Server:
+        """aiohttp's server for this app, answering its own refusals in JSON."""
+        server = make_server(**kwargs)
+        server.__class__ = _JsonErrorServer  # a subclass that only overrides __call__
+        return server
+
+    app._make_handler = make_json_error_server

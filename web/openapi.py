@@ -8,20 +8,21 @@ runs schemathesis against a live server to keep this honest.
 from aiohttp import web
 
 from supervisor import states
+from supervisor.session import SESSION_ID_PATTERN
+from web.routes.dashboard import STATIC
 from web.version import VERSION
 
 routes = web.RouteTableDef()
-
-SESSION_ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 
 # What each error status means, for every route that can answer with it.
 ERROR_MEANINGS = {
     400: "Bad input: malformed JSON, a wrong type, a missing field or a bad session id",
     401: "Missing or wrong API key (or admin token)",
-    404: "Unknown session, or another tenant's",
+    404: "Unknown session, or another tenant's; unknown path or file",
     413: "Body or message over max_message_bytes",
     429: "Over the session's rate limit or mailbox bound, or the tenant's session quota",
-    502: "The agent died during the request (agent_crashed / agent_oom); the next request respawns it",
+    502: ("The agent died during the request (agent_crashed / agent_oom; the next request respawns it), "
+          "or answered with a result JSON cannot carry (agent_bad_reply; it lives on)"),
     503: "At max_sessions, the session's restart budget is spent, or the store or zygote is unavailable",
     504: "The turn took longer than request_timeout and was interrupted",
 }
@@ -92,6 +93,7 @@ def _with(base: str, properties: dict, required=()) -> dict:
 
 STRING, BOOLEAN, NUMBER, INTEGER = {"type": "string"}, {"type": "boolean"}, {"type": "number"}, {"type": "integer"}
 SESSION_ID = {"type": "string", "pattern": SESSION_ID_PATTERN, "example": "s1"}
+MESSAGE = {"type": "string", "minLength": 1, "example": "my name is Alice"}
 STATE = _nullable({"type": "string", "enum": sorted(states.ALL)})
 SEED_ID_SOURCES = (
     "The session is named by the body's `session_id`, else the `session_id` query parameter, "
@@ -125,7 +127,7 @@ SCHEMAS = {
     ),
     "ChatRequest": _object(
         {
-            "message": STRING,
+            "message": MESSAGE,
             "session_id": SESSION_ID,
             "wait": {"type": "boolean", "default": True, "description": "false: answer 202 at once; the reply comes on the stream"},
         },
@@ -142,7 +144,7 @@ SCHEMAS = {
     "StateResponse": _with("SessionView", {"messages": {"type": "array", "items": ref("Message")}}, required=("messages",)),
     "SessionRef": _object({"session_id": SESSION_ID}),
     "InterruptResult": _with("SessionView", {"interrupted": BOOLEAN}, required=("interrupted",)),
-    "SystemRequest": _object({"message": STRING, "session_id": SESSION_ID}, required=("message",)),
+    "SystemRequest": _object({"message": MESSAGE, "session_id": SESSION_ID}, required=("message",)),
     "CommandRequest": _object(
         {
             "command": {"type": "string", "example": "sleep"},
@@ -252,6 +254,8 @@ SCHEMAS = {
             "version": STRING,
             "live_sessions": INTEGER,
             "limit": _nullable({"type": "object", "description": "The memory-limit mechanism in use"}),
+            "sandbox": _nullable({"type": "object", "description": "Admin only: the agent sandbox's mode and "
+                                  "layers, each in force (detail) or missing (reason)"}),
         },
         required=("status", "version", "live_sessions"),
     ),
@@ -288,6 +292,20 @@ session comes back on its next message). Comment lines (`: keep-alive`) keep qui
 With `Last-Event-ID` the stream resumes after that event without loss or duplicates while the
 events are still buffered; otherwise it starts with a fresh `state`. Connecting never starts the
 session's process."""
+
+
+ADMIN_EVENTS_DESCRIPTION = """What the dashboard listens to: a `sessions` event with the live sessions (admin rows) on
+connect, then the supervisor's `state`, `spawned` and `end` events as they happen, and a `figures`
+event with every live session's process figures every 2 seconds."""
+PAGE_FILES = sorted(path.name for path in STATIC.iterdir() if path.is_file())
+
+
+def _page(summary: str, operation_id: str) -> dict:
+    """An HTML page's operation (open, no credentials)."""
+    return {
+        "summary": summary, "operationId": operation_id, "tags": ["pages"], "security": [],
+        "responses": {"200": {"description": "The page", "content": {"text/html": {"schema": {"type": "string"}}}}},
+    }
 
 
 def _operations() -> dict:
@@ -435,6 +453,27 @@ def _operations() -> dict:
             "operationId": "adminStats", "tags": ["admin"], "security": admin,
             "responses": answers({200: ("The figures", ref("Stats"))}, 401, 503),
         }},
+        "/admin/events": {"get": {
+            "summary": "Server-Sent Events for the dashboard", "description": ADMIN_EVENTS_DESCRIPTION,
+            "operationId": "adminEvents", "tags": ["admin"], "security": admin,
+            "responses": {
+                "200": {"description": "An endless text/event-stream",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                **answers({}, 401),
+            },
+        }},
+        "/": {"get": _page("The chat page", "chatPage")},
+        "/admin": {"get": _page("The dashboard page (it asks for the admin token)", "dashboardPage")},
+        "/static/{name}": {"get": {
+            "summary": "A file of the pages", "operationId": "staticFile", "tags": ["pages"], "security": public,
+            "parameters": [{"name": "name", "in": "path", "required": True,
+                            "schema": {"type": "string", "enum": PAGE_FILES}}],
+            "responses": {
+                "200": {"description": "The file", "content": {kind: {"schema": {"type": "string"}} for kind in (
+                    "text/html", "text/css", "text/javascript", "application/javascript")}},
+                **answers({}, 404),
+            },
+        }},
         "/metrics": {"get": {
             "summary": "Prometheus metrics", "operationId": "metrics", "tags": ["operations"], "security": public,
             "responses": {"200": {
@@ -461,7 +500,7 @@ def build_spec() -> dict:
                 '`{"error": {"code": ..., "message": ...}}`. See docs/http-api.md.'
             ),
         },
-        "tags": [{"name": name} for name in ("chat", "sessions", "admin", "operations")],
+        "tags": [{"name": name} for name in ("chat", "sessions", "admin", "operations", "pages")],
         "security": [{"tenantKey": []}],
         "paths": _operations(),
         "components": {

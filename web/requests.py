@@ -5,7 +5,7 @@ import json
 from aiohttp import hdrs, web
 
 from supervisor import errors
-from supervisor.session import new_session_id, valid_session_id
+from supervisor.session import bad_session_id, new_session_id, valid_session_id
 from web.keys import CONFIG, SUPERVISOR, TENANT
 
 SESSION_COOKIE = "corral_session"
@@ -18,9 +18,7 @@ async def json_body(request: web.Request) -> dict:
     limit = request.app[CONFIG].max_message_bytes * 4 + 4096
     if request.content_length is not None and request.content_length > limit:
         raise errors.TooLarge(f"request body is over {limit} bytes")
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        raise errors.TooLarge(f"request body is over {limit} bytes")
+    raw = await _read_body(request, limit)
     if not raw.strip():
         return {}
     try:
@@ -30,6 +28,17 @@ async def json_body(request: web.Request) -> dict:
     if not isinstance(body, dict):
         raise errors.BadRequest("the JSON body must be an object", code="malformed_json")
     return body
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body however it arrives (segments, chunked); 413 as soon as it passes ``limit``."""
+    pieces, size = [], 0
+    while piece := await request.content.readany():  # b"" only at the body's end
+        size += len(piece)
+        if size > limit:
+            raise errors.TooLarge(f"request body is over {limit} bytes")
+        pieces.append(piece)
+    return b"".join(pieces)
 
 
 def field(body: dict, name: str, kind: type, *, required: bool = False, default=None):
@@ -44,6 +53,14 @@ def field(body: dict, name: str, kind: type, *, required: bool = False, default=
     if kind is str and not _is_utf8(value):
         raise errors.BadRequest(f"'{name}' must be valid Unicode text (no lone surrogates)", code="wrong_type")
     return value
+
+
+def message_of(body: dict) -> str:
+    """The body's ``message``: required, text, not empty (an empty turn is nobody's message)."""
+    message = field(body, "message", str, required=True)
+    if not message:
+        raise errors.BadRequest("'message' must not be empty", code="empty_message")
+    return message
 
 
 def _is_utf8(text: str) -> bool:
@@ -109,7 +126,7 @@ def requested_session_id(request: web.Request, body: dict | None = None, *, body
 def checked_session_id(sid) -> str:
     """A client-supplied session id, or 400 bad_session_id."""
     if not valid_session_id(sid):
-        raise errors.BadRequest("session_id must be 1-128 characters of A-Z a-z 0-9 . _ -", code="bad_session_id")
+        raise bad_session_id()
     return sid
 
 

@@ -176,8 +176,8 @@ class Store(abc.ABC):
         """Remove the session and its messages; False if it was not there."""
 
     @abc.abstractmethod
-    async def end_orphans(self, node: str, *, status: str, end_reason: str) -> int:
-        """End every session of ``node`` not ended yet (its server died with them); how many."""
+    async def end_orphans(self, node: str | None, *, status: str, end_reason: str) -> int:
+        """End every session of ``node`` (None: of any node) not ended yet (its server died with them); how many."""
 
     @abc.abstractmethod
     async def purge_ended(self, older_than: float) -> int:

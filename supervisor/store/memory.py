@@ -85,9 +85,9 @@ class MemoryStore(Store):
         self._messages.pop(session_id, None)
         return self._sessions.pop(session_id, None) is not None
 
-    async def end_orphans(self, node: str, *, status: str, end_reason: str) -> int:
-        """End the sessions ``node`` left unended."""
-        orphans = [r for r in self._sessions.values() if r.node == node and r.ended_at is None]
+    async def end_orphans(self, node: str | None, *, status: str, end_reason: str) -> int:
+        """End the sessions ``node`` (None: any node) left unended."""
+        orphans = [r for r in self._sessions.values() if node in (None, r.node) and r.ended_at is None]
         for rec in orphans:
             rec.status, rec.end_reason, rec.ended_at = status, end_reason, time.time()
         return len(orphans)

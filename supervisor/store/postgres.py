@@ -148,6 +148,14 @@ class PostgresStore(Store):
         except Exception:
             pool.terminate()
 
+    async def connect_alone(self, purpose: str) -> asyncpg.Connection:
+        """A connection of its own, outside the pool, on the store's schema; StoreError if none."""
+        settings = {**self._pool_kwargs["server_settings"], "application_name": f"{self.application_name} {purpose}"}
+        try:
+            return await asyncpg.connect(self.url, timeout=self._pool_kwargs["timeout"], server_settings=settings)
+        except Exception as exc:  # bad DSN, refused, auth, timeout: all mean "cannot connect"
+            raise StoreError(f"cannot connect to PostgreSQL at {self.target}: {self._reason(exc)}") from None
+
     # ---- plumbing --------------------------------------------------------------------------
 
     def _reason(self, exc: BaseException) -> str:
@@ -216,11 +224,11 @@ class PostgresStore(Store):
         tag = await self._execute("DELETE FROM sessions WHERE id = $1", session_id)
         return tag.split()[-1] != "0"
 
-    async def end_orphans(self, node: str, *, status: str, end_reason: str) -> int:
-        """End the sessions ``node`` left unended."""
+    async def end_orphans(self, node: str | None, *, status: str, end_reason: str) -> int:
+        """End the sessions ``node`` (None: any node) left unended."""
         tag = await self._execute(
             "UPDATE sessions SET status = $2, end_reason = $3, ended_at = now() "
-            "WHERE node = $1 AND ended_at IS NULL", node, status, end_reason)
+            "WHERE ($1::text IS NULL OR node = $1) AND ended_at IS NULL", node, status, end_reason)
         return int(tag.split()[-1])
 
     async def purge_ended(self, older_than: float) -> int:

@@ -210,12 +210,12 @@ class SQLiteStore(Store):
         """Remove the session; its messages go by ON DELETE CASCADE."""
         return await self._tx(lambda db: db.execute("DELETE FROM sessions WHERE id = ?", (session_id,)).rowcount) > 0
 
-    async def end_orphans(self, node: str, *, status: str, end_reason: str) -> int:
-        """End the sessions ``node`` left unended."""
+    async def end_orphans(self, node: str | None, *, status: str, end_reason: str) -> int:
+        """End the sessions ``node`` (None: any node) left unended."""
         now = time.time()
         return await self._tx(lambda db: db.execute(
             "UPDATE sessions SET status = ?, end_reason = ?, ended_at = ? "
-            "WHERE node = ? AND ended_at IS NULL", (status, end_reason, now, node)).rowcount)
+            "WHERE (? IS NULL OR node = ?) AND ended_at IS NULL", (status, end_reason, now, node, node)).rowcount)
 
     async def purge_ended(self, older_than: float) -> int:
         """Delete sessions whose ended_at is before now - older_than."""

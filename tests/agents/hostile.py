@@ -167,3 +167,132 @@ def _sleep_forever():
     """Block until killed."""
     while True:
         time.sleep(3600)
+
+
+class Escaper(DemoAgent):
+    """``attack``: tries one way out of its sandbox; answers {"escaped": bool, "detail": ...}.
+
+    Every attack is what an agent taken over by a prompt injection would try. The test asserts
+    each fails (``escaped`` False) and that ``tmp`` (its own temp dir) works, so the denials are real.
+    """
+
+    def cmd_attack(self, args):
+        """Run the attack named ``args["what"]``."""
+        what = args["what"]
+        try:
+            detail = getattr(self, "_" + what)(args)
+        except (OSError, ValueError) as exc:  # setrlimit says EPERM as ValueError
+            return {"escaped": False, "detail": f"{type(exc).__name__}: {exc}"}
+        return {"escaped": True, "detail": detail}
+
+    def _read(self, args):
+        """Read a file (a data dir, the tenants file, /proc/1/environ ...)."""
+        with open(args["path"], "rb") as f:
+            return f.read(64).decode("latin-1")
+
+    def _list(self, args):
+        """List a directory."""
+        return os.listdir(args["path"])
+
+    def _write(self, args):
+        """Create a file."""
+        with open(args["path"], "w") as f:
+            f.write("owned")
+        return args["path"]
+
+    def _tmp(self, args):
+        """Write and read back a file in TMPDIR (must work: the control)."""
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(dir=os.environ["TMPDIR"]) as f:
+            f.write(b"mine")
+            f.flush()
+            return {"tmpdir": os.environ["TMPDIR"], "name": f.name}
+
+    def _proc_fds(self, args):
+        """Open the supervisor's database through /proc/<pid>/fd."""
+        fd_dir = f"/proc/{args['pid']}/fd"
+        for name in os.listdir(fd_dir):
+            target = os.readlink(os.path.join(fd_dir, name))
+            if target.endswith(".sqlite3"):
+                with open(os.path.join(fd_dir, name), "rb") as f:
+                    return f.read(16).decode("latin-1")
+        return "listed the fds, found no database"
+
+    def _rlimit(self, args):
+        """Raise the open-files hard limit back up."""
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard * 4, hard * 4))
+        return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+    def _kill(self, args):
+        """SIGKILL a process outside the session."""
+        os.kill(int(args["pid"]), signal.SIGKILL)
+        return f"killed {args['pid']}"
+
+    def _ptrace(self, args):
+        """PTRACE_ATTACH a process outside the session (the zygote)."""
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.ptrace(16, int(args["pid"]), None, None) != 0:  # PTRACE_ATTACH
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return f"attached to {args['pid']}"
+
+    def _syscall(self, args):
+        """Call a raw syscall the agent never needs (mount, keyctl, bpf, unshare ...)."""
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syscall(int(args["nr"]), *[ctypes.c_long(a) for a in args.get("args", [])]) < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return f"syscall {args['nr']} succeeded"
+
+    def _connect_unix(self, args):
+        """Connect to a corral socket (the hub's)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(args["path"])
+        return f"connected to {args['path']}"
+
+    def _tcp(self, args):
+        """Connect out over TCP."""
+        with socket.create_connection(("127.0.0.1", int(args["port"])), timeout=5):
+            return "connected"
+
+    def _udp(self, args):
+        """Open a UDP socket."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(b"x", ("127.0.0.1", int(args["port"])))
+        return "sent"
+
+    def _fork_bomb(self, args):
+        """Fork sleepers until fork fails; return how many were made (they live until the session ends)."""
+        made = 0
+        for _ in range(int(args.get("most", 1000))):
+            try:
+                pid = os.fork()
+            except OSError:
+                break
+            if pid == 0:
+                time.sleep(3600)
+                os._exit(0)
+            made += 1
+        return {"forked": made}
+
+    def _escape_tree(self, args):
+        """setsid + double fork: a grandchild that no longer belongs to the agent's process group."""
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.setsid()
+            if os.fork() == 0:
+                os.write(write_end, b"x")
+                time.sleep(3600)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        os.read(read_end, 1)  # the grandchild is running
+        return {"escaped_to_new_session": True}

@@ -8,12 +8,14 @@ unknown id. Every route answers 404 for another tenant's session.
 
 from aiohttp import web
 
+from agent_proc import protocol as p
 from supervisor import errors, states
 from supervisor.session import Session
 from web.requests import (
     field,
     find_session,
     json_body,
+    message_of,
     open_session,
     query_bool,
     query_int,
@@ -25,9 +27,7 @@ from web.keys import SUPERVISOR
 
 routes = web.RouteTableDef()
 
-# msgpack carries integers of at most 64 bits and nests at most a few hundred levels.
-_INT_RANGE = (-(2**63), 2**64 - 1)
-_MAX_DEPTH = 64
+_INT_RANGE, _MAX_DEPTH = p.INT_RANGE, p.MAX_DEPTH  # what the wire format carries
 
 
 @routes.get("/api/state")
@@ -58,7 +58,7 @@ async def interrupt(request: web.Request) -> web.Response:
 async def system(request: web.Request) -> web.Response:
     """Put a system message into the session and return the agent's answer."""
     body = await json_body(request)
-    message = field(body, "message", str, required=True)
+    message = message_of(body)
     s = await open_session(request, body)
     result = await request.app[SUPERVISOR].system(s, message)
     return session_response(session_view(s, status=result["status"], reply=result.get("reply")), s.id)

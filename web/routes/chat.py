@@ -2,7 +2,7 @@
 
 from aiohttp import web
 
-from web.requests import field, json_body, open_session, session_response
+from web.requests import field, json_body, message_of, open_session, session_response
 from web.views import session_view
 from web.keys import BACKGROUND, SUPERVISOR
 
@@ -13,7 +13,7 @@ routes = web.RouteTableDef()
 async def chat(request: web.Request) -> web.Response:
     """Send a user message; wait for the reply unless ``wait`` is false."""
     body = await json_body(request)
-    message = field(body, "message", str, required=True)
+    message = message_of(body)
     wait = field(body, "wait", bool, default=True)
     sup = request.app[SUPERVISOR]
     s = await open_session(request, body)

@@ -1,0 +1,268 @@
+"""Which sandbox layers this host gives agents, and the per-session parts (uid, temp dir).
+
+Picked once at start, like the memory limiter: ``choose_sandbox`` probes the host and says for
+each layer whether it is in force and, if not, why. ``prepare`` hands out one session's spec
+(its own uid from the range, its own temp dir) for ``agent_proc.sandbox.confine`` in the forked
+child; ``release`` takes them back after the process has exited. Stdlib only; no web imports.
+"""
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import re
+import shutil
+import sys
+import tempfile
+from collections import deque
+
+from agent_proc import sandbox as layers
+
+__all__ = ["Sandbox", "SandboxRefused", "choose_sandbox", "parse_uid_range", "MODES", "DEFAULT_UID_RANGE"]
+
+MODES = ("auto", "strict", "off")
+DEFAULT_UID_RANGE = range(60000, 61000)
+_RANGE_RE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
+# Landlock ABI with everything the design relies on: scoped signals and abstract sockets (6).
+FULL_LANDLOCK_ABI = 6
+# Outside the Python installation, what an agent may read: libraries, and what name resolution,
+# TLS and time zones need. Deliberately not /etc as a whole (a tenants file may live there),
+# nor /proc (other processes) or /home.
+SYSTEM_READ_PATHS = (
+    "/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin",
+    "/etc/ssl", "/etc/ca-certificates", "/etc/pki", "/etc/resolv.conf", "/etc/hosts", "/etc/host.conf",
+    "/etc/nsswitch.conf", "/etc/gai.conf", "/etc/services", "/etc/protocols", "/etc/localtime",
+    "/etc/ld.so.cache", "/etc/mime.types", "/etc/passwd", "/etc/group",
+    "/dev/urandom", "/dev/random",
+)
+DEVICE_WRITE_PATHS = ("/dev/null", "/dev/zero", "/dev/full")
+
+
+class SandboxRefused(RuntimeError):
+    """``--sandbox strict`` and a layer the host should have is missing."""
+
+
+def parse_uid_range(text) -> range:
+    """Parse "60000-60999" into the range of uids (inclusive), each a session's own."""
+    if isinstance(text, range):
+        return text
+    m = _RANGE_RE.match(str(text))
+    if not m or int(m[1]) < 1 or int(m[2]) < int(m[1]) or int(m[2]) >= 2**31:
+        raise ValueError(f"invalid uid range {text!r}: expected FIRST-LAST, e.g. 60000-60999 (not 0)")
+    return range(int(m[1]), int(m[2]) + 1)
+
+
+class Sandbox:
+    """The layers in force on this host, and the pool of per-session uids and temp dirs."""
+
+    def __init__(self, mode: str, layer_table: dict, *, read_paths=(), network: bool = True,
+                 uids=(), tmp_parent: str | None = None, max_pids: int = 0, max_open_files: int = 0):
+        self.mode = mode
+        self.layers = layer_table  # name -> {"in_force": bool, "detail"/"reason": str}
+        self.read_paths = list(read_paths)
+        self.network = network
+        self.free_uids: deque[int] = deque(uids)
+        self.uid_count = len(self.free_uids)
+        self.tmp_parent = tmp_parent
+        self.max_pids = max_pids
+        self.max_open_files = max_open_files
+        self.dropped_paths: list[str] = []
+        self.notes: list[str] = []
+
+    def on(self, layer: str) -> bool:
+        """Whether a layer is in force."""
+        return bool(self.layers.get(layer, {}).get("in_force"))
+
+    def describe(self) -> dict:
+        """What /health (admin) and the start-up log show."""
+        return {"mode": self.mode, "layers": self.layers, "network": self.network,
+                "uids_free": len(self.free_uids) if self.on("uid") else None,
+                "notes": self.notes}
+
+    def zygote_options(self) -> dict:
+        """What the zygote itself does once: a shared pid namespace for every agent, a subreaper."""
+        return {"pid_namespace": self.on("pid_namespace"), "subreaper": self.mode != "off"}
+
+    def prepare(self, key: str) -> dict:
+        """One session's spec for ``confine``: its uid, its temp dir, the layers; raises OSError when out of uids."""
+        if self.mode == "off":
+            return {"no_new_privs": False}
+        uid = None
+        if self.on("uid"):
+            if not self.free_uids:
+                raise OSError(f"every sandbox uid ({self.uid_count}) is in use by a live session")
+            uid = self.free_uids.popleft()
+        tmpdir = os.path.join(self.tmp_parent, key)
+        try:
+            os.mkdir(tmpdir, 0o700)
+            if uid is not None:
+                os.chown(tmpdir, uid, uid)
+        except OSError:
+            if uid is not None:
+                self.free_uids.append(uid)
+            raise
+        return {
+            "uid": uid, "gid": uid, "tmpdir": tmpdir, "network": self.network,
+            "no_new_privs": True,
+            "landlock": self.layers["landlock"].get("abi", 0) if self.on("landlock") else 0,
+            "read_paths": self.read_paths, "write_paths": [tmpdir, *DEVICE_WRITE_PATHS],
+            "seccomp": self.on("seccomp"),
+            "max_pids": self.max_pids if self.on("uid") else 0,
+            "max_open_files": self.max_open_files,
+        }
+
+    def release(self, spec) -> None:
+        """After the process is gone: remove its temp dir, give its uid back; never raises."""
+        if not isinstance(spec, dict):
+            return
+        if spec.get("tmpdir"):
+            shutil.rmtree(spec["tmpdir"], ignore_errors=True)
+        if spec.get("uid") is not None:
+            self.free_uids.append(spec["uid"])  # to the back: the longest-free uid is reused first
+
+    def close(self) -> None:
+        """Remove the parent of the temp dirs."""
+        if self.tmp_parent:
+            shutil.rmtree(self.tmp_parent, ignore_errors=True)
+
+
+def python_read_paths() -> list[str]:
+    """The Python installation and every import path: what an agent must be able to read."""
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    paths.update(p for p in sys.path if p and os.path.isdir(p))
+    return sorted(os.path.realpath(p) for p in paths)
+
+
+def _contains(outer: str, inner: str) -> bool:
+    """Whether path ``inner`` is ``outer`` or beneath it."""
+    outer, inner = os.path.realpath(outer), os.path.realpath(inner)
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
+def safe_read_paths(candidates, protected) -> tuple[list[str], list[str]]:
+    """Split read paths into (allowed, dropped): a path holding a protected one (data dir, tenants file,
+    run dir, the temp dirs' parent) is dropped, since Landlock cannot carve a hole in an allowed tree."""
+    allowed, dropped = [], []
+    for path in candidates:
+        if any(_contains(path, p) for p in protected if p):
+            dropped.append(path)
+        else:
+            allowed.append(path)
+    return allowed, dropped
+
+
+def unreadable_for_others(paths) -> list[str]:
+    """Paths a uid other than their owner (and not in their group) cannot reach: a dir on the way lacks o+x."""
+    bad = []
+    for path in paths:
+        probe = os.path.realpath(path)
+        while True:
+            try:
+                mode = os.stat(probe).st_mode
+            except OSError:
+                break
+            if not mode & 0o001:
+                bad.append(f"{path} (at {probe})")
+                break
+            parent = os.path.dirname(probe)
+            if parent == probe:
+                break
+            probe = parent
+    return bad
+
+
+def _free_uids(uid_range: range) -> tuple[list[int], int]:
+    """The uids (and same-numbered gids) of the range that no user or group on the host has."""
+    taken = {u.pw_uid for u in pwd.getpwall()} | {g.gr_gid for g in grp.getgrall()}
+    free = [u for u in uid_range if u not in taken]
+    return free, len(uid_range) - len(free)
+
+
+def _layer(in_force: bool, detail: str) -> dict:
+    """One row of the layer table."""
+    return {"in_force": in_force, ("detail" if in_force else "reason"): detail}
+
+
+def probe_layers(*, root: bool, network: bool, uid_range: range) -> dict:
+    """Which layers this host supports, with the reason for each missing one."""
+    table = {}
+    table["uid"] = _layer(root, f"one uid per live session from {uid_range.start}-{uid_range.stop - 1}"
+                          if root else "not running as root: agents share the server's uid")
+    table["capabilities"] = _layer(root, "bounding and ambient sets emptied; none after the uid drop"
+                                   if root else "not running as root: there are none to drop")
+    table["pid_namespace"] = _layer(root, "every agent in one pid namespace whose init dies with the zygote"
+                                    if root else "needs root (CAP_SYS_ADMIN)")
+    table["no_new_privs"] = _layer(True, "prctl(PR_SET_NO_NEW_PRIVS)")
+    abi = layers.landlock_abi()
+    if abi:
+        parts = ["filesystem"] + (["tcp"] if abi >= 4 else []) + (["signal and abstract-socket scoping"] if abi >= 6 else [])
+        table["landlock"] = {**_layer(True, f"ABI {abi}: {', '.join(parts)}"), "abi": abi}
+        if abi < FULL_LANDLOCK_ABI:
+            table["landlock_scope"] = _layer(False, f"Landlock ABI {abi} < 6: signals and abstract sockets not scoped")
+        else:
+            table["landlock_scope"] = _layer(True, "signals and abstract unix sockets stay inside the session")
+    else:
+        table["landlock"] = _layer(False, "the kernel has no Landlock (needs >= 5.13 with lsm=landlock)")
+        table["landlock_scope"] = _layer(False, "no Landlock")
+    if layers.AUDIT_ARCH is None:
+        table["seccomp"] = _layer(False, f"no syscall table for {layers.MACHINE}")
+    elif not _kernel_has_seccomp():
+        table["seccomp"] = _layer(False, "the kernel has no seccomp filter support")
+    else:
+        table["seccomp"] = _layer(True, f"{len(layers.DENIED_SYSCALLS)} syscalls refused, namespaced clone refused"
+                                  + ("" if network else ", inet sockets refused"))
+    table["tmpdir"] = _layer(True, "a private TMPDIR per session, removed when its process ends")
+    return table
+
+
+def _kernel_has_seccomp() -> bool:
+    """Whether /proc/self/status reports a Seccomp field (CONFIG_SECCOMP)."""
+    try:
+        with open("/proc/self/status") as f:
+            return any(line.startswith("Seccomp:") for line in f)
+    except OSError:
+        return False
+
+
+def expected_layers(root: bool) -> list[str]:
+    """What ``strict`` demands: everything a host of this kind (root or not) should give."""
+    base = ["no_new_privs", "landlock", "landlock_scope", "seccomp", "tmpdir"]
+    return (["uid", "capabilities", "pid_namespace"] + base) if root else base
+
+
+def choose_sandbox(mode: str, *, protected=(), network: bool = True, uid_range: range = DEFAULT_UID_RANGE,
+                   max_pids: int = 0, max_open_files: int = 0, run_id: str = "run") -> Sandbox:
+    """Probe the host and build the sandbox for this run; raises SandboxRefused under ``strict``."""
+    if mode not in MODES:
+        raise ValueError(f"sandbox must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode == "off":
+        return Sandbox("off", {})
+    root = os.geteuid() == 0
+    table = probe_layers(root=root, network=network, uid_range=uid_range)
+    uids: list[int] = []
+    notes = []
+    if root:
+        uids, taken = _free_uids(uid_range)
+        if taken:
+            notes.append(f"{taken} uids of the range belong to existing users or groups and are not used")
+        if not uids:
+            table["uid"] = _layer(False, f"every uid in {uid_range.start}-{uid_range.stop - 1} belongs to a user or group")
+    missing = [name for name in expected_layers(root) if not table[name]["in_force"]]
+    if mode == "strict" and missing:
+        raise SandboxRefused("--sandbox strict: missing " + "; ".join(f"{n} ({table[n]['reason']})" for n in missing))
+    tmp_parent = tempfile.mkdtemp(prefix=f"corral-agents-{run_id}-")
+    os.chmod(tmp_parent, 0o711)  # agents can reach their own dir by name, list nobody's
+    read_paths, dropped = safe_read_paths(python_read_paths() + list(SYSTEM_READ_PATHS), [*protected, tmp_parent])
+    sandbox = Sandbox(mode, table, read_paths=read_paths, network=network, uids=uids, tmp_parent=tmp_parent,
+                      max_pids=max_pids, max_open_files=max_open_files)
+    sandbox.dropped_paths = dropped
+    if dropped:
+        notes.append("not readable by agents, as they hold corral's own files: " + ", ".join(dropped))
+    if table["uid"]["in_force"]:
+        unreadable = unreadable_for_others(python_read_paths())
+        if unreadable:
+            notes.append("the agents' uids cannot read " + ", ".join(unreadable)
+                         + ": only modules imported before the fork (by the agent's module) can be used; "
+                         "make the installation world-readable to import more at run time (docs/security.md)")
+    sandbox.notes = notes
+    return sandbox
