@@ -11,12 +11,14 @@ import pickle
 import resource
 import selectors
 import signal
+import socket
 import sys
 import traceback
 
 from agent_proc import sandbox
 from agent_proc.limits import apply_limits
 from agent_proc.process import agent_title, arm_death_signal, die_with_parent, load_agent_class, set_title
+from agent_proc.stdio import attach_stdio
 
 
 def send_msg(conn, msg) -> None:
@@ -172,13 +174,18 @@ class Zygote:
 
     def spawn(self, req: dict) -> None:
         """Fork one agent process and report its pid."""
+        stdio = self._recv_stdio() if req.get("stdio") else ()
         try:
             pid = os.fork()
         except OSError as exc:
             send_msg(self.conn, ("spawn_failed", req["spawn_id"], f"fork failed: {exc}"))
-            return
+            pid = None
         if pid == 0:
-            self._become_agent(req)  # never returns
+            self._become_agent(req, stdio)  # never returns
+        for fd in stdio:
+            os.close(fd)  # the child's now: the supervisor sees EOF when the child's side closes
+        if pid is None:
+            return
         self.children.add(pid)
         uid = (req.get("sandbox") or {}).get("uid")
         if uid is not None:
@@ -213,10 +220,18 @@ class Zygote:
             self.children.discard(pid)
             send_msg(self.conn, ("exited", pid, status))
 
-    def _become_agent(self, req: dict) -> None:
+    def _recv_stdio(self) -> tuple[int, ...]:
+        """The write ends of the child's stdout and stderr pipes, sent right after its spawn request."""
+        with socket.socket(fileno=os.dup(self.conn.fileno())) as sock:
+            _, fds, _, _ = socket.recv_fds(sock, 1, 2)
+        return tuple(fds)
+
+    def _become_agent(self, req: dict, stdio: tuple[int, ...]) -> None:
         """In the forked child: isolate, limit, and run the agent; always exits."""
         code = 1
         try:
+            if stdio:
+                attach_stdio(*stdio)  # first, so everything after it is captured
             os.setpgid(0, 0)  # own process group, so a stop or interrupt reaches the agent's children too
             arm_death_signal()
             if sandbox.parent_gone(self.pidfd):

@@ -65,6 +65,7 @@ class Config:
     metrics_token: str | None = None  # bearer token GET /metrics requires; None = /metrics is open
     cors_origins: tuple[str, ...] = ()
     log_level: str = "info"
+    agent_log_lines: int = 200  # lines of each session's agent output kept for the admin API; 0 = none
     sandbox: str = "auto"  # auto: every layer the host allows | strict: refuse to start without them | off
     sandbox_uid_range: str = "60000-60999"  # as root: one uid (and gid) per live session from this range
     agent_network: str = "on"  # off: agents get no TCP/UDP (Landlock + seccomp)
@@ -96,7 +97,7 @@ class Config:
         self._check_choice("loop", LOOPS)
         self._check_choice("sandbox", SANDBOX_MODES)
         self._check_choice("agent_network", ("on", "off"))
-        for name in ("max_pids", "max_open_files"):
+        for name in ("max_pids", "max_open_files", "agent_log_lines"):
             if getattr(self, name) < 0:
                 raise SettingError(name, "cannot be negative")
         if self.max_open_files and self.max_open_files < 16:

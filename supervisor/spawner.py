@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import socket
 import sys
 from collections.abc import Callable
 
@@ -29,8 +30,8 @@ class Spawner:
     async def start(self) -> None:
         """Get ready to spawn."""
 
-    async def spawn(self, request: dict) -> int:
-        """Start one agent process for ``request``; return its pid."""
+    async def spawn(self, request: dict, *, stdio: tuple[int, int] | None = None) -> int:
+        """Start one agent process for ``request`` (stdout and stderr onto ``stdio``); return its pid."""
         raise NotImplementedError
 
     async def close(self) -> None:
@@ -109,15 +110,20 @@ class ZygoteSpawner(Spawner):
             raise
         log.info("zygote_ready", pid=self.pid, agent=self.agent_spec)
 
-    async def spawn(self, request: dict) -> int:
-        """Ask the zygote for one child; return its pid."""
+    async def spawn(self, request: dict, *, stdio: tuple[int, int] | None = None) -> int:
+        """Ask the zygote for one child writing its stdout and stderr to ``stdio``; return its pid."""
         if self.conn is None or self._closing:
             raise SpawnError("the zygote is not running")
         spawn_id = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._pending[spawn_id] = fut
         try:
-            send_msg(self.conn, ("spawn", {**request, "spawn_id": spawn_id}))
+            send_msg(self.conn, ("spawn", {**request, "spawn_id": spawn_id, "stdio": stdio is not None}))
+            if stdio is not None:
+                # After the request on the same stream: the zygote reads the request's exact length,
+                # then these descriptors (a byte of their own, SCM_RIGHTS), before it forks.
+                with socket.socket(fileno=os.dup(self.conn.fileno())) as sock:
+                    socket.send_fds(sock, [b"s"], list(stdio))
         except (OSError, ValueError) as exc:
             self._pending.pop(spawn_id, None)
             raise SpawnError(f"the zygote is gone: {exc}") from None

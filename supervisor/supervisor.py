@@ -20,6 +20,7 @@ from collections import Counter
 from agent_proc import protocol as p
 from supervisor import errors, states
 from supervisor.cluster.activation import Activation
+from supervisor.agent_output import AgentOutput
 from supervisor.config import Config
 from supervisor.deadlines import Deadlines
 from supervisor.events import EventBus
@@ -82,6 +83,7 @@ class Supervisor(Activation):
         self.sandbox = None
         self.hub: Hub | None = None
         self.spawner: ZygoteSpawner | None = None
+        self.output = AgentOutput(config.agent_log_lines, self.events)  # every agent's stdout/stderr, and each session's tail
         self.started_at = time.time()
         # Names this server in the store's sessions.node (supervisor/node.py says what it means)
         self.node = node_name(config.port)
@@ -188,6 +190,7 @@ class Supervisor(Activation):
             await self.spawner.close()
         with contextlib.suppress(Exception):
             await self._leave_cluster()
+        self.output.close()
         if self._background:
             await asyncio.wait(list(self._background), timeout=5)
         self.turn_deadlines.close()
@@ -253,6 +256,10 @@ class Supervisor(Activation):
         self.sessions[session_id] = s
         return s
 
+    def agent_output(self, session_id: str) -> list[dict]:
+        """The kept lines of a session's agent output, oldest first (empty if none are kept)."""
+        return self.output.lines_of(session_id, self.sessions.get(session_id)) or []
+
     def list_sessions(self) -> list[Session]:
         """Every session the supervisor holds in memory (live, and recently crashed or failed)."""
         return list(self.sessions.values())
@@ -266,8 +273,7 @@ class Supervisor(Activation):
         if s.live or s.inflight:
             return
         if s.state in states.STOP_REASONS or s.state is None:
-            if self.sessions.get(s.id) is s:
-                del self.sessions[s.id]
+            self._unregister(s)
             s.cancel_timers()
         elif "forget" not in s.timers:
             # Keep crash history for the restart window, then let it go.
@@ -277,8 +283,14 @@ class Supervisor(Activation):
     def _forget_after_window(self, s: Session) -> None:
         """The restart window of a crashed session has passed."""
         s.timers.pop("forget", None)
-        if not s.live and not s.inflight and self.sessions.get(s.id) is s:
+        if not s.live and not s.inflight:
+            self._unregister(s)
+
+    def _unregister(self, s: Session) -> None:
+        """Take a session out of memory; its output's tail stays readable a while (AgentOutput.retire)."""
+        if self.sessions.get(s.id) is s:
             del self.sessions[s.id]
+            self.output.retire(s)
 
     # ---------------------------------------------------------------- turns
 
@@ -580,15 +592,24 @@ class Supervisor(Activation):
             s.sandbox = self.sandbox.prepare(f"s{s.generation}-{s.id}")
         except OSError as exc:
             raise errors.Unavailable(f"cannot set up the sandbox: {exc}", retry_after=5) from None
+        read_fds, write_fds = self.output.pipes()
         try:
             pid = await self.spawner.spawn(
                 {"session_id": s.id, "routing_id": s.routing_id, "tenant": s.tenant, "token": s.token,
-                 "limits": s.limits, "sandbox": s.sandbox}
+                 "limits": s.limits, "sandbox": s.sandbox},
+                stdio=write_fds,
             )
         except SpawnError as exc:
+            _close_all(read_fds)
             raise errors.Unavailable(str(exc), retry_after=1) from None
+        except BaseException:
+            _close_all(read_fds)
+            raise
+        finally:
+            _close_all(write_fds)  # the agent holds them now; EOF comes when it (and its children) are gone
         s.pid = pid
         self.by_pid[pid] = s
+        self.output.attach(s, pid, read_fds)
         if pid in self._early_exits:  # it is already dead: without this, its exit would never come
             self._on_exit(pid, self._early_exits.pop(pid))
 
@@ -727,7 +748,8 @@ class Supervisor(Activation):
         self._went_down(s, final)
 
     def _release(self, s: Session) -> None:
-        """Free what a dead process held: its cgroup, routing id and pid."""
+        """Free what a dead process held: its cgroup, routing id, pid and output pipes."""
+        self.output.detach(s)
         if s.limits:
             self.limiter.release(s.limits)
             s.limits = None
@@ -835,7 +857,7 @@ class Supervisor(Activation):
         """End a session (its owner asked); with purge, delete its data too."""
         await self.stop(s, states.ENDED)
         if self.sessions.get(s.id) is s and not s.live and not s.inflight:
-            del self.sessions[s.id]
+            self._unregister(s)
             s.cancel_timers()
         if purge:
             await self._store_call(self.store.delete_session(s.id))
@@ -938,6 +960,12 @@ def _verb(final: str) -> str:
         states.EXPIRED: "reached max_age",
         states.ENDED: "was stopped",
     }.get(final, "stopped")
+
+
+def _close_all(fds) -> None:
+    """Close descriptors we own."""
+    for fd in fds:
+        os.close(fd)
 
 
 def _consume(fut: asyncio.Future) -> None:

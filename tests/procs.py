@@ -39,14 +39,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(tmp_path, *args, env=None) -> tuple[subprocess.Popen, str]:
-    """Start ``corral serve`` as a real subprocess; return it and its base URL once it answers."""
+CORRAL_MAIN = [sys.executable, "-c", "from web.cli import main; raise SystemExit(main())"]
+
+
+def start_server(tmp_path, *args, env=None, program=CORRAL_MAIN, cwd=None) -> tuple[subprocess.Popen, str]:
+    """Start ``corral serve`` as a real subprocess; return it and its base URL once it answers.
+
+    ``program`` is how ``corral`` is run (``python -c``, which puts the current directory on
+    sys.path, unless given the installed console script); ``cwd`` where.
+    """
     port = free_port()
     cmd = [
-        sys.executable, "-c", "from web.cli import main; raise SystemExit(main())", "serve",
+        *program, "serve",
         "--port", str(port), "--data-dir", str(tmp_path / "data"), "--run-dir", str(tmp_path / "run"), *args,
     ]
-    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stderr=open(tmp_path / "serve.log", "ab"))
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stderr=open(tmp_path / "serve.log", "ab"), cwd=cwd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # the port opening is the event; connect() is how it is seen

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import wait_for_state
+from tests.test_agent_output import OutputLines
 from web.app import create_app
 from web.keys import SUPERVISOR
 
@@ -117,11 +118,66 @@ async def test_dashboard_lists_live_and_kills(server, browser, aiohttp_client):
         await sup.ensure_live(late)
         await expect(rows).to_have_count(3)
 
+        # Kill asks first: dismissed, nothing happens; accepted, the session goes.
+        asked = []
+
+        async def answer(dialog):
+            asked.append(dialog.message)
+            await (dialog.accept() if len(asked) > 1 else dialog.dismiss())
+
+        page.on("dialog", answer)
+        await page.click("tr[data-session-id=victim] button.kill")
+        await expect(page.locator("tr[data-session-id=victim] td").nth(3)).to_have_text("idle")
+        assert len(asked) == 1 and "victim" in asked[0] and victim.state == "idle"
         await page.click("tr[data-session-id=victim] button.kill")
         await expect(page.locator("tr[data-session-id=victim]")).to_have_count(0)
         assert await wait_for_state(sup, victim, {"killed"}) == "killed"
+        assert len(asked) == 2
         await expect(rows).to_have_count(2)
         assert bystander.state == "idle"
+
+
+async def test_a_locked_dashboard_says_it_needs_the_admin_token(server, browser):
+    page = await browser.new_page()
+    page.set_default_timeout(WAIT_MS)
+    async with screenshots_on_failure("dashboard-locked", admin=page):
+        await page.goto(str(server.make_url("/admin")))
+        await expect(page.locator("#login")).to_be_visible()
+        await expect(page.locator("#locked")).to_have_text(re.compile("needs the server's admin token"))
+        await expect(page.locator("#empty")).to_be_hidden()  # not "No live sessions": it cannot know
+        await expect(page.locator("#status")).to_have_text("locked")
+        await page.fill("#token", "not-the-token")
+        await page.press("#token", "Enter")
+        await expect(page.locator("#login-error")).to_have_text("That token was refused.")
+        await expect(page.locator("#empty")).to_be_hidden()
+        await page.fill("#token", TOKEN)
+        await page.press("#token", "Enter")
+        await expect(page.locator("#empty")).to_be_visible()  # now it knows: no live sessions
+        await expect(page.locator("#login")).to_be_hidden()
+
+
+async def test_dashboard_shows_a_sessions_agent_output(aiohttp_server, make_config, browser):
+    server = await aiohttp_server(create_app(make_config(admin_token=TOKEN, agent="tests.output_agents:Printer")))
+    sup = server.app[SUPERVISOR]
+    lines = OutputLines(sup)
+    s = await sup.get_or_create("printer", "acme")
+    await sup.command(s, "say", {"text": "a line for the dashboard", "stream": "stderr"})
+    await lines.wait_for("a line for the dashboard")
+    page = await browser.new_page()
+    page.set_default_timeout(WAIT_MS)
+    async with screenshots_on_failure("dashboard-logs", admin=page):
+        await page.goto(str(server.make_url("/admin")))
+        await page.fill("#token", TOKEN)
+        await page.press("#token", "Enter")
+        await page.click("tr[data-session-id=printer] button.logs")
+        panel = page.locator("tr[data-logs-for=printer] pre.logs")
+        await expect(panel).to_contain_text(f"{s.pid} stderr a line for the dashboard")
+        await sup.command(s, "say", {"text": "a later line"})
+        await lines.wait_for("a later line")
+        await page.click("tr[data-logs-for=printer] button")  # Refresh
+        await expect(panel).to_contain_text(f"{s.pid} stdout a later line")
+        await page.click("tr[data-session-id=printer] button.logs")
+        await expect(page.locator("tr[data-logs-for=printer]")).to_have_count(0)
 
 
 async def test_chat_page_asks_for_an_api_key_when_the_server_wants_one(aiohttp_server, make_config, tmp_path, browser):
@@ -130,18 +186,22 @@ async def test_chat_page_asks_for_an_api_key_when_the_server_wants_one(aiohttp_s
     server = await aiohttp_server(create_app(make_config(tenants=tenants)))
     page = await browser.new_page()
     page.set_default_timeout(WAIT_MS)
-    asked = []
-
-    async def answer(dialog):
-        asked.append(dialog.message)
-        await dialog.accept("alice-browser-key")
-
-    page.on("dialog", answer)
+    dialogs = []
+    page.on("dialog", lambda dialog: dialogs.append(dialog.message))  # there must be none
     async with screenshots_on_failure("chat-key", chat=page):
         await page.goto(str(server.make_url("/")))
+        await expect(page.locator("#key-form")).to_be_visible()  # the stream answered 401: a form asks
+        await expect(page.locator("#status")).to_have_text("locked")
+        await page.fill("#api-key", "a-wrong-key")
+        await page.press("#api-key", "Enter")
+        await expect(page.locator("#key-reason")).to_have_text("That key was refused.")
+        await page.fill("#api-key", "alice-browser-key")
+        await page.click("#key-form button")
+        await expect(page.locator("#key-form")).to_be_hidden()
         await page.fill("#input", "hello")
         await page.press("#input", "Enter")
         await expect(page.locator(".msg.assistant")).to_have_text(["You said: hello"], timeout=WAIT_MS)
-        assert asked == ["This server needs an API key:"]
+        assert dialogs == []
+        assert await page.evaluate("localStorage.getItem('corral_api_key')") == "alice-browser-key"
         session_id = await page.evaluate("localStorage.getItem('corral_session_id')")
         assert server.app[SUPERVISOR].sessions[session_id].tenant == "alice"

@@ -34,7 +34,8 @@ DESIGN_ROUTES = {
     ("post", "/api/interrupt"), ("post", "/api/system"), ("post", "/api/mcp-command"),
     ("post", "/api/sessions"), ("get", "/api/sessions/{session_id}"), ("delete", "/api/sessions/{session_id}"),
     ("get", "/admin/sessions"), ("get", "/admin/sessions/{session_id}"), ("delete", "/admin/sessions/{session_id}"),
-    ("post", "/admin/sessions/{session_id}/interrupt"), ("get", "/admin/stats"), ("get", "/metrics"),
+    ("post", "/admin/sessions/{session_id}/interrupt"), ("get", "/admin/sessions/{session_id}/logs"),
+    ("get", "/admin/stats"), ("get", "/metrics"),
     ("get", "/api/openapi.json"), ("get", "/admin/events"), ("get", "/"), ("get", "/admin"), ("get", "/static/{name}"),
     ("get", "/api/openapi.json"),
     ("get", "/admin/nodes"),  # the cluster's membership (issue 13, docs/cluster.md)

@@ -5,6 +5,7 @@ snake case (--idle-timeout <-> CORRAL_IDLE_TIMEOUT); a flag on the command line 
 """
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import math
@@ -135,6 +136,7 @@ SERVE_FLAGS = {
     "metrics_token": (_parser("token", _token), "bearer token /metrics requires (default: none, /metrics is open)"),
     "cors_origins": (_parser("origins", _origins), "comma-separated origins allowed by CORS"),
     "log_level": (_parser("level", _choice(*LOG_LEVELS)), "debug | info | warning | error (default info)"),
+    "agent_log_lines": (_parser("count", _whole), "lines of each session's agent stdout/stderr kept for GET /admin/sessions/ID/logs (default 200)"),
     "sandbox": (_parser("mode", _choice(*SANDBOX_MODES)), "agent sandbox: auto (every layer the host allows) | strict (refuse to start without all) | off (default auto)"),
     "sandbox_uid_range": (_parser("range", _text), "as root, uids for agents, one per live session (default 60000-60999)"),
     "agent_network": (_parser("on|off", _choice("on", "off")), "on | off: whether agents may use TCP/UDP (default on)"),
@@ -212,6 +214,8 @@ def serve(config: Config) -> int:
         print(f"corral: cannot start: {exc}", file=sys.stderr)
         return 1
     configure(config.log_level)
+    agents_importable_from_cwd()
+    raise_open_files_limit()
     set_title(f"corral: supervisor {config.host}:{config.port}")
     log = get_logger(component="cli")
     try:
@@ -286,6 +290,27 @@ def describe_os_error(exc: OSError) -> str:
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve the host ({exc.strerror})"
     return (exc.strerror or str(exc)).lower()
+
+
+def agents_importable_from_cwd() -> None:
+    """Let ``--agent mymod:Cls`` name a module in the current directory, as gunicorn does.
+
+    The zygote is started with this process's ``sys.path``. The directory goes last, so a file
+    there cannot shadow an installed package (corral's own included).
+    """
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.append(cwd)
+
+
+def raise_open_files_limit() -> None:
+    """Lift the soft open-files limit to the hard one: each live session holds three descriptors here."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def new_event_loop(choice: str = "auto"):

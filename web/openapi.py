@@ -217,6 +217,24 @@ SCHEMAS = {
     "AdminInterruptResult": _object(
         {"session_id": SESSION_ID, "state": STATE, "interrupted": BOOLEAN}, required=("session_id", "interrupted")
     ),
+    "AgentOutput": _object(
+        {
+            "session_id": SESSION_ID,
+            "tenant": STRING,
+            "lines": {"type": "array", "items": _object(
+                {
+                    "time": NUMBER,
+                    "pid": _nullable(INTEGER),
+                    "stream": {"type": "string", "enum": ["stdout", "stderr", "corral"]},
+                    "line": STRING,
+                    "truncated": BOOLEAN,
+                },
+                required=("time", "stream", "line"),
+            )},
+            "kept": INTEGER,
+        },
+        required=("session_id", "lines"),
+    ),
     "Stats": _object(
         {
             "sessions_total": INTEGER,
@@ -435,6 +453,19 @@ def _operations() -> dict:
                 "tags": ["admin"], "security": admin,
                 "responses": answers({200: ("Whether a turn was interrupted", ref("AdminInterruptResult"))},
                                      400, 401, 404, 503),
+            },
+        },
+        "/admin/sessions/{session_id}/logs": {
+            "parameters": [param("SessionIdPath")],
+            "get": {
+                "summary": "The last lines the session's agent wrote to stdout and stderr, oldest first",
+                "operationId": "adminSessionLogs", "tags": ["admin"], "security": admin,
+                "parameters": [{
+                    "name": "lines", "in": "query", "required": False,
+                    "schema": {"type": "integer", "minimum": 0, "maximum": 100_000},
+                    "description": "Only the last N lines (default: every line kept, --agent-log-lines)",
+                }],
+                "responses": answers({200: ("The kept lines", ref("AgentOutput"))}, 400, 401, 404, 503),
             },
         },
         "/admin/stats": {"get": {

@@ -4,6 +4,7 @@ They talk HTTP (urllib, no extra dependency) to ``--url`` with ``--admin-token``
 token; both default from ``CORRAL_URL`` and ``CORRAL_ADMIN_TOKEN``. ``corral top`` draws a live
 rich table refreshed every second (keys: ``m`` memory, ``c`` CPU, ``i`` idle, ``n`` messages,
 ``q`` quit); ``--once`` prints one plain, whitespace-separated snapshot for scripts.
+``corral sessions logs ID`` prints the last lines a session's agent wrote to stdout and stderr.
 """
 
 import argparse
@@ -77,6 +78,11 @@ class AdminClient:
         """Kill (or forget) one session."""
         quoted = urllib.parse.quote(session_id, safe="")
         return self.request("DELETE", f"/admin/sessions/{quoted}", {"purge": "true"} if purge else None)
+
+    def logs(self, session_id: str, lines: int | None = None) -> dict:
+        """The kept lines of one session's agent output."""
+        quoted = urllib.parse.quote(session_id, safe="")
+        return self.request("GET", f"/admin/sessions/{quoted}/logs", {"lines": lines})
 
 
 def _error_message(exc: urllib.error.HTTPError) -> str:
@@ -217,6 +223,18 @@ def sessions_kill(client: AdminClient, session_id: str, *, purge: bool, out=sys.
     return 0
 
 
+def sessions_logs(client: AdminClient, session_id: str, *, lines: int | None, as_json: bool, out=sys.stdout) -> int:
+    """``corral sessions logs ID``: one line per output line, ``TIME PID STREAM text``."""
+    answer = client.logs(session_id, lines)
+    if as_json:
+        print(json.dumps(answer, indent=1), file=out)
+        return 0
+    for entry in answer.get("lines", []):
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(entry.get("time", 0)))
+        print(f"{stamp}Z {entry.get('pid')} {entry.get('stream')} {entry.get('line')}", file=out)
+    return 0
+
+
 # ------------------------------------------------------------------------------------ parser
 
 def add_parsers(sub) -> None:
@@ -226,7 +244,7 @@ def add_parsers(sub) -> None:
     top_p.add_argument("--sort", choices=sorted(SORTS), default="mem", help="sort by (default mem)")
     top_p.add_argument("--once", action="store_true", help="print one plain snapshot and exit")
     top_p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
-    sessions = sub.add_parser("sessions", help="list or kill sessions of a running server")
+    sessions = sub.add_parser("sessions", help="list, kill or read the agent output of sessions of a running server")
     actions = sessions.add_subparsers(dest="action", required=True)
     list_p = actions.add_parser("list", help="list sessions (live and stored)")
     _connection_flags(list_p)
@@ -237,6 +255,11 @@ def add_parsers(sub) -> None:
     _connection_flags(kill_p)
     kill_p.add_argument("session_id")
     kill_p.add_argument("--purge", action="store_true", help="also delete its messages and record")
+    logs_p = actions.add_parser("logs", help="the last lines a session's agent wrote to stdout and stderr")
+    _connection_flags(logs_p)
+    logs_p.add_argument("session_id")
+    logs_p.add_argument("--lines", type=int, help="only the last N lines (default: all the server keeps)")
+    logs_p.add_argument("--json", action="store_true", help="print the admin API's answer as JSON")
 
 
 def _connection_flags(parser: argparse.ArgumentParser) -> None:
@@ -255,6 +278,8 @@ def run(args: argparse.Namespace) -> int:
             return top(client, sort=args.sort, once=args.once, interval=args.interval)
         if args.action == "list":
             return sessions_list(client, state=args.state, tenant=args.tenant, as_json=args.json)
+        if args.action == "logs":
+            return sessions_logs(client, args.session_id, lines=args.lines, as_json=args.json)
         return sessions_kill(client, args.session_id, purge=args.purge)
     except OpsError as exc:
         print(f"corral: {exc}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""The admin API (admin token): list, inspect, kill and interrupt sessions; stats.
+"""The admin API (admin token): list, inspect, kill and interrupt sessions, read their agents' output; stats.
 
 Rows merge the sessions this node holds in memory (live, or recently crashed) with the ones only
 the store knows (ended, or live on another node), newest first. In a cluster, ``?state=live``
@@ -79,6 +79,21 @@ async def get_session(request: web.Request) -> web.Response:
     found = await _found(request)
     node = {"node": request.app[SUPERVISOR].node} if isinstance(found, Session) else {}
     return web.json_response({**admin_row(found, request.app.get(PROCSTATS)), **node})
+
+
+@routes.get("/admin/sessions/{session_id}/logs")
+async def session_logs(request: web.Request) -> web.Response:
+    """The last lines its agent processes wrote to stdout and stderr, oldest first (``?lines=N``: the last N)."""
+    sup = request.app[SUPERVISOR]
+    want = query_int(request, "lines", default=sup.config.agent_log_lines, low=0, high=100_000)
+    found = await _found(request)
+    lines = sup.agent_output(found.id)
+    return web.json_response({
+        "session_id": found.id,
+        "tenant": found.tenant,
+        "lines": lines[-want:] if want else [],
+        "kept": sup.config.agent_log_lines,
+    })
 
 
 @routes.delete("/admin/sessions/{session_id}")

@@ -1,4 +1,5 @@
-// The admin dashboard: live sessions pushed over SSE (GET /admin/events), kill with a button.
+// The admin dashboard: live sessions pushed over SSE (GET /admin/events), each row's agent output
+// (GET /admin/sessions/{id}/logs) and a Kill button that asks first.
 // The admin token is asked for once and kept in sessionStorage; it goes as a Bearer token.
 "use strict";
 
@@ -6,8 +7,10 @@
   const TOKEN_KEY = "corral_admin_token";
   const $ = (id) => document.getElementById(id);
   const rows = new Map(); // session_id -> row data
+  const logs = new Map(); // session_id -> {lines, error} of each open Logs panel
   let controller = null;
   let attempt = 0;
+  let locked = false; // no (or a refused) admin token: nothing is listed until one is given
 
   const token = () => sessionStorage.getItem(TOKEN_KEY);
   const authHeaders = () => (token() ? { Authorization: `Bearer ${token()}` } : {});
@@ -40,10 +43,10 @@
   function render() {
     const body = $("sessions").querySelector("tbody");
     const sorted = [...rows.values()].sort((a, b) => (b.rss_bytes || 0) - (a.rss_bytes || 0) || a.session_id.localeCompare(b.session_id));
-    body.replaceChildren(...sorted.map(renderRow));
+    body.replaceChildren(...sorted.flatMap((r) => (logs.has(r.session_id) ? [renderRow(r), renderLogs(r)] : [renderRow(r)])));
     const total = sorted.reduce((sum, r) => sum + (r.rss_bytes || 0), 0);
-    $("totals").textContent = `${sorted.length} live · ${bytes(total)} RSS`;
-    $("empty").classList.toggle("hidden", sorted.length > 0);
+    $("totals").textContent = locked ? "" : `${sorted.length} live · ${bytes(total)} RSS`;
+    $("empty").classList.toggle("hidden", locked || sorted.length > 0);
   }
 
   function renderRow(r) {
@@ -61,14 +64,65 @@
       tr.appendChild(td);
     });
     const td = document.createElement("td");
+    const logsButton = document.createElement("button");
+    logsButton.className = "logs";
+    logsButton.textContent = logs.has(r.session_id) ? "Hide logs" : "Logs";
+    logsButton.setAttribute("aria-expanded", String(logs.has(r.session_id)));
+    logsButton.addEventListener("click", () => toggleLogs(r.session_id));
     const kill = document.createElement("button");
     kill.className = "danger kill";
     kill.textContent = "Kill";
     kill.disabled = r.state === "stopping";
     kill.addEventListener("click", () => killSession(r.session_id));
-    td.appendChild(kill);
+    td.append(logsButton, kill);
     tr.appendChild(td);
     return tr;
+  }
+
+  // The row under a session that shows its agent's last lines of stdout/stderr.
+  function renderLogs(r) {
+    const panel = logs.get(r.session_id);
+    const tr = document.createElement("tr");
+    tr.className = "logs-row";
+    tr.dataset.logsFor = r.session_id;
+    const td = document.createElement("td");
+    td.colSpan = 11;
+    const pre = document.createElement("pre");
+    pre.className = "logs";
+    if (panel.error) pre.textContent = panel.error;
+    else if (!panel.lines) pre.textContent = "loading…";
+    else if (!panel.lines.length) pre.textContent = "(no output kept for this session)";
+    else pre.textContent = panel.lines.map((l) => `${new Date(l.time * 1000).toISOString()} ${l.pid} ${l.stream} ${l.line}`).join("\n");
+    const refresh = document.createElement("button");
+    refresh.textContent = "Refresh";
+    refresh.addEventListener("click", () => loadLogs(r.session_id));
+    td.append(pre, refresh);
+    tr.appendChild(td);
+    return tr;
+  }
+
+  function toggleLogs(sessionId) {
+    if (logs.has(sessionId)) {
+      logs.delete(sessionId);
+      render();
+    } else {
+      logs.set(sessionId, {});
+      render();
+      loadLogs(sessionId);
+    }
+  }
+
+  async function loadLogs(sessionId) {
+    let panel;
+    try {
+      const response = await fetch(`/admin/sessions/${encodeURIComponent(sessionId)}/logs`, { headers: authHeaders() });
+      const data = await response.json().catch(() => ({}));
+      panel = response.ok ? { lines: data.lines } : { error: `logs: ${(data.error && data.error.message) || response.status}` };
+    } catch (error) {
+      panel = { error: `logs: ${error.message}` };
+    }
+    if (logs.has(sessionId)) logs.set(sessionId, panel); // unless it was closed meanwhile
+    render();
   }
 
   function merge(sessionId, fields) {
@@ -106,6 +160,8 @@
   }
 
   async function killSession(sessionId) {
+    const row = rows.get(sessionId) || {};
+    if (!window.confirm(`Kill session ${sessionId} (tenant ${row.tenant ?? "?"}, pid ${row.pid ?? "?"})? Its turn in progress is lost.`)) return;
     showError("");
     merge(sessionId, { state: "stopping" });
     render();
@@ -116,12 +172,17 @@
     }
   }
 
+  // Locked: say the dashboard needs the admin token (and why the server refused), list nothing.
   function askForToken(message) {
     if (controller) controller.abort();
+    locked = true;
+    rows.clear();
+    logs.clear();
     $("sessions").classList.add("hidden");
     $("login").classList.remove("hidden");
     $("login-error").textContent = message || "";
     setStatus("locked");
+    render();
     $("token").focus();
   }
 
@@ -129,6 +190,7 @@
   function connect() {
     if (controller) controller.abort();
     const mine = (controller = new AbortController());
+    locked = false;
     $("login").classList.add("hidden");
     $("sessions").classList.remove("hidden");
     $("logout").classList.toggle("hidden", !token());
@@ -147,7 +209,8 @@
           if (error.status === 401) {
             const refused = token() !== null;
             sessionStorage.removeItem(TOKEN_KEY);
-            askForToken(refused ? "that token was refused" : "");
+            const said = error.body && error.body.error && error.body.error.message;
+            askForToken(refused ? "That token was refused." : said ? `The server says: ${said}.` : "");
             return;
           }
         }

@@ -2,18 +2,19 @@
 // It keeps its session id in localStorage and sends it on every call, streams replies over
 // SSE (GET /api/chat/stream), reconnects with backoff (resuming with Last-Event-ID), interrupts
 // the turn in progress, and starts new sessions. When the server wants an API key (a 401), the
-// page asks for one and keeps it in localStorage "corral_api_key".
+// page shows a form for one (onNeedKey) and keeps it in localStorage "corral_api_key".
 "use strict";
 
 const STORAGE_KEY = "corral_session_id";
 const KEY_STORAGE = "corral_api_key";
 
 class ChatManager {
-  constructor({ backendUrl = "", onMessages, onStatus, onError } = {}) {
+  constructor({ backendUrl = "", onMessages, onStatus, onError, onNeedKey } = {}) {
     this.backendUrl = backendUrl;
     this.onMessages = onMessages || (() => {});
     this.onStatus = onStatus || (() => {});
     this.onError = onError || (() => {});
+    this.onNeedKey = onNeedKey || (() => {}); // called with the server's reason when it wants an API key
     this.sessionId = localStorage.getItem(STORAGE_KEY) || this.setSessionId(ChatManager.generateSessionId());
     this.messages = new Map(); // seq -> {seq, role, content}
     this.streaming = null; // {text} of the reply being streamed
@@ -32,12 +33,19 @@ class ChatManager {
     });
   }
 
-  // Ask the user for an API key; true if one was given.
-  static askForKey() {
-    const key = window.prompt("This server needs an API key:");
-    if (!key) return false;
+  // Keep an API key (sent as a Bearer token from now on) and reconnect with it.
+  setKey(key) {
     localStorage.setItem(KEY_STORAGE, key.trim());
-    return true;
+    this.connect();
+  }
+
+  // The server refused us (401): forget a key it refused and ask the page for one.
+  needKey(body) {
+    const refused = localStorage.getItem(KEY_STORAGE) !== null;
+    localStorage.removeItem(KEY_STORAGE);
+    this.disconnect();
+    this.onStatus("locked");
+    this.onNeedKey(refused ? "That key was refused." : (body && body.error && body.error.message) || "");
   }
 
   getSessionId() { return this.sessionId; }
@@ -74,9 +82,8 @@ class ChatManager {
           );
         } catch (error) {
           if (controller.signal.aborted) return;
-          if (error.status === 401 && !ChatManager.askForKey()) {
-            this.onError("this server needs an API key; reload the page to enter one");
-            this.onStatus("offline");
+          if (error.status === 401) {
+            this.needKey(error.body);
             return;
           }
         }
@@ -146,6 +153,7 @@ class ChatManager {
       body: JSON.stringify({ ...body, session_id: this.sessionId }),
     });
     const data = await response.json().catch(() => ({}));
+    if (response.status === 401) this.needKey(data);
     if (!response.ok) {
       const error = new Error((data.error && data.error.message) || `HTTP ${response.status}`);
       error.status = response.status;
@@ -201,6 +209,11 @@ class ChatManager {
       $("interrupt").disabled = state !== "busy";
     },
     onError: showError,
+    onNeedKey(reason) {
+      $("key-reason").textContent = reason;
+      $("key-form").classList.remove("hidden");
+      $("api-key").focus();
+    },
   });
   window.chatManager = chat; // for the console (and tests)
   $("session-id").textContent = chat.getSessionId();
@@ -209,7 +222,16 @@ class ChatManager {
     event.preventDefault();
     const text = $("input").value;
     $("input").value = "";
-    try { await chat.sendMessage(text); } catch (error) { showError(error.message); }
+    try { await chat.sendMessage(text); } catch (error) { if (error.status !== 401) showError(error.message); }
+  });
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const key = $("api-key").value.trim();
+    if (!key) return;
+    $("api-key").value = "";
+    $("key-form").classList.add("hidden");
+    showError("");
+    chat.setKey(key);
   });
   $("interrupt").addEventListener("click", () => chat.interrupt().catch((e) => showError(e.message)));
   $("new-session").addEventListener("click", () => {
