@@ -159,7 +159,7 @@ async def test_one_postgresql_node_name_one_server(make_config):
         other = await start(8081)
         assert (await other.store.get_session("p1")).ended_at is None  # another node's session: left alone
         elsewhere = await start(8080, schema + "_b")  # the same name in another schema is another identity
-        assert elsewhere.node == first.node
+        assert elsewhere.claim.orphans_of == first.claim.orphans_of  # one host:port name, two schemas
         await first.close()
         again = await start(8080)
         assert (await again.store.get_session("p1")).status == "ended"  # the name is free again
