@@ -18,7 +18,7 @@ import traceback
 
 from agent_proc import protocol as p
 from agent_proc.dealer import Dealer
-from agent_proc.agent import BadRequest, UnknownCommand, iter_reply
+from agent_proc.agent import BadRequest, UnknownCommand, UpstreamError, iter_reply
 from agent_proc.limits import OOM_EXIT_CODE
 from agent_proc.process import agent_title, set_title
 
@@ -150,6 +150,8 @@ class AgentLoop:
             answer = p.FAIL, {"code": p.UNKNOWN_COMMAND, "message": f"unknown command: {exc}"}
         except BadRequest as exc:
             answer = p.FAIL, {"code": p.BAD_REQUEST, "message": str(exc)}
+        except UpstreamError as exc:
+            answer = p.FAIL, {"code": p.UPSTREAM_ERROR, "message": str(exc)}
         except MemoryError:
             self._die(req, p.AGENT_OOM, "the agent ran out of memory", OOM_EXIT_CODE)
         except Exception:
