@@ -9,6 +9,7 @@ conversation comes from corral's store, and the AI messages the graph streams ar
 The graph's module is imported when this one is, in the zygote, so every session shares it.
 """
 
+import contextlib
 import importlib
 import os
 
@@ -36,6 +37,18 @@ def load_graph(spec: str | None = None):
         raise ValueError(f"{spec} is not a LangGraph graph (it has no astream)")
     return graph
 
+
+# What langchain_core imports lazily on a graph's first run: imported here, in the zygote, instead of
+# in every session's first turn.
+_FIRST_RUN_IMPORTS = (
+    "langchain_core.messages.block_translators.langchain_v0",
+    "langchain_core.tracers.context",
+    "langchain_core.tracers.run_collector",
+    "langchain_core.tracers.stdout",
+)
+for _name in _FIRST_RUN_IMPORTS:
+    with contextlib.suppress(ImportError):  # internal modules: a later release may move them
+        importlib.import_module(_name)
 
 if os.environ.get(GRAPH_VARIABLE):
     load_graph()  # in the zygote: import the graph's module (and what it imports) once for every session
