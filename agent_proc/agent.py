@@ -15,6 +15,11 @@ class BadRequest(ValueError):
     """Raised by a hook for input it cannot take; the turn fails, the process lives."""
 
 
+class UpstreamError(Exception):
+    """Raised by a hook when a service the agent relies on (a model's API, a tool server) failed:
+    the turn fails with 502 ``upstream_error`` and this message; the process lives."""
+
+
 class Agent:
     """One session's agent. Override the hooks you need."""
 

@@ -3,9 +3,11 @@
 It remembers facts told to it in its session ("my name is Alice" -> "Your name is Alice."),
 streams its replies word by word, and has commands that exercise the supervisor: ``sleep``
 (for interrupt), ``allocate`` (for the memory limit), ``crash`` (for isolation) and ``spin``
-(for CPU figures).
+(for CPU figures). ``AsyncDemoAgent`` is the same agent written with async hooks.
 """
 
+import asyncio
+import inspect
 import os
 import re
 import signal
@@ -128,3 +130,51 @@ class DemoAgent(Agent):
     def snapshot(self):
         """Facts, turn count and system notes."""
         return {"facts": dict(self.facts), "turns": self.turns, "system_notes": self.system_notes[-5:]}
+
+
+class AsyncDemoAgent(DemoAgent):
+    """The demo agent with async hooks: the same replies, on the agent process's event loop.
+
+    ``sleep`` awaits (an interrupt cancels it, and ``cancelled`` in the snapshot counts the
+    CancelledErrors it saw); ``block`` sleeps without awaiting, blocking the loop.
+    """
+
+    def __init__(self, session_id, tenant, metadata=None):
+        super().__init__(session_id, tenant, metadata)
+        self.cancelled = 0
+
+    async def on_start(self, history):
+        """Relearn the facts, after yielding to the loop once."""
+        await asyncio.sleep(0)
+        super().on_start(history)
+
+    async def on_message(self, text):
+        """Stream the reply word by word, yielding to the loop between words."""
+        for chunk in super().on_message(text):
+            await asyncio.sleep(0)
+            yield chunk
+
+    async def on_system(self, text):
+        """Keep system notes."""
+        return super().on_system(text)
+
+    async def on_command(self, command, args):
+        """The demo's commands; the async ones are awaited."""
+        result = super().on_command(command, args)
+        return await result if inspect.isawaitable(result) else result
+
+    async def cmd_sleep(self, args):
+        """Await n seconds; count a cancellation before letting it end the turn."""
+        seconds = _number(args, "seconds", low=0, high=3600)
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return {"slept": seconds}
+
+    cmd_block = DemoAgent.cmd_sleep  # time.sleep: blocks the event loop
+
+    def snapshot(self):
+        """The demo's state plus the cancellations seen."""
+        return {**super().snapshot(), "cancelled": self.cancelled}

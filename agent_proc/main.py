@@ -2,16 +2,23 @@
 
 Blocks on receive with no timeout while idle, so an idle agent costs no CPU. SIGINT interrupts
 the turn in progress only; one that lands between turns is ignored.
+
+Async hooks run on an event loop made in this process the first time one is called (never in the
+zygote, and never for an agent whose hooks are all sync). An interrupt cancels the turn's task; if
+the loop is blocked and cannot deliver the cancellation, the next SIGINT raises KeyboardInterrupt.
 """
 
+import asyncio
+import inspect
 import os
 import signal
+import socket
 import sys
 import traceback
 
 from agent_proc import protocol as p
 from agent_proc.dealer import Dealer
-from agent_proc.agent import BadRequest, UnknownCommand, iter_reply
+from agent_proc.agent import BadRequest, UnknownCommand, UpstreamError, iter_reply
 from agent_proc.limits import OOM_EXIT_CODE
 from agent_proc.process import agent_title, set_title
 
@@ -31,6 +38,10 @@ class AgentLoop:
         self.sigints_used = 0  # ... of which already ended a turn (or predate the current one)
         self.sending = False
         self.interrupt_pending = False  # an interrupt that landed mid-send, raised once the frame is out
+        self.loop: asyncio.AbstractEventLoop | None = None  # made on the first async hook
+        self.wakeup: socket.socket | None = None  # the signal wake-up fd while the loop runs
+        self.turn_task: asyncio.Task | None = None  # the async turn in progress
+        self.cancel_pending = False  # its cancellation was asked for and the loop has not taken it up
 
     def send(self, kind: int, req: int, body) -> None:
         """Send one frame to the supervisor, signed with our spawn token.
@@ -62,21 +73,54 @@ class AgentLoop:
                 continue  # only the supervisor can reach this socket; garbage means a bug, not an attack
             kind, req, body = frame[0], frame[1], frame[2]
             if kind == p.SHUTDOWN:
-                if self.agent is not None:
-                    self.agent.on_stop()
+                self.stop()
                 return 0
             self.handle(kind, req, body, frame[3] if len(frame) > 3 else 0)
+
+    def stop(self) -> None:
+        """Run the agent's ``on_stop`` (sync or async) and close the event loop, if one was made."""
+        try:
+            if self.agent is not None:
+                result = self.agent.on_stop()
+                if inspect.isawaitable(result):
+                    self.run_async(result)
+        finally:
+            if self.loop is not None:
+                self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+                self.loop.close()
 
     def _on_sigint(self, signum, frame):
         """Interrupt the turn in progress; between turns, remember it for the next one."""
         self.sigints += 1
-        if self.busy and self.sigints > self.sigints_used:  # not a late one sent before this turn
+        if self.cancel_pending:  # the loop is blocked (a sync call in an async hook): interrupt the call
+            self.cancel_pending = False
+            self.sigints_used = self.sigints
+            self._raise_interrupt()
+        elif self.busy and self.sigints > self.sigints_used:  # not a late one sent before this turn
             self.busy = False  # one interrupt per turn: a second SIGINT must not escape ``handle``
             self.sigints_used = self.sigints
-            if self.sending:
-                self.interrupt_pending = True
-                return
-            raise KeyboardInterrupt
+            if self.turn_task is not None:
+                self._cancel_soon(self.turn_task)
+            else:
+                self._raise_interrupt()
+
+    def _raise_interrupt(self) -> None:
+        """Raise KeyboardInterrupt now, or once the frame being sent is out."""
+        if self.sending:
+            self.interrupt_pending = True
+            return
+        raise KeyboardInterrupt
+
+    def _cancel_soon(self, task: asyncio.Task) -> None:
+        """Ask the loop to cancel the turn's task (safe in a signal handler: it only wakes the loop)."""
+        self.cancel_pending = True
+        self.loop.call_soon_threadsafe(self._cancel_turn, task)
+
+    def _cancel_turn(self, task: asyncio.Task) -> None:
+        """On the loop: cancel the task, unless its turn is over (a late callback)."""
+        if task is self.turn_task and self.cancel_pending:
+            self.cancel_pending = False
+            task.cancel()
 
     def handle(self, kind: int, req: int, body, sent_before: int = 0) -> None:
         """Run one message through the agent's hooks and answer it.
@@ -103,12 +147,14 @@ class AgentLoop:
             problem = p.reply_problem(answer[1])
             if problem is not None:
                 answer = p.FAIL, {"code": p.AGENT_BAD_REPLY, "message": problem}
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, asyncio.CancelledError):
             answer = p.FAIL, {"code": p.INTERRUPTED, "message": "the turn was interrupted"}
         except UnknownCommand as exc:
             answer = p.FAIL, {"code": p.UNKNOWN_COMMAND, "message": f"unknown command: {exc}"}
         except BadRequest as exc:
             answer = p.FAIL, {"code": p.BAD_REQUEST, "message": str(exc)}
+        except UpstreamError as exc:
+            answer = p.FAIL, {"code": p.UPSTREAM_ERROR, "message": str(exc)}
         except MemoryError:
             self._die(req, p.AGENT_OOM, "the agent ran out of memory", OOM_EXIT_CODE)
         except Exception:
@@ -124,28 +170,87 @@ class AgentLoop:
 
     def dispatch(self, kind: int, req: int, body):
         """Call the hook for this kind of message; stream chunks as they come."""
-        if kind == p.START:
-            body = body or {}
-            self.agent = self.agent_cls(self.session_id, self.tenant, body.get("metadata") or {})
-            self.agent.on_start(body.get("history") or [])
-            return None
-        if self.agent is None:
-            raise RuntimeError("message before START")
-        if kind == p.MESSAGE:
+        if kind == p.MESSAGE and self.agent is not None:
             result = self.agent.on_message(body)
             if isinstance(result, str):
                 return result  # not streamed: DONE carries it, and the supervisor shows it as one chunk
-            chunks = []
-            for chunk in iter_reply(result):
-                chunks.append(chunk)
-                self.send(p.CHUNK, req, chunk)
-            return "".join(chunks)
+            if inspect.isawaitable(result) or hasattr(result, "__aiter__"):
+                return self.run_async(self._reply_async(req, result))
+            return self.stream(req, result)
+        result = self.call_hook(kind, body)
+        return self.run_async(result) if inspect.isawaitable(result) else result
+
+    def call_hook(self, kind: int, body):
+        """Call the hook for a message other than a chat message; return what it returned."""
+        if kind == p.START:
+            body = body or {}
+            self.agent = self.agent_cls(self.session_id, self.tenant, body.get("metadata") or {})
+            return self.agent.on_start(body.get("history") or [])
+        if self.agent is None:
+            raise RuntimeError("message before START")
         if kind == p.SYSTEM:
             return self.agent.on_system(body)
         if kind == p.COMMAND:
             body = body if isinstance(body, dict) else {}
             return self.agent.on_command(str(body.get("command", "")), body.get("args"))
         raise BadRequest(f"unknown message kind {kind}")
+
+    def stream(self, req: int, result) -> str:
+        """Send a sync reply's chunks as they come; return the whole reply."""
+        chunks = []
+        for chunk in iter_reply(result):
+            chunks.append(chunk)
+            self.send(p.CHUNK, req, chunk)
+        return "".join(chunks)
+
+    async def _reply_async(self, req: int, result) -> str:
+        """Await an async ``on_message`` and stream what it gives: a string, or chunks (async or not)."""
+        if inspect.isawaitable(result):
+            result = await result
+        if isinstance(result, str):
+            return result
+        if not hasattr(result, "__aiter__"):
+            return self.stream(req, result)
+        chunks = []
+        try:
+            async for chunk in result:
+                chunk = str(chunk)
+                chunks.append(chunk)
+                self.send(p.CHUNK, req, chunk)
+        finally:
+            if hasattr(result, "aclose"):
+                await result.aclose()  # the agent's clean-up runs now, in this turn, not at some GC
+        return "".join(chunks)
+
+    def _make_loop(self) -> None:
+        """Make this process's event loop, with a socket the C signal handler writes to to wake it."""
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        reader, self.wakeup = socket.socketpair()
+        reader.setblocking(False)
+        self.wakeup.setblocking(False)
+        self.loop.add_reader(reader.fileno(), _drain, reader)
+
+    def run_async(self, coro):
+        """Run a coroutine as this turn's task on the agent's event loop; return its result.
+
+        An interrupt cancels the task (the agent sees CancelledError). While it runs, ``wakeup`` is the
+        signal wake-up fd, so a SIGINT landing just before the loop blocks in select still wakes it.
+        """
+        if self.loop is None:
+            self._make_loop()
+        task = self.turn_task = self.loop.create_task(coro)
+        previous_fd = signal.set_wakeup_fd(self.wakeup.fileno(), warn_on_full_buffer=False)
+        try:
+            return self.loop.run_until_complete(task)
+        finally:
+            self.turn_task = None
+            self.cancel_pending = False
+            signal.set_wakeup_fd(previous_fd)
+            if not task.done():
+                task.cancel()  # a KeyboardInterrupt escaped the loop between steps: stop the task for good
+            elif not task.cancelled():
+                task.exception()  # retrieved here (it is re-raised above), so asyncio does not log it
 
     def _die(self, req: int, code: str, message: str, exit_code: int):
         """Tell the supervisor why, then exit at once."""
@@ -155,6 +260,15 @@ class AgentLoop:
         finally:
             sys.stderr.flush()
             os._exit(exit_code)
+
+
+def _drain(sock: socket.socket) -> None:
+    """Empty the signal wake-up socket (waking the loop was its whole job)."""
+    try:
+        while sock.recv(512):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def run_agent(agent_cls, *, session_id: str, tenant: str, token: bytes, endpoint: str, routing_id: bytes,

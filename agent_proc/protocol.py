@@ -29,6 +29,7 @@ FAIL = 13  # body: {"code": str, "message": str} ends req_id
 INTERRUPTED = "interrupted"
 UNKNOWN_COMMAND = "unknown_command"
 BAD_REQUEST = "bad_request"
+UPSTREAM_ERROR = "upstream_error"
 AGENT_CRASHED = "agent_crashed"
 AGENT_OOM = "agent_oom"
 AGENT_BAD_REPLY = "agent_bad_reply"  # a result or snapshot that JSON cannot carry; the agent lives

@@ -149,6 +149,44 @@ def cold(table: Table, args) -> None:
     args.kernel_uss = peer["uss_median"]
 
 
+# ------------------------------------------------------------------------------------------ agents
+
+READY_AGENTS = {
+    "echo agent (the figures above)": ("bench.agents:EchoAgent", {}),
+    "OpenAI-compatible agent, local fake API": ("agent_proc.contrib.openai_chat:OpenAIChat", {
+        "CORRAL_OPENAI_MODEL": "fake-model"}),
+    "LangGraph agent, graph over a fake chat model": ("agent_proc.contrib.langgraph:GraphAgent", {
+        "CORRAL_LANGGRAPH_GRAPH": "bench.graph:graph"}),
+}
+
+
+def agents(table: Table, args) -> None:
+    """Cold start over HTTP with the ready agents (heavy imports in the zygote), and their warm turn."""
+    with server.bare(None, "bench.fake_openai") as api:
+        for label, (agent, env) in READY_AGENTS.items():
+            env = {**env, "CORRAL_OPENAI_BASE_URL": api.url + "/v1"}
+            with server.corral("memory", args.loop, env=env, agent=agent) as srv:
+                client("cold", srv.url, n=10, prefix="coldwarm")  # the first spawns fault pages in the zygote
+                times = client("cold", srv.url, n=args.cold, prefix="cold")["times"]
+                sessions = srv.agents()  # all still live: CPU each spent from fork to its first reply
+                cpu = sum(map(_cpu_ns, sessions)) / 1e9 / max(1, len(sessions))
+                rss = sum(p.memory_info().rss for p in srv.process().children() if p.cmdline()[:1] == ["corral: zygote"]
+                          or " ".join(p.cmdline()).startswith("corral: zygote"))
+            table.add(f"cold start over HTTP, {label}, median (p99)",
+                      f"{ms(statistics.median(times))} ({ms(footprint.percentile(times, 99))})", target="<= 15 ms")
+            table.add(f"CPU of a new session's process up to its first reply, {label}", ms(cpu))
+            table.add(f"zygote RSS (its imports, shared by every session), {label}", f"{rss / MB:.0f} MB")
+
+
+def _cpu_ns(proc) -> int:
+    """Nanoseconds a process has run on a CPU (schedstat: exact, where cpu_times counts 10 ms ticks)."""
+    try:
+        with open(f"/proc/{proc.pid}/schedstat") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 # ------------------------------------------------------------------------------------------ scale
 
 def scale(table: Table, args) -> None:
@@ -228,7 +266,7 @@ def _has_sse(url: str) -> bool:
 
 # ------------------------------------------------------------------------------------------ main
 
-PARTS = {"warm": warm, "cold": cold, "scale": scale, "stream": streaming}
+PARTS = {"warm": warm, "cold": cold, "agents": agents, "scale": scale, "stream": streaming}
 
 
 def machine() -> str:

@@ -100,8 +100,9 @@ class Server:
         return found
 
 
-def corral(store: str = "memory", loop: str | None = None, **overrides) -> Server:
-    """A ``corral serve`` subprocess with the bench settings (and ``store`` = memory | sqlite)."""
+def corral(store: str = "memory", loop: str | None = None, env: dict | None = None, **overrides) -> Server:
+    """A ``corral serve`` subprocess with the bench settings (and ``store`` = memory | sqlite; ``env``
+    adds variables, such as an agent's configuration)."""
     tmp = tempfile.TemporaryDirectory(prefix="corral-bench-")
     port = free_port()
     settings = {**BENCH_SETTINGS, **overrides, "port": port, "data_dir": os.path.join(tmp.name, "data")}
@@ -112,11 +113,11 @@ def corral(store: str = "memory", loop: str | None = None, **overrides) -> Serve
     argv = [os.path.join(os.path.dirname(sys.executable), "corral"), "serve"]
     for name, value in settings.items():
         argv += ["--" + name.replace("_", "-"), str(value)]
-    return Server(f"corral/{store}", argv, bench_env(), port, tmp)
+    return Server(f"corral/{store}", argv, {**bench_env(), **(env or {})}, port, tmp)
 
 
 def bare(loop: str | None = None, module: str = "bench.bare") -> Server:
-    """A baseline server subprocess: the bare aiohttp handler, or ``bench.naive_zmq``."""
+    """A baseline server subprocess: the bare aiohttp handler, ``bench.naive_zmq`` or ``bench.fake_openai``."""
     tmp = tempfile.TemporaryDirectory(prefix="corral-bench-")
     port = free_port()
     argv = [sys.executable, "-m", module, "--port", str(port)]

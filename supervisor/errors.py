@@ -57,6 +57,12 @@ class AgentBadReply(CorralError):
     status, code = 502, "agent_bad_reply"
 
 
+class UpstreamError(CorralError):
+    """A service the agent relies on (a model's API, a tool server) failed this turn; the agent lives."""
+
+    status, code = 502, "upstream_error"
+
+
 class AtCapacity(CorralError):
     status, code = 503, "at_capacity"
 

@@ -41,6 +41,7 @@ log = get_logger(component="supervisor")
 _FAIL_ERRORS = {
     p.UNKNOWN_COMMAND: errors.UnknownCommand,
     p.BAD_REQUEST: errors.BadRequest,
+    p.UPSTREAM_ERROR: errors.UpstreamError,
     p.AGENT_CRASHED: errors.AgentDied,
     p.AGENT_OOM: errors.AgentDied,
     p.AGENT_BAD_REPLY: errors.AgentBadReply,

@@ -65,6 +65,22 @@ async def sup(make_supervisor):
     return await make_supervisor()
 
 
+# The demo agent written both ways: behaviour tests run for each, since both must behave the same.
+DEMO_AGENTS = {"sync": "agent_proc.demo:DemoAgent", "async": "agent_proc.demo:AsyncDemoAgent"}
+
+
+@pytest.fixture(params=sorted(DEMO_AGENTS))
+def demo_agent(request) -> str:
+    """The demo agent's class path, once with sync hooks and once with async ones."""
+    return DEMO_AGENTS[request.param]
+
+
+@pytest.fixture
+async def demo_sup(make_supervisor, demo_agent):
+    """A started supervisor running the sync, then the async demo agent."""
+    return await make_supervisor(agent=demo_agent)
+
+
 async def wait_for_state(sup, session, states, timeout=10.0):
     """Wait (on events, not polling) until a session reaches one of ``states``."""
     if isinstance(states, str):

@@ -1,9 +1,12 @@
 """Small agents for the core tests."""
 
+import asyncio
 import os
+import socket
 import time
 
-from agent_proc.demo import DemoAgent
+from agent_proc import Agent
+from agent_proc.demo import AsyncDemoAgent, DemoAgent
 
 
 class ForkingAgent(DemoAgent):
@@ -32,3 +35,53 @@ class ForkingAgent(DemoAgent):
         signal.signal(signal.SIGINT, self._sigint_handler)
         time.sleep(args.get("seconds", 30))
         return {"slept": True}
+
+
+class AsyncShapes(Agent):
+    """Async hooks in every shape ``on_message`` may take; ``on_stop`` leaves a file behind."""
+
+    async def on_message(self, text):
+        """``plain``: a string; ``list``: a list of chunks; ``later``: a coroutine handing back an
+        async generator; anything else: an async generator of its words."""
+        if text == "plain":
+            return "a plain reply"
+        if text == "list":
+            return ["a ", "list ", "reply"]
+        if text == "later":
+            return self._words("an async generator handed back")
+        return self._words(text)  # not awaited: returned as is
+
+    async def _words(self, text):
+        """Yield the words of ``text``, yielding to the loop between them."""
+        words = text.split(" ")
+        for i, word in enumerate(words):
+            await asyncio.sleep(0)
+            yield word if i == len(words) - 1 else word + " "
+
+    async def on_stop(self):
+        """Write the session id to the file named in the session's metadata."""
+        await asyncio.sleep(0)
+        path = self.metadata.get("stop_file")
+        if path:
+            with open(path, "w") as f:
+                f.write(self.session_id)
+
+
+def announce(args) -> None:
+    """Send a datagram to the test's socket (``args["announce"]``): the hook has begun."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(b"began", args["announce"])
+
+
+class AnnouncingAsyncAgent(AsyncDemoAgent):
+    """The async demo agent whose ``sleep`` and ``block`` tell the test when they have begun."""
+
+    async def cmd_sleep(self, args):
+        """Announce, then await."""
+        announce(args)
+        return await super().cmd_sleep(args)
+
+    def cmd_block(self, args):
+        """Announce, then block the loop."""
+        announce(args)
+        return super().cmd_block(args)

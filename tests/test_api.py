@@ -14,6 +14,12 @@ async def client(aiohttp_client, make_config, tmp_path):
     return await start(aiohttp_client, make_config, tmp_path)
 
 
+@pytest.fixture
+async def demo_client(aiohttp_client, make_config, tmp_path, demo_agent):
+    """The same, running the sync and then the async demo agent."""
+    return await start(aiohttp_client, make_config, tmp_path, agent=demo_agent)
+
+
 async def chat(client, message: str, session_id: str | None = None, **kwargs) -> dict:
     """POST /api/chat and return the 200 body."""
     body = {"message": message}
@@ -22,8 +28,9 @@ async def chat(client, message: str, session_id: str | None = None, **kwargs) ->
     return await json_of(await client.post("/api/chat", json=body, **kwargs), 200)
 
 
-async def test_two_sessions_stay_isolated(client):
+async def test_two_sessions_stay_isolated(demo_client):
     """The seeds' Alice/Bob exchange: each session remembers only what it was told."""
+    client = demo_client
     assert (await chat(client, "my name is Alice", "s-alice"))["reply"] == "Got it: your name is Alice."
     assert (await chat(client, "my name is Bob", "s-bob"))["reply"] == "Got it: your name is Bob."
     assert (await chat(client, "what is my name?", "s-alice"))["reply"] == "Your name is Alice."
@@ -91,8 +98,9 @@ async def test_wait_false_answers_202_and_the_reply_is_kept(client):
     assert "Got it: your name is Eve." in [m["content"] for m in state["messages"]]
 
 
-async def test_interrupt_ends_a_sleep_turn(client):
+async def test_interrupt_ends_a_sleep_turn(demo_client):
     """POST /api/interrupt during a sleep: the waiting mcp-command returns status interrupted."""
+    client = demo_client
     call = await started_sleep(client, "s-sleepy")
     other = await chat(client, "still here", "s-awake")  # another session is not held up
     assert other["reply"] == "You said: still here"
@@ -102,8 +110,9 @@ async def test_interrupt_ends_a_sleep_turn(client):
     assert (await chat(client, "hello", "s-sleepy"))["reply"] == "You said: hello"  # the process lives on
 
 
-async def test_system_and_mcp_command_reach_the_right_session(client):
+async def test_system_and_mcp_command_reach_the_right_session(demo_client):
     """A system message and a command land in the named session only."""
+    client = demo_client
     await chat(client, "my colour is green", "s-one")
     await chat(client, "my colour is red", "s-two")
     system = await json_of(await client.post("/api/system", json={"message": "network=testnet", "session_id": "s-one"}), 200)

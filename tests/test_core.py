@@ -41,7 +41,8 @@ async def test_a_session_is_reused(sup):
     assert sup.count() == 1
 
 
-async def test_streamed_chunks_arrive_in_order(sup):
+async def test_streamed_chunks_arrive_in_order(demo_sup):
+    sup = demo_sup
     s = await sup.get_or_create("streamer", "default")
     chunks = []
     result = await sup.chat(s, "my favourite colour is deep ocean blue", on_chunk=chunks.append)
@@ -60,7 +61,8 @@ async def test_fifty_sessions_in_parallel(sup):
 
 
 @pytest.mark.parametrize("how", CRASH_KINDS)
-async def test_a_crash_touches_only_its_session(sup, how):
+async def test_a_crash_touches_only_its_session(demo_sup, how):
+    sup = demo_sup
     await say(sup, "victim", "my name is Alice")
     await say(sup, "bystander", "my name is Bob")
     bystander_pid = sup.sessions["bystander"].pid
@@ -76,7 +78,8 @@ async def test_a_crash_touches_only_its_session(sup, how):
     assert victim.state == states.IDLE and len(victim.restarts) == 1
 
 
-async def test_exit_classification_names_the_signal(sup):
+async def test_exit_classification_names_the_signal(demo_sup):
+    sup = demo_sup
     s = await sup.get_or_create("sig", "default")
     with pytest.raises(errors.AgentDied):
         await sup.command(s, "crash", {"how": "signal"})
@@ -84,8 +87,8 @@ async def test_exit_classification_names_the_signal(sup):
     assert s.exit_description == "killed by signal SIGSEGV"
 
 
-async def test_oom_ends_only_that_session(make_supervisor):
-    sup = await make_supervisor(memory_limit=64 * 1024 * 1024)
+async def test_oom_ends_only_that_session(make_supervisor, demo_agent):
+    sup = await make_supervisor(memory_limit=64 * 1024 * 1024, agent=demo_agent)
     mechanism = sup.limiter.mechanism
     print(f"memory limit enforced by {mechanism}")
     assert mechanism in ("cgroup2", "cgroup1", "rlimit")
@@ -128,7 +131,8 @@ async def test_max_age_expires_a_session(make_supervisor):
     assert await wait_for_state(sup, sup.sessions["old"], states.EXPIRED) == states.EXPIRED
 
 
-async def test_kill(sup):
+async def test_kill(demo_sup):
+    sup = demo_sup
     await say(sup, "doomed", "hello")
     s = sup.sessions["doomed"]
     pid = s.pid
@@ -137,7 +141,8 @@ async def test_kill(sup):
     assert not psutil.pid_exists(pid)
 
 
-async def test_interrupt_ends_a_sleep_turn_and_the_process_lives(sup):
+async def test_interrupt_ends_a_sleep_turn_and_the_process_lives(demo_sup):
+    sup = demo_sup
     s = await sup.get_or_create("napper", "default")
     await sup.chat(s, "my name is Nap")
     pid = s.pid
@@ -150,8 +155,8 @@ async def test_interrupt_ends_a_sleep_turn_and_the_process_lives(sup):
     assert (await sup.chat(s, "what is my name?"))["reply"] == "Your name is Nap."
 
 
-async def test_request_timeout_interrupts_the_turn(make_supervisor):
-    sup = await make_supervisor(request_timeout=0.5)
+async def test_request_timeout_interrupts_the_turn(make_supervisor, demo_agent):
+    sup = await make_supervisor(request_timeout=0.5, agent=demo_agent)
     s = await sup.get_or_create("slow", "default")
     with pytest.raises(errors.TurnTimeout):
         await sup.command(s, "sleep", {"seconds": 30})
@@ -268,7 +273,8 @@ async def test_rate_limit(make_supervisor):
     assert 0 < info.value.retry_after <= 1
 
 
-async def test_unknown_command_and_bad_args_keep_the_process(sup):
+async def test_unknown_command_and_bad_args_keep_the_process(demo_sup):
+    sup = demo_sup
     s = await sup.get_or_create("cmd", "default")
     await sup.chat(s, "hello")
     pid = s.pid

@@ -82,6 +82,14 @@ async def client(aiohttp_client, make_config):
     return await aiohttp_client(app)
 
 
+@pytest.fixture
+async def demo_client(aiohttp_client, make_config, demo_agent):
+    """The same, running the sync and then the async demo agent."""
+    app = create_app(make_config(agent=demo_agent))
+    app[STREAMS].keepalive = 0.2
+    return await aiohttp_client(app)
+
+
 async def listen(client, sid: str, **headers) -> SSE:
     """Open a stream of the session and check it is one."""
     response = await client.get("/api/chat/stream", params={"session_id": sid}, headers=headers)
@@ -97,8 +105,9 @@ async def chat(client, sid: str, message: str) -> dict:
     return await response.json()
 
 
-async def test_deltas_in_order_then_message(client):
+async def test_deltas_in_order_then_message(demo_client):
     """A listener gets the connect state, then each chunk in order, then the stored reply."""
+    client = demo_client
     stream = await listen(client, "alice")
     first = await stream.next()
     assert first["event"] == "state"
@@ -177,8 +186,9 @@ async def test_end_arrives_when_the_session_is_killed(client):
     stream.close()
 
 
-async def test_a_crash_during_a_turn_sends_error_and_end(client):
+async def test_a_crash_during_a_turn_sends_error_and_end(demo_client):
     """The agent dies mid-request: listeners get ``end`` (crashed) and the turn's ``error``."""
+    client = demo_client
     await chat(client, "gina", "hello")
     stream = await listen(client, "gina")
     await stream.next()

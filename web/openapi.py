@@ -22,7 +22,8 @@ ERROR_MEANINGS = {
     413: "Body or message over max_message_bytes",
     429: "Over the session's rate limit or mailbox bound, or the tenant's session quota",
     502: ("The agent died during the request (agent_crashed / agent_oom; the next request respawns it), "
-          "or answered with a result JSON cannot carry (agent_bad_reply; it lives on)"),
+          "answered with a result JSON cannot carry (agent_bad_reply), or a service it relies on failed "
+          "(upstream_error); in the last two it lives on"),
     503: "At max_sessions, the session's restart budget is spent, or the store or zygote is unavailable",
     504: "The turn took longer than request_timeout and was interrupted",
 }
