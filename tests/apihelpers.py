@@ -2,7 +2,7 @@
 
 import asyncio
 
-from conftest import wait_for_state
+from tests.conftest import wait_for_state
 from web.app import create_app
 from web.keys import PROCSTATS, SUPERVISOR
 

@@ -2,6 +2,9 @@
 
 import asyncio
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -22,6 +25,27 @@ async def drop_schema(schema: str) -> None:
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     finally:
         await conn.close()
+
+
+@pytest.fixture
+def reachable_dir():
+    """A directory sandboxed agents (each under its own uid) can reach, unlike the 0700 ``tmp_path``:
+    for the sockets a test listens on to hear that an agent's hook has begun."""
+    path = Path(tempfile.mkdtemp(prefix="corral-test-"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def listen_for_agents(path):
+    """A datagram socket at ``path`` any agent may send to (the file mode is what a dropped uid needs)."""
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    os.chmod(path, 0o666)
+    sock.setblocking(False)
+    return sock
 
 
 @pytest.fixture

@@ -4,11 +4,11 @@ import asyncio
 import os
 
 import pytest
-from apihelpers import (
+from tests.apihelpers import (
     ADMIN, ALICE, BOB, TENANTS, assert_error, interrupted, json_of, start, started_sleep, supervisor_of,
 )
 
-from conftest import wait_for_state
+from tests.conftest import wait_for_state
 from web.keys import BACKGROUND_TASKS
 
 

@@ -3,9 +3,9 @@
 import asyncio
 
 import pytest
-from apihelpers import assert_error, interrupted, json_of, start, started_sleep, supervisor_of
+from tests.apihelpers import assert_error, interrupted, json_of, start, started_sleep, supervisor_of
 
-from conftest import wait_for_state
+from tests.conftest import wait_for_state
 
 
 @pytest.fixture

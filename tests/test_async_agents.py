@@ -6,13 +6,12 @@ the sync and the async demo agent side by side in test_core, test_stream and tes
 
 import asyncio
 import os
-import socket
 
 import psutil
 import pytest
 
 from supervisor import errors, states
-from tests.conftest import wait_for_state
+from tests.conftest import listen_for_agents
 
 ASYNC_DEMO = "agent_proc.demo:AsyncDemoAgent"
 ANNOUNCING = "tests.core_agents:AnnouncingAsyncAgent"
@@ -29,9 +28,7 @@ async def started(sup, session_id: str, command: str, args: dict, tmp_path):
     s = await sup.get_or_create(session_id, "default")
     await sup.chat(s, "my name is Ada")
     path = str(tmp_path / f"began-{os.urandom(4).hex()}.sock")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as began:
-        began.bind(path)
-        began.setblocking(False)
+    with listen_for_agents(path) as began:
         turn = asyncio.ensure_future(sup.command(s, command, {**args, "announce": path}))
         await asyncio.wait_for(asyncio.get_running_loop().sock_recv(began, 16), 30)
     return s, turn
@@ -48,22 +45,22 @@ async def interrupt_and_ask(sup, session_id: str, command: str, tmp_path) -> dic
     return after["state"]
 
 
-async def test_an_interrupt_cancels_the_turns_task_and_the_agent_sees_it(make_supervisor, tmp_path):
+async def test_an_interrupt_cancels_the_turns_task_and_the_agent_sees_it(make_supervisor, reachable_dir):
     sup = await make_supervisor(agent=ANNOUNCING)
-    state = await interrupt_and_ask(sup, "awaiting", "sleep", tmp_path)
+    state = await interrupt_and_ask(sup, "awaiting", "sleep", reachable_dir)
     assert state["cancelled"] == 1  # the hook caught CancelledError (and re-raised it)
 
 
-async def test_a_hook_blocking_the_loop_is_still_interruptible(make_supervisor, tmp_path):
+async def test_a_hook_blocking_the_loop_is_still_interruptible(make_supervisor, reachable_dir):
     sup = await make_supervisor(agent=ANNOUNCING)
-    assert (await interrupt_and_ask(sup, "blocking", "block", tmp_path))["cancelled"] == 0
+    assert (await interrupt_and_ask(sup, "blocking", "block", reachable_dir))["cancelled"] == 0
     # The loop still serves async turns afterwards: the next one awaits, and is cancelled.
-    assert (await interrupt_and_ask(sup, "blocking", "sleep", tmp_path))["cancelled"] == 1
+    assert (await interrupt_and_ask(sup, "blocking", "sleep", reachable_dir))["cancelled"] == 1
 
 
-async def test_a_hook_blocking_the_loop_is_killable(make_supervisor, tmp_path):
+async def test_a_hook_blocking_the_loop_is_killable(make_supervisor, reachable_dir):
     sup = await make_supervisor(agent=ANNOUNCING)
-    s, turn = await started(sup, "stuck", "block", {"seconds": 600}, tmp_path)
+    s, turn = await started(sup, "stuck", "block", {"seconds": 600}, reachable_dir)
     pid = s.pid
     assert await sup.kill(s) == states.KILLED
     with pytest.raises(errors.AgentDied):
@@ -87,7 +84,8 @@ async def test_every_reply_shape_streams_the_same(make_supervisor):
 
 
 async def test_async_on_stop_runs_at_shutdown(make_supervisor, tmp_path):
-    sup = await make_supervisor(agent="tests.core_agents:AsyncShapes")
+    # unsandboxed: the hook proves it ran by writing a file, which the sandbox allows only in its own temp dir
+    sup = await make_supervisor(agent="tests.core_agents:AsyncShapes", sandbox="off")
     stop_file = tmp_path / "stopped"
     s = await sup.get_or_create("stopper", "default", {"stop_file": str(stop_file)})
     await sup.chat(s, "hello")

@@ -6,7 +6,7 @@ import socket
 import sys
 
 import pytest
-from apihelpers import (
+from tests.apihelpers import (
     ADMIN, ALICE, BOB, SMALL, TENANTS, assert_error, bearer, interrupted, json_of, start, started_sleep,
 )
 

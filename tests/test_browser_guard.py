@@ -6,7 +6,7 @@ Origin), and what curl and the built-in pages send (no Origin; the server's own 
 """
 
 import pytest
-from apihelpers import ADMIN, ALICE, TENANTS, assert_error, json_of, start, supervisor_of
+from tests.apihelpers import ADMIN, ALICE, TENANTS, assert_error, json_of, start, supervisor_of
 
 from web.browser_guard import host_name
 

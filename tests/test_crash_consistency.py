@@ -6,7 +6,6 @@ Also: a server started on bad data says so in one line and exits non-zero.
 """
 
 import asyncio
-import os
 import signal
 import socket
 import subprocess

@@ -4,7 +4,6 @@ nginx -t for the balancer config, systemd-analyze verify for the unit, the Kuber
 (kubernetes-validate, offline) for the manifests; each skips with the reason when its tool is absent.
 """
 
-import os
 import re
 import shutil
 import subprocess

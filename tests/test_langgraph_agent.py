@@ -2,11 +2,11 @@
 (tests/agents/graphs.py): the reply streams as deltas, the conversation comes from corral's store."""
 
 import asyncio
-import socket
 
 import pytest
 
 from supervisor import errors, states
+from tests.conftest import listen_for_agents
 
 AGENT = "agent_proc.contrib.langgraph:GraphAgent"
 GRAPHS = {
@@ -39,14 +39,12 @@ async def test_the_reply_streams_and_the_conversation_carries_on(sup):
     assert (await sup.chat(s, "ok"))["state"] == {"messages": 10}
 
 
-async def test_an_interrupt_cancels_the_graph(sup, tmp_path):
+async def test_an_interrupt_cancels_the_graph(sup, reachable_dir):
     s = await sup.get_or_create("patient", "default")
     await sup.chat(s, "hello")
     pid = s.pid
-    path = str(tmp_path / "began.sock")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as began:
-        began.bind(path)
-        began.setblocking(False)
+    path = str(reachable_dir / "began.sock")
+    with listen_for_agents(path) as began:
         turn = asyncio.ensure_future(sup.chat(s, f"slow {path}"))
         await asyncio.wait_for(asyncio.get_running_loop().sock_recv(began, 16), 30)  # the node runs
     assert sup.interrupt(s)

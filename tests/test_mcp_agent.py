@@ -11,14 +11,18 @@ from pathlib import Path
 
 import psutil
 import pytest
-from apihelpers import json_of, start
-
 from supervisor import errors, states
+from tests.apihelpers import json_of, start
 from tests.procs import wait_gone
 
 AGENT = "agent_proc.contrib.mcp_tools:MCPTools"
 SERVER = str(Path(__file__).parent / "agents" / "mcp_server.py")
 SLOW = 60.0  # starting a Python MCP server imports the SDK: seconds on a busy machine
+
+# The agent starts its MCP servers with this Python, which lives in root's 0700 home on the CI machine
+# kind: an agent under its own uid cannot exec it (docs/security.md, "the Python installation").
+# tests/test_sandbox.py holds the sandbox; these hold the agent.
+SANDBOX = "off"
 
 
 def stdio_servers(**names) -> str:
@@ -30,7 +34,7 @@ def stdio_servers(**names) -> str:
 async def sup(make_supervisor, monkeypatch):
     """A supervisor running the MCP agent with the test server configured."""
     monkeypatch.setenv("CORRAL_MCP_SERVERS", stdio_servers())
-    return await make_supervisor(agent=AGENT, request_timeout=SLOW)
+    return await make_supervisor(agent=AGENT, request_timeout=SLOW, sandbox=SANDBOX)
 
 
 async def call(sup, s, name: str, **arguments) -> dict:
@@ -69,7 +73,7 @@ async def test_bad_tool_requests_are_400s_and_the_agent_lives(sup):
 async def test_a_stdio_server_is_the_sessions_child_and_dies_with_it(make_supervisor, monkeypatch, mechanism):
     """With or without a cgroup to sweep (rlimit has none), a session's servers end with it."""
     monkeypatch.setenv("CORRAL_MCP_SERVERS", stdio_servers())
-    sup = await make_supervisor(agent=AGENT, request_timeout=SLOW, limit_mechanism=mechanism)
+    sup = await make_supervisor(agent=AGENT, request_timeout=SLOW, sandbox=SANDBOX, limit_mechanism=mechanism)
     s = await sup.get_or_create("parent", "default")
     server = json.loads((await call(sup, s, "whoami"))["content"][0]["text"])
     assert server["ppid"] == s.pid
@@ -104,7 +108,7 @@ async def test_an_interrupted_tool_call_leaves_the_server_usable(sup, tmp_path):
 
 async def test_a_server_that_cannot_start_is_an_upstream_error(make_supervisor, monkeypatch, tmp_path):
     monkeypatch.setenv("CORRAL_MCP_SERVERS", json.dumps({"mcpServers": {"ghost": {"command": str(tmp_path / "missing")}}}))
-    sup = await make_supervisor(agent=AGENT, request_timeout=SLOW)
+    sup = await make_supervisor(agent=AGENT, request_timeout=SLOW, sandbox=SANDBOX)
     s = await sup.get_or_create("haunted", "default")
     with pytest.raises(errors.UpstreamError, match="MCP server 'ghost' failed to start"):
         await sup.command(s, "list_tools", {})
@@ -113,7 +117,7 @@ async def test_a_server_that_cannot_start_is_an_upstream_error(make_supervisor, 
 
 async def test_mcp_command_endpoint_takes_list_tools_and_call_tool(aiohttp_client, make_config, tmp_path, monkeypatch):
     monkeypatch.setenv("CORRAL_MCP_SERVERS", stdio_servers())
-    client = await start(aiohttp_client, make_config, tmp_path, agent=AGENT, request_timeout=SLOW)
+    client = await start(aiohttp_client, make_config, tmp_path, agent=AGENT, request_timeout=SLOW, sandbox=SANDBOX)
     listed = await json_of(await client.post("/api/mcp-command", json={"command": "list_tools", "session_id": "web"}), 200)
     assert "add" in {t["name"] for t in listed["result"]}
     called = await json_of(await client.post("/api/mcp-command", json={
@@ -144,7 +148,7 @@ def http_server(unused_tcp_port):
 async def test_a_streamable_http_server_is_connected_to(make_supervisor, monkeypatch, http_server):
     monkeypatch.setenv("CORRAL_MCP_SERVERS", json.dumps({"mcpServers": {
         "remote": {"url": http_server}, "local": {"command": sys.executable, "args": [SERVER]}}}))
-    sup = await make_supervisor(agent=AGENT, request_timeout=SLOW)
+    sup = await make_supervisor(agent=AGENT, request_timeout=SLOW, sandbox=SANDBOX)
     s = await sup.get_or_create("remote-user", "default")
     with pytest.raises(errors.BadRequest, match="name the 'server'"):
         await call(sup, s, "add", a=1, b=2)

@@ -11,7 +11,7 @@ import asyncio
 import hypothesis
 import pytest
 import schemathesis
-from apihelpers import ADMIN, ALICE, TENANTS, start
+from tests.apihelpers import ADMIN, ALICE, TENANTS, start
 from schemathesis.core.failures import FailureGroup
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi.checks import (

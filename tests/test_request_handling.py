@@ -8,7 +8,7 @@ other error, without echoing the input.
 import json
 
 import pytest
-from apihelpers import ALICE, BOB, TENANTS, assert_error, json_of, start, supervisor_of
+from tests.apihelpers import ALICE, BOB, TENANTS, assert_error, json_of, start, supervisor_of
 from rawhttp import NETWORK_PAUSE, chunked, exchange, json_error_of, json_post, pieces_of, request_head
 
 MSS = 1448  # a typical TCP segment's payload

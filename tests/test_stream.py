@@ -4,7 +4,7 @@ import asyncio
 import json
 
 import pytest
-from apihelpers import ALICE, BOB, TENANTS, assert_error, start
+from tests.apihelpers import ALICE, BOB, TENANTS, assert_error, start
 
 from supervisor import errors, states
 from web.app import create_app
