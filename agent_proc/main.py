@@ -6,6 +6,7 @@ the turn in progress only; one that lands between turns is ignored.
 
 import os
 import signal
+import socket
 import sys
 import traceback
 
@@ -19,12 +20,11 @@ from agent_proc.process import agent_title, set_title
 class AgentLoop:
     """Serves one session's mailbox over its DEALER connection to the hub."""
 
-    def __init__(self, agent_cls, sock, *, session_id: str, tenant: str, token: bytes):
+    def __init__(self, agent_cls, sock, *, session_id: str, tenant: str):
         self.agent_cls = agent_cls
         self.sock = sock
         self.session_id = session_id
         self.tenant = tenant
-        self.token = token
         self.agent = None
         self.busy = False
         self.sigints = 0  # SIGINTs received
@@ -33,14 +33,14 @@ class AgentLoop:
         self.interrupt_pending = False  # an interrupt that landed mid-send, raised once the frame is out
 
     def send(self, kind: int, req: int, body) -> None:
-        """Send one frame to the supervisor, signed with our spawn token.
+        """Send one frame to the supervisor.
 
         The frame goes out whole even if the turn is interrupted meanwhile: a stream socket cut
         mid-frame would garble every frame after it. The interrupt is raised once it is sent.
         """
         self.sending = True
         try:
-            self.sock.send(p.pack([kind, self.token, req, body]))
+            self.sock.send(p.pack([kind, req, body]))
         finally:
             self.sending = False
         if self.interrupt_pending:
@@ -54,13 +54,16 @@ class AgentLoop:
         while True:
             try:
                 frame = p.unpack(self.sock.recv())
+                kind, req, body = frame[0], frame[1], frame[2]
             except EOFError:
                 return 0  # the supervisor closed our connection: it is shutting down
             except KeyboardInterrupt:
                 continue  # an interrupt that arrived after its turn ended
-            except ValueError:
-                continue  # only the supervisor can reach this socket; garbage means a bug, not an attack
-            kind, req, body = frame[0], frame[1], frame[2]
+            except (ValueError, IndexError) as exc:  # zmtp.ProtocolError is a ValueError
+                # Only the supervisor writes here, so this is a bug on its side; after a broken frame
+                # the stream cannot be trusted, and waiting on it would hang the session: exit now.
+                print(f"corral agent {self.session_id}: protocol error on its connection: {exc}", file=sys.stderr)
+                return p.PROTOCOL_ERROR_EXIT_CODE
             if kind == p.SHUTDOWN:
                 if self.agent is not None:
                     self.agent.on_stop()
@@ -151,10 +154,10 @@ class AgentLoop:
             os._exit(exit_code)
 
 
-def run_agent(agent_cls, *, session_id: str, tenant: str, token: bytes, endpoint: str, routing_id: bytes) -> int:
-    """Connect to the supervisor's ROUTER and serve; return the exit code."""
-    sock = Dealer(endpoint, routing_id)
+def run_agent(agent_cls, *, session_id: str, tenant: str, conn: socket.socket, routing_id: bytes) -> int:
+    """Speak ZMTP on the connection the supervisor gave us at spawn and serve; return the exit code."""
+    sock = Dealer(conn, routing_id)
     try:
-        return AgentLoop(agent_cls, sock, session_id=session_id, tenant=tenant, token=token).serve()
+        return AgentLoop(agent_cls, sock, session_id=session_id, tenant=tenant).serve()
     finally:
         sock.close()

@@ -1,7 +1,9 @@
 """The zygote: imports the agent code once, then forks one warm child per session.
 
 It runs in its own process (started by the supervisor with ``multiprocess``), talks to the
-supervisor over a pipe, and reports every child's pid and exit status. Forking from here costs
+supervisor over a pipe, and reports every child's pid and exit status. Each spawn request comes
+with the child's connection to the hub: one end of a socket pair, passed over a second socket
+with SCM_RIGHTS, so the child is connected from birth and the hub needs no listening socket. Forking from here costs
 milliseconds where a fresh interpreter costs tens of them, and children share its pages.
 """
 
@@ -11,6 +13,7 @@ import pickle
 import resource
 import selectors
 import signal
+import socket
 import sys
 import traceback
 
@@ -32,7 +35,7 @@ def recv_msg(conn):
     return pickle.loads(conn.recv_bytes())
 
 
-def zygote_main(conn, agent_spec: str, endpoint: str, supervisor_pid: int) -> None:
+def zygote_main(conn, fd_channel: socket.socket, agent_spec: str, supervisor_pid: int) -> None:
     """Entry point of the zygote process."""
     set_title(f"corral: zygote agent={agent_spec}")
     die_with_parent(supervisor_pid)
@@ -47,16 +50,16 @@ def zygote_main(conn, agent_spec: str, endpoint: str, supervisor_pid: int) -> No
         send_msg(conn, ("failed", f"cannot load agent {agent_spec}: {exc!r}"))
         return
     gc.freeze()  # keep the imported objects out of GC passes so children don't copy their pages
-    Zygote(conn, agent_cls, endpoint).serve()
+    Zygote(conn, fd_channel, agent_cls).serve()
 
 
 class Zygote:
     """Forks children on request and reports their deaths."""
 
-    def __init__(self, conn, agent_cls, endpoint: str):
+    def __init__(self, conn, fd_channel: socket.socket, agent_cls):
         self.conn = conn
+        self.fd_channel = fd_channel  # the supervisor sends each child's hub connection here, before its request
         self.agent_cls = agent_cls
-        self.endpoint = endpoint
         self.children: set[int] = set()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.selector = selectors.DefaultSelector()
@@ -96,14 +99,23 @@ class Zygote:
         return msg[0] != "quit"
 
     def spawn(self, req: dict) -> None:
-        """Fork one agent process and report its pid."""
+        """Fork one agent process with its hub connection and report its pid."""
+        try:
+            _, fds, _, _ = socket.recv_fds(self.fd_channel, 1, 1)  # sent before the request: never waits
+            if len(fds) != 1:
+                raise OSError(f"expected one connection, got {len(fds)} descriptors")
+        except OSError as exc:
+            send_msg(self.conn, ("spawn_failed", req["spawn_id"], f"no hub connection: {exc}"))
+            return
         try:
             pid = os.fork()
         except OSError as exc:
+            os.close(fds[0])
             send_msg(self.conn, ("spawn_failed", req["spawn_id"], f"fork failed: {exc}"))
             return
         if pid == 0:
-            self._become_agent(req)  # never returns
+            self._become_agent(req, fds[0])  # never returns
+        os.close(fds[0])  # the child's now: the hub sees EOF when the child's side closes
         self.children.add(pid)
         send_msg(self.conn, ("spawned", req["spawn_id"], pid))
 
@@ -127,7 +139,7 @@ class Zygote:
             self.children.discard(pid)
             send_msg(self.conn, ("exited", pid, status))
 
-    def _become_agent(self, req: dict) -> None:
+    def _become_agent(self, req: dict, conn_fd: int) -> None:
         """In the forked child: isolate, limit, and run the agent; always exits."""
         code = 1
         try:
@@ -141,6 +153,7 @@ class Zygote:
             os.close(self.wake_r)
             os.close(self.wake_w)
             self.conn.close()
+            self.fd_channel.close()
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash test must not litter cores
             apply_limits(req["limits"])
             set_title(agent_title(req["session_id"], req["tenant"], False))
@@ -151,8 +164,7 @@ class Zygote:
                 session_id=req["session_id"],
                 routing_id=req.get("routing_id") or req["session_id"].encode(),
                 tenant=req["tenant"],
-                token=req["token"],
-                endpoint=self.endpoint,
+                conn=socket.socket(fileno=conn_fd),
             )
         except BaseException:
             traceback.print_exc()

@@ -10,6 +10,8 @@ from pathlib import Path
 
 DEFAULT_AGENT = "agent_proc.demo:DemoAgent"
 LOOPS = ("auto", "asyncio", "uvloop")
+# Half the largest frame an agent accepts (agent_proc.dealer.MAX_FRAME_BYTES): room for msgpack's framing.
+MAX_HISTORY_BYTES = 32 * 1024 * 1024
 
 
 def default_data_dir() -> Path:
@@ -40,6 +42,14 @@ class Config:
     spawn_timeout: float = 10.0
     request_timeout: float = 120.0
     max_message_bytes: int = 64 * 1024
+    # An agent's own connection (docs/limits.md): frames a second, above the fastest stream measured
+    # (~131,000 chunks/s) and below what a flood sends; bytes it may send for one turn.
+    agent_frame_rate: float = 200_000.0  # 0 = no bound
+    max_turn_bytes: int = 64 * 1024 * 1024
+    # History handed to on_start: the last history_limit messages, as many of those as fit in
+    # history_limit_bytes (oldest dropped), so the START frame stays far under the agent's frame limit.
+    history_limit: int = 1000
+    history_limit_bytes: int = 8 * 1024 * 1024
     mailbox_size: int = 32  # turns in flight per session
     rate_limit: float = 20.0  # messages per second per session (token bucket); 0 = off
     rate_burst: int = 40
@@ -55,11 +65,15 @@ class Config:
         for name in ("idle_timeout", "stop_timeout", "spawn_timeout", "request_timeout", "restart_window"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
-        for name in ("max_sessions", "mailbox_size", "max_message_bytes"):
+        for name in ("max_sessions", "mailbox_size", "max_message_bytes", "max_turn_bytes", "history_limit"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_restarts < 0 or self.max_age < 0 or self.memory_limit < 0:
             raise ValueError("max_restarts, max_age and memory_limit cannot be negative")
+        if self.agent_frame_rate < 0:
+            raise ValueError("agent_frame_rate cannot be negative")
+        if not 0 <= self.history_limit_bytes <= MAX_HISTORY_BYTES:
+            raise ValueError(f"history_limit_bytes must be between 0 and {MAX_HISTORY_BYTES} (the START frame must fit)")
         if self.loop not in LOOPS:
             raise ValueError(f"loop must be one of {', '.join(LOOPS)}")
         self.data_dir = Path(self.data_dir)

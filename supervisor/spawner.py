@@ -1,13 +1,15 @@
 """How agent processes are launched: a pluggable piece (like jupyter_client's provisioners).
 
 ``ZygoteSpawner`` starts one zygote with ``multiprocess`` and asks it to fork a child per
-session; the zygote reports each child's pid and, the moment it dies, its wait status.
+session, handing it the child's hub connection (SCM_RIGHTS over a socket pair of their own);
+the zygote reports each child's pid and, the moment it dies, its wait status.
 """
 
 import asyncio
 import contextlib
 import itertools
 import os
+import socket
 import sys
 from collections.abc import Callable
 
@@ -29,8 +31,8 @@ class Spawner:
     async def start(self) -> None:
         """Get ready to spawn."""
 
-    async def spawn(self, request: dict) -> int:
-        """Start one agent process for ``request``; return its pid."""
+    async def spawn(self, request: dict, conn: socket.socket) -> int:
+        """Start one agent process for ``request`` speaking on ``conn``; return its pid."""
         raise NotImplementedError
 
     async def close(self) -> None:
@@ -61,19 +63,18 @@ class ZygoteSpawner(Spawner):
     def __init__(
         self,
         agent_spec: str,
-        endpoint: str,
         *,
         on_exit: Callable[[int, int], None],
         on_lost: Callable[[], None],
         start_timeout: float = 30.0,
     ):
         self.agent_spec = agent_spec
-        self.endpoint = endpoint
         self.on_exit = on_exit
         self.on_lost = on_lost
         self.start_timeout = start_timeout
         self.process = None
         self.conn = None
+        self.fd_channel: socket.socket | None = None
         self.pid: int | None = None
         self._pending: dict[int, asyncio.Future] = {}
         self._ids = itertools.count(1)
@@ -85,15 +86,17 @@ class ZygoteSpawner(Spawner):
         loop = asyncio.get_running_loop()
         ctx = multiprocess.get_context("spawn")
         self.conn, child_conn = ctx.Pipe(duplex=True)
+        self.fd_channel, child_fds = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.process = ctx.Process(
             target=zygote_main,
-            args=(child_conn, self.agent_spec, self.endpoint, os.getpid()),
+            args=(child_conn, child_fds, self.agent_spec, os.getpid()),
             name="corral-zygote",
             daemon=True,
         )
         with _hidden_main_module():
             self.process.start()
         child_conn.close()
+        child_fds.close()
         self.pid = self.process.pid
         self._ready = loop.create_future()
         loop.add_reader(self.conn.fileno(), self._on_readable)
@@ -107,14 +110,17 @@ class ZygoteSpawner(Spawner):
             raise
         log.info("zygote_ready", pid=self.pid, agent=self.agent_spec)
 
-    async def spawn(self, request: dict) -> int:
-        """Ask the zygote for one child; return its pid."""
+    async def spawn(self, request: dict, conn: socket.socket) -> int:
+        """Ask the zygote for one child speaking on ``conn``; return its pid."""
         if self.conn is None or self._closing:
             raise SpawnError("the zygote is not running")
         spawn_id = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._pending[spawn_id] = fut
         try:
+            # The descriptor first: the zygote takes it when it reads the request. A few bytes on
+            # a socket of our own, so neither send can block the loop.
+            socket.send_fds(self.fd_channel, [b"c"], [conn.fileno()])
             send_msg(self.conn, ("spawn", {**request, "spawn_id": spawn_id}))
         except (OSError, ValueError) as exc:
             self._pending.pop(spawn_id, None)
@@ -170,6 +176,9 @@ class ZygoteSpawner(Spawner):
             with contextlib.suppress(Exception):
                 self.conn.close()
             self.conn = None
+        if self.fd_channel is not None:
+            self.fd_channel.close()
+            self.fd_channel = None
 
     async def close(self) -> None:
         """Tell the zygote to quit and wait for it; kill it if it does not go."""
