@@ -26,6 +26,16 @@ def _caller(type_name: str):
     raise RuntimeError(f"no {type_name} up the stack")
 
 
+def _current_req() -> int:
+    """The request id of the turn being handled (a local of the agent loop's ``handle``)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "handle" and "req" in frame.f_locals:
+            return frame.f_locals["req"]
+        frame = frame.f_back
+    raise RuntimeError("not inside a turn")
+
+
 def _own_dealer():
     """The agent's own DEALER socket (what a hostile agent can always reach: it is its memory)."""
     return _caller("AgentLoop").sock
@@ -45,10 +55,12 @@ class Flooder(DemoAgent):
         return {"sent": frames}
 
     def cmd_raw_flood(self, args):
-        """Write ``frames`` copies of one raw ZMTP frame (``kind``: empty, ping or big_ping), never reading."""
+        """Write ``frames`` copies of one raw ZMTP frame, never reading: ``kind`` is empty, chunk (an
+        empty CHUNK of this very turn: nothing stray about it), ping or big_ping."""
         kind = args.get("kind", "empty")
         one = {
             "empty": zmtp.frame(b""),
+            "chunk": zmtp.frame(p.pack([p.CHUNK, _current_req(), ""])),
             "ping": zmtp.command(b"PING", b"\x00\x10" + b"c" * 16),  # the most context the spec allows
             "big_ping": zmtp.command(b"PING", b"\x00\x10" + b"c" * 65_536),
         }[kind]
