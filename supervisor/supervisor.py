@@ -624,7 +624,7 @@ class Supervisor:
             if turn is not None and turn.kind == p.MESSAGE and not turn.chunks and body and body.get("reply"):
                 # A reply the agent returned whole comes without a CHUNK frame (one frame less per
                 # turn); listeners still see it as the turn's one chunk, as if it had been streamed.
-                self._on_frame(rid, p.CHUNK, req, body["reply"])
+                self._on_frame(rid, p.CHUNK, req, body["reply"], 0)  # its bytes are counted with the DONE
             self._finish_turn(s, req, {"status": "done", **(body or {})})
         elif kind == p.FAIL:
             self._fail_turn(s, req, body or {})
