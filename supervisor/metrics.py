@@ -26,7 +26,10 @@ _COUNTERS = {
     "corral_oom_kills": (states.OOM, "Sessions whose agent was killed for exceeding its memory limit"),
     "corral_reaps": (states.REAPED, "Sessions stopped by the idle timeout"),
     "corral_expiries": (states.EXPIRED, "Sessions stopped by max_age"),
-    "corral_admin_kills": (states.KILLED, "Sessions killed by an admin"),
+    "corral_admin_kills": (states.KILLED, "Sessions killed: by an admin, or by the supervisor (abuse, unresponsive)"),
+    "corral_agents_killed_for_abuse": ("agents_killed_for_abuse", "Agents killed for abusing their connection"),
+    "corral_agents_unresponsive": ("agents_unresponsive", "Agents ended for ignoring the interrupt of a timed-out turn"),
+    "corral_agent_reads_paused": ("agent_reads_paused", "Times the hub stopped reading an agent that PINGs and reads no PONGs"),
     "corral_session_stops": (states.ENDED, "Sessions ended by their owner or at shutdown"),
 }
 
