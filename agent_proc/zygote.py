@@ -3,8 +3,9 @@
 It runs in its own process (started by the supervisor with ``multiprocess``), talks to the
 supervisor over a pipe, and reports every child's pid and exit status. Each spawn request comes
 with the child's connection to the hub: one end of a socket pair, passed over a second socket
-with SCM_RIGHTS, so the child is connected from birth and the hub needs no listening socket. Forking from here costs
-milliseconds where a fresh interpreter costs tens of them, and children share its pages.
+with SCM_RIGHTS, so the child is connected from birth and the hub needs no listening socket.
+Forking from here costs milliseconds where a fresh interpreter costs tens of them, and children
+share its pages.
 """
 
 import gc
@@ -101,7 +102,9 @@ class Zygote:
     def spawn(self, req: dict) -> None:
         """Fork one agent process with its hub connection and report its pid."""
         try:
-            _, fds, _, _ = socket.recv_fds(self.fd_channel, 1, 1)  # sent before the request: never waits
+            # Sent before the request, so this never waits. Close-on-exec: a program the agent runs
+            # does not inherit its connection.
+            _, fds, _, _ = socket.recv_fds(self.fd_channel, 1, 1, socket.MSG_CMSG_CLOEXEC)
             if len(fds) != 1:
                 raise OSError(f"expected one connection, got {len(fds)} descriptors")
         except OSError as exc:

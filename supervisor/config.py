@@ -42,9 +42,9 @@ class Config:
     spawn_timeout: float = 10.0
     request_timeout: float = 120.0
     max_message_bytes: int = 64 * 1024
-    # An agent's own connection (docs/limits.md): frames a second, above the fastest stream measured
-    # (~131,000 chunks/s) and below what a flood sends; bytes it may send for one turn.
-    agent_frame_rate: float = 200_000.0  # 0 = no bound
+    # An agent's own connection (docs/limits.md): frames a second (and the burst), hundreds of times
+    # a fast LLM stream, below what a flood sends; bytes it may send for one turn.
+    agent_frame_rate: float = 50_000.0  # 0 = no bound
     max_turn_bytes: int = 64 * 1024 * 1024
     # History handed to on_start: the last history_limit messages, as many of those as fit in
     # history_limit_bytes (oldest dropped), so the START frame stays far under the agent's frame limit.

@@ -34,7 +34,7 @@ SERVE_FLAGS = {
     "spawn_timeout": (float, "seconds an agent has to come up (default 10)"),
     "request_timeout": (float, "seconds a turn may take before it is interrupted (504) (default 120)"),
     "max_message_bytes": (parse_size, "largest message accepted (default 64K)"),
-    "agent_frame_rate": (float, "frames a second an agent may send on its connection before it is killed (default 200000; 0 = no bound)"),
+    "agent_frame_rate": (float, "frames a second an agent may send on its connection before it is killed (default 50000; 0 = no bound)"),
     "max_turn_bytes": (parse_size, "bytes an agent may send for one turn before it is killed (default 64M)"),
     "history_limit": (int, "messages of history handed to a restarted agent, newest first (default 1000)"),
     "history_limit_bytes": (parse_size, "bytes of history handed to a restarted agent, newest first (default 8M, at most 32M)"),
