@@ -1,4 +1,4 @@
-"""The agent's end of the hub: a blocking ZMTP DEALER on the supervisor's ipc socket.
+"""The agent's end of the hub: a blocking ZMTP DEALER on the connection it was given at spawn.
 
 An agent serves one message at a time, so a blocking socket read in the main thread is all it
 needs: no I/O thread, no context, no poller. Idle, it sits in ``recv`` and costs nothing.
@@ -10,16 +10,15 @@ from collections import deque
 from agent_proc import zmtp
 
 _READ_SIZE = 64 * 1024
+# The largest frame an agent takes from the supervisor (a START with its bounded history is the largest).
+MAX_FRAME_BYTES = 64 * 1024 * 1024
 
 
 class Dealer:
     """A connected DEALER: ``send`` and ``recv`` whole single-frame messages."""
 
-    def __init__(self, endpoint: str, routing_id: bytes, *, max_frame_bytes: int = 64 * 1024 * 1024):
-        if not endpoint.startswith("ipc://"):
-            raise ValueError(f"agents connect to an ipc:// endpoint, not {endpoint!r}")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(endpoint[len("ipc://"):])
+    def __init__(self, sock: socket.socket, routing_id: bytes, *, max_frame_bytes: int = MAX_FRAME_BYTES):
+        self.sock = sock
         self._reader = zmtp.Reader(max_frame_bytes)
         self._inbox: deque[bytes] = deque()
         self._peer_ready = False
@@ -29,6 +28,19 @@ class Dealer:
         while not self._reader.greeted:
             self._read()
         self._hello = zmtp.ready(b"DEALER", routing_id)
+
+    @classmethod
+    def connect(cls, endpoint: str, routing_id: bytes, **kwargs) -> "Dealer":
+        """A DEALER connected to a listening ``ipc://`` ROUTER (a libzmq one: corral's hub listens on nothing)."""
+        if not endpoint.startswith("ipc://"):
+            raise ValueError(f"a DEALER connects to an ipc:// endpoint, not {endpoint!r}")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(endpoint[len("ipc://"):])
+            return cls(sock, routing_id, **kwargs)
+        except BaseException:
+            sock.close()
+            raise
 
     def send(self, payload: bytes) -> None:
         """Send one message (blocks only while the supervisor's buffer is full)."""

@@ -26,12 +26,11 @@ from agent_proc.process import agent_title, set_title
 class AgentLoop:
     """Serves one session's mailbox over its DEALER connection to the hub."""
 
-    def __init__(self, agent_cls, sock, *, session_id: str, tenant: str, token: bytes):
+    def __init__(self, agent_cls, sock, *, session_id: str, tenant: str):
         self.agent_cls = agent_cls
         self.sock = sock
         self.session_id = session_id
         self.tenant = tenant
-        self.token = token
         self.agent = None
         self.busy = False
         self.sigints = 0  # SIGINTs received
@@ -44,14 +43,14 @@ class AgentLoop:
         self.cancel_pending = False  # its cancellation was asked for and the loop has not taken it up
 
     def send(self, kind: int, req: int, body) -> None:
-        """Send one frame to the supervisor, signed with our spawn token.
+        """Send one frame to the supervisor.
 
         The frame goes out whole even if the turn is interrupted meanwhile: a stream socket cut
         mid-frame would garble every frame after it. The interrupt is raised once it is sent.
         """
         self.sending = True
         try:
-            self.sock.send(p.pack([kind, self.token, req, body]))
+            self.sock.send(p.pack([kind, req, body]))
         finally:
             self.sending = False
         if self.interrupt_pending:
@@ -65,13 +64,16 @@ class AgentLoop:
         while True:
             try:
                 frame = p.unpack(self.sock.recv())
+                kind, req, body = frame[0], frame[1], frame[2]
             except EOFError:
                 return 0  # the supervisor closed our connection: it is shutting down
             except KeyboardInterrupt:
                 continue  # an interrupt that arrived after its turn ended
-            except ValueError:
-                continue  # only the supervisor can reach this socket; garbage means a bug, not an attack
-            kind, req, body = frame[0], frame[1], frame[2]
+            except (ValueError, IndexError) as exc:  # zmtp.ProtocolError is a ValueError
+                # Only the supervisor writes here, so this is a bug on its side; after a broken frame
+                # the stream cannot be trusted, and waiting on it would hang the session: exit now.
+                print(f"corral agent {self.session_id}: protocol error on its connection: {exc}", file=sys.stderr)
+                return p.PROTOCOL_ERROR_EXIT_CODE
             if kind == p.SHUTDOWN:
                 self.stop()
                 return 0
@@ -271,13 +273,13 @@ def _drain(sock: socket.socket) -> None:
         pass
 
 
-def run_agent(agent_cls, *, session_id: str, tenant: str, token: bytes, endpoint: str, routing_id: bytes,
+def run_agent(agent_cls, *, session_id: str, tenant: str, conn: socket.socket, routing_id: bytes,
               confine=None) -> int:
-    """Connect to the supervisor's ROUTER, confine ourselves (the sandbox), and serve; return the exit code."""
-    sock = Dealer(endpoint, routing_id)
+    """Speak ZMTP on the connection the supervisor gave us at spawn, confine ourselves (the sandbox), and serve."""
+    sock = Dealer(conn, routing_id)
     try:
         if confine is not None:
-            confine()  # after the connect: a sandboxed agent could not reach the hub's socket any more
-        return AgentLoop(agent_cls, sock, session_id=session_id, tenant=tenant, token=token).serve()
+            confine()
+        return AgentLoop(agent_cls, sock, session_id=session_id, tenant=tenant).serve()
     finally:
         sock.close()

@@ -3,8 +3,8 @@
 Every frame is one msgpack array. Supervisor -> agent: ``[kind, req_id, body, interrupts]``,
 where ``interrupts`` counts the SIGINTs the supervisor had sent this process when it sent the frame
 (so a SIGINT that lands before the agent picks the turn up still interrupts that turn).
-Agent -> supervisor: ``[kind, token, req_id, body]``; the token is the spawn token the agent
-was forked with, so the supervisor can drop frames an agent sends in another session's name.
+Agent -> supervisor: ``[kind, req_id, body]``. No token: each agent has its own connection,
+made at spawn, so the supervisor knows whose frame it is by where it came from.
 Kinds are small ints: they are packed on every message of the hot path.
 """
 
@@ -38,6 +38,9 @@ AGENT_BAD_REPLY = "agent_bad_reply"  # a result or snapshot that JSON cannot car
 # msgpack carries integers of at most 64 bits and nests at most a few hundred levels.
 INT_RANGE = (-(2**63), 2**64 - 1)
 MAX_DEPTH = 64
+
+# An agent exits with this code when its connection breaks the protocol (it cannot trust what follows).
+PROTOCOL_ERROR_EXIT_CODE = 3
 
 _packer = msgpack.Packer(use_bin_type=True)
 

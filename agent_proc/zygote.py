@@ -1,8 +1,11 @@
 """The zygote: imports the agent code once, then forks one warm child per session.
 
 It runs in its own process (started by the supervisor with ``multiprocess``), talks to the
-supervisor over a pipe, and reports every child's pid and exit status. Forking from here costs
-milliseconds where a fresh interpreter costs tens of them, and children share its pages.
+supervisor over a pipe, and reports every child's pid and exit status. Each spawn request comes
+with the child's connection to the hub (one end of a socket pair) and its stdout/stderr pipes,
+passed over a second socket with SCM_RIGHTS, so the child is connected from birth and the hub needs
+no listening socket. Forking from here costs milliseconds where a fresh interpreter costs tens of
+them, and children share its pages.
 """
 
 import gc
@@ -35,7 +38,7 @@ def recv_msg(conn):
     return pickle.loads(conn.recv_bytes())
 
 
-def zygote_main(conn, agent_spec: str, endpoint: str, supervisor_pid: int, options: dict | None = None) -> None:
+def zygote_main(conn, fd_channel: socket.socket, agent_spec: str, supervisor_pid: int, options: dict | None = None) -> None:
     """Entry point of the zygote process; ``options`` from ``supervisor.sandbox.Sandbox.zygote_options``."""
     set_title(f"corral: zygote agent={agent_spec}")
     die_with_parent(supervisor_pid)
@@ -59,7 +62,7 @@ def zygote_main(conn, agent_spec: str, endpoint: str, supervisor_pid: int, optio
         send_msg(conn, ("failed", f"cannot set up the sandbox: {exc}"))
         return
     gc.freeze()  # keep the imported objects out of GC passes so children don't copy their pages
-    Zygote(conn, agent_cls, endpoint, ns_init=ns_init).serve()
+    Zygote(conn, fd_channel, agent_cls, ns_init=ns_init).serve()
 
 
 def _enter_pid_namespace(conn) -> int:
@@ -126,13 +129,14 @@ def preload_stdlib() -> None:
 class Zygote:
     """Forks children on request and reports their deaths."""
 
-    def __init__(self, conn, agent_cls, endpoint: str, *, ns_init: int | None = None):
+    def __init__(self, conn, fd_channel: socket.socket, agent_cls, *, ns_init: int | None = None):
         self.conn = conn
+        # the supervisor sends each child's hub connection (and stdio pipes) here, before its request
+        self.fd_channel = fd_channel
         self.ns_init = ns_init  # pid 1 of the agents' pid namespace, if there is one
         self.pidfd = os.pidfd_open(os.getpid())  # lets a child check we are alive (its getppid is 0 in a pid namespace)
         self.uids: dict[int, int] = {}  # child pid -> its sandbox uid
         self.agent_cls = agent_cls
-        self.endpoint = endpoint
         self.children: set[int] = set()
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.selector = selectors.DefaultSelector()
@@ -173,17 +177,21 @@ class Zygote:
         return msg[0] != "quit"
 
     def spawn(self, req: dict) -> None:
-        """Fork one agent process and report its pid."""
-        stdio = self._recv_stdio() if req.get("stdio") else ()
+        """Fork one agent process with its hub connection (and stdio pipes) and report its pid."""
+        try:
+            fds = self._recv_descriptors(3 if req.get("stdio") else 1)
+        except OSError as exc:
+            send_msg(self.conn, ("spawn_failed", req["spawn_id"], f"no hub connection: {exc}"))
+            return
         try:
             pid = os.fork()
         except OSError as exc:
             send_msg(self.conn, ("spawn_failed", req["spawn_id"], f"fork failed: {exc}"))
             pid = None
         if pid == 0:
-            self._become_agent(req, stdio)  # never returns
-        for fd in stdio:
-            os.close(fd)  # the child's now: the supervisor sees EOF when the child's side closes
+            self._become_agent(req, fds[0], tuple(fds[1:]))  # never returns
+        for fd in fds:
+            os.close(fd)  # the child's now: the hub and the log reader see EOF when the child's side closes
         if pid is None:
             return
         self.children.add(pid)
@@ -220,13 +228,19 @@ class Zygote:
             self.children.discard(pid)
             send_msg(self.conn, ("exited", pid, status))
 
-    def _recv_stdio(self) -> tuple[int, ...]:
-        """The write ends of the child's stdout and stderr pipes, sent right after its spawn request."""
-        with socket.socket(fileno=os.dup(self.conn.fileno())) as sock:
-            _, fds, _, _ = socket.recv_fds(sock, 1, 2)
-        return tuple(fds)
+    def _recv_descriptors(self, count: int) -> list[int]:
+        """The child's hub connection, then its stdout and stderr pipes, sent just before its request.
 
-    def _become_agent(self, req: dict, stdio: tuple[int, ...]) -> None:
+        Close-on-exec: a program the agent runs inherits none of them (stdio is dup2'ed onto 1 and 2).
+        """
+        _, fds, _, _ = socket.recv_fds(self.fd_channel, 1, count, socket.MSG_CMSG_CLOEXEC)
+        if len(fds) != count:
+            for fd in fds:
+                os.close(fd)
+            raise OSError(f"expected {count} descriptors, got {len(fds)}")
+        return fds
+
+    def _become_agent(self, req: dict, conn_fd: int, stdio: tuple[int, ...]) -> None:
         """In the forked child: isolate, limit, and run the agent; always exits."""
         code = 1
         try:
@@ -244,6 +258,7 @@ class Zygote:
             os.close(self.wake_r)
             os.close(self.wake_w)
             self.conn.close()
+            self.fd_channel.close()
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash test must not litter cores
             apply_limits(req["limits"])
             set_title(agent_title(req["session_id"], req["tenant"], False))
@@ -254,8 +269,7 @@ class Zygote:
                 session_id=req["session_id"],
                 routing_id=req.get("routing_id") or req["session_id"].encode(),
                 tenant=req["tenant"],
-                token=req["token"],
-                endpoint=self.endpoint,
+                conn=socket.socket(fileno=conn_fd),
                 confine=lambda: sandbox.confine(req.get("sandbox")),
             )
         except BaseException:

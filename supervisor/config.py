@@ -26,6 +26,8 @@ class SettingError(ValueError):
     def __init__(self, name: str, problem: str):
         super().__init__(f"{name} {problem}")
         self.name, self.problem = name, problem
+# Half the largest frame an agent accepts (agent_proc.dealer.MAX_FRAME_BYTES): room for msgpack's framing.
+MAX_HISTORY_BYTES = 32 * 1024 * 1024
 
 
 def default_data_dir() -> Path:
@@ -56,6 +58,14 @@ class Config:
     spawn_timeout: float = 10.0
     request_timeout: float = 120.0
     max_message_bytes: int = 64 * 1024
+    # An agent's own connection (docs/limits.md): frames a second (and the burst), hundreds of times
+    # a fast LLM stream, below what a flood sends; bytes it may send for one turn.
+    agent_frame_rate: float = 50_000.0  # 0 = no bound
+    max_turn_bytes: int = 64 * 1024 * 1024
+    # History handed to on_start: the last history_limit messages, as many of those as fit in
+    # history_limit_bytes (oldest dropped), so the START frame stays far under the agent's frame limit.
+    history_limit: int = 1000
+    history_limit_bytes: int = 8 * 1024 * 1024
     mailbox_size: int = 32  # turns in flight per session
     rate_limit: float = 20.0  # messages per second per session (token bucket); 0 = off
     rate_burst: int = 40
@@ -86,12 +96,16 @@ class Config:
                      "node_lease"):
             if getattr(self, name) <= 0:
                 raise SettingError(name, "must be positive")
-        for name in ("max_sessions", "mailbox_size", "max_message_bytes", "rate_burst"):
+        for name in ("max_sessions", "mailbox_size", "max_message_bytes", "rate_burst", "max_turn_bytes", "history_limit"):
             if getattr(self, name) < 1:
                 raise SettingError(name, "must be at least 1")
         for name in ("max_restarts", "max_age", "memory_limit", "max_sessions_per_tenant", "retention", "rate_limit"):
             if getattr(self, name) < 0:
                 raise SettingError(name, "cannot be negative")
+        if self.agent_frame_rate < 0:
+            raise SettingError("agent_frame_rate", "cannot be negative")
+        if not 0 <= self.history_limit_bytes <= MAX_HISTORY_BYTES:
+            raise SettingError("history_limit_bytes", f"must be between 0 and {MAX_HISTORY_BYTES} (the START frame must fit)")
         if not 0 <= self.port <= 65535:
             raise SettingError("port", "must be 0-65535")
         self._check_choice("loop", LOOPS)

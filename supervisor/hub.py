@@ -1,17 +1,25 @@
-"""The hub: the ROUTER every agent's DEALER connects to, spoken natively on the asyncio loop.
+"""The hub: the ROUTER side of every agent's connection, spoken natively on the asyncio loop.
 
-ZMTP (ZeroMQ's wire protocol, ``agent_proc/zmtp.py``) over the ``ipc://`` Unix socket, each
-agent's connection an asyncio protocol: a frame is read and dispatched in the loop's own read
+ZMTP (ZeroMQ's wire protocol, ``agent_proc/zmtp.py``) over one Unix socket pair per agent,
+each supervisor end an asyncio protocol: a frame is read and dispatched in the loop's own read
 callback and written with one ``transport.write``, with no libzmq I/O thread to hand it across
-(docs/benchmarks.md). ROUTER semantics are kept: a peer is addressed by the routing id it
-announces, a second peer under a routing id in use is refused, sending to an unknown one fails.
-Frames whose spawn token does not match their routing id are dropped: an agent cannot speak for
-another session.
+(docs/benchmarks.md).
+
+There is no door: the hub listens on nothing. ``connect`` makes a socket pair for an agent about
+to be spawned and hands back the agent's end, which the zygote passes to the child; the
+supervisor's end is bound to that spawn's routing id from the start. An agent can only speak on
+its own connection, in its own session's name, so spawn tokens, anonymous peers, squatted routing
+ids and connection floods are gone by construction.
+
+Each connection is bounded (docs/limits.md): frames per second (a token bucket), the size of a
+frame, PING context as the ZMTP spec allows (16 bytes), and PONGs are never queued without
+backpressure: while the agent does not read what the hub writes, the hub stops reading it. An
+agent that breaks a bound is reported through ``on_abuse`` and its connection is cut.
 """
 
 import asyncio
-import itertools
-import os
+import socket
+import time
 from collections.abc import Callable
 
 from agent_proc import protocol as p
@@ -20,35 +28,54 @@ from supervisor.logs import get_logger
 
 log = get_logger(component="hub")
 
+# ZMTP 3.1: PING is a 2-byte TTL and at most 16 bytes of context.
+MAX_PING_CONTEXT = 16
+# Reasons on_abuse reports.
+FLOOD, PROTOCOL_ERROR = "flood", "protocol_error"
+
 
 class Hub:
-    """The ROUTER agents connect to."""
+    """The ROUTER agents are connected to at spawn."""
 
     def __init__(
         self,
-        run_dir: str,
         *,
-        token_for: Callable[[bytes], bytes | None],
-        on_frame: Callable[[bytes, int, int, object], None],
+        on_frame: Callable[[bytes, int, int, object, int], None],
         on_drop: Callable[[bytes, str], None] | None = None,
+        on_abuse: Callable[[bytes, str, str], None] | None = None,
+        on_pause: Callable[[bytes], None] | None = None,
         max_frame_bytes: int = 16 * 1024 * 1024,
+        frame_rate: float = 0,
     ):
-        self.path = os.path.join(run_dir, "agents.sock")
-        self.endpoint = f"ipc://{self.path}"
-        self.token_for = token_for
         self.on_frame = on_frame
         self.on_drop = on_drop
+        self.on_abuse = on_abuse
+        self.on_pause = on_pause  # an agent's reads were paused: it sends PINGs and reads no PONGs
         self.max_frame_bytes = max_frame_bytes
+        self.frame_rate = frame_rate  # frames a second per connection (and the burst); 0 = no bound
         self.dropped = 0
         self.peers: dict[bytes, AgentConnection] = {}
-        self._anonymous = itertools.count(1)
-        self._server: asyncio.AbstractServer | None = None
 
-    async def start(self) -> None:
-        """Listen on the ipc socket (only the owner may connect: 0600 in a 0700 run dir)."""
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(lambda: AgentConnection(self), self.path)
-        os.chmod(self.path, 0o600)
+    async def connect(self, rid: bytes) -> socket.socket:
+        """A new connection for the agent about to be spawned under ``rid``; return the agent's end."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await self.attach(rid, ours)
+        except BaseException:
+            ours.close()
+            theirs.close()
+            raise
+        return theirs
+
+    async def attach(self, rid: bytes, sock: socket.socket) -> None:
+        """Speak ROUTER on a connected stream socket, to the agent of ``rid`` (tests attach libzmq peers)."""
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: AgentConnection(self, rid), sock)
+
+    def disconnect(self, rid: bytes) -> None:
+        """Cut the connection of a spawn that is over (its process is gone or never came)."""
+        peer = self.peers.pop(rid, None)
+        if peer is not None:
+            peer.cut()
 
     def send(self, routing_id: bytes, frame: bytes) -> bool:
         """Send one frame to an agent; False if it is not connected."""
@@ -59,20 +86,16 @@ class Hub:
         return True
 
     def dispatch(self, rid: bytes, parts: list[bytes]) -> None:
-        """Authenticate one message from an agent and hand it on."""
+        """Decode one message from an agent and hand it on."""
         if len(parts) != 1:
             self.drop(rid, "malformed frame")
             return
         try:
-            kind, token, req, body = p.unpack(parts[0])
+            kind, req, body = p.unpack(parts[0])
         except (ValueError, TypeError):
             self.drop(rid, "undecodable frame")
             return
-        expected = self.token_for(rid)
-        if expected is None or token != expected:
-            self.drop(rid, "spawn token does not match routing id")
-            return
-        self.on_frame(rid, kind, req, body)
+        self.on_frame(rid, kind, req, body, len(parts[0]))
 
     def drop(self, rid: bytes, why: str) -> None:
         """Count and log a dropped frame (the first few per burst: a flood must not flood the log)."""
@@ -82,80 +105,113 @@ class Hub:
         if self.dropped <= 100 or self.dropped % 1000 == 0:
             log.warning("frame_dropped", routing_id=rid[:128].decode("utf-8", "replace"), reason=why, dropped=self.dropped)
 
-    def register(self, peer: "AgentConnection", rid: bytes) -> bool:
-        """Route to a peer by the id it announced; refuse a second one under an id in use."""
-        if not rid:
-            rid = b"\x00anonymous-%d" % next(self._anonymous)  # as libzmq names a peer without one
-        if rid in self.peers:
-            log.warning("duplicate_routing_id_refused", routing_id=rid[:128].decode("utf-8", "replace"))
-            return False
-        peer.rid = rid
-        self.peers[rid] = peer
-        return True
-
-    def unregister(self, peer: "AgentConnection") -> None:
-        """Forget a peer whose connection closed."""
-        if peer.rid is not None and self.peers.get(peer.rid) is peer:
-            del self.peers[peer.rid]
+    def abuse(self, rid: bytes, reason: str, detail: str) -> None:
+        """Report an agent that broke a bound of its connection (the connection is cut)."""
+        log.warning("agent_connection_abused", routing_id=rid[:128].decode("utf-8", "replace"), reason=reason, detail=detail)
+        if self.on_abuse is not None:
+            self.on_abuse(rid, reason, detail)
 
     def close(self) -> None:
-        """Stop listening and drop every connection."""
-        if self._server is not None:
-            self._server.close()
+        """Drop every connection."""
         for peer in list(self.peers.values()):
-            peer.transport.abort()
+            peer.cut()
         self.peers.clear()
 
 
 class AgentConnection(asyncio.Protocol):
-    """One agent's connection: the ZMTP handshake, then its messages to the hub."""
+    """One agent's connection, bound to its routing id: the ZMTP handshake, then its messages."""
 
-    def __init__(self, hub: Hub):
+    def __init__(self, hub: Hub, rid: bytes):
         self.hub = hub
+        self.rid = rid
         self.reader = zmtp.Reader(hub.max_frame_bytes)
         self.transport: asyncio.Transport | None = None
-        self.rid: bytes | None = None
+        self.closed = False  # cut: what is left of the current read is not dispatched
+        self.ready = False
+        self.writing_paused = False  # our writes are piling up: the agent is not reading
+        self.reading_paused = False  # ... and it sent a PING meanwhile, so we stopped reading it
+        self.allowance = float(hub.frame_rate)
+        self.stamp = time.monotonic()
 
     def connection_made(self, transport) -> None:
         """Greet at once: the agent does the same, so the handshake costs no round trip."""
         self.transport = transport
+        old = self.hub.peers.get(self.rid)
+        if old is not None:
+            old.cut()
+        self.hub.peers[self.rid] = self
         transport.write(zmtp.GREETING + zmtp.ready(b"ROUTER"))
 
     def data_received(self, data: bytes) -> None:
-        """Dispatch every whole message the read completed."""
+        """Dispatch every whole message the read completed, within the connection's bounds."""
         reader = self.reader
+        items = reader.feed(data)
+        if items and self.hub.frame_rate and not self._within_rate(len(items)):
+            self._cut(FLOOD, f"over {self.hub.frame_rate:g} frames a second on its connection")
+            return
         try:
-            for is_command, value in reader.feed(data):
+            for is_command, value in items:
+                if self.closed:
+                    return
                 if is_command:
-                    if not self._on_command(value):
-                        return
-                elif self.rid is None:
+                    self._on_command(value)
+                elif not self.ready:
                     raise zmtp.ProtocolError("a message before READY")
                 else:
                     self.hub.dispatch(self.rid, value)
         except zmtp.ProtocolError as exc:
-            self._refuse(str(exc))
+            self._cut(PROTOCOL_ERROR, str(exc))
             return
         if reader.error is not None:
-            self._refuse(reader.error)
+            self._cut(PROTOCOL_ERROR, reader.error)
 
-    def _on_command(self, body: bytes) -> bool:
-        """READY registers the peer under its routing id; PING is answered. False: connection refused."""
+    def _within_rate(self, frames: int) -> bool:
+        """Take ``frames`` from the token bucket (refilled at frame_rate a second, capped at one second's worth)."""
+        now = time.monotonic()
+        rate = self.hub.frame_rate
+        self.allowance = min(rate, self.allowance + (now - self.stamp) * rate) - frames
+        self.stamp = now
+        return self.allowance >= 0
+
+    def _on_command(self, body: bytes) -> None:
+        """READY completes the handshake; PING is answered, with backpressure."""
         name, data = zmtp.parse_command(body)
-        if name == b"READY" and self.rid is None:
-            props = zmtp.ready_properties(data, b"DEALER")
-            if not self.hub.register(self, props.get(b"Identity", b"")):
-                self.transport.abort()  # libzmq's ROUTER ignores such a peer; we hang up on it
-                return False
+        if name == b"READY" and not self.ready:
+            zmtp.ready_properties(data, b"DEALER")  # the Identity it announces changes nothing: we know who it is
+            self.ready = True
         elif name == b"PING":
+            if len(data) > 2 + MAX_PING_CONTEXT:
+                raise zmtp.ProtocolError(f"a PING with {len(data) - 2} bytes of context (at most {MAX_PING_CONTEXT})")
+            if self.writing_paused and not self.reading_paused:
+                # It sends PINGs and does not read the PONGs: read nothing more until it does.
+                self.reading_paused = True
+                self.transport.pause_reading()
+                if self.hub.on_pause is not None:
+                    self.hub.on_pause(self.rid)
             self.transport.write(zmtp.pong(data))
-        return True
 
-    def _refuse(self, why: str) -> None:
-        """Close a connection that broke the protocol (an oversize frame, garbage)."""
-        self.hub.drop(self.rid or b"", why)
+    def pause_writing(self) -> None:
+        """Our write buffer passed its high-water mark."""
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        """The agent read what we wrote: read it again if a PING made us stop."""
+        self.writing_paused = False
+        if self.reading_paused:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def cut(self) -> None:
+        """Hang up, dropping what is unread and unsent."""
+        self.closed = True
         self.transport.abort()
 
+    def _cut(self, reason: str, detail: str) -> None:
+        """Hang up on an agent that broke a bound, and report it."""
+        self.cut()
+        self.hub.abuse(self.rid, reason, detail)
+
     def connection_lost(self, exc) -> None:
-        """The agent exited or was refused."""
-        self.hub.unregister(self)
+        """The agent exited, or its connection was cut."""
+        if self.hub.peers.get(self.rid) is self:
+            del self.hub.peers[self.rid]

@@ -40,6 +40,7 @@ class Turn:
     on_chunk: object = None  # callable(str) or None
     chunks: int = 0
     abandoned: bool = False  # the caller gave up (timeout); the answer is dropped when it comes
+    bytes: int = 0  # what the agent has sent for it so far (bounded by max_turn_bytes)
 
 
 class TokenBucket:
@@ -71,7 +72,6 @@ class Session:
     metadata: dict = field(default_factory=dict)
     state: str | None = None
     pid: int | None = None
-    token: bytes | None = None
     limits: dict | None = None
     sandbox: dict | None = None  # this process's sandbox spec (uid, temp dir), freed after it exits
     generation: int = 0
@@ -83,6 +83,7 @@ class Session:
     end_reason: str | None = None
     exit_description: str | None = None
     stop_reason: str | None = None
+    kill_reason: str | None = None  # why the supervisor killed the current process (flood, unresponsive, ...)
     agent_state: dict = field(default_factory=dict)
     turns: dict = field(default_factory=dict)  # req id -> Turn, sent to the agent
     interrupts: int = 0  # SIGINTs sent to the current process
@@ -94,8 +95,7 @@ class Session:
     dying: bool = False  # the agent announced its death (FAIL agent_crashed/agent_oom) and is exiting
     ready: asyncio.Future | None = None  # resolves on the agent's READY
     timers: dict = field(default_factory=dict)  # name -> asyncio.TimerHandle
-    # The ZeroMQ routing id of the current process: the session id plus a random per-spawn suffix,
-    # so no agent can connect first under a session's id and lock its next process out (see _spawn).
+    # The routing id of the current process's hub connection: the session id plus a per-spawn suffix.
     routing_id: bytes = b""
     epoch: int | None = None  # the cluster claim this node's process runs under (None: not claimed)
 

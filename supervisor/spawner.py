@@ -1,7 +1,8 @@
 """How agent processes are launched: a pluggable piece (like jupyter_client's provisioners).
 
 ``ZygoteSpawner`` starts one zygote with ``multiprocess`` and asks it to fork a child per
-session; the zygote reports each child's pid and, the moment it dies, its wait status.
+session, handing it the child's hub connection (SCM_RIGHTS over a socket pair of their own);
+the zygote reports each child's pid and, the moment it dies, its wait status.
 """
 
 import asyncio
@@ -30,8 +31,8 @@ class Spawner:
     async def start(self) -> None:
         """Get ready to spawn."""
 
-    async def spawn(self, request: dict, *, stdio: tuple[int, int] | None = None) -> int:
-        """Start one agent process for ``request`` (stdout and stderr onto ``stdio``); return its pid."""
+    async def spawn(self, request: dict, conn: socket.socket, *, stdio: tuple[int, int] | None = None) -> int:
+        """Start one agent process for ``request`` speaking on ``conn`` (stdout and stderr onto ``stdio``); return its pid."""
         raise NotImplementedError
 
     async def close(self) -> None:
@@ -62,7 +63,6 @@ class ZygoteSpawner(Spawner):
     def __init__(
         self,
         agent_spec: str,
-        endpoint: str,
         *,
         on_exit: Callable[[int, int], None],
         on_lost: Callable[[], None],
@@ -70,13 +70,13 @@ class ZygoteSpawner(Spawner):
         zygote_options: dict | None = None,
     ):
         self.agent_spec = agent_spec
-        self.endpoint = endpoint
         self.on_exit = on_exit
         self.on_lost = on_lost
         self.start_timeout = start_timeout
         self.zygote_options = zygote_options or {}
         self.process = None
         self.conn = None
+        self.fd_channel: socket.socket | None = None
         self.pid: int | None = None
         self._pending: dict[int, asyncio.Future] = {}
         self._ids = itertools.count(1)
@@ -88,15 +88,17 @@ class ZygoteSpawner(Spawner):
         loop = asyncio.get_running_loop()
         ctx = multiprocess.get_context("spawn")
         self.conn, child_conn = ctx.Pipe(duplex=True)
+        self.fd_channel, child_fds = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.process = ctx.Process(
             target=zygote_main,
-            args=(child_conn, self.agent_spec, self.endpoint, os.getpid(), self.zygote_options),
+            args=(child_conn, child_fds, self.agent_spec, os.getpid(), self.zygote_options),
             name="corral-zygote",
             daemon=True,
         )
         with _hidden_main_module():
             self.process.start()
         child_conn.close()
+        child_fds.close()
         self.pid = self.process.pid
         self._ready = loop.create_future()
         loop.add_reader(self.conn.fileno(), self._on_readable)
@@ -110,20 +112,18 @@ class ZygoteSpawner(Spawner):
             raise
         log.info("zygote_ready", pid=self.pid, agent=self.agent_spec)
 
-    async def spawn(self, request: dict, *, stdio: tuple[int, int] | None = None) -> int:
-        """Ask the zygote for one child writing its stdout and stderr to ``stdio``; return its pid."""
+    async def spawn(self, request: dict, conn: socket.socket, *, stdio: tuple[int, int] | None = None) -> int:
+        """Ask the zygote for one child speaking on ``conn``, writing stdout and stderr to ``stdio``; return its pid."""
         if self.conn is None or self._closing:
             raise SpawnError("the zygote is not running")
         spawn_id = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._pending[spawn_id] = fut
         try:
+            # The descriptors first (the connection, then the stdio pipes): the zygote takes them when
+            # it reads the request. A few bytes on a socket of their own, so neither send blocks the loop.
+            socket.send_fds(self.fd_channel, [b"c"], [conn.fileno(), *(stdio or ())])
             send_msg(self.conn, ("spawn", {**request, "spawn_id": spawn_id, "stdio": stdio is not None}))
-            if stdio is not None:
-                # After the request on the same stream: the zygote reads the request's exact length,
-                # then these descriptors (a byte of their own, SCM_RIGHTS), before it forks.
-                with socket.socket(fileno=os.dup(self.conn.fileno())) as sock:
-                    socket.send_fds(sock, [b"s"], list(stdio))
         except (OSError, ValueError) as exc:
             self._pending.pop(spawn_id, None)
             raise SpawnError(f"the zygote is gone: {exc}") from None
@@ -178,6 +178,9 @@ class ZygoteSpawner(Spawner):
             with contextlib.suppress(Exception):
                 self.conn.close()
             self.conn = None
+        if self.fd_channel is not None:
+            self.fd_channel.close()
+            self.fd_channel = None
 
     async def close(self) -> None:
         """Tell the zygote to quit and wait for it; kill it if it does not go."""

@@ -53,9 +53,11 @@ _DEATH_CODES = {states.OOM: p.AGENT_OOM, states.CRASHED: p.AGENT_CRASHED}
 _TURN_STATES = (states.IDLE, states.BUSY)
 # Store status of a session whose server died while it was live (not a state of a live server).
 LOST, LOST_REASON = "lost", "server_died"
-# Frames an agent may send for turns it was never given (or with a forged token on its own
-# connection) before it is killed as hostile. A well-behaved agent sends none.
+# Frames an agent may send for turns it was never given before it is killed as hostile.
+# A well-behaved agent sends none.
 STRAY_FRAME_LIMIT = 10_000
+# Why an agent was killed for what it did (a session's end_reason; docs/limits.md).
+UNRESPONSIVE, STRAY_FRAMES, TURN_TOO_LARGE = "unresponsive", "stray_frames", "turn_too_large"
 
 
 class Supervisor(Activation):
@@ -79,6 +81,8 @@ class Supervisor(Activation):
         self.policy = RestartPolicy(config.max_restarts, config.restart_window)
         self.reaper = Reaper(idle_timeout=config.idle_timeout, max_age=config.max_age, on_due=self._on_due)
         self.turn_deadlines = Deadlines(on_due=self._time_out)  # turn -> its session, until request_timeout
+        # A timed-out turn -> its session, for stop_timeout/2 more: then the agent is unresponsive.
+        self.hung_turns = Deadlines(on_due=self._turn_hung)
         self.run_dir: str | None = None
         self.limiter = None
         self.sandbox = None
@@ -139,8 +143,8 @@ class Supervisor(Activation):
         await self.store.open()
         await self._join_cluster()
         await self._end_orphans()
-        self.hub = Hub(self.run_dir, token_for=self._token_for, on_frame=self._on_frame, on_drop=self._on_drop)
-        await self.hub.start()
+        self.hub = Hub(on_frame=self._on_frame, on_drop=self._on_drop, on_abuse=self._on_abuse,
+                       on_pause=self._on_pause, frame_rate=self.config.agent_frame_rate)
         await self._start_spawner()
 
     def _choose_sandbox(self) -> None:
@@ -169,7 +173,7 @@ class Supervisor(Activation):
     async def _start_spawner(self) -> None:
         """Start a zygote."""
         spawner = ZygoteSpawner(
-            self.config.agent, self.hub.endpoint, on_exit=self._on_exit, on_lost=self._on_zygote_lost,
+            self.config.agent, on_exit=self._on_exit, on_lost=self._on_zygote_lost,
             zygote_options=self.sandbox.zygote_options(),
         )
         await spawner.start()
@@ -195,6 +199,7 @@ class Supervisor(Activation):
         if self._background:
             await asyncio.wait(list(self._background), timeout=5)
         self.turn_deadlines.close()
+        self.hung_turns.close()
         if self.hub is not None:
             self.hub.close()
         if self.limiter is not None:
@@ -369,9 +374,39 @@ class Supervisor(Activation):
             return
         turn.abandoned = True
         self.interrupt(s)
+        # If the interrupt is ignored, the agent is unresponsive (_turn_hung): one timer for all.
+        self.hung_turns.add(turn, self.config.stop_timeout / 2, s)
         turn.future.set_exception(errors.TurnTimeout(
             f"no reply within request_timeout ({self.config.request_timeout:g}s); the turn was interrupted"
         ))
+
+    def _turn_hung(self, turn: Turn, s: Session) -> None:
+        """A timed-out turn is still running stop_timeout/2 after its interrupt: SIGTERM, then SIGKILL.
+
+        The session ends ``killed`` with end_reason ``unresponsive`` and comes back, history
+        restored, on its next message.
+        """
+        if s.state != states.BUSY or turn not in s.turns.values():
+            return  # answered (or the process is already gone)
+        self.counters["agents_unresponsive"] += 1
+        log.warning("agent_unresponsive", session_id=s.id, tenant=s.tenant, pid=s.pid)
+        self._kill_for(s, UNRESPONSIVE, signal.SIGTERM)
+        s.timers["kill"] = asyncio.get_running_loop().call_later(
+            self.config.stop_timeout / 2, self._signal, s, signal.SIGKILL
+        )
+
+    def _kill_for(self, s: Session, reason: str, sig: int = signal.SIGKILL, detail: str | None = None) -> None:
+        """End a session's process because of what it did: it ends ``killed`` with ``reason``."""
+        if s.kill_reason is not None:
+            return
+        s.kill_reason = reason
+        self.hub.disconnect(s.routing_id)  # nothing more it sends is read
+        if detail is not None:
+            s.exit_description = detail
+        if s.state in (states.STARTING, states.IDLE, states.BUSY):
+            s.stop_reason = states.KILLED
+            self._transition(s, states.STOPPING, reason=reason)
+        self._signal(s, sig)  # no pid yet (its first frames came before the zygote's report): _fork sends it
 
     def _admit(self, s: Session, body) -> None:
         """Refuse a message that cannot be sent or is over the size, mailbox or rate bounds (before any work)."""
@@ -530,11 +565,10 @@ class Supervisor(Activation):
         """Fork the agent, wait for READY, hand it its history; the session ends up idle."""
         loop = asyncio.get_running_loop()
         s.generation += 1
-        s.token = secrets.token_bytes(16)
-        # ROUTER refuses a second peer under a routing id in use: with the bare session id, any agent
-        # could connect under a future session's id first and keep that session from ever starting.
-        s.routing_id = f"{s.id}/{secrets.token_hex(8)}".encode()
-        s.stop_reason = s.end_reason = s.exit_description = None
+        # Unique per spawn, so a frame still in flight from a previous process of the session
+        # (on its own, older connection) is never taken for the new one's.
+        s.routing_id = f"{s.id}/{s.generation}/{secrets.token_hex(4)}".encode()
+        s.stop_reason = s.end_reason = s.exit_description = s.kill_reason = None
         s.dying = False
         s.stray_frames = 0
         s.interrupts = 0
@@ -575,8 +609,8 @@ class Supervisor(Activation):
             await asyncio.wait([ended])
         record = await self._claim(s)
         s.created_at, s.message_count = record.created_at, record.message_count
-        history = await self._store_call(self.store.history(s.id))
-        return [{"role": m.role, "content": m.content} for m in history]
+        history = await self._store_call(self.store.history(s.id, limit=self.config.history_limit))
+        return recent_history(history, self.config.history_limit_bytes)
 
     async def _fork(self, s: Session) -> None:
         """Ask the spawner for a process inside the session's memory limit."""
@@ -593,12 +627,13 @@ class Supervisor(Activation):
             s.sandbox = self.sandbox.prepare(f"s{s.generation}-{s.id}")
         except OSError as exc:
             raise errors.Unavailable(f"cannot set up the sandbox: {exc}", retry_after=5) from None
+        conn = await self.hub.connect(s.routing_id)
         read_fds, write_fds = self.output.pipes()
         try:
             pid = await self.spawner.spawn(
-                {"session_id": s.id, "routing_id": s.routing_id, "tenant": s.tenant, "token": s.token,
-                 "limits": s.limits, "sandbox": s.sandbox},
-                stdio=write_fds,
+                {"session_id": s.id, "routing_id": s.routing_id, "tenant": s.tenant, "limits": s.limits,
+                 "sandbox": s.sandbox},
+                conn, stdio=write_fds,
             )
         except SpawnError as exc:
             _close_all(read_fds)
@@ -607,12 +642,15 @@ class Supervisor(Activation):
             _close_all(read_fds)
             raise
         finally:
+            conn.close()  # the zygote has its own copy, and the child takes it over
             _close_all(write_fds)  # the agent holds them now; EOF comes when it (and its children) are gone
         s.pid = pid
         self.by_pid[pid] = s
         self.output.attach(s, pid, read_fds)
         if pid in self._early_exits:  # it is already dead: without this, its exit would never come
             self._on_exit(pid, self._early_exits.pop(pid))
+        elif s.kill_reason is not None:  # it abused its connection before we knew its pid
+            self._signal(s, signal.SIGKILL)
 
     async def _spawn_failed(self, s: Session, exc: BaseException) -> None:
         """Make sure a failed spawn leaves no process behind and the session down."""
@@ -635,20 +673,22 @@ class Supervisor(Activation):
 
     # ---------------------------------------------------------------- agent frames
 
-    def _token_for(self, rid: bytes) -> bytes | None:
-        """The spawn token the agent with this routing id must sign with."""
+    def _on_frame(self, rid: bytes, kind: int, req: int, body, size: int) -> None:
+        """Handle one frame from an agent (its connection says which: rid is bound at spawn)."""
         s = self.by_rid.get(rid)
-        return s.token if s is not None else None
-
-    def _on_frame(self, rid: bytes, kind: int, req: int, body) -> None:
-        """Handle one authenticated frame from an agent."""
-        s = self.by_rid[rid]
-        if kind in (p.CHUNK, p.DONE, p.FAIL) and req not in s.turns:
-            self._stray(s)
-            return
-        if kind == p.CHUNK:
+        if s is None:
+            return  # the last words of a process that is already gone
+        if kind in (p.CHUNK, p.DONE, p.FAIL):
             turn = s.turns.get(req)
-            if turn is not None and not turn.abandoned:
+            if turn is None:
+                self._stray(s)
+                return
+            turn.bytes += size
+            if turn.bytes > self.config.max_turn_bytes:
+                self._kill_for(s, TURN_TOO_LARGE, detail=f"sent over {self.config.max_turn_bytes} bytes for one turn")
+                return
+        if kind == p.CHUNK:
+            if not turn.abandoned:
                 turn.chunks += 1
                 if turn.on_chunk is not None:
                     turn.on_chunk(body)
@@ -663,13 +703,24 @@ class Supervisor(Activation):
             if turn is not None and turn.kind == p.MESSAGE and not turn.chunks and body.get("reply"):
                 # A reply the agent returned whole comes without a CHUNK frame (one frame less per
                 # turn); listeners still see it as the turn's one chunk, as if it had been streamed.
-                self._on_frame(rid, p.CHUNK, req, body["reply"])
-            self._finish_turn(s, req, {"status": "done", **body})
+                self._on_frame(rid, p.CHUNK, req, body["reply"], 0)  # its bytes are counted with the DONE
+            self._finish_turn(s, req, {"status": "done", **(body or {})})
         elif kind == p.FAIL:
             self._fail_turn(s, req, body or {})
         elif kind == p.READY:
             if s.ready is not None and not s.ready.done():
                 s.ready.set_result(body)
+
+    def _on_abuse(self, rid: bytes, reason: str, detail: str) -> None:
+        """The hub cut an agent's connection (flood, protocol error): kill that agent, and only it."""
+        s = self.by_rid.get(rid)
+        if s is not None:
+            self.counters["agents_killed_for_abuse"] += 1
+            self._kill_for(s, reason, detail=f"{reason}: {detail}")
+
+    def _on_pause(self, rid: bytes) -> None:
+        """Count a connection the hub stopped reading: its agent sends PINGs and reads no PONGs."""
+        self.counters["agent_reads_paused"] += 1
 
     def _on_drop(self, rid: bytes, why: str) -> None:
         """Count a frame the hub refused and tell global listeners (metrics, tests)."""
@@ -686,12 +737,13 @@ class Supervisor(Activation):
         if s.stray_frames == STRAY_FRAME_LIMIT:
             self.counters["agents_killed_for_abuse"] += 1
             log.warning("agent_flooding_killed", session_id=s.id, tenant=s.tenant, pid=s.pid, frames=s.stray_frames)
-            s.exit_description = f"killed after {STRAY_FRAME_LIMIT} frames for turns it was not given"
-            self._signal(s, signal.SIGKILL)
+            self._kill_for(s, STRAY_FRAMES, detail=f"killed after {STRAY_FRAME_LIMIT} frames for turns it was not given")
 
     def _finish_turn(self, s: Session, req: int, result: dict) -> None:
         """Resolve a turn."""
         turn = s.turns.pop(req, None)
+        if turn is not None and turn.abandoned:
+            self.hung_turns.discard(turn)
         if turn is not None and not turn.future.done():
             turn.future.set_result(result)
         if s.state == states.BUSY and not s.turns and not s.inflight:
@@ -707,6 +759,8 @@ class Supervisor(Activation):
         if code in (p.AGENT_CRASHED, p.AGENT_OOM):
             s.dying = True  # it exits right after this frame: new turns must wait for the respawn
         turn = s.turns.pop(req, None)
+        if turn is not None and turn.abandoned:
+            self.hung_turns.discard(turn)
         if turn is not None and not turn.future.done():
             err_cls = _FAIL_ERRORS.get(code, errors.AgentDied)
             turn.future.set_exception(err_cls(message, code=code if err_cls is errors.AgentDied else None))
@@ -759,6 +813,7 @@ class Supervisor(Activation):
             s.sandbox = None
         if self.by_rid.get(s.routing_id) is s:
             del self.by_rid[s.routing_id]
+        self.hub.disconnect(s.routing_id)
         if s.pid is not None and self.by_pid.get(s.pid) is s:
             del self.by_pid[s.pid]
         s.pid = None
@@ -767,7 +822,8 @@ class Supervisor(Activation):
         """Fail what was waiting on the process, record the end, tell everyone."""
         s.cancel_timers("idle", "age", "term", "kill", "interrupt")
         code = _DEATH_CODES.get(final, "session_ended")
-        err = errors.AgentDied(f"the agent {_verb(final)} ({s.exit_description})", code=code)
+        why = s.exit_description if s.kill_reason is None else f"{s.kill_reason}: {s.exit_description}"
+        err = errors.AgentDied(f"the agent {_verb(final)} ({why})", code=code)
         for turn in s.turns.values():
             if not turn.future.done():
                 turn.future.set_exception(err)
@@ -776,12 +832,12 @@ class Supervisor(Activation):
         if s.ready is not None and not s.ready.done():
             s.ready.set_exception(err)
             s.ready.add_done_callback(_consume)
-        s.end_reason = final
+        s.end_reason = s.kill_reason or final
         self.counters[final] += 1
         self._transition(s, final, exit=s.exit_description)
         if s.exited is not None and not s.exited.done():
             s.exited.set_result(final)
-        self.events.publish("end", s.id, tenant=s.tenant, reason=final, exit=s.exit_description)
+        self.events.publish("end", s.id, tenant=s.tenant, reason=final, end_reason=s.end_reason, exit=s.exit_description)
         self._record_end(s, final)
         self._forget(s)
 
@@ -790,7 +846,7 @@ class Supervisor(Activation):
         if self._unclaimed(s):
             return  # fenced out, or its claim was refused: the session's row is another node's
         write = self._background_task(self._store_call(
-            self.store.set_status(s.id, final, end_reason=final, ended=True, epoch=s.epoch)))
+            self.store.set_status(s.id, final, end_reason=s.end_reason or final, ended=True, epoch=s.epoch)))
         self._status_writes[s.id] = write
         write.add_done_callback(functools.partial(self._end_recorded, s.id))
 
@@ -949,6 +1005,18 @@ class Supervisor(Activation):
             "store": getattr(self.store, "backend", None),
             "uptime_seconds": round(time.time() - self.started_at, 3),
         }
+
+
+def recent_history(history: list, max_bytes: int) -> list[dict]:
+    """The newest messages of ``history`` whose contents fit in ``max_bytes`` (the oldest are dropped)."""
+    kept, total = [], 0
+    for m in reversed(history):
+        total += len(m.content.encode())
+        if total > max_bytes:
+            break
+        kept.append({"role": m.role, "content": m.content})
+    kept.reverse()
+    return kept
 
 
 def _verb(final: str) -> str:

@@ -5,9 +5,7 @@ import os
 
 import psutil
 import pytest
-import zmq
 
-from agent_proc import protocol as p
 from supervisor import errors, states
 from tests.conftest import wait_for_state
 
@@ -190,30 +188,6 @@ async def test_failed_session_restarts_after_the_window(make_supervisor):
         await sup.chat(s, "hello?")
     await asyncio.sleep(info.value.retry_after)  # the policy's own clock: waiting it out is the behaviour
     assert (await sup.chat(s, "what is my name?"))["reply"] == "Your name is Phoenix."
-
-
-async def test_spoofed_frame_is_dropped(sup):
-    await say(sup, "target", "my name is Target")
-    target = sup.sessions["target"]
-    dropped = asyncio.get_running_loop().create_future()
-    unsubscribe = sup.events.subscribe(
-        lambda e: e["type"] == "frame_dropped" and not dropped.done() and dropped.set_result(e)
-    )
-    ctx = zmq.Context.instance()
-    spoofer = ctx.socket(zmq.DEALER)
-    spoofer.setsockopt(zmq.ROUTING_ID, b"target-spoof")
-    spoofer.connect(sup.hub.endpoint)
-    try:
-        # A wrong token under a routing id of our own, then a frame claiming the target's turn.
-        spoofer.send(p.pack([p.DONE, b"x" * 16, 1, {"reply": "pwned"}]))
-        event = await asyncio.wait_for(dropped, 10)
-    finally:
-        spoofer.close(linger=0)
-        unsubscribe()
-    assert event["reason"] == "spawn token does not match routing id"
-    assert sup.hub.dropped >= 1
-    assert await say(sup, "target", "what is my name?") == "Your name is Target."
-    assert target.pid is not None
 
 
 async def test_agent_title_is_visible_in_proc(sup):

@@ -1,5 +1,6 @@
 """Hostile agents are contained: a flooder is killed, spoofed frames dropped, children die with
 their agent, and an agent that ignores SIGTERM is SIGKILLed at stop_timeout. Others do not notice.
+(Attacks on the connection itself, hung turns and huge histories: tests/test_hub_door.py.)
 """
 
 import asyncio
@@ -11,7 +12,7 @@ import psutil
 import pytest
 
 from supervisor import errors, states
-from supervisor.supervisor import STRAY_FRAME_LIMIT
+from supervisor.supervisor import STRAY_FRAME_LIMIT, STRAY_FRAMES
 from tests.chaos_kit import latency_summary
 from tests.conftest import wait_for_state
 from tests.procs import wait_gone
@@ -59,21 +60,22 @@ async def test_a_flooding_agent_is_killed_and_the_others_keep_answering(make_sup
     flooder = await sup.get_or_create("flooder", "evil")
     await sup.chat(flooder, "hello")
     _, before = await rounds_while(sup, calm, _done())
-    dropped_before, rss_before = sup.hub.dropped, psutil.Process().memory_info().rss
+    rss_before = psutil.Process().memory_info().rss
     started = time.monotonic()
     flood = asyncio.ensure_future(sup.command(flooder, "flood", {"frames": 200_000, "bytes": 256}))
     replies, during = await rounds_while(sup, calm, flood)
     with pytest.raises(errors.AgentDied) as info:  # killed as hostile, long before its 200,000 frames
         await flood
     figures = {"before": latency_summary(before), "during": latency_summary(during),
-               "flood_seconds": round(time.monotonic() - started, 2), "dropped": sup.hub.dropped - dropped_before,
+               "flood_seconds": round(time.monotonic() - started, 2), "stray": flooder.stray_frames,
                "rss_growth_mib": round((psutil.Process().memory_info().rss - rss_before) / 2**20, 1)}
     print(json.dumps(figures))
-    assert info.value.code == "agent_crashed" and flooder.state == states.CRASHED
+    assert info.value.code == "session_ended" and flooder.state == states.KILLED
+    assert flooder.end_reason == STRAY_FRAMES
     assert flooder.exit_description == f"killed after {STRAY_FRAME_LIMIT} frames for turns it was not given"
     assert sup.counters["agents_killed_for_abuse"] == 1
     assert replies == expected(calm) * (len(replies) // CALM)  # every calm message answered, correctly
-    assert figures["dropped"] >= STRAY_FRAME_LIMIT // 2  # its forged half, dropped and counted
+    assert figures["stray"] == STRAY_FRAME_LIMIT
     assert (await sup.chat(flooder, "and now?"))["reply"] == "You said: and now?"  # respawned, pairs up
     # Killed at STRAY_FRAME_LIMIT, under the hub's per-agent high-water mark: little was queued.
     assert figures["rss_growth_mib"] < 128
@@ -86,50 +88,25 @@ def _done():
     return fut
 
 
-async def test_spoofed_frames_are_dropped_and_the_victim_is_unaffected(make_supervisor):
-    # The sandbox keeps a spoofer from even reaching the hub's socket (tests/test_sandbox.py); with it
-    # off, this proves the hub's own check, the layer behind it.
-    sup = await make_supervisor(agent="tests.agents.hostile:Spoofer", sandbox="off")
+async def test_frames_for_another_sessions_turns_are_dropped_and_the_victim_is_unaffected(make_supervisor):
+    """An agent has one connection, bound to its session at spawn: it cannot answer in another's name."""
+    sup = await make_supervisor(agent="tests.agents.hostile:Flooder")
     victim = await sup.get_or_create("victim", "alice")
     spoofer = await sup.get_or_create("spoofer", "mallory")
     await sup.chat(victim, "my name is Alice")
     await sup.chat(spoofer, "hello")
-    dropped = sup.hub.dropped
-    drops, all_dropped = [0], asyncio.get_running_loop().create_future()
-
-    def on_drop(event):
-        """Count drops until every spoofed frame is accounted for."""
-        if event["type"] == "frame_dropped":
-            drops[0] += 1
-            if drops[0] == expected_drops and not all_dropped.done():
-                all_dropped.set_result(None)
-
-    unsubscribe = sup.events.subscribe(on_drop)
-    # The victim has a turn in flight; the spoofer answers every request id near it, as the victim.
+    # The victim has a turn in flight; the spoofer answers it and the 100 request ids before it
+    # (not the ids after: its own command's id is among those).
     pending = asyncio.ensure_future(sup.command(victim, "sleep", {"seconds": 1}))
     await wait_for_state(sup, victim, states.BUSY)
     req = max(victim.turns)
-    low, high = max(0, req - 100), req + 500
-    expected_drops = 4 * (high - low)  # 3 tokens under the victim's session id, 1 under its own id
-    spoof = await sup.command(spoofer, "spoof", {"victim": "victim", "low": low, "high": high})
+    low, high = max(0, req - 100), req + 1
+    spoof = await sup.command(spoofer, "spoof", {"low": low, "high": high})
     assert (await pending)["reply"] == {"slept": 1}  # the real answer, not a spoofed one
     assert (await sup.chat(victim, "what is my name?"))["reply"] == "Your name is Alice."
-    # Every spoofed frame is dropped: those under the victim's session id (no such routing id: the
-    # victim's is suffixed per spawn) and the forged ones under the spoofer's own routing id.
-    await asyncio.wait_for(all_dropped, 30)
-    unsubscribe()
-    assert spoof["reply"]["sent"] == expected_drops and sup.hub.dropped - dropped == expected_drops
-    print(json.dumps({"spoofed_frames": spoof["reply"]["sent"], "dropped": sup.hub.dropped - dropped}))
-
-
-async def test_a_squatted_routing_id_does_not_lock_a_session_out(make_supervisor):
-    """A hostile agent that connects first under a future session's id cannot hold that session."""
-    sup = await make_supervisor(agent="tests.agents.hostile:Spoofer", spawn_timeout=5.0)
-    spoofer = await sup.get_or_create("spoofer", "mallory")
-    await sup.chat(spoofer, "hello")
-    await sup.command(spoofer, "squat", {"victim": "late-victim"})
-    victim = await sup.get_or_create("late-victim", "alice")
-    assert (await sup.chat(victim, "my name is Alice"))["reply"] == "Got it: your name is Alice."
+    # Its own connection's frames are in order: by its DONE, every spoofed frame was taken as stray.
+    assert spoof["reply"]["sent"] == high - low == spoofer.stray_frames
+    print(json.dumps({"spoofed_frames": spoof["reply"]["sent"], "stray": spoofer.stray_frames}))
 
 
 async def test_children_die_with_their_agent(make_supervisor):

@@ -10,9 +10,8 @@ import socket
 import sys
 import time
 
-import zmq
-
 from agent_proc import protocol as p
+from agent_proc import zmtp
 from agent_proc.demo import DemoAgent
 
 
@@ -27,77 +26,94 @@ def _caller(type_name: str):
     raise RuntimeError(f"no {type_name} up the stack")
 
 
+def _current_req() -> int:
+    """The request id of the turn being handled (a local of the agent loop's ``handle``)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "handle" and "req" in frame.f_locals:
+            return frame.f_locals["req"]
+        frame = frame.f_back
+    raise RuntimeError("not inside a turn")
+
+
 def _own_dealer():
     """The agent's own DEALER socket (what a hostile agent can always reach: it is its memory)."""
     return _caller("AgentLoop").sock
 
 
-def _token() -> bytes:
-    """The agent's own spawn token."""
-    return _caller("AgentLoop").token
-
-
-def _endpoint() -> str:
-    """The supervisor's ROUTER endpoint, as the zygote gave it to this process."""
-    return _caller("Zygote").endpoint
-
-
 class Flooder(DemoAgent):
-    """``flood``: sends frames as fast as it can, signed and unsigned, for the bytes and time asked."""
+    """Abuses its own connection to the hub (the only one it has): frames for turns it was never
+    given, floods of empty frames, PINGs it never reads the PONGs of, oversize PING context."""
 
     def cmd_flood(self, args):
-        """Send ``frames`` CHUNK frames for a turn that does not exist, half with a forged token."""
+        """Send ``frames`` CHUNK frames for turns that do not exist."""
         frames = int(args.get("frames", 100_000))
         sock = _own_dealer()
-        forged = b"\0" * 16
         payload = "x" * int(args.get("bytes", 64))
-        sent = 0
         for i in range(frames):
-            token = forged if i % 2 else _token()
-            sock.send(p.pack([p.CHUNK, token, 10**9 + i, payload]))
-            sent += 1
+            sock.send(p.pack([p.CHUNK, 10**9 + i, payload]))
+        return {"sent": frames}
+
+    def cmd_raw_flood(self, args):
+        """Write ``frames`` copies of one raw ZMTP frame, never reading: ``kind`` is empty, chunk (an
+        empty CHUNK of this very turn: nothing stray about it), ping or big_ping."""
+        kind = args.get("kind", "empty")
+        one = {
+            "empty": zmtp.frame(b""),
+            "chunk": zmtp.frame(p.pack([p.CHUNK, _current_req(), ""])),
+            "ping": zmtp.command(b"PING", b"\x00\x10" + b"c" * 16),  # the most context the spec allows
+            "big_ping": zmtp.command(b"PING", b"\x00\x10" + b"c" * 65_536),
+        }[kind]
+        batch = one * max(1, (1 << 20) // len(one))
+        sock = _own_dealer().sock
+        sent = 0
+        while sent < int(args["frames"]):
+            sock.sendall(batch)
+            sent += len(batch) // len(one)
         return {"sent": sent}
-
-
-class Squatter(DemoAgent):
-    """``squat``: connects a DEALER under a session id nobody uses yet, and keeps it connected."""
-
-    def cmd_squat(self, args):
-        """Hold the victim's routing id before the victim exists."""
-        ctx = zmq.Context.instance()
-        squat = ctx.socket(zmq.DEALER)
-        squat.setsockopt(zmq.ROUTING_ID, str(args["victim"]).encode())
-        squat.connect(_endpoint())
-        squat.send(p.pack([p.READY, _token(), 0, {"pid": os.getpid()}]))  # and claim to be it
-        self._squats = getattr(self, "_squats", []) + [squat]
-        return {"squatting": args["victim"]}
-
-
-class Spoofer(Squatter):
-    """``spoof``: speaks in another session's name, with that session's routing id and a wrong token."""
 
     def cmd_spoof(self, args):
-        """Connect a second DEALER as the victim and answer every plausible request id of it."""
-        victim = str(args["victim"])
-        low, high = int(args.get("low", 0)), int(args.get("high", 2000))
-        ctx = zmq.Context.instance()
-        fake = ctx.socket(zmq.DEALER)
-        fake.setsockopt(zmq.ROUTING_ID, victim.encode())
-        fake.setsockopt(zmq.LINGER, 2000)
-        fake.connect(_endpoint())
-        guesses = [_token(), b"\0" * 16, os.urandom(16)]  # ours, zeros, random: none is the victim's
-        sent = 0
-        for req in range(low, high):
-            for token in guesses:
-                fake.send(p.pack([p.DONE, token, req, {"reply": f"spoofed by {self.session_id}", "state": {}}]))
-                sent += 1
-        # Also under our own routing id with a forged token.
-        own = _own_dealer()
-        for req in range(low, high):
-            own.send(p.pack([p.DONE, b"\1" * 16, req, {"reply": "forged", "state": {}}]))
-            sent += 1
-        fake.close(linger=2000)
-        return {"sent": sent}
+        """Answer request ids ``low`` to ``high`` (another session's turns) on our own connection."""
+        sock = _own_dealer()
+        for req in range(int(args["low"]), int(args["high"])):
+            sock.send(p.pack([p.DONE, req, {"reply": f"spoofed by {self.session_id}", "state": {}}]))
+        return {"sent": int(args["high"]) - int(args["low"])}
+
+    def cmd_find_doors(self, args):
+        """Try every way in a local process has: the old socket path, and every listening Unix socket."""
+        opened = []
+        for path in [args["old_socket"], *_listening_unix_paths()]:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(path)
+                except OSError:
+                    continue
+                opened.append(path)
+        return {"opened": opened}
+
+
+def _listening_unix_paths() -> list[str]:
+    """Paths (and @abstract names) of every listening Unix stream socket on the host."""
+    paths = []
+    with open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            cols = line.split()
+            if len(cols) >= 8 and int(cols[3], 16) & 0x10000:  # __SO_ACCEPTCON: it listens
+                paths.append(cols[7].replace("@", "\0", 1) if cols[7].startswith("@") else cols[7])
+    return paths
+
+
+class Unresponsive(DemoAgent):
+    """``hang``: ignores SIGINT and SIGTERM and never answers; only SIGKILL ends it."""
+
+    def on_message(self, text):
+        """Hang on ``hang``; else the demo reply."""
+        if text == "hang":
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            _sleep_forever()
+        return super().on_message(text)
 
 
 class Forker(DemoAgent):
