@@ -77,8 +77,8 @@ DENIED_SYSCALLS = (
 )
 # clone() flags that make namespaces: refused, so the agent cannot leave its pid namespace.
 _CLONE_NAMESPACE_FLAGS = 0x7E020000  # NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
-_AF_INET, _AF_INET6 = 2, 10
-_EPERM, _ENOSYS, _EAFNOSUPPORT = 1, 38, 97
+_AF_UNIX, _AF_INET, _AF_INET6 = 1, 2, 10
+_EPERM, _EACCES, _ENOSYS, _EAFNOSUPPORT = 1, 13, 38, 97
 
 
 def _check(result: int, what: str) -> int:
@@ -267,8 +267,11 @@ def _insn(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
 def seccomp_program(*, network: bool = True) -> bytes:
     """The filter: other architectures killed, DENIED_SYSCALLS refused, namespaced clones refused.
 
-    clone3 answers ENOSYS (libc falls back to clone, whose flags a filter can read); with
-    ``network`` off, socket(AF_INET/AF_INET6) is refused too (UDP included, which Landlock misses).
+    clone3 answers ENOSYS (libc falls back to clone, whose flags a filter can read). socket(AF_UNIX)
+    is refused: Landlock does not govern connect() to a path, so without this an agent could reach
+    any world-connectable socket on the host (PostgreSQL's, a container runtime's); socketpair() stays
+    (asyncio's self-pipe). With ``network`` off, socket(AF_INET/AF_INET6) is refused too (UDP
+    included, which Landlock misses).
     """
     if AUDIT_ARCH is None:
         raise OSError(_ENOSYS, f"no seccomp table for {MACHINE}")
@@ -283,6 +286,8 @@ def seccomp_program(*, network: bool = True) -> bytes:
     prog += [_insn(_JEQ_K, SYSCALL_NUMBERS["clone3"], 0, 1), errno_ret(_ENOSYS)]
     prog += [_insn(_JEQ_K, SYSCALL_NUMBERS["clone"], 0, 3), _insn(_LD_W_ABS, _ARG0_LOW),
              _insn(_JSET_K, _CLONE_NAMESPACE_FLAGS, 0, 1), errno_ret(_EPERM)]
+    prog += [_insn(_LD_W_ABS, _NR), _insn(_JEQ_K, SYSCALL_NUMBERS["socket"], 0, 3),
+             _insn(_LD_W_ABS, _ARG0_LOW), _insn(_JEQ_K, _AF_UNIX, 0, 1), errno_ret(_EACCES)]
     if not network:
         prog += [_insn(_LD_W_ABS, _NR), _insn(_JEQ_K, SYSCALL_NUMBERS["socket"], 0, 4),
                  _insn(_LD_W_ABS, _ARG0_LOW), _insn(_JEQ_K, _AF_INET, 1, 0), _insn(_JEQ_K, _AF_INET6, 0, 1),

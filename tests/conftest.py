@@ -2,9 +2,6 @@
 
 import asyncio
 import os
-import shutil
-import tempfile
-from pathlib import Path
 
 import asyncpg
 import pytest
@@ -27,25 +24,28 @@ async def drop_schema(schema: str) -> None:
         await conn.close()
 
 
-@pytest.fixture
-def reachable_dir():
-    """A directory sandboxed agents (each under its own uid) can reach, unlike the 0700 ``tmp_path``:
-    for the sockets a test listens on to hear that an agent's hook has begun."""
-    path = Path(tempfile.mkdtemp(prefix="corral-test-"))
-    path.chmod(0o777)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+class AgentSays:
+    """Waits for an agent to print a line (its captured stdout, published as ``agent_output`` events).
 
+    How a test learns that an agent's hook has begun: a sandboxed agent can reach no socket or file
+    of the test's, but what it prints always arrives, on events rather than by polling.
+    """
 
-def listen_for_agents(path):
-    """A datagram socket at ``path`` any agent may send to (the file mode is what a dropped uid needs)."""
-    import socket
+    def __init__(self, sup, line: str):
+        self.line = line
+        self.heard = asyncio.get_running_loop().create_future()
+        self._unsubscribe = sup.events.subscribe(self._on_event, types=("agent_output",))
 
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(path))
-    os.chmod(path, 0o666)
-    sock.setblocking(False)
-    return sock
+    def _on_event(self, event) -> None:
+        if event.get("line") == self.line and not self.heard.done():
+            self.heard.set_result(event)
+
+    async def wait(self, timeout: float = 30.0) -> dict:
+        """The event of the line, once printed; then stop listening."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.heard), timeout)
+        finally:
+            self._unsubscribe()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from supervisor import errors, states
-from tests.conftest import listen_for_agents
+from tests.conftest import AgentSays
 
 ASYNC_DEMO = "agent_proc.demo:AsyncDemoAgent"
 ANNOUNCING = "tests.core_agents:AnnouncingAsyncAgent"
@@ -23,20 +23,20 @@ def event_loops(pid: int) -> int:
     return sum(os.readlink(os.path.join(fd_dir, fd)) == "anon_inode:[eventpoll]" for fd in os.listdir(fd_dir))
 
 
-async def started(sup, session_id: str, command: str, args: dict, tmp_path):
-    """Start a command turn and return it once the agent's hook has begun (it says so on a socket)."""
+async def started(sup, session_id: str, command: str, args: dict):
+    """Start a command turn and return it once the agent's hook has begun (it prints a marker)."""
     s = await sup.get_or_create(session_id, "default")
     await sup.chat(s, "my name is Ada")
-    path = str(tmp_path / f"began-{os.urandom(4).hex()}.sock")
-    with listen_for_agents(path) as began:
-        turn = asyncio.ensure_future(sup.command(s, command, {**args, "announce": path}))
-        await asyncio.wait_for(asyncio.get_running_loop().sock_recv(began, 16), 30)
+    marker = f"began {os.urandom(4).hex()}"
+    began = AgentSays(sup, marker)
+    turn = asyncio.ensure_future(sup.command(s, command, {**args, "announce": marker}))
+    await began.wait()
     return s, turn
 
 
-async def interrupt_and_ask(sup, session_id: str, command: str, tmp_path) -> dict:
+async def interrupt_and_ask(sup, session_id: str, command: str) -> dict:
     """Start ``command``, interrupt it, and return the state the next message reports."""
-    s, turn = await started(sup, session_id, command, {"seconds": 600}, tmp_path)
+    s, turn = await started(sup, session_id, command, {"seconds": 600})
     pid = s.pid
     assert sup.interrupt(s)
     assert (await asyncio.wait_for(turn, 10))["status"] == "interrupted"
@@ -45,22 +45,22 @@ async def interrupt_and_ask(sup, session_id: str, command: str, tmp_path) -> dic
     return after["state"]
 
 
-async def test_an_interrupt_cancels_the_turns_task_and_the_agent_sees_it(make_supervisor, reachable_dir):
+async def test_an_interrupt_cancels_the_turns_task_and_the_agent_sees_it(make_supervisor):
     sup = await make_supervisor(agent=ANNOUNCING)
-    state = await interrupt_and_ask(sup, "awaiting", "sleep", reachable_dir)
+    state = await interrupt_and_ask(sup, "awaiting", "sleep")
     assert state["cancelled"] == 1  # the hook caught CancelledError (and re-raised it)
 
 
-async def test_a_hook_blocking_the_loop_is_still_interruptible(make_supervisor, reachable_dir):
+async def test_a_hook_blocking_the_loop_is_still_interruptible(make_supervisor):
     sup = await make_supervisor(agent=ANNOUNCING)
-    assert (await interrupt_and_ask(sup, "blocking", "block", reachable_dir))["cancelled"] == 0
+    assert (await interrupt_and_ask(sup, "blocking", "block"))["cancelled"] == 0
     # The loop still serves async turns afterwards: the next one awaits, and is cancelled.
-    assert (await interrupt_and_ask(sup, "blocking", "sleep", reachable_dir))["cancelled"] == 1
+    assert (await interrupt_and_ask(sup, "blocking", "sleep"))["cancelled"] == 1
 
 
-async def test_a_hook_blocking_the_loop_is_killable(make_supervisor, reachable_dir):
+async def test_a_hook_blocking_the_loop_is_killable(make_supervisor):
     sup = await make_supervisor(agent=ANNOUNCING)
-    s, turn = await started(sup, "stuck", "block", {"seconds": 600}, reachable_dir)
+    s, turn = await started(sup, "stuck", "block", {"seconds": 600})
     pid = s.pid
     assert await sup.kill(s) == states.KILLED
     with pytest.raises(errors.AgentDied):

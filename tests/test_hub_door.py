@@ -44,7 +44,9 @@ def _socket_inodes(pid: int) -> set[int]:
 
 async def test_the_hub_has_no_door(make_supervisor):
     """No socket in the run dir, none listening in the supervisor or the zygote, none an agent finds."""
-    sup = await make_supervisor(agent="tests.agents.hostile:Flooder")
+    # Unsandboxed: the sandbox would stop the search itself (no /proc, no run dir); this proves
+    # there is no door even for an agent that may look everywhere.
+    sup = await make_supervisor(agent="tests.agents.hostile:Flooder", sandbox="off")
     calm = await calm_sessions(sup)
     intruder = await sup.get_or_create("intruder", "evil")
     found = await sup.command(intruder, "find_doors", {"old_socket": os.path.join(sup.run_dir, "agents.sock")})

@@ -11,10 +11,12 @@ import os
 import pickle
 import pwd
 import resource
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 
 import psutil
 import pytest
@@ -177,6 +179,37 @@ def test_landlock_scopes_signals_to_the_session(who, unprivileged_uid):
 
 @pytest.mark.skipif(ABI < 4, reason=f"Landlock ABI {ABI} < 4: no TCP rules on this kernel")
 @needs_seccomp
+@pytest.mark.parametrize("who", users())
+def test_seccomp_refuses_a_new_unix_socket_but_not_a_socketpair(who, unprivileged_uid):
+    """Landlock does not govern connect() to a path: without this an agent reaches PostgreSQL's socket."""
+    server_dir = tempfile.mkdtemp()
+    os.chmod(server_dir, 0o755)
+    path = os.path.join(server_dir, "world.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    os.chmod(path, 0o777)  # world-connectable, as PostgreSQL's and many daemons' sockets are
+    listener.listen(1)
+
+    def confined():
+        layers.set_no_new_privs()
+        before = attempt(lambda: _connect_unix(path))
+        layers.apply_seccomp()
+        return {"before": before, "after": attempt(lambda: _connect_unix(path)),
+                "socketpair": attempt(lambda: [s.close() for s in socket.socketpair()])}
+
+    try:
+        assert in_child(confined, uid=_as(who, unprivileged_uid)) == {"before": "ok", "after": "EACCES", "socketpair": "ok"}
+    finally:
+        listener.close()
+        shutil.rmtree(server_dir, ignore_errors=True)
+
+
+def _connect_unix(path: str) -> None:
+    """Connect to a unix socket at path, then hang up."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(path)
+
+
 @pytest.mark.parametrize("who", users())
 def test_network_off_refuses_tcp_and_udp_but_not_unix_sockets(who, unprivileged_uid):
     listener = socket.create_server(("127.0.0.1", 0))
@@ -399,7 +432,9 @@ async def test_every_way_out_of_the_session_fails_and_the_others_keep_answering(
         "list the data dir": ("list", {"path": data_dir}),
         "read the tenants file": ("read", {"path": str(sup.config.tenants)}),
         "list the run dir": ("list", {"path": run_dir}),
-        "connect to the hub": ("connect_unix", {"path": sup.hub.endpoint.removeprefix("ipc://")}),
+        # the hub has no socket to connect to (tests/test_hub_door.py); a socket a local server listens
+        # on, under the supervisor's 0700 run dir's parent, is what an agent would try next
+        "connect to a unix socket of the host": ("connect_unix", {"path": "/run/postgresql/.s.PGSQL.5432"}),
         "write in the data dir": ("write", {"path": os.path.join(data_dir, "owned")}),
         "write in /tmp": ("write", {"path": "/tmp/corral-owned"}),
         "list the victim's temp dir": ("list", {"path": victim.sandbox["tmpdir"]}),
