@@ -399,7 +399,8 @@ async def test_every_way_out_of_the_session_fails_and_the_others_keep_answering(
         "list the data dir": ("list", {"path": data_dir}),
         "read the tenants file": ("read", {"path": str(sup.config.tenants)}),
         "list the run dir": ("list", {"path": run_dir}),
-        "connect to the hub": ("connect_unix", {"path": sup.hub.endpoint.removeprefix("ipc://")}),
+        # The hub listens on nothing (tests/test_hub_door.py): where its socket used to be.
+        "connect to the hub": ("connect_unix", {"path": os.path.join(run_dir, "agents.sock")}),
         "write in the data dir": ("write", {"path": os.path.join(data_dir, "owned")}),
         "write in /tmp": ("write", {"path": "/tmp/corral-owned"}),
         "list the victim's temp dir": ("list", {"path": victim.sandbox["tmpdir"]}),
