@@ -435,6 +435,8 @@ async def test_every_way_out_of_the_session_fails_and_the_others_keep_answering(
         # the hub has no socket to connect to (tests/test_hub_door.py); a socket a local server listens
         # on, under the supervisor's 0700 run dir's parent, is what an agent would try next
         "connect to a unix socket of the host": ("connect_unix", {"path": "/run/postgresql/.s.PGSQL.5432"}),
+        # The hub listens on nothing (tests/test_hub_door.py): where its socket used to be.
+        "connect to the hub": ("connect_unix", {"path": os.path.join(run_dir, "agents.sock")}),
         "write in the data dir": ("write", {"path": os.path.join(data_dir, "owned")}),
         "write in /tmp": ("write", {"path": "/tmp/corral-owned"}),
         "list the victim's temp dir": ("list", {"path": victim.sandbox["tmpdir"]}),

@@ -95,7 +95,11 @@ class Flooder(DemoAgent):
 def _listening_unix_paths() -> list[str]:
     """Paths (and @abstract names) of every listening Unix stream socket on the host."""
     paths = []
-    with open("/proc/net/unix") as f:
+    try:
+        f = open("/proc/net/unix")
+    except OSError:
+        return paths  # the sandbox hides it: then only the old path is tried
+    with f:
         next(f)
         for line in f:
             cols = line.split()
