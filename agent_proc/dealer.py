@@ -7,7 +7,7 @@ needs: no I/O thread, no context, no poller. Idle, it sits in ``recv`` and costs
 import socket
 from collections import deque
 
-from agent_proc import zmtp
+from corral.agent_proc import zmtp
 
 _READ_SIZE = 64 * 1024
 # The largest frame an agent takes from the supervisor (a START with its bounded history is the largest).

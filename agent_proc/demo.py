@@ -13,7 +13,7 @@ import re
 import signal
 import time
 
-from agent_proc.agent import Agent, BadRequest, UnknownCommand
+from corral.agent_proc.agent import Agent, BadRequest, UnknownCommand
 
 _TELL = re.compile(r"\bmy\s+([a-z][a-z ]{0,40}?)\s+is\s+(.+?)\s*[.!]*$", re.IGNORECASE)
 _ASK = re.compile(r"\bwhat(?:'s|\s+is)\s+my\s+([a-z][a-z ]{0,40}?)\s*\??$", re.IGNORECASE)

@@ -16,11 +16,11 @@ import socket
 import sys
 import traceback
 
-from agent_proc import protocol as p
-from agent_proc.dealer import Dealer
-from agent_proc.agent import BadRequest, UnknownCommand, UpstreamError, iter_reply
-from agent_proc.limits import OOM_EXIT_CODE
-from agent_proc.process import agent_title, set_title
+from corral.agent_proc import protocol as p
+from corral.agent_proc.dealer import Dealer
+from corral.agent_proc.agent import BadRequest, UnknownCommand, UpstreamError, iter_reply
+from corral.agent_proc.limits import OOM_EXIT_CODE
+from corral.agent_proc.process import agent_title, set_title
 
 
 class AgentLoop:

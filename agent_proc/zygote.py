@@ -18,10 +18,10 @@ import socket
 import sys
 import traceback
 
-from agent_proc import sandbox
-from agent_proc.limits import apply_limits
-from agent_proc.process import agent_title, arm_death_signal, die_with_parent, load_agent_class, set_title
-from agent_proc.stdio import attach_stdio
+from corral.agent_proc import sandbox
+from corral.agent_proc.limits import apply_limits
+from corral.agent_proc.process import agent_title, arm_death_signal, die_with_parent, load_agent_class, set_title
+from corral.agent_proc.stdio import attach_stdio
 
 
 def send_msg(conn, msg) -> None:
@@ -48,7 +48,7 @@ def zygote_main(conn, fd_channel: socket.socket, agent_spec: str, supervisor_pid
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         agent_cls = load_agent_class(agent_spec)
-        import agent_proc.main  # noqa: F401  pre-import what every child needs
+        import corral.agent_proc.main  # noqa: F401  pre-import what every child needs
         preload_stdlib()
     except Exception as exc:
         send_msg(conn, ("failed", f"cannot load agent {agent_spec}: {exc!r}"))
@@ -262,7 +262,7 @@ class Zygote:
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash test must not litter cores
             apply_limits(req["limits"])
             set_title(agent_title(req["session_id"], req["tenant"], False))
-            from agent_proc.main import run_agent
+            from corral.agent_proc.main import run_agent
 
             code = run_agent(
                 self.agent_cls,

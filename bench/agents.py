@@ -1,6 +1,6 @@
 """Trivial agents the benchmarks run, so the figures measure corral, not an agent's work."""
 
-from agent_proc import Agent
+from corral import Agent
 
 
 class EchoAgent(Agent):

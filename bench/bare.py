@@ -47,7 +47,7 @@ def main(argv=None) -> None:
     app = web.Application()
     app.router.add_post("/api/chat", chat)
     app.router.add_get("/health", health)
-    from web.cli import run_app
+    from corral.web.cli import run_app
 
     run_app(app, host="127.0.0.1", port=args.port, loop=args.loop)
 

@@ -101,7 +101,7 @@ def main(argv=None) -> None:
     endpoint = f"ipc://{os.path.join(run_dir, 'echo.sock')}"
     child = multiprocessing.get_context("spawn").Process(target=echo_child, args=(endpoint,), daemon=True)
     child.start()
-    from web.cli import run_app
+    from corral.web.cli import run_app
 
     try:
         run_app(make_app(Link(endpoint)), host="127.0.0.1", port=args.port, loop=args.loop)

@@ -26,11 +26,11 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 
-from supervisor import Config, Supervisor
-from supervisor.logs import configure
-from supervisor.store import create_store
-from web.app import create_app
-from web.keys import SUPERVISOR
+from corral.supervisor import Config, Supervisor
+from corral.supervisor.logs import configure
+from corral.supervisor.store import create_store
+from corral.web.app import create_app
+from corral.web.keys import SUPERVISOR
 
 BASELINE = "memory"
 

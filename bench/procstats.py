@@ -17,9 +17,9 @@ import time
 
 import psutil
 
-from supervisor import Config, Supervisor
-from supervisor.logs import configure
-from supervisor.procstats import ProcStats
+from corral.supervisor import Config, Supervisor
+from corral.supervisor.logs import configure
+from corral.supervisor.procstats import ProcStats
 
 
 async def spawn(sup: Supervisor, n: int, batch: int = 50) -> list:

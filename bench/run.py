@@ -153,9 +153,9 @@ def cold(table: Table, args) -> None:
 
 READY_AGENTS = {
     "echo agent (the figures above)": ("bench.agents:EchoAgent", {}),
-    "OpenAI-compatible agent, local fake API": ("agent_proc.contrib.openai_chat:OpenAIChat", {
+    "OpenAI-compatible agent, local fake API": ("corral.agent_proc.contrib.openai_chat:OpenAIChat", {
         "CORRAL_OPENAI_MODEL": "fake-model"}),
-    "LangGraph agent, graph over a fake chat model": ("agent_proc.contrib.langgraph:GraphAgent", {
+    "LangGraph agent, graph over a fake chat model": ("corral.agent_proc.contrib.langgraph:GraphAgent", {
         "CORRAL_LANGGRAPH_GRAPH": "bench.graph:graph"}),
 }
 

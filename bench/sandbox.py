@@ -14,12 +14,12 @@ import sys
 import tempfile
 import time
 
-from agent_proc import sandbox as layers
+from corral.agent_proc import sandbox as layers
 from bench import footprint
 from bench.spawn import agents, bring_live, first_reply
-from supervisor import Config, Supervisor
-from supervisor import sandbox as policy
-from supervisor.logs import configure
+from corral.supervisor import Config, Supervisor
+from corral.supervisor import sandbox as policy
+from corral.supervisor.logs import configure
 
 MB = 1024 * 1024
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere in the checkout
 
-from supervisor import Config, Supervisor  # noqa: E402
-from supervisor.logs import configure  # noqa: E402
+from corral.supervisor import Config, Supervisor  # noqa: E402
+from corral.supervisor.logs import configure  # noqa: E402
 from tests.chaos_kit import ADMIN_TOKEN, ChaosPlan, ChaosRun, client_session, running_app  # noqa: E402
 from tests.churn_kit import churn  # noqa: E402
 

@@ -19,8 +19,8 @@ import time
 import psutil
 
 from bench import footprint
-from supervisor import Config, Supervisor
-from supervisor.logs import configure
+from corral.supervisor import Config, Supervisor
+from corral.supervisor.logs import configure
 
 MB = 1024 * 1024
 

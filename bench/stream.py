@@ -10,8 +10,8 @@ import tempfile
 import time
 
 from bench.agents import StreamAgent
-from supervisor import Config, Supervisor
-from supervisor.logs import configure
+from corral.supervisor import Config, Supervisor
+from corral.supervisor.logs import configure
 
 
 async def _one_turn(sup: Supervisor, s) -> tuple[float, int, float]:

@@ -20,8 +20,8 @@ import os
 import time
 from collections import OrderedDict, deque
 
-from supervisor.logs import get_logger
-from supervisor.session import TokenBucket
+from corral.supervisor.logs import get_logger
+from corral.supervisor.session import TokenBucket
 
 log = get_logger(component="agent")
 

@@ -9,11 +9,11 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from supervisor.limits import MECHANISMS
-from supervisor.sandbox import MODES as SANDBOX_MODES
-from supervisor.sandbox import parse_uid_range
+from corral.supervisor.limits import MECHANISMS
+from corral.supervisor.sandbox import MODES as SANDBOX_MODES
+from corral.supervisor.sandbox import parse_uid_range
 
-DEFAULT_AGENT = "agent_proc.demo:DemoAgent"
+DEFAULT_AGENT = "corral.agent_proc.demo:DemoAgent"
 LOOPS = ("auto", "asyncio", "uvloop")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _SECONDS = ("idle_timeout", "max_age", "stop_timeout", "spawn_timeout", "request_timeout", "restart_window",

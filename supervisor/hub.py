@@ -22,9 +22,9 @@ import socket
 import time
 from collections.abc import Callable
 
-from agent_proc import protocol as p
-from agent_proc import zmtp
-from supervisor.logs import get_logger
+from corral.agent_proc import protocol as p
+from corral.agent_proc import zmtp
+from corral.supervisor.logs import get_logger
 
 log = get_logger(component="hub")
 

@@ -22,8 +22,8 @@ import hashlib
 import os
 import socket
 
-from supervisor.errors import StartupError
-from supervisor.logs import get_logger
+from corral.supervisor.errors import StartupError
+from corral.supervisor.logs import get_logger
 
 log = get_logger(component="node")
 

@@ -22,7 +22,7 @@ import time
 
 import psutil
 
-from supervisor.logs import get_logger
+from corral.supervisor.logs import get_logger
 
 log = get_logger(component="procstats")
 

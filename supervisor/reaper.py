@@ -10,9 +10,9 @@ import signal
 import time
 from collections.abc import Callable
 
-from agent_proc.limits import OOM_EXIT_CODE
-from supervisor import states
-from supervisor.session import Session
+from corral.agent_proc.limits import OOM_EXIT_CODE
+from corral.supervisor import states
+from corral.supervisor.session import Session
 
 
 def describe_status(status: int) -> str:

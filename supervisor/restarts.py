@@ -2,7 +2,7 @@
 
 import time
 
-from supervisor.session import Session
+from corral.supervisor.session import Session
 
 
 class RestartPolicy:

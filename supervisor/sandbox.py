@@ -16,7 +16,7 @@ import sys
 import tempfile
 from collections import deque
 
-from agent_proc import sandbox as layers
+from corral.agent_proc import sandbox as layers
 
 __all__ = ["Sandbox", "SandboxRefused", "choose_sandbox", "parse_uid_range", "MODES", "DEFAULT_UID_RANGE"]
 

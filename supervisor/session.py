@@ -7,7 +7,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
-from supervisor import errors, states
+from corral.supervisor import errors, states
 
 # The one statement of the session-id rule: the checks, the error message and the OpenAPI pattern.
 # "." and ".." are refused: as a path segment (/api/sessions/..) they name another resource.

@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import multiprocess
 
-from agent_proc.zygote import recv_msg, send_msg, zygote_main
-from supervisor.logs import get_logger
+from corral.agent_proc.zygote import recv_msg, send_msg, zygote_main
+from corral.supervisor.logs import get_logger
 
 log = get_logger(component="spawner")
 

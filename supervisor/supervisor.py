@@ -17,24 +17,24 @@ import tempfile
 import time
 from collections import Counter
 
-from agent_proc import protocol as p
-from supervisor import errors, states
-from supervisor.cluster.activation import Activation
-from supervisor.agent_output import AgentOutput
-from supervisor.config import Config
-from supervisor.deadlines import Deadlines
-from supervisor.events import EventBus
-from supervisor.hub import Hub
-from supervisor.limits import choose_limiter
-from supervisor.logs import debug_enabled, get_logger
-from supervisor.node import claim_node, node_name
-from supervisor.reaper import Reaper, classify_exit, describe_status
-from supervisor.restarts import RestartPolicy
-from supervisor.sandbox import SandboxRefused, choose_sandbox
-from supervisor.session import Session, TokenBucket, Turn, bad_session_id, new_session_id, valid_session_id
-from supervisor.spawner import SpawnError, ZygoteSpawner
-from supervisor.store import SessionNotFound as StoredSessionMissing
-from supervisor.store import StaleEpoch, StoreError, create_store
+from corral.agent_proc import protocol as p
+from corral.supervisor import errors, states
+from corral.supervisor.cluster.activation import Activation
+from corral.supervisor.agent_output import AgentOutput
+from corral.supervisor.config import Config
+from corral.supervisor.deadlines import Deadlines
+from corral.supervisor.events import EventBus
+from corral.supervisor.hub import Hub
+from corral.supervisor.limits import choose_limiter
+from corral.supervisor.logs import debug_enabled, get_logger
+from corral.supervisor.node import claim_node, node_name
+from corral.supervisor.reaper import Reaper, classify_exit, describe_status
+from corral.supervisor.restarts import RestartPolicy
+from corral.supervisor.sandbox import SandboxRefused, choose_sandbox
+from corral.supervisor.session import Session, TokenBucket, Turn, bad_session_id, new_session_id, valid_session_id
+from corral.supervisor.spawner import SpawnError, ZygoteSpawner
+from corral.supervisor.store import SessionNotFound as StoredSessionMissing
+from corral.supervisor.store import StaleEpoch, StoreError, create_store
 
 log = get_logger(component="supervisor")
 

@@ -3,8 +3,8 @@
 import asyncio
 
 from tests.conftest import wait_for_state
-from web.app import create_app
-from web.keys import PROCSTATS, SUPERVISOR
+from corral.web.app import create_app
+from corral.web.keys import PROCSTATS, SUPERVISOR
 
 TENANTS = """
 admin_token = "admin-secret-token"

@@ -21,10 +21,10 @@ import aiohttp
 import psutil
 from aiohttp import web
 
-from supervisor import errors, states
+from corral.supervisor import errors, states
 from tests.conftest import wait_for_state
-from web.app import create_app
-from web.keys import SUPERVISOR
+from corral.web.app import create_app
+from corral.web.keys import SUPERVISOR
 
 ADMIN_TOKEN = "chaos-admin-token"
 CRASH_KINDS = ("exit", "signal", "exception")

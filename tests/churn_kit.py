@@ -7,7 +7,7 @@ import secrets
 import time
 from collections import Counter
 
-from supervisor import errors, states
+from corral.supervisor import errors, states
 from tests.chaos_kit import Figures, leftovers
 from tests.conftest import wait_for_state
 

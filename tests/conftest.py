@@ -6,8 +6,8 @@ import os
 import asyncpg
 import pytest
 
-from supervisor import Config, Supervisor
-from supervisor.logs import configure
+from corral.supervisor import Config, Supervisor
+from corral.supervisor.logs import configure
 
 configure("warning", json=True)
 
@@ -90,7 +90,7 @@ async def sup(make_supervisor):
 
 
 # The demo agent written both ways: behaviour tests run for each, since both must behave the same.
-DEMO_AGENTS = {"sync": "agent_proc.demo:DemoAgent", "async": "agent_proc.demo:AsyncDemoAgent"}
+DEMO_AGENTS = {"sync": "corral.agent_proc.demo:DemoAgent", "async": "corral.agent_proc.demo:AsyncDemoAgent"}
 
 
 @pytest.fixture(params=sorted(DEMO_AGENTS))

@@ -4,8 +4,8 @@ import asyncio
 import os
 import time
 
-from agent_proc import Agent
-from agent_proc.demo import AsyncDemoAgent, DemoAgent
+from corral import Agent
+from corral.agent_proc.demo import AsyncDemoAgent, DemoAgent
 
 
 class ForkingAgent(DemoAgent):

@@ -3,7 +3,7 @@
 import os
 import sys
 
-from agent_proc.demo import DemoAgent
+from corral.agent_proc.demo import DemoAgent
 
 
 class Printer(DemoAgent):

@@ -1,6 +1,6 @@
 """Small agents for the hot-path tests."""
 
-from agent_proc import Agent
+from corral import Agent
 
 
 class WholeReplyAgent(Agent):

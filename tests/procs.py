@@ -39,7 +39,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-CORRAL_MAIN = [sys.executable, "-c", "from web.cli import main; raise SystemExit(main())"]
+CORRAL_MAIN = [sys.executable, "-c", "from corral.web.cli import main; raise SystemExit(main())"]
 
 
 def start_server(tmp_path, *args, env=None, program=CORRAL_MAIN, cwd=None) -> tuple[subprocess.Popen, str]:
@@ -54,18 +54,23 @@ def start_server(tmp_path, *args, env=None, program=CORRAL_MAIN, cwd=None) -> tu
         "--port", str(port), "--data-dir", str(tmp_path / "data"), "--run-dir", str(tmp_path / "run"), *args,
     ]
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stderr=open(tmp_path / "serve.log", "ab"), cwd=cwd)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
+    wait_for_port(port, proc, tmp_path / "serve.log")
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, log, timeout: float = 30.0) -> None:
+    """Wait until a started server accepts connections on port; raise with its log if it exits first."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:  # the port opening is the event; connect() is how it is seen
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return proc, url
+            return
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(f"corral serve exited: {(tmp_path / 'serve.log').read_text()}")
+                raise RuntimeError(f"corral serve exited: {log.read_text()}")
             time.sleep(0.05)
     proc.kill()
-    raise RuntimeError("corral serve did not open its port within 30 s")
+    raise RuntimeError(f"corral serve did not open port {port} within {timeout:.0f} s")
 
 
 def descendants(pid: int) -> list[int]:

@@ -9,7 +9,7 @@ from tests.apihelpers import (
 )
 
 from tests.conftest import wait_for_state
-from web.keys import BACKGROUND_TASKS
+from corral.web.keys import BACKGROUND_TASKS
 
 
 class FixedProcStats:

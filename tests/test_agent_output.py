@@ -8,8 +8,8 @@ import urllib.request
 
 import pytest
 
-from supervisor import errors
-from supervisor.agent_output import LINE_BURST, MAX_LINE_BYTES, LineSplitter
+from corral.supervisor import errors
+from corral.supervisor.agent_output import LINE_BURST, MAX_LINE_BYTES, LineSplitter
 from tests.apihelpers import ADMIN, ALICE, TENANTS, assert_error, json_of, start, supervisor_of
 from tests.conftest import wait_for_state
 from tests.procs import start_server, wait_gone
@@ -143,8 +143,8 @@ async def test_admins_read_a_sessions_output_over_http(aiohttp_client, make_conf
 
 
 async def test_corral_sessions_logs_prints_the_lines(aiohttp_server, make_config):
-    from web.app import create_app
-    from web.keys import SUPERVISOR
+    from corral.web.app import create_app
+    from corral.web.keys import SUPERVISOR
 
     server = await aiohttp_server(create_app(make_config(admin_token="ops-logs-token", agent=PRINTER)))
     sup = server.app[SUPERVISOR]
@@ -195,7 +195,7 @@ def test_serve_lifts_its_open_files_limit(tmp_path):
     if hard == resource.RLIM_INFINITY or hard <= 1024:
         pytest.skip(f"the hard open-files limit here ({hard}) leaves nothing to lift")
     low = [sys.executable, "-c", "import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (1024, %d)); "
-           "from web.cli import main; sys.exit(main())" % hard]
+           "from corral.web.cli import main; sys.exit(main())" % hard]
     proc, _ = start_server(tmp_path, program=low)
     try:
         limits = open(f"/proc/{proc.pid}/limits").read()

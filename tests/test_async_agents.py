@@ -10,10 +10,10 @@ import os
 import psutil
 import pytest
 
-from supervisor import errors, states
+from corral.supervisor import errors, states
 from tests.conftest import AgentSays
 
-ASYNC_DEMO = "agent_proc.demo:AsyncDemoAgent"
+ASYNC_DEMO = "corral.agent_proc.demo:AsyncDemoAgent"
 ANNOUNCING = "tests.core_agents:AnnouncingAsyncAgent"
 
 
@@ -93,7 +93,7 @@ async def test_async_on_stop_runs_at_shutdown(make_supervisor, tmp_path):
     assert stop_file.read_text() == "stopper"
 
 
-@pytest.mark.parametrize("agent, loops", [("agent_proc.demo:DemoAgent", 0), (ASYNC_DEMO, 1)])
+@pytest.mark.parametrize("agent, loops", [("corral.agent_proc.demo:DemoAgent", 0), (ASYNC_DEMO, 1)])
 async def test_only_an_async_agent_makes_an_event_loop_in_its_own_process(make_supervisor, agent, loops):
     sup = await make_supervisor(agent=agent)
     zygote_loops = event_loops(sup.spawner.pid)  # its own selector

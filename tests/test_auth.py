@@ -10,10 +10,10 @@ from tests.apihelpers import (
     ADMIN, ALICE, BOB, SMALL, TENANTS, assert_error, bearer, interrupted, json_of, start, started_sleep,
 )
 
-from web.app import create_app
-from web.auth import AuthConfigError, auth_from_config, is_loopback
-from web.cli import build_parser, config_from
-from web.version import VERSION
+from corral.web.app import create_app
+from corral.web.auth import AuthConfigError, auth_from_config, is_loopback
+from corral.web.cli import build_parser, config_from
+from corral.web.version import VERSION
 
 
 @pytest.fixture
@@ -100,7 +100,7 @@ async def run_corral(tmp_path, *args, until: bytes | None = None):
     """Run ``corral serve``; return its exit code and stderr (stopped once ``until`` is logged)."""
     env = {**os.environ, "CORRAL_DATA_DIR": str(tmp_path / "data"), "CORRAL_RUN_DIR": str(tmp_path / "run")}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", "from web.cli import main; raise SystemExit(main())", "serve", *args,
+        sys.executable, "-c", "from corral.web.cli import main; raise SystemExit(main())", "serve", *args,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env,
     )
     seen = b""

@@ -13,8 +13,8 @@ import pytest
 
 from tests.conftest import wait_for_state
 from tests.test_agent_output import OutputLines
-from web.app import create_app
-from web.keys import SUPERVISOR
+from corral.web.app import create_app
+from corral.web.keys import SUPERVISOR
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

@@ -8,7 +8,7 @@ Origin), and what curl and the built-in pages send (no Origin; the server's own 
 import pytest
 from tests.apihelpers import ADMIN, ALICE, TENANTS, assert_error, json_of, start, supervisor_of
 
-from web.browser_guard import host_name
+from corral.web.browser_guard import host_name
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from web.version import VERSION
+from corral.web.version import VERSION
 
 CORRAL = str(Path(sys.executable).with_name("corral"))
 

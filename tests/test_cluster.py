@@ -15,8 +15,8 @@ import uuid
 import aiohttp
 import pytest
 
-from supervisor import errors
-from supervisor.store import create_store
+from corral.supervisor import errors
+from corral.supervisor.store import create_store
 from tests.cluster_kit import (
     LEASE, NGINX, POSTGRES_URL, Cluster, ProcessSampler, agent_processes, chat, create_database, drop_database,
     get_json, wait_gone,
@@ -110,7 +110,7 @@ async def test_one_session_through_every_node_answers_from_one_process(cluster, 
     async with http.get(f"{nodes[2].url}/admin/events") as events:  # the dashboard's stream
         first = await next_event(sse_events(events), lambda e, d: e == "sessions")
     assert [(r["session_id"], r["node"], r["pid"]) for r in first["sessions"]] == [(sid, owner["node"], owner["pid"])]
-    top = subprocess.run([sys.executable, "-c", "from web.cli import main; raise SystemExit(main())", "top", "--once", "--url", nodes[2].url],
+    top = subprocess.run([sys.executable, "-c", "from corral.web.cli import main; raise SystemExit(main())", "top", "--once", "--url", nodes[2].url],
                          capture_output=True, text=True, timeout=30)
     assert top.returncode == 0 and owner["node"] in top.stdout and str(owner["pid"]) in top.stdout, top
     async with http.get(f"{nodes[1].url}/metrics") as r:

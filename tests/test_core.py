@@ -6,7 +6,7 @@ import os
 import psutil
 import pytest
 
-from supervisor import errors, states
+from corral.supervisor import errors, states
 from tests.conftest import wait_for_state
 
 CRASH_KINDS = ["exit", "signal", "exception"]

@@ -18,14 +18,14 @@ import aiohttp
 import psutil
 import pytest
 
-from supervisor.store import create_store
+from corral.supervisor.store import create_store
 
 ALICE = "Your name is Alice."
 CLIENTS = 6
 SESSIONS_PER_CLIENT = 4
 ACKED_BEFORE_KILL = 80  # acknowledged messages to wait for before the SIGKILL
 REPO = Path(__file__).resolve().parents[1]
-SERVE = [sys.executable, "-c", "from web.cli import main; raise SystemExit(main())", "serve"]
+SERVE = [sys.executable, "-c", "from corral.web.cli import main; raise SystemExit(main())", "serve"]
 
 
 def free_port() -> int:

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from supervisor.deadlines import Deadlines
+from corral.supervisor.deadlines import Deadlines
 
 
 def recorder():

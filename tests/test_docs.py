@@ -8,7 +8,7 @@ import urllib.request
 from pathlib import Path
 
 from tests.procs import start_server
-from web.cli import SERVE_FLAGS, env_name
+from corral.web.cli import SERVE_FLAGS, env_name
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

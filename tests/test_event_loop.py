@@ -5,8 +5,8 @@ import importlib.util
 
 import pytest
 
-from supervisor.config import Config
-from web.cli import build_parser, config_from, new_event_loop
+from corral.supervisor.config import Config
+from corral.web.cli import build_parser, config_from, new_event_loop
 
 
 def test_loop_flag_and_environment_reach_the_config():

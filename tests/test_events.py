@@ -1,6 +1,6 @@
 """The event bus: listeners that name their event types get those and no others."""
 
-from supervisor.events import EventBus
+from corral.supervisor.events import EventBus
 
 
 def test_a_typed_listener_gets_only_its_types():

@@ -5,7 +5,7 @@ import sqlite3
 
 import pytest
 
-from supervisor.store import SessionNotFound, create_store
+from corral.supervisor.store import SessionNotFound, create_store
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ async def test_an_append_to_a_missing_session_fails_alone(store):
 
 
 async def test_appends_after_close_fail_with_a_store_error(store):
-    from supervisor.store import StoreError
+    from corral.supervisor.store import StoreError
 
     await store.upsert_session("s", tenant="t", agent="x")
     await store.close()

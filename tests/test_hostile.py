@@ -11,8 +11,8 @@ import time
 import psutil
 import pytest
 
-from supervisor import errors, states
-from supervisor.supervisor import STRAY_FRAME_LIMIT, STRAY_FRAMES
+from corral.supervisor import errors, states
+from corral.supervisor.supervisor import STRAY_FRAME_LIMIT, STRAY_FRAMES
 from tests.chaos_kit import latency_summary
 from tests.conftest import wait_for_state
 from tests.procs import wait_gone

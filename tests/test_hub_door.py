@@ -14,8 +14,8 @@ import stat
 import psutil
 import pytest
 
-from supervisor import errors, states
-from supervisor.supervisor import UNRESPONSIVE, recent_history
+from corral.supervisor import errors, states
+from corral.supervisor.supervisor import UNRESPONSIVE, recent_history
 from tests.procs import wait_gone
 from tests.test_hostile import CALM, calm_round, calm_sessions, expected
 

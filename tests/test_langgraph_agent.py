@@ -5,10 +5,10 @@ import asyncio
 
 import pytest
 
-from supervisor import errors, states
+from corral.supervisor import errors, states
 from tests.conftest import AgentSays
 
-AGENT = "agent_proc.contrib.langgraph:GraphAgent"
+AGENT = "corral.agent_proc.contrib.langgraph:GraphAgent"
 GRAPHS = {
     "compiled": "tests.agents.graphs:graph",
     "with-checkpointer": "tests.agents.graphs:remembering",

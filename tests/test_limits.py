@@ -8,8 +8,8 @@ import uuid
 
 import pytest
 
-from agent_proc.limits import OOM_EXIT_CODE, apply_limits
-from supervisor.limits import (
+from corral.agent_proc.limits import OOM_EXIT_CODE, apply_limits
+from corral.supervisor.limits import (
     Cgroup1Limiter, Cgroup2Limiter, NoLimiter, RlimitLimiter, choose_limiter, parse_size, process_start_time,
     run_dir_name,
 )

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from supervisor import errors, states
+from corral.supervisor import errors, states
 from tests.apihelpers import json_of, start
 from tests.procs import wait_gone
 
-AGENT = "agent_proc.contrib.mcp_tools:MCPTools"
+AGENT = "corral.agent_proc.contrib.mcp_tools:MCPTools"
 SERVER = str(Path(__file__).parent / "agents" / "mcp_server.py")
 SLOW = 60.0  # starting a Python MCP server imports the SDK: seconds on a busy machine
 

@@ -3,10 +3,10 @@
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from supervisor import errors
+from corral.supervisor import errors
 from tests.conftest import wait_for_state
-from web.app import create_app
-from web.keys import SUPERVISOR
+from corral.web.app import create_app
+from corral.web.keys import SUPERVISOR
 
 MiB = 1 << 20
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from supervisor import Supervisor
-from supervisor.node import NodeTaken
-from supervisor.store import create_store
+from corral.supervisor import Supervisor
+from corral.supervisor.node import NodeTaken
+from corral.supervisor.store import create_store
 from tests.conftest import POSTGRES_URL, drop_schema
 from tests.procs import free_port, start_server
 from tests.test_serve import post

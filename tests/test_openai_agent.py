@@ -10,10 +10,10 @@ import json
 import pytest
 from aiohttp import web
 
-from supervisor import errors, states
+from corral.supervisor import errors, states
 from tests.conftest import wait_for_state
 
-AGENT = "agent_proc.contrib.openai_chat:OpenAIChat"
+AGENT = "corral.agent_proc.contrib.openai_chat:OpenAIChat"
 SLOW_CHUNK_EVERY = 0.05  # the fake's pace for the slow stream (the test waits on events, not on this)
 
 

@@ -21,8 +21,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from web.app import create_app
-from web.openapi import SPEC
+from corral.web.app import create_app
+from corral.web.openapi import SPEC
 
 ALLOWED_5XX = {502, 503, 504}
 # An endless stream has no end for a generated case to wait for; tests/test_stream.py and

@@ -6,8 +6,8 @@ import os
 import sys
 
 from tests.conftest import wait_for_state
-from web.app import create_app
-from web.keys import SUPERVISOR
+from corral.web.app import create_app
+from corral.web.keys import SUPERVISOR
 
 TOKEN = "ops-test-admin-token"
 
@@ -16,7 +16,7 @@ async def corral(*args: str, env_token: str | None = None) -> tuple[int, str, st
     """Run the ``corral`` command in a child process; (exit code, stdout, stderr)."""
     env = {**os.environ, "CORRAL_ADMIN_TOKEN": env_token or ""}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", "import sys; from web.cli import main; sys.exit(main())", *args,
+        sys.executable, "-c", "import sys; from corral.web.cli import main; sys.exit(main())", *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)

@@ -12,12 +12,12 @@ import uuid
 import asyncpg
 import pytest
 
-from supervisor import Supervisor, errors, states
-from supervisor.store import create_store
-from supervisor.store.sqlite import SQLiteStore
+from corral.supervisor import Supervisor, errors, states
+from corral.supervisor.store import create_store
+from corral.supervisor.store.sqlite import SQLiteStore
 from tests.conftest import POSTGRES_URL, drop_schema, wait_for_state
-from web.app import create_app
-from web.keys import SUPERVISOR
+from corral.web.app import create_app
+from corral.web.keys import SUPERVISOR
 
 ALICE = "Your name is Alice."
 

@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from supervisor.procstats import ProcStats
-from web.app import create_app
-from web.keys import SUPERVISOR
+from corral.supervisor.procstats import ProcStats
+from corral.web.app import create_app
+from corral.web.keys import SUPERVISOR
 
 MiB = 1 << 20
 

@@ -7,7 +7,7 @@ import json
 import time
 
 from tests.chaos_kit import call, client_session, error_code, latency_summary, running_app
-from web.keys import SUPERVISOR
+from corral.web.keys import SUPERVISOR
 
 OTHERS = 16
 ROUNDS = 10  # messages per other session per phase

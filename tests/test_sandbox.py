@@ -21,9 +21,9 @@ import tempfile
 import psutil
 import pytest
 
-from agent_proc import sandbox as layers
-from supervisor import sandbox as policy
-from supervisor.store import DEFAULT_SQLITE_NAME
+from corral.agent_proc import sandbox as layers
+from corral.supervisor import sandbox as policy
+from corral.supervisor.store import DEFAULT_SQLITE_NAME
 from tests.procs import start_server, wait_gone
 
 ROOT = os.geteuid() == 0
@@ -533,7 +533,7 @@ async def test_the_admin_health_lists_every_layer_and_why_one_is_missing(sup):
 
 
 def test_sandbox_flags_reach_the_config(capsys):
-    from web.cli import build_parser, config_from
+    from corral.web.cli import build_parser, config_from
 
     args = build_parser().parse_args(["serve", "--sandbox", "strict", "--sandbox-uid-range", "70000-70099",
                                       "--agent-network", "off", "--max-pids", "32", "--max-open-files", "256"])

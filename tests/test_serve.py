@@ -65,7 +65,7 @@ def test_sigterm_stops_everything_cleanly(tmp_path):
 
 def test_bad_agent_is_a_clear_start_error(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-c", "from web.cli import main; raise SystemExit(main())", "serve",
+        [sys.executable, "-c", "from corral.web.cli import main; raise SystemExit(main())", "serve",
          "--agent", "no_such_module:Agent", "--data-dir", str(tmp_path), "--port", "0"],
         capture_output=True, text=True, timeout=60,
     )
@@ -75,7 +75,7 @@ def test_bad_agent_is_a_clear_start_error(tmp_path):
 
 
 def test_flags_come_from_the_environment(tmp_path):
-    from web.cli import build_parser, config_from
+    from corral.web.cli import build_parser, config_from
 
     args = build_parser().parse_args(["serve", "--idle-timeout", "5"])
     config = config_from(args, {"CORRAL_IDLE_TIMEOUT": "9", "CORRAL_MEMORY_LIMIT": "256M", "CORRAL_MAX_AGE": "60"})

@@ -5,7 +5,7 @@ import inspect
 
 import pytest
 
-from supervisor import states
+from corral.supervisor import states
 
 
 def test_lifecycle_paths_are_allowed():

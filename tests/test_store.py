@@ -15,12 +15,12 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from supervisor.store import (
+from corral.supervisor.store import (
     MessageRecord, SessionNotFound, SessionRecord, Store, StoreError, create_store,
 )
-from supervisor.store.base import load_migrations
-from supervisor.store.postgres import PostgresStore
-from supervisor.store.sqlite import SQLiteStore
+from corral.supervisor.store.base import load_migrations
+from corral.supervisor.store.postgres import PostgresStore
+from corral.supervisor.store.sqlite import SQLiteStore
 from tests.conftest import drop_schema
 
 PG_URL = os.environ.get("CORRAL_TEST_DATABASE_URL", "")
@@ -317,7 +317,7 @@ async def test_sqlite_append_survives_sigkill(tmp_path):
     db = tmp_path / "crash.sqlite3"
     child = textwrap.dedent(f"""
         import asyncio, os, signal
-        from supervisor.store import create_store
+        from corral.supervisor.store import create_store
         async def main():
             s = create_store("sqlite://{db}", None)
             await s.open()

@@ -6,10 +6,10 @@ import json
 import pytest
 from tests.apihelpers import ALICE, BOB, TENANTS, assert_error, start
 
-from supervisor import errors, states
-from web.app import create_app
-from web.routes.stream import STREAMS
-from web.keys import SUPERVISOR
+from corral.supervisor import errors, states
+from corral.web.app import create_app
+from corral.web.routes.stream import STREAMS
+from corral.web.keys import SUPERVISOR
 
 TIMEOUT = 20.0  # generous: the machine is shared
 

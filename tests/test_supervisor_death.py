@@ -11,8 +11,8 @@ import uuid
 import psutil
 import pytest
 
-from supervisor import errors, states
-from supervisor.store import create_store
+from corral.supervisor import errors, states
+from corral.supervisor.store import create_store
 from tests.chaos_kit import agent_pids, call, client_session
 from tests.conftest import wait_for_state
 from tests.procs import descendants, start_server, wait_gone

@@ -1,6 +1,6 @@
 """The per-turn idle <-> busy flip still reaches listeners after its fast path."""
 
-from supervisor.logs import configure, debug_enabled
+from corral.supervisor.logs import configure, debug_enabled
 
 
 async def test_session_and_global_listeners_see_busy_and_idle(sup):

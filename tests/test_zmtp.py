@@ -15,12 +15,12 @@ import socket
 import pytest
 import zmq
 
-from agent_proc import protocol as p
-from agent_proc import zmtp
-from agent_proc.agent import Agent
-from agent_proc.dealer import Dealer
-from agent_proc.main import AgentLoop, run_agent
-from supervisor.hub import Hub
+from corral.agent_proc import protocol as p
+from corral.agent_proc import zmtp
+from corral.agent_proc.agent import Agent
+from corral.agent_proc.dealer import Dealer
+from corral.agent_proc.main import AgentLoop, run_agent
+from corral.supervisor.hub import Hub
 
 
 def test_reader_reassembles_frames_split_anywhere():

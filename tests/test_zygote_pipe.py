@@ -2,7 +2,7 @@
 
 import multiprocess
 
-from agent_proc.zygote import recv_msg, send_msg
+from corral.agent_proc.zygote import recv_msg, send_msg
 
 
 def test_messages_cross_the_pipe_unchanged():

@@ -4,14 +4,14 @@ import asyncio
 
 from aiohttp import web
 
-from supervisor import Config, Supervisor
-from supervisor.logs import get_logger
-from web import cors, forward, monitoring, openapi
-from web.auth import auth_from_config, check_bind, log_mode
-from web.errors import answer_protocol_errors_in_json
-from web.middleware import front_door
-from web.routes import admin, api, chat, cluster, dashboard, health, metrics, stream
-from web.keys import AUTH, BACKGROUND, BACKGROUND_TASKS, CONFIG, SUPERVISOR
+from corral.supervisor import Config, Supervisor
+from corral.supervisor.logs import get_logger
+from corral.web import cors, forward, monitoring, openapi
+from corral.web.auth import auth_from_config, check_bind, log_mode
+from corral.web.errors import answer_protocol_errors_in_json
+from corral.web.middleware import front_door
+from corral.web.routes import admin, api, chat, cluster, dashboard, health, metrics, stream
+from corral.web.keys import AUTH, BACKGROUND, BACKGROUND_TASKS, CONFIG, SUPERVISOR
 
 log = get_logger(component="web")
 

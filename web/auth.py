@@ -24,9 +24,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from supervisor.logs import get_logger
-from web.errors import error_response
-from web.keys import ADMIN, AUTH, TENANT
+from corral.supervisor.logs import get_logger
+from corral.web.errors import error_response
+from corral.web.keys import ADMIN, AUTH, TENANT
 
 log = get_logger(component="auth")
 

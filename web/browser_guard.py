@@ -18,10 +18,10 @@ import functools
 
 from aiohttp import web
 
-from web.auth import is_loopback
-from web.cors import CorsPolicy
-from web.errors import error_response
-from web.keys import AUTH, CONFIG
+from corral.web.auth import is_loopback
+from corral.web.cors import CorsPolicy
+from corral.web.errors import error_response
+from corral.web.keys import AUTH, CONFIG
 
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 

@@ -14,10 +14,10 @@ import socket
 import sys
 from pathlib import Path
 
-from supervisor.config import DEFAULT_AGENT, LOG_LEVELS, LOOPS, SANDBOX_MODES, Config, SettingError
-from supervisor.limits import MECHANISMS, parse_size
-from web import ops_cli
-from web.version import VERSION
+from corral.supervisor.config import DEFAULT_AGENT, LOG_LEVELS, LOOPS, SANDBOX_MODES, Config, SettingError
+from corral.supervisor.limits import MECHANISMS, parse_size
+from corral.web import ops_cli
+from corral.web.version import VERSION
 
 
 def _parser(name: str, convert):
@@ -202,11 +202,11 @@ def config_from(args: argparse.Namespace, environ=os.environ) -> Config:
 
 def serve(config: Config) -> int:
     """Run the server until SIGINT/SIGTERM."""
-    from agent_proc.process import set_title
-    from supervisor.errors import StartupError
-    from supervisor.logs import configure, get_logger
-    from web.app import create_app
-    from web.auth import AuthConfigError
+    from corral.agent_proc.process import set_title
+    from corral.supervisor.errors import StartupError
+    from corral.supervisor.logs import configure, get_logger
+    from corral.web.app import create_app
+    from corral.web.auth import AuthConfigError
 
     try:
         # the port, then the node's identity, before anything touches the store: a second server
@@ -241,7 +241,7 @@ def serve(config: Config) -> int:
 
 def listen(config: Config) -> tuple[Config, list[socket.socket]]:
     """Bind and listen on the configured address; the config gets the real port if it asked for 0."""
-    from supervisor.errors import StartupError
+    from corral.supervisor.errors import StartupError
 
     try:
         sockets = bind_sockets(config.host, config.port)
@@ -254,9 +254,9 @@ def listen(config: Config) -> tuple[Config, list[socket.socket]]:
 
 def claim_identity(config: Config, event_loop):
     """The store (not yet opened) and this node's claim on its identity in it (supervisor/node.py)."""
-    from supervisor.errors import StartupError
-    from supervisor.node import claim_node, node_name
-    from supervisor.store import StoreError, create_store
+    from corral.supervisor.errors import StartupError
+    from corral.supervisor.node import claim_node, node_name
+    from corral.supervisor.store import StoreError, create_store
 
     try:
         store = create_store(config.database_url, config.data_dir)
@@ -340,7 +340,7 @@ def run_app(app, *, host: str = "127.0.0.1", port: int = 8080, sockets: list[soc
     """
     from aiohttp import web
 
-    from supervisor.logs import get_logger
+    from corral.supervisor.logs import get_logger
 
     event_loop = new_event_loop(loop) if isinstance(loop, str) else loop
     get_logger(component="cli").info("event_loop", loop=type(event_loop).__module__.split(".")[0])

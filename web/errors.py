@@ -4,9 +4,9 @@ import json
 
 from aiohttp import http_exceptions, web
 
-from supervisor import errors
-from supervisor.logs import get_logger
-from supervisor.store import StoreError
+from corral.supervisor import errors
+from corral.supervisor.logs import get_logger
+from corral.supervisor.store import StoreError
 
 log = get_logger(component="web")
 

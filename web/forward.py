@@ -14,9 +14,9 @@ import aiohttp
 from aiohttp import hdrs, web
 from multidict import CIMultiDict
 
-from supervisor import errors
-from supervisor.logs import get_logger
-from web.keys import CONFIG, RAW_BODY, SUPERVISOR
+from corral.supervisor import errors
+from corral.supervisor.logs import get_logger
+from corral.web.keys import CONFIG, RAW_BODY, SUPERVISOR
 
 log = get_logger(component="forward")
 

@@ -4,7 +4,7 @@ import asyncio
 
 from aiohttp import web
 
-from supervisor import Config, Supervisor
+from corral.supervisor import Config, Supervisor
 
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
 CONFIG = web.AppKey("config", Config)

@@ -12,11 +12,11 @@ import time
 
 from aiohttp import web
 
-from web.auth import refusal
-from web.browser_guard import browser_refusal
-from web.errors import json_error
-from web.keys import METRICS
-from web.monitoring import count, refresh_figures, shows_figures
+from corral.web.auth import refusal
+from corral.web.browser_guard import browser_refusal
+from corral.web.errors import json_error
+from corral.web.keys import METRICS
+from corral.web.monitoring import count, refresh_figures, shows_figures
 
 
 @web.middleware

@@ -9,9 +9,9 @@ import time
 
 from aiohttp import web
 
-from supervisor.metrics import Metrics
-from supervisor.procstats import ProcStats
-from web.keys import METRICS, PROCSTATS, SUPERVISOR
+from corral.supervisor.metrics import Metrics
+from corral.supervisor.procstats import ProcStats
+from corral.web.keys import METRICS, PROCSTATS, SUPERVISOR
 
 # Requests under these paths show process figures: make them fresh (at most one pass a second).
 _FIGURE_PATHS = ("/admin/sessions", "/admin/stats", "/metrics")

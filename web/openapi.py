@@ -7,10 +7,10 @@ runs schemathesis against a live server to keep this honest.
 
 from aiohttp import web
 
-from supervisor import states
-from supervisor.session import SESSION_ID_PATTERN
-from web.routes.dashboard import STATIC
-from web.version import VERSION
+from corral.supervisor import states
+from corral.supervisor.session import SESSION_ID_PATTERN
+from corral.web.routes.dashboard import STATIC
+from corral.web.version import VERSION
 
 routes = web.RouteTableDef()
 

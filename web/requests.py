@@ -4,9 +4,9 @@ import json
 
 from aiohttp import hdrs, web
 
-from supervisor import errors
-from supervisor.session import bad_session_id, new_session_id, valid_session_id
-from web.keys import CONFIG, RAW_BODY, SUPERVISOR, TENANT
+from corral.supervisor import errors
+from corral.supervisor.session import bad_session_id, new_session_id, valid_session_id
+from corral.web.keys import CONFIG, RAW_BODY, SUPERVISOR, TENANT
 
 SESSION_COOKIE = "corral_session"
 SESSION_HEADER = "X-Session-Id"

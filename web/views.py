@@ -6,7 +6,7 @@ store (no process on this node); both read the same way.
 
 import time
 
-from supervisor.session import Session
+from corral.supervisor.session import Session
 
 
 def session_view(found, **extra) -> dict:

@@ -1,6 +1,6 @@
 """Runs a LangGraph graph as a corral agent (``corral[langgraph]``).
 
-``CORRAL_LANGGRAPH_GRAPH=mymod:graph corral serve --agent agent_proc.contrib.langgraph:GraphAgent``
+``CORRAL_LANGGRAPH_GRAPH=mymod:graph corral serve --agent corral.agent_proc.contrib.langgraph:GraphAgent``
 serves the compiled graph ``graph`` of module ``mymod`` (a ``StateGraph`` not yet compiled is compiled;
 a function is called with no arguments to build one). The graph's state must have a ``messages`` key
 (``MessagesState`` or a subclass). Each session runs the graph with thread id = session id; its
@@ -16,7 +16,7 @@ import os
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langgraph.graph import StateGraph
 
-from agent_proc.agent import Agent, UpstreamError
+from corral.agent_proc.agent import Agent, UpstreamError
 
 GRAPH_VARIABLE = "CORRAL_LANGGRAPH_GRAPH"
 _MESSAGE_TYPES = {"user": HumanMessage, "assistant": AIMessage, "system": SystemMessage}

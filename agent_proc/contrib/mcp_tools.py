@@ -1,6 +1,6 @@
 """An agent that gives each session its own MCP tool servers (``corral[mcp]``).
 
-Run it with ``corral serve --agent agent_proc.contrib.mcp_tools:MCPTools`` and name the servers in
+Run it with ``corral serve --agent corral.agent_proc.contrib.mcp_tools:MCPTools`` and name the servers in
 ``CORRAL_MCP_SERVERS`` (JSON text) or in the file ``CORRAL_MCP_CONFIG``, in the usual ``mcpServers``
 shape::
 
@@ -26,7 +26,7 @@ from mcp import ClientSession, MCPError, StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
-from agent_proc.agent import Agent, BadRequest, UnknownCommand, UpstreamError
+from corral.agent_proc.agent import Agent, BadRequest, UnknownCommand, UpstreamError
 
 # Runs before a stdio server's own command: asks the kernel to SIGKILL it when the agent dies,
 # however it dies (the SDK starts servers in a session of their own, out of the agent's process

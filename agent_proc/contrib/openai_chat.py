@@ -1,6 +1,6 @@
 """A chat agent for any OpenAI-compatible API: OpenAI, vLLM, llama.cpp, Ollama, the hosted ones.
 
-Run it with ``corral serve --agent agent_proc.contrib.openai_chat:OpenAIChat`` and configure it in
+Run it with ``corral serve --agent corral.agent_proc.contrib.openai_chat:OpenAIChat`` and configure it in
 the server's environment (read by each session's process when it starts):
 
 ==============================  ==============================  =========================================
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from agent_proc.agent import Agent, BadRequest, UpstreamError
+from corral.agent_proc.agent import Agent, BadRequest, UpstreamError
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 FIRST_BACKOFF = 0.5  # seconds before the first retry when the API names no Retry-After

@@ -9,10 +9,10 @@ import os
 import signal
 import socket
 
-from supervisor import errors, states
-from supervisor.cluster.directory import LocalDirectory, directory_for
-from supervisor.cluster.membership import Membership, new_node_id
-from supervisor.logs import get_logger
+from corral.supervisor import errors, states
+from corral.supervisor.cluster.directory import LocalDirectory, directory_for
+from corral.supervisor.cluster.membership import Membership, new_node_id
+from corral.supervisor.logs import get_logger
 
 log = get_logger(component="cluster")
 

@@ -8,7 +8,7 @@ the session is new, unowned, already this node's, or its owner's lease has expir
 
 from dataclasses import dataclass
 
-from supervisor.store import SessionRecord
+from corral.supervisor.store import SessionRecord
 
 # an owner is alive while its row in `nodes` has not expired (the database's clock)
 _OWNER_ALIVE = "EXISTS (SELECT 1 FROM nodes n WHERE n.id = sessions.node AND n.expires_at > now())"
@@ -68,7 +68,7 @@ class PgDirectory(Directory):
     fenced = True
 
     def __init__(self, store, node: str) -> None:
-        from supervisor.store import postgres  # asyncpg only for a PostgreSQL store
+        from corral.supervisor.store import postgres  # asyncpg only for a PostgreSQL store
 
         self.store = store
         self.node = node

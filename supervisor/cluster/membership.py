@@ -12,8 +12,8 @@ import socket
 import time
 import uuid
 
-from supervisor.logs import get_logger
-from supervisor.store import StoreError
+from corral.supervisor.logs import get_logger
+from corral.supervisor.store import StoreError
 
 log = get_logger(component="cluster")
 

@@ -10,9 +10,9 @@ import socket
 import sys
 import time
 
-from agent_proc import protocol as p
-from agent_proc import zmtp
-from agent_proc.demo import DemoAgent
+from corral.agent_proc import protocol as p
+from corral.agent_proc import zmtp
+from corral.agent_proc.demo import DemoAgent
 
 
 def _caller(type_name: str):

@@ -7,8 +7,8 @@ the agent-side check, as any ZeroMQ peer could.
 
 import sys
 
-from agent_proc import protocol as p
-from agent_proc.demo import DemoAgent
+from corral.agent_proc import protocol as p
+from corral.agent_proc.demo import DemoAgent
 
 
 class Opaque:

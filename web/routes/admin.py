@@ -10,12 +10,12 @@ from collections import Counter
 
 from aiohttp import web
 
-from supervisor import errors, states
-from supervisor.session import Session
-from web import forward
-from web.requests import checked_session_id, query_bool, query_int
-from web.views import admin_row
-from web.keys import BACKGROUND, PROCSTATS, SUPERVISOR
+from corral.supervisor import errors, states
+from corral.supervisor.session import Session
+from corral.web import forward
+from corral.web.requests import checked_session_id, query_bool, query_int
+from corral.web.views import admin_row
+from corral.web.keys import BACKGROUND, PROCSTATS, SUPERVISOR
 
 routes = web.RouteTableDef()
 

@@ -8,10 +8,10 @@ unknown id. Every route answers 404 for another tenant's session.
 
 from aiohttp import web
 
-from agent_proc import protocol as p
-from supervisor import errors, states
-from supervisor.session import Session
-from web.requests import (
+from corral.agent_proc import protocol as p
+from corral.supervisor import errors, states
+from corral.supervisor.session import Session
+from corral.web.requests import (
     field,
     find_session,
     json_body,
@@ -22,8 +22,8 @@ from web.requests import (
     requested_session_id,
     session_response,
 )
-from web.views import message_view, new_session_view, session_detail, session_view
-from web.keys import SUPERVISOR
+from corral.web.views import message_view, new_session_view, session_detail, session_view
+from corral.web.keys import SUPERVISOR
 
 routes = web.RouteTableDef()
 

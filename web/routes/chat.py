@@ -2,9 +2,9 @@
 
 from aiohttp import web
 
-from web.requests import field, json_body, message_of, open_session, session_response
-from web.views import session_view
-from web.keys import BACKGROUND, SUPERVISOR
+from corral.web.requests import field, json_body, message_of, open_session, session_response
+from corral.web.views import session_view
+from corral.web.keys import BACKGROUND, SUPERVISOR
 
 routes = web.RouteTableDef()
 

@@ -2,7 +2,7 @@
 
 from aiohttp import web
 
-from web.keys import SUPERVISOR
+from corral.web.keys import SUPERVISOR
 
 routes = web.RouteTableDef()
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from web import forward
-from web.monitoring import refresh_figures
-from web.sse import SSE_HEADERS, format_event
-from web.views import admin_row
-from web.keys import EVENT_STREAMS, PROCSTATS, SUPERVISOR
+from corral.web import forward
+from corral.web.monitoring import refresh_figures
+from corral.web.sse import SSE_HEADERS, format_event
+from corral.web.views import admin_row
+from corral.web.keys import EVENT_STREAMS, PROCSTATS, SUPERVISOR
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 FIGURES_EVERY = 2.0

@@ -2,9 +2,9 @@
 
 from aiohttp import web
 
-from web.auth import may_administer
-from web.version import VERSION
-from web.keys import SUPERVISOR
+from corral.web.auth import may_administer
+from corral.web.version import VERSION
+from corral.web.keys import SUPERVISOR
 
 routes = web.RouteTableDef()
 

@@ -2,8 +2,8 @@
 
 from aiohttp import web
 
-from supervisor.metrics import CONTENT_TYPE
-from web.keys import METRICS
+from corral.supervisor.metrics import CONTENT_TYPE
+from corral.web.keys import METRICS
 
 routes = web.RouteTableDef()
 

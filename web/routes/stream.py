@@ -11,10 +11,10 @@ import contextlib
 
 from aiohttp import web
 
-from web.requests import find_session, remember_session, requested_session_id, tenant_of
-from web.sse import CLOSE, KEEPALIVE_FRAME, SSE_HEADERS, Listener, StreamHub, format_event
-from web.views import message_view, new_session_view, session_view
-from web.keys import SUPERVISOR
+from corral.web.requests import find_session, remember_session, requested_session_id, tenant_of
+from corral.web.sse import CLOSE, KEEPALIVE_FRAME, SSE_HEADERS, Listener, StreamHub, format_event
+from corral.web.views import message_view, new_session_view, session_view
+from corral.web.keys import SUPERVISOR
 
 routes = web.RouteTableDef()
 STREAMS = web.AppKey("streams", StreamHub)
