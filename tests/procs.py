@@ -67,10 +67,10 @@ def wait_for_port(port: int, proc: subprocess.Popen, log, timeout: float = 30.0)
             return
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(f"corral serve exited: {log.read_text()}")
+                raise RuntimeError(f"the server exited ({proc.returncode}): {log.read_text()}")
             time.sleep(0.05)
     proc.kill()
-    raise RuntimeError(f"corral serve did not open port {port} within {timeout:.0f} s")
+    raise RuntimeError(f"the server did not open port {port} within {timeout:.0f} s")
 
 
 def descendants(pid: int) -> list[int]:
