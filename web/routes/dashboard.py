@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from corral.web import forward
+from corral.web import forward, paths
 from corral.web.monitoring import refresh_figures
 from corral.web.sse import SSE_HEADERS, format_event
 from corral.web.views import admin_row
@@ -28,19 +28,19 @@ _CLOSE = object()
 routes = web.RouteTableDef()
 
 
-@routes.get("/")
+@routes.get(paths.CHAT_PAGE)
 async def chat_page(request: web.Request) -> web.FileResponse:
     """The chat page."""
     return _page("index.html")
 
 
-@routes.get("/admin")
+@routes.get(paths.DASHBOARD_PAGE)
 async def admin_page(request: web.Request) -> web.FileResponse:
     """The dashboard page (it asks for the admin token; the data it loads needs it)."""
     return _page("admin.html")
 
 
-@routes.get("/static/{name}")
+@routes.get(paths.STATIC_FILE)
 async def static_file(request: web.Request) -> web.FileResponse:
     """One of the pages' files; a name that is none of them is the JSON 404 of any unknown path.
 
@@ -58,7 +58,7 @@ def _page(name: str) -> web.FileResponse:
     return web.FileResponse(STATIC / name, headers={"Cache-Control": "no-cache"})
 
 
-@routes.get("/admin/events")
+@routes.get(paths.ADMIN_EVENTS)
 async def admin_events(request: web.Request) -> web.StreamResponse:
     """SSE of session events for the dashboard."""
     sup = request.app[SUPERVISOR]

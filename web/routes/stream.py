@@ -11,6 +11,7 @@ import contextlib
 
 from aiohttp import web
 
+from corral.web import paths
 from corral.web.requests import find_session, remember_session, requested_session_id, tenant_of
 from corral.web.sse import CLOSE, KEEPALIVE_FRAME, SSE_HEADERS, Listener, StreamHub, format_event
 from corral.web.views import message_view, new_session_view, session_view
@@ -40,7 +41,7 @@ async def _close_streams(app: web.Application) -> None:
     app[STREAMS].close()
 
 
-@routes.get("/api/chat/stream", allow_head=False)  # an endless body has no HEAD form
+@routes.get(paths.STREAM, allow_head=False)  # an endless body has no HEAD form
 async def chat_stream(request: web.Request) -> web.StreamResponse:
     """Stream one session's events until the client goes away."""
     sid = requested_session_id(request)
