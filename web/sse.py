@@ -9,11 +9,12 @@ drop timer after the last listener has left.
 """
 
 import asyncio
+import contextlib
 import itertools
 import json
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 # The EventBus types a stream carries (``spawned`` is an operator event, not a client one).
@@ -48,7 +49,35 @@ SSE_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",  # nginx: pass events through at once
 }
-CLOSE = object()  # put on a listener's queue to end its stream
+CLOSE = object()  # put on a stream's queue to end it
+
+
+async def serve_queue(queue: asyncio.Queue, period: float, on_item: Callable[[object], Awaitable[None]],
+                      on_tick: Callable[[], Awaitable[None]], *, steady: bool = False) -> None:
+    """The loop of every event stream: hand each queued item to ``on_item`` until CLOSE or the client leaves.
+
+    ``on_tick`` runs when ``period`` seconds pass without an item (a keep-alive), or, ``steady``,
+    every ``period`` seconds whatever comes (the dashboard's figures). One timer per open stream,
+    re-armed per wait; none at all while no stream is open.
+    """
+    loop = asyncio.get_running_loop()
+    due = loop.time() + period
+    with contextlib.suppress(ConnectionError):  # the client went away
+        while True:
+            try:
+                async with asyncio.timeout(max(0.0, due - loop.time())):
+                    item = await queue.get()
+            except TimeoutError:
+                pass
+            else:
+                if item is CLOSE:
+                    return
+                await on_item(item)
+                if not steady:
+                    due = loop.time() + period
+            if loop.time() >= due:
+                await on_tick()
+                due = loop.time() + period
 
 
 def client_data(event: dict) -> dict:

@@ -106,7 +106,7 @@ async def kill_session(request: web.Request) -> web.Response:
     found = await _found(request)
     sup = request.app[SUPERVISOR]
     if isinstance(found, Session) and found.live:
-        request.app[BACKGROUND](_kill(sup, found, purge))
+        request.app[BACKGROUND].spawn(_kill(sup, found, purge))
         return web.json_response({**admin_row(found), "state": states.STOPPING}, status=202)
     if isinstance(found, Session):
         await sup.remove(found, purge=purge)

@@ -20,7 +20,7 @@ async def chat(request: web.Request) -> web.Response:
     s = await open_session(request, body)
     turn = await sup.submit_chat(s, message)
     if not wait:
-        request.app[BACKGROUND](sup.complete(s, turn))
+        request.app[BACKGROUND].spawn(sup.complete(s, turn))
         return session_response(session_view(s, status="accepted"), s.id, status=202)
     result = await sup.complete(s, turn)
     return session_response(session_view(s, status=result["status"], reply=result.get("reply")), s.id)
