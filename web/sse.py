@@ -129,7 +129,6 @@ class SessionChannel:
         self.floor = hub.last_id
         self.listeners: set[Listener] = set()
         self._drop_timer: asyncio.TimerHandle | None = None
-        self._released: asyncio.Future | None = None  # made only when someone waits for the drop
         self._unsubscribe = hub.bus.subscribe_session(session_id, self._on_event)
 
     @property
@@ -161,8 +160,10 @@ class SessionChannel:
         """Forget a listener; the last one out arms the drop timer."""
         self.listeners.discard(listener)
         if not self.listeners and self._drop_timer is None and self.hub.channels.get(self.key) is self:
-            loop = asyncio.get_running_loop()
-            self._drop_timer = loop.call_later(self.hub.linger, self.drop)
+            if self.hub.linger <= 0:
+                self.drop()
+            else:
+                self._drop_timer = asyncio.get_running_loop().call_later(self.hub.linger, self.drop)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -186,14 +187,6 @@ class SessionChannel:
             del self.hub.channels[self.key]
         for listener in list(self.listeners):
             listener.close_stream()
-        if self._released is not None and not self._released.done():
-            self._released.set_result(None)
-
-    def released(self) -> asyncio.Future:
-        """A future that resolves when this channel is dropped."""
-        if self._released is None:
-            self._released = asyncio.get_running_loop().create_future()
-        return self._released
 
 
 class StreamHub:
@@ -212,7 +205,7 @@ class StreamHub:
         self.bus = bus
         self._owner_of = owner_of
         self.keepalive = keepalive  # seconds between keep-alive comments on a quiet stream
-        self.linger = linger  # seconds a channel outlives its last listener (for resumes)
+        self.linger = linger  # seconds a channel outlives its last listener (for resumes); 0: none
         self.buffer_size = buffer_size  # events kept per session for Last-Event-ID
         self.queue_size = queue_size  # events a listener may fall behind before it is dropped
         self.channels: dict[tuple[str, str], SessionChannel] = {}
@@ -236,19 +229,6 @@ class StreamHub:
         if channel is None:
             channel = self.channels[(tenant, session_id)] = SessionChannel(self, tenant, session_id)
         return channel.add()
-
-    def released(self, tenant: str, session_id: str) -> asyncio.Future:
-        """Resolves once no channel holds this session's events (at once if none does)."""
-        channel = self.channels.get((tenant, session_id))
-        if channel is not None:
-            return channel.released()
-        done = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        return done
-
-    def listeners(self) -> int:
-        """Open streams in all."""
-        return sum(len(c.listeners) for c in self.channels.values())
 
     def close(self) -> None:
         """End every stream (server shutdown)."""
