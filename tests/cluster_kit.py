@@ -15,7 +15,7 @@ import aiohttp
 import asyncpg
 import psutil
 
-from tests.procs import free_port, start_server, wait_gone
+from tests.procs import free_port, start_server, wait_for_port, wait_gone
 
 POSTGRES_URL = os.environ.get("CORRAL_TEST_DATABASE_URL")
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.path.exists(p)), None)
@@ -98,7 +98,7 @@ class Cluster:
             f"http {{ access_log off; {temps} include {home}/corral.conf; }}\n")
         self.nginx = subprocess.Popen([NGINX, "-c", str(home / "main.conf"), "-p", str(home)],
                                       stderr=open(home / "stderr.log", "ab"))
-        wait_port(port, self.nginx)
+        wait_for_port(port, self.nginx, timeout=20)
         self.nginx_url = f"http://127.0.0.1:{port}"
         return self.nginx_url
 
@@ -121,23 +121,6 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 node.proc.kill()
                 node.proc.wait(5)
-
-
-def wait_port(port: int, proc: subprocess.Popen) -> None:
-    """Wait for a subprocess to open its port (start_server's wait, for any program)."""
-    import socket
-    import time
-
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"exited with {proc.returncode}")
-            time.sleep(0.05)
-    raise RuntimeError(f"port {port} did not open")
 
 
 def agent_processes(prefix: str) -> Counter:

@@ -148,6 +148,7 @@ def _fuzz(operation, mode, examples: int, base_url: str, seen: set[int]) -> list
     return failures
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 async def test_schemathesis_finds_nothing_undocumented(aiohttp_client, make_config, tmp_path):
     """No undocumented status, content type or body; no 5xx but 502/503/504 (with tenants and admin)."""
