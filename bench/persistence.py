@@ -15,7 +15,6 @@ schema that is dropped afterwards).
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -31,15 +30,9 @@ from corral.supervisor.logs import configure
 from corral.supervisor.store import create_store
 from corral.web.app import create_app
 from corral.web.keys import SUPERVISOR
+from tests.procs import free_port
 
 BASELINE = "memory"
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_store(backend: str, data_dir: Path, database_url: str | None, schema: str):

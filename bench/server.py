@@ -4,7 +4,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -12,6 +11,7 @@ import time
 import urllib.request
 
 import psutil
+from tests.procs import free_port
 
 # What every corral server of the suite runs with unless a figure says otherwise: no rate limit
 # (the load generator sends far more than 20 msg/s per session), room for the scale run, and the
@@ -25,13 +25,6 @@ BENCH_SETTINGS = {
     "idle_timeout": 3600,
     "log_level": "warning",
 }
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> dict:

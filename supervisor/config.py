@@ -1,31 +1,25 @@
-"""Every setting of a corral server, with its default, in one place.
+"""Every setting of a corral server, declared once with its default, kind, checks and help.
 
-``corral serve`` builds its flags from ``SETTINGS``; each flag is also read from the
-environment as ``CORRAL_`` plus its name in upper snake case.
+``corral serve``'s flags, the ``CORRAL_*`` environment (``CORRAL_`` plus the name in upper snake
+case), ``--help`` and the table in docs/configuration.md are derived from these declarations
+(supervisor/settings.py).
 """
 
-import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from corral.supervisor.limits import MECHANISMS
 from corral.supervisor.sandbox import MODES as SANDBOX_MODES
 from corral.supervisor.sandbox import parse_uid_range
+from corral.supervisor.settings import (  # noqa: F401 (SettingError: raised by Config, caught by the CLI)
+    AGENT, COUNT, PATH, PORT, RATE, SECONDS, SIZE, TEXT, TOKEN, URL, ORIGINS,
+    Declared, SettingError, at_least_one, between, check_all, choice, declared, non_negative, positive, setting,
+)
 
 DEFAULT_AGENT = "corral.agent_proc.demo:DemoAgent"
 LOOPS = ("auto", "asyncio", "uvloop")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-_SECONDS = ("idle_timeout", "max_age", "stop_timeout", "spawn_timeout", "request_timeout", "restart_window",
-            "retention", "rate_limit")
-
-
-class SettingError(ValueError):
-    """A setting's value is out of its range; ``name`` says which setting, ``problem`` what is wrong."""
-
-    def __init__(self, name: str, problem: str):
-        super().__init__(f"{name} {problem}")
-        self.name, self.problem = name, problem
 # Half the largest frame an agent accepts (agent_proc.dealer.MAX_FRAME_BYTES): room for msgpack's framing.
 MAX_HISTORY_BYTES = 32 * 1024 * 1024
 
@@ -36,101 +30,120 @@ def default_data_dir() -> Path:
     return Path(base) / "corral"
 
 
+def _uid_range(text: str) -> str | None:
+    """The problem with a uid range (``60000-60999``), or None."""
+    try:
+        parse_uid_range(text)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _enough_files(count: int) -> str | None:
+    """Refuse an open-files limit too small for an agent to start (0 means inherited)."""
+    return "below 16 leaves an agent unable to start" if 0 < count < 16 else None
+
+
 @dataclass
 class Config:
-    """Settings of one corral server (times in seconds, sizes in bytes)."""
+    """Settings of one corral server (times in seconds, sizes in bytes), each declared once."""
 
-    host: str = "127.0.0.1"
-    port: int = 8080
-    agent: str = DEFAULT_AGENT
-    data_dir: Path = field(default_factory=default_data_dir)
-    database_url: str | None = None
-    run_dir: Path | None = None  # parent of the 0700 run directory; default: $XDG_RUNTIME_DIR or the temp dir
-    max_sessions: int = 1000
-    max_sessions_per_tenant: int = 0  # 0 = no per-tenant cap
-    idle_timeout: float = 1800.0
-    max_age: float = 0.0  # 0 = off
-    memory_limit: int = 512 * 1024 * 1024  # 0 = no limit
-    limit_mechanism: str | None = None  # force cgroup2 | cgroup1 | rlimit | none
-    max_restarts: int = 3
-    restart_window: float = 60.0
-    stop_timeout: float = 10.0
-    spawn_timeout: float = 10.0
-    request_timeout: float = 120.0
-    max_message_bytes: int = 64 * 1024
+    host: str = setting("127.0.0.1", TEXT, "address to bind")
+    port: int = setting(8080, PORT, "port to bind, 0-65535 (0: any free port)")
+    agent: str = setting(DEFAULT_AGENT, AGENT, "agent class as pkg.module:Class")
+    data_dir: Path = setting(factory=default_data_dir, kind=PATH, help="where the SQLite file lives",
+                             default_text="~/.local/share/corral")
+    database_url: str | None = setting(None, URL, "postgresql://... to share sessions between nodes",
+                                       default_text="SQLite in --data-dir")
+    run_dir: Path | None = setting(None, PATH, "parent of the server's 0700 run directory",
+                                   default_text="$XDG_RUNTIME_DIR or the temp dir")
+    max_sessions: int = setting(1000, COUNT, "live sessions at most", at_least_one)
+    max_sessions_per_tenant: int = setting(0, COUNT, "live sessions per tenant at most (0 = no cap)", non_negative)
+    idle_timeout: float = setting(1800.0, SECONDS, "seconds without a message before a session is reaped", positive)
+    max_age: float = setting(0.0, SECONDS, "seconds a session's process may live (0 = off)", non_negative)
+    memory_limit: int = setting(512 * 1024 * 1024, SIZE, "memory per session, e.g. 512M (0 = none)", non_negative)
+    limit_mechanism: str | None = setting(None, choice("mechanism", MECHANISMS),
+                                          "force cgroup2 | cgroup1 | rlimit | none", default_text="best available")
+    max_restarts: int = setting(3, COUNT, "respawns after crashes allowed per --restart-window", non_negative)
+    restart_window: float = setting(60.0, SECONDS, "seconds of the restart window", positive)
+    stop_timeout: float = setting(10.0, SECONDS, "seconds from the shutdown request to SIGKILL", positive)
+    spawn_timeout: float = setting(10.0, SECONDS, "seconds an agent has to come up", positive)
+    request_timeout: float = setting(120.0, SECONDS, "seconds a turn may take before it is interrupted (504)",
+                                     positive)
+    max_message_bytes: int = setting(64 * 1024, SIZE, "largest message accepted", at_least_one)
     # An agent's own connection (docs/limits.md): frames a second (and the burst), hundreds of times
     # a fast LLM stream, below what a flood sends; bytes it may send for one turn.
-    agent_frame_rate: float = 50_000.0  # 0 = no bound
-    max_turn_bytes: int = 64 * 1024 * 1024
+    agent_frame_rate: float = setting(
+        50_000.0, RATE, "frames a second an agent may send on its connection before it is killed (0 = no bound)",
+        non_negative,
+        doc="frames a second an agent may send on its connection (burst: one second's worth); past it the agent "
+            "is killed, `end_reason` `flood` (0 = no bound); see [limits.md](limits.md#an-agents-own-connection)")
+    max_turn_bytes: int = setting(
+        64 * 1024 * 1024, SIZE, "bytes an agent may send for one turn before it is killed", at_least_one,
+        doc="bytes an agent may send for one turn (chunks and its answer); past it the agent is killed, "
+            "`end_reason` `turn_too_large`")
     # History handed to on_start: the last history_limit messages, as many of those as fit in
     # history_limit_bytes (oldest dropped), so the START frame stays far under the agent's frame limit.
-    history_limit: int = 1000
-    history_limit_bytes: int = 8 * 1024 * 1024
-    mailbox_size: int = 32  # turns in flight per session
-    rate_limit: float = 20.0  # messages per second per session (token bucket); 0 = off
-    rate_burst: int = 40
-    retention: float = 86400.0
-    tenants: Path | None = None
-    admin_token: str | None = None
-    metrics_token: str | None = None  # bearer token GET /metrics requires; None = /metrics is open
-    cors_origins: tuple[str, ...] = ()
-    log_level: str = "info"
-    agent_log_lines: int = 200  # lines of each session's agent output kept for the admin API; 0 = none
-    sandbox: str = "auto"  # auto: every layer the host allows | strict: refuse to start without them | off
-    sandbox_uid_range: str = "60000-60999"  # as root: one uid (and gid) per live session from this range
-    agent_network: str = "on"  # off: agents get no TCP/UDP (Landlock + seccomp)
-    max_pids: int = 64  # processes per session (its own uid's RLIMIT_NPROC, or cgroup v2 pids.max); 0 = no cap
-    max_open_files: int = 1024  # RLIMIT_NOFILE per agent process; 0 = inherited
-    # cluster (PostgreSQL): where other nodes reach this one (default http://host:port), and the
-    # seconds a node stays alive for the others without renewing its row (docs/cluster.md)
-    advertise_url: str | None = None
-    node_lease: float = 10.0
-    loop: str = "auto"  # event loop of `corral serve`: auto (uvloop when importable) | asyncio | uvloop
+    history_limit: int = setting(
+        1000, COUNT, "messages of history handed to a restarted agent, newest first", at_least_one,
+        doc="messages of history handed to a (re)started agent's `on_start`: the newest ones")
+    history_limit_bytes: int = setting(
+        8 * 1024 * 1024, SIZE, "bytes of history handed to a restarted agent, newest first (at most 32M)",
+        between(0, MAX_HISTORY_BYTES, f"must be between 0 and {MAX_HISTORY_BYTES} (the START frame must fit)"),
+        doc="bytes of message content in that history, whichever limit comes first (oldest dropped; at most 32M "
+            "so the START frame fits)")
+    mailbox_size: int = setting(32, COUNT, "messages in flight per session", at_least_one)
+    rate_limit: float = setting(20.0, RATE, "messages per second per session, a token bucket (0 = off)",
+                                non_negative)
+    rate_burst: int = setting(40, COUNT, "burst of the per-session rate limit", at_least_one)
+    retention: float = setting(86400.0, SECONDS, "seconds ended sessions are kept", non_negative)
+    tenants: Path | None = setting(None, PATH, "TOML file with tenants and their API keys")
+    admin_token: str | None = setting(None, TOKEN, "token for the admin API and dashboard")
+    metrics_token: str | None = setting(
+        None, TOKEN, "bearer token GET /metrics requires", default_text="none: /metrics is open",
+        doc="bearer token `GET /metrics` requires; see [operations.md](operations.md#prometheus-metrics)")
+    cors_origins: tuple[str, ...] = setting(
+        (), ORIGINS, "comma-separated origins allowed by CORS", default_text="none: same-origin only",
+        doc="comma-separated origins whose pages may call the API (`*` = any); see [http-api.md](http-api.md#cors)")
+    log_level: str = setting("info", choice("level", LOG_LEVELS), "debug | info | warning | error")
+    agent_log_lines: int = setting(
+        200, COUNT, "lines of each session's agent stdout/stderr kept for GET /admin/sessions/ID/logs (0 = none)",
+        non_negative,
+        doc="lines of each session's agent stdout/stderr kept in memory for `GET /admin/sessions/{id}/logs` "
+            "(0 = keep none; every line is logged either way); see [operations.md](operations.md)")
+    sandbox: str = setting("auto", choice("mode", SANDBOX_MODES),
+                           "agent sandbox: auto (every layer the host allows) | strict (refuse to start without "
+                           "all) | off")
+    # as root: one uid (and gid) per live session from this range
+    sandbox_uid_range: str = setting("60000-60999", TEXT, "as root, uids for agents, one per live session",
+                                     _uid_range)
+    agent_network: str = setting("on", choice("on|off", ("on", "off")),
+                                 "on | off: whether agents may use TCP/UDP (Landlock + seccomp)")
+    max_pids: int = setting(64, COUNT, "processes per session (0 = no cap)", non_negative)
+    max_open_files: int = setting(1024, COUNT, "open files per agent process (0 = inherited)", non_negative,
+                                  _enough_files)
+    # cluster (PostgreSQL): where other nodes reach this one, and the seconds a node stays alive for
+    # the others without renewing its row (docs/cluster.md)
+    advertise_url: str | None = setting(
+        None, URL, "URL other cluster nodes reach this one at", default_text="http://HOST:PORT",
+        doc="URL other cluster nodes reach this one at; see [cluster.md](cluster.md)")
+    node_lease: float = setting(
+        10.0, SECONDS, "seconds a cluster node stays alive without renewing its heartbeat", positive,
+        doc="seconds a cluster node stays alive without renewing its heartbeat (PostgreSQL only)")
+    loop: str = setting("auto", choice("loop", LOOPS), "event loop: auto (uvloop when installed) | asyncio | uvloop")
 
     def __post_init__(self):
         """Validate values that would otherwise fail far from their cause."""
-        for name in _SECONDS:
-            if not math.isfinite(getattr(self, name)):
-                raise SettingError(name, "must be a finite number")
-        for name in ("idle_timeout", "stop_timeout", "spawn_timeout", "request_timeout", "restart_window",
-                     "node_lease"):
-            if getattr(self, name) <= 0:
-                raise SettingError(name, "must be positive")
-        for name in ("max_sessions", "mailbox_size", "max_message_bytes", "rate_burst", "max_turn_bytes", "history_limit"):
-            if getattr(self, name) < 1:
-                raise SettingError(name, "must be at least 1")
-        for name in ("max_restarts", "max_age", "memory_limit", "max_sessions_per_tenant", "retention", "rate_limit"):
-            if getattr(self, name) < 0:
-                raise SettingError(name, "cannot be negative")
-        if self.agent_frame_rate < 0:
-            raise SettingError("agent_frame_rate", "cannot be negative")
-        if not 0 <= self.history_limit_bytes <= MAX_HISTORY_BYTES:
-            raise SettingError("history_limit_bytes", f"must be between 0 and {MAX_HISTORY_BYTES} (the START frame must fit)")
-        if not 0 <= self.port <= 65535:
-            raise SettingError("port", "must be 0-65535")
-        self._check_choice("loop", LOOPS)
-        self._check_choice("sandbox", SANDBOX_MODES)
-        self._check_choice("agent_network", ("on", "off"))
-        for name in ("max_pids", "max_open_files", "agent_log_lines"):
-            if getattr(self, name) < 0:
-                raise SettingError(name, "cannot be negative")
-        if self.max_open_files and self.max_open_files < 16:
-            raise SettingError("max_open_files", "below 16 leaves an agent unable to start")
-        try:
-            self.uid_range = parse_uid_range(self.sandbox_uid_range)
-        except ValueError as exc:
-            raise SettingError("sandbox_uid_range", str(exc)) from None
-        self._check_choice("log_level", LOG_LEVELS)
-        if self.limit_mechanism is not None:
-            self._check_choice("limit_mechanism", MECHANISMS)
+        check_all(self)
+        self.uid_range = parse_uid_range(self.sandbox_uid_range)
         self.data_dir = Path(self.data_dir)
-
-    def _check_choice(self, name: str, allowed: tuple[str, ...]) -> None:
-        """Refuse a value outside a fixed set, naming the set."""
-        if getattr(self, name) not in allowed:
-            raise SettingError(name, f"must be one of {', '.join(allowed)}")
 
 
 def setting_names() -> list[str]:
     """The names of every setting, in declaration order."""
     return [f.name for f in fields(Config)]
+
+
+def settings() -> list[Declared]:
+    """Every setting of ``Config`` with its declaration (flags, environment and docs come from these)."""
+    return declared(Config)

@@ -98,7 +98,7 @@ class Cluster:
             f"http {{ access_log off; {temps} include {home}/corral.conf; }}\n")
         self.nginx = subprocess.Popen([NGINX, "-c", str(home / "main.conf"), "-p", str(home)],
                                       stderr=open(home / "stderr.log", "ab"))
-        wait_for_port(port, self.nginx, home / "stderr.log", timeout=20)
+        wait_for_port(port, self.nginx, timeout=20)
         self.nginx_url = f"http://127.0.0.1:{port}"
         return self.nginx_url
 

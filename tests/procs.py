@@ -58,8 +58,8 @@ def start_server(tmp_path, *args, env=None, program=CORRAL_MAIN, cwd=None) -> tu
     return proc, f"http://127.0.0.1:{port}"
 
 
-def wait_for_port(port: int, proc: subprocess.Popen, log, timeout: float = 30.0) -> None:
-    """Wait until a started server accepts connections on port; raise with its log if it exits first."""
+def wait_for_port(port: int, proc: subprocess.Popen, log=None, timeout: float = 30.0) -> None:
+    """Wait until a started server (any program) accepts connections on port; raise with its log if it exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:  # the port opening is the event; connect() is how it is seen
         try:
@@ -67,10 +67,10 @@ def wait_for_port(port: int, proc: subprocess.Popen, log, timeout: float = 30.0)
             return
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(f"the server exited ({proc.returncode}): {log.read_text()}")
+                raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}: {log.read_text() if log else ''}")
             time.sleep(0.05)
     proc.kill()
-    raise RuntimeError(f"the server did not open port {port} within {timeout:.0f} s")
+    raise RuntimeError(f"{proc.args[0]} did not open port {port} within {timeout:.0f} s")
 
 
 def descendants(pid: int) -> list[int]:

@@ -250,3 +250,23 @@ async def test_no_500_for_unknown_routes_and_methods(client):
     await assert_error(await client.get("/api/nothing-here"), 404, "not_found")
     await assert_error(await client.get("/api/chat"), 405, "method_not_allowed")
     await asyncio.gather(*(chat(client, f"n{i}", "s-many") for i in range(5)))  # concurrent turns queue up
+
+
+async def test_a_background_task_that_fails_is_logged_not_dropped(client):
+    """The app's background registry logs what a task raised (a client's own error it leaves alone)."""
+    from structlog.testing import capture_logs
+
+    from corral.supervisor.errors import SessionNotFound
+    from corral.web.keys import BACKGROUND
+
+    async def broken():
+        raise RuntimeError("disk on fire")
+
+    async def refused():
+        raise SessionNotFound("gone")  # already answered to whoever asked
+
+    with capture_logs() as logs:
+        await asyncio.gather(client.app[BACKGROUND].spawn(broken()), client.app[BACKGROUND].spawn(refused()),
+                             return_exceptions=True)
+    failed = [e for e in logs if e["event"] == "background_task_failed"]
+    assert [e["error"] for e in failed] == ["RuntimeError('disk on fire')"]

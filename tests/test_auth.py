@@ -2,7 +2,6 @@
 
 import asyncio
 import os
-import socket
 import sys
 
 import pytest
@@ -14,6 +13,7 @@ from corral.web.app import create_app
 from corral.web.auth import AuthConfigError, auth_from_config, is_loopback
 from corral.web.cli import build_parser, config_from
 from corral.web.version import VERSION
+from tests.procs import free_port
 
 
 @pytest.fixture
@@ -87,13 +87,6 @@ def test_dev_mode_refused_off_loopback(make_config):
 
 
 # ---------------------------------------------------------------- corral serve, for real
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def run_corral(tmp_path, *args, until: bytes | None = None):

@@ -7,7 +7,6 @@ Also: a server started on bad data says so in one line and exits non-zero.
 
 import asyncio
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import psutil
 import pytest
 
 from corral.supervisor.store import create_store
+from tests.procs import free_port
 
 ALICE = "Your name is Alice."
 CLIENTS = 6
@@ -26,13 +26,6 @@ SESSIONS_PER_CLIENT = 4
 ACKED_BEFORE_KILL = 80  # acknowledged messages to wait for before the SIGKILL
 REPO = Path(__file__).resolve().parents[1]
 SERVE = [sys.executable, "-c", "from corral.web.cli import main; raise SystemExit(main())", "serve"]
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Server:

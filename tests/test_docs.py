@@ -8,15 +8,26 @@ import urllib.request
 from pathlib import Path
 
 from tests.procs import start_server
-from corral.web.cli import SERVE_FLAGS, env_name
+from corral.supervisor.config import Config, settings
+from corral.supervisor.settings import markdown_table
+from corral.web.cli import build_parser
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
-def test_every_serve_flag_is_documented():
+def test_the_settings_table_is_the_declarations():
+    """docs/configuration.md's table is exactly what supervisor/config.py declares (regenerate it if not)."""
     text = (DOCS / "configuration.md").read_text()
-    for name in SERVE_FLAGS:
-        assert f"`--{name.replace('_', '-')}`" in text and f"`{env_name(name)}`" in text, name
+    table = re.search(r"<!-- settings:.*?-->\n(.*?)<!-- end settings -->", text, re.S).group(1)
+    assert table == markdown_table(Config), "run: python -m corral.supervisor.settings"
+
+
+def test_every_setting_is_a_flag_with_its_default_in_help():
+    """Each declared setting is a serve flag whose help shows its default and its variable."""
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    flags = {action.option_strings[0]: action for action in serve._actions if action.option_strings}
+    for item in settings():
+        assert f"(default {item.shown_default}) [env {item.env}]" in flags[item.flag].help, item.name
 
 
 README = DOCS.parent / "README.md"

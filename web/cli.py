@@ -2,20 +2,19 @@
 
 Every serve flag is also read from the environment as CORRAL_ plus its name in upper
 snake case (--idle-timeout <-> CORRAL_IDLE_TIMEOUT); a flag on the command line wins.
+The flags come from the settings' declarations (supervisor/config.py).
 """
 
 import argparse
 import contextlib
 import dataclasses
 import gc
-import math
 import os
 import socket
 import sys
-from pathlib import Path
 
-from corral.supervisor.config import DEFAULT_AGENT, LOG_LEVELS, LOOPS, SANDBOX_MODES, Config, SettingError
-from corral.supervisor.limits import MECHANISMS, parse_size
+from corral.supervisor.config import Config, SettingError, settings
+from corral.supervisor.settings import env_name  # noqa: F401 (the CLI's naming of a setting's variable)
 from corral.web import ops_cli
 from corral.web.version import VERSION
 
@@ -33,125 +32,6 @@ def _parser(name: str, convert):
     return parse
 
 
-def _whole(text: str) -> int:
-    """A whole number."""
-    if not text.strip().lstrip("-").isdigit():
-        raise ValueError("expected a whole number")
-    return int(text)
-
-
-def _seconds(text: str) -> float:
-    """A finite number of seconds."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError("expected a number of seconds") from None
-    if not math.isfinite(value):
-        raise ValueError("expected a finite number of seconds")
-    return value
-
-
-def _port(text: str) -> int:
-    """A TCP port, 0 meaning any free one."""
-    port = _whole(text)
-    if not 0 <= port <= 65535:
-        raise ValueError("a port is 0-65535")
-    return port
-
-
-def _choice(*allowed: str):
-    """One of a fixed set of words."""
-
-    def pick(text: str) -> str:
-        if text not in allowed:
-            raise ValueError(f"expected one of {', '.join(allowed)}")
-        return text
-
-    return pick
-
-
-def _text(text: str) -> str:
-    """A non-empty string."""
-    if not text.strip():
-        raise ValueError("must not be empty")
-    return text
-
-
-def _token(text: str) -> str:
-    """A bearer token: non-empty, no whitespace (it travels in an Authorization header)."""
-    if not text or any(ch.isspace() for ch in text):
-        raise ValueError("a token is a non-empty string without spaces")
-    return text
-
-
-def _agent(text: str) -> str:
-    """An agent class spec, pkg.module:Class (imported later, by the zygote)."""
-    module, _, cls = text.partition(":")
-    if not module or not cls.isidentifier() or not all(part.isidentifier() for part in module.split(".")):
-        raise ValueError("expected pkg.module:Class")
-    return text
-
-
-def _origins(text: str) -> tuple[str, ...]:
-    """Comma-separated origins (scheme://host[:port]) or *."""
-    origins = tuple(o.strip() for o in text.split(",") if o.strip())
-    for origin in origins:
-        scheme, sep, rest = origin.partition("://")
-        if origin != "*" and (scheme not in ("http", "https") or not sep or not rest or "/" in rest.rstrip("/")):
-            raise ValueError(f"an origin looks like https://app.example[:port] or is *, not {origin!r}")
-    return origins
-
-
-def _path(text: str) -> Path:
-    """A filesystem path."""
-    return Path(_text(text))
-
-
-# name -> (parser, help); every entry is a Config field
-SERVE_FLAGS = {
-    "host": (_parser("host", _text), "address to bind (default 127.0.0.1)"),
-    "port": (_parser("port", _port), "port to bind, 0-65535 (default 8080)"),
-    "agent": (_parser("agent", _agent), f"agent class as pkg.module:Class (default {DEFAULT_AGENT})"),
-    "data_dir": (_parser("path", _path), "where the SQLite file lives (default ~/.local/share/corral)"),
-    "database_url": (_parser("url", _text), "postgresql://... to share sessions between nodes (default: SQLite in --data-dir)"),
-    "run_dir": (_parser("path", _path), "parent of the server's 0700 run directory"),
-    "max_sessions": (_parser("count", _whole), "live sessions at most (default 1000)"),
-    "max_sessions_per_tenant": (_parser("count", _whole), "live sessions per tenant at most (default 0: no cap)"),
-    "idle_timeout": (_parser("seconds", _seconds), "seconds without a message before a session is reaped (default 1800)"),
-    "max_age": (_parser("seconds", _seconds), "seconds a session's process may live (default 0: off)"),
-    "memory_limit": (_parser("size", parse_size), "memory per session, e.g. 512M (default 512M; 0 = none)"),
-    "limit_mechanism": (_parser("mechanism", _choice(*MECHANISMS)), "force cgroup2 | cgroup1 | rlimit | none (default: best available)"),
-    "max_restarts": (_parser("count", _whole), "respawns after crashes allowed per --restart-window (default 3)"),
-    "restart_window": (_parser("seconds", _seconds), "seconds of the restart window (default 60)"),
-    "stop_timeout": (_parser("seconds", _seconds), "seconds from the shutdown request to SIGKILL (default 10)"),
-    "spawn_timeout": (_parser("seconds", _seconds), "seconds an agent has to come up (default 10)"),
-    "request_timeout": (_parser("seconds", _seconds), "seconds a turn may take before it is interrupted (504) (default 120)"),
-    "max_message_bytes": (_parser("size", parse_size), "largest message accepted (default 64K)"),
-    "agent_frame_rate": (_parser("rate", _seconds), "frames a second an agent may send on its connection before it is killed (default 50000; 0 = no bound)"),
-    "max_turn_bytes": (_parser("size", parse_size), "bytes an agent may send for one turn before it is killed (default 64M)"),
-    "history_limit": (_parser("count", _whole), "messages of history handed to a restarted agent, newest first (default 1000)"),
-    "history_limit_bytes": (_parser("size", parse_size), "bytes of history handed to a restarted agent, newest first (default 8M, at most 32M)"),
-    "mailbox_size": (_parser("count", _whole), "messages in flight per session (default 32)"),
-    "rate_limit": (_parser("rate", _seconds), "messages per second per session (default 20; 0 = off)"),
-    "rate_burst": (_parser("count", _whole), "burst of the per-session rate limit (default 40)"),
-    "retention": (_parser("seconds", _seconds), "seconds ended sessions are kept (default 86400)"),
-    "tenants": (_parser("path", _path), "TOML file with tenants and their API keys"),
-    "admin_token": (_parser("token", _token), "token for the admin API and dashboard"),
-    "metrics_token": (_parser("token", _token), "bearer token /metrics requires (default: none, /metrics is open)"),
-    "cors_origins": (_parser("origins", _origins), "comma-separated origins allowed by CORS"),
-    "log_level": (_parser("level", _choice(*LOG_LEVELS)), "debug | info | warning | error (default info)"),
-    "agent_log_lines": (_parser("count", _whole), "lines of each session's agent stdout/stderr kept for GET /admin/sessions/ID/logs (default 200)"),
-    "sandbox": (_parser("mode", _choice(*SANDBOX_MODES)), "agent sandbox: auto (every layer the host allows) | strict (refuse to start without all) | off (default auto)"),
-    "sandbox_uid_range": (_parser("range", _text), "as root, uids for agents, one per live session (default 60000-60999)"),
-    "agent_network": (_parser("on|off", _choice("on", "off")), "on | off: whether agents may use TCP/UDP (default on)"),
-    "max_pids": (_parser("count", _whole), "processes per session (default 64; 0 = no cap)"),
-    "max_open_files": (_parser("count", _whole), "open files per agent process (default 1024; 0 = inherited)"),
-    "advertise_url": (_parser("url", _text), "URL other cluster nodes reach this one at (default http://HOST:PORT)"),
-    "node_lease": (_parser("seconds", _seconds), "seconds a cluster node stays alive without renewing its heartbeat (default 10)"),
-    "loop": (_parser("loop", _choice(*LOOPS)), "event loop: auto (uvloop when installed) | asyncio | uvloop (default auto)"),
-}
-
-
 class CommandParser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line and exit code 1."""
 
@@ -160,20 +40,15 @@ class CommandParser(argparse.ArgumentParser):
         self.exit(1, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def env_name(name: str) -> str:
-    """The environment variable for a setting."""
-    return "CORRAL_" + name.upper()
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``corral``."""
     parser = CommandParser(prog="corral", description="One OS process per chat/agent session.")
     parser.add_argument("--version", action="version", version=f"corral {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the server", description=__doc__)
-    for name, (parse, help_text) in SERVE_FLAGS.items():
-        serve.add_argument("--" + name.replace("_", "-"), dest=name, type=parse, default=None,
-                           help=f"{help_text} [env {env_name(name)}]")
+    for item in settings():
+        serve.add_argument(item.flag, dest=item.name, type=_parser(item.setting.kind.name, item.setting.kind.parse),
+                           default=None, help=f"{item.setting.help} (default {item.shown_default}) [env {item.env}]")
     ops_cli.add_parsers(sub)
     return parser
 
@@ -181,10 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from(args: argparse.Namespace, environ=os.environ) -> Config:
     """Merge flags over environment over defaults; a bad value exits with one line naming where it came from."""
     values, sources = {}, {}
-    for name, (parse, _) in SERVE_FLAGS.items():
-        value, source = getattr(args, name, None), "--" + name.replace("_", "-")
-        if value is None and environ.get(env_name(name)):
-            source = env_name(name)
+    for item in settings():
+        name, parse = item.name, _parser(item.setting.kind.name, item.setting.kind.parse)
+        value, source = getattr(args, name, None), item.flag
+        if value is None and environ.get(item.env):
+            source = item.env
             try:
                 value = parse(environ[source])
             except argparse.ArgumentTypeError as exc:

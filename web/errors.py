@@ -7,6 +7,7 @@ from aiohttp import http_exceptions, web
 from corral.supervisor import errors
 from corral.supervisor.logs import get_logger
 from corral.supervisor.store import StoreError
+from corral.web.keys import ERROR_CODE
 
 log = get_logger(component="web")
 
@@ -17,7 +18,9 @@ def error_response(status: int, code: str, message: str, *, retry_after: float |
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, int(retry_after + 0.999)))
     body = json.dumps({"error": {"code": code, "message": message}})
-    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
+    response = web.Response(status=status, text=body, content_type="application/json", headers=headers)
+    response[ERROR_CODE] = code  # the metrics count refusals by it
+    return response
 
 
 def json_error(request: web.Request, exc: Exception) -> web.Response | None:

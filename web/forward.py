@@ -9,6 +9,7 @@ loop. The balancer's session hashing (deploy/nginx.conf) makes relays rare.
 """
 
 import asyncio
+import json
 
 import aiohttp
 from aiohttp import hdrs, web
@@ -16,7 +17,7 @@ from multidict import CIMultiDict
 
 from corral.supervisor import errors
 from corral.supervisor.logs import get_logger
-from corral.web.keys import CONFIG, RAW_BODY, SUPERVISOR
+from corral.web.keys import CONFIG, ERROR_CODE, RAW_BODY, SUPERVISOR
 
 log = get_logger(component="forward")
 
@@ -63,8 +64,14 @@ def install(app: web.Application) -> None:
     """Add the relaying middleware (inside the front door) and its connection pool."""
     app.middlewares.append(relay_moved)
     app[POOL] = Pool()
-    app.on_shutdown.append(app[POOL].close)
-    app.on_cleanup.append(app[POOL].close)
+    app.on_shutdown.append(app[POOL].close)  # at shutdown already: it ends relayed streams
+    app.cleanup_ctx.append(_pool_open)
+
+
+async def _pool_open(app: web.Application):
+    """The pool's connections live while the app runs (it opens them lazily)."""
+    yield
+    await app[POOL].close()
 
 
 @web.middleware
@@ -106,7 +113,20 @@ async def relay(request: web.Request, owner_url: str) -> web.StreamResponse:
                                  retry_after=1, code="owner_unreachable") from None
     finally:
         upstream.release()
-    return web.Response(status=upstream.status, body=payload, headers=_answer_headers(upstream))
+    response = web.Response(status=upstream.status, body=payload, headers=_answer_headers(upstream))
+    code = _relayed_error_code(payload) if upstream.status >= 400 else None
+    if code is not None:
+        response[ERROR_CODE] = code
+    return response
+
+
+def _relayed_error_code(payload: bytes) -> str | None:
+    """The ``error.code`` of the owner's JSON error (its own error_response made it): the metrics count it."""
+    try:
+        code = json.loads(payload)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return code if isinstance(code, str) and len(code) <= 64 else None
 
 
 async def live_rows_elsewhere(request: web.Request, tenant: str | None, most: int) -> list[dict]:

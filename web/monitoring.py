@@ -4,14 +4,13 @@
 front door (web/middleware.py) times every request and counts every refusal with ``count``.
 """
 
-import json
 import time
 
 from aiohttp import web
 
 from corral.supervisor.metrics import Metrics
 from corral.supervisor.procstats import ProcStats
-from corral.web.keys import METRICS, PROCSTATS, SUPERVISOR
+from corral.web.keys import ERROR_CODE, METRICS, PROCSTATS, SUPERVISOR
 
 # Requests under these paths show process figures: make them fresh (at most one pass a second).
 _FIGURE_PATHS = ("/admin/sessions", "/admin/stats", "/metrics")
@@ -22,11 +21,12 @@ def install(app: web.Application) -> None:
     sup = app[SUPERVISOR]
     app[PROCSTATS] = ProcStats(sup)
     app[METRICS] = Metrics(sup, app[PROCSTATS])
-    app.on_cleanup.append(_close_metrics)
+    app.cleanup_ctx.append(_metrics_listening)
 
 
-async def _close_metrics(app: web.Application) -> None:
-    """Stop the metrics listening to the supervisor."""
+async def _metrics_listening(app: web.Application):
+    """The metrics listen to the supervisor while the app runs; at cleanup they stop."""
+    yield
     app[METRICS].close()
 
 
@@ -59,13 +59,5 @@ def route_of(request: web.Request) -> str:
 
 
 def error_code(response: web.StreamResponse) -> str:
-    """The ``error.code`` of a JSON error body, else ``http_<status>``."""
-    body = getattr(response, "body", None)
-    if isinstance(body, (bytes, bytearray)) and response.content_type == "application/json":
-        try:
-            code = json.loads(body)["error"]["code"]
-        except (ValueError, KeyError, TypeError):
-            code = None
-        if isinstance(code, str) and len(code) <= 64:
-            return code
-    return f"http_{response.status}"
+    """The ``error.code`` a JSON error answer was made with (web/errors.py), else ``http_<status>``."""
+    return response.get(ERROR_CODE) or f"http_{response.status}"

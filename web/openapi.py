@@ -9,6 +9,7 @@ from aiohttp import web
 
 from corral.supervisor import states
 from corral.supervisor.session import SESSION_ID_PATTERN
+from corral.web import paths
 from corral.web.routes.dashboard import STATIC
 from corral.web.version import VERSION
 
@@ -334,13 +335,13 @@ def _operations() -> dict:
     seed_params = [param("SessionIdQuery"), param("SessionIdHeader")]
     turn_errors = (400, 401, 404, 413, 429, 502, 503, 504)
     return {
-        "/health": {"get": {
+        paths.HEALTH: {"get": {
             "summary": "Status, version, live sessions and the memory-limit mechanism",
             "description": "Without the admin token (where the admin API needs one) only `status` and `version`.",
             "operationId": "health", "tags": ["operations"], "security": [{}, *admin],
             "responses": answers({200: ("The server is up", ref("Health"))}),
         }},
-        "/api/chat": {"post": {
+        paths.CHAT: {"post": {
             "summary": "Send a user message; by default wait for the reply",
             "description": SEED_ID_SOURCES, "operationId": "chat", "tags": ["chat"], "security": tenant,
             "parameters": seed_params, "requestBody": body("ChatRequest"),
@@ -350,18 +351,14 @@ def _operations() -> dict:
                 *turn_errors, session_header=True,
             ),
         }},
-        "/api/state": {"get": {
+        paths.STATE: {"get": {
             "summary": "The session's state: messages, is_processing, agent state (never starts a process)",
             "description": SEED_ID_SOURCES, "operationId": "state", "tags": ["chat"], "security": tenant,
-            "parameters": seed_params + [{
-                "name": "limit", "in": "query", "required": False,
-                "schema": {"type": "integer", "minimum": 1, "maximum": 100_000},
-                "description": "Only the last N messages",
-            }],
+            "parameters": seed_params + [paths.STATE_LIMIT.parameter()],
             "responses": answers({200: ("The session's state", ref("StateResponse"))}, 400, 401, 404, 503,
                                  session_header=True),
         }},
-        "/api/chat/stream": {"get": {
+        paths.STREAM: {"get": {
             "summary": "Server-Sent Events of the session", "description": STREAM_DESCRIPTION,
             "operationId": "stream", "tags": ["chat"], "security": tenant,
             "parameters": seed_params + [param("LastEventId")],
@@ -376,27 +373,27 @@ def _operations() -> dict:
                 **answers({}, 400, 401, 404, 503),
             },
         }},
-        "/api/interrupt": {"post": {
+        paths.INTERRUPT: {"post": {
             "summary": "Interrupt the turn in progress (the waiting call answers with status interrupted)",
             "description": SEED_ID_SOURCES, "operationId": "interrupt", "tags": ["chat"], "security": tenant,
             "parameters": seed_params, "requestBody": body("SessionRef", required=False),
             "responses": answers({200: ("Whether a turn was interrupted", ref("InterruptResult"))},
                                  400, 401, 404, 413, 503, session_header=True),
         }},
-        "/api/system": {"post": {
+        paths.SYSTEM: {"post": {
             "summary": "Put a system message into the session; returns the agent's answer",
             "description": SEED_ID_SOURCES, "operationId": "system", "tags": ["chat"], "security": tenant,
             "parameters": seed_params, "requestBody": body("SystemRequest"),
             "responses": answers({200: ("The agent's answer", ref("TurnResult"))}, *turn_errors, session_header=True),
         }},
-        "/api/mcp-command": {"post": {
+        paths.MCP_COMMAND: {"post": {
             "summary": "Run an agent command; returns its result",
             "description": SEED_ID_SOURCES + " The demo agent's commands: sleep {seconds}, allocate {mib}, crash {how}, spin {seconds}, facts.",
             "operationId": "mcpCommand", "tags": ["chat"], "security": tenant,
             "parameters": seed_params, "requestBody": body("CommandRequest"),
             "responses": answers({200: ("The command's result", ref("CommandResult"))}, *turn_errors, session_header=True),
         }},
-        "/api/sessions": {"post": {
+        paths.SESSIONS: {"post": {
             "summary": "Create (start) a session explicitly; the id comes from the body or is generated",
             "operationId": "createSession", "tags": ["sessions"], "security": tenant,
             "requestBody": body("SessionRef", required=False),
@@ -405,7 +402,7 @@ def _operations() -> dict:
                 400, 401, 404, 413, 429, 502, 503, session_header=True,
             ),
         }},
-        "/api/sessions/{session_id}": {
+        paths.SESSION: {
             "parameters": [param("SessionIdPath")],
             "get": {
                 "summary": "Inspect one of your sessions", "operationId": "getSession", "tags": ["sessions"],
@@ -418,21 +415,19 @@ def _operations() -> dict:
                 "responses": answers({200: ("Ended", ref("SessionEnded"))}, 400, 401, 404, 503),
             },
         },
-        "/admin/sessions": {"get": {
+        paths.ADMIN_SESSIONS: {"get": {
             "summary": "List sessions with pid, tenant, state, ages, idle time, process figures, counts",
             "operationId": "adminListSessions", "tags": ["admin"], "security": admin,
             "parameters": [
                 {"name": "tenant", "in": "query", "required": False, "schema": STRING},
                 {"name": "state", "in": "query", "required": False,
                  "schema": {"type": "string", "enum": sorted(states.ALL) + ["live"]}},
-                {"name": "limit", "in": "query", "required": False,
-                 "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
-                {"name": "offset", "in": "query", "required": False,
-                 "schema": {"type": "integer", "minimum": 0, "maximum": 1_000_000_000, "default": 0}},
+                paths.ADMIN_LIMIT.parameter(),
+                paths.ADMIN_OFFSET.parameter(),
             ],
             "responses": answers({200: ("A page of sessions, newest first", ref("AdminSessionList"))}, 400, 401, 503),
         }},
-        "/admin/sessions/{session_id}": {
+        paths.ADMIN_SESSION: {
             "parameters": [param("SessionIdPath")],
             "get": {
                 "summary": "Inspect any session", "operationId": "adminGetSession", "tags": ["admin"], "security": admin,
@@ -447,7 +442,7 @@ def _operations() -> dict:
                 ),
             },
         },
-        "/admin/sessions/{session_id}/interrupt": {
+        paths.ADMIN_SESSION_INTERRUPT: {
             "parameters": [param("SessionIdPath")],
             "post": {
                 "summary": "Interrupt any session's turn in progress", "operationId": "adminInterrupt",
@@ -456,25 +451,21 @@ def _operations() -> dict:
                                      400, 401, 404, 503),
             },
         },
-        "/admin/sessions/{session_id}/logs": {
+        paths.ADMIN_SESSION_LOGS: {
             "parameters": [param("SessionIdPath")],
             "get": {
                 "summary": "The last lines the session's agent wrote to stdout and stderr, oldest first",
                 "operationId": "adminSessionLogs", "tags": ["admin"], "security": admin,
-                "parameters": [{
-                    "name": "lines", "in": "query", "required": False,
-                    "schema": {"type": "integer", "minimum": 0, "maximum": 100_000},
-                    "description": "Only the last N lines (default: every line kept, --agent-log-lines)",
-                }],
+                "parameters": [paths.LOG_LINES.parameter()],
                 "responses": answers({200: ("The kept lines", ref("AgentOutput"))}, 400, 401, 404, 503),
             },
         },
-        "/admin/stats": {"get": {
+        paths.ADMIN_STATS: {"get": {
             "summary": "Totals, active sessions, average messages per session, per tenant and per state",
             "operationId": "adminStats", "tags": ["admin"], "security": admin,
             "responses": answers({200: ("The figures", ref("Stats"))}, 401, 503),
         }},
-        "/admin/events": {"get": {
+        paths.ADMIN_EVENTS: {"get": {
             "summary": "Server-Sent Events for the dashboard", "description": ADMIN_EVENTS_DESCRIPTION,
             "operationId": "adminEvents", "tags": ["admin"], "security": admin,
             "responses": {
@@ -483,9 +474,9 @@ def _operations() -> dict:
                 **answers({}, 401),
             },
         }},
-        "/": {"get": _page("The chat page", "chatPage")},
-        "/admin": {"get": _page("The dashboard page (it asks for the admin token)", "dashboardPage")},
-        "/static/{name}": {"get": {
+        paths.CHAT_PAGE: {"get": _page("The chat page", "chatPage")},
+        paths.DASHBOARD_PAGE: {"get": _page("The dashboard page (it asks for the admin token)", "dashboardPage")},
+        paths.STATIC_FILE: {"get": {
             "summary": "A file of the pages", "operationId": "staticFile", "tags": ["pages"], "security": public,
             "parameters": [{"name": "name", "in": "path", "required": True,
                             "schema": {"type": "string", "enum": PAGE_FILES}}],
@@ -495,12 +486,12 @@ def _operations() -> dict:
                 **answers({}, 404),
             },
         }},
-        "/admin/nodes": {"get": {
+        paths.ADMIN_NODES: {"get": {
             "summary": "The cluster's nodes: lease age, sessions owned, memory", "operationId": "adminNodes",
             "tags": ["admin"], "security": admin,
             "responses": answers({200: ("Every node of the membership table", ref("NodeList"))}, 401, 503),
         }},
-        "/metrics": {"get": {
+        paths.METRICS: {"get": {
             "summary": "Prometheus metrics", "operationId": "metrics", "tags": ["operations"],
             "description": "Open unless the server has a metrics token (--metrics-token); then it, or the admin token, is needed.",
             "security": [{}, {"metricsToken": []}, *admin],
@@ -509,7 +500,7 @@ def _operations() -> dict:
                 "content": {"text/plain": {"schema": {"type": "string"}}},
             }},
         }},
-        "/api/openapi.json": {"get": {
+        paths.OPENAPI: {"get": {
             "summary": "This document", "operationId": "openapi", "tags": ["operations"], "security": public,
             "responses": {"200": {"description": "The OpenAPI document", "content": json_content({"type": "object"})}},
         }},
@@ -554,7 +545,7 @@ def build_spec() -> dict:
 SPEC = build_spec()
 
 
-@routes.get("/api/openapi.json")
+@routes.get(paths.OPENAPI)
 async def openapi(request: web.Request) -> web.Response:
     """The OpenAPI document of this server."""
     return web.json_response(SPEC)

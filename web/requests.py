@@ -6,6 +6,7 @@ from aiohttp import hdrs, web
 
 from corral.supervisor import errors
 from corral.supervisor.session import bad_session_id, new_session_id, valid_session_id
+from corral.web.paths import IntQuery
 from corral.web.keys import CONFIG, RAW_BODY, SUPERVISOR, TENANT
 
 SESSION_COOKIE = "corral_session"
@@ -73,18 +74,21 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def query_int(request: web.Request, name: str, *, default: int | None, low: int = 0, high: int | None = None):
-    """An integer query parameter within bounds; 400 naming it when wrong."""
-    raw = request.query.get(name)
+def query_int(request: web.Request, query: IntQuery, default: int | None = None) -> int | None:
+    """An integer query parameter within its declared bounds (web/paths.py); 400 naming it when wrong.
+
+    Absent, it is ``default`` if given (a default that is a setting), else the declared one.
+    """
+    raw = request.query.get(query.name)
     if raw is None or raw == "":
-        return default
+        return query.default if default is None else default
     try:
         value = int(raw)
     except ValueError:
         value = None
-    if value is None or value < low or (high is not None and value > high):
-        bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
-        raise errors.BadRequest(f"query parameter '{name}' must be an integer {bounds}", code="wrong_type")
+    if value is None or not query.low <= value <= query.high:
+        raise errors.BadRequest(f"query parameter '{query.name}' must be an integer from {query.low} to {query.high}",
+                                code="wrong_type")
     return value
 
 

@@ -9,11 +9,12 @@ drop timer after the last listener has left.
 """
 
 import asyncio
+import contextlib
 import itertools
 import json
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 # The EventBus types a stream carries (``spawned`` is an operator event, not a client one).
@@ -48,7 +49,35 @@ SSE_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Accel-Buffering": "no",  # nginx: pass events through at once
 }
-CLOSE = object()  # put on a listener's queue to end its stream
+CLOSE = object()  # put on a stream's queue to end it
+
+
+async def serve_queue(queue: asyncio.Queue, period: float, on_item: Callable[[object], Awaitable[None]],
+                      on_tick: Callable[[], Awaitable[None]], *, steady: bool = False) -> None:
+    """The loop of every event stream: hand each queued item to ``on_item`` until CLOSE or the client leaves.
+
+    ``on_tick`` runs when ``period`` seconds pass without an item (a keep-alive), or, ``steady``,
+    every ``period`` seconds whatever comes (the dashboard's figures). One timer per open stream,
+    re-armed per wait; none at all while no stream is open.
+    """
+    loop = asyncio.get_running_loop()
+    due = loop.time() + period
+    with contextlib.suppress(ConnectionError):  # the client went away
+        while True:
+            try:
+                async with asyncio.timeout(max(0.0, due - loop.time())):
+                    item = await queue.get()
+            except TimeoutError:
+                pass
+            else:
+                if item is CLOSE:
+                    return
+                await on_item(item)
+                if not steady:
+                    due = loop.time() + period
+            if loop.time() >= due:
+                await on_tick()
+                due = loop.time() + period
 
 
 def client_data(event: dict) -> dict:
@@ -100,7 +129,6 @@ class SessionChannel:
         self.floor = hub.last_id
         self.listeners: set[Listener] = set()
         self._drop_timer: asyncio.TimerHandle | None = None
-        self._released: asyncio.Future | None = None  # made only when someone waits for the drop
         self._unsubscribe = hub.bus.subscribe_session(session_id, self._on_event)
 
     @property
@@ -132,8 +160,10 @@ class SessionChannel:
         """Forget a listener; the last one out arms the drop timer."""
         self.listeners.discard(listener)
         if not self.listeners and self._drop_timer is None and self.hub.channels.get(self.key) is self:
-            loop = asyncio.get_running_loop()
-            self._drop_timer = loop.call_later(self.hub.linger, self.drop)
+            if self.hub.linger <= 0:
+                self.drop()
+            else:
+                self._drop_timer = asyncio.get_running_loop().call_later(self.hub.linger, self.drop)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -157,14 +187,6 @@ class SessionChannel:
             del self.hub.channels[self.key]
         for listener in list(self.listeners):
             listener.close_stream()
-        if self._released is not None and not self._released.done():
-            self._released.set_result(None)
-
-    def released(self) -> asyncio.Future:
-        """A future that resolves when this channel is dropped."""
-        if self._released is None:
-            self._released = asyncio.get_running_loop().create_future()
-        return self._released
 
 
 class StreamHub:
@@ -183,7 +205,7 @@ class StreamHub:
         self.bus = bus
         self._owner_of = owner_of
         self.keepalive = keepalive  # seconds between keep-alive comments on a quiet stream
-        self.linger = linger  # seconds a channel outlives its last listener (for resumes)
+        self.linger = linger  # seconds a channel outlives its last listener (for resumes); 0: none
         self.buffer_size = buffer_size  # events kept per session for Last-Event-ID
         self.queue_size = queue_size  # events a listener may fall behind before it is dropped
         self.channels: dict[tuple[str, str], SessionChannel] = {}
@@ -207,19 +229,6 @@ class StreamHub:
         if channel is None:
             channel = self.channels[(tenant, session_id)] = SessionChannel(self, tenant, session_id)
         return channel.add()
-
-    def released(self, tenant: str, session_id: str) -> asyncio.Future:
-        """Resolves once no channel holds this session's events (at once if none does)."""
-        channel = self.channels.get((tenant, session_id))
-        if channel is not None:
-            return channel.released()
-        done = asyncio.get_running_loop().create_future()
-        done.set_result(None)
-        return done
-
-    def listeners(self) -> int:
-        """Open streams in all."""
-        return sum(len(c.listeners) for c in self.channels.values())
 
     def close(self) -> None:
         """End every stream (server shutdown)."""

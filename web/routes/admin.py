@@ -12,7 +12,7 @@ from aiohttp import web
 
 from corral.supervisor import errors, states
 from corral.supervisor.session import Session
-from corral.web import forward
+from corral.web import forward, paths
 from corral.web.requests import checked_session_id, query_bool, query_int
 from corral.web.views import admin_row
 from corral.web.keys import BACKGROUND, PROCSTATS, SUPERVISOR
@@ -22,15 +22,15 @@ routes = web.RouteTableDef()
 LIVE_FILTER = "live"  # ?state=live: every state that has a process
 
 
-@routes.get("/admin/sessions")
+@routes.get(paths.ADMIN_SESSIONS)
 async def list_sessions(request: web.Request) -> web.Response:
     """Sessions, filtered by ``tenant`` and ``state`` (a state or ``live``), paginated."""
     tenant = request.query.get("tenant") or None
     state = request.query.get("state") or None
     if state is not None and state not in states.ALL and state != LIVE_FILTER:
         raise errors.BadRequest(f"state must be one of {sorted(states.ALL)} or '{LIVE_FILTER}'", code="wrong_type")
-    limit = query_int(request, "limit", default=100, low=1, high=1000)
-    offset = query_int(request, "offset", default=0, low=0, high=1_000_000_000)
+    limit = query_int(request, paths.ADMIN_LIMIT)
+    offset = query_int(request, paths.ADMIN_OFFSET)
     rows = await _rows(request, tenant, state, limit + 1, offset)
     more = len(rows) > limit
     return web.json_response(
@@ -73,7 +73,7 @@ async def _found(request: web.Request):
     return found
 
 
-@routes.get("/admin/sessions/{session_id}")
+@routes.get(paths.ADMIN_SESSION)
 async def get_session(request: web.Request) -> web.Response:
     """One session's row."""
     found = await _found(request)
@@ -81,11 +81,11 @@ async def get_session(request: web.Request) -> web.Response:
     return web.json_response({**admin_row(found, request.app.get(PROCSTATS)), **node})
 
 
-@routes.get("/admin/sessions/{session_id}/logs")
+@routes.get(paths.ADMIN_SESSION_LOGS)
 async def session_logs(request: web.Request) -> web.Response:
     """The last lines its agent processes wrote to stdout and stderr, oldest first (``?lines=N``: the last N)."""
     sup = request.app[SUPERVISOR]
-    want = query_int(request, "lines", default=sup.config.agent_log_lines, low=0, high=100_000)
+    want = query_int(request, paths.LOG_LINES, sup.config.agent_log_lines)
     found = await _found(request)
     lines = sup.agent_output(found.id)
     return web.json_response({
@@ -96,7 +96,7 @@ async def session_logs(request: web.Request) -> web.Response:
     })
 
 
-@routes.delete("/admin/sessions/{session_id}")
+@routes.delete(paths.ADMIN_SESSION)
 async def kill_session(request: web.Request) -> web.Response:
     """Kill a live session (202 while it stops); a down one is forgotten (its restart budget too).
 
@@ -106,7 +106,7 @@ async def kill_session(request: web.Request) -> web.Response:
     found = await _found(request)
     sup = request.app[SUPERVISOR]
     if isinstance(found, Session) and found.live:
-        request.app[BACKGROUND](_kill(sup, found, purge))
+        request.app[BACKGROUND].spawn(_kill(sup, found, purge))
         return web.json_response({**admin_row(found), "state": states.STOPPING}, status=202)
     if isinstance(found, Session):
         await sup.remove(found, purge=purge)
@@ -122,7 +122,7 @@ async def _kill(sup, s: Session, purge: bool) -> None:
         await sup.remove(s, purge=True)
 
 
-@routes.post("/admin/sessions/{session_id}/interrupt")
+@routes.post(paths.ADMIN_SESSION_INTERRUPT)
 async def interrupt_session(request: web.Request) -> web.Response:
     """Interrupt the session's turn in progress, if any."""
     found = await _found(request)
@@ -130,7 +130,7 @@ async def interrupt_session(request: web.Request) -> web.Response:
     return web.json_response({"session_id": found.id, "state": admin_row(found)["state"], "interrupted": done})
 
 
-@routes.get("/admin/stats")
+@routes.get(paths.ADMIN_STATS)
 async def stats(request: web.Request) -> web.Response:
     """Totals from the store (sessions, active, messages, averages, per tenant) and this node's live view."""
     sup = request.app[SUPERVISOR]

@@ -11,6 +11,7 @@ from aiohttp import web
 from corral.agent_proc import protocol as p
 from corral.supervisor import errors, states
 from corral.supervisor.session import Session
+from corral.web import paths
 from corral.web.requests import (
     field,
     find_session,
@@ -30,11 +31,11 @@ routes = web.RouteTableDef()
 _INT_RANGE, _MAX_DEPTH = p.INT_RANGE, p.MAX_DEPTH  # what the wire format carries
 
 
-@routes.get("/api/state")
+@routes.get(paths.STATE)
 async def state(request: web.Request) -> web.Response:
     """The session's messages (from the store), ``is_processing`` and agent state; never spawns."""
     sid = requested_session_id(request)
-    limit = query_int(request, "limit", default=None, low=1, high=100_000)
+    limit = query_int(request, paths.STATE_LIMIT)
     found = await find_session(request, sid, missing_ok=True)
     if found is None:
         return session_response(new_session_view(sid, messages=[]), sid)
@@ -42,7 +43,7 @@ async def state(request: web.Request) -> web.Response:
     return session_response(session_view(found, messages=[message_view(m) for m in history]), sid)
 
 
-@routes.post("/api/interrupt")
+@routes.post(paths.INTERRUPT)
 async def interrupt(request: web.Request) -> web.Response:
     """Interrupt the turn in progress; the waiting call returns it as ``interrupted``."""
     body = await json_body(request)
@@ -54,7 +55,7 @@ async def interrupt(request: web.Request) -> web.Response:
     return session_response(session_view(found, interrupted=done), sid)
 
 
-@routes.post("/api/system")
+@routes.post(paths.SYSTEM)
 async def system(request: web.Request) -> web.Response:
     """Put a system message into the session and return the agent's answer."""
     body = await json_body(request)
@@ -64,7 +65,7 @@ async def system(request: web.Request) -> web.Response:
     return session_response(session_view(s, status=result["status"], reply=result.get("reply")), s.id)
 
 
-@routes.post("/api/mcp-command")
+@routes.post(paths.MCP_COMMAND)
 async def mcp_command(request: web.Request) -> web.Response:
     """Run an agent command and return its result."""
     body = await json_body(request)
@@ -76,7 +77,7 @@ async def mcp_command(request: web.Request) -> web.Response:
     return session_response(session_view(s, status=result["status"], result=result.get("reply")), s.id)
 
 
-@routes.post("/api/sessions")
+@routes.post(paths.SESSIONS)
 async def create_session(request: web.Request) -> web.Response:
     """Start a session now (id from the body, else a fresh one): 201 if started, 200 if it was live."""
     body = await json_body(request)
@@ -88,14 +89,14 @@ async def create_session(request: web.Request) -> web.Response:
     return response
 
 
-@routes.get("/api/sessions/{session_id}")
+@routes.get(paths.SESSION)
 async def get_session(request: web.Request) -> web.Response:
     """One of the tenant's sessions; 404 if unknown or another tenant's."""
     found = await find_session(request, request.match_info["session_id"])
     return web.json_response(session_detail(found))
 
 
-@routes.delete("/api/sessions/{session_id}")
+@routes.delete(paths.SESSION)
 async def delete_session(request: web.Request) -> web.Response:
     """End a session (stop its process); ``?purge=true`` also deletes its messages and record.
 

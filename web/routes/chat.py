@@ -2,6 +2,7 @@
 
 from aiohttp import web
 
+from corral.web import paths
 from corral.web.requests import field, json_body, message_of, open_session, session_response
 from corral.web.views import session_view
 from corral.web.keys import BACKGROUND, SUPERVISOR
@@ -9,7 +10,7 @@ from corral.web.keys import BACKGROUND, SUPERVISOR
 routes = web.RouteTableDef()
 
 
-@routes.post("/api/chat")
+@routes.post(paths.CHAT)
 async def chat(request: web.Request) -> web.Response:
     """Send a user message; wait for the reply unless ``wait`` is false."""
     body = await json_body(request)
@@ -19,7 +20,7 @@ async def chat(request: web.Request) -> web.Response:
     s = await open_session(request, body)
     turn = await sup.submit_chat(s, message)
     if not wait:
-        request.app[BACKGROUND](sup.complete(s, turn))
+        request.app[BACKGROUND].spawn(sup.complete(s, turn))
         return session_response(session_view(s, status="accepted"), s.id, status=202)
     result = await sup.complete(s, turn)
     return session_response(session_view(s, status=result["status"], reply=result.get("reply")), s.id)

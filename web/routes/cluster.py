@@ -2,12 +2,13 @@
 
 from aiohttp import web
 
+from corral.web import paths
 from corral.web.keys import SUPERVISOR
 
 routes = web.RouteTableDef()
 
 
-@routes.get("/admin/nodes")
+@routes.get(paths.ADMIN_NODES)
 async def list_nodes(request: web.Request) -> web.Response:
     """Every node in the membership table (just this one without a cluster)."""
     sup = request.app[SUPERVISOR]

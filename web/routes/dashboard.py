@@ -13,9 +13,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from corral.web import forward
+from corral.web import forward, paths
 from corral.web.monitoring import refresh_figures
-from corral.web.sse import SSE_HEADERS, format_event
+from corral.web.sse import CLOSE, SSE_HEADERS, format_event, serve_queue
 from corral.web.views import admin_row
 from corral.web.keys import EVENT_STREAMS, PROCSTATS, SUPERVISOR
 
@@ -23,24 +23,23 @@ STATIC = Path(__file__).resolve().parent.parent / "static"
 FIGURES_EVERY = 2.0
 QUEUE_BOUND = 1000  # events a slow dashboard may fall behind before it is sent a fresh snapshot
 _FORWARDED = frozenset({"state", "spawned", "end"})
-_CLOSE = object()
 
 routes = web.RouteTableDef()
 
 
-@routes.get("/")
+@routes.get(paths.CHAT_PAGE)
 async def chat_page(request: web.Request) -> web.FileResponse:
     """The chat page."""
     return _page("index.html")
 
 
-@routes.get("/admin")
+@routes.get(paths.DASHBOARD_PAGE)
 async def admin_page(request: web.Request) -> web.FileResponse:
     """The dashboard page (it asks for the admin token; the data it loads needs it)."""
     return _page("admin.html")
 
 
-@routes.get("/static/{name}")
+@routes.get(paths.STATIC_FILE)
 async def static_file(request: web.Request) -> web.FileResponse:
     """One of the pages' files; a name that is none of them is the JSON 404 of any unknown path.
 
@@ -58,7 +57,7 @@ def _page(name: str) -> web.FileResponse:
     return web.FileResponse(STATIC / name, headers={"Cache-Control": "no-cache"})
 
 
-@routes.get("/admin/events")
+@routes.get(paths.ADMIN_EVENTS)
 async def admin_events(request: web.Request) -> web.StreamResponse:
     """SSE of session events for the dashboard."""
     sup = request.app[SUPERVISOR]
@@ -73,30 +72,30 @@ async def admin_events(request: web.Request) -> web.StreamResponse:
             except asyncio.QueueFull:
                 overflowed = True  # the writer catches up by sending a fresh snapshot
 
+    async def send(item: dict) -> None:
+        """One event; once the queue has overflowed, a fresh snapshot instead of what it dropped."""
+        nonlocal overflowed
+        if overflowed:
+            _drain(queue)
+            overflowed = False
+            await _send_snapshot(request, response)
+        else:
+            await _send(response, item["type"], item)
+
+    async def tick() -> None:
+        """Every FIGURES_EVERY seconds: the figures (in a cluster, a snapshot: other nodes change too)."""
+        if sup.membership is not None:
+            await _send_snapshot(request, response)
+        else:
+            await _send_figures(request, response)
+
     response = await _open_stream(request)
     streams = request.app[EVENT_STREAMS]
     streams.add(queue)
     unsubscribe = sup.events.subscribe(on_event, types=_FORWARDED)
-    loop = asyncio.get_running_loop()
     try:
         await _send_snapshot(request, response)
-        figures_due = loop.time() + FIGURES_EVERY
-        while True:
-            item = await _next_item(queue, figures_due - loop.time())
-            if item is _CLOSE:
-                break
-            if overflowed:
-                _drain(queue)
-                overflowed = False
-                await _send_snapshot(request, response)
-            elif item is not None:
-                await _send(response, item["type"], item)
-            if loop.time() >= figures_due:
-                if sup.membership is not None:  # a cluster: the other nodes' sessions change too
-                    await _send_snapshot(request, response)
-                else:
-                    await _send_figures(request, response)
-                figures_due = loop.time() + FIGURES_EVERY
+        await serve_queue(queue, FIGURES_EVERY, send, tick, steady=True)
     except ConnectionError:
         pass  # the dashboard went away
     finally:
@@ -110,14 +109,6 @@ async def _open_stream(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
     return response
-
-
-async def _next_item(queue: asyncio.Queue, timeout: float):
-    """The next event, or None if none comes within ``timeout`` seconds."""
-    try:
-        return await asyncio.wait_for(queue.get(), max(0.0, timeout))
-    except asyncio.TimeoutError:
-        return None
 
 
 def _drain(queue: asyncio.Queue) -> None:
@@ -154,7 +145,7 @@ async def close_event_streams(app: web.Application) -> None:
     """On shutdown, end every open dashboard stream so the server can stop at once."""
     for queue in list(app[EVENT_STREAMS]):
         _drain(queue)
-        queue.put_nowait(_CLOSE)
+        queue.put_nowait(CLOSE)
 
 
 def install(app: web.Application) -> None:

@@ -3,12 +3,13 @@
 from aiohttp import web
 
 from corral.supervisor.metrics import CONTENT_TYPE
+from corral.web import paths
 from corral.web.keys import METRICS
 
 routes = web.RouteTableDef()
 
 
-@routes.get("/metrics")
+@routes.get(paths.METRICS)
 async def metrics(request: web.Request) -> web.Response:
     """Every metric of this server (process figures at most a second old)."""
     body = request.app[METRICS].exposition()

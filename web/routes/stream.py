@@ -6,13 +6,13 @@ events as the supervisor publishes them. A client that reconnects with ``Last-Ev
 exactly the events it missed while they are still buffered, else a fresh snapshot.
 """
 
-import asyncio
 import contextlib
 
 from aiohttp import web
 
+from corral.web import paths
 from corral.web.requests import find_session, remember_session, requested_session_id, tenant_of
-from corral.web.sse import CLOSE, KEEPALIVE_FRAME, SSE_HEADERS, Listener, StreamHub, format_event
+from corral.web.sse import CLOSE, KEEPALIVE_FRAME, SSE_HEADERS, Listener, StreamHub, format_event, serve_queue
 from corral.web.views import message_view, new_session_view, session_view
 from corral.web.keys import SUPERVISOR
 
@@ -40,7 +40,7 @@ async def _close_streams(app: web.Application) -> None:
     app[STREAMS].close()
 
 
-@routes.get("/api/chat/stream", allow_head=False)  # an endless body has no HEAD form
+@routes.get(paths.STREAM, allow_head=False)  # an endless body has no HEAD form
 async def chat_stream(request: web.Request) -> web.StreamResponse:
     """Stream one session's events until the client goes away."""
     sid = requested_session_id(request)
@@ -107,16 +107,14 @@ async def _open(request: web.Request, sid: str) -> web.StreamResponse:
 
 async def _pump(response: web.StreamResponse, listener: Listener, backlog: list[bytes], keepalive: float) -> None:
     """Write the backlog, then each event as it comes, with a keep-alive comment when quiet."""
+
+    async def write(item) -> None:
+        await response.write(item.encode())
+
+    async def keep_alive() -> None:
+        await response.write(KEEPALIVE_FRAME)
+
     with contextlib.suppress(ConnectionError):
         for frame in backlog:
             await response.write(frame)
-        while True:
-            try:
-                async with asyncio.timeout(keepalive):  # the stream's one timer, re-armed per wait
-                    item = await listener.queue.get()
-            except TimeoutError:
-                await response.write(KEEPALIVE_FRAME)
-                continue
-            if item is CLOSE:
-                return
-            await response.write(item.encode())
+        await serve_queue(listener.queue, keepalive, write, keep_alive)
