@@ -81,6 +81,7 @@ class Config:
     agent_network: str = "on"  # off: agents get no TCP/UDP (Landlock + seccomp)
     max_pids: int = 64  # processes per session (its own uid's RLIMIT_NPROC, or cgroup v2 pids.max); 0 = no cap
     max_open_files: int = 1024  # RLIMIT_NOFILE per agent process; 0 = inherited
+    cpu_limit: float = 0.0  # cores per session (cgroup cpu.max / cfs_quota_us); 0 = no cap
     # cluster (PostgreSQL): where other nodes reach this one (default http://host:port), and the
     # seconds a node stays alive for the others without renewing its row (docs/cluster.md)
     advertise_url: str | None = None

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from corral.supervisor.config import DEFAULT_AGENT, LOG_LEVELS, LOOPS, SANDBOX_MODES, Config, SettingError
-from corral.supervisor.limits import MECHANISMS, parse_size
+from corral.supervisor.limits import MECHANISMS, parse_cores, parse_size
 from corral.web import ops_cli
 from corral.web.version import VERSION
 
@@ -146,6 +146,7 @@ SERVE_FLAGS = {
     "agent_network": (_parser("on|off", _choice("on", "off")), "on | off: whether agents may use TCP/UDP (default on)"),
     "max_pids": (_parser("count", _whole), "processes per session (default 64; 0 = no cap)"),
     "max_open_files": (_parser("count", _whole), "open files per agent process (default 1024; 0 = inherited)"),
+    "cpu_limit": (_parser("cores", parse_cores), "CPU per session in cores, e.g. 0.5 (default 0: no cap; cgroup cpu.max or cfs_quota_us)"),
     "advertise_url": (_parser("url", _text), "URL other cluster nodes reach this one at (default http://HOST:PORT)"),
     "node_lease": (_parser("seconds", _seconds), "seconds a cluster node stays alive without renewing its heartbeat (default 10)"),
     "loop": (_parser("loop", _choice(*LOOPS)), "event loop: auto (uvloop when installed) | asyncio | uvloop (default auto)"),
