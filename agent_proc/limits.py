@@ -1,4 +1,4 @@
-"""Apply a per-session memory limit spec in the freshly forked agent child (stdlib only).
+"""Apply a per-session limit spec (memory; cpu and pids cgroups) in the freshly forked agent child (stdlib only).
 
 The spec comes from ``supervisor.limits.MemoryLimiter.prepare`` through the zygote's pipe. This
 runs before any agent code, so an agent can never run unconfined.
@@ -26,6 +26,8 @@ def apply_limits(spec: dict) -> None:
         _apply_rlimit(int(spec["limit_bytes"]))
     elif kind != "none":
         raise OSError(f"unknown memory limit kind {kind!r}")
+    for path in (spec or {}).get("join", ()):
+        _join_cgroup(path)  # a limit with a cgroup v1 hierarchy of its own (cpu, pids)
 
 
 def _join_cgroup(path: str) -> None:

@@ -58,11 +58,12 @@ def zygote_main(conn, fd_channel: socket.socket, agent_spec: str, supervisor_pid
         if options.get("subreaper"):
             sandbox.set_subreaper()  # an agent's orphans come to us, not to init
         ns_init = _enter_pid_namespace(conn) if options.get("pid_namespace") else None
+        prebuilt = sandbox.prebuild(options)
     except OSError as exc:
         send_msg(conn, ("failed", f"cannot set up the sandbox: {exc}"))
         return
     gc.freeze()  # keep the imported objects out of GC passes so children don't copy their pages
-    Zygote(conn, fd_channel, agent_cls, ns_init=ns_init).serve()
+    Zygote(conn, fd_channel, agent_cls, ns_init=ns_init, prebuilt=prebuilt).serve()
 
 
 def _enter_pid_namespace(conn) -> int:
@@ -129,8 +130,9 @@ def preload_stdlib() -> None:
 class Zygote:
     """Forks children on request and reports their deaths."""
 
-    def __init__(self, conn, fd_channel: socket.socket, agent_cls, *, ns_init: int | None = None):
+    def __init__(self, conn, fd_channel: socket.socket, agent_cls, *, ns_init: int | None = None, prebuilt=None):
         self.conn = conn
+        self.prebuilt = prebuilt  # sandbox.Prebuilt: the layers' rules and filters, built once for every child
         # the supervisor sends each child's hub connection (and stdio pipes) here, before its request
         self.fd_channel = fd_channel
         self.ns_init = ns_init  # pid 1 of the agents' pid namespace, if there is one
@@ -270,7 +272,7 @@ class Zygote:
                 routing_id=req.get("routing_id") or req["session_id"].encode(),
                 tenant=req["tenant"],
                 conn=socket.socket(fileno=conn_fd),
-                confine=lambda: sandbox.confine(req.get("sandbox")),
+                confine=lambda: sandbox.confine(req.get("sandbox"), self.prebuilt),
             )
         except BaseException:
             traceback.print_exc()

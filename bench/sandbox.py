@@ -1,7 +1,8 @@
 """The sandbox's cost (issue 12): ``python -m bench.sandbox`` prints, in one run,
 
 - new session -> first reply at the supervisor, and USS per idle session, with ``--sandbox off``
-  and with every layer this host allows (``auto``; as root: all of them)
+  and with every layer this host allows (``auto``; as root: all of them), the Landlock rules and
+  seccomp filter built in each child (as before) and built once in the zygote (as now)
 - each layer alone, timed inside freshly forked children (median of ``--layer-runs``)
 """
 
@@ -24,8 +25,9 @@ from corral.supervisor.logs import configure
 MB = 1024 * 1024
 
 
-async def server_figures(mode: str, args) -> dict:
-    """First-reply times and USS per idle session under one sandbox mode."""
+async def server_figures(mode: str, args, *, prebuild: bool = True) -> dict:
+    """First-reply times and USS per idle session under one sandbox mode (layers built in the zygote or in each child)."""
+    policy.Sandbox.prebuild = prebuild
     with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
         config = Config(agent="bench.agents:EchoAgent", data_dir=tmp, database_url="memory://", rate_limit=0,
                         max_sessions=args.sessions + 100, idle_timeout=3600, sandbox=mode)
@@ -90,9 +92,10 @@ def main(argv=None) -> int:
     configure("error")
     print(f"command: python -m bench.sandbox {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"kernel {os.uname().release}, Landlock ABI {layers.landlock_abi()}, uid {os.geteuid()}")
-    for mode in ("off", "auto"):
-        f = asyncio.run(server_figures(mode, args))
-        print(f"sandbox {mode:<4}  first reply median / p99 {f['median'] * 1000:.2f} / {f['p99'] * 1000:.2f} ms   "
+    for mode, prebuild, label in (("off", True, "off"), ("auto", False, "auto, built in each child"),
+                                  ("auto", True, "auto, built in the zygote")):
+        f = asyncio.run(server_figures(mode, args, prebuild=prebuild))
+        print(f"sandbox {label:<26}  first reply median / p99 {f['median'] * 1000:.2f} / {f['p99'] * 1000:.2f} ms   "
               f"USS per idle session {f['uss'] / MB:.2f} MB ({f['count']} live)   layers: {', '.join(f['layers']) or '-'}")
     for name, step in layer_steps().items():
         runs = [time_in_child(step) for _ in range(args.layer_runs)]

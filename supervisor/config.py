@@ -13,7 +13,7 @@ from corral.supervisor.limits import MECHANISMS
 from corral.supervisor.sandbox import MODES as SANDBOX_MODES
 from corral.supervisor.sandbox import parse_uid_range
 from corral.supervisor.settings import (  # noqa: F401 (SettingError: raised by Config, caught by the CLI)
-    AGENT, COUNT, PATH, PORT, RATE, SECONDS, SIZE, TEXT, TOKEN, URL, ORIGINS,
+    AGENT, CORES, COUNT, PATH, PORT, RATE, SECONDS, SIZE, TEXT, TOKEN, URL, ORIGINS,
     Declared, SettingError, at_least_one, between, check_all, choice, declared, non_negative, positive, setting,
 )
 
@@ -122,6 +122,10 @@ class Config:
     max_pids: int = setting(64, COUNT, "processes per session (0 = no cap)", non_negative)
     max_open_files: int = setting(1024, COUNT, "open files per agent process (0 = inherited)", non_negative,
                                   _enough_files)
+    cpu_limit: float = setting(
+        0.0, CORES, "CPU per session in cores, e.g. 0.5 (0 = no cap; cgroup cpu.max or cfs_quota_us)",
+        doc="CPU per session in cores, e.g. `0.5` (0 = no cap); cgroup v2 `cpu.max` or v1 `cpu.cfs_quota_us`, "
+            "else reported unavailable; see [limits.md](limits.md)")
     # cluster (PostgreSQL): where other nodes reach this one, and the seconds a node stays alive for
     # the others without renewing its row (docs/cluster.md)
     advertise_url: str | None = setting(

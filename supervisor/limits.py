@@ -18,7 +18,7 @@ from decimal import Decimal, InvalidOperation
 
 __all__ = [
     "MemoryLimiter", "Cgroup2Limiter", "Cgroup1Limiter", "RlimitLimiter", "NoLimiter",
-    "parse_size", "choose_limiter", "MECHANISMS",
+    "parse_size", "parse_cores", "choose_limiter", "MECHANISMS", "ControlLimit",
 ]
 
 MECHANISMS = ("cgroup2", "cgroup1", "rlimit", "none")
@@ -28,6 +28,8 @@ _OWNER_RE = re.compile(r"^corral-[A-Za-z0-9._-]+@(?P<pid>\d+)\.(?P<start>\d+)$")
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _NO_LIMIT_WORDS = {"none", "off", "unlimited", "max"}
+CPU_PERIOD_US = 100_000  # the CFS period a --cpu-limit quota is a share of (the kernel's default)
+_MIN_QUOTA_US = 1_000  # the kernel refuses a smaller quota
 
 # rmdir of a just-emptied cgroup can report EBUSY while exiting tasks are still being torn down.
 _RMDIR_TRIES = 50
@@ -61,6 +63,21 @@ def parse_size(text: str | int) -> int:
     except InvalidOperation as exc:  # pragma: no cover - the regex already guards this
         raise ValueError(f"invalid memory size {text!r}") from exc
     return int(value)
+
+
+def parse_cores(text: str | float) -> float:
+    """Parse a CPU limit in cores ("0.5", "2"; 0/none = no cap) into a float."""
+    if isinstance(text, str) and text.strip().lower() in _NO_LIMIT_WORDS:
+        return 0.0
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"invalid cpu limit {text!r}: expected cores, e.g. 0.5 or 2") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"invalid cpu limit {text!r}: must be a finite number of cores, 0 or more")
+    if value and value * CPU_PERIOD_US < _MIN_QUOTA_US:
+        raise ValueError(f"invalid cpu limit {text!r}: at least {_MIN_QUOTA_US / CPU_PERIOD_US} cores")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,14 +178,62 @@ class MemoryLimiter:
         self.path = path  # per-run parent cgroup dir (cgroups only)
         self.fallback_reasons: list[str] = []
         self.swept: list[str] = []  # per-run dirs of dead corral servers removed at start
+        self.controls: dict[str, ControlLimit] = {}  # "cpu", "pids": the limits beyond memory
 
     def describe(self) -> dict:
-        """What /health and the logs show."""
-        return {"mechanism": self.mechanism, "limit_bytes": self.limit_bytes, "path": self.path}
+        """What /health and the logs show: the memory mechanism, and each other limit's."""
+        described = {"mechanism": self.mechanism, "limit_bytes": self.limit_bytes, "path": self.path}
+        described.update((name, control.describe()) for name, control in self.controls.items())
+        return described
 
     def prepare(self, key: str) -> dict:
-        """Per-spawn spec for apply_limits in the child."""
+        """Per-spawn spec for apply_limits in the child: memory, then each control (undone on failure)."""
+        spec = self._prepare_memory(key)
+        try:
+            for name, control in self.controls.items():
+                part = control.prepare(key, spec)
+                if part is not None:
+                    spec.setdefault("controls", {})[name] = part
+                    if part.get("join"):
+                        spec.setdefault("join", []).append(part["path"])
+        except OSError:
+            self.release(spec)
+            raise
+        return spec
+
+    def _prepare_memory(self, key: str) -> dict:
+        """The memory part of the spec."""
         return {"kind": "none"}
+
+    def control_usage(self, spec) -> dict:
+        """Each control's current use in this spawn ({} where there is no cgroup to ask)."""
+        parts = spec.get("controls", {}) if isinstance(spec, dict) else {}
+        usage = {}
+        for name, part in parts.items():
+            used = self.controls[name].usage(part) if name in self.controls else None
+            if used is not None:
+                usage[name] = used
+        return usage
+
+    def release(self, spec) -> None:
+        """After the spawn's process exited: release each control's part, then memory's; never raises."""
+        parts = spec.get("controls", {}) if isinstance(spec, dict) else {}
+        for name, part in parts.items():
+            if name in self.controls:
+                self.controls[name].release(part)
+        self._release_memory(spec)
+
+    def _release_memory(self, spec) -> None:
+        """Nothing to clean up without a cgroup."""
+
+    def close(self) -> None:
+        """At shutdown: the controls' per-run dirs, then memory's."""
+        for control in self.controls.values():
+            control.close()
+        self._close_memory()
+
+    def _close_memory(self) -> None:
+        """Nothing to clean up without a cgroup."""
 
     def oom_killed(self, spec) -> bool:
         """No kernel OOM verdict without a cgroup; the agent reports MemoryError itself."""
@@ -180,12 +245,6 @@ class MemoryLimiter:
 
     def kill_all(self, spec) -> None:
         """Nothing to kill without a cgroup (the core kills the process group)."""
-
-    def release(self, spec) -> None:
-        """Nothing to clean up without a cgroup."""
-
-    def close(self) -> None:
-        """Nothing to clean up without a cgroup."""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.describe()}>"
@@ -205,7 +264,7 @@ class RlimitLimiter(MemoryLimiter):
 
     mechanism = "rlimit"
 
-    def prepare(self, key: str) -> dict:
+    def _prepare_memory(self, key: str) -> dict:
         """The child does all the work; just pass the size."""
         return {"kind": "rlimit", "limit_bytes": int(self.limit_bytes)}
 
@@ -227,8 +286,12 @@ class _CgroupLimiter(MemoryLimiter):
             return None
         return {"current": current, "peak": _read_int(os.path.join(path, peak_file))}
 
-    def prepare(self, key: str) -> dict:
+    def _prepare_memory(self, key: str) -> dict:
         """Create <parent>/<key>, set its limits, return the spec; cleans up and raises OSError on failure."""
+        return {"kind": self.mechanism, "path": self.make_leaf(key), "limit_bytes": int(self.limit_bytes)}
+
+    def make_leaf(self, key: str) -> str:
+        """Create <parent>/<key> with its limits set; cleans up and raises OSError on failure."""
         if not _KEY_RE.match(key) or key in (".", ".."):
             raise ValueError(f"cgroup key {key!r} is not filesystem-safe")
         path = os.path.join(self.path, key)
@@ -239,9 +302,9 @@ class _CgroupLimiter(MemoryLimiter):
         try:
             self._set_limits(path)
         except OSError:
-            self.release({"path": path})
+            self._release_memory({"path": path})
             raise
-        return {"kind": self.mechanism, "path": path, "limit_bytes": int(self.limit_bytes)}
+        return path
 
     def _set_limits(self, path: str) -> None:
         raise NotImplementedError
@@ -272,7 +335,7 @@ class _CgroupLimiter(MemoryLimiter):
                     pass
             time.sleep(_RMDIR_PAUSE)  # let the kernel finish the exits before re-reading
 
-    def release(self, spec) -> None:
+    def _release_memory(self, spec) -> None:
         """Kill what is left and remove the per-spawn dir; never raises."""
         path = _spec_path(spec)
         if path is None:
@@ -283,13 +346,13 @@ class _CgroupLimiter(MemoryLimiter):
         except Exception:  # noqa: BLE001 - release must never raise into the supervisor
             pass
 
-    def close(self) -> None:
+    def _close_memory(self) -> None:
         """Release any per-spawn dirs still present, then remove the per-run parent."""
         try:
             for name in os.listdir(self.path):
                 child = os.path.join(self.path, name)
                 if os.path.isdir(child):
-                    self.release({"path": child})
+                    self._release_memory({"path": child})
             _rmdir_retry(self.path)
         except OSError:
             pass
@@ -355,6 +418,148 @@ class Cgroup1Limiter(_CgroupLimiter):
         if path is None:
             return False
         return _read_keyed(os.path.join(path, "memory.oom_control")).get("oom_kill", 0) > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# limits beyond memory: cpu and pids
+
+class _Cgroup1Group(_CgroupLimiter):
+    """One cgroup v1 hierarchy (cpu or pids) of its own: a per-run dir, a leaf per spawn the child joins."""
+
+    mechanism = "cgroup1"
+    procs_files = ("cgroup.procs", "tasks")
+
+    def __init__(self, path: str, files: dict):
+        super().__init__(None, path)
+        self.files = files  # control file -> value, written in this order into each leaf
+
+    def _set_limits(self, path: str) -> None:
+        """Write each control file (period before quota: the kernel checks them together)."""
+        for name, value in self.files.items():
+            _write(os.path.join(path, name), value)
+
+
+# What each resource's cgroup files are: the value written per session, the file read for current use.
+_V2_FILES = {"cpu": lambda cores: {"cpu.max": f"{_quota_us(cores)} {CPU_PERIOD_US}"},
+             "pids": lambda count: {"pids.max": int(count)}}
+_V1_FILES = {"cpu": lambda cores: {"cpu.cfs_period_us": CPU_PERIOD_US, "cpu.cfs_quota_us": _quota_us(cores)},
+             "pids": lambda count: {"pids.max": int(count)}}
+_V1_PROBE_FILE = {"cpu": "cpu.cfs_quota_us", "pids": "cgroup.procs"}
+
+
+def _quota_us(cores: float) -> int:
+    """The CFS quota (µs a period) for a share of cores."""
+    return max(_MIN_QUOTA_US, round(cores * CPU_PERIOD_US))
+
+
+class ControlLimit:
+    """One per-session limit beyond memory ("cpu" in cores, "pids") and the mechanism enforcing it.
+
+    ``cgroup2`` writes into the memory limiter's per-spawn cgroup (cpu.max, pids.max); ``cgroup1``
+    has its own hierarchy, so each spawn gets a leaf there that the child joins; ``rlimit`` (pids
+    only) is RLIMIT_NPROC of the session's own uid, applied by the sandbox; ``unavailable`` says why.
+    """
+
+    def __init__(self, resource: str, value, mechanism: str, *, files: dict | None = None,
+                 group: _Cgroup1Group | None = None, reason: str | None = None):
+        self.resource = resource
+        self.value = value or None
+        self.mechanism = mechanism  # cgroup2 | cgroup1 | rlimit | unavailable | none
+        self.files = files or {}
+        self.group = group
+        self.reason = reason
+
+    def describe(self) -> dict:
+        """The mechanism, the limit, and the per-run cgroup (or why there is none)."""
+        described = {"mechanism": self.mechanism, "limit": self.value,
+                     "path": self.group.path if self.group else None}
+        if self.reason:
+            described["reason"] = self.reason
+        return described
+
+    def prepare(self, key: str, memory_spec: dict) -> dict | None:
+        """This spawn's part of the spec: the cgroup holding the limit (and whether the child must join it)."""
+        if self.mechanism == "cgroup2":
+            path = memory_spec["path"]
+            for name, value in self.files.items():
+                _write(os.path.join(path, name), value)
+            return {"path": path}
+        if self.mechanism == "cgroup1":
+            return {"path": self.group.make_leaf(key), "join": True}
+        return None
+
+    def usage(self, part: dict) -> dict | None:
+        """Current use from the cgroup: pids.current; cpu.stat's usage and throttling (what the kernel has)."""
+        path = part.get("path") if isinstance(part, dict) else None
+        if path is None:
+            return None
+        if self.resource == "pids":
+            current = _read_int(os.path.join(path, "pids.current"))
+            return None if current is None else {"current": current}
+        stat = _read_keyed(os.path.join(path, "cpu.stat"))
+        if not stat:
+            return None
+        return {"usage_usec": stat.get("usage_usec"), "throttled": stat.get("nr_throttled", 0)}
+
+    def release(self, part: dict) -> None:
+        """Remove this spawn's leaf of its own hierarchy (cgroup1); the memory cgroup goes with memory."""
+        if self.mechanism == "cgroup1" and isinstance(part, dict):
+            self.group._release_memory(part)
+
+    def close(self) -> None:
+        """Remove the per-run dir of its own hierarchy."""
+        if self.group is not None:
+            self.group.close()
+
+
+def choose_control(resource: str, value, memory: MemoryLimiter, *, run_id: str, v2_root: str,
+                   v1_root: str, proc_self_cgroup: str) -> ControlLimit:
+    """The best mechanism for one limit beyond memory; the reasons for skipped ones go to memory.fallback_reasons."""
+    if not value:
+        return ControlLimit(resource, None, "none")
+    reasons = []
+    if isinstance(memory, Cgroup2Limiter):
+        try:
+            return _probe_control_v2(resource, value, memory, v2_root)
+        except Exception as exc:  # noqa: BLE001 - a reason, not a crash
+            reasons.append(f"cgroup2: {exc}")
+    else:
+        reasons.append("cgroup2: needs the per-session cgroup the cgroup2 memory limiter makes "
+                       f"(memory mechanism here: {memory.mechanism})")
+    try:
+        return _probe_control_v1(resource, value, run_id, v1_root, proc_self_cgroup)
+    except Exception as exc:  # noqa: BLE001
+        reasons.append(f"cgroup1: {exc}")
+    memory.fallback_reasons += [f"{resource}: {r}" for r in reasons]
+    if resource == "pids":
+        return ControlLimit("pids", value, "rlimit", reason="RLIMIT_NPROC of the session's own uid, where the "
+                            "sandbox gives it one (as root); " + "; ".join(reasons))
+    return ControlLimit(resource, value, "unavailable", reason="; ".join(reasons))
+
+
+def _probe_control_v2(resource: str, value, memory: Cgroup2Limiter, v2_root: str) -> ControlLimit:
+    """Enable the controller for the memory limiter's per-spawn cgroups; raises with a reason when impossible."""
+    own = os.path.dirname(memory.path)
+    if resource not in _read(os.path.join(own, "cgroup.controllers")).split():
+        raise RuntimeError(f"{resource} controller not delegated to our cgroup {own}")
+    _enable_memory(own, resource)
+    _enable_memory(memory.path, resource)
+    return ControlLimit(resource, value, "cgroup2", files=_V2_FILES[resource](value))
+
+
+def _probe_control_v1(resource: str, value, run_id: str, v1_root: str, proc_self_cgroup: str) -> ControlLimit:
+    """Make <v1_root>/<own path>/corral-<run> in the controller's own hierarchy; raises with a reason when impossible."""
+    if not os.path.exists(os.path.join(v1_root, _V1_PROBE_FILE[resource])):
+        raise RuntimeError(f"no cgroup v1 {resource} controller mounted at {v1_root}")
+    own = _join(v1_root, _own_cgroup(proc_self_cgroup, resource))
+    if not os.path.isdir(own):
+        raise RuntimeError(f"our {resource} cgroup {own} is not visible under {v1_root}")
+    files = _V1_FILES[resource](value)
+    parent = os.path.join(own, run_dir_name(run_id))
+    os.makedirs(parent, exist_ok=True)
+    group = _Cgroup1Group(parent, files)
+    group.swept = sweep_stale_runs(own, lambda path: _Cgroup1Group(path, {}))
+    return ControlLimit(resource, value, "cgroup1", files=files, group=group)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,15 +664,15 @@ def _make_leaf_for_ourselves(own: str) -> None:
             pass  # exited meanwhile
 
 
-def _enable_memory(cg: str) -> None:
-    """Enable the memory controller for the children of `cg` (idempotent)."""
+def _enable_memory(cg: str, controller: str = "memory") -> None:
+    """Enable a controller (memory by default) for the children of `cg` (idempotent)."""
     ctl = os.path.join(cg, "cgroup.subtree_control")
     try:
         enabled = _read(ctl).split()
     except FileNotFoundError:
         enabled = []
-    if "memory" not in enabled:
-        _write(ctl, "+memory")
+    if controller not in enabled:
+        _write(ctl, f"+{controller}")
 
 
 def _probe_cgroup1(limit: int, run_id: str, v1_root: str, proc_self_cgroup: str) -> Cgroup1Limiter:
@@ -486,8 +691,28 @@ def _probe_cgroup1(limit: int, run_id: str, v1_root: str, proc_self_cgroup: str)
 
 def choose_limiter(limit_bytes: int | None, *, run_id: str, prefer: str | None = None,
                    v2_root: str = "/sys/fs/cgroup", v1_root: str = "/sys/fs/cgroup/memory",
-                   proc_self_cgroup: str = "/proc/self/cgroup") -> MemoryLimiter:
-    """Return the best limiter the host allows; reasons for skipped mechanisms go to .fallback_reasons."""
+                   proc_self_cgroup: str = "/proc/self/cgroup", cpu_limit: float | None = None,
+                   max_pids: int | None = None, v1_roots: dict | None = None) -> MemoryLimiter:
+    """Return the best limiter the host allows, with its cpu and pids controls when asked for (not None).
+
+    Reasons for skipped mechanisms go to .fallback_reasons; ``v1_roots`` maps "cpu"/"pids" to their
+    v1 mounts (default /sys/fs/cgroup/cpu and /sys/fs/cgroup/pids).
+    """
+    limiter = _choose_memory(limit_bytes, run_id=run_id, prefer=prefer, v2_root=v2_root, v1_root=v1_root,
+                             proc_self_cgroup=proc_self_cgroup)
+    v1_roots = {"cpu": "/sys/fs/cgroup/cpu", "pids": "/sys/fs/cgroup/pids", **(v1_roots or {})}
+    for resource, value in (("cpu", cpu_limit), ("pids", max_pids)):
+        if value is not None:
+            if resource == "cpu":
+                value = parse_cores(value)
+            limiter.controls[resource] = choose_control(resource, value, limiter, run_id=run_id, v2_root=v2_root,
+                                                        v1_root=v1_roots[resource], proc_self_cgroup=proc_self_cgroup)
+    return limiter
+
+
+def _choose_memory(limit_bytes: int | None, *, run_id: str, prefer: str | None, v2_root: str, v1_root: str,
+                   proc_self_cgroup: str) -> MemoryLimiter:
+    """The memory limiter: the best mechanism the host allows, or the one preferred."""
     if prefer is not None and prefer not in MECHANISMS:
         raise ValueError(f"unknown memory limit mechanism {prefer!r}; expected one of {', '.join(MECHANISMS)}")
     if not limit_bytes or prefer == "none":

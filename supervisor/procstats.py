@@ -37,6 +37,7 @@ _EMPTY = {
     "cpu_percent": None,
     "threads": None,
     "open_fds": None,
+    "processes": None,
 }
 
 
@@ -96,6 +97,7 @@ class ProcStats:
         figures = self._figures.get(s.pid) if s.pid is not None else None
         out = {"pid": s.pid, **(figures or _EMPTY)}
         out["memory_limit"] = self._limit()
+        out["limits"] = self._other_limits()
         if "cgroup" not in out:
             out["cgroup"] = None
         return out
@@ -107,6 +109,13 @@ class ProcStats:
             return None
         described = limiter.describe()
         return {"bytes": described.get("limit_bytes"), "mechanism": described.get("mechanism")}
+
+    def _other_limits(self) -> dict:
+        """The session's limits beyond memory: processes and cpu (with their mechanisms), open files."""
+        controls = getattr(self.sup.limiter, "controls", {}) or {}
+        out = {name: {"limit": c.value, "mechanism": c.mechanism} for name, c in controls.items()}
+        out["open_files"] = {"limit": self.sup.config.max_open_files or None, "mechanism": "rlimit"}
+        return out
 
     def total_rss(self) -> int:
         """Resident memory of every sampled agent together, in bytes."""
@@ -172,7 +181,9 @@ class _Tracked:
         except psutil.AccessDenied:
             uss = pss = None
         usage = limiter.usage(self.spec) if self.spec and limiter is not None else None
-        return {"uss_bytes": uss, "pss_bytes": pss, "open_fds": self.proc.num_fds(), "cgroup": usage}
+        controls = limiter.control_usage(self.spec) if self.spec and limiter is not None else {}
+        return {"uss_bytes": uss, "pss_bytes": pss, "open_fds": self.proc.num_fds(), "cgroup": usage,
+                "processes": controls.get("pids", {}).get("current")}
 
 
 def _read_stat(pid: int) -> tuple[int, int, int, int]:

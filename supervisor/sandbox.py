@@ -79,9 +79,21 @@ class Sandbox:
                 "uids_free": len(self.free_uids) if self.on("uid") else None,
                 "notes": self.notes}
 
+    # The zygote builds the Landlock rules and seccomp filters once (agent_proc.sandbox.Prebuilt);
+    # bench.sandbox turns it off to measure what that saves.
+    prebuild = True
+
     def zygote_options(self) -> dict:
-        """What the zygote itself does once: a shared pid namespace for every agent, a subreaper."""
-        return {"pid_namespace": self.on("pid_namespace"), "subreaper": self.mode != "off"}
+        """What the zygote does once: a shared pid namespace for every agent, a subreaper, the prebuilt layers."""
+        options = {"pid_namespace": self.on("pid_namespace"), "subreaper": self.mode != "off"}
+        if self.mode != "off" and self.prebuild:
+            options.update(prebuild=True, landlock=self._landlock_abi(), read_paths=self.read_paths,
+                           device_paths=list(DEVICE_WRITE_PATHS), seccomp=self.on("seccomp"))
+        return options
+
+    def _landlock_abi(self) -> int:
+        """The Landlock ABI in force, 0 without it."""
+        return self.layers["landlock"].get("abi", 0) if self.on("landlock") else 0
 
     def prepare(self, key: str) -> dict:
         """One session's spec for ``confine``: its uid, its temp dir, the layers; raises OSError when out of uids."""
@@ -104,8 +116,9 @@ class Sandbox:
         return {
             "uid": uid, "gid": uid, "tmpdir": tmpdir, "network": self.network,
             "no_new_privs": True,
-            "landlock": self.layers["landlock"].get("abi", 0) if self.on("landlock") else 0,
-            "read_paths": self.read_paths, "write_paths": [tmpdir, *DEVICE_WRITE_PATHS],
+            "landlock": self._landlock_abi(),
+            # with the zygote's prebuilt rules, the child adds only its temp dir: no path list per spawn
+            **({} if self.prebuild else {"read_paths": self.read_paths, "write_paths": [tmpdir, *DEVICE_WRITE_PATHS]}),
             "seccomp": self.on("seccomp"),
             "max_pids": self.max_pids if self.on("uid") else 0,
             "max_open_files": self.max_open_files,

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
-from corral.supervisor.limits import parse_size
+from corral.supervisor.limits import parse_cores, parse_size
 
 Check = Callable[[object], str | None]  # a value -> the problem with it, or None
 
@@ -165,6 +165,7 @@ PATH = Kind("path", path)
 TOKEN = Kind("token", token)
 PORT = Kind("port", port_number, (between(0, 65535, "must be 0-65535"),))
 AGENT = Kind("agent", agent_spec)
+CORES = Kind("cores", parse_cores, (), _show_number)
 ORIGINS = Kind("origins", origins, (), lambda value: ",".join(value))
 
 

@@ -128,7 +128,7 @@ class Supervisor(Activation):
     async def _start_parts(self) -> None:
         """Start each part in dependency order."""
         limit = self.config.memory_limit or None
-        self.limiter = choose_limiter(limit, run_id=os.path.basename(self.run_dir).removeprefix("corral-"), prefer=self.config.limit_mechanism)
+        self.limiter = choose_limiter(limit, run_id=os.path.basename(self.run_dir).removeprefix("corral-"), prefer=self.config.limit_mechanism, cpu_limit=self.config.cpu_limit, max_pids=self.config.max_pids)
         for reason in getattr(self.limiter, "fallback_reasons", ()):
             log.info("limit_mechanism_skipped", reason=reason)
         for path in getattr(self.limiter, "swept", ()):

@@ -4,14 +4,15 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import time
 import uuid
 
 import pytest
 
 from corral.agent_proc.limits import OOM_EXIT_CODE, apply_limits
 from corral.supervisor.limits import (
-    Cgroup1Limiter, Cgroup2Limiter, NoLimiter, RlimitLimiter, choose_limiter, parse_size, process_start_time,
-    run_dir_name,
+    Cgroup1Limiter, Cgroup2Limiter, NoLimiter, RlimitLimiter, choose_limiter, parse_cores, parse_size,
+    process_start_time, run_dir_name,
 )
 
 MiB = 1 << 20
@@ -228,6 +229,79 @@ def test_v1_chosen_prepare_oom_usage(fake_v1):
     assert lim.usage(spec) == {"current": 100, "peak": 200}
 
 
+# ---------------------------------------------------------------------------------------------
+# cpu and pids, with fake trees
+
+@pytest.mark.parametrize("text,expected", [("0.5", 0.5), ("2", 2.0), (0, 0.0), ("none", 0.0), (0.01, 0.01)])
+def test_parse_cores_ok(text, expected):
+    assert parse_cores(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["", "half", "-1", "nan", "inf", 0.001, None])
+def test_parse_cores_rejects(bad):
+    with pytest.raises(ValueError, match="invalid cpu limit"):
+        parse_cores(bad)
+
+
+def test_v2_cpu_and_pids_go_into_the_memory_leaf(fake_v2):
+    _put(fake_v2["own"] / "cgroup.controllers", "cpu memory pids\n")
+    lim = _choose(fake_v2, cpu_limit=0.5, max_pids=32)
+    run = fake_v2["own"] / RUN
+    assert lim.describe()["cpu"] == {"mechanism": "cgroup2", "limit": 0.5, "path": None}
+    assert lim.describe()["pids"] == {"mechanism": "cgroup2", "limit": 32, "path": None}
+    spec = lim.prepare("s-x-1")
+    leaf = run / "s-x-1"
+    assert (leaf / "cpu.max").read_text() == "50000 100000" and (leaf / "pids.max").read_text() == "32"
+    assert "join" not in spec  # the child joins the memory leaf already
+    _put(leaf / "pids.current", "3\n")
+    _put(leaf / "cpu.stat", "usage_usec 1200\nuser_usec 1000\nsystem_usec 200\nnr_throttled 4\n")
+    assert lim.control_usage(spec) == {"pids": {"current": 3}, "cpu": {"usage_usec": 1200, "throttled": 4}}
+
+
+def test_v2_cpu_not_delegated_is_reported_unavailable_never_ignored(fake_v2):
+    lim = _choose(fake_v2, cpu_limit=0.5, max_pids=32, v1_roots={"cpu": "/nonexistent", "pids": "/nonexistent"})
+    cpu = lim.describe()["cpu"]
+    assert cpu["mechanism"] == "unavailable" and "cpu controller not delegated" in cpu["reason"]
+    assert lim.describe()["pids"]["mechanism"] == "cgroup2"
+    assert any(r.startswith("cpu: cgroup2: cpu controller not delegated") for r in lim.fallback_reasons)
+    assert "cpu" not in lim.prepare("s-x-1").get("controls", {})
+
+
+@pytest.fixture
+def fake_v1_controls(fake_v1, tmp_path):
+    """fake_v1 plus cpu and pids hierarchies of their own, our cgroups there /x and /p."""
+    cpu, pids = tmp_path / "v1cpu", tmp_path / "v1pids"
+    _put(cpu / "cpu.cfs_quota_us", "-1\n")
+    (cpu / "x").mkdir()
+    _put(pids / "cgroup.procs", "")
+    (pids / "p").mkdir()
+    _put(tmp_path / "proc_self_cgroup", "6:pids:/p\n5:cpu,cpuacct:/x\n4:memory:/a/b\n0::/\n")
+    return {**fake_v1, "v1_roots": {"cpu": str(cpu), "pids": str(pids)}, "cpu_own": cpu / "x", "pids_own": pids / "p"}
+
+
+@pytest.mark.parametrize("memory", [64 * MiB, 0])
+def test_v1_cpu_and_pids_get_leaves_of_their_own_the_child_joins(fake_v1_controls, memory):
+    tree = fake_v1_controls
+    lim = _choose(tree, limit=memory, cpu_limit=0.2, max_pids=8, v1_roots=tree["v1_roots"])
+    cpu_leaf, pids_leaf = tree["cpu_own"] / RUN / "s-x-1", tree["pids_own"] / RUN / "s-x-1"
+    assert lim.describe()["cpu"] == {"mechanism": "cgroup1", "limit": 0.2, "path": str(tree["cpu_own"] / RUN)}
+    spec = lim.prepare("s-x-1")
+    assert spec["join"] == [str(cpu_leaf), str(pids_leaf)]
+    assert (cpu_leaf / "cpu.cfs_period_us").read_text() == "100000"
+    assert (cpu_leaf / "cpu.cfs_quota_us").read_text() == "20000"
+    assert (pids_leaf / "pids.max").read_text() == "8"
+    pid = _fork(lambda: apply_limits(spec))
+    assert _wait(pid) == 0
+    assert (cpu_leaf / "cgroup.procs").read_text() == str(pid) == (pids_leaf / "cgroup.procs").read_text()
+
+
+def test_pids_without_a_cgroup_fall_back_to_rlimit_and_say_so(fake_v1):
+    lim = _choose(fake_v1, cpu_limit=0, max_pids=8, v1_roots={"cpu": "/nonexistent", "pids": "/nonexistent"})
+    pids = lim.describe()["pids"]
+    assert pids["mechanism"] == "rlimit" and "RLIMIT_NPROC" in pids["reason"]
+    assert lim.describe()["cpu"] == {"mechanism": "none", "limit": None, "path": None}
+
+
 def test_v1_own_cgroup_missing_falls_back(fake_v1):
     os.rmdir(fake_v1["own"])
     lim = _choose(fake_v1)
@@ -382,6 +456,71 @@ def test_real_kill_all_kills_child_and_grandchild(real_limiter):
     assert real_limiter.oom_killed(spec) is False
     real_limiter.release(spec)
     assert not os.path.exists(spec["path"])
+
+
+@pytest.fixture
+def real_controls():
+    """The host's cpu (0.2 cores) and pids (8) limits; skips unless both have a cgroup."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create cgroups")
+    lim = choose_limiter(0, run_id=f"test-{os.getpid()}-{uuid.uuid4().hex[:8]}", cpu_limit=0.2, max_pids=8)
+    print(f"\nhost controls: {lim.describe()} fallback_reasons={lim.fallback_reasons}")
+    missing = [n for n in ("cpu", "pids") if not lim.controls[n].mechanism.startswith("cgroup")]
+    if missing:
+        lim.close()
+        pytest.skip(f"no cgroup for {missing} on this host: {lim.fallback_reasons}")
+    yield lim
+    lim.close()
+    assert all(not os.path.exists(c.group.path) for c in lim.controls.values() if c.group), "close() removes them"
+
+
+def test_real_cpu_limit_holds_a_burning_process_near_its_share(real_controls):
+    """Behaviour, not timing: a process burning CPU under 0.2 cores gets far less than a core (generous bounds)."""
+    spec = real_controls.prepare("s-burn-1")
+    r, w = os.pipe()
+
+    def burn():
+        apply_limits(spec)
+        start = time.monotonic()
+        while time.monotonic() - start < 2.0:
+            pass
+        used = os.times()
+        os.write(w, f"{(used.user + used.system) / (time.monotonic() - start)}".encode())
+        return 0
+
+    pid = _fork(burn)
+    assert _wait(pid) == 0
+    os.close(w)
+    share = float(os.read(r, 100))
+    os.close(r)
+    real_controls.release(spec)
+    print(f"cpu share under --cpu-limit 0.2: {share:.2f} of a core")
+    assert 0.05 < share < 0.5
+
+
+def test_real_pids_limit_stops_a_fork_bomb(real_controls):
+    spec = real_controls.prepare("s-bomb-1")
+
+    def bomb():
+        apply_limits(spec)
+        made = 0
+        for _ in range(50):
+            try:
+                child = os.fork()
+            except OSError:
+                break
+            if child == 0:
+                time.sleep(30)
+                os._exit(0)
+            made += 1
+        return made
+
+    pid = _fork(bomb)
+    made = os.waitstatus_to_exitcode(_wait(pid))
+    usage = real_controls.control_usage(spec)
+    real_controls.release(spec)  # kills the sleepers
+    assert made == 7  # pids.max 8 counts the forking process itself
+    assert usage["pids"]["current"] == 7
 
 
 def test_real_rlimit_memoryerror():

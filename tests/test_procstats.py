@@ -68,6 +68,26 @@ async def test_admin_figures_match_proc(served):
     assert (await response.json())["agent_memory"]["rss_bytes"] >= row["rss_bytes"]
 
 
+async def test_admin_rows_carry_the_other_limits_and_the_process_count(aiohttp_client, make_config):
+    app = create_app(make_config(admin_token=TOKEN, cpu_limit=0.5, max_pids=16))
+    client, sup = await aiohttp_client(app), app[SUPERVISOR]
+    s = await live_session(sup, "limited")
+    row = (await admin_rows(client))["limited"]
+    controls = sup.limiter.controls
+    assert row["limits"] == {
+        "cpu": {"limit": 0.5, "mechanism": controls["cpu"].mechanism},
+        "pids": {"limit": 16, "mechanism": controls["pids"].mechanism},
+        "open_files": {"limit": sup.config.max_open_files, "mechanism": "rlimit"},
+    }
+    if controls["pids"].mechanism.startswith("cgroup"):
+        assert row["processes"] == 1  # the agent alone, counted by its pids cgroup
+    else:
+        assert row["processes"] is None
+    assert row["open_fds"] == len(os.listdir(f"/proc/{s.pid}/fd"))
+    health = sup.health()["limit"]  # what the admin /health shows: each mechanism beside memory's
+    assert (health["cpu"]["mechanism"], health["pids"]["limit"]) == (controls["cpu"].mechanism, 16)
+
+
 async def test_admin_cpu_percent_busy_versus_idle(served):
     client, sup = served
     busy, idle = await live_session(sup, "spinner"), await live_session(sup, "sleeper")

@@ -63,6 +63,18 @@ def shared_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
+def code_data_tmp(shared_dir):
+    """Three dirs anyone may use: code (holding mod.py), data (holding a secret db), tmp."""
+    allowed, secret, own = shared_dir / "code", shared_dir / "data", shared_dir / "tmp"
+    for d in (allowed, secret, own):
+        d.mkdir()
+        os.chmod(d, 0o777)
+    (allowed / "mod.py").write_text("x = 1")
+    (secret / "db").write_text("secret")
+    os.chmod(secret / "db", 0o666)
+    return allowed, secret, own
+
+
 def in_child(fn, *, uid=None):
     """Run ``fn`` in a forked child (optionally as ``uid`` first); return what it returned or raised."""
     r, w = os.pipe()
@@ -129,13 +141,7 @@ def test_the_landlock_abi_is_probed():
 @needs_landlock
 @pytest.mark.parametrize("who", users())
 def test_landlock_allows_reading_only_the_given_paths_and_writing_only_the_temp_dir(shared_dir, who, unprivileged_uid):
-    allowed, secret, own = shared_dir / "code", shared_dir / "data", shared_dir / "tmp"
-    for d in (allowed, secret, own):
-        d.mkdir()
-        os.chmod(d, 0o777)
-    (allowed / "mod.py").write_text("x = 1")
-    (secret / "db").write_text("secret")
-    os.chmod(secret / "db", 0o666)
+    allowed, secret, own = code_data_tmp(shared_dir)
 
     def confined():
         layers.set_no_new_privs()
@@ -153,6 +159,46 @@ def test_landlock_allows_reading_only_the_given_paths_and_writing_only_the_temp_
         "read code": "ok", "read data": "EACCES", "list data": "EACCES", "write code": "EACCES",
         "write tmp": "ok", "read etc": "EACCES",
     }
+
+
+@needs_landlock
+@needs_seccomp
+def test_layers_built_in_the_zygote_confine_the_same_and_leave_no_descriptor(shared_dir):
+    allowed, secret, own = code_data_tmp(shared_dir)
+    prebuilt = layers.prebuild({"prebuild": True, "landlock": ABI, "read_paths": [str(allowed)],
+                                "device_paths": ["/dev/null"], "seccomp": True})
+    held = set(prebuilt.landlock.fds)
+
+    def confined():
+        applied = layers.confine({"tmpdir": str(own), "landlock": ABI, "seccomp": True, "network": True}, prebuilt)
+        return {
+            "applied": applied,
+            "read code": attempt(lambda: open(allowed / "mod.py").read()),
+            "read data": attempt(lambda: open(secret / "db").read()),
+            "write tmp": attempt(lambda: open(own / "mine", "w").close()),
+            "write null": attempt(lambda: open("/dev/null", "w").close()),
+            "unix socket": attempt(lambda: socket.socket(socket.AF_UNIX).close()),
+            "descriptors kept": sorted(fd for fd in held if attempt(lambda: os.fstat(fd)) == "ok"),
+        }
+
+    try:
+        assert in_child(confined) == {
+            "applied": ["tmpdir", "no_new_privs", "landlock", "seccomp"], "read code": "ok", "read data": "EACCES",
+            "write tmp": "ok", "write null": "ok", "unix socket": "EACCES", "descriptors kept": [],
+        }
+    finally:
+        prebuilt.landlock.close()
+
+
+def test_a_spawn_spec_carries_no_path_list_when_the_zygote_builds_the_rules(tmp_path):
+    sb = policy.choose_sandbox("auto", uid_range=range(61000, 61003), protected=[str(tmp_path)])
+    try:
+        options = sb.zygote_options()
+        spec = sb.prepare("s1-a")
+        assert options["prebuild"] and options["read_paths"] == sb.read_paths
+        assert "read_paths" not in spec and "write_paths" not in spec
+    finally:
+        sb.close()
 
 
 @pytest.mark.skipif(ABI < 6, reason=f"Landlock ABI {ABI} < 6: no signal scoping on this kernel")

@@ -200,6 +200,8 @@ SCHEMAS = {
             "open_fds": _nullable(INTEGER),
             "memory_limit": _nullable(_object({"bytes": _nullable(INTEGER), "mechanism": STRING})),
             "cgroup": _nullable(_object({"current": INTEGER, "peak": _nullable(INTEGER)})),
+            "processes": _nullable(INTEGER),
+            "limits": _object({}),
         },
         required=("session_id", "tenant", "state"),
         description=(
