@@ -1,9 +1,11 @@
 """Per-session memory limits: pick the best mechanism the host allows (cgroup v2, cgroup v1, rlimit).
 
-The supervisor owns one limiter per run. For every spawn it calls ``prepare(key)`` and sends the
-resulting plain-dict spec to the zygote; the forked child applies it with
-``agent_proc.limits.apply_limits`` before any agent code runs. After the child exits the supervisor
-asks ``oom_killed(spec)`` (before ``release(spec)``, which removes the evidence).
+The supervisor owns one limiter per run and hands it to the spawner (supervisor/spawner.py). For
+every spawn the spawner calls ``prepare(key)`` and sends the resulting plain-dict spec to the
+zygote; the forked child applies it with ``agent_proc.limits.apply_limits`` before any agent code
+runs. After the child exits the spawner asks ``oom_killed(spec)`` (before ``release(spec)``, which
+removes the evidence). ``release``, ``close`` and the start-up sweep wait for the kernel between
+tries, so they run on a worker thread.
 
 Stdlib only (psutil is not needed); no web imports.
 """
@@ -117,7 +119,11 @@ def _pids(path: str) -> list[int]:
 
 
 def _rmdir_retry(path: str) -> bool:
-    """rmdir a cgroup, retrying briefly on EBUSY; True when it is gone."""
+    """rmdir a cgroup, retrying briefly on EBUSY; True when it is gone.
+
+    It sleeps between tries: the supervisor calls release/close (and the start-up sweep) on a
+    worker thread, never on the event loop.
+    """
     for _ in range(_RMDIR_TRIES):
         try:
             os.rmdir(path)

@@ -98,6 +98,8 @@ class Session:
     # The routing id of the current process's hub connection: the session id plus a per-spawn suffix.
     routing_id: bytes = b""
     epoch: int | None = None  # the cluster claim this node's process runs under (None: not claimed)
+    process: object = None  # the spawner's AgentProcess for the current process
+    spawner: object = None  # the spawner that launched it (signals go through it)
 
     @property
     def live(self) -> bool:

@@ -73,8 +73,6 @@ class Supervisor(Activation):
         self.sessions: dict[str, Session] = {}
         self.by_pid: dict[int, Session] = {}
         self.by_rid: dict[bytes, Session] = {}
-        # Exit reports that arrived before their spawn was registered (see _on_exit); bounded.
-        self._early_exits: dict[int, int] = {}
         self.live_count = 0
         self.live_by_tenant: Counter = Counter()
         self.counters: Counter = Counter()  # spawns, restarts, crashes, ooms, reaps ... since start
@@ -128,7 +126,10 @@ class Supervisor(Activation):
     async def _start_parts(self) -> None:
         """Start each part in dependency order."""
         limit = self.config.memory_limit or None
-        self.limiter = choose_limiter(limit, run_id=os.path.basename(self.run_dir).removeprefix("corral-"), prefer=self.config.limit_mechanism)
+        # probing may sweep a dead server's cgroups, which waits for the kernel: off the loop
+        self.limiter = await asyncio.to_thread(
+            choose_limiter, limit, run_id=os.path.basename(self.run_dir).removeprefix("corral-"),
+            prefer=self.config.limit_mechanism)
         for reason in getattr(self.limiter, "fallback_reasons", ()):
             log.info("limit_mechanism_skipped", reason=reason)
         for path in getattr(self.limiter, "swept", ()):
@@ -172,10 +173,8 @@ class Supervisor(Activation):
 
     async def _start_spawner(self) -> None:
         """Start a zygote."""
-        spawner = ZygoteSpawner(
-            self.config.agent, on_exit=self._on_exit, on_lost=self._on_zygote_lost,
-            zygote_options=self.sandbox.zygote_options(),
-        )
+        spawner = ZygoteSpawner(self.config.agent, limiter=self.limiter, sandbox=self.sandbox,
+                                on_lost=self._on_zygote_lost)
         await spawner.start()
         self.spawner = spawner
 
@@ -203,7 +202,7 @@ class Supervisor(Activation):
         if self.hub is not None:
             self.hub.close()
         if self.limiter is not None:
-            self.limiter.close()
+            await asyncio.to_thread(self.limiter.close)  # emptying cgroups waits for the kernel: off the loop
         if self.sandbox is not None:
             self.sandbox.close()
         if self.store is not None:
@@ -491,14 +490,10 @@ class Supervisor(Activation):
             self._send_interrupt(s, target, resends - 1)
 
     def _signal(self, s: Session, sig: int) -> bool:
-        """Send a signal to the session's process group."""
-        if s.pid is None:
+        """Send a signal to the session's process group (through the spawner that launched it)."""
+        if s.process is None or s.spawner is None:
             return False
-        try:
-            os.killpg(s.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return False
-        return True
+        return s.spawner.signal(s.process, sig)
 
     # ---------------------------------------------------------------- spawning
 
@@ -619,42 +614,34 @@ class Supervisor(Activation):
                 await asyncio.wait_for(asyncio.shield(self._zygote_restart), self.config.spawn_timeout)
         if self.spawner is None:
             raise errors.Unavailable("the zygote is restarting", retry_after=1)
-        try:
-            s.limits = self.limiter.prepare(f"s{s.generation}-{s.id}")
-        except OSError as exc:
-            raise errors.Unavailable(f"cannot set up the memory limit: {exc}", retry_after=5) from None
-        try:
-            s.sandbox = self.sandbox.prepare(f"s{s.generation}-{s.id}")
-        except OSError as exc:
-            raise errors.Unavailable(f"cannot set up the sandbox: {exc}", retry_after=5) from None
         conn = await self.hub.connect(s.routing_id)
         read_fds, write_fds = self.output.pipes()
+        spawner = self.spawner
         try:
-            pid = await self.spawner.spawn(
-                {"session_id": s.id, "routing_id": s.routing_id, "tenant": s.tenant, "limits": s.limits,
-                 "sandbox": s.sandbox},
-                conn, stdio=write_fds,
-            )
+            proc = await spawner.launch(f"s{s.generation}-{s.id}",
+                                        {"session_id": s.id, "routing_id": s.routing_id, "tenant": s.tenant},
+                                        conn, stdio=write_fds)
         except SpawnError as exc:
             _close_all(read_fds)
-            raise errors.Unavailable(str(exc), retry_after=1) from None
+            raise errors.Unavailable(str(exc), retry_after=exc.retry_after) from None
         except BaseException:
             _close_all(read_fds)
             raise
         finally:
             conn.close()  # the zygote has its own copy, and the child takes it over
             _close_all(write_fds)  # the agent holds them now; EOF comes when it (and its children) are gone
-        s.pid = pid
-        self.by_pid[pid] = s
-        self.output.attach(s, pid, read_fds)
-        if pid in self._early_exits:  # it is already dead: without this, its exit would never come
-            self._on_exit(pid, self._early_exits.pop(pid))
-        elif s.kill_reason is not None:  # it abused its connection before we knew its pid
+        s.process, s.spawner = proc, spawner
+        s.pid, s.limits, s.sandbox = proc.pid, proc.limits, proc.sandbox
+        self.by_pid[proc.pid] = s
+        self.output.attach(s, proc.pid, read_fds)
+        # If it is already dead, this runs on the next turn of the loop: nothing is lost in between.
+        proc.exited.add_done_callback(functools.partial(self._on_exit, s, proc))
+        if s.kill_reason is not None:  # it abused its connection before we knew its pid
             self._signal(s, signal.SIGKILL)
 
     async def _spawn_failed(self, s: Session, exc: BaseException) -> None:
         """Make sure a failed spawn leaves no process behind and the session down."""
-        if s.pid is not None:
+        if s.process is not None:
             if s.exit_description is None and isinstance(exc, asyncio.TimeoutError):
                 s.exit_description = f"did not start within spawn_timeout ({self.config.spawn_timeout:g}s)"
             self._signal(s, signal.SIGKILL)
@@ -785,32 +772,21 @@ class Supervisor(Activation):
 
     # ---------------------------------------------------------------- deaths
 
-    def _on_exit(self, pid: int, status: int) -> None:
-        """The zygote reports a child's death: classify it and bring the session down."""
-        s = self.by_pid.pop(pid, None)
-        if s is None:
-            # The zygote's "spawned" and "exited" for a child that died at once can be read in one
-            # batch, before _fork resumes and registers the pid: keep the report for it.
-            self._early_exits[pid] = status
-            while len(self._early_exits) > 1024:
-                del self._early_exits[next(iter(self._early_exits))]
-            return
-        oom = bool(s.limits) and self.limiter.oom_killed(s.limits)
-        final = classify_exit(status, stop_reason=s.stop_reason, oom_killed=oom)
+    def _on_exit(self, s: Session, proc, fut: asyncio.Future) -> None:
+        """The spawner reports the death of a session's process: classify it and bring the session down."""
+        if s.process is not proc:
+            return  # a process the session already let go of (a failed spawn)
+        exit = fut.result()
+        final = classify_exit(exit.status, stop_reason=s.stop_reason, oom_killed=exit.oom)
         if s.exit_description is None:
-            s.exit_description = describe_status(status)
+            s.exit_description = exit.description
         self._release(s)
         self._went_down(s, final)
 
     def _release(self, s: Session) -> None:
-        """Free what a dead process held: its cgroup, routing id, pid and output pipes."""
+        """Free what a dead process held: its routing id, pid and output pipes (the spawner frees its limits)."""
         self.output.detach(s)
-        if s.limits:
-            self.limiter.release(s.limits)
-            s.limits = None
-        if s.sandbox:
-            self.sandbox.release(s.sandbox)
-            s.sandbox = None
+        s.process = s.limits = s.sandbox = None
         if self.by_rid.get(s.routing_id) is s:
             del self.by_rid[s.routing_id]
         self.hub.disconnect(s.routing_id)
@@ -862,12 +838,7 @@ class Supervisor(Activation):
 
     def _on_zygote_lost(self) -> None:
         """The zygote died and took every agent with it: mark them crashed and start another."""
-        self.spawner = None
-        for pid in list(self.by_pid):
-            s = self.by_pid.pop(pid)
-            s.exit_description = "the zygote died"
-            self._release(s)
-            self._went_down(s, classify_exit(-1, stop_reason=s.stop_reason, oom_killed=False))
+        self.spawner = None  # its processes' exits come on their futures, "the zygote died"
         if not self._closing:
             self._zygote_restart = self._background_task(self._restart_zygote())
 

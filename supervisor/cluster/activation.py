@@ -102,9 +102,7 @@ class Activation:
         s.epoch = None  # its end must not be written over the new owner's state
         if s.live:
             s.exit_description = f"fenced out: {why}"
-            if s.pid is not None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(s.pid, signal.SIGKILL)  # at once: it must not answer anything more
+            self._signal(s, signal.SIGKILL)  # at once: it must not answer anything more
             self._background_task(self.stop(s, states.ENDED, force=True))
 
     async def _verify_claims(self) -> None:
