@@ -23,8 +23,6 @@ from corral.supervisor.store import StoreError, create_store
 
 log = get_logger(component="supervisor")
 
-# Store status of a session whose server died while it was live (not a state of a live server).
-LOST, LOST_REASON = "lost", "server_died"
 
 
 class Lifecycle:
@@ -96,9 +94,9 @@ class Lifecycle:
 
     async def _end_orphans(self) -> None:
         """End the sessions this server's previous run left live in the store (it died with them)."""
-        lost = await self.store.end_orphans(self.claim.orphans_of, status=LOST, end_reason=LOST_REASON)
+        lost = await self.store.end_orphans(self.claim.orphans_of, status=states.LOST, end_reason=states.LOST_REASON)
         if lost:
-            log.warning("orphans_ended", node=self.node, sessions=lost, reason=LOST_REASON)
+            log.warning("orphans_ended", node=self.node, sessions=lost, reason=states.LOST_REASON)
 
     async def _start_spawner(self) -> None:
         """Start a zygote."""

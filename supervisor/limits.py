@@ -18,6 +18,8 @@ import signal
 import time
 from decimal import Decimal, InvalidOperation
 
+from corral.supervisor import procfs
+
 __all__ = [
     "MemoryLimiter", "Cgroup2Limiter", "Cgroup1Limiter", "RlimitLimiter", "NoLimiter",
     "parse_size", "choose_limiter", "MECHANISMS",
@@ -378,11 +380,9 @@ def run_dir_name(run_id: str, pid: int | None = None) -> str:
 def process_start_time(pid: int) -> int | None:
     """When a process started (clock ticks since boot, /proc/<pid>/stat field 22), or None if it is gone."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+        return int(procfs.stat_fields(pid)[procfs.STARTTIME])
     except OSError:
         return None
-    return int(stat[stat.rindex(b")") + 2:].split()[19])  # the name in parentheses may hold spaces
 
 
 def sweep_stale_runs(own: str, limiter_for) -> list[str]:

@@ -100,7 +100,7 @@ class Supervisor(Lifecycle, Activation):
             raise errors.SessionNotFound(f"no session {session_id}")
         return s
 
-    async def find(self, session_id: str, tenant: str | None = None):
+    async def find(self, session_id: str):
         """The live Session, else the stored record, else None; never spawns or registers."""
         if not valid_session_id(session_id):
             return None
@@ -108,8 +108,6 @@ class Supervisor(Lifecycle, Activation):
         if found is None or (not found.live and self.directory.fenced):
             record = await self._placed(session_id)
             found = found or record
-        if found is None or (tenant is not None and found.tenant != tenant):
-            return None
         return found
 
     def _register(self, session_id: str, tenant: str, metadata, record) -> Session:
