@@ -1,7 +1,8 @@
 """The zygote: imports the agent code once, then forks one warm child per session.
 
 It runs in its own process (started by the supervisor with ``multiprocess``), talks to the
-supervisor over a pipe, and reports every child's pid and exit status. Each spawn request comes
+supervisor over a pipe, and reports every child's pid and exit status (by the request's spawn id,
+so an exit is never read before the supervisor can tell whose it is). Each spawn request comes
 with the child's connection to the hub (one end of a socket pair) and its stdout/stderr pipes,
 passed over a second socket with SCM_RIGHTS, so the child is connected from birth and the hub needs
 no listening socket. Forking from here costs milliseconds where a fresh interpreter costs tens of
@@ -139,7 +140,7 @@ class Zygote:
         self.pidfd = os.pidfd_open(os.getpid())  # lets a child check we are alive (its getppid is 0 in a pid namespace)
         self.uids: dict[int, int] = {}  # child pid -> its sandbox uid
         self.agent_cls = agent_cls
-        self.children: set[int] = set()
+        self.children: dict[int, int] = {}  # child pid -> the spawn id its exit is reported under
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.selector = selectors.DefaultSelector()
 
@@ -196,7 +197,7 @@ class Zygote:
             os.close(fd)  # the child's now: the hub and the log reader see EOF when the child's side closes
         if pid is None:
             return
-        self.children.add(pid)
+        self.children[pid] = req["spawn_id"]
         uid = (req.get("sandbox") or {}).get("uid")
         if uid is not None:
             self.uids[pid] = uid
@@ -227,8 +228,7 @@ class Zygote:
             if uid is not None:
                 _kill_uid(uid)  # setsid'ed and double-forked leftovers too, before the uid is handed out again
             _, status = os.waitpid(pid, 0)
-            self.children.discard(pid)
-            send_msg(self.conn, ("exited", pid, status))
+            send_msg(self.conn, ("exited", self.children.pop(pid), status))
 
     def _recv_descriptors(self, count: int) -> list[int]:
         """The child's hub connection, then its stdout and stderr pipes, sent just before its request.

@@ -1,9 +1,11 @@
 """Per-session memory limits: pick the best mechanism the host allows (cgroup v2, cgroup v1, rlimit).
 
-The supervisor owns one limiter per run. For every spawn it calls ``prepare(key)`` and sends the
-resulting plain-dict spec to the zygote; the forked child applies it with
-``agent_proc.limits.apply_limits`` before any agent code runs. After the child exits the supervisor
-asks ``oom_killed(spec)`` (before ``release(spec)``, which removes the evidence).
+The supervisor owns one limiter per run and hands it to the spawner (supervisor/spawner.py). For
+every spawn the spawner calls ``prepare(key)`` and sends the resulting plain-dict spec to the
+zygote; the forked child applies it with ``agent_proc.limits.apply_limits`` before any agent code
+runs. After the child exits the spawner asks ``oom_killed(spec)`` (before ``release(spec)``, which
+removes the evidence). ``release``, ``close`` and the start-up sweep wait for the kernel between
+tries, so they run on a worker thread.
 
 Stdlib only (psutil is not needed); no web imports.
 """
@@ -15,6 +17,8 @@ import re
 import signal
 import time
 from decimal import Decimal, InvalidOperation
+
+from corral.supervisor import procfs
 
 __all__ = [
     "MemoryLimiter", "Cgroup2Limiter", "Cgroup1Limiter", "RlimitLimiter", "NoLimiter",
@@ -134,7 +138,11 @@ def _pids(path: str) -> list[int]:
 
 
 def _rmdir_retry(path: str) -> bool:
-    """rmdir a cgroup, retrying briefly on EBUSY; True when it is gone."""
+    """rmdir a cgroup, retrying briefly on EBUSY; True when it is gone.
+
+    It sleeps between tries: the supervisor calls release/close (and the start-up sweep) on a
+    worker thread, never on the event loop.
+    """
     for _ in range(_RMDIR_TRIES):
         try:
             os.rmdir(path)
@@ -577,11 +585,9 @@ def run_dir_name(run_id: str, pid: int | None = None) -> str:
 def process_start_time(pid: int) -> int | None:
     """When a process started (clock ticks since boot, /proc/<pid>/stat field 22), or None if it is gone."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+        return int(procfs.stat_fields(pid)[procfs.STARTTIME])
     except OSError:
         return None
-    return int(stat[stat.rindex(b")") + 2:].split()[19])  # the name in parentheses may hold spaces
 
 
 def sweep_stale_runs(own: str, limiter_for) -> list[str]:

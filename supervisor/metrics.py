@@ -118,7 +118,7 @@ class _SupervisorCollector:
     @staticmethod
     def _by_state(sup) -> GaugeMetricFamily:
         """Sessions held in memory, by state (every state present, zeros included)."""
-        counts = dict.fromkeys(sorted(states.ALL), 0)
+        counts = dict.fromkeys(sorted(states.LIVE | states.DOWN), 0)  # a live server holds no "lost" session
         for s in list(sup.sessions.values()):
             if s.state in counts:
                 counts[s.state] += 1

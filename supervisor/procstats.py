@@ -22,6 +22,7 @@ import time
 
 import psutil
 
+from corral.supervisor import procfs
 from corral.supervisor.logs import get_logger
 
 log = get_logger(component="procstats")
@@ -192,17 +193,15 @@ def _read_stat(pid: int) -> tuple[int, int, int, int]:
     One read instead of psutil's three (stat, statm, status) for what every pass needs.
     """
     try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            raw = fh.read()
+        fields = procfs.stat_fields(pid)
     except FileNotFoundError:
         raise psutil.NoSuchProcess(pid) from None
     except PermissionError:
         raise psutil.AccessDenied(pid) from None
-    fields = raw[raw.rfind(b")") + 2 :].split()  # after "pid (comm) "; comm may hold spaces
-    if fields[0] == b"Z":
+    if fields[procfs.STATE] == b"Z":
         raise psutil.ZombieProcess(pid)
-    # field numbers of proc(5) minus 3: utime 14, stime 15, num_threads 20, starttime 22, rss 24
-    return int(fields[19]), int(fields[11]) + int(fields[12]), int(fields[17]), int(fields[21])
+    return (int(fields[procfs.STARTTIME]), int(fields[procfs.UTIME]) + int(fields[procfs.STIME]),
+            int(fields[procfs.NUM_THREADS]), int(fields[procfs.RSS]))
 
 
 def _lifetime_cpu_percent(proc: psutil.Process) -> float:

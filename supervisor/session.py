@@ -65,7 +65,7 @@ class TokenBucket:
 
 @dataclass(eq=False)
 class Session:
-    """A session: state machine position, process, pending turns, timers."""
+    """A session as the APIs see it: its state, its process's pid, its counts (``life`` does the rest)."""
 
     id: str
     tenant: str
@@ -74,7 +74,6 @@ class Session:
     pid: int | None = None
     limits: dict | None = None
     sandbox: dict | None = None  # this process's sandbox spec (uid, temp dir), freed after it exits
-    generation: int = 0
     created_at: float = field(default_factory=time.time)
     spawned_at: float | None = None  # monotonic
     last_activity: float = field(default_factory=time.monotonic)
@@ -82,22 +81,11 @@ class Session:
     restarts: deque = field(default_factory=deque)  # monotonic times of respawns after a crash
     end_reason: str | None = None
     exit_description: str | None = None
-    stop_reason: str | None = None
-    kill_reason: str | None = None  # why the supervisor killed the current process (flood, unresponsive, ...)
     agent_state: dict = field(default_factory=dict)
-    turns: dict = field(default_factory=dict)  # req id -> Turn, sent to the agent
-    interrupts: int = 0  # SIGINTs sent to the current process
     inflight: int = 0  # requests accepted and not answered (including ones waiting for a spawn)
     bucket: TokenBucket | None = None
-    starting: asyncio.Future | None = None  # resolves when a spawn finishes (either way)
-    exited: asyncio.Future | None = None  # resolves when the current process is gone
-    stray_frames: int = 0  # frames for turns it was never given, or forged, from the current process
-    dying: bool = False  # the agent announced its death (FAIL agent_crashed/agent_oom) and is exiting
-    ready: asyncio.Future | None = None  # resolves on the agent's READY
-    timers: dict = field(default_factory=dict)  # name -> asyncio.TimerHandle
-    # The routing id of the current process's hub connection: the session id plus a per-spawn suffix.
-    routing_id: bytes = b""
     epoch: int | None = None  # the cluster claim this node's process runs under (None: not claimed)
+    life: object = None  # its SessionLife (supervisor/session_life.py): the process, the turns, the timers
 
     @property
     def live(self) -> bool:
@@ -112,17 +100,6 @@ class Session:
     def idle_seconds(self) -> float:
         """Seconds since the last message in or out."""
         return max(0.0, time.monotonic() - self.last_activity)
-
-    def cancel_timer(self, name: str) -> None:
-        """Cancel one named timer, if set."""
-        handle = self.timers.pop(name, None)
-        if handle is not None:
-            handle.cancel()
-
-    def cancel_timers(self, *names: str) -> None:
-        """Cancel the named timers, or all of them."""
-        for name in names or list(self.timers):
-            self.cancel_timer(name)
 
     def describe(self) -> dict:
         """The session as the APIs show it."""

@@ -2,41 +2,60 @@
 
 ``ZygoteSpawner`` starts one zygote with ``multiprocess`` and asks it to fork a child per
 session, handing it the child's hub connection (SCM_RIGHTS over a socket pair of their own);
-the zygote reports each child's pid and, the moment it dies, its wait status.
+the zygote reports each child's pid and, the moment it dies, its wait status (by spawn id).
+It is the one plug between the supervisor and a process: a sandbox layer or another launcher goes
+behind the same ``launch``/``signal``/``kill``/``exited`` interface.
 """
 
 import asyncio
 import contextlib
 import itertools
 import os
+import signal
 import socket
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import multiprocess
 
 from corral.agent_proc.zygote import recv_msg, send_msg, zygote_main
 from corral.supervisor.logs import get_logger
+from corral.supervisor.reaper import describe_status
 
 log = get_logger(component="spawner")
 
 
 class SpawnError(Exception):
-    """The spawner could not start a process."""
+    """The spawner could not start a process; ``retry_after`` is the client's hint (seconds)."""
+
+    def __init__(self, message: str, *, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
-class Spawner:
-    """Interface of a process launcher."""
+# The wait status reported for agents that died with their zygote.
+ZYGOTE_DIED = -1
 
-    async def start(self) -> None:
-        """Get ready to spawn."""
 
-    async def spawn(self, request: dict, conn: socket.socket, *, stdio: tuple[int, int] | None = None) -> int:
-        """Start one agent process for ``request`` speaking on ``conn`` (stdout and stderr onto ``stdio``); return its pid."""
-        raise NotImplementedError
+@dataclass(frozen=True)
+class Exit:
+    """How an agent process ended: its wait status, the memory limit's verdict, in words."""
 
-    async def close(self) -> None:
-        """Stop spawning and release resources."""
+    status: int
+    oom: bool
+    description: str
+
+
+@dataclass(eq=False)
+class AgentProcess:
+    """One launched agent process: its pid, what was set up for it, and its exit (a future)."""
+
+    spawn_id: int
+    exited: asyncio.Future  # resolves to an Exit once the process is gone and its limits released
+    pid: int | None = None
+    limits: dict | None = None
+    sandbox: dict | None = None
 
 
 @contextlib.contextmanager
@@ -57,28 +76,37 @@ def _hidden_main_module():
             main.__file__ = saved
 
 
-class ZygoteSpawner(Spawner):
-    """Forks agents from a pre-warmed zygote process."""
+class ZygoteSpawner:
+    """The process launcher: forks agents from a pre-warmed zygote, inside their limits and sandbox.
+
+    Everything the supervisor does to an agent's process goes through here: ``launch`` (limits and
+    sandbox set up, fork), ``signal``/``kill`` (its whole process group), and its exit, reported on
+    the ``AgentProcess``'s ``exited`` future by spawn id (so a child that dies before ``launch``
+    returns is never lost) once its limits and sandbox are released.
+    """
 
     def __init__(
         self,
         agent_spec: str,
         *,
-        on_exit: Callable[[int, int], None],
+        limiter,
+        sandbox,
         on_lost: Callable[[], None],
         start_timeout: float = 30.0,
-        zygote_options: dict | None = None,
     ):
         self.agent_spec = agent_spec
-        self.on_exit = on_exit
+        self.limiter = limiter  # supervisor/limits.py: a memory limit per process
+        self.sandbox = sandbox  # supervisor/sandbox.py: a uid, a temp dir and the layers per process
         self.on_lost = on_lost
         self.start_timeout = start_timeout
-        self.zygote_options = zygote_options or {}
+        self.zygote_options = sandbox.zygote_options()
         self.process = None
         self.conn = None
         self.fd_channel: socket.socket | None = None
-        self.pid: int | None = None
-        self._pending: dict[int, asyncio.Future] = {}
+        self.pid: int | None = None  # the zygote's
+        self._pending: dict[int, asyncio.Future] = {}  # spawn id -> its pid, until the zygote reports it
+        self._procs: dict[int, AgentProcess] = {}  # spawn id -> a launched process, until its exit
+        self._releases: set[asyncio.Task] = set()  # cgroups being emptied and removed off the loop
         self._ids = itertools.count(1)
         self._ready: asyncio.Future | None = None
         self._closing = False
@@ -112,22 +140,62 @@ class ZygoteSpawner(Spawner):
             raise
         log.info("zygote_ready", pid=self.pid, agent=self.agent_spec)
 
-    async def spawn(self, request: dict, conn: socket.socket, *, stdio: tuple[int, int] | None = None) -> int:
-        """Ask the zygote for one child speaking on ``conn``, writing stdout and stderr to ``stdio``; return its pid."""
+    async def launch(self, key: str, request: dict, conn: socket.socket, *,
+                     stdio: tuple[int, int] | None = None) -> AgentProcess:
+        """Start one agent process speaking on ``conn`` (stdout and stderr onto ``stdio``).
+
+        ``key`` names its cgroup and temp dir; ``request`` (session_id, routing_id, tenant) goes to
+        the child. Raises SpawnError (nothing left behind) if it cannot be started.
+        """
         if self.conn is None or self._closing:
             raise SpawnError("the zygote is not running")
-        spawn_id = next(self._ids)
+        proc = AgentProcess(next(self._ids), asyncio.get_running_loop().create_future())
+        proc.exited.add_done_callback(_consume)
+        try:
+            proc.limits = self.limiter.prepare(key)
+        except OSError as exc:
+            raise SpawnError(f"cannot set up the memory limit: {exc}", retry_after=5) from None
+        try:
+            proc.sandbox = self.sandbox.prepare(key)
+        except OSError as exc:
+            self._release(proc)
+            raise SpawnError(f"cannot set up the sandbox: {exc}", retry_after=5) from None
+        try:
+            proc.pid = await self._fork(proc, {**request, "limits": proc.limits, "sandbox": proc.sandbox}, conn, stdio)
+        except BaseException:
+            if self._procs.pop(proc.spawn_id, None) is proc:
+                self._release(proc)
+            raise
+        return proc
+
+    async def _fork(self, proc: AgentProcess, request: dict, conn: socket.socket, stdio) -> int:
+        """Send the zygote the descriptors and the request; return the child's pid."""
         fut = asyncio.get_running_loop().create_future()
-        self._pending[spawn_id] = fut
+        self._pending[proc.spawn_id] = fut
+        self._procs[proc.spawn_id] = proc
         try:
             # The descriptors first (the connection, then the stdio pipes): the zygote takes them when
             # it reads the request. A few bytes on a socket of their own, so neither send blocks the loop.
             socket.send_fds(self.fd_channel, [b"c"], [conn.fileno(), *(stdio or ())])
-            send_msg(self.conn, ("spawn", {**request, "spawn_id": spawn_id, "stdio": stdio is not None}))
+            send_msg(self.conn, ("spawn", {**request, "spawn_id": proc.spawn_id, "stdio": stdio is not None}))
         except (OSError, ValueError) as exc:
-            self._pending.pop(spawn_id, None)
+            self._pending.pop(proc.spawn_id, None)
             raise SpawnError(f"the zygote is gone: {exc}") from None
         return await fut
+
+    def signal(self, proc: AgentProcess, sig: int) -> bool:
+        """Send a signal to an agent's process group; False if it is gone (or not forked yet)."""
+        if proc.pid is None or proc.exited.done():
+            return False
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def kill(self, proc: AgentProcess) -> bool:
+        """SIGKILL an agent's process group."""
+        return self.signal(proc, signal.SIGKILL)
 
     def _on_readable(self) -> None:
         """Handle everything the zygote has reported."""
@@ -141,29 +209,51 @@ class ZygoteSpawner(Spawner):
         """Dispatch one report from the zygote."""
         kind = msg[0]
         if kind == "exited":
-            self.on_exit(msg[1], msg[2])
-        elif kind == "spawned":
+            proc = self._procs.pop(msg[1], None)
+            if proc is not None:
+                self._exited(proc, msg[2], describe_status(msg[2]))
+        elif kind in ("spawned", "spawn_failed"):
             fut = self._pending.pop(msg[1], None)
             if fut is not None and not fut.done():
-                fut.set_result(msg[2])
-        elif kind == "spawn_failed":
-            fut = self._pending.pop(msg[1], None)
-            if fut is not None and not fut.done():
-                fut.set_exception(SpawnError(msg[2]))
-        elif kind == "ready":
+                if kind == "spawned":
+                    fut.set_result(msg[2])
+                else:
+                    fut.set_exception(SpawnError(msg[2]))
+        elif kind in ("ready", "failed"):
             if not self._ready.done():
-                self._ready.set_result(msg[1])
-        elif kind == "failed":
-            if not self._ready.done():
-                self._ready.set_exception(SpawnError(msg[1]))
+                if kind == "ready":
+                    self._ready.set_result(msg[1])
+                else:
+                    self._ready.set_exception(SpawnError(msg[1]))
+
+    def _exited(self, proc: AgentProcess, status: int, description: str) -> None:
+        """A process is gone: take the memory limit's verdict, free its limits and sandbox, report it."""
+        oom = status != ZYGOTE_DIED and bool(proc.limits) and self.limiter.oom_killed(proc.limits)
+        self._release(proc)
+        if not proc.exited.done():
+            proc.exited.set_result(Exit(status, oom, description))
+
+    def _release(self, proc: AgentProcess) -> None:
+        """Free a process's sandbox now and its cgroup on a worker thread (emptying one may wait)."""
+        if proc.sandbox:
+            self.sandbox.release(proc.sandbox)
+            proc.sandbox = None
+        if proc.limits:
+            task = asyncio.ensure_future(asyncio.to_thread(self.limiter.release, proc.limits))
+            self._releases.add(task)
+            task.add_done_callback(self._releases.discard)
+            proc.limits = None
 
     def _lost(self) -> None:
-        """The zygote's pipe closed: it died (its children die with it)."""
+        """The zygote's pipe closed: it died, and its children with it."""
         self._detach()
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(SpawnError("the zygote died"))
         self._pending.clear()
+        procs, self._procs = list(self._procs.values()), {}
+        for proc in procs:
+            self._exited(proc, ZYGOTE_DIED, "the zygote died")
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(SpawnError("the zygote exited during start-up"))
         if not self._closing:
@@ -183,7 +273,7 @@ class ZygoteSpawner(Spawner):
             self.fd_channel = None
 
     async def close(self) -> None:
-        """Tell the zygote to quit and wait for it; kill it if it does not go."""
+        """Tell the zygote to quit and wait for it (kill it if it does not go), and for the releases."""
         self._closing = True
         if self.conn is not None:
             with contextlib.suppress(Exception):
@@ -192,6 +282,14 @@ class ZygoteSpawner(Spawner):
         if self.process is not None:
             await _wait_process(self.process, timeout=2.0)
             self.process = None
+        if self._releases:
+            await asyncio.wait(list(self._releases))
+
+
+def _consume(fut: asyncio.Future) -> None:
+    """Mark a future's exception as seen (its waiters may be gone)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 async def _wait_process(process, *, timeout: float) -> None:

@@ -4,6 +4,7 @@
     any live state -> crashed | oom | killed          (the process died or was killed)
     crashed | oom -> failed                            (restart budget spent)
     any down state -> starting                         (the session comes back, history restored)
+    lost -> starting                                   (the store's only: its server died with it)
 """
 
 STARTING = "starting"
@@ -17,10 +18,14 @@ KILLED = "killed"
 REAPED = "reaped"
 EXPIRED = "expired"
 FAILED = "failed"
+# The server died while the session was live: a status only the store records (set by the server's
+# next start, or by a peer that swept the dead node); no live session moves into or out of it.
+LOST = "lost"
+LOST_REASON = "server_died"  # its end_reason
 
 LIVE = frozenset({STARTING, IDLE, BUSY, STOPPING})
 DOWN = frozenset({ENDED, CRASHED, OOM, KILLED, REAPED, EXPIRED, FAILED})
-ALL = LIVE | DOWN
+ALL = LIVE | DOWN | {LOST}  # what the APIs may report (and filter on)
 # Ways a stop can end; the reason is chosen when the stop begins.
 STOP_REASONS = frozenset({ENDED, REAPED, EXPIRED, KILLED})
 # Deaths nobody asked for: the restart policy applies.
@@ -40,6 +45,7 @@ TRANSITIONS = {
     CRASHED: {STARTING, FAILED},
     OOM: {STARTING, FAILED},
     FAILED: {STARTING},
+    LOST: {STARTING},  # as a stored record: its next request brings it back, history restored
 }
 
 

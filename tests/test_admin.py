@@ -65,6 +65,19 @@ async def test_list_shows_ended_sessions_from_the_store(client):
     assert {r["session_id"] for r in (await listed(client))["sessions"]} == {"alice-1", "alice-2", "bob-1"}
 
 
+async def test_list_filters_sessions_lost_with_their_server(client):
+    """``lost`` is a state the API reports (a session whose server died): ?state=lost lists them."""
+    await open_sessions(client)
+    sup = supervisor_of(client)
+    await json_of(await client.delete("/api/sessions/alice-1", headers=ALICE), 200)
+    await sup.settle_store()
+    await sup.store.set_status("alice-1", "lost", end_reason="server_died", ended=True)  # as a restart leaves it
+    lost = (await listed(client, state="lost"))["sessions"]
+    assert [(r["session_id"], r["state"], r["end_reason"]) for r in lost] == [("alice-1", "lost", "server_died")]
+    spec = await json_of(await client.get("/api/openapi.json"), 200)
+    assert "lost" in spec["components"]["schemas"]["SessionView"]["properties"]["state"]["enum"]
+
+
 async def test_list_refuses_bad_filters(client):
     """Unknown states and bad paging are 400."""
     await assert_error(await client.get("/admin/sessions", params={"state": "asleep"}, headers=ADMIN), 400, "wrong_type")

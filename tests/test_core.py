@@ -308,6 +308,6 @@ async def test_a_lost_interrupt_is_sent_again(make_supervisor):
     assert sup.interrupt(s)
     result = await asyncio.wait_for(turn, 10)
     assert result["status"] == "interrupted"
-    assert s.interrupts >= 2  # the first SIGINT fell on deaf ears; a resend ended the turn
+    assert s.life.interrupts >= 2  # the first SIGINT fell on deaf ears; a resend ended the turn
     # A resend never spills into the next turn.
     assert (await sup.command(s, "sleep", {"seconds": 1.5}))["status"] == "done"

@@ -15,7 +15,8 @@ import psutil
 import pytest
 
 from corral.supervisor import errors, states
-from corral.supervisor.supervisor import UNRESPONSIVE, recent_history
+from corral.supervisor.registry import recent_history
+from corral.supervisor.turns import UNRESPONSIVE
 from tests.procs import wait_gone
 from tests.test_hostile import CALM, calm_round, calm_sessions, expected
 
@@ -91,7 +92,7 @@ async def test_a_flood_on_its_own_connection_kills_that_agent_only(make_supervis
     replies = []
 
     async def chat_until_it_is_gone():
-        while not flooder.exited.done():
+        while not flooder.life.exited.done():
             replies.extend(await calm_round(sup, calm, []))
 
     await asyncio.wait_for(chat_until_it_is_gone(), 60)  # a bound for the failure case, not a timing
@@ -122,7 +123,7 @@ async def test_a_silent_agent_ignoring_the_interrupt_is_ended_as_unresponsive(ma
     pid = hung.pid
     with pytest.raises(errors.TurnTimeout):
         await sup.chat(hung, "hang")
-    assert await asyncio.wait_for(asyncio.shield(hung.exited), 30) == states.KILLED
+    assert await asyncio.wait_for(asyncio.shield(hung.life.exited), 30) == states.KILLED
     print(json.dumps({"exit": hung.exit_description, "end_reason": hung.end_reason}))
     assert hung.end_reason == UNRESPONSIVE and hung.exit_description == "killed by signal SIGKILL"
     assert sup.counters["agents_unresponsive"] == 1 and sup.live_by_tenant["evil"] == 0  # holds no quota

@@ -66,12 +66,12 @@ async def test_restart_storm_fails_the_session_and_spares_the_others(make_config
         storm_session = sup.sessions["storm-1"]
 
     figures = {"before": latency_summary(before), "during": latency_summary(during),
-               "storm_answers": len(answers), "storm_spawns": storm_session.generation}
+               "storm_answers": len(answers), "storm_spawns": storm_session.life.generation}
     figures["median_ratio"] = round(figures["during"]["median_ms"] / figures["before"]["median_ms"], 2)
     print(json.dumps(figures))
     assert set(before_statuses) == {200} and set(during_statuses) == {200}  # the others never failed
     # One first start plus max_restarts respawns, then never again.
-    assert storm_session.generation == 1 + config.max_restarts
+    assert storm_session.life.generation == 1 + config.max_restarts
     assert storm_session.state == "failed"
     crashes = [a for a in answers if a[0] == 502]
     failed = [a for a in answers if a[0] == 503]

@@ -126,13 +126,6 @@ async def test_set_status_ended_then_cleared(store):
     await store.set_status("missing", "idle")  # unknown ids are a no-op
 
 
-async def test_touch_moves_last_activity(store):
-    rec = await store.upsert_session("s", tenant="t", agent="a")
-    await asyncio.sleep(0.02)
-    await store.touch("s")
-    assert (await store.get_session("s")).last_activity > rec.last_activity
-
-
 # ---- messages ------------------------------------------------------------------------------
 
 async def test_append_order_seq_and_counters(store):

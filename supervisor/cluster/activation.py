@@ -1,7 +1,8 @@
 """The supervisor's side of the cluster: join at start, claim before a spawn, fence out when refused.
 
 A mixin of ``Supervisor`` (kept apart so the registry stays readable): it reads ``self.store``,
-``self.sessions``, ``self.config`` and ``self.node`` and calls ``self.stop``.
+``self.sessions``, ``self.config`` and ``self.node`` and stops a fenced-out session through its
+``SessionLife``. ``self.directory`` is the seam the registry asks where a session lives.
 """
 
 import contextlib
@@ -102,10 +103,8 @@ class Activation:
         s.epoch = None  # its end must not be written over the new owner's state
         if s.live:
             s.exit_description = f"fenced out: {why}"
-            if s.pid is not None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(s.pid, signal.SIGKILL)  # at once: it must not answer anything more
-            self._background_task(self.stop(s, states.ENDED, force=True))
+            s.life.send_signal(signal.SIGKILL)  # at once: it must not answer anything more
+            self._background_task(s.life.stop(states.ENDED, force=True))
 
     async def _verify_claims(self) -> None:
         """After a late heartbeat: end every process whose session another node claimed meanwhile."""

@@ -12,6 +12,7 @@ import socket
 import time
 import uuid
 
+from corral.supervisor import states
 from corral.supervisor.logs import get_logger
 from corral.supervisor.store import StoreError
 
@@ -111,9 +112,9 @@ class Membership:
         try:
             tag = await self.store._execute(
                 "WITH dead AS (DELETE FROM nodes WHERE expires_at < now() - make_interval(secs => $1::float8) "
-                "RETURNING id) UPDATE sessions SET status = 'lost', end_reason = 'server_died', "
+                "RETURNING id) UPDATE sessions SET status = $2, end_reason = $3, "
                 "ended_at = now(), epoch = epoch + 1 WHERE ended_at IS NULL AND node IN (SELECT id FROM dead)",
-                self.lease)
+                self.lease, states.LOST, states.LOST_REASON)
         except StoreError as exc:
             log.warning("node_sweep_failed", error=str(exc))
             return

@@ -185,10 +185,6 @@ class Store(abc.ABC):
         """Messages ordered by seq; limit keeps the last N."""
 
     @abc.abstractmethod
-    async def touch(self, session_id: str) -> None:
-        """Set last_activity to now."""
-
-    @abc.abstractmethod
     async def delete_session(self, session_id: str) -> bool:
         """Remove the session and its messages; False if it was not there."""
 

@@ -75,12 +75,6 @@ class MemoryStore(Store):
             msgs = msgs[-limit:] if limit > 0 else []
         return [MessageRecord(*m) for m in msgs]
 
-    async def touch(self, session_id: str) -> None:
-        """last_activity = now."""
-        rec = self._sessions.get(session_id)
-        if rec is not None:
-            rec.last_activity = time.time()
-
     async def delete_session(self, session_id: str) -> bool:
         """Remove the session and its messages."""
         self._messages.pop(session_id, None)

@@ -217,10 +217,6 @@ class PostgresStore(Store):
             "WHERE id = $1 AND ($5::bigint IS NULL OR epoch = $5)",
             session_id, status, end_reason if ended else None, ended, epoch)
 
-    async def touch(self, session_id: str) -> None:
-        """last_activity = now."""
-        await self._execute("UPDATE sessions SET last_activity = now() WHERE id = $1", session_id)
-
     async def delete_session(self, session_id: str) -> bool:
         """Remove the session; its messages go by ON DELETE CASCADE."""
         tag = await self._execute("DELETE FROM sessions WHERE id = $1", session_id)

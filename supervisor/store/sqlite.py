@@ -201,11 +201,6 @@ class SQLiteStore(Store):
             "UPDATE sessions SET status = ?, end_reason = ?, ended_at = ? WHERE id = ?",
             (status, end_reason if ended else None, ended_at, session_id)))
 
-    async def touch(self, session_id: str) -> None:
-        """last_activity = now."""
-        now = time.time()
-        await self._tx(lambda db: db.execute("UPDATE sessions SET last_activity = ? WHERE id = ?", (now, session_id)))
-
     async def delete_session(self, session_id: str) -> bool:
         """Remove the session; its messages go by ON DELETE CASCADE."""
         return await self._tx(lambda db: db.execute("DELETE FROM sessions WHERE id = ?", (session_id,)).rowcount) > 0

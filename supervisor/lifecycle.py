@@ -1,0 +1,186 @@
+"""Start and close of what the sessions share: the store, the hub, the limiter, the sandbox, the spawner.
+
+A base of ``Supervisor`` (supervisor/registry.py), kept apart so the registry reads as one: it
+starts the parts in dependency order and closes them in reverse, restarts the zygote when it dies,
+runs retention on a timer and reports health. It holds no session state of its own.
+"""
+
+import asyncio
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+
+from corral.supervisor import errors, states
+from corral.supervisor.hub import Hub
+from corral.supervisor.limits import choose_limiter
+from corral.supervisor.logs import get_logger
+from corral.supervisor.node import claim_node
+from corral.supervisor.sandbox import SandboxRefused, choose_sandbox
+from corral.supervisor.spawner import SpawnError, ZygoteSpawner
+from corral.supervisor.store import StoreError, create_store
+
+log = get_logger(component="supervisor")
+
+
+
+class Lifecycle:
+    """Start, close and health of a Supervisor's shared parts."""
+
+    async def start(self) -> None:
+        """Open the store, bind the hub, start the zygote."""
+        self.run_dir = tempfile.mkdtemp(prefix="corral-", dir=self._run_parent())
+        os.chmod(self.run_dir, 0o700)
+        try:
+            await self._start_parts()
+        except (SpawnError, StoreError, OSError, ValueError, SandboxRefused) as exc:
+            await self.close()
+            raise errors.StartupError(str(exc)) from exc
+        except BaseException:
+            await self.close()
+            raise
+        self._schedule_retention()
+        log.info("supervisor_started", run_dir=self.run_dir, limit=self.limiter.describe(), agent=self.config.agent)
+
+    def _run_parent(self) -> str | None:
+        """Parent of the run directory."""
+        if self.config.run_dir:
+            os.makedirs(self.config.run_dir, mode=0o700, exist_ok=True)
+            return str(self.config.run_dir)
+        return os.environ.get("XDG_RUNTIME_DIR") or None
+
+    async def _start_parts(self) -> None:
+        """Start each part in dependency order."""
+        limit = self.config.memory_limit or None
+        # probing may sweep a dead server's cgroups, which waits for the kernel: off the loop
+        self.limiter = await asyncio.to_thread(
+            choose_limiter, limit, run_id=os.path.basename(self.run_dir).removeprefix("corral-"),
+            prefer=self.config.limit_mechanism, cpu_limit=self.config.cpu_limit, max_pids=self.config.max_pids)
+        for reason in getattr(self.limiter, "fallback_reasons", ()):
+            log.info("limit_mechanism_skipped", reason=reason)
+        for path in getattr(self.limiter, "swept", ()):
+            log.info("stale_cgroup_removed", path=path)
+        log.info("limit_mechanism", **self.limiter.describe())
+        self._choose_sandbox()
+        if self.store is None:
+            self.store = create_store(self.config.database_url, self.config.data_dir)
+        # the identity first: a server whose identity is held by a live one must not touch the store
+        if self.claim is None:
+            self.claim = await claim_node(self.store, self.node)
+        await self.store.open()
+        await self._join_cluster()
+        await self._end_orphans()
+        self.hub = Hub(on_frame=self._on_frame, on_drop=self._on_drop, on_abuse=self._on_abuse,
+                       on_pause=self._on_pause, frame_rate=self.config.agent_frame_rate)
+        await self._start_spawner()
+
+    def _choose_sandbox(self) -> None:
+        """Probe the sandbox layers; log each, in force or missing and why (strict refuses here)."""
+        c = self.config
+        protected = [str(c.data_dir), self.run_dir, str(c.tenants) if c.tenants else None]
+        self.sandbox = choose_sandbox(
+            c.sandbox, protected=protected, network=c.agent_network == "on", uid_range=c.uid_range,
+            max_pids=c.max_pids, max_open_files=c.max_open_files,
+            run_id=os.path.basename(self.run_dir).removeprefix("corral-"))
+        for name, layer in self.sandbox.layers.items():
+            if layer["in_force"]:
+                log.info("sandbox_layer", layer=name, detail=layer["detail"])
+            else:
+                log.warning("sandbox_layer_missing", layer=name, reason=layer["reason"])
+        for note in self.sandbox.notes:
+            log.warning("sandbox_note", note=note)
+        log.info("sandbox", mode=self.sandbox.mode, network=self.sandbox.network)
+
+    async def _end_orphans(self) -> None:
+        """End the sessions this server's previous run left live in the store (it died with them)."""
+        lost = await self.store.end_orphans(self.claim.orphans_of, status=states.LOST, end_reason=states.LOST_REASON)
+        if lost:
+            log.warning("orphans_ended", node=self.node, sessions=lost, reason=states.LOST_REASON)
+
+    async def _start_spawner(self) -> None:
+        """Start a zygote."""
+        spawner = ZygoteSpawner(self.config.agent, limiter=self.limiter, sandbox=self.sandbox,
+                                on_lost=self._on_zygote_lost)
+        await spawner.start()
+        self.spawner = spawner
+
+    async def close(self) -> None:
+        """Stop every session, the zygote and the hub; remove the run directory."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._retention_timer is not None:
+            self._retention_timer.cancel()
+        live = [s for s in self.sessions.values() if s.live]
+        if live:
+            stops = [s.life.stop(states.ENDED) for s in live]
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*stops, return_exceptions=True), self.config.stop_timeout + 2)
+        if self.spawner is not None:
+            await self.spawner.close()
+        with contextlib.suppress(Exception):
+            await self._leave_cluster()
+        self.output.close()
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=5)
+        self.turn_deadlines.close()
+        self.hung_turns.close()
+        if self.hub is not None:
+            self.hub.close()
+        if self.limiter is not None:
+            await asyncio.to_thread(self.limiter.close)  # emptying cgroups waits for the kernel: off the loop
+        if self.sandbox is not None:
+            self.sandbox.close()
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                await self.store.close()
+        if self.claim is not None:
+            await self.claim.release()
+        if self.run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        log.info("supervisor_stopped")
+
+    def _on_zygote_lost(self) -> None:
+        """The zygote died and took every agent with it: mark them crashed and start another."""
+        self.spawner = None  # its processes' exits come on their futures, "the zygote died"
+        if not self._closing:
+            self._zygote_restart = self._background_task(self._restart_zygote())
+
+    async def _restart_zygote(self) -> None:
+        """Start a new zygote after the old one died."""
+        try:
+            await self._start_spawner()
+        except Exception as exc:
+            log.error("zygote_restart_failed", error=str(exc))
+
+    def _schedule_retention(self) -> None:
+        """Delete ended sessions past the retention period, on a timer."""
+        interval = max(1.0, min(3600.0, self.config.retention / 4))
+        loop = asyncio.get_running_loop()
+        self._retention_timer = loop.call_later(interval, self._retention_due)
+
+    def _retention_due(self) -> None:
+        """Run one retention pass and schedule the next."""
+        self._background_task(self.purge_ended())
+        self._schedule_retention()
+
+    async def purge_ended(self) -> int:
+        """Delete sessions that ended more than ``retention`` seconds ago."""
+        removed = await self._store_call(self.store.purge_ended(self.config.retention))
+        if removed:
+            log.info("retention_purged", sessions=removed)
+            self.events.publish_global("purged", sessions=removed, retention=self.config.retention)
+        return removed
+
+    def health(self) -> dict:
+        """What /health reports about the supervisor."""
+        return {
+            "live_sessions": self.live_count,
+            "sessions_in_memory": len(self.sessions),
+            "zygote_pid": self.spawner.pid if self.spawner else None,
+            "limit": self.limiter.describe() if self.limiter else None,
+            "sandbox": self.sandbox.describe() if self.sandbox else None,
+            "store": getattr(self.store, "backend", None),
+            "uptime_seconds": round(time.time() - self.started_at, 3),
+        }

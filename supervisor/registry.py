@@ -1,0 +1,366 @@
+"""The registry: every session of one corral server, and what they share.
+
+``Supervisor`` is to a session's ``SessionLife`` (supervisor/session_life.py) what jupyter_client's
+``MultiKernelManager`` is to a ``KernelManager``: it holds the indexes (by id, by pid, by routing
+id), capacity and quotas, get-or-create and find (asking the cluster directory where a session
+lives: supervisor/cluster/), start and close of the shared parts (store, hub, spawner, limiter,
+sandbox), retention, counters and health, and ``_transition``, the one place a state changes.
+Everything that happens to one session's process is its ``SessionLife``'s.
+
+One asyncio loop, no threads of its own, no per-session polling: agent frames arrive through
+the hub's reader, deaths through the spawner's exit reports, idle and age through timers.
+"""
+
+import asyncio
+import functools
+import itertools
+import time
+from collections import Counter
+
+from corral.agent_proc import protocol as p
+from corral.supervisor import errors, states
+from corral.supervisor.agent_output import AgentOutput
+from corral.supervisor.cluster.activation import Activation
+from corral.supervisor.lifecycle import Lifecycle
+from corral.supervisor.config import Config
+from corral.supervisor.deadlines import Deadlines
+from corral.supervisor.events import EventBus
+from corral.supervisor.hub import Hub
+from corral.supervisor.logs import debug_enabled, get_logger
+from corral.supervisor.node import node_name
+from corral.supervisor.reaper import Reaper
+from corral.supervisor.restarts import RestartPolicy
+from corral.supervisor.session import Session, TokenBucket, Turn, bad_session_id, new_session_id, valid_session_id
+from corral.supervisor.session_life import SessionLife
+from corral.supervisor.store import SessionNotFound as StoredSessionMissing
+from corral.supervisor.store import StaleEpoch, StoreError
+
+log = get_logger(component="supervisor")
+
+_TURN_STATES = (states.IDLE, states.BUSY)
+
+
+class Supervisor(Lifecycle, Activation):
+    """Owns every session of one corral server."""
+
+    def __init__(self, config: Config, *, store=None, claim=None, events: EventBus | None = None,
+                 tenant_limits=None):
+        """``claim``: this node's identity, already claimed in ``store`` (supervisor/node.py); else claimed at start."""
+        self.config = config
+        self.store = store
+        self.events = events or EventBus()
+        self.tenant_limits: dict[str, int] = dict(tenant_limits or {})
+        self.sessions: dict[str, Session] = {}
+        self.by_pid: dict[int, Session] = {}
+        self.by_rid: dict[bytes, Session] = {}
+        self.live_count = 0
+        self.live_by_tenant: Counter = Counter()
+        self.counters: Counter = Counter()  # spawns, restarts, crashes, ooms, reaps ... since start
+        self.policy = RestartPolicy(config.max_restarts, config.restart_window)
+        self.reaper = Reaper(idle_timeout=config.idle_timeout, max_age=config.max_age, on_due=self._on_due)
+        self.turn_deadlines = Deadlines(on_due=_time_out)  # turn -> its SessionLife, until request_timeout
+        # A timed-out turn -> its SessionLife, for stop_timeout/2 more: then the agent is unresponsive.
+        self.hung_turns = Deadlines(on_due=_turn_hung)
+        self.run_dir: str | None = None
+        self.limiter = None
+        self.sandbox = None
+        self.hub: Hub | None = None
+        self.spawner = None  # the ZygoteSpawner (supervisor/spawner.py), started by Lifecycle.start
+        self.output = AgentOutput(config.agent_log_lines, self.events)  # every agent's stdout/stderr, and each session's tail
+        self.started_at = time.time()
+        # Names this server in the store's sessions.node (supervisor/node.py says what it means)
+        self.node = node_name(config.port)
+        self.claim = claim  # this server's hold on its identity, from before the store opens; released at close
+        self._req_ids = itertools.count(1)
+        self._background: set[asyncio.Task] = set()
+        # session id -> the store write recording its last death, awaited before it respawns
+        self._status_writes: dict[str, asyncio.Task] = {}
+        self._retention_timer = None
+        self._zygote_restart: asyncio.Task | None = None
+        self._closing = False
+
+    async def get_or_create(self, session_id: str | None, tenant: str, metadata: dict | None = None) -> Session:
+        """The session with this id (from memory or the store), or a new one; 404 if another tenant's.
+
+        The tenant is checked before a stored session is registered: a refused request loads nothing.
+        """
+        if session_id is None:
+            session_id = new_session_id()
+        elif not valid_session_id(session_id):
+            raise bad_session_id()
+        s = self.sessions.get(session_id)
+        if s is None or (not s.live and self.directory.fenced):
+            record = await self._placed(session_id)
+            if record is not None and record.tenant != tenant:
+                raise errors.SessionNotFound(f"no session {session_id}")
+            s = self.sessions.get(session_id)  # another request may have registered it meanwhile
+            if s is None:
+                s = self._register(session_id, tenant, metadata, record)
+        if s.tenant != tenant:
+            raise errors.SessionNotFound(f"no session {session_id}")
+        return s
+
+    async def find(self, session_id: str):
+        """The live Session, else the stored record, else None; never spawns or registers."""
+        if not valid_session_id(session_id):
+            return None
+        found = self.sessions.get(session_id)
+        if found is None or (not found.live and self.directory.fenced):
+            record = await self._placed(session_id)
+            found = found or record
+        return found
+
+    def _register(self, session_id: str, tenant: str, metadata, record) -> Session:
+        """Put a session object in the registry."""
+        if record is not None:
+            tenant, metadata = record.tenant, record.metadata
+        s = Session(id=session_id, tenant=tenant, metadata=dict(metadata or {}))
+        s.life = SessionLife(s, self)
+        if record is not None:
+            s.created_at, s.message_count = record.created_at, record.message_count
+        if self.config.rate_limit > 0:
+            s.bucket = TokenBucket(self.config.rate_limit, self.config.rate_burst)
+        self.sessions[session_id] = s
+        return s
+
+    def agent_output(self, session_id: str) -> list[dict]:
+        """The kept lines of a session's agent output, oldest first (empty if none are kept)."""
+        return self.output.lines_of(session_id, self.sessions.get(session_id)) or []
+
+    def list_sessions(self) -> list[Session]:
+        """Every session the supervisor holds in memory (live, and recently crashed or failed)."""
+        return list(self.sessions.values())
+
+    def count(self) -> int:
+        """Number of live sessions."""
+        return self.live_count
+
+    def _forget(self, s: Session) -> None:
+        """Drop a down session from memory once nobody waits on it (the store keeps its data)."""
+        if s.live or s.inflight:
+            return
+        if s.state in states.STOP_REASONS or s.state is None:
+            self._unregister(s)
+            s.life.cancel_timers()
+        elif "forget" not in s.life.timers:
+            # Keep crash history for the restart window, then let it go.
+            loop = asyncio.get_running_loop()
+            s.life.timers["forget"] = loop.call_later(self.config.restart_window, self._forget_after_window, s)
+
+    def _forget_after_window(self, s: Session) -> None:
+        """The restart window of a crashed session has passed."""
+        s.life.timers.pop("forget", None)
+        if not s.live and not s.inflight:
+            self._unregister(s)
+
+    def _unregister(self, s: Session) -> None:
+        """Take a session out of memory; its output's tail stays readable a while (AgentOutput.retire)."""
+        if self.sessions.get(s.id) is s:
+            del self.sessions[s.id]
+            self.output.retire(s)
+
+    async def chat(self, s: Session, text: str, *, on_chunk=None) -> dict:
+        """Send a user message and wait for the reply."""
+        turn = await self.submit_chat(s, text, on_chunk=on_chunk)
+        return await self.complete(s, turn)
+
+    async def submit_chat(self, s: Session, text: str, *, on_chunk=None) -> Turn:
+        """Commit a user message and put it in the agent's mailbox; ``complete`` waits for the reply."""
+        return await self.submit(s, p.MESSAGE, text, on_chunk=on_chunk, record_as="user")
+
+    async def system(self, s: Session, text: str) -> dict:
+        """Send a system message and wait for the agent's answer."""
+        turn = await self.submit(s, p.SYSTEM, text, record_as="system")
+        return await self.complete(s, turn)
+
+    async def command(self, s: Session, command: str, args) -> dict:
+        """Run an agent command and wait for its result."""
+        turn = await self.submit(s, p.COMMAND, {"command": command, "args": args})
+        return await self.complete(s, turn)
+
+    async def submit(self, s: Session, kind: int, body, *, on_chunk=None, record_as: str | None = None) -> Turn:
+        """Admit, persist and send one message (SessionLife.submit); return the turn to wait on."""
+        return await s.life.submit(kind, body, on_chunk=on_chunk, record_as=record_as)
+
+    async def complete(self, s: Session, turn: Turn) -> dict:
+        """Wait for a submitted turn's answer (SessionLife.complete)."""
+        return await s.life.complete(turn)
+
+    def interrupt(self, s: Session) -> bool:
+        """Interrupt the turn in progress (SessionLife.interrupt)."""
+        return s.life.interrupt()
+
+    async def ensure_live(self, s: Session) -> None:
+        """Make sure the session has a ready process (SessionLife.ensure_live)."""
+        await s.life.ensure_live()
+
+    async def stop(self, s: Session, reason: str, *, force: bool = False) -> str | None:
+        """Stop a session's process (SessionLife.stop); the state it ended in."""
+        return await s.life.stop(reason, force=force)
+
+    async def kill(self, s: Session) -> str | None:
+        """Kill a session now (admin)."""
+        return await s.life.kill()
+
+    def _check_capacity(self, s: Session) -> None:
+        """Refuse a spawn past max_sessions (503) or the tenant's quota (429)."""
+        cap = self.tenant_limits.get(s.tenant) or self.config.max_sessions_per_tenant
+        if self.live_count >= self.config.max_sessions:
+            self._drop_if_new(s)
+            self.counters["refused_capacity"] += 1
+            raise errors.AtCapacity(f"the server is at max_sessions ({self.config.max_sessions})", retry_after=5)
+        if cap and self.live_by_tenant[s.tenant] >= cap:
+            self._drop_if_new(s)
+            self.counters["refused_quota"] += 1
+            raise errors.QuotaExceeded(f"tenant {s.tenant} is at its session quota ({cap})", retry_after=5)
+
+    def _drop_if_new(self, s: Session) -> None:
+        """Forget a session that was never started."""
+        if s.state is None and self.sessions.get(s.id) is s:
+            del self.sessions[s.id]
+
+    async def _prepare_spawn(self, s: Session) -> list[dict]:
+        """Record the session in the store and fetch its history."""
+        ended = self._status_writes.get(s.id)
+        if ended is not None:
+            # Otherwise, with a pool of connections, the old end could land after the new start
+            # and leave a live session marked ended (and purgeable by retention).
+            await asyncio.wait([ended])
+        record = await self._claim(s)
+        s.created_at, s.message_count = record.created_at, record.message_count
+        history = await self._store_call(self.store.history(s.id, limit=self.config.history_limit))
+        return recent_history(history, self.config.history_limit_bytes)
+
+    def _on_frame(self, rid: bytes, kind: int, req: int, body, size: int) -> None:
+        """Route one frame from an agent to its session (the connection says which: rid is bound at spawn)."""
+        s = self.by_rid.get(rid)
+        if s is not None:  # else the last words of a process that is already gone
+            s.life.on_frame(kind, req, body, size)
+
+    def _on_abuse(self, rid: bytes, reason: str, detail: str) -> None:
+        """The hub cut an agent's connection (flood, protocol error): kill that agent, and only it."""
+        s = self.by_rid.get(rid)
+        if s is not None:
+            self.counters["agents_killed_for_abuse"] += 1
+            s.life.kill_for(reason, detail=f"{reason}: {detail}")
+
+    def _on_pause(self, rid: bytes) -> None:
+        """Count a connection the hub stopped reading: its agent sends PINGs and reads no PONGs."""
+        self.counters["agent_reads_paused"] += 1
+
+    def _on_drop(self, rid: bytes, why: str) -> None:
+        """Count a frame the hub refused and tell global listeners (metrics, tests)."""
+        self.counters["frames_dropped"] += 1
+        self.events.publish_global("frame_dropped", routing_id=rid[:128].decode("utf-8", "replace"), reason=why)
+        s = self.by_rid.get(rid)
+        if s is not None:
+            # The hub routes by connection, so a live session's own process sent it.
+            s.life._stray()
+
+    def _record_end(self, s: Session, final: str) -> None:
+        """Write the end to the store in the background; a respawn waits for it (see _prepare_spawn)."""
+        if self._unclaimed(s):
+            return  # fenced out, or its claim was refused: the session's row is another node's
+        write = self._background_task(self._store_call(
+            self.store.set_status(s.id, final, end_reason=s.end_reason or final, ended=True, epoch=s.epoch)))
+        self._status_writes[s.id] = write
+        write.add_done_callback(functools.partial(self._end_recorded, s.id))
+
+    def _end_recorded(self, session_id: str, write: asyncio.Task) -> None:
+        """Forget a finished end write (unless a newer one for the session replaced it)."""
+        if self._status_writes.get(session_id) is write:
+            del self._status_writes[session_id]
+
+    async def settle_store(self) -> None:
+        """Wait for the background store writes in flight (ends of sessions that went down)."""
+        if self._status_writes:
+            await asyncio.wait(list(self._status_writes.values()))
+
+    def _on_due(self, s: Session, reason: str) -> None:
+        """A reaper timer fired: stop the session in the background."""
+        self._background_task(s.life.stop(reason))
+
+    async def remove(self, s: Session, *, purge: bool = False) -> None:
+        """End a session (its owner asked); with purge, delete its data too."""
+        await s.life.stop(states.ENDED)
+        if self.sessions.get(s.id) is s and not s.live and not s.inflight:
+            self._unregister(s)
+            s.life.cancel_timers()
+        if purge:
+            await self._store_call(self.store.delete_session(s.id))
+
+    def _transition(self, s: Session, new: str, **info) -> None:
+        """Move a session to a new state (asserted), keep counts, log and publish it."""
+        old = s.state
+        states.check(old, new)
+        s.state = new
+        was_live, is_live = states.is_live(old), states.is_live(new)
+        if is_live and not was_live:
+            self.live_count += 1
+            self.live_by_tenant[s.tenant] += 1
+        elif was_live and not is_live:
+            self.live_count -= 1
+            self.live_by_tenant[s.tenant] -= 1
+        if new == states.IDLE:
+            self.reaper.arm_idle(s)
+        if new in _TURN_STATES and old in _TURN_STATES:
+            # The idle <-> busy flip happens twice per turn: log it only when debug is on, and
+            # build the event only when someone listens (both measurable on a warm turn).
+            if debug_enabled():
+                log.debug("session_state", session_id=s.id, tenant=s.tenant, pid=s.pid, old=old, new=new, **info)
+            if self.events.reaches_anyone(s.id, "state"):
+                self.events.publish("state", s.id, tenant=s.tenant, state=new, previous=old, pid=s.pid, **info)
+            return
+        log.info("session_state", session_id=s.id, tenant=s.tenant, pid=s.pid, old=old, new=new, **info)
+        self.events.publish("state", s.id, tenant=s.tenant, state=new, previous=old, pid=s.pid, **info)
+
+    async def _store_call(self, coro):
+        """Await a store operation; an unreachable store is a 503, not a traceback."""
+        try:
+            return await coro
+        except StoreError as exc:
+            # the cause names files, hosts and tables: it goes to the log, not to tenants
+            log.error("store_error", error=str(exc))
+            raise errors.Unavailable("the session store is unavailable; try again shortly", retry_after=5) from None
+        except StaleEpoch as exc:
+            raise errors.SessionMoved(f"session {exc.args[0]} was claimed by another node") from None
+        except StoredSessionMissing as exc:
+            # its data was purged (DELETE ?purge=true, retention) while a request was on its way
+            raise errors.SessionNotFound(f"session {exc.args[0]} was deleted") from None
+
+    def _background_task(self, coro) -> asyncio.Task:
+        """Run a coroutine the supervisor owns, kept until done (awaited at close)."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+        return task
+
+    def _background_done(self, task: asyncio.Task) -> None:
+        """Log what a background task raised."""
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            if not isinstance(exc, errors.CorralError):
+                log.error("background_task_failed", error=repr(exc))
+
+
+def recent_history(history: list, max_bytes: int) -> list[dict]:
+    """The newest messages of ``history`` whose contents fit in ``max_bytes`` (the oldest are dropped)."""
+    kept, total = [], 0
+    for m in reversed(history):
+        total += len(m.content.encode())
+        if total > max_bytes:
+            break
+        kept.append({"role": m.role, "content": m.content})
+    kept.reverse()
+    return kept
+
+
+def _time_out(turn: Turn, life: SessionLife) -> None:
+    """request_timeout passed without an answer (one deadline timer for every turn)."""
+    life.time_out(turn)
+
+
+def _turn_hung(turn: Turn, life: SessionLife) -> None:
+    """A timed-out turn is still running stop_timeout/2 after its interrupt."""
+    life.turn_hung(turn)

@@ -1,0 +1,254 @@
+"""A session's turns: admission, the mailbox, the agent's frames, a turn's deadline.
+
+The first half of ``SessionLife`` (supervisor/session_life.py), kept in a file of its own: these
+methods read and write the per-session state that ``SessionLife`` holds (``turns``, the futures,
+``kill_reason``) and reach the registry through ``self.sup`` only for what is shared (the hub,
+the store, the events, the counters, ``_transition``).
+"""
+
+import asyncio
+import signal
+import time
+
+from corral.agent_proc import protocol as p
+from corral.supervisor import errors, states
+from corral.supervisor.logs import get_logger
+from corral.supervisor.session import Turn
+
+log = get_logger(component="supervisor")
+
+_FAIL_ERRORS = {
+    p.UNKNOWN_COMMAND: errors.UnknownCommand,
+    p.BAD_REQUEST: errors.BadRequest,
+    p.UPSTREAM_ERROR: errors.UpstreamError,
+    p.AGENT_CRASHED: errors.AgentDied,
+    p.AGENT_OOM: errors.AgentDied,
+    p.AGENT_BAD_REPLY: errors.AgentBadReply,
+}
+# Frames an agent may send for turns it was never given before it is killed as hostile.
+# A well-behaved agent sends none.
+STRAY_FRAME_LIMIT = 10_000
+# Why an agent was killed for what it did (a session's end_reason; docs/limits.md).
+UNRESPONSIVE, STRAY_FRAMES, TURN_TOO_LARGE = "unresponsive", "stray_frames", "turn_too_large"
+DEATH_CODES = {states.OOM: p.AGENT_OOM, states.CRASHED: p.AGENT_CRASHED}
+
+
+class Turns:
+    """Turns of one session (a base of SessionLife, which holds the state these methods use)."""
+
+    async def submit(self, kind: int, body, *, on_chunk=None, record_as: str | None = None) -> Turn:
+        """Admit, persist and send one message; return the turn to wait on.
+
+        When this returns, the message is committed to the store and in the agent's mailbox.
+        """
+        s = self.session
+        try:
+            self._admit(body)
+        except errors.CorralError:
+            if not s.inflight:
+                self.sup._drop_if_new(s)  # a refused first message must not leave an unstarted session behind
+            raise
+        s.inflight += 1
+        s.last_activity = time.monotonic()
+        try:
+            await self.ensure_live()
+            if record_as is not None:
+                try:
+                    await self._record(record_as, body)
+                except errors.SessionMoved:
+                    raise await self.sup._moved(s.id) from None  # not committed: the new owner may take it
+                # The process may have died (and a respawn begun) while the message was committed:
+                # sending now would put the turn in a mailbox nobody reads.
+                await self.ensure_live()
+            return self._send(kind, body, on_chunk)
+        except BaseException:
+            self.turn_over()
+            raise
+
+    async def complete(self, turn: Turn) -> dict:
+        """Wait for a submitted turn's answer (within request_timeout); persist and return it."""
+        s = self.session
+        # A deadline that fails the turn's future, rather than asyncio.timeout/wait_for around a
+        # shield or a timer per turn: those cost a task, futures, callbacks or a timer per turn,
+        # a measurable share of a warm turn (docs/benchmarks.md).
+        self.sup.turn_deadlines.add(turn, self.sup.config.request_timeout, self)
+        try:
+            done = await turn.future
+            if done.get("status") == "done":
+                s.agent_state = done.get("state") or s.agent_state
+                if turn.kind == p.MESSAGE:
+                    done["message"] = await self._record("assistant", done.get("reply") or "")
+            return done
+        except errors.CorralError as exc:
+            # The session's listeners learn why no reply is coming (a wait=false caller has no other way).
+            self.sup.events.publish("error", s.id, to_all=False, code=exc.code, message=exc.message)
+            raise
+        finally:
+            self.sup.turn_deadlines.discard(turn)
+            self.turn_over()
+
+    def time_out(self, turn: Turn) -> None:
+        """request_timeout passed without an answer: interrupt the turn and fail its waiter (504)."""
+        if turn.future.done():
+            return
+        turn.abandoned = True
+        self.interrupt()
+        # If the interrupt is ignored, the agent is unresponsive (turn_hung): one timer for all.
+        self.sup.hung_turns.add(turn, self.sup.config.stop_timeout / 2, self)
+        turn.future.set_exception(errors.TurnTimeout(
+            f"no reply within request_timeout ({self.sup.config.request_timeout:g}s); the turn was interrupted"
+        ))
+
+    def turn_hung(self, turn: Turn) -> None:
+        """A timed-out turn is still running stop_timeout/2 after its interrupt: SIGTERM, then SIGKILL.
+
+        The session ends ``killed`` with end_reason ``unresponsive`` and comes back, history
+        restored, on its next message.
+        """
+        s = self.session
+        if s.state != states.BUSY or turn not in self.turns.values():
+            return  # answered (or the process is already gone)
+        self.sup.counters["agents_unresponsive"] += 1
+        log.warning("agent_unresponsive", session_id=s.id, tenant=s.tenant, pid=s.pid)
+        self.kill_for(UNRESPONSIVE, signal.SIGTERM)
+        self.timers["kill"] = asyncio.get_running_loop().call_later(
+            self.sup.config.stop_timeout / 2, self.send_signal, signal.SIGKILL
+        )
+
+    def _admit(self, body) -> None:
+        """Refuse a message that cannot be sent or is over the size, mailbox or rate bounds (before any work)."""
+        s = self.session
+        # JSON admits what msgpack refuses: lone surrogates ("\ud800"), ints over 64 bits.
+        try:
+            if isinstance(body, str):  # the common case: the size check's encode catches surrogates
+                if len(body.encode()) > self.sup.config.max_message_bytes:
+                    raise errors.TooLarge(f"message is over max_message_bytes ({self.sup.config.max_message_bytes})")
+            else:
+                p.pack(body)
+        except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
+            raise errors.BadRequest(f"the message cannot be encoded for the agent: {exc}") from None
+        if s.inflight >= self.sup.config.mailbox_size:
+            raise errors.MailboxFull(f"session {s.id} has {s.inflight} messages in flight", retry_after=1)
+        if s.bucket is not None:
+            wait = s.bucket.take()
+            if wait:
+                raise errors.RateLimited(f"session {s.id} is over its rate limit", retry_after=wait)
+
+    def _send(self, kind: int, body, on_chunk) -> Turn:
+        """Put one frame in the agent's mailbox."""
+        s = self.session
+        req = next(self.sup._req_ids)
+        turn = Turn(kind, asyncio.get_running_loop().create_future(), on_chunk)
+        self.turns[req] = turn
+        # If the agent is already gone, the frame is refused; its exit report fails the turn.
+        self.sup.hub.send(self.routing_id, p.pack([kind, req, body, self.interrupts]))
+        if s.state == states.IDLE:
+            self.sup._transition(s, states.BUSY)
+        return turn
+
+    def turn_over(self) -> None:
+        """A request has been answered (or refused): settle busy/idle and bookkeeping."""
+        s = self.session
+        s.inflight -= 1
+        s.last_activity = time.monotonic()
+        if s.state == states.BUSY and not self.turns:
+            self.sup._transition(s, states.IDLE)
+        elif s.state == states.IDLE:
+            self.sup.reaper.arm_idle(s)  # a request refused before its frame left skips the idle timer's re-arm
+        elif not s.live:
+            self.sup._forget(s)
+
+    async def _record(self, role: str, content) -> dict:
+        """Commit one message to the store and tell listeners."""
+        s = self.session
+        text = content if isinstance(content, str) else str(content)
+        try:
+            msg = await self.sup._store_call(self.sup.store.append_message(s.id, role, text, epoch=s.epoch))
+        except errors.SessionMoved:
+            self.sup._fence_out(s, f"its {role} message was refused for a stale epoch")
+            raise
+        s.message_count = msg.seq
+        data = msg.to_dict()
+        self.sup.events.publish("message", s.id, to_all=False, message=data)
+        return data
+
+    def on_frame(self, kind: int, req: int, body, size: int) -> None:
+        """Handle one frame from this session's agent (the registry routes it by connection)."""
+        s = self.session
+        if kind in (p.CHUNK, p.DONE, p.FAIL):
+            turn = self.turns.get(req)
+            if turn is None:
+                self._stray()
+                return
+            turn.bytes += size
+            if turn.bytes > self.sup.config.max_turn_bytes:
+                self.kill_for(TURN_TOO_LARGE, detail=f"sent over {self.sup.config.max_turn_bytes} bytes for one turn")
+                return
+        if kind == p.CHUNK:
+            if not turn.abandoned:
+                turn.chunks += 1
+                if turn.on_chunk is not None:
+                    turn.on_chunk(body)
+                if self.sup.events.watched(s.id):
+                    self.sup.events.publish("delta", s.id, to_all=False, req=req, seq=turn.chunks, text=body)
+        elif kind == p.DONE:
+            problem = p.reply_problem(body)  # any ZeroMQ peer may be an agent: it is checked, not trusted
+            if problem is not None:
+                self._fail_turn(req, {"code": p.AGENT_BAD_REPLY, "message": problem})
+                return
+            turn = self.turns.get(req)
+            if turn is not None and turn.kind == p.MESSAGE and not turn.chunks and body.get("reply"):
+                # A reply the agent returned whole comes without a CHUNK frame (one frame less per
+                # turn); listeners still see it as the turn's one chunk, as if it had been streamed.
+                self.on_frame(p.CHUNK, req, body["reply"], 0)  # its bytes are counted with the DONE
+            self._finish_turn(req, {"status": "done", **(body or {})})
+        elif kind == p.FAIL:
+            self._fail_turn(req, body or {})
+        elif kind == p.READY:
+            if self.ready is not None and not self.ready.done():
+                self.ready.set_result(body)
+
+    def _stray(self) -> None:
+        """Count a frame an agent had no business sending; kill the agent past STRAY_FRAME_LIMIT."""
+        s = self.session
+        self.stray_frames += 1
+        if self.stray_frames == STRAY_FRAME_LIMIT:
+            self.sup.counters["agents_killed_for_abuse"] += 1
+            log.warning("agent_flooding_killed", session_id=s.id, tenant=s.tenant, pid=s.pid, frames=self.stray_frames)
+            self.kill_for(STRAY_FRAMES, detail=f"killed after {STRAY_FRAME_LIMIT} frames for turns it was not given")
+
+    def _finish_turn(self, req: int, result: dict) -> None:
+        """Resolve a turn."""
+        s = self.session
+        turn = self.turns.pop(req, None)
+        if turn is not None and turn.abandoned:
+            self.sup.hung_turns.discard(turn)
+        if turn is not None and not turn.future.done():
+            turn.future.set_result(result)
+        if s.state == states.BUSY and not self.turns and not s.inflight:
+            self.sup._transition(s, states.IDLE)
+
+    def _fail_turn(self, req: int, body: dict) -> None:
+        """Resolve a turn the agent reported as failed."""
+        code = str(body.get("code", p.AGENT_CRASHED))
+        message = str(body.get("message", "the agent failed"))
+        if code == p.INTERRUPTED:
+            self._finish_turn(req, {"status": "interrupted", "reply": None, "message_text": message})
+            return
+        if code in (p.AGENT_CRASHED, p.AGENT_OOM):
+            self.dying = True  # it exits right after this frame: new turns must wait for the respawn
+        turn = self.turns.pop(req, None)
+        if turn is not None and turn.abandoned:
+            self.sup.hung_turns.discard(turn)
+        if turn is not None and not turn.future.done():
+            err_cls = _FAIL_ERRORS.get(code, errors.AgentDied)
+            turn.future.set_exception(err_cls(message, code=code if err_cls is errors.AgentDied else None))
+            turn.future.add_done_callback(consume)
+        if code in DEATH_CODES.values():
+            self.dying_now()
+
+
+def consume(fut: asyncio.Future) -> None:
+    """Mark a future's exception as seen (its waiters may be gone)."""
+    if not fut.cancelled():
+        fut.exception()
