@@ -122,8 +122,7 @@ class Lifecycle:
         with contextlib.suppress(Exception):
             await self._leave_cluster()
         self.output.close()
-        if self._background:
-            await asyncio.wait(list(self._background), timeout=5)
+        await self.background.wait(timeout=5)
         self.turn_deadlines.close()
         self.hung_turns.close()
         if self.hub is not None:
@@ -145,7 +144,7 @@ class Lifecycle:
         """The zygote died and took every agent with it: mark them crashed and start another."""
         self.spawner = None  # its processes' exits come on their futures, "the zygote died"
         if not self._closing:
-            self._zygote_restart = self._background_task(self._restart_zygote())
+            self._zygote_restart = self.background.spawn(self._restart_zygote())
 
     async def _restart_zygote(self) -> None:
         """Start a new zygote after the old one died."""
@@ -162,7 +161,7 @@ class Lifecycle:
 
     def _retention_due(self) -> None:
         """Run one retention pass and schedule the next."""
-        self._background_task(self.purge_ended())
+        self.background.spawn(self.purge_ended())
         self._schedule_retention()
 
     async def purge_ended(self) -> int:

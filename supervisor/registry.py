@@ -34,6 +34,7 @@ from corral.supervisor.session import Session, TokenBucket, Turn, bad_session_id
 from corral.supervisor.session_life import SessionLife
 from corral.supervisor.store import SessionNotFound as StoredSessionMissing
 from corral.supervisor.store import StaleEpoch, StoreError
+from corral.supervisor.tasks import TaskSet
 
 log = get_logger(component="supervisor")
 
@@ -72,7 +73,8 @@ class Supervisor(Lifecycle, Activation):
         self.node = node_name(config.port)
         self.claim = claim  # this server's hold on its identity, from before the store opens; released at close
         self._req_ids = itertools.count(1)
-        self._background: set[asyncio.Task] = set()
+        # coroutines the supervisor runs past their caller (end writes, stops, zygote restarts)
+        self.background = TaskSet(log, expected=(errors.CorralError,))
         # session id -> the store write recording its last death, awaited before it respawns
         self._status_writes: dict[str, asyncio.Task] = {}
         self._retention_timer = None
@@ -261,7 +263,7 @@ class Supervisor(Lifecycle, Activation):
         """Write the end to the store in the background; a respawn waits for it (see _prepare_spawn)."""
         if self._unclaimed(s):
             return  # fenced out, or its claim was refused: the session's row is another node's
-        write = self._background_task(self._store_call(
+        write = self.background.spawn(self._store_call(
             self.store.set_status(s.id, final, end_reason=s.end_reason or final, ended=True, epoch=s.epoch)))
         self._status_writes[s.id] = write
         write.add_done_callback(functools.partial(self._end_recorded, s.id))
@@ -278,7 +280,7 @@ class Supervisor(Lifecycle, Activation):
 
     def _on_due(self, s: Session, reason: str) -> None:
         """A reaper timer fired: stop the session in the background."""
-        self._background_task(s.life.stop(reason))
+        self.background.spawn(s.life.stop(reason))
 
     async def remove(self, s: Session, *, purge: bool = False) -> None:
         """End a session (its owner asked); with purge, delete its data too."""
@@ -327,21 +329,6 @@ class Supervisor(Lifecycle, Activation):
         except StoredSessionMissing as exc:
             # its data was purged (DELETE ?purge=true, retention) while a request was on its way
             raise errors.SessionNotFound(f"session {exc.args[0]} was deleted") from None
-
-    def _background_task(self, coro) -> asyncio.Task:
-        """Run a coroutine the supervisor owns, kept until done (awaited at close)."""
-        task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background_done)
-        return task
-
-    def _background_done(self, task: asyncio.Task) -> None:
-        """Log what a background task raised."""
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            if not isinstance(exc, errors.CorralError):
-                log.error("background_task_failed", error=repr(exc))
 
 
 def recent_history(history: list, max_bytes: int) -> list[dict]:

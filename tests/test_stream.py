@@ -208,7 +208,7 @@ async def test_state_on_connect_for_a_reaped_session_does_not_spawn(client):
     await chat(client, "erin", "my name is Erin")
     s = sup.sessions["erin"]
     await sup.stop(s, states.REAPED)
-    await asyncio.wait(list(sup._background))  # the store records the end in the background
+    await sup.settle_store()  # the store records the end in the background
     spawns = sup.counters["spawns"]
     stream = await listen(client, "erin")
     state = (await stream.next())["data"]

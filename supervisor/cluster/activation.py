@@ -104,7 +104,7 @@ class Activation:
         if s.live:
             s.exit_description = f"fenced out: {why}"
             s.life.send_signal(signal.SIGKILL)  # at once: it must not answer anything more
-            self._background_task(s.life.stop(states.ENDED, force=True))
+            self.background.spawn(s.life.stop(states.ENDED, force=True))
 
     async def _verify_claims(self) -> None:
         """After a late heartbeat: end every process whose session another node claimed meanwhile."""
