@@ -100,8 +100,8 @@ class Lifecycle:
 
     async def _start_spawner(self) -> None:
         """Start a zygote."""
-        spawner = ZygoteSpawner(self.config.agent, limiter=self.limiter, sandbox=self.sandbox,
-                                on_lost=self._on_zygote_lost)
+        launcher = self.launcher or ZygoteSpawner
+        spawner = launcher(self.config.agent, limiter=self.limiter, sandbox=self.sandbox, on_lost=self._on_zygote_lost)
         await spawner.start()
         self.spawner = spawner
 

@@ -45,9 +45,13 @@ class Supervisor(Lifecycle, Activation):
     """Owns every session of one corral server."""
 
     def __init__(self, config: Config, *, store=None, claim=None, events: EventBus | None = None,
-                 tenant_limits=None):
-        """``claim``: this node's identity, already claimed in ``store`` (supervisor/node.py); else claimed at start."""
+                 tenant_limits=None, launcher=None):
+        """``claim``: this node's identity, already claimed in ``store`` (supervisor/node.py); else claimed at start.
+
+        ``launcher``: the spawner class (supervisor/spawner.py's interface); the zygote's by default.
+        """
         self.config = config
+        self.launcher = launcher
         self.store = store
         self.events = events or EventBus()
         self.tenant_limits: dict[str, int] = dict(tenant_limits or {})

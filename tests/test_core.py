@@ -311,3 +311,25 @@ async def test_a_lost_interrupt_is_sent_again(make_supervisor):
     assert s.life.interrupts >= 2  # the first SIGINT fell on deaf ears; a resend ended the turn
     # A resend never spills into the next turn.
     assert (await sup.command(s, "sleep", {"seconds": 1.5}))["status"] == "done"
+
+
+async def test_the_spawner_is_a_plug(make_config):
+    """A launcher given to the Supervisor launches every process (here: the zygote's, recording)."""
+    from corral.supervisor import Supervisor
+    from corral.supervisor.spawner import ZygoteSpawner
+
+    launched = []
+
+    class RecordingSpawner(ZygoteSpawner):
+        async def launch(self, key, request, *args, **kwargs):
+            launched.append(request["session_id"])
+            return await super().launch(key, request, *args, **kwargs)
+
+    sup = Supervisor(make_config(), launcher=RecordingSpawner)
+    await sup.start()
+    try:
+        s = await sup.get_or_create("plugged", "default")
+        assert (await sup.chat(s, "my name is Ada"))["reply"] == "Got it: your name is Ada."
+        assert launched == ["plugged"] and isinstance(sup.spawner, RecordingSpawner)
+    finally:
+        await sup.close()
