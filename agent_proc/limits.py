@@ -1,6 +1,6 @@
 """Apply a per-session limit spec (memory; cpu and pids cgroups) in the freshly forked agent child (stdlib only).
 
-The spec comes from ``supervisor.limits.MemoryLimiter.prepare`` through the zygote's pipe. This
+The spec comes from ``supervisor.limiter.MemoryLimiter.prepare`` through the zygote's pipe. This
 runs before any agent code, so an agent can never run unconfined.
 """
 from __future__ import annotations

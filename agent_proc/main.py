@@ -42,15 +42,15 @@ class AgentLoop:
         self.turn_task: asyncio.Task | None = None  # the async turn in progress
         self.cancel_pending = False  # its cancellation was asked for and the loop has not taken it up
 
-    def send(self, kind: int, req: int, body) -> None:
-        """Send one frame to the supervisor.
+    def send(self, pack, *fields) -> None:
+        """Send one frame to the supervisor, made by ``pack(*fields)`` (one of protocol's reply packers).
 
         The frame goes out whole even if the turn is interrupted meanwhile: a stream socket cut
         mid-frame would garble every frame after it. The interrupt is raised once it is sent.
         """
         self.sending = True
         try:
-            self.sock.send(p.pack([kind, req, body]))
+            self.sock.send(pack(*fields))
         finally:
             self.sending = False
         if self.interrupt_pending:
@@ -60,16 +60,15 @@ class AgentLoop:
     def serve(self) -> int:
         """Receive and handle messages until told to shut down; return the exit code."""
         signal.signal(signal.SIGINT, self._on_sigint)
-        self.send(p.READY, 0, {"pid": os.getpid()})
+        self.send(p.pack_ready, os.getpid())
         while True:
             try:
-                frame = p.unpack(self.sock.recv())
-                kind, req, body = frame[0], frame[1], frame[2]
+                kind, req, body, sent_before = p.unpack_request(self.sock.recv())
             except EOFError:
                 return 0  # the supervisor closed our connection: it is shutting down
             except KeyboardInterrupt:
                 continue  # an interrupt that arrived after its turn ended
-            except (ValueError, IndexError) as exc:  # zmtp.ProtocolError is a ValueError
+            except ValueError as exc:  # zmtp.ProtocolError is a ValueError
                 # Only the supervisor writes here, so this is a bug on its side; after a broken frame
                 # the stream cannot be trusted, and waiting on it would hang the session: exit now.
                 print(f"corral agent {self.session_id}: protocol error on its connection: {exc}", file=sys.stderr)
@@ -77,7 +76,7 @@ class AgentLoop:
             if kind == p.SHUTDOWN:
                 self.stop()
                 return 0
-            self.handle(kind, req, body, frame[3] if len(frame) > 3 else 0)
+            self.handle(kind, req, body, sent_before)
 
     def stop(self) -> None:
         """Run the agent's ``on_stop`` (sync or async) and close the event loop, if one was made."""
@@ -145,18 +144,18 @@ class AgentLoop:
                 state = self.agent.snapshot() if self.agent is not None else {}
             finally:
                 self.busy = False
-            answer = p.DONE, {"reply": result, "state": state}
-            problem = p.reply_problem(answer[1])
+            answer = p.pack_done, result, state
+            problem = p.done_problem(result, state)
             if problem is not None:
-                answer = p.FAIL, {"code": p.AGENT_BAD_REPLY, "message": problem}
+                answer = p.pack_fail, p.AGENT_BAD_REPLY, problem
         except (KeyboardInterrupt, asyncio.CancelledError):
-            answer = p.FAIL, {"code": p.INTERRUPTED, "message": "the turn was interrupted"}
+            answer = p.pack_fail, p.INTERRUPTED, "the turn was interrupted"
         except UnknownCommand as exc:
-            answer = p.FAIL, {"code": p.UNKNOWN_COMMAND, "message": f"unknown command: {exc}"}
+            answer = p.pack_fail, p.UNKNOWN_COMMAND, f"unknown command: {exc}"
         except BadRequest as exc:
-            answer = p.FAIL, {"code": p.BAD_REQUEST, "message": str(exc)}
+            answer = p.pack_fail, p.BAD_REQUEST, str(exc)
         except UpstreamError as exc:
-            answer = p.FAIL, {"code": p.UPSTREAM_ERROR, "message": str(exc)}
+            answer = p.pack_fail, p.UPSTREAM_ERROR, str(exc)
         except MemoryError:
             self._die(req, p.AGENT_OOM, "the agent ran out of memory", OOM_EXIT_CODE)
         except Exception:
@@ -166,9 +165,9 @@ class AgentLoop:
             self._die(req, p.AGENT_CRASHED, "the agent raised an exception", 1)
         set_title(agent_title(self.session_id, self.tenant, False))
         try:
-            self.send(answer[0], req, answer[1])
+            self.send(answer[0], req, *answer[1:])
         except (TypeError, ValueError, OverflowError) as exc:  # what msgpack cannot pack (e.g. a lone surrogate)
-            self.send(p.FAIL, req, {"code": p.AGENT_BAD_REPLY, "message": f"the agent's answer cannot be sent: {exc}"})
+            self.send(p.pack_fail, req, p.AGENT_BAD_REPLY, f"the agent's answer cannot be sent: {exc}")
 
     def dispatch(self, kind: int, req: int, body):
         """Call the hook for this kind of message; stream chunks as they come."""
@@ -185,16 +184,15 @@ class AgentLoop:
     def call_hook(self, kind: int, body):
         """Call the hook for a message other than a chat message; return what it returned."""
         if kind == p.START:
-            body = body or {}
-            self.agent = self.agent_cls(self.session_id, self.tenant, body.get("metadata") or {})
-            return self.agent.on_start(body.get("history") or [])
+            history, metadata = p.start_fields(body)
+            self.agent = self.agent_cls(self.session_id, self.tenant, metadata)
+            return self.agent.on_start(history)
         if self.agent is None:
             raise RuntimeError("message before START")
         if kind == p.SYSTEM:
             return self.agent.on_system(body)
         if kind == p.COMMAND:
-            body = body if isinstance(body, dict) else {}
-            return self.agent.on_command(str(body.get("command", "")), body.get("args"))
+            return self.agent.on_command(*p.command_fields(body))
         raise BadRequest(f"unknown message kind {kind}")
 
     def stream(self, req: int, result) -> str:
@@ -202,7 +200,7 @@ class AgentLoop:
         chunks = []
         for chunk in iter_reply(result):
             chunks.append(chunk)
-            self.send(p.CHUNK, req, chunk)
+            self.send(p.pack_chunk, req, chunk)
         return "".join(chunks)
 
     async def _reply_async(self, req: int, result) -> str:
@@ -218,7 +216,7 @@ class AgentLoop:
             async for chunk in result:
                 chunk = str(chunk)
                 chunks.append(chunk)
-                self.send(p.CHUNK, req, chunk)
+                self.send(p.pack_chunk, req, chunk)
         finally:
             if hasattr(result, "aclose"):
                 await result.aclose()  # the agent's clean-up runs now, in this turn, not at some GC
@@ -257,7 +255,7 @@ class AgentLoop:
     def _die(self, req: int, code: str, message: str, exit_code: int):
         """Tell the supervisor why, then exit at once."""
         try:
-            self.send(p.FAIL, req, {"code": code, "message": message})
+            self.send(p.pack_fail, req, code, message)
             self.sock.close()  # the frame is already in the supervisor's receive queue
         finally:
             sys.stderr.flush()

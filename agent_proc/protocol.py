@@ -1,11 +1,17 @@
-"""The wire format between the supervisor's ROUTER and each agent's DEALER.
+"""The wire format between the supervisor's ROUTER and each agent's DEALER: this module is its one owner.
 
-Every frame is one msgpack array. Supervisor -> agent: ``[kind, req_id, body, interrupts]``,
+Every frame is one msgpack array. Supervisor -> agent (a *request*): ``[kind, req_id, body, interrupts]``,
 where ``interrupts`` counts the SIGINTs the supervisor had sent this process when it sent the frame
 (so a SIGINT that lands before the agent picks the turn up still interrupts that turn).
-Agent -> supervisor: ``[kind, req_id, body]``. No token: each agent has its own connection,
+Agent -> supervisor (a *reply*): ``[kind, req_id, body]``. No token: each agent has its own connection,
 made at spawn, so the supervisor knows whose frame it is by where it came from.
 Kinds are small ints: they are packed on every message of the hot path.
+
+Both sides build and read frames only through the functions below: ``pack_request``/``unpack_request``
+and ``pack_reply``/``unpack_reply`` lay the arrays out, and each kind's body has its own builder
+(``start_body``, ``command_body``, ``pack_ready``, ``pack_chunk``, ``pack_done``, ``pack_fail``, ...).
+The unpacked frames are plain tuples (they are read on the hot path): ``(kind, req, body, interrupts)``
+and ``(kind, req, body)``.
 """
 
 import math
@@ -45,30 +51,119 @@ PROTOCOL_ERROR_EXIT_CODE = 3
 _packer = msgpack.Packer(use_bin_type=True)
 
 
-def pack(frame) -> bytes:
-    """Encode one frame."""
-    return _packer.pack(frame)
+def check_encodable(value) -> None:
+    """Raise TypeError, ValueError or OverflowError if msgpack cannot carry ``value`` in a frame's body."""
+    _packer.pack(value)
 
 
-def unpack(data: bytes):
-    """Decode one frame; raises ValueError on anything that is not a msgpack array."""
+def _unpack_array(data: bytes, least: int) -> list:
+    """Decode one frame into its array; raises ValueError on garbage or an array of fewer than ``least`` items."""
     try:
         frame = msgpack.unpackb(data, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise ValueError(f"undecodable frame: {exc}") from None
     if not isinstance(frame, list):
         raise ValueError("frame is not an array")
+    if len(frame) < least:
+        raise ValueError(f"frame has {len(frame)} items, not {least}")
     return frame
+
+
+# supervisor -> agent
+
+
+def pack_request(kind: int, req: int, body, interrupts: int = 0) -> bytes:
+    """Encode a frame for an agent (START, MESSAGE, SYSTEM, COMMAND, SHUTDOWN)."""
+    return _packer.pack([kind, req, body, interrupts])
+
+
+def pack_shutdown(interrupts: int = 0) -> bytes:
+    """The SHUTDOWN frame: the agent runs on_stop and exits 0."""
+    return pack_request(SHUTDOWN, 0, None, interrupts)
+
+
+def start_body(history: list, metadata: dict) -> dict:
+    """START's body: the session's history so far and its metadata."""
+    return {"history": history, "metadata": metadata}
+
+
+def start_fields(body) -> tuple[list, dict]:
+    """START's (history, metadata), empty where the body leaves them out."""
+    body = body or {}
+    return body.get("history") or [], body.get("metadata") or {}
+
+
+def command_body(command: str, args) -> dict:
+    """COMMAND's body: the command's name and its arguments."""
+    return {"command": command, "args": args}
+
+
+def command_fields(body) -> tuple[str, object]:
+    """COMMAND's (command, args); an empty name for a body that is not a map."""
+    body = body if isinstance(body, dict) else {}
+    return str(body.get("command", "")), body.get("args")
+
+
+def unpack_request(data: bytes) -> tuple[int, int, object, int]:
+    """Decode a frame from the supervisor as (kind, req, body, interrupts); raises ValueError on a broken one."""
+    frame = _unpack_array(data, 3)
+    return frame[0], frame[1], frame[2], frame[3] if len(frame) > 3 else 0
+
+
+# agent -> supervisor
+
+
+def pack_reply(kind: int, req: int, body) -> bytes:
+    """Encode a frame for the supervisor (READY, CHUNK, DONE, FAIL)."""
+    return _packer.pack([kind, req, body])
+
+
+def pack_ready(pid: int) -> bytes:
+    """READY: the agent's process is up and reads its mailbox."""
+    return pack_reply(READY, 0, {"pid": pid})
+
+
+def pack_chunk(req: int, text) -> bytes:
+    """CHUNK: one streamed piece of the reply to ``req``."""
+    return pack_reply(CHUNK, req, text)
+
+
+def pack_done(req: int, reply, state) -> bytes:
+    """DONE: ``req`` is answered with ``reply``; ``state`` is the agent's snapshot()."""
+    return pack_reply(DONE, req, {"reply": reply, "state": state})
+
+
+def pack_fail(req: int, code: str, message: str) -> bytes:
+    """FAIL: ``req`` ended with an error (one of the FAIL codes above)."""
+    return pack_reply(FAIL, req, fail_body(code, message))
+
+
+def fail_body(code: str, message: str) -> dict:
+    """FAIL's body (the supervisor also fails turns with one of its own)."""
+    return {"code": code, "message": message}
+
+
+def unpack_reply(data: bytes) -> tuple[int, int, object]:
+    """Decode a frame from an agent as (kind, req, body); raises ValueError on anything but a 3-item array."""
+    frame = _unpack_array(data, 3)
+    if len(frame) != 3:
+        raise ValueError(f"frame has {len(frame)} items, not 3")
+    return frame[0], frame[1], frame[2]
 
 
 def reply_problem(body) -> str | None:
     """Why a DONE body cannot reach an HTTP client as JSON, or None when it can (the result and the state)."""
     if not isinstance(body, dict):
         return "the agent's answer is not a map"
-    problem = json_problem(body.get("reply"))
+    return done_problem(body.get("reply"), body.get("state"))
+
+
+def done_problem(reply, state) -> str | None:
+    """Why a DONE's result or state cannot reach an HTTP client as JSON, or None when they can."""
+    problem = json_problem(reply)
     if problem is not None:
         return f"the agent's result holds {problem}, which JSON cannot carry"
-    problem = json_problem(body.get("state"))
+    problem = json_problem(state)
     if problem is not None:
         return f"the agent's snapshot() holds {problem}, which JSON cannot carry"
     return None

@@ -91,7 +91,7 @@ class Hub:
             self.drop(rid, "malformed frame")
             return
         try:
-            kind, req, body = p.unpack(parts[0])
+            kind, req, body = p.unpack_reply(parts[0])
         except (ValueError, TypeError):
             self.drop(rid, "undecodable frame")
             return

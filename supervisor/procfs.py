@@ -1,4 +1,4 @@
-"""The one reader of /proc/PID/stat (limits.py and procstats.py both need fields of it)."""
+"""The one reader of /proc/PID/stat (cgroupfs.py and procstats.py both need fields of it)."""
 
 # Field numbers of proc(5) minus 3: the list starts after "pid (comm) ".
 STATE, UTIME, STIME, NUM_THREADS, STARTTIME, RSS = 0, 11, 12, 17, 19, 21

@@ -181,7 +181,7 @@ class Supervisor(Lifecycle, Activation):
 
     async def command(self, s: Session, command: str, args) -> dict:
         """Run an agent command and wait for its result."""
-        turn = await self.submit(s, p.COMMAND, {"command": command, "args": args})
+        turn = await self.submit(s, p.COMMAND, p.command_body(command, args))
         return await self.complete(s, turn)
 
     async def submit(self, s: Session, kind: int, body, *, on_chunk=None, record_as: str | None = None) -> Turn:

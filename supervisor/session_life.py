@@ -128,7 +128,7 @@ class SessionLife(Turns):
             await self._fork()
             await asyncio.wait_for(asyncio.shield(self.ready), self.sup.config.spawn_timeout)
             self._still_starting()  # it may have died between READY and now
-            start = self._send(p.START, {"history": history, "metadata": s.metadata}, None)
+            start = self._send(p.START, p.start_body(history, s.metadata), None)
             await asyncio.wait_for(asyncio.shield(start.future), self.sup.config.spawn_timeout)
         except asyncio.TimeoutError as exc:
             await self._spawn_failed(exc)
@@ -266,7 +266,7 @@ class SessionLife(Turns):
         if force:
             self.send_signal(signal.SIGKILL)
         else:
-            self.sup.hub.send(self.routing_id, p.pack([p.SHUTDOWN, 0, None, self.interrupts]))
+            self.sup.hub.send(self.routing_id, p.pack_shutdown(self.interrupts))
             loop = asyncio.get_running_loop()
             self.timers["term"] = loop.call_later(self.sup.config.stop_timeout / 2, self.send_signal, signal.SIGTERM)
             self.timers["kill"] = loop.call_later(self.sup.config.stop_timeout, self.send_signal, signal.SIGKILL)

@@ -124,7 +124,7 @@ class Turns:
                 if len(body.encode()) > self.sup.config.max_message_bytes:
                     raise errors.TooLarge(f"message is over max_message_bytes ({self.sup.config.max_message_bytes})")
             else:
-                p.pack(body)
+                p.check_encodable(body)
         except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
             raise errors.BadRequest(f"the message cannot be encoded for the agent: {exc}") from None
         if s.inflight >= self.sup.config.mailbox_size:
@@ -141,7 +141,7 @@ class Turns:
         turn = Turn(kind, asyncio.get_running_loop().create_future(), on_chunk)
         self.turns[req] = turn
         # If the agent is already gone, the frame is refused; its exit report fails the turn.
-        self.sup.hub.send(self.routing_id, p.pack([kind, req, body, self.interrupts]))
+        self.sup.hub.send(self.routing_id, p.pack_request(kind, req, body, self.interrupts))
         if s.state == states.IDLE:
             self.sup._transition(s, states.BUSY)
         return turn
@@ -194,7 +194,7 @@ class Turns:
         elif kind == p.DONE:
             problem = p.reply_problem(body)  # any ZeroMQ peer may be an agent: it is checked, not trusted
             if problem is not None:
-                self._fail_turn(req, {"code": p.AGENT_BAD_REPLY, "message": problem})
+                self._fail_turn(req, p.fail_body(p.AGENT_BAD_REPLY, problem))
                 return
             turn = self.turns.get(req)
             if turn is not None and turn.kind == p.MESSAGE and not turn.chunks and body.get("reply"):

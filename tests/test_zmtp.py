@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 
+import msgpack
 import pytest
 import zmq
 
@@ -113,13 +114,13 @@ async def test_hub_talks_to_a_libzmq_dealer(tmp_path):
     sock.connect(endpoint[len("ipc://"):])
     await hub.attach(b"s1/x", sock)
     try:
-        hello = p.pack([p.READY, 0, {"pid": 1}])
+        hello = p.pack_ready(1)
         dealer.send(hello)
         assert await asyncio.wait_for(got, 10) == len(hello)
         assert frames == [(b"s1/x", p.READY, 0, {"pid": 1})]
-        assert hub.send(b"s1/x", p.pack([p.MESSAGE, 7, "hi", 0]))
+        assert hub.send(b"s1/x", p.pack_request(p.MESSAGE, 7, "hi"))
         assert not hub.send(b"nobody", b"x")
-        assert p.unpack(await asyncio.to_thread(dealer.recv)) == [p.MESSAGE, 7, "hi", 0]
+        assert p.unpack_request(await asyncio.to_thread(dealer.recv)) == (p.MESSAGE, 7, "hi", 0)
         assert abuses == []
     finally:
         dealer.close(linger=0)
@@ -216,7 +217,7 @@ class _InterruptingSocket:
         self.frames = []
 
     def send(self, data: bytes) -> None:
-        frame = p.unpack(data)
+        frame = p.unpack_reply(data)
         if frame[0] == p.CHUNK and len(self.frames) == 1:
             signal.raise_signal(signal.SIGINT)  # its handler runs inside this send
         self.frames.append(frame)
@@ -292,3 +293,27 @@ async def test_an_agent_exits_at_once_on_a_protocol_error(frame):
         assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == p.PROTOCOL_ERROR_EXIT_CODE
     finally:
         ours.close()
+
+
+@pytest.mark.parametrize("packed, layout", [
+    (p.pack_request(p.START, 1, p.start_body([{"role": "user", "content": "hi"}], {"k": 1}), 2),
+     [p.START, 1, {"history": [{"role": "user", "content": "hi"}], "metadata": {"k": 1}}, 2]),
+    (p.pack_request(p.COMMAND, 4, p.command_body("facts", {"a": 1}), 0), [p.COMMAND, 4, {"command": "facts", "args": {"a": 1}}, 0]),
+    (p.pack_shutdown(3), [p.SHUTDOWN, 0, None, 3]),
+    (p.pack_ready(42), [p.READY, 0, {"pid": 42}]),
+    (p.pack_chunk(5, "piece"), [p.CHUNK, 5, "piece"]),
+    (p.pack_done(5, "whole", {"n": 1}), [p.DONE, 5, {"reply": "whole", "state": {"n": 1}}]),
+    (p.pack_fail(5, p.INTERRUPTED, "stop"), [p.FAIL, 5, {"code": p.INTERRUPTED, "message": "stop"}]),
+])
+def test_each_frame_kind_has_the_documented_layout(packed, layout):
+    """The wire bytes are the msgpack array the protocol documents, and the other side reads them back."""
+    assert packed == msgpack.packb(layout, use_bin_type=True)
+    unpack = p.unpack_request if len(layout) == 4 else p.unpack_reply
+    assert unpack(packed) == tuple(layout)
+
+
+@pytest.mark.parametrize("data", [b"\xc1", msgpack.packb("abc"), msgpack.packb([p.CHUNK, 1]), msgpack.packb([p.DONE, 1, {}, 0])])
+def test_a_broken_reply_frame_is_refused(data):
+    """Garbage, a non-array, too few or too many items: the hub drops the frame (ValueError)."""
+    with pytest.raises(ValueError):
+        p.unpack_reply(data)

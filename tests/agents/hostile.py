@@ -51,7 +51,7 @@ class Flooder(DemoAgent):
         sock = _own_dealer()
         payload = "x" * int(args.get("bytes", 64))
         for i in range(frames):
-            sock.send(p.pack([p.CHUNK, 10**9 + i, payload]))
+            sock.send(p.pack_chunk(10**9 + i, payload))
         return {"sent": frames}
 
     def cmd_raw_flood(self, args):
@@ -60,7 +60,7 @@ class Flooder(DemoAgent):
         kind = args.get("kind", "empty")
         one = {
             "empty": zmtp.frame(b""),
-            "chunk": zmtp.frame(p.pack([p.CHUNK, _current_req(), ""])),
+            "chunk": zmtp.frame(p.pack_chunk(_current_req(), "")),
             "ping": zmtp.command(b"PING", b"\x00\x10" + b"c" * 16),  # the most context the spec allows
             "big_ping": zmtp.command(b"PING", b"\x00\x10" + b"c" * 65_536),
         }[kind]
@@ -76,7 +76,7 @@ class Flooder(DemoAgent):
         """Answer request ids ``low`` to ``high`` (another session's turns) on our own connection."""
         sock = _own_dealer()
         for req in range(int(args["low"]), int(args["high"])):
-            sock.send(p.pack([p.DONE, req, {"reply": f"spoofed by {self.session_id}", "state": {}}]))
+            sock.send(p.pack_done(req, f"spoofed by {self.session_id}", {}))
         return {"sent": int(args["high"]) - int(args["low"])}
 
     def cmd_find_doors(self, args):
