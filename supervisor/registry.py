@@ -2,9 +2,10 @@
 
 ``Supervisor`` is to a session's ``SessionLife`` (supervisor/session_life.py) what jupyter_client's
 ``MultiKernelManager`` is to a ``KernelManager``: it holds the indexes (by id, by pid, by routing
-id), capacity and quotas, get-or-create and find (asking the cluster directory where a session
+id), capacity and quotas, get-or-create (asking the cluster directory where a session
 lives: supervisor/cluster/), start and close of the shared parts (store, hub, spawner, limiter,
 sandbox), retention, counters and health, and ``_transition``, the one place a state changes.
+What the routes ask (find, history, end, stats) is ``Queries`` (supervisor/queries.py).
 Everything that happens to one session's process is its ``SessionLife``'s.
 
 One asyncio loop, no threads of its own, no per-session polling: agent frames arrive through
@@ -28,6 +29,7 @@ from corral.supervisor.events import EventBus
 from corral.supervisor.hub import Hub
 from corral.supervisor.logs import debug_enabled, get_logger
 from corral.supervisor.node import node_name
+from corral.supervisor.queries import Queries
 from corral.supervisor.reaper import Reaper
 from corral.supervisor.restarts import RestartPolicy
 from corral.supervisor.session import Session, TokenBucket, Turn, bad_session_id, new_session_id, valid_session_id
@@ -41,7 +43,7 @@ log = get_logger(component="supervisor")
 _TURN_STATES = (states.IDLE, states.BUSY)
 
 
-class Supervisor(Lifecycle, Activation):
+class Supervisor(Lifecycle, Activation, Queries):
     """Owns every session of one corral server."""
 
     def __init__(self, config: Config, *, store=None, claim=None, events: EventBus | None = None,
@@ -105,16 +107,6 @@ class Supervisor(Lifecycle, Activation):
         if s.tenant != tenant:
             raise errors.SessionNotFound(f"no session {session_id}")
         return s
-
-    async def find(self, session_id: str):
-        """The live Session, else the stored record, else None; never spawns or registers."""
-        if not valid_session_id(session_id):
-            return None
-        found = self.sessions.get(session_id)
-        if found is None or (not found.live and self.directory.fenced):
-            record = await self._placed(session_id)
-            found = found or record
-        return found
 
     def _register(self, session_id: str, tenant: str, metadata, record) -> Session:
         """Put a session object in the registry."""

@@ -100,21 +100,3 @@ class Session:
     def idle_seconds(self) -> float:
         """Seconds since the last message in or out."""
         return max(0.0, time.monotonic() - self.last_activity)
-
-    def describe(self) -> dict:
-        """The session as the APIs show it."""
-        return {
-            "session_id": self.id,
-            "tenant": self.tenant,
-            "state": self.state,
-            "pid": self.pid,
-            "created_at": self.created_at,
-            "idle_seconds": round(self.idle_seconds(), 3),
-            "age_seconds": round(time.monotonic() - self.spawned_at, 3) if self.spawned_at and self.live else None,
-            "message_count": self.message_count,
-            "restarts": len(self.restarts),
-            "is_processing": self.is_processing,
-            "end_reason": self.end_reason,
-            "exit": self.exit_description,
-            "metadata": self.metadata,
-        }

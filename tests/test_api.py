@@ -142,6 +142,18 @@ async def test_sessions_create_inspect_end_purge(client):
     await assert_error(await client.get("/api/sessions/s-new"), 404, "session_not_found")
 
 
+
+async def test_delete_records_the_end_of_a_session_a_gone_server_left_live(client):
+    """A session stored live by a server that is gone (no process anywhere) ends when its owner deletes it."""
+    sup = supervisor_of(client)
+    await sup.store.upsert_session("s-left", tenant="default", agent="gone:Agent", status="idle", node="gone-node")
+    assert (await json_of(await client.get("/api/sessions/s-left"), 200))["state"] == "idle"
+    ended = await json_of(await client.delete("/api/sessions/s-left"), 200)
+    assert ended == {"session_id": "s-left", "state": "ended", "purged": False}
+    record = await sup.store.get_session("s-left")
+    assert record.status == "ended" and record.end_reason == "ended" and record.ended_at is not None
+    assert "s-left" not in sup.sessions  # nothing was started or registered for it
+
 # ---------------------------------------------------------------- errors, provoked for real
 
 

@@ -286,12 +286,12 @@ async def test_http_history_survives_every_way_a_process_goes(start_app):
         resp = await http_command(client, sid, "allocate", {"mib": 256})
         assert resp.status == 502 and (await resp.json())["error"]["code"] == "agent_oom"
         await ask()
-    s = await sup.find(sid)
+    s = sup.sessions[sid]
     resp = await client.delete(f"/admin/sessions/{sid}")  # admin kill; history kept
     assert resp.status == 202
     await wait_for_state(sup, s, states.KILLED)
     await ask()
-    await wait_for_state(sup, await sup.find(sid), states.REAPED)
+    await wait_for_state(sup, sup.sessions[sid], states.REAPED)
     await ask()
     state = await (await client.get("/api/state", params={"session_id": sid})).json()
     assert [m["content"] for m in state["messages"][-2:]] == ["What is my name?", ALICE]

@@ -142,14 +142,12 @@ async def open_session(request: web.Request, body: dict | None = None, *, body_o
 
 
 async def find_session(request: web.Request, sid: str, *, missing_ok: bool = False):
-    """The tenant's session (live Session or stored record) without spawning; 404 if foreign or unknown.
+    """The tenant's session as a ``SessionView``, without spawning; 404 if foreign or unknown.
 
     With ``missing_ok`` an unknown id gives None instead: the seed routes treat it as a new session.
     """
-    found = await request.app[SUPERVISOR].find(checked_session_id(sid))
-    if found is None and missing_ok:
-        return None
-    if found is None or found.tenant != tenant_of(request):
+    found = await request.app[SUPERVISOR].find(checked_session_id(sid), tenant_of(request))
+    if found is None and not missing_ok:
         raise errors.SessionNotFound(f"no session {sid}")
     return found
 

@@ -6,20 +6,16 @@ also asks every other live node for its own live sessions (web/forward.py), so a
 every process with its pid and memory.
 """
 
-from collections import Counter
-
 from aiohttp import web
 
 from corral.supervisor import errors, states
-from corral.supervisor.session import Session
+from corral.supervisor.views import LIVE_FILTER, SessionView
 from corral.web import forward, paths
 from corral.web.requests import checked_session_id, query_bool, query_int
 from corral.web.views import admin_row
 from corral.web.keys import BACKGROUND, PROCSTATS, SUPERVISOR
 
 routes = web.RouteTableDef()
-
-LIVE_FILTER = "live"  # ?state=live: every state that has a process
 
 
 @routes.get(paths.ADMIN_SESSIONS)
@@ -42,29 +38,16 @@ async def _rows(request: web.Request, tenant: str | None, state: str | None, wan
     """Rows ``offset .. offset+want`` of memory and store merged, newest first (live: from every node)."""
     app = request.app
     sup = app[SUPERVISOR]
-    held = sup.list_sessions()
-    rows = [{**admin_row(s, app.get(PROCSTATS)), "node": sup.node} for s in held if _matches(s, tenant, state)]
+    rows = [{**admin_row(v, app.get(PROCSTATS)), "node": v.node} for v in sup.held_views(tenant, state)]
     if state == LIVE_FILTER and forward.FORWARDED_BY not in request.headers:
         rows += await forward.live_rows_elsewhere(request, tenant, offset + want)
     if state != LIVE_FILTER:
-        # Enough stored rows that, after dropping the ones memory already shows, offset+want remain.
-        stored = await sup.store.list_sessions(tenant=tenant, status=state, limit=offset + want + len(held))
-        held_ids = {s.id for s in held}
-        rows += [admin_row(r) for r in stored if r.id not in held_ids]
+        rows += [admin_row(v) for v in await sup.stored_views(tenant, state, offset + want)]
     rows.sort(key=lambda row: (-row["created_at"], row["session_id"]))
     return rows[offset : offset + want]
 
 
-def _matches(s: Session, tenant: str | None, state: str | None) -> bool:
-    """Whether an in-memory session passes the list filters."""
-    if tenant is not None and s.tenant != tenant:
-        return False
-    if state == LIVE_FILTER:
-        return s.live
-    return state is None or s.state == state
-
-
-async def _found(request: web.Request):
+async def _found(request: web.Request) -> SessionView:
     """The session named in the path (memory, else store), any tenant; 404 if unknown."""
     sid = checked_session_id(request.match_info["session_id"])
     found = await request.app[SUPERVISOR].find(sid)
@@ -77,8 +60,7 @@ async def _found(request: web.Request):
 async def get_session(request: web.Request) -> web.Response:
     """One session's row."""
     found = await _found(request)
-    node = {"node": request.app[SUPERVISOR].node} if isinstance(found, Session) else {}
-    return web.json_response({**admin_row(found, request.app.get(PROCSTATS)), **node})
+    return web.json_response({**admin_row(found, request.app.get(PROCSTATS)), "node": found.node})
 
 
 @routes.get(paths.ADMIN_SESSION_LOGS)
@@ -103,61 +85,30 @@ async def kill_session(request: web.Request) -> web.Response:
     ``?purge=true`` also deletes the session's messages and record.
     """
     purge = query_bool(request, "purge")
-    found = await _found(request)
-    sup = request.app[SUPERVISOR]
-    if isinstance(found, Session) and found.live:
-        request.app[BACKGROUND].spawn(_kill(sup, found, purge))
+    sid = checked_session_id(request.match_info["session_id"])
+    found, stopping = await request.app[SUPERVISOR].discard(sid, purge=purge, run=request.app[BACKGROUND].spawn)
+    if stopping:
         return web.json_response({**admin_row(found), "state": states.STOPPING}, status=202)
-    if isinstance(found, Session):
-        await sup.remove(found, purge=purge)
-    elif purge:
-        await sup.store.delete_session(found.id)
     return web.json_response({**admin_row(found), "purged": purge})
-
-
-async def _kill(sup, s: Session, purge: bool) -> None:
-    """Kill the session's process, then delete its data if asked."""
-    await sup.kill(s)
-    if purge:
-        await sup.remove(s, purge=True)
 
 
 @routes.post(paths.ADMIN_SESSION_INTERRUPT)
 async def interrupt_session(request: web.Request) -> web.Response:
     """Interrupt the session's turn in progress, if any."""
     found = await _found(request)
-    done = isinstance(found, Session) and request.app[SUPERVISOR].interrupt(found)
-    return web.json_response({"session_id": found.id, "state": admin_row(found)["state"], "interrupted": done})
+    done = request.app[SUPERVISOR].interrupt_turn(found.id)
+    return web.json_response({"session_id": found.id, "state": found.state, "interrupted": done})
 
 
 @routes.get(paths.ADMIN_STATS)
 async def stats(request: web.Request) -> web.Response:
     """Totals from the store (sessions, active, messages, averages, per tenant) and this node's live view."""
     sup = request.app[SUPERVISOR]
-    stored = await sup.store.stats()
-    by_state = Counter(s.state for s in sup.list_sessions() if s.state is not None)
-    quotas = sup.tenant_limits
-    by_tenant = stored["by_tenant"]  # every live session was recorded before it was spawned
-    for tenant, entry in by_tenant.items():
-        entry["live"] = sup.live_by_tenant.get(tenant, 0)
-        entry["max_sessions"] = quotas.get(tenant) or sup.config.max_sessions_per_tenant or None
     return web.json_response({
-        **stored,
-        "live_sessions": sup.count(),
-        "max_sessions": sup.config.max_sessions,
-        "by_state": dict(by_state),
-        "by_tenant": by_tenant,
-        "counters": dict(sup.counters),
+        **await sup.stats(),
         **_agent_memory(request.app.get(PROCSTATS)),
-        **await _cluster_totals(sup),
+        **await sup.cluster_totals(),
     })
-
-
-async def _cluster_totals(sup) -> dict:
-    """This node's name and, across the cluster, the live nodes and their live sessions."""
-    nodes = [n for n in await sup.cluster_nodes() if n.get("alive")]
-    return {"node": sup.node, "cluster": {
-        "nodes": len(nodes), "live_sessions": sum(n.get("live_sessions") or 0 for n in nodes)}}
 
 
 def _agent_memory(procstats) -> dict:

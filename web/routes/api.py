@@ -9,10 +9,10 @@ unknown id. Every route answers 404 for another tenant's session.
 from aiohttp import web
 
 from corral.agent_proc import protocol as p
-from corral.supervisor import errors, states
-from corral.supervisor.session import Session
+from corral.supervisor import errors
 from corral.web import paths
 from corral.web.requests import (
+    checked_session_id,
     field,
     find_session,
     json_body,
@@ -22,6 +22,7 @@ from corral.web.requests import (
     query_int,
     requested_session_id,
     session_response,
+    tenant_of,
 )
 from corral.web.views import message_view, new_session_view, session_detail, session_view
 from corral.web.keys import SUPERVISOR
@@ -36,10 +37,9 @@ async def state(request: web.Request) -> web.Response:
     """The session's messages (from the store), ``is_processing`` and agent state; never spawns."""
     sid = requested_session_id(request)
     limit = query_int(request, paths.STATE_LIMIT)
-    found = await find_session(request, sid, missing_ok=True)
+    found, history = await request.app[SUPERVISOR].history(sid, tenant_of(request), limit=limit)
     if found is None:
         return session_response(new_session_view(sid, messages=[]), sid)
-    history = await request.app[SUPERVISOR].store.history(sid, limit=limit)
     return session_response(session_view(found, messages=[message_view(m) for m in history]), sid)
 
 
@@ -51,7 +51,7 @@ async def interrupt(request: web.Request) -> web.Response:
     found = await find_session(request, sid, missing_ok=True)
     if found is None:
         return session_response(new_session_view(sid, interrupted=False), sid)
-    done = isinstance(found, Session) and request.app[SUPERVISOR].interrupt(found)
+    done = request.app[SUPERVISOR].interrupt_turn(found.id)
     return session_response(session_view(found, interrupted=done), sid)
 
 
@@ -61,8 +61,9 @@ async def system(request: web.Request) -> web.Response:
     body = await json_body(request)
     message = message_of(body)
     s = await open_session(request, body)
-    result = await request.app[SUPERVISOR].system(s, message)
-    return session_response(session_view(s, status=result["status"], reply=result.get("reply")), s.id)
+    sup = request.app[SUPERVISOR]
+    result = await sup.system(s, message)
+    return session_response(session_view(sup.view(s), status=result["status"], reply=result.get("reply")), s.id)
 
 
 @routes.post(paths.MCP_COMMAND)
@@ -73,8 +74,9 @@ async def mcp_command(request: web.Request) -> web.Response:
     args = body.get("args")
     check_packable("args", args)
     s = await open_session(request, body)
-    result = await request.app[SUPERVISOR].command(s, command, args)
-    return session_response(session_view(s, status=result["status"], result=result.get("reply")), s.id)
+    sup = request.app[SUPERVISOR]
+    result = await sup.command(s, command, args)
+    return session_response(session_view(sup.view(s), status=result["status"], result=result.get("reply")), s.id)
 
 
 @routes.post(paths.SESSIONS)
@@ -83,8 +85,9 @@ async def create_session(request: web.Request) -> web.Response:
     body = await json_body(request)
     s = await open_session(request, body, body_only=True)
     was_live = s.live
-    await request.app[SUPERVISOR].ensure_live(s)
-    response = session_response(session_detail(s), s.id, status=200 if was_live else 201)
+    sup = request.app[SUPERVISOR]
+    await sup.ensure_live(s)
+    response = session_response(session_detail(sup.view(s)), s.id, status=200 if was_live else 201)
     response.headers["Location"] = f"/api/sessions/{s.id}"
     return response
 
@@ -103,17 +106,9 @@ async def delete_session(request: web.Request) -> web.Response:
     A session that crashed keeps its restart budget: only an admin can clear a ``failed`` one.
     """
     purge = query_bool(request, "purge")
-    found = await find_session(request, request.match_info["session_id"])
-    sup = request.app[SUPERVISOR]
-    if isinstance(found, Session) and found.live:
-        await sup.remove(found, purge=purge)
-    elif purge:
-        await sup.store.delete_session(found.id)
-    elif not isinstance(found, Session) and found.ended_at is None:
-        # Live on a node that is gone: record the end so retention applies.
-        await sup.store.set_status(found.id, states.ENDED, end_reason=states.ENDED, ended=True)
-        found.status = states.ENDED
-    return web.json_response({"session_id": found.id, "state": session_view(found)["state"], "purged": purge})
+    sid = checked_session_id(request.match_info["session_id"])
+    state = await request.app[SUPERVISOR].end(sid, tenant_of(request), purge=purge)
+    return web.json_response({"session_id": sid, "state": state, "purged": purge})
 
 
 def check_packable(name: str, value, depth: int = 0) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from corral.supervisor.views import LIVE_FILTER
 from corral.web import forward, paths
 from corral.web.monitoring import refresh_figures
 from corral.web.sse import CLOSE, SSE_HEADERS, format_event, serve_queue
@@ -122,7 +123,7 @@ async def _send_snapshot(request: web.Request, response: web.StreamResponse) -> 
     await refresh_figures(request.app)
     stats = request.app.get(PROCSTATS)
     sup = request.app[SUPERVISOR]
-    sessions = [{**admin_row(s, stats), "node": sup.node} for s in sup.list_sessions() if s.live]
+    sessions = [{**admin_row(v, stats), "node": v.node} for v in sup.held_views(state=LIVE_FILTER)]
     if sup.membership is not None:
         sessions += await forward.live_rows_elsewhere(request, None, 1000)
     await _send(response, "sessions", {"sessions": sessions})
@@ -132,7 +133,7 @@ async def _send_figures(request: web.Request, response: web.StreamResponse) -> N
     """The process figures of every live session."""
     await refresh_figures(request.app)
     stats = request.app[PROCSTATS]
-    figures = {s.id: stats.for_session(s) for s in request.app[SUPERVISOR].list_sessions() if s.live}
+    figures = {v.id: stats.for_session(v) for v in request.app[SUPERVISOR].held_views(state=LIVE_FILTER)}
     await _send(response, "figures", {"figures": figures})
 
 
