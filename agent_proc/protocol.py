@@ -10,8 +10,8 @@ Kinds are small ints: they are packed on every message of the hot path.
 Both sides build and read frames only through the functions below: ``pack_request``/``unpack_request``
 and ``pack_reply``/``unpack_reply`` lay the arrays out, and each kind's body has its own builder
 (``start_body``, ``command_body``, ``pack_ready``, ``pack_chunk``, ``pack_done``, ``pack_fail``, ...).
-The unpacked frames are plain tuples (they are read on the hot path): ``(kind, req, body, interrupts)``
-and ``(kind, req, body)``.
+The unpacked frames are plain sequences (they are read on the hot path): ``(kind, req, body, interrupts)``
+and ``[kind, req, body]``.
 """
 
 import math
@@ -56,16 +56,14 @@ def check_encodable(value) -> None:
     _packer.pack(value)
 
 
-def _unpack_array(data: bytes, least: int) -> list:
-    """Decode one frame into its array; raises ValueError on garbage or an array of fewer than ``least`` items."""
+def _decode(data: bytes) -> list:
+    """Decode one frame into its array; raises ValueError on garbage or anything but an array."""
     try:
         frame = msgpack.unpackb(data, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise ValueError(f"undecodable frame: {exc}") from None
     if not isinstance(frame, list):
         raise ValueError("frame is not an array")
-    if len(frame) < least:
-        raise ValueError(f"frame has {len(frame)} items, not {least}")
     return frame
 
 
@@ -106,7 +104,9 @@ def command_fields(body) -> tuple[str, object]:
 
 def unpack_request(data: bytes) -> tuple[int, int, object, int]:
     """Decode a frame from the supervisor as (kind, req, body, interrupts); raises ValueError on a broken one."""
-    frame = _unpack_array(data, 3)
+    frame = _decode(data)
+    if len(frame) < 3:
+        raise ValueError(f"frame has {len(frame)} items, not 3 or more")
     return frame[0], frame[1], frame[2], frame[3] if len(frame) > 3 else 0
 
 
@@ -143,12 +143,15 @@ def fail_body(code: str, message: str) -> dict:
     return {"code": code, "message": message}
 
 
-def unpack_reply(data: bytes) -> tuple[int, int, object]:
-    """Decode a frame from an agent as (kind, req, body); raises ValueError on anything but a 3-item array."""
-    frame = _unpack_array(data, 3)
+def unpack_reply(data: bytes) -> list:
+    """Decode a frame from an agent as [kind, req, body]; raises ValueError on anything but a 3-item array.
+
+    It returns the decoded list itself, not a copy: the hub calls this for every frame an agent sends.
+    """
+    frame = _decode(data)
     if len(frame) != 3:
         raise ValueError(f"frame has {len(frame)} items, not 3")
-    return frame[0], frame[1], frame[2]
+    return frame
 
 
 def reply_problem(body) -> str | None:
