@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import multiprocess
@@ -106,7 +107,10 @@ class ZygoteSpawner:
         self.pid: int | None = None  # the zygote's
         self._pending: dict[int, asyncio.Future] = {}  # spawn id -> its pid, until the zygote reports it
         self._procs: dict[int, AgentProcess] = {}  # spawn id -> a launched process, until its exit
-        self._releases: set[asyncio.Task] = set()  # cgroups being emptied and removed off the loop
+        self._releases: set[asyncio.Future] = set()  # cgroups being emptied and removed off the loop
+        # One thread of its own for that, not the loop's default pool: that pool grows a thread per
+        # overlapping release (up to cpus + 4), which churn saw as the server's thread count creeping.
+        self._release_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corral-release")
         self._ids = itertools.count(1)
         self._ready: asyncio.Future | None = None
         self._closing = False
@@ -239,7 +243,7 @@ class ZygoteSpawner:
             self.sandbox.release(proc.sandbox)
             proc.sandbox = None
         if proc.limits:
-            task = asyncio.ensure_future(asyncio.to_thread(self.limiter.release, proc.limits))
+            task = asyncio.get_running_loop().run_in_executor(self._release_worker, self.limiter.release, proc.limits)
             self._releases.add(task)
             task.add_done_callback(self._releases.discard)
             proc.limits = None
@@ -254,6 +258,7 @@ class ZygoteSpawner:
         procs, self._procs = list(self._procs.values()), {}
         for proc in procs:
             self._exited(proc, ZYGOTE_DIED, "the zygote died")
+        self._release_worker.shutdown(wait=False)  # this spawner is done; what is queued still runs
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(SpawnError("the zygote exited during start-up"))
         if not self._closing:
@@ -284,6 +289,7 @@ class ZygoteSpawner:
             self.process = None
         if self._releases:
             await asyncio.wait(list(self._releases))
+        self._release_worker.shutdown(wait=False)
 
 
 def _consume(fut: asyncio.Future) -> None:
