@@ -1,6 +1,5 @@
 """The admin API over real HTTP: list, inspect, kill, interrupt, stats."""
 
-import asyncio
 import os
 
 import pytest

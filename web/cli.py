@@ -14,7 +14,6 @@ import socket
 import sys
 
 from corral.supervisor.config import Config, SettingError, settings
-from corral.supervisor.settings import env_name  # noqa: F401 (the CLI's naming of a setting's variable)
 from corral.web import ops_cli
 from corral.web.version import VERSION
 
