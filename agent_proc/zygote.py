@@ -19,7 +19,7 @@ import socket
 import sys
 import traceback
 
-from corral.agent_proc import sandbox
+from corral.agent_proc import sandbox, userns
 from corral.agent_proc.limits import apply_limits
 from corral.agent_proc.process import agent_title, arm_death_signal, die_with_parent, load_agent_class, set_title
 from corral.agent_proc.stdio import attach_stdio
@@ -47,6 +47,14 @@ def zygote_main(conn, fd_channel: socket.socket, agent_spec: str, supervisor_pid
     # dies, the death signal takes us).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    options = options or {}
+    try:
+        # Before the agent's imports: one may start a thread, and the kernel refuses a new user
+        # namespace to a process with more than one.
+        ns_init = _set_up_process_tree(conn, options)
+    except OSError as exc:
+        send_msg(conn, ("failed", f"cannot set up the sandbox: {exc}"))
+        return
     try:
         agent_cls = load_agent_class(agent_spec)
         import corral.agent_proc.main  # noqa: F401  pre-import what every child needs
@@ -54,11 +62,7 @@ def zygote_main(conn, fd_channel: socket.socket, agent_spec: str, supervisor_pid
     except Exception as exc:
         send_msg(conn, ("failed", f"cannot load agent {agent_spec}: {exc!r}"))
         return
-    options = options or {}
     try:
-        if options.get("subreaper"):
-            sandbox.set_subreaper()  # an agent's orphans come to us, not to init
-        ns_init = _enter_pid_namespace(conn) if options.get("pid_namespace") else None
         prebuilt = sandbox.prebuild(options)
     except OSError as exc:
         send_msg(conn, ("failed", f"cannot set up the sandbox: {exc}"))
@@ -67,13 +71,28 @@ def zygote_main(conn, fd_channel: socket.socket, agent_spec: str, supervisor_pid
     Zygote(conn, fd_channel, agent_cls, ns_init=ns_init, prebuilt=prebuilt).serve()
 
 
-def _enter_pid_namespace(conn) -> int:
+def _set_up_process_tree(conn, options: dict) -> int | None:
+    """Become the subreaper and enter the agents' namespaces, as the options say; the namespace init's pid."""
+    if options.get("subreaper"):
+        sandbox.set_subreaper()  # an agent's orphans come to us, not to init
+    if not options.get("pid_namespace"):
+        return None
+    return _enter_pid_namespace(conn, user_namespace=bool(options.get("user_namespace")))
+
+
+def _enter_pid_namespace(conn, *, user_namespace: bool = False) -> int:
     """Put every agent forked from now on in one new pid namespace, whose init we fork now.
 
     When that init dies (with us, by its death signal), the kernel kills every process in the
     namespace: agents, and whatever they setsid'ed or double-forked, even if the server was SIGKILLed.
+    With ``user_namespace`` (a server that is not root), the pid namespace is made inside a user
+    namespace of our own, and every capability that gave us is dropped before anything is forked.
     """
+    if user_namespace:
+        userns.enter_user_namespace()
     sandbox.unshare_pid_namespace()
+    if user_namespace:
+        userns.drop_every_capability()
     zygote_fd = os.pidfd_open(os.getpid())
     pid = os.fork()
     if pid == 0:

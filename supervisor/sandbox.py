@@ -17,6 +17,7 @@ import tempfile
 from collections import deque
 
 from corral.agent_proc import sandbox as layers
+from corral.agent_proc import userns
 
 __all__ = ["Sandbox", "SandboxRefused", "choose_sandbox", "parse_uid_range", "MODES", "DEFAULT_UID_RANGE"]
 
@@ -84,8 +85,9 @@ class Sandbox:
     prebuild = True
 
     def zygote_options(self) -> dict:
-        """What the zygote does once: a shared pid namespace for every agent, a subreaper, the prebuilt layers."""
-        options = {"pid_namespace": self.on("pid_namespace"), "subreaper": self.mode != "off"}
+        """What the zygote does once: the agents' pid namespace (in a user namespace unless root), a subreaper, the prebuilt layers."""
+        options = {"pid_namespace": self.on("pid_namespace"), "user_namespace": self.on("user_namespace"),
+                   "subreaper": self.mode != "off"}
         if self.mode != "off" and self.prebuild:
             options.update(prebuild=True, landlock=self._landlock_abi(), read_paths=self.read_paths,
                            device_paths=list(DEVICE_WRITE_PATHS), seccomp=self.on("seccomp"))
@@ -201,10 +203,11 @@ def probe_layers(*, root: bool, network: bool, uid_range: range) -> dict:
     table = {}
     table["uid"] = _layer(root, f"one uid per live session from {uid_range.start}-{uid_range.stop - 1}"
                           if root else "not running as root: agents share the server's uid")
-    table["capabilities"] = _layer(root, "bounding and ambient sets emptied; none after the uid drop"
-                                   if root else "not running as root: there are none to drop")
-    table["pid_namespace"] = _layer(root, "every agent in one pid namespace whose init dies with the zygote"
-                                    if root else "needs root (CAP_SYS_ADMIN)")
+    if root:
+        table["capabilities"] = _layer(True, "bounding and ambient sets emptied; none after the uid drop")
+        table["pid_namespace"] = _layer(True, "every agent in one pid namespace whose init dies with the zygote")
+    else:
+        table.update(_unprivileged_namespaces())
     table["no_new_privs"] = _layer(True, "prctl(PR_SET_NO_NEW_PRIVS)")
     abi = layers.landlock_abi()
     if abi:
@@ -228,6 +231,23 @@ def probe_layers(*, root: bool, network: bool, uid_range: range) -> dict:
     return table
 
 
+def _unprivileged_namespaces() -> dict:
+    """The user_namespace, capabilities and pid_namespace rows for a server that is not root (probed)."""
+    why_not = userns.probe()
+    if why_not is not None:
+        return {"user_namespace": _layer(False, why_not),
+                "capabilities": _layer(False, "not running as root and no user namespace: there are none to drop"),
+                "pid_namespace": _layer(False, f"needs root or a user namespace ({why_not})")}
+    return {
+        "user_namespace": _layer(True, "the zygote's own: the server's uid and gid mapped to themselves, setgroups "
+                                       "denied; made once, before the first agent"),
+        "capabilities": _layer(True, "the zygote drops every one its user namespace gave it before forking: "
+                                     "agents hold none"),
+        "pid_namespace": _layer(True, "every agent in one pid namespace (in the zygote's user namespace) whose "
+                                      "init dies with the zygote"),
+    }
+
+
 def _kernel_has_seccomp() -> bool:
     """Whether /proc/self/status reports a Seccomp field (CONFIG_SECCOMP)."""
     try:
@@ -238,9 +258,17 @@ def _kernel_has_seccomp() -> bool:
 
 
 def expected_layers(root: bool) -> list[str]:
-    """What ``strict`` demands: everything a host of this kind (root or not) should give."""
+    """What ``strict`` demands: everything a host of this kind (root or not) should give.
+
+    A server that is not root needs a user namespace for its pid namespace: demanded wherever the
+    kernel is built with them, even if a sysctl or a container's seccomp turns them off.
+    """
     base = ["no_new_privs", "landlock", "landlock_scope", "seccomp", "tmpdir"]
-    return (["uid", "capabilities", "pid_namespace"] + base) if root else base
+    if root:
+        return ["uid", "capabilities", "pid_namespace"] + base
+    if userns.kernel_has_user_namespaces():
+        return ["user_namespace", "capabilities", "pid_namespace"] + base
+    return base
 
 
 def choose_sandbox(mode: str, *, protected=(), network: bool = True, uid_range: range = DEFAULT_UID_RANGE,

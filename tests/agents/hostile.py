@@ -7,6 +7,7 @@ by its session id, so one supervisor can run a hostile session beside well-behav
 import os
 import signal
 import socket
+import struct
 import sys
 import time
 
@@ -183,6 +184,10 @@ class SlowAgent(DemoAgent):
         return super().on_message(text)
 
 
+CLONE_NEWUSER = 0x10000000
+CLONE_NR = {"x86_64": 56, "aarch64": 220}.get(os.uname().machine, -1)
+
+
 def _sleep_forever():
     """Block until killed."""
     while True:
@@ -302,6 +307,43 @@ class Escaper(DemoAgent):
                 os._exit(0)
             made += 1
         return {"forked": made}
+
+    def _new_user_namespace(self, args):
+        """Make a user namespace of its own (full capabilities in it): by unshare, then by clone."""
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(CLONE_NEWUSER) == 0:
+            return "unshare(CLONE_NEWUSER) succeeded"
+        refused = [f"unshare: {os.strerror(ctypes.get_errno())}"]
+        pid = libc.syscall(CLONE_NR, ctypes.c_ulong(CLONE_NEWUSER | signal.SIGCHLD), None, None, None, None)
+        if pid == 0:
+            os._exit(0)
+        if pid > 0:
+            os.waitpid(pid, 0)
+            return "clone(CLONE_NEWUSER) succeeded"
+        refused.append(f"clone: {os.strerror(ctypes.get_errno())}")
+        raise OSError(ctypes.get_errno(), "; ".join(refused))
+
+    def cmd_privileges(self, args):
+        """What this process holds: its ids, every capability set (by capget and prctl), no_new_privs, seccomp."""
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        header = ctypes.create_string_buffer(struct.pack("=Ii", 0x20080522, 0))  # _LINUX_CAPABILITY_VERSION_3
+        data = ctypes.create_string_buffer(24)
+        if libc.capget(header, data) != 0:
+            raise OSError(ctypes.get_errno(), "capget")
+        words = struct.unpack("=6I", data.raw)  # (effective, permitted, inheritable) for caps 0-31, then 32-63
+        last = max(cap for cap in range(64) if libc.prctl(23, cap, 0, 0, 0) >= 0)  # PR_CAPBSET_READ: EINVAL past the last
+        return {
+            "ids": [list(os.getresuid()), list(os.getresgid()), os.getgroups()],
+            "effective": words[0] | words[3] << 32, "permitted": words[1] | words[4] << 32,
+            "inheritable": words[2] | words[5] << 32,
+            "bounding": [cap for cap in range(last + 1) if libc.prctl(23, cap, 0, 0, 0) == 1],
+            "ambient": [cap for cap in range(last + 1) if libc.prctl(47, 1, cap, 0, 0) == 1],  # PR_CAP_AMBIENT_IS_SET
+            "no_new_privs": libc.prctl(39, 0, 0, 0, 0), "seccomp": libc.prctl(21, 0, 0, 0, 0),
+        }
 
     def _escape_tree(self, args):
         """setsid + double fork: a grandchild that no longer belongs to the agent's process group."""
