@@ -3,7 +3,8 @@
 - new session -> first reply at the supervisor, and USS per idle session, with ``--sandbox off``
   and with every layer this host allows (``auto``; as root: all of them), the Landlock rules and
   seccomp filter built in each child (as before) and built once in the zygote (as now)
-- each layer alone, timed inside freshly forked children (median of ``--layer-runs``)
+- each layer alone, timed inside freshly forked children (median of ``--layer-runs``); the user and
+  pid namespaces an unprivileged server's zygote makes once are timed the same way
 """
 
 import argparse
@@ -16,6 +17,7 @@ import tempfile
 import time
 
 from corral.agent_proc import sandbox as layers
+from corral.agent_proc import userns
 from bench import footprint
 from bench.spawn import agents, bring_live, first_reply
 from corral.supervisor import Config, Supervisor
@@ -69,6 +71,8 @@ def layer_steps() -> dict:
     steps = {"nothing (the fork's own page faults: subtract)": lambda: None, "no_new_privs": layers.set_no_new_privs, "rlimits": lambda: layers.limit_open_files(1024)}
     if os.geteuid() == 0:
         steps["capabilities + uid"] = lambda: (layers.drop_capabilities(), layers.drop_to_uid(60990, 60990))
+    steps["user + pid namespace, caps dropped (once per zygote)"] = lambda: (
+        userns.enter_user_namespace(), layers.unshare_pid_namespace(), userns.drop_every_capability())
     if abi:
         steps[f"landlock ({len(read_paths)} read paths)"] = lambda: (
             layers.set_no_new_privs(), layers.apply_landlock(abi, read_paths, [tmp]))
@@ -99,7 +103,7 @@ def main(argv=None) -> int:
               f"USS per idle session {f['uss'] / MB:.2f} MB ({f['count']} live)   layers: {', '.join(f['layers']) or '-'}")
     for name, step in layer_steps().items():
         runs = [time_in_child(step) for _ in range(args.layer_runs)]
-        print(f"layer {name:<48} median {statistics.median(runs) * 1e6:7.0f} µs")
+        print(f"layer {name:<54} median {statistics.median(runs) * 1e6:7.0f} µs")
     return 0
 
 
