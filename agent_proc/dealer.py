@@ -9,6 +9,9 @@ from collections import deque
 
 from corral.agent_proc import zmtp
 
+# Between frames an agent reads a page at most: a 64 KiB buffer per read would leave 64 KiB of the
+# heap written in every idle agent. A frame in progress (a long START) is read in big gulps.
+_IDLE_READ_SIZE = 4 * 1024
 _READ_SIZE = 64 * 1024
 # The largest frame an agent takes from the supervisor (a START with its bounded history is the largest).
 MAX_FRAME_BYTES = 64 * 1024 * 1024
@@ -57,7 +60,7 @@ class Dealer:
 
     def _read(self) -> None:
         """Read once (blocking) and take in what it completed."""
-        data = self.sock.recv(_READ_SIZE)
+        data = self.sock.recv(_READ_SIZE if self._reader.partial else _IDLE_READ_SIZE)
         if not data:
             raise EOFError("the supervisor closed the connection")
         for is_command, value in self._reader.feed(data):

@@ -49,15 +49,23 @@ class DroppingPipe(io.RawIOBase):
             return size  # the supervisor is gone; so are we, shortly
 
 
-def attach_stdio(stdout_fd: int, stderr_fd: int) -> None:
-    """In a new agent process: make the two pipe ends its fds 1 and 2 and its sys.stdout/stderr."""
+def agent_streams() -> tuple[io.TextIOWrapper, io.TextIOWrapper]:
+    """The text streams every agent's sys.stdout and sys.stderr will be, made once in the zygote.
+
+    They write to fds 1 and 2, whatever those are when they write; made before the fork, their
+    objects are shared with every child instead of built (and their pages dirtied) in each.
+    """
+    return _text(1), _text(2)
+
+
+def attach_stdio(stdout_fd: int, stderr_fd: int, streams: tuple[io.TextIOWrapper, io.TextIOWrapper] | None = None) -> None:
+    """In a new agent process: make the two pipe ends its fds 1 and 2 and ``streams`` its sys.stdout/stderr."""
     for fd, target in ((stdout_fd, 1), (stderr_fd, 2)):
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
         os.dup2(fd, target)  # dup2 clears close-on-exec: programs the agent starts write here too
         os.close(fd)
-    sys.stdout = _text(1)
-    sys.stderr = _text(2)
+    sys.stdout, sys.stderr = streams or agent_streams()
 
 
 def _text(fd: int) -> io.TextIOWrapper:

@@ -105,6 +105,11 @@ class Reader:
         self._buf = bytearray()
         self._parts: list[bytes] = []
 
+    @property
+    def partial(self) -> bool:
+        """Whether part of a frame is waiting for the rest."""
+        return bool(self._buf)
+
     def feed(self, data) -> list[tuple[bool, object]]:
         """Consume newly read bytes; return what they completed."""
         out: list[tuple[bool, object]] = []

@@ -19,10 +19,10 @@ import socket
 import sys
 import traceback
 
-from corral.agent_proc import sandbox, userns
+from corral.agent_proc import forking, sandbox, userns, warmup
 from corral.agent_proc.limits import apply_limits
 from corral.agent_proc.process import agent_title, arm_death_signal, die_with_parent, load_agent_class, set_title
-from corral.agent_proc.stdio import attach_stdio
+from corral.agent_proc.stdio import agent_streams, attach_stdio
 
 
 def send_msg(conn, msg) -> None:
@@ -55,6 +55,7 @@ def zygote_main(conn, fd_channel: socket.socket, agent_spec: str, supervisor_pid
     except OSError as exc:
         send_msg(conn, ("failed", f"cannot set up the sandbox: {exc}"))
         return
+    forking.record_hooks()  # the agent's imports may register at-fork hooks: each agent runs them
     try:
         agent_cls = load_agent_class(agent_spec)
         import corral.agent_proc.main  # noqa: F401  pre-import what every child needs
@@ -67,6 +68,7 @@ def zygote_main(conn, fd_channel: socket.socket, agent_spec: str, supervisor_pid
     except OSError as exc:
         send_msg(conn, ("failed", f"cannot set up the sandbox: {exc}"))
         return
+    warmup.rehearse()  # before the freeze: what it leaves is shared, not copied into each agent
     gc.freeze()  # keep the imported objects out of GC passes so children don't copy their pages
     Zygote(conn, fd_channel, agent_cls, ns_init=ns_init, prebuilt=prebuilt).serve()
 
@@ -159,6 +161,8 @@ class Zygote:
         self.pidfd = os.pidfd_open(os.getpid())  # lets a child check we are alive (its getppid is 0 in a pid namespace)
         self.uids: dict[int, int] = {}  # child pid -> its sandbox uid
         self.agent_cls = agent_cls
+        self.forker = forking.Forker()  # after every import: it checks the zygote has one thread
+        self.streams = agent_streams()  # every child's sys.stdout/stderr, unused here (see agent_streams)
         self.children: dict[int, int] = {}  # child pid -> the spawn id its exit is reported under
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.selector = selectors.DefaultSelector()
@@ -169,7 +173,7 @@ class Zygote:
         signal.signal(signal.SIGCHLD, lambda *_: None)  # the wakeup fd does the work
         self.selector.register(self.conn.fileno(), selectors.EVENT_READ, "conn")
         self.selector.register(self.wake_r, selectors.EVENT_READ, "signal")
-        send_msg(self.conn, ("ready", os.getpid()))
+        send_msg(self.conn, ("ready", os.getpid(), self.forker.describe()))
         while True:
             for key, _ in self.selector.select():
                 if key.data == "signal":
@@ -206,7 +210,7 @@ class Zygote:
             send_msg(self.conn, ("spawn_failed", req["spawn_id"], f"no hub connection: {exc}"))
             return
         try:
-            pid = os.fork()
+            pid = self.forker.fork()
         except OSError as exc:
             send_msg(self.conn, ("spawn_failed", req["spawn_id"], f"fork failed: {exc}"))
             pid = None
@@ -266,7 +270,7 @@ class Zygote:
         code = 1
         try:
             if stdio:
-                attach_stdio(*stdio)  # first, so everything after it is captured
+                attach_stdio(*stdio, self.streams)  # first, so everything after it is captured
             os.setpgid(0, 0)  # own process group, so a stop or interrupt reaches the agent's children too
             arm_death_signal()
             if sandbox.parent_gone(self.pidfd):

@@ -113,6 +113,7 @@ class ZygoteSpawner:
         self._release_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corral-release")
         self._ids = itertools.count(1)
         self._ready: asyncio.Future | None = None
+        self.fork: str | None = None  # how the zygote forks agents, once it is ready
         self._closing = False
 
     async def start(self) -> None:
@@ -135,14 +136,14 @@ class ZygoteSpawner:
         self._ready = loop.create_future()
         loop.add_reader(self.conn.fileno(), self._on_readable)
         try:
-            await asyncio.wait_for(self._ready, self.start_timeout)
+            self.fork = await asyncio.wait_for(self._ready, self.start_timeout)
         except asyncio.TimeoutError:
             await self.close()
             raise SpawnError(f"the zygote did not start within {self.start_timeout}s") from None
         except SpawnError:
             await self.close()
             raise
-        log.info("zygote_ready", pid=self.pid, agent=self.agent_spec)
+        log.info("zygote_ready", pid=self.pid, agent=self.agent_spec, fork=self.fork)
 
     async def launch(self, key: str, request: dict, conn: socket.socket, *,
                      stdio: tuple[int, int] | None = None) -> AgentProcess:
@@ -226,7 +227,7 @@ class ZygoteSpawner:
         elif kind in ("ready", "failed"):
             if not self._ready.done():
                 if kind == "ready":
-                    self._ready.set_result(msg[1])
+                    self._ready.set_result(msg[2])  # how it forks agents (agent_proc/forking.py)
                 else:
                     self._ready.set_exception(SpawnError(msg[1]))
 

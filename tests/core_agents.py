@@ -83,3 +83,36 @@ class AnnouncingAsyncAgent(AsyncDemoAgent):
         """Announce, then block the loop."""
         announce(args)
         return super().cmd_block(args)
+
+
+# What the zygote's fork must keep doing for an agent (tests/test_forking.py). The module's import
+# registers at-fork hooks, as a client library that resets its connection pool after a fork would.
+fork_hooks = {"before": 0, "in_child": 0}
+instances = 0
+
+
+def _before_fork():
+    fork_hooks["before"] += 1
+
+
+def _after_fork_in_child():
+    fork_hooks["in_child"] += 1
+
+
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+
+
+class ForkFacts(DemoAgent):
+    """Reports what its process inherited from the fork."""
+
+    def __init__(self, *args, **kwargs):
+        global instances
+        instances += 1
+        super().__init__(*args, **kwargs)
+
+    def cmd_fork_facts(self, args):
+        """The random stream, the at-fork hooks seen, how many agents this process has made."""
+        import random
+
+        return {"random": random.getrandbits(64), "hooks": dict(fork_hooks), "instances": instances}
+
