@@ -49,9 +49,10 @@ def zygote_main(conn, fd_channel: socket.socket, agent_spec: str, supervisor_pid
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     options = options or {}
     try:
-        # Before the agent's imports: one may start a thread, and the kernel refuses a new user
-        # namespace to a process with more than one.
-        ns_init = _set_up_process_tree(conn, options)
+        if options.get("user_namespace") and options.get("pid_namespace"):  # it exists for the pid namespace
+            # Before the agent's imports: one may start a thread, and the kernel refuses a new user
+            # namespace to a process with more than one.
+            userns.enter_user_namespace()
     except OSError as exc:
         send_msg(conn, ("failed", f"cannot set up the sandbox: {exc}"))
         return
@@ -64,6 +65,9 @@ def zygote_main(conn, fd_channel: socket.socket, agent_spec: str, supervisor_pid
         send_msg(conn, ("failed", f"cannot load agent {agent_spec}: {exc!r}"))
         return
     try:
+        # After them: once it has unshared a pid namespace, a process may start no thread, and an
+        # agent's import may start one.
+        ns_init = _set_up_process_tree(conn, options)
         prebuilt = sandbox.prebuild(options)
     except OSError as exc:
         send_msg(conn, ("failed", f"cannot set up the sandbox: {exc}"))
@@ -79,21 +83,19 @@ def _set_up_process_tree(conn, options: dict) -> int | None:
         sandbox.set_subreaper()  # an agent's orphans come to us, not to init
     if not options.get("pid_namespace"):
         return None
-    return _enter_pid_namespace(conn, user_namespace=bool(options.get("user_namespace")))
+    return _enter_pid_namespace(conn, in_user_namespace=bool(options.get("user_namespace")))  # see zygote_main
 
 
-def _enter_pid_namespace(conn, *, user_namespace: bool = False) -> int:
+def _enter_pid_namespace(conn, *, in_user_namespace: bool = False) -> int:
     """Put every agent forked from now on in one new pid namespace, whose init we fork now.
 
     When that init dies (with us, by its death signal), the kernel kills every process in the
     namespace: agents, and whatever they setsid'ed or double-forked, even if the server was SIGKILLed.
-    With ``user_namespace`` (a server that is not root), the pid namespace is made inside a user
-    namespace of our own, and every capability that gave us is dropped before anything is forked.
+    ``in_user_namespace`` (a server that is not root, whose zygote entered a user namespace of its
+    own to be allowed this): every capability that gave us is dropped before anything is forked.
     """
-    if user_namespace:
-        userns.enter_user_namespace()
     sandbox.unshare_pid_namespace()
-    if user_namespace:
+    if in_user_namespace:
         userns.drop_every_capability()
     zygote_fd = os.pidfd_open(os.getpid())
     pid = os.fork()
