@@ -367,6 +367,17 @@ class Prebuilt:
                         if options.get("seccomp") else {})
         with open(_CAP_LAST_CAP_FILE) as f:
             self.last_cap = int(f.read())
+        if options.get("tmp_parent"):
+            # The zygote's own TMPDIR is the agents' temp dirs' parent (which nobody may list): each
+            # agent replaces the variable instead of adding one, on a path CPython has quickened
+            # (it does on a function's 8th call), so it copies a few pages instead of ~20.
+            for _ in range(10):
+                use_private_tmpdir(options["tmp_parent"])
+        # The zygote never execs and keeps its effective capabilities (its children need them to
+        # take their uids), so as root it empties the bounding and ambient sets once for them all.
+        self.capabilities_dropped = bool(options.get("bounding_set"))
+        if self.capabilities_dropped:
+            drop_capabilities(self.last_cap)
         for name in ("prctl", "syscall", "setgroups"):
             getattr(_libc, name)  # ctypes caches a function on first lookup: do it here, not in each child
 
@@ -399,7 +410,8 @@ def confine(spec: dict | None, prebuilt: Prebuilt | None = None) -> list[str]:
         if spec.get("max_pids"):
             limit_processes(int(spec["max_pids"]))  # counts our uid's processes: this session's alone
             applied.append("nproc")
-        drop_capabilities(prebuilt.last_cap if prebuilt else None)
+        if not (prebuilt and prebuilt.capabilities_dropped):
+            drop_capabilities(prebuilt.last_cap if prebuilt else None)
         drop_to_uid(int(spec["uid"]), int(spec["gid"]))
         applied += ["capabilities", "uid"]
     if spec.get("no_new_privs", True) or spec.get("landlock") or spec.get("seccomp"):

@@ -20,7 +20,7 @@ from corral.agent_proc.dealer import Dealer
 from corral.agent_proc.main import AgentLoop
 from corral.agent_proc.process import set_title
 
-REHEARSALS = 3  # enough for every function on the path to be quickened and specialised
+REHEARSALS = 10  # CPython 3.11 quickens a function on its 8th call; its inline caches settle after
 
 
 class StandIn(Agent):

@@ -90,7 +90,8 @@ class Sandbox:
                    "subreaper": self.mode != "off"}
         if self.mode != "off" and self.prebuild:
             options.update(prebuild=True, landlock=self._landlock_abi(), read_paths=self.read_paths,
-                           device_paths=list(DEVICE_WRITE_PATHS), seccomp=self.on("seccomp"))
+                           device_paths=list(DEVICE_WRITE_PATHS), seccomp=self.on("seccomp"),
+                           tmp_parent=self.tmp_parent, bounding_set=self.on("uid"))
         return options
 
     def _landlock_abi(self) -> int:

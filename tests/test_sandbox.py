@@ -464,12 +464,24 @@ async def hostile_setup(make_supervisor, tmp_path):
     return sup, attacker, victim
 
 
+@needs_root
+async def test_an_agent_forked_by_the_zygote_holds_its_uid_and_no_capability(hostile_setup):
+    sup, attacker, _ = hostile_setup
+    held = (await sup.command(attacker, "privileges", {}))["reply"]
+    uid = attacker.sandbox["uid"]
+    assert held["ids"] == [[uid] * 3, [uid] * 3, []]
+    # the bounding and ambient sets were emptied once in the zygote (agent_proc/sandbox.py Prebuilt)
+    assert {k: held[k] for k in ("effective", "permitted", "inheritable", "bounding", "ambient", "no_new_privs")} == {
+        "effective": 0, "permitted": 0, "inheritable": 0, "bounding": [], "ambient": [], "no_new_privs": 1}
+
+
 async def test_every_way_out_of_the_session_fails_and_the_others_keep_answering(hostile_setup):
     sup, attacker, victim = hostile_setup
     if not (sup.sandbox.on("landlock") or sup.sandbox.on("uid")):
         pytest.skip("neither Landlock nor root here: no filesystem layer to test")
     control = await attack(sup, attacker, "tmp")
     assert control["escaped"] and control["detail"]["tmpdir"] == attacker.sandbox["tmpdir"]
+    assert control["detail"]["gettempdir"] == attacker.sandbox["tmpdir"]  # not the zygote's TMPDIR, the parent
     data_dir, run_dir = str(sup.config.data_dir), sup.run_dir
     attempts = {
         "read /proc/1/environ": ("read", {"path": "/proc/1/environ"}),

@@ -232,7 +232,7 @@ class Escaper(DemoAgent):
         with tempfile.NamedTemporaryFile(dir=os.environ["TMPDIR"]) as f:
             f.write(b"mine")
             f.flush()
-            return {"tmpdir": os.environ["TMPDIR"], "name": f.name}
+            return {"tmpdir": os.environ["TMPDIR"], "gettempdir": tempfile.gettempdir(), "name": f.name}
 
     def _proc_fds(self, args):
         """Open the supervisor's database through /proc/<pid>/fd."""
