@@ -31,9 +31,16 @@ def apply_limits(spec: dict) -> None:
 
 
 def _join_cgroup(path: str) -> None:
-    """Move ourselves into the per-spawn cgroup; processes we fork later start inside it too."""
-    with open(os.path.join(path, "cgroup.procs"), "w") as f:
-        f.write(str(os.getpid()))
+    """Move ourselves into the per-spawn cgroup; processes we fork later start inside it too.
+
+    With os calls, not a text file object: this runs in every new agent, and io's Python-level
+    machinery would copy its pages into each (docs/benchmarks.md, "Memory per idle agent").
+    """
+    fd = os.open(path + "/cgroup.procs", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)  # as open("w")
+    try:
+        os.write(fd, b"%d" % os.getpid())
+    finally:
+        os.close(fd)
 
 
 def _apply_rlimit(limit: int) -> None:
@@ -63,10 +70,14 @@ def _lower_rlimit(which: int, value: int) -> None:
 def _status_kib(field: str) -> int:
     """A "<field>: N kB" value from /proc/self/status, 0 when unavailable."""
     try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
+        fd = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            status = os.read(fd, 1 << 16)  # os calls, as in _join_cgroup
+        finally:
+            os.close(fd)
+        for line in status.split(b"\n"):
+            if line.startswith(field.encode() + b":"):
+                return int(line.split()[1])
     except (OSError, ValueError, IndexError):
         pass
     return 0

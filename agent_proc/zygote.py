@@ -9,6 +9,7 @@ no listening socket. Forking from here costs milliseconds where a fresh interpre
 them, and children share its pages.
 """
 
+import _signal
 import gc
 import os
 import pickle
@@ -168,6 +169,10 @@ class Zygote:
         self.children: dict[int, int] = {}  # child pid -> the spawn id its exit is reported under
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.selector = selectors.DefaultSelector()
+        # What a child closes of ours, by number: closing the objects would run (and copy the pages
+        # of) selectors', multiprocess's and socket's teardown code in every agent. The child never
+        # returns to them, and leaves by os._exit, so no finalizer closes a number twice.
+        self.own_fds = (self.pidfd, self.wake_r, self.wake_w, self.selector.fileno(), conn.fileno(), fd_channel.fileno())
 
     def serve(self) -> None:
         """Wait for spawn requests and SIGCHLD; return when the supervisor says quit or goes away."""
@@ -277,15 +282,13 @@ class Zygote:
             arm_death_signal()
             if sandbox.parent_gone(self.pidfd):
                 os._exit(1)
-            os.close(self.pidfd)
+            for fd in self.own_fds:
+                os.close(fd)
             signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            self.selector.close()
-            os.close(self.wake_r)
-            os.close(self.wake_w)
-            self.conn.close()
-            self.fd_channel.close()
+            # _signal's: signal.signal would map the old handler (our lambda) to an enum member,
+            # failing through enum's lookup and exception code, copied into every agent.
+            _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
+            _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash test must not litter cores
             apply_limits(req["limits"])
             set_title(agent_title(req["session_id"], req["tenant"], False))
