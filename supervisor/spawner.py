@@ -156,6 +156,9 @@ class ZygoteSpawner:
             raise SpawnError("the zygote is not running")
         proc = AgentProcess(next(self._ids), asyncio.get_running_loop().create_future())
         proc.exited.add_done_callback(_consume)
+        # One name per spawn: a session ended and begun again counts its generations from 1 anew,
+        # and its last process's cgroup may still be being released on the worker thread.
+        key = f"{key}.{proc.spawn_id}"
         try:
             proc.limits = self.limiter.prepare(key)
         except OSError as exc:

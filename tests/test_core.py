@@ -333,3 +333,19 @@ async def test_the_spawner_is_a_plug(make_config):
         assert launched == ["plugged"] and isinstance(sup.spawner, RecordingSpawner)
     finally:
         await sup.close()
+
+
+async def test_a_session_begun_again_gets_a_cgroup_and_temp_dir_of_its_own(sup):
+    # Its generations count from 1 again, and the last process's cgroup is released on a worker
+    # thread: with the same name, that release could remove the new process's cgroup under it.
+    s = await sup.get_or_create("again", "default")
+    await sup.chat(s, "hello")
+    first = (s.limits, s.sandbox)
+    await sup.end("again", "default")
+    s = await sup.get_or_create("again", "default")
+    await sup.chat(s, "hello")
+    assert s.life.generation == 1
+    for before, now in zip(first, (s.limits, s.sandbox)):
+        names = [spec.get("path") or spec.get("tmpdir") for spec in (before, now) if spec]
+        assert len(set(names)) == len(names)
+    assert first[0] or first[1], "neither a cgroup nor a temp dir here: nothing to compare"
