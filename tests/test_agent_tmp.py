@@ -6,6 +6,7 @@ import asyncio
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -50,12 +51,22 @@ def log_events(path, event: str) -> list[dict]:
     return found
 
 
-def own_tree(server_dir) -> str:
+def own_tree(server_dir, tmp: str) -> str:
     """The agents' temp tree of the server whose --run-dir is ``server_dir/run`` (named after its run id)."""
     (run,) = os.listdir(server_dir / "run")
     run_id = run.removeprefix("corral-")
-    (tree,) = glob.glob(os.path.join(tempfile.gettempdir(), f"{PREFIX}{run_id}-*"))
+    (tree,) = glob.glob(os.path.join(tmp, f"{PREFIX}{run_id}-*"))
     return tree
+
+
+@pytest.fixture
+def private_tmp():
+    """A temp dir for this test's servers alone (any corral server starting on the host sweeps /tmp),
+    reachable by the agents' uids (pytest's tmp_path is root's 0700 one)."""
+    path = tempfile.mkdtemp(prefix="corral-sweep-test-")
+    os.chmod(path, 0o711)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def stop(proc: subprocess.Popen) -> int:
@@ -65,7 +76,7 @@ def stop(proc: subprocess.Popen) -> int:
     return proc.wait(30)
 
 
-async def test_a_sigkilled_servers_tree_is_swept_at_the_next_start_and_a_live_ones_is_not(tmp_path):
+async def test_a_sigkilled_servers_tree_is_swept_at_the_next_start_and_a_live_ones_is_not(tmp_path, private_tmp):
     dirs = {name: tmp_path / name for name in ("dead", "live", "next")}
     for d in dirs.values():
         d.mkdir()
@@ -73,11 +84,11 @@ async def test_a_sigkilled_servers_tree_is_swept_at_the_next_start_and_a_live_on
     bait.mkdir()
     (bait / "file").write_text("not the sweep's")
     (bait / "inside").write_text("nor this")
-    procs = []
+    procs, env = [], {"TMPDIR": private_tmp}
     try:
-        dead, dead_url = await asyncio.to_thread(start_server, dirs["dead"], *ESCAPER)
+        dead, dead_url = await asyncio.to_thread(start_server, dirs["dead"], *ESCAPER, env=env)
         procs.append(dead)
-        live, live_url = await asyncio.to_thread(start_server, dirs["live"], *ESCAPER)
+        live, live_url = await asyncio.to_thread(start_server, dirs["live"], *ESCAPER, env=env)
         procs.append(live)
         async with client_session() as http:
             dead_tmp = await leave_files(http, dead_url, "hostile", bait)
@@ -87,9 +98,10 @@ async def test_a_sigkilled_servers_tree_is_swept_at_the_next_start_and_a_live_on
             dead.wait()
             assert await asyncio.to_thread(wait_gone, children, 5.0) == []
             dead_tree = os.path.dirname(dead_tmp)
+            assert os.path.dirname(dead_tree) == private_tmp  # the servers made their trees in TMPDIR
             assert os.path.exists(os.path.join(dead_tmp, "secret"))  # the leak this sweep exists for
 
-            nxt, next_url = await asyncio.to_thread(start_server, dirs["next"], *ESCAPER)
+            nxt, next_url = await asyncio.to_thread(start_server, dirs["next"], *ESCAPER, env=env)
             procs.append(nxt)
             # its port opens before its supervisor starts; the first answer comes after (and after the sweep)
             assert (await call(http, "GET", next_url + "/health"))[0] == 200
@@ -102,7 +114,7 @@ async def test_a_sigkilled_servers_tree_is_swept_at_the_next_start_and_a_live_on
         assert swept[dead_tree]["sessions"] == 1 and swept[dead_tree]["bytes"] == len("owned")
 
         # A clean stop still removes its own tree.
-        live_tree, next_tree = os.path.dirname(live_tmp), own_tree(dirs["next"])
+        live_tree, next_tree = os.path.dirname(live_tmp), own_tree(dirs["next"], private_tmp)
         assert (stop(live), stop(nxt)) == (0, 0)
         assert not os.path.lexists(live_tree) and not os.path.lexists(next_tree)
     finally:
