@@ -13,6 +13,7 @@ import tempfile
 import time
 
 from corral.supervisor import errors, states
+from corral.supervisor.agent_tmp import sweep_dead_trees
 from corral.supervisor.hub import Hub
 from corral.supervisor.limits import choose_limiter
 from corral.supervisor.logs import get_logger
@@ -62,6 +63,7 @@ class Lifecycle:
         for path in getattr(self.limiter, "swept", ()):
             log.info("stale_cgroup_removed", path=path)
         log.info("limit_mechanism", **self.limiter.describe())
+        await self._sweep_agent_trees()
         self._choose_sandbox()
         if self.store is None:
             self.store = create_store(self.config.database_url, self.config.data_dir)
@@ -74,6 +76,14 @@ class Lifecycle:
         self.hub = Hub(on_frame=self._on_frame, on_drop=self._on_drop, on_abuse=self._on_abuse,
                        on_pause=self._on_pause, frame_rate=self.config.agent_frame_rate)
         await self._start_spawner()
+
+    async def _sweep_agent_trees(self) -> None:
+        """Remove the agents' temp trees of dead servers (whatever this one's sandbox mode): off the loop."""
+        for tree in await asyncio.to_thread(sweep_dead_trees):
+            if tree["removed"]:
+                log.info("stale_agent_tmp_removed", path=tree["path"], sessions=tree["sessions"], bytes=tree["bytes"])
+            else:
+                log.warning("stale_agent_tmp_left", path=tree["path"], sessions=tree["sessions"], bytes=tree["bytes"])
 
     def _choose_sandbox(self) -> None:
         """Probe the sandbox layers; log each, in force or missing and why (strict refuses here)."""

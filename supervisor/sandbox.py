@@ -13,11 +13,11 @@ import pwd
 import re
 import shutil
 import sys
-import tempfile
 from collections import deque
 
 from corral.agent_proc import sandbox as layers
 from corral.agent_proc import userns
+from corral.supervisor.agent_tmp import make_tree, release_tree
 
 __all__ = ["Sandbox", "SandboxRefused", "choose_sandbox", "parse_uid_range", "MODES", "DEFAULT_UID_RANGE"]
 
@@ -57,7 +57,8 @@ class Sandbox:
     """The layers in force on this host, and the pool of per-session uids and temp dirs."""
 
     def __init__(self, mode: str, layer_table: dict, *, read_paths=(), network: bool = True,
-                 uids=(), tmp_parent: str | None = None, max_pids: int = 0, max_open_files: int = 0):
+                 uids=(), tmp_parent: str | None = None, tmp_lock: int | None = None,
+                 max_pids: int = 0, max_open_files: int = 0):
         self.mode = mode
         self.layers = layer_table  # name -> {"in_force": bool, "detail"/"reason": str}
         self.read_paths = list(read_paths)
@@ -65,6 +66,7 @@ class Sandbox:
         self.free_uids: deque[int] = deque(uids)
         self.uid_count = len(self.free_uids)
         self.tmp_parent = tmp_parent
+        self.tmp_lock = tmp_lock  # the fd of the flock that says the tree's server is alive (agent_tmp.py)
         self.max_pids = max_pids
         self.max_open_files = max_open_files
         self.dropped_paths: list[str] = []
@@ -137,9 +139,10 @@ class Sandbox:
             self.free_uids.append(spec["uid"])  # to the back: the longest-free uid is reused first
 
     def close(self) -> None:
-        """Remove the parent of the temp dirs."""
+        """Remove the parent of the temp dirs, then let its lock go."""
         if self.tmp_parent:
-            shutil.rmtree(self.tmp_parent, ignore_errors=True)
+            release_tree(self.tmp_parent, self.tmp_lock)
+            self.tmp_parent = self.tmp_lock = None
 
 
 def python_read_paths() -> list[str]:
@@ -292,11 +295,10 @@ def choose_sandbox(mode: str, *, protected=(), network: bool = True, uid_range: 
     missing = [name for name in expected_layers(root) if not table[name]["in_force"]]
     if mode == "strict" and missing:
         raise SandboxRefused("--sandbox strict: missing " + "; ".join(f"{n} ({table[n]['reason']})" for n in missing))
-    tmp_parent = tempfile.mkdtemp(prefix=f"corral-agents-{run_id}-")
-    os.chmod(tmp_parent, 0o711)  # agents can reach their own dir by name, list nobody's
+    tmp_parent, tmp_lock = make_tree(run_id)
     read_paths, dropped = safe_read_paths(python_read_paths() + list(SYSTEM_READ_PATHS), [*protected, tmp_parent])
     sandbox = Sandbox(mode, table, read_paths=read_paths, network=network, uids=uids, tmp_parent=tmp_parent,
-                      max_pids=max_pids, max_open_files=max_open_files)
+                      tmp_lock=tmp_lock, max_pids=max_pids, max_open_files=max_open_files)
     sandbox.dropped_paths = dropped
     if dropped:
         notes.append("not readable by agents, as they hold corral's own files: " + ", ".join(dropped))

@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import wait_for_state
 from tests.test_agent_output import OutputLines
+from tests.test_ops_cli import LIMITS, shown_limits
 from corral.web.app import create_app
 from corral.web.keys import SUPERVISOR
 
@@ -67,6 +68,20 @@ async def screenshots_on_failure(name: str, **pages):
         raise
 
 
+async def live_session(sup, session_id: str, tenant: str = "acme"):
+    """A session of the supervisor with its process running."""
+    s = await sup.get_or_create(session_id, tenant)
+    await sup.ensure_live(s)
+    return s
+
+
+async def open_dashboard(page, server) -> None:
+    """Open the dashboard and give it the admin token."""
+    await page.goto(str(server.make_url("/admin")))
+    await page.fill("#token", TOKEN)
+    await page.press("#token", "Enter")
+
+
 async def test_chat_page_streams_and_keeps_the_conversation(server, browser):
     page = await browser.new_page()
     page.set_default_timeout(WAIT_MS)
@@ -98,9 +113,7 @@ async def test_chat_page_streams_and_keeps_the_conversation(server, browser):
 
 async def test_dashboard_lists_live_and_kills(server, browser, aiohttp_client):
     sup = server.app[SUPERVISOR]
-    victim, bystander = await sup.get_or_create("victim", "acme"), await sup.get_or_create("bystander", "acme")
-    for s in (victim, bystander):
-        await sup.ensure_live(s)
+    victim, bystander = await live_session(sup, "victim"), await live_session(sup, "bystander")
     page = await browser.new_page()
     page.set_default_timeout(WAIT_MS)
     async with screenshots_on_failure("dashboard", admin=page):
@@ -114,8 +127,7 @@ async def test_dashboard_lists_live_and_kills(server, browser, aiohttp_client):
         assert await page.evaluate("sessionStorage.getItem('corral_admin_token')") == TOKEN
 
         # A session that starts now shows up without a reload (pushed over SSE).
-        late = await sup.get_or_create("late", "globex")
-        await sup.ensure_live(late)
+        await live_session(sup, "late", "globex")
         await expect(rows).to_have_count(3)
 
         # Kill asks first: dismissed, nothing happens; accepted, the session goes.
@@ -135,6 +147,27 @@ async def test_dashboard_lists_live_and_kills(server, browser, aiohttp_client):
         assert len(asked) == 2
         await expect(rows).to_have_count(2)
         assert bystander.state == "idle"
+
+
+async def test_dashboard_shows_each_sessions_limits_beside_its_memory(aiohttp_server, make_config, browser):
+    server = await aiohttp_server(create_app(make_config(admin_token=TOKEN, **LIMITS)))
+    sup = server.app[SUPERVISOR]
+    s, long_id = await live_session(sup, "limited"), await live_session(sup, "3f0c1a2e-9b7d-4c1e-8a5f-0123456789ab")
+    page = await browser.new_page()
+    page.set_default_timeout(WAIT_MS)
+    async with screenshots_on_failure("dashboard-limits", admin=page):
+        await open_dashboard(page, server)
+        headers = page.locator("#sessions thead th")
+        await expect(headers.nth(5)).to_have_text("RSS")
+        assert await headers.all_text_contents() == [
+            "Session", "Tenant", "PID", "State", "Idle", "RSS", "USS", "CPU %", "Cores", "Procs", "Files",
+            "Messages", "Restarts", "Node", ""]
+        cells = page.locator("tr[data-session-id=limited] td")
+        await expect(cells.nth(2)).to_have_text(str(s.pid))
+        assert [await cells.nth(i).text_content() for i in (8, 9, 10)] == shown_limits(sup, s, dash="–")
+        # 15 columns and a long id still fit a 1280-pixel window: the id gives way (ellipsis, full in its title)
+        await expect(page.locator(f"tr[data-session-id='{long_id.id}'] button.kill")).to_be_in_viewport(ratio=1)
+        await expect(page.locator(f"tr[data-session-id='{long_id.id}'] td.sid")).to_have_attribute("title", long_id.id)
 
 
 async def test_a_locked_dashboard_says_it_needs_the_admin_token(server, browser):
@@ -166,9 +199,7 @@ async def test_dashboard_shows_a_sessions_agent_output(aiohttp_server, make_conf
     page = await browser.new_page()
     page.set_default_timeout(WAIT_MS)
     async with screenshots_on_failure("dashboard-logs", admin=page):
-        await page.goto(str(server.make_url("/admin")))
-        await page.fill("#token", TOKEN)
-        await page.press("#token", "Enter")
+        await open_dashboard(page, server)
         await page.click("tr[data-session-id=printer] button.logs")
         panel = page.locator("tr[data-logs-for=printer] pre.logs")
         await expect(panel).to_contain_text(f"{s.pid} stderr a line for the dashboard")

@@ -4,12 +4,18 @@ import asyncio
 import json
 import os
 import sys
+import uuid
+
+import psutil
+from rich.console import Console
 
 from tests.conftest import wait_for_state
 from corral.web.app import create_app
 from corral.web.keys import SUPERVISOR
+from corral.web.ops_cli import AdminClient, rich_table
 
 TOKEN = "ops-test-admin-token"
+LIMITS = dict(cpu_limit=0.5, max_pids=32, max_open_files=256)
 
 
 async def corral(*args: str, env_token: str | None = None) -> tuple[int, str, str]:
@@ -25,7 +31,7 @@ async def corral(*args: str, env_token: str | None = None) -> tuple[int, str, st
 
 async def start_server(aiohttp_server, make_config):
     """A live server with an admin token and two sessions of two tenants."""
-    app = create_app(make_config(admin_token=TOKEN))
+    app = create_app(make_config(admin_token=TOKEN, **LIMITS))
     server = await aiohttp_server(app)
     sup = app[SUPERVISOR]
     sessions = []
@@ -36,18 +42,49 @@ async def start_server(aiohttp_server, make_config):
     return server, sup, sessions
 
 
-async def test_top_once_shows_the_live_sessions(aiohttp_server, make_config):
+def shown_limits(sup, s, dash: str = "-") -> list[str]:
+    """CORES, PROCS and FILES of an idle session as top shows them: what this host enforces of LIMITS."""
+    controls = sup.limiter.controls
+    cores = "0.5" if controls["cpu"].mechanism.startswith("cgroup") else dash  # else nothing holds it
+    procs = "1/32" if controls["pids"].mechanism.startswith("cgroup") else f"{dash}/32"  # counted in a pids cgroup only
+    return [cores, procs, f"{psutil.Process(s.pid).num_fds()}/256"]
+
+
+async def test_top_once_shows_the_live_sessions_and_their_limits(aiohttp_server, make_config):
     server, sup, sessions = await start_server(aiohttp_server, make_config)
     url = str(server.make_url("/"))
     code, out, err = await corral("top", "--once", "--url", url, env_token=TOKEN)
     assert code == 0, err
     lines = out.strip().splitlines()
-    assert lines[0].split() == ["SESSION", "PID", "TENANT", "STATE", "IDLE", "RSS", "USS", "CPU%", "MSGS", "NODE"]
+    assert lines[0].split() == ["SESSION", "PID", "TENANT", "STATE", "IDLE", "RSS", "USS", "CPU%",
+                                "CORES", "PROCS", "FILES", "MSGS", "NODE"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     assert set(rows) == {"top-one", "top-two"}
     for s in sessions:
         assert rows[s.id][1:4] == [str(s.pid), s.tenant, "idle"]
         assert rows[s.id][5].endswith("M")  # RSS of a real process, in MiB
+        assert rows[s.id][8:11] == shown_limits(sup, s)
+        assert rows[s.id][12] == sup.node
+
+
+async def test_the_live_table_fits_80_columns_and_never_cuts_a_number(aiohttp_server, make_config):
+    server, sup, sessions = await start_server(aiohttp_server, make_config)
+    long_id = await sup.get_or_create(str(uuid.uuid4()), "a-tenant-with-a-long-name")
+    await sup.ensure_live(long_id)
+    client = AdminClient(str(server.make_url("/")), TOKEN)
+    rows = await asyncio.to_thread(client.sessions, state="live")
+    console = Console(width=80, record=True, color_system=None, file=open(os.devnull, "w"))
+    console.print(rich_table(rows, client.url, "mem"))
+    text = console.export_text()
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 80
+    assert f"({sup.node}) — 3 live," in lines[0]
+    header = next(line.split() for line in lines if line.startswith("SESSION"))
+    assert header[-4:] == ["CORES", "PROCS", "FILES", "MSGS"]  # no NODE: the title names the one node
+    for s in [*sessions, long_id]:
+        (line,) = [line for line in lines if f" {s.pid} " in line]
+        assert line.split()[-4:-1] == shown_limits(sup, s), line
+    assert any(line.startswith(long_id.id[:8]) and "…" in line for line in lines)  # the id gave way, not a number
 
 
 async def test_sessions_list_and_kill(aiohttp_server, make_config):

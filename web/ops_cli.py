@@ -30,7 +30,10 @@ SORTS = {
     "pid": ("pid", False),
 }
 _SORT_KEYS = {"m": "mem", "c": "cpu", "i": "idle", "n": "messages", "p": "pid"}
-COLUMNS = ("SESSION", "PID", "TENANT", "STATE", "IDLE", "RSS", "USS", "CPU%", "MSGS", "NODE")
+COLUMNS = ("SESSION", "PID", "TENANT", "STATE", "IDLE", "RSS", "USS", "CPU%", "CORES", "PROCS", "FILES", "MSGS", "NODE")
+TEXT_COLUMNS = ("SESSION", "TENANT", "STATE", "NODE")
+# Limits whose mechanism enforces nothing: shown as no limit (the start-up log says why).
+UNENFORCED = ("none", "unavailable")
 
 
 class OpsError(Exception):
@@ -118,9 +121,21 @@ def human_seconds(s) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
+def limit_of(row: dict, name: str):
+    """A session's enforced limit ``name`` (pids, cpu, open_files) from its ``limits``, else None."""
+    limit = (row.get("limits") or {}).get(name) or {}
+    return None if limit.get("mechanism") in UNENFORCED else limit.get("limit")
+
+
+def used_of(used, most) -> str:
+    """'3/64' (in use / the limit); '3' without a limit, '-/64' when the use is unknown."""
+    used = "-" if used is None else str(used)
+    return used if most is None else f"{used}/{most}"
+
+
 def cells(row: dict) -> list[str]:
     """One row's cells in COLUMNS order."""
-    cpu = row.get("cpu_percent")
+    cpu, cores = row.get("cpu_percent"), limit_of(row, "cpu")
     return [
         str(row.get("session_id")),
         str(row.get("pid") or "-"),
@@ -130,6 +145,9 @@ def cells(row: dict) -> list[str]:
         human_bytes(row.get("rss_bytes")),
         human_bytes(row.get("uss_bytes")),
         "-" if cpu is None else f"{cpu:.1f}",
+        "-" if cores is None else f"{cores:g}",
+        used_of(row.get("processes"), limit_of(row, "pids")),
+        used_of(row.get("open_fds"), limit_of(row, "open_files")),
         str(row.get("message_count", 0)),
         str(row.get("node") or "-"),  # in a cluster, the node that owns the session
     ]
@@ -144,23 +162,37 @@ def sort_rows(rows: list[dict], sort: str) -> list[dict]:
 
 
 def plain_table(rows: list[dict]) -> str:
-    """Whitespace-aligned columns with a header line: what ``--once`` prints."""
-    table = [list(COLUMNS)] + [cells(r) for r in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in table)
+    """Whitespace-separated columns with a header line, numbers aligned right (like ``ps``): what ``--once`` prints."""
+    names = list(COLUMNS)  # every column, always: scripts read them by position
+    table = [names] + [cells(r) for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(names))]
+
+    def fit(cell: str, name: str, width: int) -> str:
+        return cell.ljust(width) if name in TEXT_COLUMNS else cell.rjust(width)
+
+    return "\n".join(" ".join(fit(c, n, w) for c, n, w in zip(line, names, widths)).rstrip() for line in table)
 
 
 def rich_table(rows: list[dict], url: str, sort: str):
-    """The live view's table."""
+    """The live view's table: fits 80 columns, as the text columns give way first (ellipsis), never a number."""
     from rich.table import Table
 
     total_rss = sum(r.get("rss_bytes") or 0 for r in rows)
-    title = f"corral top — {url} — {len(rows)} live sessions, {human_bytes(total_rss)} RSS — sort: {sort}"
-    table = Table(title=title, caption="m mem · c cpu · i idle · n messages · p pid · q quit", expand=True)
-    for name in COLUMNS:
-        table.add_column(name, justify="left" if name in ("SESSION", "TENANT", "STATE", "NODE") else "right", no_wrap=True)
+    nodes = {r.get("node") for r in rows}
+    # one node (a lone server, or a cluster using one): the title names it and the column goes
+    names = [n for n in COLUMNS if n != "NODE" or len(nodes) > 1]
+    on = f" ({nodes.pop() or '-'})" if len(nodes) == 1 else ""
+    title = f"corral top — {url}{on} — {len(rows)} live, {human_bytes(total_rss)} RSS — sort: {sort}"
+    table = Table(title=title, caption="m mem · c cpu · i idle · n messages · p pid · q quit", expand=True,
+                  box=None, padding=(0, 1), collapse_padding=True, pad_edge=False)
+    for name in names:
+        if name in TEXT_COLUMNS:
+            table.add_column(name, justify="left", overflow="ellipsis")
+        else:
+            table.add_column(name, justify="right", no_wrap=True)
     for row in rows:
-        table.add_row(*cells(row))
+        by_name = dict(zip(COLUMNS, cells(row)))
+        table.add_row(*(by_name[n] for n in names))
     return table
 
 

@@ -225,6 +225,11 @@ class Escaper(DemoAgent):
             f.write("owned")
         return args["path"]
 
+    def _symlink(self, args):
+        """Plant a symlink pointing anywhere (in its own temp dir this works: the sweep must not follow it)."""
+        os.symlink(args["target"], args["path"])
+        return args["path"]
+
     def _tmp(self, args):
         """Write and read back a file in TMPDIR (must work: the control)."""
         import tempfile

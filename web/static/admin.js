@@ -40,6 +40,19 @@
       : `${Math.floor(s / 3600)}h${String(Math.floor(s % 3600 / 60)).padStart(2, "0")}m`;
   }
 
+  // A session's limit that something enforces, else null (no limit, or none this host can enforce:
+  // the server's start-up log says why). Each is {limit, mechanism} in the row's `limits`.
+  function limit(r, name) {
+    const l = (r.limits || {})[name];
+    return !l || l.mechanism === "none" || l.mechanism === "unavailable" ? null : l.limit;
+  }
+
+  // "3/64": in use / the limit; just the use without a limit, "–" for what is not known.
+  function usedOf(used, most) {
+    const u = used ?? "–";
+    return most == null ? String(u) : `${u}/${most}`;
+  }
+
   function render() {
     const body = $("sessions").querySelector("tbody");
     const sorted = [...rows.values()].sort((a, b) => (b.rss_bytes || 0) - (a.rss_bytes || 0) || a.session_id.localeCompare(b.session_id));
@@ -56,11 +69,12 @@
     const idle = r.idle_seconds === undefined ? null : r.idle_seconds + (Date.now() - r.seenAt) / 1000;
     const cells = [r.session_id, r.tenant, r.pid ?? "–", r.state, seconds(r.state === "idle" ? idle : 0),
       bytes(r.rss_bytes), bytes(r.uss_bytes), r.cpu_percent == null ? "–" : r.cpu_percent.toFixed(1),
+      limit(r, "cpu") ?? "–", usedOf(r.processes, limit(r, "pids")), usedOf(r.open_fds, limit(r, "open_files")),
       r.message_count ?? 0, r.restarts ?? 0, r.node ?? "–"];
     cells.forEach((value, i) => {
       const td = document.createElement("td");
       td.textContent = value;
-      if (i === 0) td.className = "sid";
+      if (i === 0) Object.assign(td, { className: "sid", title: r.session_id }); // cut with an ellipsis when long
       tr.appendChild(td);
     });
     const td = document.createElement("td");
@@ -86,7 +100,7 @@
     tr.className = "logs-row";
     tr.dataset.logsFor = r.session_id;
     const td = document.createElement("td");
-    td.colSpan = 11;
+    td.colSpan = $("sessions").querySelectorAll("thead th").length;
     const pre = document.createElement("pre");
     pre.className = "logs";
     if (panel.error) pre.textContent = panel.error;
