@@ -196,8 +196,11 @@ def test_serve_lifts_its_open_files_limit(tmp_path):
         pytest.skip(f"the hard open-files limit here ({hard}) leaves nothing to lift")
     low = [sys.executable, "-c", "import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (1024, %d)); "
            "from corral.web.cli import main; sys.exit(main())" % hard]
-    proc, _ = start_server(tmp_path, program=low)
+    proc, url = start_server(tmp_path, program=low)
     try:
+        # the port opens before the limit is lifted (the port is taken first, so a second server stops
+        # early): a first answer means start-up is past it
+        urllib.request.urlopen(url + "/health", timeout=30).close()
         limits = open(f"/proc/{proc.pid}/limits").read()
         soft = int(next(line for line in limits.splitlines() if line.startswith("Max open files")).split()[3])
         assert soft == hard
