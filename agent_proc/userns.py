@@ -15,7 +15,7 @@ import struct
 
 from corral.agent_proc.sandbox import _check, _libc, drop_capabilities, unshare_pid_namespace
 
-__all__ = ["enter_user_namespace", "drop_every_capability", "kernel_has_user_namespaces", "probe"]
+__all__ = ["enter_user_namespace", "drop_every_capability", "kernel_has_user_namespaces", "probe", "try_in_child"]
 
 CLONE_NEWUSER = 0x10000000
 _CAPABILITY_VERSION_3 = 0x20080522  # two 32-bit words per set: capabilities 0-63
@@ -76,7 +76,7 @@ def probe() -> str | None:
     for path, name, off in _SYSCTLS:
         if _read(path) == off:
             return f"user namespaces are off for unprivileged users (sysctl {name} = {off})"
-    failure = _try_in_child()
+    failure = try_in_child(enter_user_namespace, unshare_pid_namespace)
     if failure is None:
         return None
     if _read(_APPARMOR_RESTRICTION) == "1":
@@ -86,16 +86,16 @@ def probe() -> str | None:
     return failure
 
 
-def _try_in_child() -> str | None:
-    """Enter a user and a pid namespace in a forked child; its error, or None."""
+def try_in_child(*steps) -> str | None:
+    """Take ``steps`` (namespace changes) in a forked child, which then exits; the first error, or None."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         message = b"the probe failed"
         try:
             os.close(read_end)
-            enter_user_namespace()
-            unshare_pid_namespace()
+            for step in steps:
+                step()
             message = b""
         except OSError as exc:
             message = (exc.strerror or str(exc)).encode()

@@ -209,7 +209,7 @@ def probe_layers(*, root: bool, network: bool, uid_range: range) -> dict:
                           if root else "not running as root: agents share the server's uid")
     if root:
         table["capabilities"] = _layer(True, "bounding and ambient sets emptied; none after the uid drop")
-        table["pid_namespace"] = _layer(True, "every agent in one pid namespace whose init dies with the zygote")
+        table["pid_namespace"] = _root_pid_namespace()
     else:
         table.update(_unprivileged_namespaces())
     table["no_new_privs"] = _layer(True, "prctl(PR_SET_NO_NEW_PRIVS)")
@@ -233,6 +233,15 @@ def probe_layers(*, root: bool, network: bool, uid_range: range) -> dict:
                                   + ("" if network else ", inet sockets refused"))
     table["tmpdir"] = _layer(True, "a private TMPDIR per session, removed when its process ends")
     return table
+
+
+def _root_pid_namespace() -> dict:
+    """The pid_namespace row as root, tried in a child: a container may leave root without CAP_SYS_ADMIN."""
+    failure = userns.try_in_child(layers.unshare_pid_namespace)
+    if failure is not None:
+        return _layer(False, f"unshare(CLONE_NEWPID) refused: {failure} (a container without CAP_SYS_ADMIN, "
+                             "or its seccomp profile?)")
+    return _layer(True, "every agent in one pid namespace whose init dies with the zygote")
 
 
 def _unprivileged_namespaces() -> dict:

@@ -11,6 +11,7 @@ import ctypes
 import os
 import shutil
 import signal
+import sys
 import tempfile
 
 import psutil
@@ -21,9 +22,9 @@ from corral.agent_proc import userns
 from corral.supervisor import cgroupfs
 from corral.supervisor import sandbox as policy
 from tests.chaos_kit import call, client_session
-from tests.procs import wait_gone
+from tests.procs import CORRAL_MAIN, start_server, wait_gone
 from tests.test_sandbox import ROOT, attempt, in_child, shared_dir, unprivileged_uid  # noqa: F401  fixtures
-from tests.unprivileged_kit import NoPython, gid_of, serve_as_user, user_python
+from tests.unprivileged_kit import REPO, NoPython, gid_of, serve_as_user, user_python
 
 CAP_FIELDS = ("CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb")
 LIBC = ctypes.CDLL(None, use_errno=True)
@@ -266,3 +267,23 @@ async def test_agents_in_the_user_namespace_join_their_cgroups(user_namespaces, 
             proc.wait()
         for path in cgroups.values():
             remove_cgroup_tree(path)
+
+
+async def test_root_without_cap_sys_admin_reports_no_pid_namespace_and_its_agents_still_run(tmp_path):
+    # the root of a container with the default capability set: no CAP_SYS_ADMIN, so no unshare(CLONE_NEWPID)
+    if not ROOT:
+        pytest.skip("needs root (the container's root is what is imitated)")
+    prelude = "from tests.unprivileged_kit import drop_capability; drop_capability(21)"  # CAP_SYS_ADMIN
+    proc, url = await asyncio.to_thread(start_server, tmp_path, program=[sys.executable, "-c", f"{prelude}; {CORRAL_MAIN[-1]}"],
+                                        cwd=REPO)
+    try:
+        async with client_session() as http:
+            _, health = await call(http, "GET", url + "/health")
+            row = health["sandbox"]["layers"]["pid_namespace"]
+            assert not row["in_force"] and "CLONE_NEWPID" in row["reason"], row
+            assert health["sandbox"]["layers"]["uid"]["in_force"]
+            status, body = await call(http, "POST", url + "/api/chat", json={"message": "my name is Ada", "session_id": "c"})
+            assert status == 200 and body["reply"] == "Got it: your name is Ada.", body
+    finally:
+        proc.terminate()
+        proc.wait()

@@ -92,3 +92,22 @@ def serve_as_user(uid: int, python: str, home, *args, prelude: str = "") -> tupl
     return start_server(home, *args, program=[python, "-c", code], cwd=REPO, env={"HOME": str(home)},
                         popen=as_user(uid))
 
+
+
+def drop_capability(cap: int) -> None:
+    """Lose one capability for good (bounding, effective, permitted, inheritable), as a container's root would lack it."""
+    import ctypes
+    import struct
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+        raise OSError(ctypes.get_errno(), "PR_CAPBSET_DROP")
+    header = struct.pack("=Ii", 0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    data = ctypes.create_string_buffer(24)
+    if libc.capget(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    words = list(struct.unpack("=6I", data.raw))
+    for i in range(3):  # (effective, permitted, inheritable) of caps 0-31, then of 32-63
+        words[i + 3 * (cap // 32)] &= ~(1 << (cap % 32))
+    if libc.capset(header, struct.pack("=6I", *words)) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
