@@ -15,7 +15,7 @@ import time
 from corral.supervisor import errors, states
 from corral.supervisor.agent_tmp import sweep_dead_trees
 from corral.supervisor.hub import Hub
-from corral.supervisor.limits import choose_limiter
+from corral.supervisor.limits import choose_limiter, settle_pids_rlimit
 from corral.supervisor.logs import get_logger
 from corral.supervisor.node import claim_node
 from corral.supervisor.sandbox import SandboxRefused, choose_sandbox
@@ -62,9 +62,10 @@ class Lifecycle:
             log.info("limit_mechanism_skipped", reason=reason)
         for path in getattr(self.limiter, "swept", ()):
             log.info("stale_cgroup_removed", path=path)
-        log.info("limit_mechanism", **self.limiter.describe())
         await self._sweep_agent_trees()
         self._choose_sandbox()
+        settle_pids_rlimit(self.limiter, self.sandbox.on("uid"))
+        log.info("limit_mechanism", **self.limiter.describe())
         if self.store is None:
             self.store = create_store(self.config.database_url, self.config.data_dir)
         # the identity first: a server whose identity is held by a live one must not touch the store

@@ -100,6 +100,23 @@ def choose_limiter(limit_bytes: int | None, *, run_id: str, prefer: str | None =
     return limiter
 
 
+def settle_pids_rlimit(limiter: MemoryLimiter, sessions_have_own_uid: bool) -> str | None:
+    """Once the sandbox is known: a pids limit left to RLIMIT_NPROC is enforced only per session uid.
+
+    Without the uid layer (not root, or ``--sandbox off``) RLIMIT_NPROC would count every process
+    of the server's uid, so it is not applied, and the limit is reported ``unavailable``. Returns
+    the reason when it changed that.
+    """
+    pids = limiter.controls.get("pids")
+    if pids is None or pids.mechanism != "rlimit" or sessions_have_own_uid:
+        return None
+    pids.mechanism = "unavailable"
+    pids.reason = ("no pids cgroup, and RLIMIT_NPROC would count every process of the server's uid: it "
+                   "bounds a session only with a uid of its own (root and the sandbox's uid layer); "
+                   + (pids.reason or "").split("; ", 1)[-1])
+    return pids.reason
+
+
 def _choose_memory(limit_bytes: int | None, *, run_id: str, prefer: str | None, v2_root: str, v1_root: str,
                    proc_self_cgroup: str) -> MemoryLimiter:
     """The memory limiter: the best mechanism the host allows, or the one preferred."""

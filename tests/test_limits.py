@@ -12,7 +12,7 @@ import pytest
 from corral.agent_proc.limits import OOM_EXIT_CODE, apply_limits
 from corral.supervisor.limits import (
     Cgroup1Limiter, Cgroup2Limiter, NoLimiter, RlimitLimiter, choose_limiter, parse_cores, parse_size,
-    process_start_time, run_dir_name,
+    process_start_time, run_dir_name, settle_pids_rlimit,
 )
 
 MiB = 1 << 20
@@ -300,6 +300,17 @@ def test_pids_without_a_cgroup_fall_back_to_rlimit_and_say_so(fake_v1):
     pids = lim.describe()["pids"]
     assert pids["mechanism"] == "rlimit" and "RLIMIT_NPROC" in pids["reason"]
     assert lim.describe()["cpu"] == {"mechanism": "none", "limit": None, "path": None}
+
+
+@pytest.mark.parametrize("own_uid", [True, False])
+def test_a_pids_rlimit_is_reported_only_where_sessions_have_a_uid_of_their_own(fake_v1, own_uid):
+    lim = _choose(fake_v1, max_pids=8, v1_roots={"cpu": "/nonexistent", "pids": "/nonexistent"})
+    assert (settle_pids_rlimit(lim, own_uid) is None) == own_uid
+    pids = lim.describe()["pids"]
+    if own_uid:
+        assert pids["mechanism"] == "rlimit"
+    else:  # not root, or --sandbox off: nothing would enforce it, so it is not reported as enforced
+        assert pids["mechanism"] == "unavailable" and "uid of its own" in pids["reason"], pids
 
 
 def test_v1_own_cgroup_missing_falls_back(fake_v1):
