@@ -18,6 +18,7 @@ from collections import deque
 from corral.agent_proc import sandbox as layers
 from corral.agent_proc import userns
 from corral.supervisor.agent_tmp import make_tree, release_tree
+from corral.supervisor.uid_claims import CLAIMS_DIR, UidClaims, claims_dir_problem
 
 __all__ = ["Sandbox", "SandboxRefused", "choose_sandbox", "parse_uid_range", "MODES", "DEFAULT_UID_RANGE"]
 
@@ -58,13 +59,14 @@ class Sandbox:
 
     def __init__(self, mode: str, layer_table: dict, *, read_paths=(), network: bool = True,
                  uids=(), tmp_parent: str | None = None, tmp_lock: int | None = None,
-                 max_pids: int = 0, max_open_files: int = 0):
+                 max_pids: int = 0, max_open_files: int = 0, uid_claims: UidClaims | None = None):
         self.mode = mode
         self.layers = layer_table  # name -> {"in_force": bool, "detail"/"reason": str}
         self.read_paths = list(read_paths)
         self.network = network
         self.free_uids: deque[int] = deque(uids)
         self.uid_count = len(self.free_uids)
+        self.uid_claims = uid_claims  # host-wide: another server's sessions may hold some of our range
         self.tmp_parent = tmp_parent
         self.tmp_lock = tmp_lock  # the fd of the flock that says the tree's server is alive (agent_tmp.py)
         self.max_pids = max_pids
@@ -104,11 +106,7 @@ class Sandbox:
         """One session's spec for ``confine``: its uid, its temp dir, the layers; raises OSError when out of uids."""
         if self.mode == "off":
             return {"no_new_privs": False}
-        uid = None
-        if self.on("uid"):
-            if not self.free_uids:
-                raise OSError(f"every sandbox uid ({self.uid_count}) is in use by a live session")
-            uid = self.free_uids.popleft()
+        uid = self._take_uid() if self.on("uid") else None
         tmpdir = os.path.join(self.tmp_parent, key)
         try:
             os.mkdir(tmpdir, 0o700)
@@ -116,7 +114,7 @@ class Sandbox:
                 os.chown(tmpdir, uid, uid)
         except OSError:
             if uid is not None:
-                self.free_uids.append(uid)
+                self._give_back(uid)
             raise
         return {
             "uid": uid, "gid": uid, "tmpdir": tmpdir, "network": self.network,
@@ -136,10 +134,28 @@ class Sandbox:
         if spec.get("tmpdir"):
             shutil.rmtree(spec["tmpdir"], ignore_errors=True)
         if spec.get("uid") is not None:
-            self.free_uids.append(spec["uid"])  # to the back: the longest-free uid is reused first
+            self._give_back(spec["uid"])
+
+    def _take_uid(self) -> int:
+        """A uid no live session on this host has (ours, or another server's); OSError when there is none."""
+        for _ in range(len(self.free_uids)):
+            uid = self.free_uids.popleft()
+            if self.uid_claims is None or self.uid_claims.claim(uid):
+                return uid
+            self.free_uids.append(uid)  # another server's session has it: try the next
+        raise OSError(f"every sandbox uid ({self.uid_count}) is in use by a live session (of this server or, "
+                      "with the same --sandbox-uid-range, of another on this host)")
+
+    def _give_back(self, uid: int) -> None:
+        """Free a uid: to the back of the queue, so the longest-free uid is reused first."""
+        if self.uid_claims is not None:
+            self.uid_claims.release(uid)
+        self.free_uids.append(uid)
 
     def close(self) -> None:
-        """Remove the parent of the temp dirs, then let its lock go."""
+        """Remove the parent of the temp dirs, then let its lock go, and the uids' claims."""
+        if self.uid_claims is not None:
+            self.uid_claims.close()
         if self.tmp_parent:
             release_tree(self.tmp_parent, self.tmp_lock)
             self.tmp_parent = self.tmp_lock = None
@@ -285,7 +301,8 @@ def expected_layers(root: bool) -> list[str]:
 
 
 def choose_sandbox(mode: str, *, protected=(), network: bool = True, uid_range: range = DEFAULT_UID_RANGE,
-                   max_pids: int = 0, max_open_files: int = 0, run_id: str = "run") -> Sandbox:
+                   max_pids: int = 0, max_open_files: int = 0, run_id: str = "run",
+                   claims_dir: str = CLAIMS_DIR) -> Sandbox:
     """Probe the host and build the sandbox for this run; raises SandboxRefused under ``strict``."""
     if mode not in MODES:
         raise ValueError(f"sandbox must be one of {', '.join(MODES)}, not {mode!r}")
@@ -295,19 +312,26 @@ def choose_sandbox(mode: str, *, protected=(), network: bool = True, uid_range: 
     table = probe_layers(root=root, network=network, uid_range=uid_range)
     uids: list[int] = []
     notes = []
+    uid_claims = None
     if root:
         uids, taken = _free_uids(uid_range)
         if taken:
             notes.append(f"{taken} uids of the range belong to existing users or groups and are not used")
         if not uids:
             table["uid"] = _layer(False, f"every uid in {uid_range.start}-{uid_range.stop - 1} belongs to a user or group")
+        problem = claims_dir_problem(claims_dir)
+        if problem is None:
+            uid_claims = UidClaims(claims_dir)
+        else:
+            notes.append(f"uids are not claimed host-wide ({problem}): give every server on this host "
+                         "its own --sandbox-uid-range")
     missing = [name for name in expected_layers(root) if not table[name]["in_force"]]
     if mode == "strict" and missing:
         raise SandboxRefused("--sandbox strict: missing " + "; ".join(f"{n} ({table[n]['reason']})" for n in missing))
     tmp_parent, tmp_lock = make_tree(run_id)
     read_paths, dropped = safe_read_paths(python_read_paths() + list(SYSTEM_READ_PATHS), [*protected, tmp_parent])
     sandbox = Sandbox(mode, table, read_paths=read_paths, network=network, uids=uids, tmp_parent=tmp_parent,
-                      tmp_lock=tmp_lock, max_pids=max_pids, max_open_files=max_open_files)
+                      tmp_lock=tmp_lock, max_pids=max_pids, max_open_files=max_open_files, uid_claims=uid_claims)
     sandbox.dropped_paths = dropped
     if dropped:
         notes.append("not readable by agents, as they hold corral's own files: " + ", ".join(dropped))
