@@ -264,8 +264,12 @@ class ControlLimit:
 
 
 def choose_control(resource: str, value, memory: MemoryLimiter, *, run_id: str, v2_root: str,
-                   v1_root: str, proc_self_cgroup: str) -> ControlLimit:
-    """The best mechanism for one limit beyond memory; the reasons for skipped ones go to memory.fallback_reasons."""
+                   v1_root: str, proc_self_cgroup: str, pids_rlimit: bool = True) -> ControlLimit:
+    """The best mechanism for one limit beyond memory; the reasons for skipped ones go to memory.fallback_reasons.
+
+    ``pids_rlimit``: whether each session has a uid of its own (root and the sandbox's uid layer),
+    the only case where RLIMIT_NPROC bounds one session rather than every process of the server's uid.
+    """
     if not value:
         return ControlLimit(resource, None, "none")
     reasons = []
@@ -282,9 +286,12 @@ def choose_control(resource: str, value, memory: MemoryLimiter, *, run_id: str, 
     except Exception as exc:  # noqa: BLE001
         reasons.append(f"cgroup1: {exc}")
     memory.fallback_reasons += [f"{resource}: {r}" for r in reasons]
-    if resource == "pids":
+    if resource == "pids" and pids_rlimit:
         return ControlLimit("pids", value, "rlimit", reason="RLIMIT_NPROC of the session's own uid, where the "
                             "sandbox gives it one (as root); " + "; ".join(reasons))
+    if resource == "pids":
+        reasons.insert(0, "RLIMIT_NPROC would count every process of the server's uid: it bounds a session "
+                          "only with a uid of its own (root and the sandbox's uid layer)")
     return ControlLimit(resource, value, "unavailable", reason="; ".join(reasons))
 
 

@@ -15,7 +15,7 @@ import time
 from corral.supervisor import errors, states
 from corral.supervisor.agent_tmp import sweep_dead_trees
 from corral.supervisor.hub import Hub
-from corral.supervisor.limits import choose_limiter, settle_pids_rlimit
+from corral.supervisor.limits import choose_limiter
 from corral.supervisor.logs import get_logger
 from corral.supervisor.node import claim_node
 from corral.supervisor.sandbox import SandboxRefused, choose_sandbox
@@ -53,18 +53,18 @@ class Lifecycle:
 
     async def _start_parts(self) -> None:
         """Start each part in dependency order."""
+        await self._sweep_agent_trees()
+        self._choose_sandbox()  # before the limiter: whether sessions have uids of their own decides the pids fallback
         limit = self.config.memory_limit or None
         # probing may sweep a dead server's cgroups, which waits for the kernel: off the loop
         self.limiter = await asyncio.to_thread(
             choose_limiter, limit, run_id=os.path.basename(self.run_dir).removeprefix("corral-"),
-            prefer=self.config.limit_mechanism, cpu_limit=self.config.cpu_limit, max_pids=self.config.max_pids)
+            prefer=self.config.limit_mechanism, cpu_limit=self.config.cpu_limit, max_pids=self.config.max_pids,
+            pids_rlimit=self.sandbox.on("uid"))
         for reason in getattr(self.limiter, "fallback_reasons", ()):
             log.info("limit_mechanism_skipped", reason=reason)
         for path in getattr(self.limiter, "swept", ()):
             log.info("stale_cgroup_removed", path=path)
-        await self._sweep_agent_trees()
-        self._choose_sandbox()
-        settle_pids_rlimit(self.limiter, self.sandbox.on("uid"))
         log.info("limit_mechanism", **self.limiter.describe())
         if self.store is None:
             self.store = create_store(self.config.database_url, self.config.data_dir)

@@ -82,11 +82,13 @@ def parse_cores(text: str | float) -> float:
 def choose_limiter(limit_bytes: int | None, *, run_id: str, prefer: str | None = None,
                    v2_root: str = "/sys/fs/cgroup", v1_root: str = "/sys/fs/cgroup/memory",
                    proc_self_cgroup: str = "/proc/self/cgroup", cpu_limit: float | None = None,
-                   max_pids: int | None = None, v1_roots: dict | None = None) -> MemoryLimiter:
+                   max_pids: int | None = None, v1_roots: dict | None = None,
+                   pids_rlimit: bool = True) -> MemoryLimiter:
     """Return the best limiter the host allows, with its cpu and pids controls when asked for (not None).
 
     Reasons for skipped mechanisms go to .fallback_reasons; ``v1_roots`` maps "cpu"/"pids" to their
-    v1 mounts (default /sys/fs/cgroup/cpu and /sys/fs/cgroup/pids).
+    v1 mounts (default /sys/fs/cgroup/cpu and /sys/fs/cgroup/pids); ``pids_rlimit``: whether sessions
+    have uids of their own, so that RLIMIT_NPROC can stand in for a missing pids cgroup.
     """
     limiter = _choose_memory(limit_bytes, run_id=run_id, prefer=prefer, v2_root=v2_root, v1_root=v1_root,
                              proc_self_cgroup=proc_self_cgroup)
@@ -96,25 +98,9 @@ def choose_limiter(limit_bytes: int | None, *, run_id: str, prefer: str | None =
             if resource == "cpu":
                 value = parse_cores(value)
             limiter.controls[resource] = choose_control(resource, value, limiter, run_id=run_id, v2_root=v2_root,
-                                                        v1_root=v1_roots[resource], proc_self_cgroup=proc_self_cgroup)
+                                                        v1_root=v1_roots[resource], proc_self_cgroup=proc_self_cgroup,
+                                                        pids_rlimit=pids_rlimit)
     return limiter
-
-
-def settle_pids_rlimit(limiter: MemoryLimiter, sessions_have_own_uid: bool) -> str | None:
-    """Once the sandbox is known: a pids limit left to RLIMIT_NPROC is enforced only per session uid.
-
-    Without the uid layer (not root, or ``--sandbox off``) RLIMIT_NPROC would count every process
-    of the server's uid, so it is not applied, and the limit is reported ``unavailable``. Returns
-    the reason when it changed that.
-    """
-    pids = limiter.controls.get("pids")
-    if pids is None or pids.mechanism != "rlimit" or sessions_have_own_uid:
-        return None
-    pids.mechanism = "unavailable"
-    pids.reason = ("no pids cgroup, and RLIMIT_NPROC would count every process of the server's uid: it "
-                   "bounds a session only with a uid of its own (root and the sandbox's uid layer); "
-                   + (pids.reason or "").split("; ", 1)[-1])
-    return pids.reason
 
 
 def _choose_memory(limit_bytes: int | None, *, run_id: str, prefer: str | None, v2_root: str, v1_root: str,

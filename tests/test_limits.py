@@ -12,7 +12,7 @@ import pytest
 from corral.agent_proc.limits import OOM_EXIT_CODE, apply_limits
 from corral.supervisor.limits import (
     Cgroup1Limiter, Cgroup2Limiter, NoLimiter, RlimitLimiter, choose_limiter, parse_cores, parse_size,
-    process_start_time, run_dir_name, settle_pids_rlimit,
+    process_start_time, run_dir_name,
 )
 
 MiB = 1 << 20
@@ -304,8 +304,7 @@ def test_pids_without_a_cgroup_fall_back_to_rlimit_and_say_so(fake_v1):
 
 @pytest.mark.parametrize("own_uid", [True, False])
 def test_a_pids_rlimit_is_reported_only_where_sessions_have_a_uid_of_their_own(fake_v1, own_uid):
-    lim = _choose(fake_v1, max_pids=8, v1_roots={"cpu": "/nonexistent", "pids": "/nonexistent"})
-    assert (settle_pids_rlimit(lim, own_uid) is None) == own_uid
+    lim = _choose(fake_v1, max_pids=8, v1_roots={"cpu": "/nonexistent", "pids": "/nonexistent"}, pids_rlimit=own_uid)
     pids = lim.describe()["pids"]
     if own_uid:
         assert pids["mechanism"] == "rlimit"
