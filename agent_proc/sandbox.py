@@ -367,12 +367,11 @@ class Prebuilt:
                         if options.get("seccomp") else {})
         with open(_CAP_LAST_CAP_FILE) as f:
             self.last_cap = int(f.read())
-        if options.get("tmp_parent"):
-            # The zygote's own TMPDIR is the agents' temp dirs' parent (which nobody may list): each
-            # agent replaces the variable instead of adding one, on a path CPython has quickened
-            # (it does on a function's 8th call), so it copies a few pages instead of ~20.
-            for _ in range(10):
-                use_private_tmpdir(options["tmp_parent"])
+        # The zygote's own TMPDIR is the agents' temp dirs' parent (which nobody may list): each agent
+        # then replaces the variable instead of adding one (the rehearsal warms that path too).
+        self.tmp_parent = options.get("tmp_parent")
+        if self.tmp_parent:
+            use_private_tmpdir(self.tmp_parent)
         # The zygote never execs and keeps its effective capabilities (its children need them to
         # take their uids), so as root it empties the bounding and ambient sets once for them all.
         self.capabilities_dropped = bool(options.get("bounding_set"))

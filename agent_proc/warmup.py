@@ -19,6 +19,7 @@ from corral.agent_proc.agent import Agent
 from corral.agent_proc.dealer import Dealer
 from corral.agent_proc.main import AgentLoop
 from corral.agent_proc.process import set_title
+from corral.agent_proc.sandbox import use_private_tmpdir
 
 REHEARSALS = 10  # CPython 3.11 quickens a function on its 8th call; its inline caches settle after
 
@@ -35,11 +36,16 @@ class StandIn(Agent):
         return args
 
 
-def rehearse(times: int = REHEARSALS) -> None:
-    """Run the agent path ``times`` over a socketpair, then put back what it changed in this process."""
+def rehearse(times: int = REHEARSALS, *, tmpdir: str | None = None) -> None:
+    """Run the agent path ``times`` over a socketpair, then put back what it changed in this process.
+
+    ``tmpdir``: the zygote's TMPDIR, set again each time as every sandboxed agent sets its own.
+    """
     sigint, title = signal.getsignal(signal.SIGINT), getproctitle()
     try:
         for _ in range(times):
+            if tmpdir:
+                use_private_tmpdir(tmpdir)
             _one_life()
     finally:
         signal.signal(signal.SIGINT, sigint)  # AgentLoop.serve installs its own

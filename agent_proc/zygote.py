@@ -73,7 +73,7 @@ def zygote_main(conn, fd_channel: socket.socket, agent_spec: str, supervisor_pid
     except OSError as exc:
         send_msg(conn, ("failed", f"cannot set up the sandbox: {exc}"))
         return
-    warmup.rehearse()  # before the freeze: what it leaves is shared, not copied into each agent
+    warmup.rehearse(tmpdir=prebuilt and prebuilt.tmp_parent)  # before the freeze: what it leaves is shared, not copied into each agent
     gc.freeze()  # keep the imported objects out of GC passes so children don't copy their pages
     Zygote(conn, fd_channel, agent_cls, ns_init=ns_init, prebuilt=prebuilt).serve()
 
