@@ -52,7 +52,7 @@ class _CgroupLimiter(MemoryLimiter):
         try:
             self._set_limits(path)
         except OSError:
-            self._release_memory({"path": path})
+            self.release_memory({"path": path})
             raise
         return path
 
@@ -85,7 +85,7 @@ class _CgroupLimiter(MemoryLimiter):
                     pass
             time.sleep(fs.RETRY_PAUSE)  # let the kernel finish the exits before re-reading
 
-    def _release_memory(self, spec) -> None:
+    def release_memory(self, spec) -> None:
         """Kill what is left and remove the per-spawn dir; never raises."""
         path = _spec_path(spec)
         if path is None:
@@ -102,7 +102,7 @@ class _CgroupLimiter(MemoryLimiter):
             for name in os.listdir(self.path):
                 child = os.path.join(self.path, name)
                 if os.path.isdir(child):
-                    self._release_memory({"path": child})
+                    self.release_memory({"path": child})
             fs.rmdir_retry(self.path)
         except OSError:
             pass
@@ -255,7 +255,7 @@ class ControlLimit:
     def release(self, part: dict) -> None:
         """Remove this spawn's leaf of its own hierarchy (cgroup1); the memory cgroup goes with memory."""
         if self.mechanism == "cgroup1" and isinstance(part, dict):
-            self.group._release_memory(part)
+            self.group.release_memory(part)
 
     def close(self) -> None:
         """Remove the per-run dir of its own hierarchy."""

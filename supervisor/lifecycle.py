@@ -177,7 +177,7 @@ class Lifecycle:
 
     async def purge_ended(self) -> int:
         """Delete sessions that ended more than ``retention`` seconds ago."""
-        removed = await self._store_call(self.store.purge_ended(self.config.retention))
+        removed = await self.store_call(self.store.purge_ended(self.config.retention))
         if removed:
             log.info("retention_purged", sessions=removed)
             self.events.publish_global("purged", sessions=removed, retention=self.config.retention)

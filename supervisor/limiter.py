@@ -66,10 +66,10 @@ class MemoryLimiter:
         for name, part in parts.items():
             if name in self.controls:
                 self.controls[name].release(part)
-        self._release_memory(spec)
+        self.release_memory(spec)
 
-    def _release_memory(self, spec) -> None:
-        """Nothing to clean up without a cgroup."""
+    def release_memory(self, spec) -> None:
+        """Release what this spawn held of memory alone (a control of its own hierarchy calls it too); nothing without a cgroup."""
 
     def close(self) -> None:
         """At shutdown: the controls' per-run dirs, then memory's."""
@@ -78,7 +78,7 @@ class MemoryLimiter:
         self._close_memory()
 
     def _close_memory(self) -> None:
-        """Nothing to clean up without a cgroup."""
+        """Release what this spawn held of memory alone (a control of its own hierarchy calls it too); nothing without a cgroup."""
 
     def oom_killed(self, spec) -> bool:
         """No kernel OOM verdict without a cgroup; the agent reports MemoryError itself."""

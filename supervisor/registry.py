@@ -4,7 +4,8 @@
 ``MultiKernelManager`` is to a ``KernelManager``: it holds the indexes (by id, by pid, by routing
 id), capacity and quotas, get-or-create (asking the cluster directory where a session
 lives: supervisor/cluster/), start and close of the shared parts (store, hub, spawner, limiter,
-sandbox), retention, counters and health, and ``_transition``, the one place a state changes.
+sandbox), retention, counters and health, and ``transition``, the one place a state changes.
+Each session's ``SessionLife`` sees it as a ``SessionHost`` (supervisor/session_host.py).
 What the routes ask (find, history, end, stats) is ``Queries`` (supervisor/queries.py).
 Everything that happens to one session's process is its ``SessionLife``'s.
 
@@ -13,6 +14,7 @@ the hub's reader, deaths through the spawner's exit reports, idle and age throug
 """
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import time
@@ -78,7 +80,7 @@ class Supervisor(Lifecycle, Activation, Queries):
         # Names this server in the store's sessions.node (supervisor/node.py says what it means)
         self.node = node_name(config.port)
         self.claim = claim  # this server's hold on its identity, from before the store opens; released at close
-        self._req_ids = itertools.count(1)
+        self._request_ids = itertools.count(1)
         # coroutines the supervisor runs past their caller (end writes, stops, zygote restarts)
         self.background = TaskSet(log, expected=(errors.CorralError,))
         # session id -> the store write recording its last death, awaited before it respawns
@@ -133,7 +135,7 @@ class Supervisor(Lifecycle, Activation, Queries):
         """Number of live sessions."""
         return self.live_count
 
-    def _forget(self, s: Session) -> None:
+    def forget(self, s: Session) -> None:
         """Drop a down session from memory once nobody waits on it (the store keeps its data)."""
         if s.live or s.inflight:
             return
@@ -144,6 +146,46 @@ class Supervisor(Lifecycle, Activation, Queries):
             # Keep crash history for the restart window, then let it go.
             loop = asyncio.get_running_loop()
             s.life.timers["forget"] = loop.call_later(self.config.restart_window, self._forget_after_window, s)
+
+    @property
+    def closing(self) -> bool:
+        """Whether the server is shutting down (no more spawns)."""
+        return self._closing
+
+    def next_request_id(self) -> int:
+        """A request id no other turn of this server has."""
+        return next(self._request_ids)
+
+    def index(self, s: Session, *, routing_id: bytes | None = None, pid: int | None = None) -> None:
+        """Route frames from ``routing_id`` and exits of ``pid`` to this session."""
+        if routing_id is not None:
+            self.by_rid[routing_id] = s
+        if pid is not None:
+            self.by_pid[pid] = s
+
+    def unindex(self, s: Session, *, routing_id: bytes, pid: int | None) -> None:
+        """Stop routing them (only where they still name this session)."""
+        if self.by_rid.get(routing_id) is s:
+            del self.by_rid[routing_id]
+        if pid is not None and self.by_pid.get(pid) is s:
+            del self.by_pid[pid]
+
+    async def ready_spawner(self):
+        """The spawner to launch with (waiting for a zygote restart in progress); 503 if there is none."""
+        if self.spawner is None and self._zygote_restart is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._zygote_restart), self.config.spawn_timeout)
+        if self.spawner is None:
+            raise errors.Unavailable("the zygote is restarting", retry_after=1)
+        return self.spawner
+
+    async def record_message(self, s: Session, role: str, text: str):
+        """Commit one message to the store; SessionMoved, the session fenced out, on a stale epoch."""
+        try:
+            return await self.store_call(self.store.append_message(s.id, role, text, epoch=s.epoch))
+        except errors.SessionMoved:
+            self.fence_out(s, f"its {role} message was refused for a stale epoch")
+            raise
 
     def _forget_after_window(self, s: Session) -> None:
         """The restart window of a crashed session has passed."""
@@ -200,24 +242,24 @@ class Supervisor(Lifecycle, Activation, Queries):
         """Kill a session now (admin)."""
         return await s.life.kill()
 
-    def _check_capacity(self, s: Session) -> None:
+    def check_capacity(self, s: Session) -> None:
         """Refuse a spawn past max_sessions (503) or the tenant's quota (429)."""
         cap = self.tenant_limits.get(s.tenant) or self.config.max_sessions_per_tenant
         if self.live_count >= self.config.max_sessions:
-            self._drop_if_new(s)
+            self.drop_if_new(s)
             self.counters["refused_capacity"] += 1
             raise errors.AtCapacity(f"the server is at max_sessions ({self.config.max_sessions})", retry_after=5)
         if cap and self.live_by_tenant[s.tenant] >= cap:
-            self._drop_if_new(s)
+            self.drop_if_new(s)
             self.counters["refused_quota"] += 1
             raise errors.QuotaExceeded(f"tenant {s.tenant} is at its session quota ({cap})", retry_after=5)
 
-    def _drop_if_new(self, s: Session) -> None:
+    def drop_if_new(self, s: Session) -> None:
         """Forget a session that was never started."""
         if s.state is None and self.sessions.get(s.id) is s:
             del self.sessions[s.id]
 
-    async def _prepare_spawn(self, s: Session) -> list[dict]:
+    async def prepare_spawn(self, s: Session) -> list[dict]:
         """Record the session in the store and fetch its history."""
         ended = self._status_writes.get(s.id)
         if ended is not None:
@@ -226,7 +268,7 @@ class Supervisor(Lifecycle, Activation, Queries):
             await asyncio.wait([ended])
         record = await self._claim(s)
         s.created_at, s.message_count = record.created_at, record.message_count
-        history = await self._store_call(self.store.history(s.id, limit=self.config.history_limit))
+        history = await self.store_call(self.store.history(s.id, limit=self.config.history_limit))
         return recent_history(history, self.config.history_limit_bytes)
 
     def _on_frame(self, rid: bytes, kind: int, req: int, body, size: int) -> None:
@@ -253,13 +295,13 @@ class Supervisor(Lifecycle, Activation, Queries):
         s = self.by_rid.get(rid)
         if s is not None:
             # The hub routes by connection, so a live session's own process sent it.
-            s.life._stray()
+            s.life.stray_frame()
 
-    def _record_end(self, s: Session, final: str) -> None:
-        """Write the end to the store in the background; a respawn waits for it (see _prepare_spawn)."""
+    def record_end(self, s: Session, final: str) -> None:
+        """Write the end to the store in the background; a respawn waits for it (see prepare_spawn)."""
         if self._unclaimed(s):
             return  # fenced out, or its claim was refused: the session's row is another node's
-        write = self.background.spawn(self._store_call(
+        write = self.background.spawn(self.store_call(
             self.store.set_status(s.id, final, end_reason=s.end_reason or final, ended=True, epoch=s.epoch)))
         self._status_writes[s.id] = write
         write.add_done_callback(functools.partial(self._end_recorded, s.id))
@@ -285,9 +327,9 @@ class Supervisor(Lifecycle, Activation, Queries):
             self._unregister(s)
             s.life.cancel_timers()
         if purge:
-            await self._store_call(self.store.delete_session(s.id))
+            await self.store_call(self.store.delete_session(s.id))
 
-    def _transition(self, s: Session, new: str, **info) -> None:
+    def transition(self, s: Session, new: str, **info) -> None:
         """Move a session to a new state (asserted), keep counts, log and publish it."""
         old = s.state
         states.check(old, new)
@@ -312,7 +354,7 @@ class Supervisor(Lifecycle, Activation, Queries):
         log.info("session_state", session_id=s.id, tenant=s.tenant, pid=s.pid, old=old, new=new, **info)
         self.events.publish("state", s.id, tenant=s.tenant, state=new, previous=old, pid=s.pid, **info)
 
-    async def _store_call(self, coro):
+    async def store_call(self, coro):
         """Await a store operation; an unreachable store is a 503, not a traceback."""
         try:
             return await coro

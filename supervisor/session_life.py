@@ -4,8 +4,9 @@
 ``KernelManager`` is to its ``MultiKernelManager``: one per session (``session.life``), it owns the
 state that is not in the state table (``dying``, ``stop_reason``, ``kill_reason``, the
 ``starting``/``ready``/``exited`` futures, the named timers, the turns) and everything that happens
-to the session's process. It changes the session's state only through the registry's
-``_transition``, and reaches processes only through the spawner (supervisor/spawner.py).
+to the session's process. It reaches the registry only through ``SessionHost``
+(supervisor/session_host.py), changes the session's state only through its ``transition``, and
+reaches processes only through the spawner (supervisor/spawner.py).
 """
 
 import asyncio
@@ -20,6 +21,7 @@ from corral.agent_proc import protocol as p
 from corral.supervisor import errors, states
 from corral.supervisor.logs import get_logger
 from corral.supervisor.reaper import classify_exit
+from corral.supervisor.session_host import SessionHost
 from corral.supervisor.spawner import SpawnError
 from corral.supervisor.turns import DEATH_CODES, Turns, consume
 
@@ -33,9 +35,9 @@ INTERRUPT_RESENDS = 4
 class SessionLife(Turns):
     """The life of one session's process, and the state of it that is not the session's state."""
 
-    def __init__(self, session, sup):
+    def __init__(self, session, host: SessionHost):
         self.session = session
-        self.sup = sup  # the registry: config, hub, store, events, counters, _transition
+        self.host = host  # the registry, through the interface a session may use (supervisor/session_host.py)
         self.dying = False  # the agent announced its death (FAIL agent_crashed/agent_oom) and is exiting
         self.stop_reason: str | None = None  # the state a stop we asked for ends in
         self.kill_reason: str | None = None  # why the supervisor killed the current process (flood, unresponsive, ...)
@@ -85,25 +87,25 @@ class SessionLife(Turns):
     def _begin_spawn(self) -> None:
         """Check policy and capacity, then start a spawn task (synchronously, so checks hold)."""
         s = self.session
-        if self.sup._closing:
+        if self.host.closing:
             raise errors.Unavailable("the server is shutting down", retry_after=5)
         restart = s.state in states.UNPLANNED or s.state == states.FAILED
         if restart:
-            wait = self.sup.policy.retry_after(s)
+            wait = self.host.policy.retry_after(s)
             if wait:
                 if s.state != states.FAILED:
-                    self.sup._transition(s, states.FAILED, reason="restart budget spent")
+                    self.host.transition(s, states.FAILED, reason="restart budget spent")
                 raise errors.SessionFailed(
-                    f"session {s.id} crashed {len(s.restarts)} times in {self.sup.config.restart_window:g}s; "
+                    f"session {s.id} crashed {len(s.restarts)} times in {self.host.config.restart_window:g}s; "
                     f"it can restart in {wait:.0f}s or be removed by an admin",
                     retry_after=wait,
                 )
-        self.sup._check_capacity(s)
+        self.host.check_capacity(s)
         self.cancel_timer("forget")
         if restart:
-            self.sup.policy.record(s)
-            self.sup.counters["restarts"] += 1
-        self.sup._transition(s, states.STARTING)
+            self.host.policy.record(s)
+            self.host.counters["restarts"] += 1
+        self.host.transition(s, states.STARTING)
         self.starting = asyncio.ensure_future(self._spawn())
         self.starting.add_done_callback(consume)
 
@@ -121,15 +123,15 @@ class SessionLife(Turns):
         self.interrupts = 0
         self.ready, self.exited = loop.create_future(), loop.create_future()
         self.exited.add_done_callback(consume)
-        self.sup.by_rid[self.routing_id] = s
+        self.host.index(s, routing_id=self.routing_id)
         started = time.monotonic()
         try:
-            history = await self.sup._prepare_spawn(s)
+            history = await self.host.prepare_spawn(s)
             await self._fork()
-            await asyncio.wait_for(asyncio.shield(self.ready), self.sup.config.spawn_timeout)
+            await asyncio.wait_for(asyncio.shield(self.ready), self.host.config.spawn_timeout)
             self._still_starting()  # it may have died between READY and now
             start = self._send(p.START, p.start_body(history, s.metadata), None)
-            await asyncio.wait_for(asyncio.shield(start.future), self.sup.config.spawn_timeout)
+            await asyncio.wait_for(asyncio.shield(start.future), self.host.config.spawn_timeout)
         except asyncio.TimeoutError as exc:
             await self._spawn_failed(exc)
             raise errors.AgentDied(f"session {s.id} failed to start ({s.exit_description})") from None
@@ -137,10 +139,10 @@ class SessionLife(Turns):
             await self._spawn_failed(exc)
             raise
         s.spawned_at = time.monotonic()
-        self.sup.counters["spawns"] += 1
-        self.sup.events.publish("spawned", s.id, tenant=s.tenant, pid=s.pid, seconds=s.spawned_at - started)
-        self.sup._transition(s, states.BUSY if self.turns else states.IDLE)
-        self.sup.reaper.arm_age(s)
+        self.host.counters["spawns"] += 1
+        self.host.events.publish("spawned", s.id, tenant=s.tenant, pid=s.pid, seconds=s.spawned_at - started)
+        self.host.transition(s, states.BUSY if self.turns else states.IDLE)
+        self.host.reaper.arm_age(s)
 
     def _still_starting(self) -> None:
         """Raise if the process being started has already died."""
@@ -151,14 +153,9 @@ class SessionLife(Turns):
     async def _fork(self) -> None:
         """Ask the spawner for a process inside the session's memory limit."""
         s = self.session
-        if self.sup.spawner is None and self.sup._zygote_restart is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self.sup._zygote_restart), self.sup.config.spawn_timeout)
-        spawner = self.sup.spawner
-        if spawner is None:
-            raise errors.Unavailable("the zygote is restarting", retry_after=1)
-        conn = await self.sup.hub.connect(self.routing_id)
-        read_fds, write_fds = self.sup.output.pipes()
+        spawner = await self.host.ready_spawner()
+        conn = await self.host.hub.connect(self.routing_id)
+        read_fds, write_fds = self.host.output.pipes()
         try:
             proc = await spawner.launch(f"s{self.generation}-{s.id}",
                                         {"session_id": s.id, "routing_id": self.routing_id, "tenant": s.tenant},
@@ -174,8 +171,8 @@ class SessionLife(Turns):
             _close_all(write_fds)  # the agent holds them now; EOF comes when it (and its children) are gone
         self.process, self.launcher = proc, spawner
         s.pid, s.limits, s.sandbox = proc.pid, proc.limits, proc.sandbox
-        self.sup.by_pid[proc.pid] = s
-        self.sup.output.attach(s, proc.pid, read_fds)
+        self.host.index(s, pid=proc.pid)
+        self.host.output.attach(s, proc.pid, read_fds)
         # If it is already dead, this runs on the next turn of the loop: nothing is lost in between.
         proc.exited.add_done_callback(functools.partial(self._on_exit, proc))
         if self.kill_reason is not None:  # it abused its connection before we knew its pid
@@ -186,7 +183,7 @@ class SessionLife(Turns):
         s = self.session
         if self.process is not None:
             if s.exit_description is None and isinstance(exc, asyncio.TimeoutError):
-                s.exit_description = f"did not start within spawn_timeout ({self.sup.config.spawn_timeout:g}s)"
+                s.exit_description = f"did not start within spawn_timeout ({self.host.config.spawn_timeout:g}s)"
             self.send_signal(signal.SIGKILL)
             await asyncio.shield(self.exited)
         elif s.state == states.STARTING:
@@ -195,7 +192,7 @@ class SessionLife(Turns):
             if isinstance(exc, errors.Unavailable):
                 # The server could not start it (store down, zygote restarting): not the agent's
                 # crash, so it must not spend the restart budget and leave the session failed.
-                self.sup._transition(s, states.STOPPING, reason="unavailable")
+                self.host.transition(s, states.STOPPING, reason="unavailable")
                 self._went_down(states.ENDED)
             else:
                 self._went_down(states.CRASHED)
@@ -216,13 +213,10 @@ class SessionLife(Turns):
     def _release(self) -> None:
         """Free what a dead process held: its routing id, pid and output pipes (the spawner frees its limits)."""
         s = self.session
-        self.sup.output.detach(s)
+        self.host.output.detach(s)
         self.process = s.limits = s.sandbox = None
-        if self.sup.by_rid.get(self.routing_id) is s:
-            del self.sup.by_rid[self.routing_id]
-        self.sup.hub.disconnect(self.routing_id)
-        if s.pid is not None and self.sup.by_pid.get(s.pid) is s:
-            del self.sup.by_pid[s.pid]
+        self.host.unindex(s, routing_id=self.routing_id, pid=s.pid)
+        self.host.hub.disconnect(self.routing_id)
         s.pid = None
 
     def _went_down(self, final: str) -> None:
@@ -241,13 +235,13 @@ class SessionLife(Turns):
             self.ready.set_exception(err)
             self.ready.add_done_callback(consume)
         s.end_reason = self.kill_reason or final
-        self.sup.counters[final] += 1
-        self.sup._transition(s, final, exit=s.exit_description)
+        self.host.counters[final] += 1
+        self.host.transition(s, final, exit=s.exit_description)
         if self.exited is not None and not self.exited.done():
             self.exited.set_result(final)
-        self.sup.events.publish("end", s.id, tenant=s.tenant, reason=final, end_reason=s.end_reason, exit=s.exit_description)
-        self.sup._record_end(s, final)
-        self.sup._forget(s)
+        self.host.events.publish("end", s.id, tenant=s.tenant, reason=final, end_reason=s.end_reason, exit=s.exit_description)
+        self.host.record_end(s, final)
+        self.host.forget(s)
 
     async def stop(self, reason: str, *, force: bool = False) -> str | None:
         """Stop a session's process: shutdown message, SIGTERM, SIGKILL on the stop_timeout ladder."""
@@ -262,14 +256,14 @@ class SessionLife(Turns):
         if s.state not in (states.IDLE, states.BUSY):
             return s.state
         self.stop_reason = reason
-        self.sup._transition(s, states.STOPPING, reason=reason)
+        self.host.transition(s, states.STOPPING, reason=reason)
         if force:
             self.send_signal(signal.SIGKILL)
         else:
-            self.sup.hub.send(self.routing_id, p.pack_shutdown(self.interrupts))
+            self.host.hub.send(self.routing_id, p.pack_shutdown(self.interrupts))
             loop = asyncio.get_running_loop()
-            self.timers["term"] = loop.call_later(self.sup.config.stop_timeout / 2, self.send_signal, signal.SIGTERM)
-            self.timers["kill"] = loop.call_later(self.sup.config.stop_timeout, self.send_signal, signal.SIGKILL)
+            self.timers["term"] = loop.call_later(self.host.config.stop_timeout / 2, self.send_signal, signal.SIGTERM)
+            self.timers["kill"] = loop.call_later(self.host.config.stop_timeout, self.send_signal, signal.SIGKILL)
         return await asyncio.shield(self.exited)
 
     async def kill(self) -> str | None:
@@ -319,12 +313,12 @@ class SessionLife(Turns):
         if self.kill_reason is not None:
             return
         self.kill_reason = reason
-        self.sup.hub.disconnect(self.routing_id)  # nothing more it sends is read
+        self.host.hub.disconnect(self.routing_id)  # nothing more it sends is read
         if detail is not None:
             s.exit_description = detail
         if s.state in (states.STARTING, states.IDLE, states.BUSY):
             self.stop_reason = states.KILLED
-            self.sup._transition(s, states.STOPPING, reason=reason)
+            self.host.transition(s, states.STOPPING, reason=reason)
         self.send_signal(sig)  # no pid yet (its first frames came before the zygote's report): _fork sends it
 
     def dying_now(self) -> None:
@@ -336,11 +330,11 @@ class SessionLife(Turns):
         s = self.session
         if s.state not in (states.IDLE, states.BUSY):
             return
-        self.sup._transition(s, states.STOPPING, reason="agent_exiting")
+        self.host.transition(s, states.STOPPING, reason="agent_exiting")
         # stop_reason stays None, so the exit is classified as crashed/oom; the timer covers an
         # agent that announces its death and then does not die.
         self.timers["kill"] = asyncio.get_running_loop().call_later(
-            self.sup.config.stop_timeout, self.send_signal, signal.SIGKILL
+            self.host.config.stop_timeout, self.send_signal, signal.SIGKILL
         )
 
 

@@ -3,7 +3,7 @@
 The first half of ``SessionLife`` (supervisor/session_life.py), kept in a file of its own: these
 methods read and write the per-session state that ``SessionLife`` holds (``turns``, the futures,
 ``kill_reason``) and reach the registry through ``self.sup`` only for what is shared (the hub,
-the store, the events, the counters, ``_transition``).
+the store, the events, the counters, ``transition``).
 """
 
 import asyncio
@@ -46,7 +46,7 @@ class Turns:
             self._admit(body)
         except errors.CorralError:
             if not s.inflight:
-                self.sup._drop_if_new(s)  # a refused first message must not leave an unstarted session behind
+                self.host.drop_if_new(s)  # a refused first message must not leave an unstarted session behind
             raise
         s.inflight += 1
         s.last_activity = time.monotonic()
@@ -56,7 +56,7 @@ class Turns:
                 try:
                     await self._record(record_as, body)
                 except errors.SessionMoved:
-                    raise await self.sup._moved(s.id) from None  # not committed: the new owner may take it
+                    raise await self.host.moved(s.id) from None  # not committed: the new owner may take it
                 # The process may have died (and a respawn begun) while the message was committed:
                 # sending now would put the turn in a mailbox nobody reads.
                 await self.ensure_live()
@@ -71,7 +71,7 @@ class Turns:
         # A deadline that fails the turn's future, rather than asyncio.timeout/wait_for around a
         # shield or a timer per turn: those cost a task, futures, callbacks or a timer per turn,
         # a measurable share of a warm turn (docs/benchmarks.md).
-        self.sup.turn_deadlines.add(turn, self.sup.config.request_timeout, self)
+        self.host.turn_deadlines.add(turn, self.host.config.request_timeout, self)
         try:
             done = await turn.future
             if done.get("status") == "done":
@@ -81,10 +81,10 @@ class Turns:
             return done
         except errors.CorralError as exc:
             # The session's listeners learn why no reply is coming (a wait=false caller has no other way).
-            self.sup.events.publish("error", s.id, to_all=False, code=exc.code, message=exc.message)
+            self.host.events.publish("error", s.id, to_all=False, code=exc.code, message=exc.message)
             raise
         finally:
-            self.sup.turn_deadlines.discard(turn)
+            self.host.turn_deadlines.discard(turn)
             self.turn_over()
 
     def time_out(self, turn: Turn) -> None:
@@ -94,9 +94,9 @@ class Turns:
         turn.abandoned = True
         self.interrupt()
         # If the interrupt is ignored, the agent is unresponsive (turn_hung): one timer for all.
-        self.sup.hung_turns.add(turn, self.sup.config.stop_timeout / 2, self)
+        self.host.hung_turns.add(turn, self.host.config.stop_timeout / 2, self)
         turn.future.set_exception(errors.TurnTimeout(
-            f"no reply within request_timeout ({self.sup.config.request_timeout:g}s); the turn was interrupted"
+            f"no reply within request_timeout ({self.host.config.request_timeout:g}s); the turn was interrupted"
         ))
 
     def turn_hung(self, turn: Turn) -> None:
@@ -108,11 +108,11 @@ class Turns:
         s = self.session
         if s.state != states.BUSY or turn not in self.turns.values():
             return  # answered (or the process is already gone)
-        self.sup.counters["agents_unresponsive"] += 1
+        self.host.counters["agents_unresponsive"] += 1
         log.warning("agent_unresponsive", session_id=s.id, tenant=s.tenant, pid=s.pid)
         self.kill_for(UNRESPONSIVE, signal.SIGTERM)
         self.timers["kill"] = asyncio.get_running_loop().call_later(
-            self.sup.config.stop_timeout / 2, self.send_signal, signal.SIGKILL
+            self.host.config.stop_timeout / 2, self.send_signal, signal.SIGKILL
         )
 
     def _admit(self, body) -> None:
@@ -121,13 +121,13 @@ class Turns:
         # JSON admits what msgpack refuses: lone surrogates ("\ud800"), ints over 64 bits.
         try:
             if isinstance(body, str):  # the common case: the size check's encode catches surrogates
-                if len(body.encode()) > self.sup.config.max_message_bytes:
-                    raise errors.TooLarge(f"message is over max_message_bytes ({self.sup.config.max_message_bytes})")
+                if len(body.encode()) > self.host.config.max_message_bytes:
+                    raise errors.TooLarge(f"message is over max_message_bytes ({self.host.config.max_message_bytes})")
             else:
                 p.check_encodable(body)
         except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
             raise errors.BadRequest(f"the message cannot be encoded for the agent: {exc}") from None
-        if s.inflight >= self.sup.config.mailbox_size:
+        if s.inflight >= self.host.config.mailbox_size:
             raise errors.MailboxFull(f"session {s.id} has {s.inflight} messages in flight", retry_after=1)
         if s.bucket is not None:
             wait = s.bucket.take()
@@ -137,13 +137,13 @@ class Turns:
     def _send(self, kind: int, body, on_chunk) -> Turn:
         """Put one frame in the agent's mailbox."""
         s = self.session
-        req = next(self.sup._req_ids)
+        req = self.host.next_request_id()
         turn = Turn(kind, asyncio.get_running_loop().create_future(), on_chunk)
         self.turns[req] = turn
         # If the agent is already gone, the frame is refused; its exit report fails the turn.
-        self.sup.hub.send(self.routing_id, p.pack_request(kind, req, body, self.interrupts))
+        self.host.hub.send(self.routing_id, p.pack_request(kind, req, body, self.interrupts))
         if s.state == states.IDLE:
-            self.sup._transition(s, states.BUSY)
+            self.host.transition(s, states.BUSY)
         return turn
 
     def turn_over(self) -> None:
@@ -152,24 +152,20 @@ class Turns:
         s.inflight -= 1
         s.last_activity = time.monotonic()
         if s.state == states.BUSY and not self.turns:
-            self.sup._transition(s, states.IDLE)
+            self.host.transition(s, states.IDLE)
         elif s.state == states.IDLE:
-            self.sup.reaper.arm_idle(s)  # a request refused before its frame left skips the idle timer's re-arm
+            self.host.reaper.arm_idle(s)  # a request refused before its frame left skips the idle timer's re-arm
         elif not s.live:
-            self.sup._forget(s)
+            self.host.forget(s)
 
     async def _record(self, role: str, content) -> dict:
         """Commit one message to the store and tell listeners."""
         s = self.session
         text = content if isinstance(content, str) else str(content)
-        try:
-            msg = await self.sup._store_call(self.sup.store.append_message(s.id, role, text, epoch=s.epoch))
-        except errors.SessionMoved:
-            self.sup._fence_out(s, f"its {role} message was refused for a stale epoch")
-            raise
+        msg = await self.host.record_message(s, role, text)
         s.message_count = msg.seq
         data = msg.to_dict()
-        self.sup.events.publish("message", s.id, to_all=False, message=data)
+        self.host.events.publish("message", s.id, to_all=False, message=data)
         return data
 
     def on_frame(self, kind: int, req: int, body, size: int) -> None:
@@ -178,19 +174,19 @@ class Turns:
         if kind in (p.CHUNK, p.DONE, p.FAIL):
             turn = self.turns.get(req)
             if turn is None:
-                self._stray()
+                self.stray_frame()
                 return
             turn.bytes += size
-            if turn.bytes > self.sup.config.max_turn_bytes:
-                self.kill_for(TURN_TOO_LARGE, detail=f"sent over {self.sup.config.max_turn_bytes} bytes for one turn")
+            if turn.bytes > self.host.config.max_turn_bytes:
+                self.kill_for(TURN_TOO_LARGE, detail=f"sent over {self.host.config.max_turn_bytes} bytes for one turn")
                 return
         if kind == p.CHUNK:
             if not turn.abandoned:
                 turn.chunks += 1
                 if turn.on_chunk is not None:
                     turn.on_chunk(body)
-                if self.sup.events.watched(s.id):
-                    self.sup.events.publish("delta", s.id, to_all=False, req=req, seq=turn.chunks, text=body)
+                if self.host.events.watched(s.id):
+                    self.host.events.publish("delta", s.id, to_all=False, req=req, seq=turn.chunks, text=body)
         elif kind == p.DONE:
             problem = p.reply_problem(body)  # any ZeroMQ peer may be an agent: it is checked, not trusted
             if problem is not None:
@@ -208,12 +204,12 @@ class Turns:
             if self.ready is not None and not self.ready.done():
                 self.ready.set_result(body)
 
-    def _stray(self) -> None:
+    def stray_frame(self) -> None:
         """Count a frame an agent had no business sending; kill the agent past STRAY_FRAME_LIMIT."""
         s = self.session
         self.stray_frames += 1
         if self.stray_frames == STRAY_FRAME_LIMIT:
-            self.sup.counters["agents_killed_for_abuse"] += 1
+            self.host.counters["agents_killed_for_abuse"] += 1
             log.warning("agent_flooding_killed", session_id=s.id, tenant=s.tenant, pid=s.pid, frames=self.stray_frames)
             self.kill_for(STRAY_FRAMES, detail=f"killed after {STRAY_FRAME_LIMIT} frames for turns it was not given")
 
@@ -222,11 +218,11 @@ class Turns:
         s = self.session
         turn = self.turns.pop(req, None)
         if turn is not None and turn.abandoned:
-            self.sup.hung_turns.discard(turn)
+            self.host.hung_turns.discard(turn)
         if turn is not None and not turn.future.done():
             turn.future.set_result(result)
         if s.state == states.BUSY and not self.turns and not s.inflight:
-            self.sup._transition(s, states.IDLE)
+            self.host.transition(s, states.IDLE)
 
     def _fail_turn(self, req: int, body: dict) -> None:
         """Resolve a turn the agent reported as failed."""
@@ -239,7 +235,7 @@ class Turns:
             self.dying = True  # it exits right after this frame: new turns must wait for the respawn
         turn = self.turns.pop(req, None)
         if turn is not None and turn.abandoned:
-            self.sup.hung_turns.discard(turn)
+            self.host.hung_turns.discard(turn)
         if turn is not None and not turn.future.done():
             err_cls = _FAIL_ERRORS.get(code, errors.AgentDied)
             turn.future.set_exception(err_cls(message, code=code if err_cls is errors.AgentDied else None))

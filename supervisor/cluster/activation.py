@@ -59,7 +59,7 @@ class Activation:
 
     async def cluster_nodes(self) -> list[dict]:
         """The nodes of the cluster as /admin/nodes lists them; a single node lists itself."""
-        rows = await self._store_call(self.directory.nodes())
+        rows = await self.store_call(self.directory.nodes())
         if rows or self.membership is not None:
             return rows
         return [{"node": self.node, "url": advertised_url(self.config), "alive": True, "self": True,
@@ -67,25 +67,25 @@ class Activation:
 
     async def _placed(self, session_id: str):
         """The stored record of a session this node may serve; SessionMoved if a live peer owns it."""
-        placement = await self._store_call(self.directory.lookup(session_id))
+        placement = await self.store_call(self.directory.lookup(session_id))
         if placement.owner_url is not None:
             raise errors.SessionMoved(f"session {session_id} is owned by node {placement.owner}",
                                       owner_url=placement.owner_url, owner=placement.owner)
         return placement.record
 
-    async def _moved(self, session_id: str) -> errors.SessionMoved:
+    async def moved(self, session_id: str) -> errors.SessionMoved:
         """The error for a session another node has claimed, naming its owner when that one is alive."""
-        placement = await self._store_call(self.directory.lookup(session_id))
+        placement = await self.store_call(self.directory.lookup(session_id))
         return errors.SessionMoved(f"session {session_id} is owned by node {placement.owner}",
                                    owner_url=placement.owner_url, owner=placement.owner)
 
     async def _claim(self, s):
         """Claim the session for this node before its process starts; SessionMoved if another won."""
         s.epoch = None
-        record = await self._store_call(
+        record = await self.store_call(
             self.directory.claim(s.id, tenant=s.tenant, agent=self.config.agent, metadata=s.metadata))
         if record is None:
-            raise await self._moved(s.id)
+            raise await self.moved(s.id)
         if self.directory.fenced:
             s.epoch = record.epoch
         return record
@@ -94,7 +94,7 @@ class Activation:
         """Whether the session's writes must be skipped: in a cluster, it holds no claim (fenced out)."""
         return self.directory is not None and self.directory.fenced and s.epoch is None
 
-    def _fence_out(self, s, why: str) -> None:
+    def fence_out(self, s, why: str) -> None:
         """Another node claimed this session: end this node's stale process without writing anything."""
         if s.epoch is None and not s.live:
             return
@@ -117,10 +117,10 @@ class Activation:
         for sid in lost:
             s = self.sessions.get(sid)
             if s is not None and s.epoch == claims[sid]:
-                self._fence_out(s, "claimed by another node while this one's lease had lapsed")
+                self.fence_out(s, "claimed by another node while this one's lease had lapsed")
 
     async def _lease_lost(self) -> None:
         """No heartbeat within the lease: other nodes may claim any session, so end every process here."""
         for s in list(self.sessions.values()):
             if s.epoch is not None:
-                self._fence_out(s, "this node's lease expired without a renewal")
+                self.fence_out(s, "this node's lease expired without a renewal")
