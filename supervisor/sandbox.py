@@ -245,8 +245,10 @@ def probe_layers(*, root: bool, network: bool, uid_range: range) -> dict:
     elif not _kernel_has_seccomp():
         table["seccomp"] = _layer(False, "the kernel has no seccomp filter support")
     else:
-        table["seccomp"] = _layer(True, f"{len(layers.DENIED_SYSCALLS)} syscalls refused, namespaced clone and new unix sockets refused"
-                                  + ("" if network else ", inet sockets refused"))
+        table["seccomp"] = _layer(True, f"{len(layers.DENIED_SYSCALLS)} syscalls refused (io_uring among them), "
+                                  "namespaced clone refused, "
+                                  + ("inet sockets only" if network else "no sockets but socketpair")
+                                  + ", no executable memfd, no execveat of a descriptor")
     table["tmpdir"] = _layer(True, "a private TMPDIR per session, removed when its process ends")
     return table
 

@@ -24,6 +24,7 @@ import pytest
 from corral.agent_proc import sandbox as layers
 from corral.supervisor import sandbox as policy
 from corral.supervisor.store import DEFAULT_SQLITE_NAME
+from tests.agents.hostile import spawn
 from tests.procs import start_server, wait_gone
 
 ROOT = os.geteuid() == 0
@@ -321,6 +322,79 @@ def test_seccomp_refuses_what_an_agent_never_needs_and_keeps_fork_and_threads(wh
     assert in_child(confined, uid=_as(who, unprivileged_uid)) == {**denied, "fork": 7, "thread": "ok"}
 
 
+def _exec(path: str, fd: int | None = None) -> None:
+    """Run a program to its end (by execveat on ``fd`` when given); raise the exec's OSError."""
+    spawn(path, fd=fd)
+
+
+def _memfd_copy(flags: int) -> int:
+    """A memfd holding /bin/true."""
+    fd = os.memfd_create("copy", flags)
+    with open("/bin/true", "rb") as f:
+        os.write(fd, f.read())
+    return fd
+
+
+SIDE_DOORS = {  # what each answered on this kernel before the filter shut it
+    "io_uring_setup": lambda: _raise_errno(ctypes.CDLL(None, use_errno=True).syscall(425, 1, ctypes.create_string_buffer(120))),
+    "netlink socket": lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0).close(),
+    "vsock socket": lambda: socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close(),
+    "packet socket": lambda: socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM).close(),
+    "unix socket": lambda: socket.socket(socket.AF_UNIX).close(),
+    "run a memfd by /proc/self/fd": lambda: _exec(f"/proc/self/fd/{_memfd_copy(0)}"),
+    "run a memfd by execveat": lambda: _exec("", _memfd_copy(0)),
+    "an MFD_EXEC memfd": lambda: _memfd_copy(0x10),
+}
+
+
+def _raise_errno(result: int) -> None:
+    """Raise the errno of a raw syscall that returned -1."""
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    os.close(result)
+
+
+@needs_seccomp
+@pytest.mark.parametrize("who", users())
+def test_seccomp_shuts_io_uring_other_socket_families_and_running_a_memfd(who, unprivileged_uid):
+    def confined():
+        layers.set_no_new_privs()
+        layers.apply_seccomp()
+        return {
+            **{name: attempt(door) for name, door in SIDE_DOORS.items()},
+            "inet sockets": attempt(lambda: [socket.socket(f, socket.SOCK_DGRAM).close() for f in (2, 10)]),
+            "socketpair": attempt(lambda: [s.close() for s in socket.socketpair()]),
+            "a no-exec memfd": attempt(lambda: os.close(_memfd_copy(0x8))),  # MFD_NOEXEC_SEAL: still usable
+            "run /bin/true": attempt(lambda: _exec("/bin/true")),
+        }
+
+    assert in_child(confined, uid=_as(who, unprivileged_uid)) == {
+        "io_uring_setup": "EPERM", "netlink socket": "EAFNOSUPPORT", "vsock socket": "EAFNOSUPPORT",
+        "packet socket": "EAFNOSUPPORT", "unix socket": "EACCES", "run a memfd by /proc/self/fd": "EACCES",
+        "run a memfd by execveat": "EACCES", "an MFD_EXEC memfd": "EACCES",
+        "inet sockets": "ok", "socketpair": "ok", "a no-exec memfd": "ok", "run /bin/true": "ok",
+    }
+
+
+@needs_landlock
+@pytest.mark.parametrize("who", users())
+def test_landlock_runs_nothing_from_the_temp_dir(shared_dir, who, unprivileged_uid):
+    allowed, _secret, own = code_data_tmp(shared_dir)
+    shutil.copy("/bin/true", own / "copy")
+    os.chmod(own / "copy", 0o755)
+
+    def confined():
+        layers.set_no_new_privs()
+        layers.apply_landlock(ABI, ["/usr", "/lib", "/lib64", "/bin", "/etc/ld.so.cache", str(allowed)], [str(own)])
+        return {"system binary": attempt(lambda: _exec("/bin/true")),
+                "copy in the temp dir": attempt(lambda: _exec(str(own / "copy"))),
+                "write the temp dir": attempt(lambda: open(own / "new", "w").close())}
+
+    assert in_child(confined, uid=_as(who, unprivileged_uid)) == {
+        "system binary": "ok", "copy in the temp dir": "EACCES", "write the temp dir": "ok"}
+
+
 @needs_seccomp
 def test_the_seccomp_syscall_numbers_match_libseccomp():
     path = ctypes.util.find_library("seccomp")
@@ -517,6 +591,28 @@ async def test_every_way_out_of_the_session_fails_and_the_others_keep_answering(
     assert (await sup.chat(victim, "what is my name?"))["reply"] == "Your name is Victoria."
     assert (await sup.chat(attacker, "still here"))["reply"] == "You said: still here"
     assert sup.health()["live_sessions"] == 2
+
+
+async def test_the_side_doors_are_shut_for_a_live_agent(hostile_setup):
+    sup, attacker, victim = hostile_setup
+    if not (sup.sandbox.on("seccomp") and sup.sandbox.on("landlock")):
+        pytest.skip("needs seccomp and Landlock")
+    controls = {"run /bin/true": ("run", {"path": "/bin/true"}), "a TCP socket": ("socket", {"family": 2, "type": 1})}
+    doors = {
+        "io_uring": ("io_uring", {}),
+        "a netlink socket (route)": ("socket", {"family": socket.AF_NETLINK, "type": socket.SOCK_RAW}),
+        "a netlink socket (uevent)": ("socket", {"family": socket.AF_NETLINK, "type": socket.SOCK_DGRAM, "proto": 15}),
+        "a vsock socket": ("socket", {"family": socket.AF_VSOCK, "type": socket.SOCK_STREAM}),
+        "a packet socket": ("socket", {"family": socket.AF_PACKET}),
+        "a unix datagram socket": ("socket", {"family": socket.AF_UNIX}),
+        "run a binary copied into TMPDIR": ("run_copy", {"path": "/bin/true"}),
+        "run a memfd": ("run_memfd", {"path": "/bin/true"}),
+        "run an MFD_EXEC memfd": ("run_memfd", {"path": "/bin/true", "flags": 0x10}),
+    }
+    results = {name: await attack(sup, attacker, what, **args) for name, (what, args) in {**controls, **doors}.items()}
+    print("\n".join(f"{name}: {r['detail']}" for name, r in results.items()))
+    assert {name for name, r in results.items() if r["escaped"]} == set(controls)
+    assert (await sup.chat(victim, "what is my name?"))["reply"] == "Your name is Victoria."
 
 
 @needs_root

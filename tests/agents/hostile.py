@@ -188,6 +188,37 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NR = {"x86_64": 56, "aarch64": 220}.get(os.uname().machine, -1)
 
 
+IO_URING_SETUP = 425  # the same number on x86_64 and aarch64
+EXECVEAT_NR = {"x86_64": 322, "aarch64": 281}.get(os.uname().machine, -1)
+
+
+def spawn(path: str, *, fd: int | None = None) -> str:
+    """Fork and exec ``path`` (or the file open on ``fd``, by execveat); raise the exec's OSError."""
+    import ctypes
+
+    read_end, write_end = os.pipe()  # close-on-exec: a successful exec closes it
+    pid = os.fork()
+    if pid == 0:
+        err = 0
+        try:
+            if fd is None:
+                os.execv(path, [path])
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.syscall(EXECVEAT_NR, fd, b"", None, None, 0x1000)  # AT_EMPTY_PATH
+            err = ctypes.get_errno()
+        except OSError as exc:
+            err = exc.errno
+        os.write(write_end, str(err).encode())
+        os._exit(127)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        err = f.read()
+    _, status = os.waitpid(pid, 0)
+    if err:
+        raise OSError(int(err), os.strerror(int(err)))
+    return f"ran {path}: exit {os.waitstatus_to_exitcode(status)}"
+
+
 def _sleep_forever():
     """Block until killed."""
     while True:
@@ -298,6 +329,49 @@ class Escaper(DemoAgent):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.sendto(b"x", ("127.0.0.1", int(args["port"])))
         return "sent"
+
+    def _socket(self, args):
+        """Make a socket of any family (netlink, vsock, packet ...): the kernel's other ends."""
+        with socket.socket(int(args["family"]), int(args.get("type", socket.SOCK_DGRAM)), int(args.get("proto", 0))):
+            return f"made a socket of family {args['family']}"
+
+    def _io_uring(self, args):
+        """io_uring_setup: a ring whose operations (IORING_OP_SOCKET, ...) no seccomp filter sees."""
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        params = ctypes.create_string_buffer(120)  # struct io_uring_params, zeroed
+        fd = libc.syscall(IO_URING_SETUP, 1, params)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        os.close(fd)
+        return "made an io_uring"
+
+    def _run(self, args):
+        """Run a program (``/bin/true`` must run: the control)."""
+        return spawn(args["path"])
+
+    def _run_copy(self, args):
+        """Copy a binary into TMPDIR and run it from there."""
+        copy = os.path.join(os.environ["TMPDIR"], "mine")
+        with open(args["path"], "rb") as src, open(copy, "wb") as dst:
+            dst.write(src.read())
+        os.chmod(copy, 0o755)
+        return spawn(copy)
+
+    def _run_memfd(self, args):
+        """Copy a binary into a memfd and run it: by /proc/self/fd, then by execveat(AT_EMPTY_PATH)."""
+        fd = os.memfd_create("mine", int(args.get("flags", 0)))
+        with open(args["path"], "rb") as src:
+            os.write(fd, src.read())
+        refused = []
+        for how in ("proc", "execveat"):
+            try:
+                return spawn(f"/proc/self/fd/{fd}", fd=fd if how == "execveat" else None)
+            except OSError as exc:
+                refused.append(f"{how}: {exc}")
+        raise OSError(f"refused: {'; '.join(refused)}")
 
     def _fork_bomb(self, args):
         """Fork sleepers until fork fails; return how many were made (they live until the session ends)."""
