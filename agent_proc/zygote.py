@@ -1,7 +1,7 @@
 """The zygote: imports the agent code once, then forks one warm child per session.
 
-It runs in its own process (started by the supervisor with ``multiprocess``), talks to the
-supervisor over a pipe, and reports every child's pid and exit status (by the request's spawn id,
+It runs in its own process (a fresh interpreter the supervisor starts with a clean environment,
+``boot``), talks to the supervisor over a pipe, and reports every child's pid and exit status (by the request's spawn id,
 so an exit is never read before the supervisor can tell whose it is). Each spawn request comes
 with the child's connection to the hub (one end of a socket pair) and its stdout/stderr pipes,
 passed over a second socket with SCM_RIGHTS, so the child is connected from birth and the hub needs
@@ -20,7 +20,7 @@ import socket
 import sys
 import traceback
 
-from corral.agent_proc import forking, sandbox, userns, warmup
+from corral.agent_proc import environment, forking, sandbox, userns, warmup
 from corral.agent_proc.limits import apply_limits
 from corral.agent_proc.process import agent_title, arm_death_signal, die_with_parent, load_agent_class, set_title
 from corral.agent_proc.stdio import agent_streams, attach_stdio
@@ -38,6 +38,23 @@ def send_msg(conn, msg) -> None:
 def recv_msg(conn):
     """Receive one message sent with ``send_msg``."""
     return pickle.loads(conn.recv_bytes())
+
+
+def boot() -> None:
+    """The zygote's first code (``python -c``; supervisor/spawner.py): read its start message, then run.
+
+    ``sys.argv`` holds only the numbers of its two descriptors: the pipe to the supervisor and the
+    socket the hub connections come over. The start message (agent, supervisor pid, sandbox
+    options, the supervisor's ``sys.path``, so agent modules import as they would there) comes on
+    the pipe: no secret of the server's is on our command line, in our environment or our memory.
+    """
+    from multiprocess.connection import Connection
+
+    conn = Connection(int(sys.argv[1]))
+    fd_channel = socket.socket(fileno=int(sys.argv[2]))
+    start = recv_msg(conn)
+    sys.path[:] = start["sys_path"]
+    zygote_main(conn, fd_channel, start["agent"], start["supervisor_pid"], start["options"])
 
 
 def zygote_main(conn, fd_channel: socket.socket, agent_spec: str, supervisor_pid: int, options: dict | None = None) -> None:
@@ -291,6 +308,7 @@ class Zygote:
             _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash test must not litter cores
             apply_limits(req["limits"])
+            environment.enter(req.get("env"), (req.get("sandbox") or {}).get("tmpdir"))
             set_title(agent_title(req["session_id"], req["tenant"], False))
             from corral.agent_proc.main import run_agent
 

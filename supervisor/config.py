@@ -13,7 +13,7 @@ from corral.supervisor.limits import MECHANISMS
 from corral.supervisor.sandbox import MODES as SANDBOX_MODES
 from corral.supervisor.sandbox import parse_uid_range
 from corral.supervisor.settings import (  # noqa: F401 (SettingError: raised by Config, caught by the CLI)
-    AGENT, CORES, COUNT, PATH, PORT, RATE, SECONDS, SIZE, TEXT, TOKEN, URL, ORIGINS,
+    AGENT, CORES, COUNT, ENV_ENTRY, PATH, PORT, RATE, SECONDS, SIZE, TEXT, TOKEN, URL, ORIGINS,
     Declared, SettingError, at_least_one, between, check_all, choice, declared, non_negative, positive, setting,
 )
 
@@ -119,6 +119,11 @@ class Config:
                                      _uid_range)
     agent_network: str = setting("on", choice("on|off", ("on", "off")),
                                  "on | off: whether agents may use TCP/UDP (Landlock + seccomp)")
+    agent_env: tuple[str, ...] = setting(
+        (), ENV_ENTRY, "a variable for agents: NAME (passed through from the server) or NAME=VALUE; repeatable",
+        doc="a variable agents get: `NAME` (its value in the server's environment) or `NAME=VALUE`; repeat the flag, "
+            "or separate entries with spaces in the variable. Agents start from an empty environment plus `PATH`, "
+            "`LANG`, `TMPDIR` and `HOME`; see [security.md](security.md#the-agents-environment)")
     max_pids: int = setting(64, COUNT, "processes per session (0 = no cap)", non_negative)
     max_open_files: int = setting(1024, COUNT, "open files per agent process (0 = inherited)", non_negative,
                                   _enough_files)

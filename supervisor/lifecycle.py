@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import time
 
+from corral.agent_proc import environment
 from corral.supervisor import errors, states
 from corral.supervisor.agent_tmp import sweep_dead_trees
 from corral.supervisor.hub import Hub
@@ -112,9 +113,16 @@ class Lifecycle:
     async def _start_spawner(self) -> None:
         """Start a zygote."""
         launcher = self.launcher or ZygoteSpawner
-        spawner = launcher(self.config.agent, limiter=self.limiter, sandbox=self.sandbox, on_lost=self._on_zygote_lost)
+        spawner = launcher(self.config.agent, limiter=self.limiter, sandbox=self.sandbox, on_lost=self._on_zygote_lost,
+                           environment=self._zygote_environment())
         await spawner.start()
         self.spawner = spawner
+
+    def _zygote_environment(self) -> dict[str, str]:
+        """The zygote's (and so every agent's) environment: the base and ``--agent-env``, nothing else of ours."""
+        tmpdir = self.sandbox.tmp_parent or tempfile.gettempdir()
+        declared = environment.declared_values(self.config.agent_env, os.environ)
+        return environment.zygote_environment(tmpdir, declared, os.environ)
 
     async def close(self) -> None:
         """Stop every session, the zygote and the hub; remove the run directory."""

@@ -49,7 +49,7 @@ class Supervisor(Lifecycle, Activation, Queries):
     """Owns every session of one corral server."""
 
     def __init__(self, config: Config, *, store=None, claim=None, events: EventBus | None = None,
-                 tenant_limits=None, launcher=None):
+                 tenant_limits=None, launcher=None, tenant_env=None):
         """``claim``: this node's identity, already claimed in ``store`` (supervisor/node.py); else claimed at start.
 
         ``launcher``: the spawner class (supervisor/spawner.py's interface); the zygote's by default.
@@ -59,6 +59,7 @@ class Supervisor(Lifecycle, Activation, Queries):
         self.store = store
         self.events = events or EventBus()
         self.tenant_limits: dict[str, int] = dict(tenant_limits or {})
+        self.tenant_env: dict[str, dict[str, str]] = dict(tenant_env or {})  # variables each tenant's agents get
         self.sessions: dict[str, Session] = {}
         self.by_pid: dict[int, Session] = {}
         self.by_rid: dict[bytes, Session] = {}

@@ -158,7 +158,8 @@ class SessionLife(Turns):
         read_fds, write_fds = self.host.output.pipes()
         try:
             proc = await spawner.launch(f"s{self.generation}-{s.id}",
-                                        {"session_id": s.id, "routing_id": self.routing_id, "tenant": s.tenant},
+                                        {"session_id": s.id, "routing_id": self.routing_id, "tenant": s.tenant,
+                                         "env": self.sup.tenant_env.get(s.tenant, {})},
                                         conn, stdio=write_fds)
         except SpawnError as exc:
             _close_all(read_fds)

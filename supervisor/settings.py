@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
+from corral.agent_proc.environment import parse_entry
 from corral.supervisor.limits import parse_cores, parse_size
 
 Check = Callable[[object], str | None]  # a value -> the problem with it, or None
@@ -116,6 +117,22 @@ def origins(text: str) -> tuple[str, ...]:
     return found
 
 
+def env_entry(text: str) -> str:
+    """An environment variable for agents: ``NAME`` (the server's value) or ``NAME=VALUE``."""
+    parse_entry(text)
+    return text
+
+
+def env_entries(value) -> str | None:
+    """Refuse a tuple of entries with one that is not ``NAME`` or ``NAME=VALUE``."""
+    for entry in value:
+        try:
+            parse_entry(entry)
+        except ValueError as exc:
+            return f"{exc} (got {entry.partition('=')[0]!r})"
+    return None
+
+
 def path(text: str) -> Path:
     """A filesystem path."""
     return Path(nonempty(text))
@@ -140,6 +157,9 @@ class Kind:
     parse: Callable[[str], object]
     checks: tuple[Check, ...] = ()
     show: Callable[[object], str] = str  # how --help and the docs print a default
+    # repeatable: each flag gives one item and the environment variable several, separated by
+    # whitespace; the setting's value is the tuple of them all
+    many: bool = False
 
 
 def _show_number(value: float) -> str:
@@ -167,6 +187,7 @@ PORT = Kind("port", port_number, (between(0, 65535, "must be 0-65535"),))
 AGENT = Kind("agent", agent_spec)
 CORES = Kind("cores", parse_cores, (), _show_number)
 ORIGINS = Kind("origins", origins, (), lambda value: ",".join(value))
+ENV_ENTRY = Kind("NAME[=VALUE]", env_entry, (env_entries,), lambda value: " ".join(value) or "none", many=True)
 
 
 def choice(name: str, allowed: tuple[str, ...]) -> Kind:

@@ -1,7 +1,7 @@
 """How agent processes are launched: a pluggable piece (like jupyter_client's provisioners).
 
-``ZygoteSpawner`` starts one zygote with ``multiprocess`` and asks it to fork a child per
-session, handing it the child's hub connection (SCM_RIGHTS over a socket pair of their own);
+``ZygoteSpawner`` starts one zygote (a fresh interpreter with a clean environment: nothing of
+the server's command line, environment or memory) and asks it to fork a child per session, handing it the child's hub connection (SCM_RIGHTS over a socket pair of their own);
 the zygote reports each child's pid and, the moment it dies, its wait status (by spawn id).
 It is the one plug between the supervisor and a process: a sandbox layer or another launcher goes
 behind the same ``launch``/``signal``/``kill``/``exited`` interface.
@@ -13,6 +13,7 @@ import itertools
 import os
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import multiprocess
 
-from corral.agent_proc.zygote import recv_msg, send_msg, zygote_main
+from corral.agent_proc.zygote import recv_msg, send_msg
 from corral.supervisor.logs import get_logger
 from corral.supervisor.reaper import describe_status
 
@@ -59,22 +60,10 @@ class AgentProcess:
     sandbox: dict | None = None
 
 
-@contextlib.contextmanager
-def _hidden_main_module():
-    """Keep multiprocess's spawn from re-importing our entry script in the zygote.
-
-    The entry script (``corral``, pytest, ...) imports the web stack; the zygote and every agent
-    forked from it must not carry it.
-    """
-    main = sys.modules.get("__main__")
-    saved = getattr(main, "__file__", None)
-    if saved is not None:
-        del main.__file__
-    try:
-        yield
-    finally:
-        if saved is not None:
-            main.__file__ = saved
+# The zygote's whole command line: the interpreter, this, and the numbers of its two descriptors.
+# Not multiprocess's spawn: that hands the child the server's environment and pickles its sys.argv
+# (which may hold --admin-token), its main module and its authkey into it.
+ZYGOTE_BOOT = "from corral.agent_proc.zygote import boot; boot()"
 
 
 class ZygoteSpawner:
@@ -94,6 +83,7 @@ class ZygoteSpawner:
         sandbox,
         on_lost: Callable[[], None],
         start_timeout: float = 30.0,
+        environment: dict[str, str] | None = None,
     ):
         self.agent_spec = agent_spec
         self.limiter = limiter  # supervisor/limits.py: a memory limit per process
@@ -101,6 +91,8 @@ class ZygoteSpawner:
         self.on_lost = on_lost
         self.start_timeout = start_timeout
         self.zygote_options = sandbox.zygote_options()
+        # the zygote's whole environment (agent_proc/environment.py): agents fork from it
+        self.environment = environment if environment is not None else {}
         self.process = None
         self.conn = None
         self.fd_channel: socket.socket | None = None
@@ -119,19 +111,17 @@ class ZygoteSpawner:
     async def start(self) -> None:
         """Start the zygote and wait until it has imported the agent code."""
         loop = asyncio.get_running_loop()
-        ctx = multiprocess.get_context("spawn")
-        self.conn, child_conn = ctx.Pipe(duplex=True)
+        self.conn, child_conn = multiprocess.Pipe(duplex=True)
         self.fd_channel, child_fds = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.process = ctx.Process(
-            target=zygote_main,
-            args=(child_conn, child_fds, self.agent_spec, os.getpid(), self.zygote_options),
-            name="corral-zygote",
-            daemon=True,
-        )
-        with _hidden_main_module():
-            self.process.start()
-        child_conn.close()
-        child_fds.close()
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", ZYGOTE_BOOT, str(child_conn.fileno()), str(child_fds.fileno())],
+                env=self.environment, stdin=subprocess.DEVNULL, pass_fds=(child_conn.fileno(), child_fds.fileno()))
+        finally:
+            child_conn.close()
+            child_fds.close()
+        send_msg(self.conn, {"agent": self.agent_spec, "supervisor_pid": os.getpid(),
+                             "options": self.zygote_options, "sys_path": list(sys.path)})
         self.pid = self.process.pid
         self._ready = loop.create_future()
         loop.add_reader(self.conn.fileno(), self._on_readable)
@@ -302,13 +292,13 @@ def _consume(fut: asyncio.Future) -> None:
         fut.exception()
 
 
-async def _wait_process(process, *, timeout: float) -> None:
+async def _wait_process(process: subprocess.Popen, *, timeout: float) -> None:
     """Wait for a child process to exit without blocking the loop; SIGKILL it past the timeout."""
     loop = asyncio.get_running_loop()
     try:
         pidfd = os.pidfd_open(process.pid)
     except (ProcessLookupError, OSError):
-        process.join(0)
+        process.poll()
         return
     gone = loop.create_future()
     loop.add_reader(pidfd, lambda: gone.done() or gone.set_result(None))
@@ -320,4 +310,5 @@ async def _wait_process(process, *, timeout: float) -> None:
     finally:
         loop.remove_reader(pidfd)
         os.close(pidfd)
-        process.join(1)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(1)

@@ -7,6 +7,7 @@ Tenants come from a TOML file (``--tenants`` / ``CORRAL_TENANTS``)::
     [tenants.acme]
     keys = ["key-1", "key-2"]
     max_sessions = 20              # optional per-tenant session quota
+    env = { OPENAI_MODEL = "gpt-4o" }  # optional variables this tenant's agents get
 
 Requests carry ``Authorization: Bearer <key>``. Keys are compared in constant time and never
 logged. With no keys at all the server is in dev mode: every loopback client is tenant
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from corral.agent_proc import environment
 from corral.supervisor.logs import get_logger
 from corral.web.errors import error_response
 from corral.web.keys import ADMIN, AUTH, TENANT
@@ -48,6 +50,7 @@ class Auth:
     # digests of one length, so the comparison time says nothing about a key's length either
     keys: list[tuple[bytes, str]] = field(default_factory=list, repr=False)
     tenant_limits: dict[str, int] = field(default_factory=dict)
+    tenant_env: dict[str, dict[str, str]] = field(default_factory=dict, repr=False)  # variables its agents get
     admin_token: bytes | None = field(default=None, repr=False)
     metrics_token: bytes | None = field(default=None, repr=False)  # None: /metrics is open
 
@@ -88,8 +91,8 @@ def digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
 
-def load_tenants(path: Path) -> tuple[list[tuple[bytes, str]], dict[str, int], str | None]:
-    """Read a tenants TOML file: (key digests, per-tenant session limits, admin token or None)."""
+def load_tenants(path: Path, envs: dict | None = None) -> tuple[list[tuple[bytes, str]], dict[str, int], str | None]:
+    """Read a tenants TOML file: (key digests, per-tenant session limits, admin token or None); ``envs`` gets each tenant's ``env``."""
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
@@ -110,6 +113,8 @@ def load_tenants(path: Path) -> tuple[list[tuple[bytes, str]], dict[str, int], s
         keys.extend((digest(key), name) for key in tenant_keys)
         if limit is not None:
             limits[name] = limit
+        if envs is not None and table.get("env"):
+            envs[name] = dict(table["env"])
     admin = data.get("admin_token")
     if admin is not None and (not isinstance(admin, str) or not admin):
         raise AuthConfigError(f"tenants file {path}: admin_token must be a non-empty string")
@@ -122,9 +127,10 @@ def _read_tenant(where: str, name: str, table) -> tuple[list[str], int | None]:
         raise AuthConfigError(f"{where}: tenant names are 1-64 characters of A-Z a-z 0-9 . _ -")
     if not isinstance(table, dict):
         raise AuthConfigError(f"{where}: must be a table with keys = [...]")
-    unknown = set(table) - {"keys", "max_sessions"}
+    unknown = set(table) - {"keys", "max_sessions", "env"}
     if unknown:
-        raise AuthConfigError(f"{where}: unknown settings {sorted(unknown)} (allowed: keys, max_sessions)")
+        raise AuthConfigError(f"{where}: unknown settings {sorted(unknown)} (allowed: keys, max_sessions, env)")
+    _check_env(where, table.get("env", {}))
     keys = table.get("keys")
     if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and k for k in keys):
         raise AuthConfigError(f"{where}: keys must be a non-empty list of non-empty strings")
@@ -134,9 +140,20 @@ def _read_tenant(where: str, name: str, table) -> tuple[list[str], int | None]:
     return keys, limit
 
 
+def _check_env(where: str, env) -> None:
+    """Refuse an ``env`` that is not a table of variable names to strings."""
+    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+        raise AuthConfigError(f"{where}: env must be a table of NAME = \"value\" strings")
+    for name in env:
+        if not environment.valid_name(name):
+            raise AuthConfigError(f"{where}: env: {name!r} is not a variable name agents may get "
+                                  f"(A-Z a-z 0-9 _, not {', '.join(environment.RESERVED)})")
+
+
 def auth_from_config(config) -> Auth:
     """Build the server's Auth from ``config.tenants`` and ``config.admin_token``."""
-    keys, limits, admin = ([], {}, None) if config.tenants is None else load_tenants(config.tenants)
+    envs: dict[str, dict[str, str]] = {}
+    keys, limits, admin = ([], {}, None) if config.tenants is None else load_tenants(config.tenants, envs)
     seen: dict[bytes, str] = {}
     for key, tenant in keys:
         if key in seen:
@@ -146,7 +163,7 @@ def auth_from_config(config) -> Auth:
     if admin and digest(admin) in seen:
         raise AuthConfigError("the admin token must differ from every tenant key")
     metrics = getattr(config, "metrics_token", None)
-    return Auth(keys=keys, tenant_limits=limits, admin_token=digest(admin) if admin else None,
+    return Auth(keys=keys, tenant_limits=limits, tenant_env=envs, admin_token=digest(admin) if admin else None,
                 metrics_token=digest(metrics) if metrics else None)
 
 

@@ -4,7 +4,9 @@ Every class is a demo agent (so ordinary chat still works) plus one weapon, fire
 by its session id, so one supervisor can run a hostile session beside well-behaved ones.
 """
 
+import gc
 import os
+import re
 import signal
 import socket
 import struct
@@ -437,3 +439,85 @@ class Escaper(DemoAgent):
         os.waitpid(pid, 0)
         os.read(read_end, 1)  # the grandchild is running
         return {"escaped_to_new_session": True}
+
+
+# Every secret a test gives the server starts with this, followed by hex (tests/test_secrets.py); the
+# hunter looks for SECRET_MARK + hex anywhere it can reach, so its own code (this constant) never matches.
+SECRET_MARK = "hunted-"
+_SECRET = re.compile(re.escape(SECRET_MARK) + "[0-9a-f]{8}")
+
+
+class SecretHunter(DemoAgent):
+    """``hunt``: searches everything of its own for the server's secrets; answers where it found any.
+
+    Its environment, ``/proc/self/environ`` and ``cmdline``, ``sys.argv``, every string and bytes held
+    by a container ``gc`` tracks, the locals of its stack, and (where ``/proc/self/mem`` is readable)
+    the raw bytes of its whole address space, freed memory included.
+    """
+
+    def cmd_hunt(self, args):
+        """Where secrets were found ({place: [matches]}), what could not be searched, and the environment."""
+        found, unreadable = {}, []
+        for place, text in self._texts():
+            hits = _SECRET.findall(text)
+            if hits:
+                found.setdefault(place, []).extend(sorted(set(hits)))
+        try:
+            raw = _scan_memory(_SECRET.pattern.encode())
+            if raw:
+                found["memory"] = sorted(raw)
+        except OSError as exc:
+            unreadable.append(f"memory: {exc}")
+        return {"found": found, "unreadable": unreadable, "environ": dict(os.environ)}
+
+    def _texts(self):
+        """(place, text) for every string the agent can reach without reading raw memory."""
+        yield "os.environ", repr(dict(os.environ))
+        for name in ("environ", "cmdline"):
+            try:
+                with open(f"/proc/self/{name}", "rb") as f:
+                    yield f"/proc/self/{name}", f.read().decode("latin-1")
+            except OSError:
+                pass
+        yield "sys.argv", repr(sys.argv) + repr(getattr(sys, "orig_argv", ()))
+        frame = sys._getframe()
+        while frame is not None:
+            yield f"stack:{frame.f_code.co_name}", "".join(_strings(frame.f_locals.values()))
+            frame = frame.f_back
+        for obj in gc.get_objects():
+            if isinstance(obj, dict):
+                text = "".join(_strings(obj.keys())) + "".join(_strings(obj.values()))
+            elif isinstance(obj, (list, tuple, set, frozenset)):
+                text = "".join(_strings(obj))
+            else:
+                text = "".join(_strings(getattr(obj, "__dict__", {}).values())) if hasattr(obj, "__dict__") else ""
+            if SECRET_MARK in text:
+                yield f"gc:{type(obj).__name__}", text
+
+
+def _strings(items):
+    """The str and bytes among ``items``, as text."""
+    for item in items:
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, (bytes, bytearray)):
+            yield bytes(item).decode("latin-1")
+
+
+def _scan_memory(pattern: bytes) -> set[str]:
+    """Every match of ``pattern`` in the readable mappings of this process (OSError if /proc/self is closed)."""
+    found = set()
+    regex = re.compile(pattern)
+    with open("/proc/self/maps") as maps, open("/proc/self/mem", "rb", buffering=0) as mem:
+        for line in maps.read().splitlines():
+            span, perms = line.split()[:2]
+            if not perms.startswith("r") or line.endswith(("[vvar]", "[vsyscall]", "[vvar_vclock]")):
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            try:
+                data = os.pread(mem.fileno(), end - start, start)
+            except OSError:
+                continue
+            found.update(m.decode("latin-1") for m in regex.findall(data))
+            del data
+    return found

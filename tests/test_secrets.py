@@ -1,0 +1,126 @@
+"""Nothing of the server's is an agent's unless declared (issue 19, items 1 and 7).
+
+A real ``corral serve`` holds an admin token, a tenant key, a database password and an upstream key
+in its environment, on its command line and in files; a hostile agent searches everything of its
+own (environment, /proc/self, argv, gc, its stack, its raw memory) and finds none of them, while
+the variables the operator declared reach it.
+"""
+
+import asyncio
+import json
+import os
+import secrets
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psutil
+import pytest
+
+from tests.agents.hostile import SECRET_MARK
+from tests.cluster_kit import POSTGRES_URL, create_database, drop_database
+from tests.procs import descendants, start_server
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def secret() -> str:
+    """A secret the hunter recognises (tests/agents/hostile.py)."""
+    return SECRET_MARK + secrets.token_hex(8)
+
+
+def call(url: str, path: str, body=None, *, token: str | None = None, method: str | None = None):
+    """(status, decoded JSON or text) of one request."""
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode()
+
+
+def database_url_with_password(tmp_path: Path, password: str) -> tuple[str, str | None]:
+    """A database URL holding ``password`` (PostgreSQL's test server trusts any), and the database to drop."""
+    if not POSTGRES_URL:
+        return f"sqlite:///{tmp_path}/{password}.sqlite3", None
+    name, url = asyncio.run(create_database())
+    parts = urlsplit(url)
+    netloc = f"{parts.username or 'postgres'}:{password}@{parts.hostname}:{parts.port or 5432}"
+    return urlunsplit(parts._replace(netloc=netloc)), name
+
+
+def process_texts(pid: int) -> str:
+    """A process's command line and environment as root reads them."""
+    out = ""
+    for name in ("cmdline", "environ"):
+        with open(f"/proc/{pid}/{name}", "rb") as f:
+            out += f.read().decode("latin-1")
+    return out
+
+
+def test_a_hostile_agent_finds_no_secret_of_the_server_and_gets_what_was_declared(tmp_path):
+    admin, key, password, upstream, metrics = (secret() for _ in range(5))
+    database_url, database = database_url_with_password(tmp_path, password)
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(f'[tenants.acme]\nkeys = ["{key}"]\nenv = {{ TENANT_VAR = "for-acme" }}\n'
+                       '[tenants.other]\nkeys = ["other-key"]\n')
+    env = {"CORRAL_DATABASE_URL": database_url, "OPENAI_API_KEY": upstream, "PASSED": "through",
+           "CORRAL_METRICS_TOKEN": metrics}
+    # --sandbox off: the hunter may read /proc/self/mem (the sandbox would refuse it /proc), so the
+    # search covers raw memory; the environment is clean whatever the sandbox
+    proc, url = start_server(tmp_path, "--admin-token", admin, "--tenants", str(tenants), "--sandbox", "off",
+                             "--agent", "tests.agents.hostile:SecretHunter",
+                             "--agent-env", "PASSED", "--agent-env", "SET=here", "--agent-env", "MISSING",
+                             env=env, cwd=REPO)
+    try:
+        status, answer = call(url, "/api/mcp-command", {"command": "hunt", "args": {}, "session_id": "h1"}, token=key)
+        assert status == 200, answer
+        hunt = answer["result"]
+        assert hunt["found"] == {} and hunt["unreadable"] == []
+        environ = hunt["environ"]
+        assert set(environ) == {"PATH", "LANG", "TMPDIR", "HOME", "PASSED", "SET", "TENANT_VAR"}, environ
+        assert (environ["PASSED"], environ["SET"], environ["TENANT_VAR"]) == ("through", "here", "for-acme")
+        assert environ["HOME"] == environ["TMPDIR"]
+        # another tenant's agent gets the server-wide variables, not acme's
+        status, answer = call(url, "/api/mcp-command", {"command": "hunt", "args": {}, "session_id": "o1"},
+                              token="other-key")
+        assert status == 200 and "TENANT_VAR" not in answer["result"]["environ"]
+        # and the zygote itself holds none of it, as root reads it from outside
+        zygote = next(p for p in descendants(proc.pid) if psutil.Process(p).cmdline()[0].startswith("corral: zygote"))
+        assert SECRET_MARK not in process_texts(zygote)
+    finally:
+        proc.kill()
+        proc.wait()
+        if database:
+            asyncio.run(drop_database(database))
+
+
+def test_declared_variables_are_checked_at_start(tmp_path, capsys):
+    from corral.web.cli import build_parser, config_from
+    from corral.web.auth import AuthConfigError, auth_from_config
+
+    for bad in (["--agent-env", "TMPDIR=/elsewhere"], ["--agent-env", "1X"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", *bad])
+        assert "--agent-env: expected NAME or NAME=VALUE" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="CORRAL_AGENT_ENV: expected NAME or NAME=VALUE"):
+        config_from(build_parser().parse_args(["serve"]), environ={"CORRAL_AGENT_ENV": "A TMPDIR=x"})
+    config = config_from(build_parser().parse_args(["serve"]), environ={"CORRAL_AGENT_ENV": "A B=c"})
+    assert config.agent_env == ("A", "B=c")
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text('[tenants.acme]\nkeys = ["k"]\nenv = { TMPDIR = "/x" }\n')
+    try:
+        auth_from_config(config_from(build_parser().parse_args(["serve", "--tenants", str(tenants)]), environ={}))
+    except AuthConfigError as exc:
+        assert "[tenants.acme]: env: 'TMPDIR'" in str(exc)
+    else:
+        raise AssertionError("a tenant's TMPDIR was accepted")
