@@ -136,6 +136,10 @@ class Supervisor(Lifecycle, Activation, Queries):
         """Number of live sessions."""
         return self.live_count
 
+    def agent_env(self, tenant: str) -> dict[str, str]:
+        """The variables a tenant's agents get over the base environment (the tenants file's ``env``)."""
+        return self.tenant_env.get(tenant, {})
+
     def forget(self, s: Session) -> None:
         """Drop a down session from memory once nobody waits on it (the store keeps its data)."""
         if s.live or s.inflight:

@@ -74,5 +74,8 @@ class SessionHost(Protocol):
     def record_end(self, s, final: str) -> None:
         """Write the session's end to the store (in the background)."""
 
+    def agent_env(self, tenant: str) -> dict[str, str]:
+        """The variables a tenant's agents get over the base environment (the tenants file's ``env``)."""
+
     def forget(self, s) -> None:
         """Drop a down session from memory once nobody waits on it."""

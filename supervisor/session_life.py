@@ -159,7 +159,7 @@ class SessionLife(Turns):
         try:
             proc = await spawner.launch(f"s{self.generation}-{s.id}",
                                         {"session_id": s.id, "routing_id": self.routing_id, "tenant": s.tenant,
-                                         "env": self.sup.tenant_env.get(s.tenant, {})},
+                                         "env": self.host.agent_env(s.tenant)},
                                         conn, stdio=write_fds)
         except SpawnError as exc:
             _close_all(read_fds)
