@@ -16,6 +16,16 @@ DEFAULT_LANG = "C.UTF-8"
 # The base every agent gets, whatever is declared: the sandbox owns the temp dir.
 BASE = ("PATH", "LANG", "TMPDIR", "HOME")
 RESERVED = ("TMPDIR",)
+# The ready agents' own settings (agent_proc/contrib), passed through from the server when set, so
+# `corral serve --agent corral.agent_proc.contrib...` is configured as docs/agents.md says without an
+# --agent-env line each. None is a secret: the API keys (CORRAL_OPENAI_API_KEY, OPENAI_API_KEY) are
+# not here; give an agent one with --agent-env, or better keep it out of the sandbox with --upstream.
+READY_AGENT_SETTINGS = (
+    "CORRAL_OPENAI_BASE_URL", "CORRAL_OPENAI_MODEL", "CORRAL_OPENAI_SYSTEM_PROMPT", "CORRAL_OPENAI_OPTIONS",
+    "CORRAL_OPENAI_RETRY_FOR", "CORRAL_OPENAI_READ_TIMEOUT",
+    "CORRAL_MCP_SERVERS", "CORRAL_MCP_CONFIG",
+    "CORRAL_LANGGRAPH_GRAPH",
+)
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -30,6 +40,11 @@ def parse_entry(text: str) -> tuple[str, str | None]:
     if not valid_name(name):
         raise ValueError(f"expected NAME or NAME=VALUE with NAME of A-Z a-z 0-9 _ (not {', '.join(RESERVED)})")
     return name, value if sep else None
+
+
+def ready_agent_settings(source) -> dict[str, str]:
+    """The ready agents' settings (``READY_AGENT_SETTINGS``) that ``source`` sets."""
+    return {name: source[name] for name in READY_AGENT_SETTINGS if name in source}
 
 
 def declared_values(entries, source) -> dict[str, str]:

@@ -119,9 +119,10 @@ class Lifecycle:
         self.spawner = spawner
 
     def _zygote_environment(self) -> dict[str, str]:
-        """The zygote's (and so every agent's) environment: the base and ``--agent-env``, nothing else of ours."""
+        """The zygote's (and so every agent's) environment: the base, the ready agents' settings and ``--agent-env``."""
         tmpdir = self.sandbox.tmp_parent or tempfile.gettempdir()
-        declared = environment.declared_values(self.config.agent_env, os.environ)
+        declared = {**environment.ready_agent_settings(os.environ),
+                    **environment.declared_values(self.config.agent_env, os.environ)}
         return environment.zygote_environment(tmpdir, declared, os.environ)
 
     async def close(self) -> None:

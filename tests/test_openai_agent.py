@@ -90,7 +90,8 @@ async def sup(make_supervisor, fake, monkeypatch):
     monkeypatch.setenv("CORRAL_OPENAI_API_KEY", "sk-test")
     monkeypatch.setenv("CORRAL_OPENAI_SYSTEM_PROMPT", "You are terse.")
     monkeypatch.setenv("CORRAL_OPENAI_RETRY_FOR", "1")
-    return await make_supervisor(agent=AGENT)
+    # The key is a secret: it reaches the agent only where the operator declares it.
+    return await make_supervisor(agent=AGENT, agent_env=("CORRAL_OPENAI_API_KEY",))
 
 
 async def test_replies_stream_token_by_token_and_history_is_the_conversation(sup, fake):
