@@ -84,7 +84,8 @@ class Lifecycle:
             if tree["removed"]:
                 log.info("stale_agent_tmp_removed", path=tree["path"], sessions=tree["sessions"], bytes=tree["bytes"])
             else:
-                log.warning("stale_agent_tmp_left", path=tree["path"], sessions=tree["sessions"], bytes=tree["bytes"])
+                log.warning("stale_agent_tmp_left", path=tree["path"], sessions=tree["sessions"], bytes=tree["bytes"],
+                            error=tree["error"])
 
     def _choose_sandbox(self) -> None:
         """Probe the sandbox layers; log each, in force or missing and why (strict refuses here)."""
@@ -141,7 +142,9 @@ class Lifecycle:
         if self.limiter is not None:
             await asyncio.to_thread(self.limiter.close)  # emptying cgroups waits for the kernel: off the loop
         if self.sandbox is not None:
-            self.sandbox.close()
+            removal = await asyncio.to_thread(self.sandbox.close)  # removing temp dirs walks trees: off the loop
+            if removal and not removal["removed"]:
+                log.warning("agent_tmp_left", **removal)  # the next start's sweep takes it
         if self.store is not None:
             with contextlib.suppress(Exception):
                 await self.store.close()

@@ -7,17 +7,19 @@ child; ``release`` takes them back after the process has exited. Stdlib only; no
 """
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
 import re
-import shutil
 import sys
+import time
 from collections import deque
 
 from corral.agent_proc import sandbox as layers
 from corral.agent_proc import userns
 from corral.supervisor.agent_tmp import make_tree, release_tree
+from corral.supervisor.tree_removal import Remover
 from corral.supervisor.uid_claims import CLAIMS_DIR, UidClaims, claims_dir_problem
 
 __all__ = ["Sandbox", "SandboxRefused", "choose_sandbox", "parse_uid_range", "MODES", "DEFAULT_UID_RANGE"]
@@ -38,6 +40,7 @@ SYSTEM_READ_PATHS = (
     "/dev/urandom", "/dev/random",
 )
 DEVICE_WRITE_PATHS = ("/dev/null", "/dev/zero", "/dev/full")
+CLOSE_TIMEOUT = 10.0  # seconds a stop spends removing temp dirs; what is left, the next start sweeps
 
 
 class SandboxRefused(RuntimeError):
@@ -73,6 +76,7 @@ class Sandbox:
         self.max_open_files = max_open_files
         self.dropped_paths: list[str] = []
         self.notes: list[str] = []
+        self.remover = Remover()  # temp dirs go on a thread of their own: a session's end never waits for one
 
     def on(self, layer: str) -> bool:
         """Whether a layer is in force."""
@@ -128,11 +132,18 @@ class Sandbox:
         }
 
     def release(self, spec) -> None:
-        """After the process is gone: remove its temp dir, give its uid back; never raises."""
+        """After the process is gone: give its uid back and queue its temp dir's removal; never raises or waits.
+
+        The dir is the server's (0700) before its uid can be handed out again: if its removal is slow or
+        fails, the next session of that uid cannot reach what is left.
+        """
         if not isinstance(spec, dict):
             return
         if spec.get("tmpdir"):
-            shutil.rmtree(spec["tmpdir"], ignore_errors=True)
+            if spec.get("uid") is not None:
+                with contextlib.suppress(OSError):
+                    os.chown(spec["tmpdir"], os.geteuid(), os.getegid(), follow_symlinks=False)
+            self.remover.submit(spec["tmpdir"])
         if spec.get("uid") is not None:
             self._give_back(spec["uid"])
 
@@ -152,13 +163,18 @@ class Sandbox:
             self.uid_claims.release(uid)
         self.free_uids.append(uid)
 
-    def close(self) -> None:
-        """Remove the parent of the temp dirs, then let its lock go, and the uids' claims."""
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> dict | None:
+        """Remove the temp dirs (within ``timeout`` s in all; blocking: call it off the loop), then let the
+        tree's lock go, and the uids' claims; what the tree's removal did."""
         if self.uid_claims is not None:
             self.uid_claims.close()
-        if self.tmp_parent:
-            release_tree(self.tmp_parent, self.tmp_lock)
-            self.tmp_parent = self.tmp_lock = None
+        deadline = time.monotonic() + timeout
+        self.remover.close(timeout / 2)
+        if not self.tmp_parent:
+            return None
+        removal = release_tree(self.tmp_parent, self.tmp_lock, timeout=max(0.0, deadline - time.monotonic()))
+        self.tmp_parent = self.tmp_lock = None
+        return removal
 
 
 def python_read_paths() -> list[str]:
