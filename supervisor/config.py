@@ -119,6 +119,10 @@ class Config:
                                      _uid_range)
     agent_network: str = setting("on", choice("on|off", ("on", "off")),
                                  "on | off: whether agents may use TCP/UDP (Landlock + seccomp)")
+    agent_disk: int = setting(
+        256 * 1024 * 1024, SIZE, "bytes an agent's TMPDIR holds, e.g. 256M (0 = no bound)", non_negative,
+        doc="bytes an agent's `TMPDIR` holds (a tmpfs of that size, inodes bounded too; past it `ENOSPC`, the agent "
+            "lives; 0 = no bound); see [limits.md](limits.md#disk)")
     max_pids: int = setting(64, COUNT, "processes per session (0 = no cap)", non_negative)
     max_open_files: int = setting(1024, COUNT, "open files per agent process (0 = inherited)", non_negative,
                                   _enough_files)

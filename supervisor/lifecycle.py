@@ -93,7 +93,7 @@ class Lifecycle:
         protected = [str(c.data_dir), self.run_dir, str(c.tenants) if c.tenants else None]
         self.sandbox = choose_sandbox(
             c.sandbox, protected=protected, network=c.agent_network == "on", uid_range=c.uid_range,
-            max_pids=c.max_pids, max_open_files=c.max_open_files,
+            max_pids=c.max_pids, max_open_files=c.max_open_files, disk=c.agent_disk,
             run_id=os.path.basename(self.run_dir).removeprefix("corral-"))
         for name, layer in self.sandbox.layers.items():
             if layer["in_force"]:

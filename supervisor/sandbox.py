@@ -16,6 +16,7 @@ import sys
 import time
 from collections import deque
 
+from corral.agent_proc import disk as disk_bound
 from corral.agent_proc import sandbox as layers
 from corral.agent_proc import userns
 from corral.supervisor.agent_tmp import make_tree, release_tree
@@ -62,7 +63,8 @@ class Sandbox:
 
     def __init__(self, mode: str, layer_table: dict, *, read_paths=(), network: bool = True,
                  uids=(), tmp_parent: str | None = None, tmp_lock: int | None = None,
-                 max_pids: int = 0, max_open_files: int = 0, uid_claims: UidClaims | None = None):
+                 max_pids: int = 0, max_open_files: int = 0, uid_claims: UidClaims | None = None,
+                 disk: int = 0):
         self.mode = mode
         self.layers = layer_table  # name -> {"in_force": bool, "detail"/"reason": str}
         self.read_paths = list(read_paths)
@@ -74,6 +76,7 @@ class Sandbox:
         self.tmp_lock = tmp_lock  # the fd of the flock that says the tree's server is alive (agent_tmp.py)
         self.max_pids = max_pids
         self.max_open_files = max_open_files
+        self.disk = disk  # bytes of each session's TMPDIR (a tmpfs the zygote mounts), when the layer is in force
         self.dropped_paths: list[str] = []
         self.notes: list[str] = []
         self.remover = Remover()  # temp dirs go on a thread of their own: a session's end never waits for one
@@ -95,7 +98,7 @@ class Sandbox:
     def zygote_options(self) -> dict:
         """What the zygote does once: the agents' pid namespace (in a user namespace unless root), a subreaper, the prebuilt layers."""
         options = {"pid_namespace": self.on("pid_namespace"), "user_namespace": self.on("user_namespace"),
-                   "subreaper": self.mode != "off"}
+                   "subreaper": self.mode != "off", "mount_namespace": self.on("disk")}
         if self.mode != "off" and self.prebuild:
             options.update(prebuild=True, landlock=self._landlock_abi(), read_paths=self.read_paths,
                            device_paths=list(DEVICE_WRITE_PATHS), seccomp=self.on("seccomp"),
@@ -129,6 +132,7 @@ class Sandbox:
             "seccomp": self.on("seccomp"),
             "max_pids": self.max_pids if self.on("uid") else 0,
             "max_open_files": self.max_open_files,
+            **({"disk": self.disk} if self.on("disk") else {}),
         }
 
     def release(self, spec) -> None:
@@ -234,7 +238,7 @@ def _layer(in_force: bool, detail: str) -> dict:
     return {"in_force": in_force, ("detail" if in_force else "reason"): detail}
 
 
-def probe_layers(*, root: bool, network: bool, uid_range: range) -> dict:
+def probe_layers(*, root: bool, network: bool, uid_range: range, disk: int = 0) -> dict:
     """Which layers this host supports, with the reason for each missing one."""
     table = {}
     table["uid"] = _layer(root, f"one uid per live session from {uid_range.start}-{uid_range.stop - 1}"
@@ -266,7 +270,22 @@ def probe_layers(*, root: bool, network: bool, uid_range: range) -> dict:
                                   + ("inet sockets only" if network else "no sockets but socketpair")
                                   + ", no executable memfd, no execveat of a descriptor")
     table["tmpdir"] = _layer(True, "a private TMPDIR per session, removed when its process ends")
+    table["disk"] = _disk_layer(root, disk)
     return table
+
+
+def _disk_layer(root: bool, size: int) -> dict:
+    """The disk row: a size-limited tmpfs per session TMPDIR in the zygote's mount namespace (probed in a child)."""
+    if not size:
+        return _layer(False, "--agent-disk 0: an agent's TMPDIR is bounded only by the host's disk")
+    if not root:
+        return _layer(False, "not root: the zygote drops every capability of its user namespace before forking, "
+                             "so it cannot mount a tmpfs per session")
+    failure = disk_bound.probe(in_user_namespace=False)
+    if failure is not None:
+        return _layer(False, f"cannot mount a tmpfs in a mount namespace of the zygote's own: {failure}")
+    return _layer(True, f"each TMPDIR a tmpfs of {size} bytes and {disk_bound.inodes_for(size)} inodes (noexec, "
+                        "0700), in the zygote's own mount namespace; ENOSPC past it, gone with the unmount")
 
 
 def _root_pid_namespace() -> dict:
@@ -304,15 +323,16 @@ def _kernel_has_seccomp() -> bool:
         return False
 
 
-def expected_layers(root: bool) -> list[str]:
+def expected_layers(root: bool, *, disk: bool = False) -> list[str]:
     """What ``strict`` demands: everything a host of this kind (root or not) should give.
 
     A server that is not root needs a user namespace for its pid namespace: demanded wherever the
-    kernel is built with them, even if a sysctl or a container's seccomp turns them off.
+    kernel is built with them, even if a sysctl or a container's seccomp turns them off. The disk
+    bound (when ``--agent-disk`` asks for one) is demanded of root.
     """
     base = ["no_new_privs", "landlock", "landlock_scope", "seccomp", "tmpdir"]
     if root:
-        return ["uid", "capabilities", "pid_namespace"] + base
+        return ["uid", "capabilities", "pid_namespace"] + base + (["disk"] if disk else [])
     if userns.kernel_has_user_namespaces():
         return ["user_namespace", "capabilities", "pid_namespace"] + base
     return base
@@ -320,14 +340,14 @@ def expected_layers(root: bool) -> list[str]:
 
 def choose_sandbox(mode: str, *, protected=(), network: bool = True, uid_range: range = DEFAULT_UID_RANGE,
                    max_pids: int = 0, max_open_files: int = 0, run_id: str = "run",
-                   claims_dir: str = CLAIMS_DIR) -> Sandbox:
+                   claims_dir: str = CLAIMS_DIR, disk: int = 0) -> Sandbox:
     """Probe the host and build the sandbox for this run; raises SandboxRefused under ``strict``."""
     if mode not in MODES:
         raise ValueError(f"sandbox must be one of {', '.join(MODES)}, not {mode!r}")
     if mode == "off":
         return Sandbox("off", {})
     root = os.geteuid() == 0
-    table = probe_layers(root=root, network=network, uid_range=uid_range)
+    table = probe_layers(root=root, network=network, uid_range=uid_range, disk=disk)
     uids: list[int] = []
     notes = []
     uid_claims = None
@@ -343,13 +363,14 @@ def choose_sandbox(mode: str, *, protected=(), network: bool = True, uid_range: 
         else:
             notes.append(f"uids are not claimed host-wide ({problem}): give every server on this host "
                          "its own --sandbox-uid-range")
-    missing = [name for name in expected_layers(root) if not table[name]["in_force"]]
+    missing = [name for name in expected_layers(root, disk=bool(disk)) if not table[name]["in_force"]]
     if mode == "strict" and missing:
         raise SandboxRefused("--sandbox strict: missing " + "; ".join(f"{n} ({table[n]['reason']})" for n in missing))
     tmp_parent, tmp_lock = make_tree(run_id)
     read_paths, dropped = safe_read_paths(python_read_paths() + list(SYSTEM_READ_PATHS), [*protected, tmp_parent])
     sandbox = Sandbox(mode, table, read_paths=read_paths, network=network, uids=uids, tmp_parent=tmp_parent,
-                      tmp_lock=tmp_lock, max_pids=max_pids, max_open_files=max_open_files, uid_claims=uid_claims)
+                      tmp_lock=tmp_lock, max_pids=max_pids, max_open_files=max_open_files, uid_claims=uid_claims,
+                      disk=disk)
     sandbox.dropped_paths = dropped
     if dropped:
         notes.append("not readable by agents, as they hold corral's own files: " + ", ".join(dropped))

@@ -18,7 +18,9 @@ from corral.supervisor.tree_removal import remove_tree
 from tests.chaos_kit import call, client_session
 from tests.procs import descendants, start_server, wait_gone
 
-ESCAPER = ("--agent", "tests.agents.hostile:Escaper")
+# The temp dirs on the host's disk (no tmpfs per session, which the zygote's namespace would take along
+# when the server dies): what these tests sweep is what a host without the disk layer is left with.
+ESCAPER = ("--agent", "tests.agents.hostile:Escaper", "--agent-disk", "0")
 ONE_SESSION = ("--max-sessions", "1")
 
 

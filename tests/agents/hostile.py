@@ -373,6 +373,26 @@ class Escaper(DemoAgent):
                 refused.append(f"{how}: {exc}")
         raise OSError(f"refused: {'; '.join(refused)}")
 
+    def _fill(self, args):
+        """Write ``most`` bytes into TMPDIR (in 64 KiB writes); an OSError says how far it got."""
+        written, chunk = 0, b"x" * 65536
+        with open(os.path.join(os.environ["TMPDIR"], "fill"), "wb", buffering=0) as f:
+            while written < int(args["most"]):
+                try:
+                    written += f.write(chunk)
+                except OSError as exc:
+                    raise OSError(exc.errno, f"{exc.strerror} after {written} bytes") from None
+        return {"bytes": written}
+
+    def _files(self, args):
+        """Make ``most`` empty files in TMPDIR; an OSError says how many it made."""
+        for made in range(int(args["most"])):
+            try:
+                os.close(os.open(os.path.join(os.environ["TMPDIR"], f"e{made}"), os.O_WRONLY | os.O_CREAT, 0o600))
+            except OSError as exc:
+                raise OSError(exc.errno, f"{exc.strerror} after {made} files") from None
+        return {"files": int(args["most"])}
+
     def _deep_tree(self, args):
         """Leave a tree that wedges a recursive remover: a ``depth``-deep chain in TMPDIR, symlink loops,
         files, and directories it made unreadable and unwritable (mode 000)."""
