@@ -91,20 +91,22 @@ def _set_up_process_tree(conn, options: dict) -> int | None:
         sandbox.set_subreaper()  # an agent's orphans come to us, not to init
     if not options.get("pid_namespace"):
         return None
-    return _enter_pid_namespace(conn, in_user_namespace=bool(options.get("user_namespace")))  # see zygote_main
+    keep = 1 << sandbox.CAP_SYS_ADMIN if options.get("mount_namespace") else 0  # to mount each agent's tmpfs
+    return _enter_pid_namespace(conn, in_user_namespace=bool(options.get("user_namespace")), keep=keep)
 
 
-def _enter_pid_namespace(conn, *, in_user_namespace: bool = False) -> int:
+def _enter_pid_namespace(conn, *, in_user_namespace: bool = False, keep: int = 0) -> int:
     """Put every agent forked from now on in one new pid namespace, whose init we fork now.
 
     When that init dies (with us, by its death signal), the kernel kills every process in the
     namespace: agents, and whatever they setsid'ed or double-forked, even if the server was SIGKILLed.
     ``in_user_namespace`` (a server that is not root, whose zygote entered a user namespace of its
-    own to be allowed this): every capability that gave us is dropped before anything is forked.
+    own to be allowed this): every capability that gave us is dropped before anything is forked but
+    ``keep`` (a mask), which the init and every agent clear themselves.
     """
     sandbox.unshare_pid_namespace()
     if in_user_namespace:
-        userns.drop_every_capability()
+        userns.drop_every_capability(keep=keep)
     zygote_fd = os.pidfd_open(os.getpid())
     pid = os.fork()
     if pid == 0:
@@ -117,6 +119,7 @@ def _ns_init(conn, zygote_fd: int) -> None:
     """Pid 1 of the agents' namespace: reap orphans until the zygote dies, then take everyone along."""
     try:
         set_title("corral: init of the agents' pid namespace")
+        sandbox.set_capabilities(0)  # it only reaps: nothing the zygote kept is its
         arm_death_signal()
         if sandbox.parent_gone(zygote_fd):
             os._exit(0)

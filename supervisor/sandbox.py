@@ -132,7 +132,7 @@ class Sandbox:
             "seccomp": self.on("seccomp"),
             "max_pids": self.max_pids if self.on("uid") else 0,
             "max_open_files": self.max_open_files,
-            **({"disk": self.disk} if self.on("disk") else {}),
+            **({"disk": self.disk, "clear_capabilities": uid is None} if self.on("disk") else {}),
         }
 
     def release(self, spec) -> None:
@@ -270,18 +270,20 @@ def probe_layers(*, root: bool, network: bool, uid_range: range, disk: int = 0) 
                                   + ("inet sockets only" if network else "no sockets but socketpair")
                                   + ", no executable memfd, no execveat of a descriptor")
     table["tmpdir"] = _layer(True, "a private TMPDIR per session, removed when its process ends")
-    table["disk"] = _disk_layer(root, disk)
+    table["disk"] = _disk_layer(root, disk, user_namespace=table.get("user_namespace", {}).get("in_force", False))
+    if table["disk"]["in_force"] and not root:
+        table["capabilities"] = _layer(True, "the zygote keeps only CAP_SYS_ADMIN of its own user namespace (to mount "
+                                             "each agent's tmpfs); the namespace's init and every agent clear every set")
     return table
 
 
-def _disk_layer(root: bool, size: int) -> dict:
+def _disk_layer(root: bool, size: int, *, user_namespace: bool) -> dict:
     """The disk row: a size-limited tmpfs per session TMPDIR in the zygote's mount namespace (probed in a child)."""
     if not size:
         return _layer(False, "--agent-disk 0: an agent's TMPDIR is bounded only by the host's disk")
-    if not root:
-        return _layer(False, "not root: the zygote drops every capability of its user namespace before forking, "
-                             "so it cannot mount a tmpfs per session")
-    failure = disk_bound.probe(in_user_namespace=False)
+    if not (root or user_namespace):
+        return _layer(False, "not root and no user namespace: the zygote may not mount a tmpfs per session")
+    failure = disk_bound.probe(in_user_namespace=not root)
     if failure is not None:
         return _layer(False, f"cannot mount a tmpfs in a mount namespace of the zygote's own: {failure}")
     return _layer(True, f"each TMPDIR a tmpfs of {size} bytes and {disk_bound.inodes_for(size)} inodes (noexec, "
@@ -328,13 +330,13 @@ def expected_layers(root: bool, *, disk: bool = False) -> list[str]:
 
     A server that is not root needs a user namespace for its pid namespace: demanded wherever the
     kernel is built with them, even if a sysctl or a container's seccomp turns them off. The disk
-    bound (when ``--agent-disk`` asks for one) is demanded of root.
+    bound (when ``--agent-disk`` asks for one) is demanded wherever those namespaces are.
     """
     base = ["no_new_privs", "landlock", "landlock_scope", "seccomp", "tmpdir"]
     if root:
         return ["uid", "capabilities", "pid_namespace"] + base + (["disk"] if disk else [])
     if userns.kernel_has_user_namespaces():
-        return ["user_namespace", "capabilities", "pid_namespace"] + base
+        return ["user_namespace", "capabilities", "pid_namespace"] + base + (["disk"] if disk else [])
     return base
 
 
