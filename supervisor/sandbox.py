@@ -145,8 +145,9 @@ class Sandbox:
             return
         if spec.get("tmpdir"):
             if spec.get("uid") is not None:
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError):  # the path is ours: the agent could change its mode, not replace it
                     os.chown(spec["tmpdir"], os.geteuid(), os.getegid(), follow_symlinks=False)
+                    os.chmod(spec["tmpdir"], 0o700)
             self.remover.submit(spec["tmpdir"])
         if spec.get("uid") is not None:
             self._give_back(spec["uid"])

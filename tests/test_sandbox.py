@@ -714,7 +714,7 @@ async def test_the_admin_health_lists_every_layer_and_why_one_is_missing(sup):
     described = sup.health()["sandbox"]
     assert described["mode"] == "auto"
     assert set(described["layers"]) >= {"uid", "capabilities", "pid_namespace", "no_new_privs", "landlock",
-                                        "landlock_scope", "seccomp", "tmpdir"}
+                                        "landlock_scope", "seccomp", "tmpdir", "disk"}
     for layer in described["layers"].values():
         assert ("detail" if layer["in_force"] else "reason") in layer
 
