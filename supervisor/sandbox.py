@@ -3,7 +3,8 @@
 Picked once at start, like the memory limiter: ``choose_sandbox`` probes the host and says for
 each layer whether it is in force and, if not, why. ``prepare`` hands out one session's spec
 (its own uid from the range, its own temp dir) for ``agent_proc.sandbox.confine`` in the forked
-child; ``release`` takes them back after the process has exited. Stdlib only; no web imports.
+child; ``release`` takes them back after the process has exited (the temp dir on the remover's
+thread, supervisor/tree_removal.py). No web imports.
 """
 from __future__ import annotations
 
