@@ -119,3 +119,15 @@ def test_the_remover_queues_off_the_caller_and_close_calls_off_the_rest(scratch)
     (scratch / "late").mkdir()
     remover.submit(str(scratch / "late"))  # after close: nothing runs, nothing raises
     assert (scratch / "late").is_dir()
+
+
+def test_a_removal_past_its_bound_is_reported_and_the_next_one_still_runs(scratch):
+    done = []
+    remover = Remover(timeout=0, on_done=done.append)  # every removal out of time at once
+    (scratch / "big").mkdir()
+    chain(scratch / "big", 20)
+    remover.submit(str(scratch / "big"))
+    remover.submit(str(scratch / "absent"))
+    assert remover.close(10)
+    assert [(Path(r.path).name, r.removed, (r.error or "")[:13]) for r in done] == [
+        ("big", False, "gave up after"), ("absent", True, "")]
