@@ -17,7 +17,7 @@ import struct
 __all__ = [
     "confine", "unshare_pid_namespace", "landlock_abi", "set_subreaper", "set_no_new_privs",
     "drop_capabilities", "drop_to_uid", "limit_processes", "limit_open_files", "apply_landlock",
-    "apply_seccomp", "use_private_tmpdir", "parent_gone", "DENIED_SYSCALLS", "SYSCALL_NUMBERS",
+    "apply_seccomp", "use_private_tmpdir", "parent_gone", "DENIED_SYSCALLS", "SYSCALL_NUMBERS", "set_capabilities",
     "Prebuilt", "prebuild",
 ]
 
@@ -152,6 +152,17 @@ def drop_capabilities(last: int | None = None) -> None:
     for cap in range(last + 1):
         _prctl(_PR_CAPBSET_DROP, cap, what=f"prctl(PR_CAPBSET_DROP, {cap})")
     _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, what="prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
+
+
+_CAPABILITY_VERSION_3 = 0x20080522  # two 32-bit words per set: capabilities 0-63
+CAP_SYS_ADMIN = 21
+
+
+def set_capabilities(keep: int = 0) -> None:
+    """Make the effective and permitted sets ``keep`` (a bit mask of capabilities 0-31) and the inheritable one empty."""
+    header = ctypes.create_string_buffer(struct.pack("=Ii", _CAPABILITY_VERSION_3, 0))
+    data = ctypes.create_string_buffer(struct.pack("=6I", keep, keep, 0, 0, 0, 0), 24)  # (eff, perm, inh) x 2 words
+    _check(_libc.capset(header, data), "capset")
 
 
 def drop_to_uid(uid: int, gid: int) -> None:
@@ -411,7 +422,7 @@ class Prebuilt:
         self.capabilities_dropped = bool(options.get("bounding_set"))
         if self.capabilities_dropped:
             drop_capabilities(self.last_cap)
-        for name in ("prctl", "syscall", "setgroups"):
+        for name in ("prctl", "syscall", "setgroups", "capset"):
             getattr(_libc, name)  # ctypes caches a function on first lookup: do it here, not in each child
 
 
@@ -439,6 +450,9 @@ def confine(spec: dict | None, prebuilt: Prebuilt | None = None) -> list[str]:
     if spec.get("max_open_files"):
         limit_open_files(int(spec["max_open_files"]))
         applied.append("open_files")
+    if spec.get("clear_capabilities"):  # not root: what the zygote kept of its user namespace's, to mount
+        set_capabilities(0)
+        applied.append("capabilities")
     if spec.get("uid") is not None:
         if spec.get("max_pids"):
             limit_processes(int(spec["max_pids"]))  # counts our uid's processes: this session's alone

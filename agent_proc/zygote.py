@@ -20,7 +20,7 @@ import socket
 import sys
 import traceback
 
-from corral.agent_proc import environment, forking, sandbox, userns, warmup
+from corral.agent_proc import disk, environment, forking, sandbox, userns, warmup
 from corral.agent_proc.limits import apply_limits
 from corral.agent_proc.process import agent_title, arm_death_signal, die_with_parent, load_agent_class, set_title
 from corral.agent_proc.stdio import agent_streams, attach_stdio
@@ -71,6 +71,7 @@ def zygote_main(conn, fd_channel: socket.socket, agent_spec: str, supervisor_pid
             # Before the agent's imports: one may start a thread, and the kernel refuses a new user
             # namespace to a process with more than one.
             userns.enter_user_namespace()
+        _enter_mount_namespace(options)  # before the imports too: unshare(CLONE_NEWNS) wants one thread
     except OSError as exc:
         send_msg(conn, ("failed", f"cannot set up the sandbox: {exc}"))
         return
@@ -95,26 +96,34 @@ def zygote_main(conn, fd_channel: socket.socket, agent_spec: str, supervisor_pid
     Zygote(conn, fd_channel, agent_cls, ns_init=ns_init, prebuilt=prebuilt).serve()
 
 
+def _enter_mount_namespace(options: dict) -> None:
+    """A mount namespace of our own, for the size-limited tmpfs on each agent's TMPDIR (the disk layer)."""
+    if options.get("mount_namespace"):
+        disk.enter_mount_namespace()
+
+
 def _set_up_process_tree(conn, options: dict) -> int | None:
     """Become the subreaper and enter the agents' namespaces, as the options say; the namespace init's pid."""
     if options.get("subreaper"):
         sandbox.set_subreaper()  # an agent's orphans come to us, not to init
     if not options.get("pid_namespace"):
         return None
-    return _enter_pid_namespace(conn, in_user_namespace=bool(options.get("user_namespace")))  # see zygote_main
+    keep = 1 << sandbox.CAP_SYS_ADMIN if options.get("mount_namespace") else 0  # to mount each agent's tmpfs
+    return _enter_pid_namespace(conn, in_user_namespace=bool(options.get("user_namespace")), keep=keep)
 
 
-def _enter_pid_namespace(conn, *, in_user_namespace: bool = False) -> int:
+def _enter_pid_namespace(conn, *, in_user_namespace: bool = False, keep: int = 0) -> int:
     """Put every agent forked from now on in one new pid namespace, whose init we fork now.
 
     When that init dies (with us, by its death signal), the kernel kills every process in the
     namespace: agents, and whatever they setsid'ed or double-forked, even if the server was SIGKILLed.
     ``in_user_namespace`` (a server that is not root, whose zygote entered a user namespace of its
-    own to be allowed this): every capability that gave us is dropped before anything is forked.
+    own to be allowed this): every capability that gave us is dropped before anything is forked but
+    ``keep`` (a mask), which the init and every agent clear themselves.
     """
     sandbox.unshare_pid_namespace()
     if in_user_namespace:
-        userns.drop_every_capability()
+        userns.drop_every_capability(keep=keep)
     zygote_fd = os.pidfd_open(os.getpid())
     pid = os.fork()
     if pid == 0:
@@ -127,6 +136,7 @@ def _ns_init(conn, zygote_fd: int) -> None:
     """Pid 1 of the agents' namespace: reap orphans until the zygote dies, then take everyone along."""
     try:
         set_title("corral: init of the agents' pid namespace")
+        sandbox.set_capabilities(0)  # it only reaps: nothing the zygote kept is its
         arm_death_signal()
         if sandbox.parent_gone(zygote_fd):
             os._exit(0)
@@ -180,6 +190,7 @@ class Zygote:
         self.ns_init = ns_init  # pid 1 of the agents' pid namespace, if there is one
         self.pidfd = os.pidfd_open(os.getpid())  # lets a child check we are alive (its getppid is 0 in a pid namespace)
         self.uids: dict[int, int] = {}  # child pid -> its sandbox uid
+        self.mounts: dict[int, str] = {}  # child pid -> the tmpfs on its TMPDIR, unmounted once it has exited
         self.agent_cls = agent_cls
         self.forker = forking.Forker()  # after every import: it checks the zygote has one thread
         self.streams = agent_streams()  # every child's sys.stdout/stderr, unused here (see agent_streams)
@@ -233,17 +244,22 @@ class Zygote:
         except OSError as exc:
             send_msg(self.conn, ("spawn_failed", req["spawn_id"], f"no hub connection: {exc}"))
             return
+        pid = bounded = None
         try:
+            bounded = _bound_disk(req.get("sandbox") or {})
             pid = self.forker.fork()
         except OSError as exc:
-            send_msg(self.conn, ("spawn_failed", req["spawn_id"], f"fork failed: {exc}"))
-            pid = None
+            what = "fork failed" if bounded or not (req.get("sandbox") or {}).get("disk") else "no bounded TMPDIR"
+            send_msg(self.conn, ("spawn_failed", req["spawn_id"], f"{what}: {exc}"))
+            _unbound_disk(bounded)
         if pid == 0:
             self._become_agent(req, fds[0], tuple(fds[1:]))  # never returns
         for fd in fds:
             os.close(fd)  # the child's now: the hub and the log reader see EOF when the child's side closes
         if pid is None:
             return
+        if bounded:
+            self.mounts[pid] = bounded
         self.children[pid] = req["spawn_id"]
         uid = (req.get("sandbox") or {}).get("uid")
         if uid is not None:
@@ -275,6 +291,7 @@ class Zygote:
             if uid is not None:
                 _kill_uid(uid)  # setsid'ed and double-forked leftovers too, before the uid is handed out again
             _, status = os.waitpid(pid, 0)
+            _unbound_disk(self.mounts.pop(pid, None))  # before the report: the supervisor then removes the dir
             send_msg(self.conn, ("exited", self.children.pop(pid), status))
 
     def _recv_descriptors(self, count: int) -> list[int]:
@@ -326,6 +343,25 @@ class Zygote:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
+
+
+def _bound_disk(spec: dict) -> str | None:
+    """Mount the size-limited tmpfs on a session's TMPDIR (the disk layer), before its agent is forked; its path."""
+    if not spec.get("disk"):
+        return None
+    uid = spec["uid"] if spec.get("uid") is not None else os.geteuid()
+    gid = spec["gid"] if spec.get("gid") is not None else os.getegid()
+    disk.mount_tmpfs(spec["tmpdir"], size=int(spec["disk"]), uid=uid, gid=gid)
+    return spec["tmpdir"]
+
+
+def _unbound_disk(path: str | None) -> None:
+    """Detach an exited agent's tmpfs: everything it wrote goes with it."""
+    if path is not None:
+        try:
+            disk.unmount(path)
+        except OSError:
+            pass  # already gone; the namespace takes whatever is left when the zygote exits
 
 
 def _kill_uid(uid: int) -> None:

@@ -124,6 +124,10 @@ class Config:
         doc="a variable agents get: `NAME` (its value in the server's environment) or `NAME=VALUE`; repeat the flag, "
             "or separate entries with spaces in the variable. Agents start from an empty environment plus `PATH`, "
             "`LANG`, `TMPDIR` and `HOME`; see [security.md](security.md#the-agents-environment)")
+    agent_disk: int = setting(
+        256 * 1024 * 1024, SIZE, "bytes an agent's TMPDIR holds, e.g. 256M (0 = no bound)", non_negative,
+        doc="bytes an agent's `TMPDIR` holds (a tmpfs of that size, inodes bounded too; past it `ENOSPC`, the agent "
+            "lives; 0 = no bound); see [limits.md](limits.md#disk)")
     max_pids: int = setting(64, COUNT, "processes per session (0 = no cap)", non_negative)
     max_open_files: int = setting(1024, COUNT, "open files per agent process (0 = inherited)", non_negative,
                                   _enough_files)

@@ -85,7 +85,8 @@ class Lifecycle:
             if tree["removed"]:
                 log.info("stale_agent_tmp_removed", path=tree["path"], sessions=tree["sessions"], bytes=tree["bytes"])
             else:
-                log.warning("stale_agent_tmp_left", path=tree["path"], sessions=tree["sessions"], bytes=tree["bytes"])
+                log.warning("stale_agent_tmp_left", path=tree["path"], sessions=tree["sessions"], bytes=tree["bytes"],
+                            error=tree["error"])
 
     def _choose_sandbox(self) -> None:
         """Probe the sandbox layers; log each, in force or missing and why (strict refuses here)."""
@@ -93,7 +94,7 @@ class Lifecycle:
         protected = [str(c.data_dir), self.run_dir, str(c.tenants) if c.tenants else None]
         self.sandbox = choose_sandbox(
             c.sandbox, protected=protected, network=c.agent_network == "on", uid_range=c.uid_range,
-            max_pids=c.max_pids, max_open_files=c.max_open_files,
+            max_pids=c.max_pids, max_open_files=c.max_open_files, disk=c.agent_disk,
             run_id=os.path.basename(self.run_dir).removeprefix("corral-"))
         for name, layer in self.sandbox.layers.items():
             if layer["in_force"]:
@@ -150,7 +151,9 @@ class Lifecycle:
         if self.limiter is not None:
             await asyncio.to_thread(self.limiter.close)  # emptying cgroups waits for the kernel: off the loop
         if self.sandbox is not None:
-            self.sandbox.close()
+            removal = await asyncio.to_thread(self.sandbox.close)  # removing temp dirs walks trees: off the loop
+            if removal and not removal["removed"]:
+                log.warning("agent_tmp_left", **removal)  # the next start's sweep takes it
         if self.store is not None:
             with contextlib.suppress(Exception):
                 await self.store.close()

@@ -504,7 +504,8 @@ def test_each_session_gets_its_own_uid_and_temp_dir_and_both_come_back(tmp_path)
         with pytest.raises(OSError, match="every sandbox uid"):
             sb.prepare("s1-d")
         sb.release(a)
-        assert not os.path.exists(a["tmpdir"]) and sb.prepare("s2-a")["uid"] == 61000
+        assert sb.prepare("s2-a")["uid"] == 61000  # at once: the temp dir goes on the remover's thread
+        assert sb.remover.drain(10) and not os.path.exists(a["tmpdir"])
     finally:
         sb.close()
 
@@ -615,6 +616,38 @@ async def test_the_side_doors_are_shut_for_a_live_agent(hostile_setup):
     assert (await sup.chat(victim, "what is my name?"))["reply"] == "Your name is Victoria."
 
 
+async def test_a_full_temp_dir_says_enospc_and_the_agent_lives(make_supervisor):
+    sup = await make_supervisor(agent="tests.agents.hostile:Escaper", agent_disk=2 * 1024 * 1024)
+    if not sup.sandbox.on("disk"):
+        pytest.skip(f"no disk layer here: {sup.sandbox.layers['disk']['reason']}")
+    s = await sup.get_or_create("filler", "t")
+    filled = await attack(sup, s, "fill", most=64 * 1024 * 1024)
+    assert not filled["escaped"] and "No space left on device after 2097152 bytes" in filled["detail"]
+    files = await attack(sup, s, "files", most=100_000)
+    assert not files["escaped"] and "No space left on device after" in files["detail"]
+    assert int(files["detail"].split("after ")[1].split()[0]) < 1024  # nr_inodes: the bound's, not the host's
+    assert (await sup.chat(s, "still here"))["reply"] == "You said: still here"
+    assert os.listdir(s.sandbox["tmpdir"]) == []  # the supervisor's side of the mount: nothing of it
+    tmpdir = s.sandbox["tmpdir"]
+    await sup.remove(s)
+    assert sup.sandbox.remover.drain(10) and not os.path.exists(tmpdir)
+
+
+def test_strict_refuses_to_start_without_the_disk_bound_as_root(monkeypatch):
+    if not ROOT:
+        pytest.skip("the disk bound is demanded of root")
+    from corral.agent_proc import disk
+
+    monkeypatch.setattr(disk, "probe", lambda **_: "unshare(CLONE_NEWNS): Operation not permitted")  # the OS edge
+    with pytest.raises(policy.SandboxRefused, match=r"disk \(cannot mount a tmpfs"):
+        policy.choose_sandbox("strict", disk=1 << 20)
+    sb = policy.choose_sandbox("strict", disk=0)  # --agent-disk 0 asks for no bound: nothing missing
+    try:
+        assert sb.layers["disk"]["reason"].startswith("--agent-disk 0")
+    finally:
+        sb.close()
+
+
 @needs_root
 async def test_a_fork_bomb_stops_at_max_pids_and_dies_with_its_session(hostile_setup):
     sup, attacker, victim = hostile_setup
@@ -681,7 +714,7 @@ async def test_the_admin_health_lists_every_layer_and_why_one_is_missing(sup):
     described = sup.health()["sandbox"]
     assert described["mode"] == "auto"
     assert set(described["layers"]) >= {"uid", "capabilities", "pid_namespace", "no_new_privs", "landlock",
-                                        "landlock_scope", "seccomp", "tmpdir"}
+                                        "landlock_scope", "seccomp", "tmpdir", "disk"}
     for layer in described["layers"].values():
         assert ("detail" if layer["in_force"] else "reason") in layer
 

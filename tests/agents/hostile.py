@@ -375,6 +375,48 @@ class Escaper(DemoAgent):
                 refused.append(f"{how}: {exc}")
         raise OSError(f"refused: {'; '.join(refused)}")
 
+    def _fill(self, args):
+        """Write ``most`` bytes into TMPDIR (in 64 KiB writes); an OSError says how far it got."""
+        written, chunk = 0, b"x" * 65536
+        with open(os.path.join(os.environ["TMPDIR"], "fill"), "wb", buffering=0) as f:
+            while written < int(args["most"]):
+                try:
+                    written += f.write(chunk)
+                except OSError as exc:
+                    raise OSError(exc.errno, f"{exc.strerror} after {written} bytes") from None
+        return {"bytes": written}
+
+    def _files(self, args):
+        """Make ``most`` empty files in TMPDIR; an OSError says how many it made."""
+        for made in range(int(args["most"])):
+            try:
+                os.close(os.open(os.path.join(os.environ["TMPDIR"], f"e{made}"), os.O_WRONLY | os.O_CREAT, 0o600))
+            except OSError as exc:
+                raise OSError(exc.errno, f"{exc.strerror} after {made} files") from None
+        return {"files": int(args["most"])}
+
+    def _deep_tree(self, args):
+        """Leave a tree that wedges a recursive remover: a ``depth``-deep chain in TMPDIR, symlink loops,
+        files, and directories it made unreadable and unwritable (mode 000)."""
+        top = os.open(os.environ["TMPDIR"], os.O_RDONLY | os.O_DIRECTORY)
+        depth = int(args.get("depth", 3000))
+        os.mkdir("chain", dir_fd=top)
+        # Built from the bottom up, by renames at the top: each step is shallow (Landlock checks a path's
+        # whole way up, so making it top down would cost depth squared).
+        for level in range(depth - 1):
+            os.mkdir("up", dir_fd=top)
+            if level % 500 == 0:
+                os.symlink("..", "up/loop", dir_fd=top)
+                os.close(os.open("up/f", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=top))
+            os.rename("chain", "up/d", src_dir_fd=top, dst_dir_fd=top)
+            os.rename("up", "chain", src_dir_fd=top, dst_dir_fd=top)
+        os.mkdir("closed", dir_fd=top)
+        os.mkdir("closed/inner", dir_fd=top)
+        os.chmod("closed/inner", 0, dir_fd=top)
+        os.chmod("closed", 0, dir_fd=top)
+        os.close(top)
+        return {"depth": depth}
+
     def _fork_bomb(self, args):
         """Fork sleepers until fork fails; return how many were made (they live until the session ends)."""
         made = 0
