@@ -7,6 +7,7 @@ child; ``release`` takes them back after the process has exited. Stdlib only; no
 """
 from __future__ import annotations
 
+import errno
 import grp
 import os
 import pwd
@@ -143,8 +144,8 @@ class Sandbox:
             if self.uid_claims is None or self.uid_claims.claim(uid):
                 return uid
             self.free_uids.append(uid)  # another server's session has it: try the next
-        raise OSError(f"every sandbox uid ({self.uid_count}) is in use by a live session (of this server or, "
-                      "with the same --sandbox-uid-range, of another on this host)")
+        raise OSError(errno.EUSERS, f"every sandbox uid ({self.uid_count}) is in use by a live session (of this "
+                      "server or, with the same --sandbox-uid-range, of another on this host)")
 
     def _give_back(self, uid: int) -> None:
         """Free a uid: to the back of the queue, so the longest-free uid is reused first."""

@@ -6,7 +6,6 @@ The flags come from the settings' declarations (supervisor/config.py).
 """
 
 import argparse
-import contextlib
 import dataclasses
 import gc
 import os
@@ -78,6 +77,7 @@ def config_from(args: argparse.Namespace, environ=os.environ) -> Config:
 def serve(config: Config) -> int:
     """Run the server until SIGINT/SIGTERM."""
     from corral.agent_proc.process import set_title
+    from corral.supervisor import descriptors
     from corral.supervisor.errors import StartupError
     from corral.supervisor.logs import configure, get_logger
     from corral.web.app import create_app
@@ -94,9 +94,10 @@ def serve(config: Config) -> int:
         return 1
     configure(config.log_level)
     agents_importable_from_cwd()
-    raise_open_files_limit()
+    soft, hard = descriptors.raise_limit(config.max_sessions)  # a process-wide choice: here, not in the supervisor
     set_title(f"corral: supervisor {config.host}:{config.port}")
     log = get_logger(component="cli")
+    log.info("open_files_limit", soft=soft, hard=hard, needed=descriptors.needed(config.max_sessions))
     try:
         app = create_app(config, store=store, claim=claim)
     except AuthConfigError as exc:
@@ -180,16 +181,6 @@ def agents_importable_from_cwd() -> None:
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
         sys.path.append(cwd)
-
-
-def raise_open_files_limit() -> None:
-    """Lift the soft open-files limit to the hard one: each live session holds three descriptors here."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def new_event_loop(choice: str = "auto"):
