@@ -61,8 +61,10 @@ async def warm(url: str, connections: int, sessions: int, seconds: float, prefix
         stop = time.perf_counter() + seconds
 
         async def client(i: int):
-            sid = f"{prefix}-{i % sessions}"
+            turn = i  # client i's k-th request goes to session (i + k * connections) mod sessions: all get turns
             while time.perf_counter() < stop:
+                sid = f"{prefix}-{turn % sessions}"
+                turn += connections
                 t = time.perf_counter()
                 await _post_chat(http, url, sid)
                 latencies.append(time.perf_counter() - t)
