@@ -189,8 +189,8 @@ class Zygote:
         """Serve one request from the supervisor; False means stop."""
         try:
             msg = recv(self.conn)
-        except (EOFError, OSError):
-            return False  # the supervisor is gone; our children's death signal takes them too
+        except (EOFError, OSError, ValueError):
+            return False  # the supervisor is gone (or speaks another version); our children's death signal takes them too
         if isinstance(msg, Spawn):
             self.spawn(msg)
             return True
