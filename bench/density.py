@@ -18,6 +18,7 @@ MIB = 1024 * 1024
 # /proc/meminfo fields that say where a session's bytes go (user pages by kind, then the kernel's)
 MEMINFO_FIELDS = ("AnonPages", "Shmem", "Cached", "PageTables", "KernelStack", "SUnreclaim", "SReclaimable", "Percpu")
 USS_SAMPLE = 200
+UID_BASE = 200000  # away from the default range 60000-60999 other servers on the host may be using
 
 
 def meminfo() -> dict[str, int]:
@@ -51,16 +52,19 @@ def fd_count(pid: int) -> int:
 def run(table, args, client) -> None:
     """Bring ``args.density`` sessions live and add the figures to ``table``."""
     n = args.density
-    uids = f"60000-{60000 + n + 99}"
+    uids = f"{UID_BASE}-{UID_BASE + n + 99}"
     with server.corral("memory", args.loop, max_sessions=n + 100, sandbox="strict" if os.geteuid() == 0 else "auto",
                        sandbox_uid_range=uids) as srv:
         sup = srv.process()
         client("create", srv.url, n=10, concurrency=10, prefix="warmup")  # fault in the zygote's and server's paths
         fds_before, mem_before, slab_before = fd_count(sup.pid), meminfo(), slabs()
-        seconds = client("create", srv.url, n=n, concurrency=32, prefix="dense")["seconds"]
+        created = client("create", srv.url, n=n, concurrency=32, prefix="dense")
         mem_after, slab_after, fds_after = meminfo(), slabs(), fd_count(sup.pid)
-        live = json.loads(_get(srv.url + "/health"))["live_sessions"]
-        table.add(f"density: bring {n} sandboxed sessions live (32 clients)", f"{seconds:.1f} s ({live} live)")
+        live = json.loads(_get(srv.url + "/health"))["live_sessions"] - 10
+        refused = ", ".join(f"{count} × {what}" for what, count in created.get("refused", {}).items()) or "none"
+        table.add(f"density: bring {n} sandboxed sessions live (32 clients)",
+                  f"{created['seconds']:.1f} s, {live} live, refused: {refused}")
+        n = max(1, live)  # the figures per session are per session that came up
         _memory_rows(table, n, mem_before, mem_after, slab_before, slab_after)
         agents = srv.agents()
         sample = random.Random(21).sample(agents, min(USS_SAMPLE, len(agents)))
@@ -76,6 +80,19 @@ def run(table, args, client) -> None:
         warm = client("warm", srv.url, connections=32, sessions=n, seconds=args.seconds, prefix="dense")
         table.add(f"density: warm chat across the {n} sessions, p50 / p99 (32 clients)",
                   f"{warm['p50_us'] / 1000:.2f} / {warm['p99_us'] / 1000:.2f} ms", target="p99 <= 20 ms")
+        table.add("density: error lines in the server's log", _errors(os.path.join(srv.tmp.name, "server.log")),
+                  target="none")
+
+
+def _errors(path: str) -> str:
+    """How many error-level lines the server logged, by event."""
+    events: dict[str, int] = {}
+    with open(path, errors="replace") as f:
+        for line in f:
+            if line.startswith("{") and '"level": "error"' in line:
+                event = json.loads(line).get("event", "?")
+                events[event] = events.get(event, 0) + 1
+    return ", ".join(f"{count} {event}" for event, count in events.items()) or "none"
 
 
 def _memory_rows(table, n: int, before: dict, after: dict, slab_before: dict, slab_after: dict) -> None:
