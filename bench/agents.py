@@ -38,3 +38,18 @@ class FloodAgent(EchoAgent):
             lines += 100
         sys.stdout.flush()
         return {"lines": lines}
+
+
+class TickAgent(Agent):
+    """Streams a delta ``rate`` times a second for ``seconds`` (the message: "RATE SECONDS"); each delta
+    is the wall time it was made, so a client on the same host reads each delta's latency."""
+
+    def on_message(self, text):
+        """Yield time.time() at the given rate."""
+        import time
+
+        rate, seconds = (float(x) for x in text.split())
+        start = time.monotonic()
+        for i in range(int(rate * seconds)):
+            time.sleep(max(0.0, start + i / rate - time.monotonic()))
+            yield f"{time.time():.6f}"
