@@ -190,7 +190,7 @@ def test_the_servers_stderr_is_json_lines_only(tmp_path):
 
 
 def test_serve_lifts_its_open_files_limit(tmp_path):
-    """Each live session holds three descriptors in the server: a 1024 soft limit would cap it near 340."""
+    """Each live session holds two descriptors in the server: a 1024 soft limit would cap it near 500."""
     import resource
 
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
