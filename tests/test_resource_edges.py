@@ -7,6 +7,7 @@ import concurrent.futures
 import json
 import os
 import resource
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -52,9 +53,11 @@ def log_records(tmp_path) -> list[dict]:
 
 
 def assert_nothing_unhandled(tmp_path) -> None:
-    """No error-level line and no unhandled error in the server's log."""
+    """No error-level line, no unhandled error and no traceback (a line that is not JSON) in the server's log."""
     bad = [r for r in log_records(tmp_path) if r.get("level") in ("error", "critical") or "unhandled" in r["event"]]
     assert bad == []
+    text = (tmp_path / "serve.log").read_text()
+    assert [line for line in text.splitlines() if line.strip() and not line.startswith("{")] == []
 
 
 def may_raise_hard_limits() -> bool:
@@ -119,6 +122,12 @@ def test_running_out_of_descriptors_is_a_503_and_the_rest_keeps_answering(tmp_pa
         assert_refused(answer, "out_of_descriptors")
         assert 0 < len(made) < 200
         assert chat(url, "keeper", "still there?")[0] == 200
+        # connections past the whole table: the accepts that meet EMFILE wait, and are logged as a warning
+        crowd = [socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) for _ in range(2 * baseline + 40)]
+        wait_until(lambda: any(r["event"] == "accept_paused" for r in log_records(tmp_path)), "the accept pause")
+        for sock in crowd:
+            sock.close()
+        assert chat(url, "keeper", "and now?")[0] == 200
         for sid in made:
             assert call(url, f"/api/sessions/{sid}", method="DELETE")[0] in (200, 202, 204)
         wait_until(lambda: fd_count(proc.pid) <= baseline, "the ended sessions' descriptors to close")

@@ -7,10 +7,12 @@ The flags come from the settings' declarations (supervisor/config.py).
 
 import argparse
 import dataclasses
+import errno
 import gc
 import os
 import socket
 import sys
+import time
 
 from corral.supervisor.config import Config, SettingError, settings
 from corral.web import ops_cli
@@ -210,11 +212,41 @@ def run_app(app, *, host: str = "127.0.0.1", port: int = 8080, sockets: list[soc
 
     event_loop = new_event_loop(loop) if isinstance(loop, str) else loop
     get_logger(component="cli").info("event_loop", loop=type(event_loop).__module__.split(".")[0])
+    event_loop.set_exception_handler(AcceptPauses())
     tune_gc()
     app.on_startup.append(_freeze_startup_objects)
     if sockets is None:
         sockets = bind_sockets(host, port)
     web.run_app(app, sock=sockets, print=None, access_log=None, loop=event_loop)
+
+
+# What an accept() that meets a full descriptor table (or no memory) raises: the loop stops accepting
+# for a second and tries again, and the server goes on. asyncio reports it to the loop's exception
+# handler, whose default logs a traceback at error level.
+ACCEPT_EXHAUSTION = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class AcceptPauses:
+    """The loop's exception handler: an accept out of descriptors is a warning line (at most one a
+    second, with how many it stands for); anything else goes to the loop's default handler."""
+
+    def __init__(self):
+        self.last = 0.0
+        self.unreported = 0
+
+    def __call__(self, loop, context: dict) -> None:
+        exc = context.get("exception")
+        if not (isinstance(exc, OSError) and exc.errno in ACCEPT_EXHAUSTION and "accept" in context.get("message", "")):
+            loop.default_exception_handler(context)
+            return
+        self.unreported += 1  # asyncio calls this once per accept it tries in the pass, up to its backlog
+        now = time.monotonic()
+        if now - self.last >= 1.0:
+            from corral.supervisor.logs import get_logger
+
+            get_logger(component="cli").warning("accept_paused", reason=exc.strerror, retry_seconds=1,
+                                                times=self.unreported)
+            self.last, self.unreported = now, 0
 
 
 # Collect the youngest generation every 50,000 net allocations instead of 700. A request allocates
