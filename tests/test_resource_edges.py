@@ -8,6 +8,7 @@ import json
 import os
 import resource
 import socket
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -133,6 +134,25 @@ def test_running_out_of_descriptors_is_a_503_and_the_rest_keeps_answering(tmp_pa
         wait_until(lambda: fd_count(proc.pid) <= baseline, "the ended sessions' descriptors to close")
         assert chat(url, "after")[0] == 200  # the slot and descriptors came back
         assert_nothing_unhandled(tmp_path)
+    finally:
+        stop(proc)
+
+
+def test_a_max_sessions_the_open_files_cannot_hold_is_capped_in_one_line(tmp_path):
+    low = [sys.executable, "-c", "import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024)); "
+           "from corral.web.cli import main; sys.exit(main())"]
+    proc, url = start_server(tmp_path, "--max-sessions", "1000", "--sandbox-uid-range", "61800-62999", program=low)
+    try:
+        status, health, _ = call(url, "/health")
+        capped = [r for r in log_records(tmp_path) if r["event"] == "max_sessions_capped"]
+        if os.geteuid() == 0 and may_raise_hard_limits():  # root raised the hard limit instead: nothing to cap
+            assert resource.prlimit(proc.pid, resource.RLIMIT_NOFILE)[1] == descriptors.needed(1000)
+            assert (health["max_sessions"], capped) == (1000, [])
+            return
+        fits = (1024 - descriptors.reserve(1024)) // descriptors.PER_SESSION
+        assert (status, health["max_sessions"]) == (200, fits)
+        assert [(r["requested"], r["serving"], r["limited_by"]) for r in capped] == [(1000, fits, "open files")]
+        assert f"serving at most {fits}" in capped[0]["message"]
     finally:
         stop(proc)
 
