@@ -235,6 +235,7 @@ class AcceptPauses:
         self.unreported = 0
 
     def __call__(self, loop, context: dict) -> None:
+        """Handle one error the loop reports."""
         exc = context.get("exception")
         if not (isinstance(exc, OSError) and exc.errno in ACCEPT_EXHAUSTION and "accept" in context.get("message", "")):
             loop.default_exception_handler(context)
