@@ -1,18 +1,18 @@
 """The zygote: imports the agent code once, then forks one warm child per session.
 
 It runs in its own process (a fresh interpreter the supervisor starts with a clean environment,
-``boot``), talks to the supervisor over a pipe, and reports every child's pid and exit status (by the request's spawn id,
-so an exit is never read before the supervisor can tell whose it is). Each spawn request comes
-with the child's connection to the hub (one end of a socket pair) and its stdout/stderr pipes,
-passed over a second socket with SCM_RIGHTS, so the child is connected from birth and the hub needs
-no listening socket. Forking from here costs milliseconds where a fresh interpreter costs tens of
+``boot``), talks to the supervisor over a pipe in the typed records of ``zygote_messages``, and
+reports every child's pid and exit status (by the request's spawn id, so an exit is never read
+before the supervisor can tell whose it is; the supervisor holds no descriptor per child for its
+exit). Each spawn request comes with the child's connection to the hub (one end of a socket pair)
+and its output pipe (stdout and stderr both), passed over a second socket with SCM_RIGHTS, so the
+child is connected from birth and the hub needs no listening socket. Forking from here costs milliseconds where a fresh interpreter costs tens of
 them, and children share its pages.
 """
 
 import _signal
 import gc
 import os
-import pickle
 import resource
 import selectors
 import signal
@@ -21,30 +21,17 @@ import sys
 import traceback
 
 from corral.agent_proc import disk, environment, forking, sandbox, userns, warmup
+from corral.agent_proc.zygote_messages import Exited, Failed, Quit, Ready, Spawn, Spawned, SpawnFailed, Start, recv, send
 from corral.agent_proc.limits import apply_limits
 from corral.agent_proc.process import agent_title, arm_death_signal, die_with_parent, load_agent_class, set_title
 from corral.agent_proc.stdio import agent_streams, attach_stdio
-
-
-def send_msg(conn, msg) -> None:
-    """Send one message on the supervisor <-> zygote pipe.
-
-    Plain pickle over ``send_bytes``: ``Connection.send`` pickles with dill under ``multiprocess``,
-    about 100 µs a message against 3 µs, paid on each side of every spawn and every exit.
-    """
-    conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
-
-
-def recv_msg(conn):
-    """Receive one message sent with ``send_msg``."""
-    return pickle.loads(conn.recv_bytes())
 
 
 def boot() -> None:
     """The zygote's first code (``python -c``; supervisor/spawner.py): read its start message, then run.
 
     ``sys.argv`` holds only the numbers of its two descriptors: the pipe to the supervisor and the
-    socket the hub connections come over. The start message (agent, supervisor pid, sandbox
+    socket the hub connections come over. The ``Start`` record (agent, supervisor pid, sandbox
     options, the supervisor's ``sys.path``, so agent modules import as they would there) comes on
     the pipe: no secret of the server's is on our command line, in our environment or our memory.
     """
@@ -52,9 +39,11 @@ def boot() -> None:
 
     conn = Connection(int(sys.argv[1]))
     fd_channel = socket.socket(fileno=int(sys.argv[2]))
-    start = recv_msg(conn)
-    sys.path[:] = start["sys_path"]
-    zygote_main(conn, fd_channel, start["agent"], start["supervisor_pid"], start["options"])
+    start = recv(conn)
+    if not isinstance(start, Start):
+        raise SystemExit(f"corral zygote: expected a start message, got {type(start).__name__}")
+    sys.path[:] = start.sys_path
+    zygote_main(conn, fd_channel, start.agent, start.supervisor_pid, start.options)
 
 
 def zygote_main(conn, fd_channel: socket.socket, agent_spec: str, supervisor_pid: int, options: dict | None = None) -> None:
@@ -73,7 +62,7 @@ def zygote_main(conn, fd_channel: socket.socket, agent_spec: str, supervisor_pid
             userns.enter_user_namespace()
         _enter_mount_namespace(options)  # before the imports too: unshare(CLONE_NEWNS) wants one thread
     except OSError as exc:
-        send_msg(conn, ("failed", f"cannot set up the sandbox: {exc}"))
+        send(conn, Failed(f"cannot set up the sandbox: {exc}"))
         return
     forking.record_hooks()  # the agent's imports may register at-fork hooks: each agent runs them
     try:
@@ -81,7 +70,7 @@ def zygote_main(conn, fd_channel: socket.socket, agent_spec: str, supervisor_pid
         import corral.agent_proc.main  # noqa: F401  pre-import what every child needs
         preload_stdlib()
     except Exception as exc:
-        send_msg(conn, ("failed", f"cannot load agent {agent_spec}: {exc!r}"))
+        send(conn, Failed(f"cannot load agent {agent_spec}: {exc!r}"))
         return
     try:
         # After them: once it has unshared a pid namespace, a process may start no thread, and an
@@ -89,7 +78,7 @@ def zygote_main(conn, fd_channel: socket.socket, agent_spec: str, supervisor_pid
         ns_init = _set_up_process_tree(conn, options)
         prebuilt = sandbox.prebuild(options)
     except OSError as exc:
-        send_msg(conn, ("failed", f"cannot set up the sandbox: {exc}"))
+        send(conn, Failed(f"cannot set up the sandbox: {exc}"))
         return
     warmup.rehearse(tmpdir=prebuilt and prebuilt.tmp_parent)  # before the freeze: what it leaves is shared, not copied into each agent
     gc.freeze()  # keep the imported objects out of GC passes so children don't copy their pages
@@ -208,7 +197,7 @@ class Zygote:
         signal.signal(signal.SIGCHLD, lambda *_: None)  # the wakeup fd does the work
         self.selector.register(self.conn.fileno(), selectors.EVENT_READ, "conn")
         self.selector.register(self.wake_r, selectors.EVENT_READ, "signal")
-        send_msg(self.conn, ("ready", os.getpid(), self.forker.describe()))
+        send(self.conn, Ready(os.getpid(), self.forker.describe()))
         while True:
             for key, _ in self.selector.select():
                 if key.data == "signal":
@@ -229,42 +218,42 @@ class Zygote:
     def handle_request(self) -> bool:
         """Serve one request from the supervisor; False means stop."""
         try:
-            msg = recv_msg(self.conn)
-        except (EOFError, OSError):
-            return False  # the supervisor is gone; our children's death signal takes them too
-        if msg[0] == "spawn":
-            self.spawn(msg[1])
+            msg = recv(self.conn)
+        except (EOFError, OSError, ValueError):
+            return False  # the supervisor is gone (or speaks another version); our children's death signal takes them too
+        if isinstance(msg, Spawn):
+            self.spawn(msg)
             return True
-        return msg[0] != "quit"
+        return not isinstance(msg, Quit)
 
-    def spawn(self, req: dict) -> None:
-        """Fork one agent process with its hub connection (and stdio pipes) and report its pid."""
+    def spawn(self, req: Spawn) -> None:
+        """Fork one agent process with its hub connection (and output pipe) and report its pid."""
         try:
-            fds = self._recv_descriptors(3 if req.get("stdio") else 1)
+            fds = self._recv_descriptors(2 if req.output else 1)
         except OSError as exc:
-            send_msg(self.conn, ("spawn_failed", req["spawn_id"], f"no hub connection: {exc}"))
+            send(self.conn, SpawnFailed(req.spawn_id, f"no hub connection: {exc}", exc.errno))
             return
         pid = bounded = None
         try:
-            bounded = _bound_disk(req.get("sandbox") or {})
+            bounded = _bound_disk(req.sandbox or {})
             pid = self.forker.fork()
         except OSError as exc:
-            what = "fork failed" if bounded or not (req.get("sandbox") or {}).get("disk") else "no bounded TMPDIR"
-            send_msg(self.conn, ("spawn_failed", req["spawn_id"], f"{what}: {exc}"))
+            what = "fork failed" if bounded or not (req.sandbox or {}).get("disk") else "no bounded TMPDIR"
+            send(self.conn, SpawnFailed(req.spawn_id, f"{what}: {exc}", exc.errno))
             _unbound_disk(bounded)
         if pid == 0:
-            self._become_agent(req, fds[0], tuple(fds[1:]))  # never returns
+            self._become_agent(req, fds[0], fds[1] if req.output else None)  # never returns
         for fd in fds:
             os.close(fd)  # the child's now: the hub and the log reader see EOF when the child's side closes
         if pid is None:
             return
         if bounded:
             self.mounts[pid] = bounded
-        self.children[pid] = req["spawn_id"]
-        uid = (req.get("sandbox") or {}).get("uid")
+        self.children[pid] = req.spawn_id
+        uid = (req.sandbox or {}).get("uid")
         if uid is not None:
             self.uids[pid] = uid
-        send_msg(self.conn, ("spawned", req["spawn_id"], pid))
+        send(self.conn, Spawned(req.spawn_id, pid))
 
     def reap(self) -> bool:
         """Collect every exited child, kill what it left behind, report its status; False if pid 1 of the agents died."""
@@ -292,12 +281,12 @@ class Zygote:
                 _kill_uid(uid)  # setsid'ed and double-forked leftovers too, before the uid is handed out again
             _, status = os.waitpid(pid, 0)
             _unbound_disk(self.mounts.pop(pid, None))  # before the report: the supervisor then removes the dir
-            send_msg(self.conn, ("exited", self.children.pop(pid), status))
+            send(self.conn, Exited(self.children.pop(pid), status))
 
     def _recv_descriptors(self, count: int) -> list[int]:
-        """The child's hub connection, then its stdout and stderr pipes, sent just before its request.
+        """The child's hub connection, then its output pipe, sent just before its request.
 
-        Close-on-exec: a program the agent runs inherits none of them (stdio is dup2'ed onto 1 and 2).
+        Close-on-exec: a program the agent runs inherits none of them (the pipe is dup2'ed onto 1 and 2).
         """
         _, fds, _, _ = socket.recv_fds(self.fd_channel, 1, count, socket.MSG_CMSG_CLOEXEC)
         if len(fds) != count:
@@ -306,12 +295,12 @@ class Zygote:
             raise OSError(f"expected {count} descriptors, got {len(fds)}")
         return fds
 
-    def _become_agent(self, req: dict, conn_fd: int, stdio: tuple[int, ...]) -> None:
+    def _become_agent(self, req: Spawn, conn_fd: int, output_fd: int | None) -> None:
         """In the forked child: isolate, limit, and run the agent; always exits."""
         code = 1
         try:
-            if stdio:
-                attach_stdio(*stdio, self.streams)  # first, so everything after it is captured
+            if output_fd is not None:
+                attach_stdio(output_fd, self.streams)  # first, so everything after it is captured
             os.setpgid(0, 0)  # own process group, so a stop or interrupt reaches the agent's children too
             arm_death_signal()
             if sandbox.parent_gone(self.pidfd):
@@ -324,18 +313,18 @@ class Zygote:
             _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
             _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash test must not litter cores
-            apply_limits(req["limits"])
-            environment.enter(req.get("env"), (req.get("sandbox") or {}).get("tmpdir"))
-            set_title(agent_title(req["session_id"], req["tenant"], False))
+            apply_limits(req.limits)
+            environment.enter(req.env, (req.sandbox or {}).get("tmpdir"))
+            set_title(agent_title(req.session_id, req.tenant, False))
             from corral.agent_proc.main import run_agent
 
             code = run_agent(
                 self.agent_cls,
-                session_id=req["session_id"],
-                routing_id=req.get("routing_id") or req["session_id"].encode(),
-                tenant=req["tenant"],
+                session_id=req.session_id,
+                routing_id=req.routing_id or req.session_id.encode(),
+                tenant=req.tenant,
                 conn=socket.socket(fileno=conn_fd),
-                confine=lambda: sandbox.confine(req.get("sandbox"), self.prebuilt),
+                confine=lambda: sandbox.confine(req.sandbox, self.prebuilt),
             )
         except BaseException:
             traceback.print_exc()

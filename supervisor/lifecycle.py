@@ -7,13 +7,14 @@ runs retention on a timer and reports health. It holds no session state of its o
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
 import time
 
 from corral.agent_proc import environment
-from corral.supervisor import errors, states
+from corral.supervisor import descriptors, errors, states
 from corral.supervisor.agent_tmp import sweep_dead_trees
 from corral.supervisor.hub import Hub
 from corral.supervisor.limits import choose_limiter
@@ -56,6 +57,7 @@ class Lifecycle:
         """Start each part in dependency order."""
         await self._sweep_agent_trees()
         self._choose_sandbox()  # before the limiter: whether sessions have uids of their own decides the pids fallback
+        self._fit_max_sessions()
         limit = self.config.memory_limit or None
         # probing may sweep a dead server's cgroups, which waits for the kernel: off the loop
         self.limiter = await asyncio.to_thread(
@@ -104,6 +106,23 @@ class Lifecycle:
         for note in self.sandbox.notes:
             log.warning("sandbox_note", note=note)
         log.info("sandbox", mode=self.sandbox.mode, network=self.sandbox.network)
+
+    def _fit_max_sessions(self) -> None:
+        """Cap max_sessions at what the open-files limit and the sandbox uids hold, saying so in one line.
+
+        Capped, not refused: the server serves what fits and answers 503 at_capacity past it, where
+        refusing would leave every session down for a setting the operator can lower at leisure.
+        """
+        c = self.config
+        fits = {"open files": (descriptors.sessions_that_fit(), "raise the open-files limit (ulimit -n) or run as root")}
+        if self.sandbox.on("uid"):
+            fits["sandbox uids"] = (self.sandbox.uid_count, "widen --sandbox-uid-range")
+        by, (most, remedy) = min(fits.items(), key=lambda item: item[1][0])
+        if most < c.max_sessions:
+            log.warning("max_sessions_capped", requested=c.max_sessions, serving=max(1, most), limited_by=by,
+                        message=f"--max-sessions {c.max_sessions} does not fit: the {by} allow {most}; serving at "
+                                f"most {max(1, most)} ({remedy})")
+            self.config = dataclasses.replace(c, max_sessions=max(1, most))
 
     async def _end_orphans(self) -> None:
         """End the sessions this server's previous run left live in the store (it died with them)."""
@@ -199,6 +218,7 @@ class Lifecycle:
         """What /health reports about the supervisor."""
         return {
             "live_sessions": self.live_count,
+            "max_sessions": self.config.max_sessions,  # after start-up's cap (_fit_max_sessions)
             "sessions_in_memory": len(self.sessions),
             "zygote_pid": self.spawner.pid if self.spawner else None,
             "limit": self.limiter.describe() if self.limiter else None,

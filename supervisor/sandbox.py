@@ -9,6 +9,7 @@ thread, supervisor/tree_removal.py). No web imports.
 from __future__ import annotations
 
 import contextlib
+import errno
 import grp
 import os
 import pwd
@@ -160,8 +161,8 @@ class Sandbox:
             if self.uid_claims is None or self.uid_claims.claim(uid):
                 return uid
             self.free_uids.append(uid)  # another server's session has it: try the next
-        raise OSError(f"every sandbox uid ({self.uid_count}) is in use by a live session (of this server or, "
-                      "with the same --sandbox-uid-range, of another on this host)")
+        raise OSError(errno.EUSERS, f"every sandbox uid ({self.uid_count}) is in use by a live session (of this "
+                      "server or, with the same --sandbox-uid-range, of another on this host)")
 
     def _give_back(self, uid: int) -> None:
         """Free a uid: to the back of the queue, so the longest-free uid is reused first."""

@@ -52,15 +52,15 @@ class TokenBucket:
         self.rate, self.burst = rate, burst
         self.tokens, self.stamp = float(burst), time.monotonic()
 
-    def take(self) -> float:
-        """Take one token; return 0 on success, else the seconds until one is available."""
+    def take(self, n: float = 1) -> float:
+        """Take ``n`` tokens; return 0 on success, else the seconds until they are available."""
         now = time.monotonic()
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
+        if self.tokens >= n:
+            self.tokens -= n
             return 0.0
-        return (1 - self.tokens) / self.rate
+        return (n - self.tokens) / self.rate
 
 
 @dataclass(eq=False)

@@ -18,7 +18,8 @@ import signal
 import time
 
 from corral.agent_proc import protocol as p
-from corral.supervisor import errors, states
+from corral.supervisor import descriptors, errors, states
+from corral.supervisor.launcher import RESOURCE_CODES
 from corral.supervisor.logs import get_logger
 from corral.supervisor.reaper import classify_exit
 from corral.supervisor.session_host import SessionHost
@@ -154,30 +155,45 @@ class SessionLife(Turns):
         """Ask the spawner for a process inside the session's memory limit."""
         s = self.session
         spawner = await self.host.ready_spawner()
-        conn = await self.host.hub.connect(self.routing_id)
-        read_fds, write_fds = self.host.output.pipes()
+        conn, read_fd, write_fd = await self._agent_descriptors()
         try:
             proc = await spawner.launch(f"s{self.generation}-{s.id}",
                                         {"session_id": s.id, "routing_id": self.routing_id, "tenant": s.tenant,
                                          "env": self.host.agent_env(s.tenant)},
-                                        conn, stdio=write_fds)
+                                        conn, output=write_fd)
         except SpawnError as exc:
-            _close_all(read_fds)
-            raise errors.Unavailable(str(exc), retry_after=exc.retry_after) from None
+            os.close(read_fd)
+            raise errors.Unavailable(str(exc), retry_after=exc.retry_after, code=exc.code) from None
         except BaseException:
-            _close_all(read_fds)
+            os.close(read_fd)
             raise
         finally:
             conn.close()  # the zygote has its own copy, and the child takes it over
-            _close_all(write_fds)  # the agent holds them now; EOF comes when it (and its children) are gone
+            os.close(write_fd)  # the agent holds it now; EOF comes when it (and its children) are gone
         self.process, self.launcher = proc, spawner
         s.pid, s.limits, s.sandbox = proc.pid, proc.limits, proc.sandbox
         self.host.index(s, pid=proc.pid)
-        self.host.output.attach(s, proc.pid, read_fds)
+        self.host.output.attach(s, proc.pid, read_fd)
         # If it is already dead, this runs on the next turn of the loop: nothing is lost in between.
         proc.exited.add_done_callback(functools.partial(self._on_exit, proc))
         if self.kill_reason is not None:  # it abused its connection before we knew its pid
             self.send_signal(signal.SIGKILL)
+
+    async def _agent_descriptors(self) -> tuple:
+        """The new process's hub connection and output pipe (read end, write end); 503 when descriptors run out."""
+        opened = []
+        try:
+            conn = await self.host.hub.connect(self.routing_id)
+            opened.append(conn.close)
+            read_fd, write_fd = self.host.output.pipe()
+            opened += [functools.partial(os.close, read_fd), functools.partial(os.close, write_fd)]
+            descriptors.ensure_headroom(max(read_fd, write_fd))
+        except OSError as exc:
+            for close in opened:
+                close()
+            raise errors.Unavailable(f"cannot open the agent's descriptors: {exc.strerror or exc}", retry_after=5,
+                                     code=RESOURCE_CODES.get(exc.errno, "unavailable")) from None
+        return conn, read_fd, write_fd
 
     async def _spawn_failed(self, exc: BaseException) -> None:
         """Make sure a failed spawn leaves no process behind and the session down."""
@@ -349,9 +365,3 @@ def _verb(final: str) -> str:
         states.EXPIRED: "reached max_age",
         states.ENDED: "was stopped",
     }.get(final, "stopped")
-
-
-def _close_all(fds) -> None:
-    """Close descriptors we own."""
-    for fd in fds:
-        os.close(fd)

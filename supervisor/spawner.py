@@ -1,63 +1,35 @@
-"""How agent processes are launched: a pluggable piece (like jupyter_client's provisioners).
+"""How agent processes are launched: ``ZygoteSpawner``, the ``Launcher`` corral ships (supervisor/launcher.py).
 
-``ZygoteSpawner`` starts one zygote (a fresh interpreter with a clean environment: nothing of
-the server's command line, environment or memory) and asks it to fork a child per session, handing it the child's hub connection (SCM_RIGHTS over a socket pair of their own);
-the zygote reports each child's pid and, the moment it dies, its wait status (by spawn id).
-It is the one plug between the supervisor and a process: a sandbox layer or another launcher goes
-behind the same ``launch``/``signal``/``kill``/``exited`` interface.
+``ZygoteSpawner`` starts one zygote (a fresh interpreter with a clean environment: nothing of the
+server's command line, environment or memory) and asks it to fork a child per session, handing it
+the child's hub connection and output pipe (SCM_RIGHTS over a socket pair of their own); the zygote
+reports each child's pid and, the moment it dies, its wait status (by spawn id, in the typed records
+of agent_proc/zygote_messages.py), so the server holds no descriptor per child to learn of its exit.
+A sandbox layer or another launcher goes behind the same ``Launcher`` interface.
 """
 
 import asyncio
 import contextlib
 import itertools
 import os
-import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import multiprocess
 
-from corral.agent_proc.zygote import recv_msg, send_msg
+from corral.agent_proc import zygote_messages as msgs
+from corral.supervisor.launcher import LAUNCHER_DIED, AgentProcess, Exit, Launcher, SpawnError
 from corral.supervisor.logs import get_logger
 from corral.supervisor.reaper import describe_status
 
+__all__ = ["ZygoteSpawner", "SpawnError", "AgentProcess", "Exit", "ZYGOTE_DIED"]
+
 log = get_logger(component="spawner")
 
-
-class SpawnError(Exception):
-    """The spawner could not start a process; ``retry_after`` is the client's hint (seconds)."""
-
-    def __init__(self, message: str, *, retry_after: float = 1.0):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-# The wait status reported for agents that died with their zygote.
-ZYGOTE_DIED = -1
-
-
-@dataclass(frozen=True)
-class Exit:
-    """How an agent process ended: its wait status, the memory limit's verdict, in words."""
-
-    status: int
-    oom: bool
-    description: str
-
-
-@dataclass(eq=False)
-class AgentProcess:
-    """One launched agent process: its pid, what was set up for it, and its exit (a future)."""
-
-    spawn_id: int
-    exited: asyncio.Future  # resolves to an Exit once the process is gone and its limits released
-    pid: int | None = None
-    limits: dict | None = None
-    sandbox: dict | None = None
+ZYGOTE_DIED = LAUNCHER_DIED  # the wait status reported for agents that died with their zygote
 
 
 # The zygote's whole command line: the interpreter, this, and the numbers of its two descriptors.
@@ -66,7 +38,7 @@ class AgentProcess:
 ZYGOTE_BOOT = "from corral.agent_proc.zygote import boot; boot()"
 
 
-class ZygoteSpawner:
+class ZygoteSpawner(Launcher):
     """The process launcher: forks agents from a pre-warmed zygote, inside their limits and sandbox.
 
     Everything the supervisor does to an agent's process goes through here: ``launch`` (limits and
@@ -120,8 +92,8 @@ class ZygoteSpawner:
         finally:
             child_conn.close()
             child_fds.close()
-        send_msg(self.conn, {"agent": self.agent_spec, "supervisor_pid": os.getpid(),
-                             "options": self.zygote_options, "sys_path": list(sys.path)})
+        msgs.send(self.conn, msgs.Start(agent=self.agent_spec, supervisor_pid=os.getpid(),
+                                        options=self.zygote_options, sys_path=list(sys.path)))
         self.pid = self.process.pid
         self._ready = loop.create_future()
         loop.add_reader(self.conn.fileno(), self._on_readable)
@@ -135,9 +107,8 @@ class ZygoteSpawner:
             raise
         log.info("zygote_ready", pid=self.pid, agent=self.agent_spec, fork=self.fork)
 
-    async def launch(self, key: str, request: dict, conn: socket.socket, *,
-                     stdio: tuple[int, int] | None = None) -> AgentProcess:
-        """Start one agent process speaking on ``conn`` (stdout and stderr onto ``stdio``).
+    async def launch(self, key: str, request: dict, conn: socket.socket, *, output: int | None = None) -> AgentProcess:
+        """Start one agent process speaking on ``conn`` (stdout and stderr onto the pipe ``output``).
 
         ``key`` names its cgroup and temp dir; ``request`` (session_id, routing_id, tenant) goes to
         the child. Raises SpawnError (nothing left behind) if it cannot be started.
@@ -152,30 +123,35 @@ class ZygoteSpawner:
         try:
             proc.limits = self.limiter.prepare(key)
         except OSError as exc:
-            raise SpawnError(f"cannot set up the memory limit: {exc}", retry_after=5) from None
+            raise SpawnError.from_os_error(f"cannot set up the memory limit: {exc}", exc.errno, retry_after=5) from None
         try:
             proc.sandbox = self.sandbox.prepare(key)
         except OSError as exc:
             self._release(proc)
-            raise SpawnError(f"cannot set up the sandbox: {exc}", retry_after=5) from None
+            raise SpawnError.from_os_error(f"cannot set up the sandbox: {exc.strerror or exc}", exc.errno,
+                                           retry_after=5) from None
         try:
-            proc.pid = await self._fork(proc, {**request, "limits": proc.limits, "sandbox": proc.sandbox}, conn, stdio)
+            spawn = msgs.Spawn(spawn_id=proc.spawn_id, session_id=request["session_id"],
+                               routing_id=request.get("routing_id"), tenant=request["tenant"],
+                               limits=proc.limits, sandbox=proc.sandbox, output=output is not None,
+                               env=request.get("env"))
+            proc.pid = await self._fork(proc, spawn, conn, output)
         except BaseException:
             if self._procs.pop(proc.spawn_id, None) is proc:
                 self._release(proc)
             raise
         return proc
 
-    async def _fork(self, proc: AgentProcess, request: dict, conn: socket.socket, stdio) -> int:
+    async def _fork(self, proc: AgentProcess, spawn: msgs.Spawn, conn: socket.socket, output: int | None) -> int:
         """Send the zygote the descriptors and the request; return the child's pid."""
         fut = asyncio.get_running_loop().create_future()
         self._pending[proc.spawn_id] = fut
         self._procs[proc.spawn_id] = proc
         try:
-            # The descriptors first (the connection, then the stdio pipes): the zygote takes them when
+            # The descriptors first (the connection, then the output pipe): the zygote takes them when
             # it reads the request. A few bytes on a socket of their own, so neither send blocks the loop.
-            socket.send_fds(self.fd_channel, [b"c"], [conn.fileno(), *(stdio or ())])
-            send_msg(self.conn, ("spawn", {**request, "spawn_id": proc.spawn_id, "stdio": stdio is not None}))
+            socket.send_fds(self.fd_channel, [b"c"], [conn.fileno()] + ([output] if output is not None else []))
+            msgs.send(self.conn, spawn)
         except (OSError, ValueError) as exc:
             self._pending.pop(proc.spawn_id, None)
             raise SpawnError(f"the zygote is gone: {exc}") from None
@@ -191,38 +167,33 @@ class ZygoteSpawner:
             return False
         return True
 
-    def kill(self, proc: AgentProcess) -> bool:
-        """SIGKILL an agent's process group."""
-        return self.signal(proc, signal.SIGKILL)
-
     def _on_readable(self) -> None:
         """Handle everything the zygote has reported."""
         try:
             while self.conn is not None and self.conn.poll(0):
-                self._handle(recv_msg(self.conn))
-        except (EOFError, OSError):
+                self._handle(msgs.recv(self.conn))
+        except (EOFError, OSError, ValueError):
             self._lost()
 
     def _handle(self, msg) -> None:
         """Dispatch one report from the zygote."""
-        kind = msg[0]
-        if kind == "exited":
-            proc = self._procs.pop(msg[1], None)
+        if isinstance(msg, msgs.Exited):
+            proc = self._procs.pop(msg.spawn_id, None)
             if proc is not None:
-                self._exited(proc, msg[2], describe_status(msg[2]))
-        elif kind in ("spawned", "spawn_failed"):
-            fut = self._pending.pop(msg[1], None)
+                self._exited(proc, msg.status, describe_status(msg.status))
+        elif isinstance(msg, (msgs.Spawned, msgs.SpawnFailed)):
+            fut = self._pending.pop(msg.spawn_id, None)
             if fut is not None and not fut.done():
-                if kind == "spawned":
-                    fut.set_result(msg[2])
+                if isinstance(msg, msgs.Spawned):
+                    fut.set_result(msg.pid)
                 else:
-                    fut.set_exception(SpawnError(msg[2]))
-        elif kind in ("ready", "failed"):
+                    fut.set_exception(SpawnError.from_os_error(msg.reason, msg.errno))
+        elif isinstance(msg, (msgs.Ready, msgs.Failed)):
             if not self._ready.done():
-                if kind == "ready":
-                    self._ready.set_result(msg[2])  # how it forks agents (agent_proc/forking.py)
+                if isinstance(msg, msgs.Ready):
+                    self._ready.set_result(msg.fork)  # how it forks agents (agent_proc/forking.py)
                 else:
-                    self._ready.set_exception(SpawnError(msg[1]))
+                    self._ready.set_exception(SpawnError(msg.reason))
 
     def _exited(self, proc: AgentProcess, status: int, description: str) -> None:
         """A process is gone: take the memory limit's verdict, free its limits and sandbox, report it."""
@@ -276,7 +247,7 @@ class ZygoteSpawner:
         self._closing = True
         if self.conn is not None:
             with contextlib.suppress(Exception):
-                send_msg(self.conn, ("quit",))
+                msgs.send(self.conn, msgs.Quit())
         self._detach()
         if self.process is not None:
             await _wait_process(self.process, timeout=2.0)

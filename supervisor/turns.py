@@ -2,7 +2,7 @@
 
 The first half of ``SessionLife`` (supervisor/session_life.py), kept in a file of its own: these
 methods read and write the per-session state that ``SessionLife`` holds (``turns``, the futures,
-``kill_reason``) and reach the registry through ``self.sup`` only for what is shared (the hub,
+``kill_reason``) and reach the registry through ``self.host`` only for what is shared (the hub,
 the store, the events, the counters, ``transition``).
 """
 

@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 
 from corral.supervisor import errors
-from corral.supervisor.agent_output import LINE_BURST, MAX_LINE_BYTES, LineSplitter
+from corral.supervisor.agent_output import CUT_MARK, LINE_BURST, MAX_LINE_BYTES, LineSplitter
 from tests.apihelpers import ADMIN, ALICE, TENANTS, assert_error, json_of, start, supervisor_of
 from tests.conftest import wait_for_state
 from tests.procs import start_server, wait_gone
@@ -95,7 +95,9 @@ async def test_a_long_line_is_cut_and_the_next_one_kept(make_supervisor):
     await sup.command(s, "long", {"chars": 3 * MAX_LINE_BYTES + 10})
     await sup.stop(s, "ended")
     kept = sup.agent_output("long")
-    assert [(len(e["line"]), e.get("truncated", False)) for e in kept] == [(MAX_LINE_BYTES, True), (19, False)]
+    assert [(len(e["line"]), e.get("truncated", False)) for e in kept] == [(MAX_LINE_BYTES + len(CUT_MARK), True),
+                                                                          (19, False)]
+    assert kept[0]["line"].endswith(CUT_MARK)
     assert kept[1]["line"] == "after the long line"
 
 
@@ -188,7 +190,7 @@ def test_the_servers_stderr_is_json_lines_only(tmp_path):
 
 
 def test_serve_lifts_its_open_files_limit(tmp_path):
-    """Each live session holds three descriptors in the server: a 1024 soft limit would cap it near 340."""
+    """Each live session holds two descriptors in the server: a 1024 soft limit would cap it near 500."""
     import resource
 
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -6,12 +6,13 @@ The flags come from the settings' declarations (supervisor/config.py).
 """
 
 import argparse
-import contextlib
 import dataclasses
+import errno
 import gc
 import os
 import socket
 import sys
+import time
 
 from corral.supervisor.config import Config, SettingError, settings
 from corral.web import ops_cli
@@ -83,6 +84,7 @@ def config_from(args: argparse.Namespace, environ=os.environ) -> Config:
 def serve(config: Config) -> int:
     """Run the server until SIGINT/SIGTERM."""
     from corral.agent_proc.process import set_title
+    from corral.supervisor import descriptors
     from corral.supervisor.errors import StartupError
     from corral.supervisor.logs import configure, get_logger
     from corral.web.app import create_app
@@ -99,9 +101,10 @@ def serve(config: Config) -> int:
         return 1
     configure(config.log_level)
     agents_importable_from_cwd()
-    raise_open_files_limit()
+    soft, hard = descriptors.raise_limit(config.max_sessions)  # a process-wide choice: here, not in the supervisor
     set_title(f"corral: supervisor {config.host}:{config.port}")
     log = get_logger(component="cli")
+    log.info("open_files_limit", soft=soft, hard=hard, needed=descriptors.needed(config.max_sessions))
     try:
         app = create_app(config, store=store, claim=claim)
     except AuthConfigError as exc:
@@ -187,16 +190,6 @@ def agents_importable_from_cwd() -> None:
         sys.path.append(cwd)
 
 
-def raise_open_files_limit() -> None:
-    """Lift the soft open-files limit to the hard one: each live session holds three descriptors here."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def new_event_loop(choice: str = "auto"):
     """A fresh event loop: uvloop when chosen (or, with ``auto``, when importable), else asyncio's."""
     import asyncio
@@ -224,11 +217,42 @@ def run_app(app, *, host: str = "127.0.0.1", port: int = 8080, sockets: list[soc
 
     event_loop = new_event_loop(loop) if isinstance(loop, str) else loop
     get_logger(component="cli").info("event_loop", loop=type(event_loop).__module__.split(".")[0])
+    event_loop.set_exception_handler(AcceptPauses())
     tune_gc()
     app.on_startup.append(_freeze_startup_objects)
     if sockets is None:
         sockets = bind_sockets(host, port)
     web.run_app(app, sock=sockets, print=None, access_log=None, loop=event_loop)
+
+
+# What an accept() that meets a full descriptor table (or no memory) raises: the loop stops accepting
+# for a second and tries again, and the server goes on. asyncio reports it to the loop's exception
+# handler, whose default logs a traceback at error level.
+ACCEPT_EXHAUSTION = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class AcceptPauses:
+    """The loop's exception handler: an accept out of descriptors is a warning line (at most one a
+    second, with how many it stands for); anything else goes to the loop's default handler."""
+
+    def __init__(self):
+        self.last = 0.0
+        self.unreported = 0
+
+    def __call__(self, loop, context: dict) -> None:
+        """Handle one error the loop reports."""
+        exc = context.get("exception")
+        if not (isinstance(exc, OSError) and exc.errno in ACCEPT_EXHAUSTION and "accept" in context.get("message", "")):
+            loop.default_exception_handler(context)
+            return
+        self.unreported += 1  # asyncio calls this once per accept it tries in the pass, up to its backlog
+        now = time.monotonic()
+        if now - self.last >= 1.0:
+            from corral.supervisor.logs import get_logger
+
+            get_logger(component="cli").warning("accept_paused", reason=exc.strerror, retry_seconds=1,
+                                                times=self.unreported)
+            self.last, self.unreported = now, 0
 
 
 # Collect the youngest generation every 50,000 net allocations instead of 700. A request allocates

@@ -25,7 +25,8 @@ ERROR_MEANINGS = {
     502: ("The agent died during the request (agent_crashed / agent_oom; the next request respawns it), "
           "answered with a result JSON cannot carry (agent_bad_reply), or a service it relies on failed "
           "(upstream_error); in the last two it lives on"),
-    503: "At max_sessions, the session's restart budget is spent, or the store or zygote is unavailable",
+    503: "At max_sessions, the session's restart budget is spent, the store or zygote is unavailable, "
+         "or a resource (open files, sandbox uids, processes, memory) ran out for a new session",
     504: "The turn took longer than request_timeout and was interrupted",
 }
 _RETRYABLE = {429, 503}
