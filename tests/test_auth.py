@@ -243,6 +243,16 @@ async def test_metrics_stay_open_without_a_token(client):
     assert response.status == 200 and "corral_sessions" in await response.text()
 
 
+async def test_open_metrics_show_no_tenant_names_but_the_admin_sees_them(client):
+    """Without a metrics token, /metrics is anyone's (agents' too): tenant names only with the admin token."""
+    assert (await client.post("/api/chat", json={"message": "hi", "session_id": "named"}, headers=ALICE)).status == 200
+    for headers in ({}, ALICE, BOB):
+        text = await (await client.get("/metrics", headers=headers)).text()
+        assert "corral_tenant_sessions" in text and "alice" not in text and "tenant=" not in text
+    text = await (await client.get("/metrics", headers=ADMIN)).text()
+    assert 'corral_tenant_sessions{tenant="alice"} 1.0' in text
+
+
 def test_metrics_token_comes_from_the_environment():
     args = build_parser().parse_args(["serve"])
     assert config_from(args, environ={"CORRAL_METRICS_TOKEN": "scrape-secret"}).metrics_token == "scrape-secret"

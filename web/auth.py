@@ -259,6 +259,12 @@ def _metrics_check(auth: Auth, request: web.Request) -> web.Response | None:
     return unauthorized("/metrics needs the metrics token: Authorization: Bearer <metrics token>")
 
 
+def may_see_tenants(request: web.Request) -> bool:
+    """Whether /metrics may show tenant names: in dev mode, or to the metrics or admin token's holder."""
+    auth, token = request.app[AUTH], bearer_token(request)
+    return auth.dev_mode or auth.is_metrics_token(token) or auth.is_admin_token(token)
+
+
 def refusal(request: web.Request) -> web.Response | None:
     """Authenticate /api/ requests as a tenant, /admin/ requests as the admin, /metrics by its token: the 401, or None."""
     if request.method == "OPTIONS":  # CORS preflights carry no credentials
