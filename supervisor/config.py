@@ -86,6 +86,11 @@ class Config:
         64 * 1024 * 1024, SIZE, "bytes an agent may send for one turn before it is killed", at_least_one,
         doc="bytes an agent may send for one turn (chunks and its answer); past it the agent is killed, "
             "`end_reason` `turn_too_large`")
+    max_snapshot_bytes: int = setting(
+        64 * 1024, SIZE, "largest agent state snapshot() kept per session; past it the turn answers 502",
+        at_least_one,
+        doc="bytes an agent's `snapshot()` may take (as msgpack); past it the turn answers 502 `agent_bad_reply`, "
+            "the agent lives and the last state within the bound is kept ([agents.md](agents.md#what-a-hook-may-return))")
     # History handed to on_start: the last history_limit messages, as many of those as fit in
     # history_limit_bytes (oldest dropped), so the START frame stays far under the agent's frame limit.
     history_limit: int = setting(

@@ -192,7 +192,9 @@ class Turns:
                 if self.sup.events.watched(s.id):
                     self.sup.events.publish("delta", s.id, to_all=False, req=req, seq=turn.chunks, text=body)
         elif kind == p.DONE:
-            problem = p.reply_problem(body)  # any ZeroMQ peer may be an agent: it is checked, not trusted
+            # any ZeroMQ peer may be an agent: it is checked, not trusted; a state past the bound is not
+            # kept (it would stay in the supervisor's memory, outside every session's limit)
+            problem = p.reply_problem(body) or p.snapshot_problem(body, size, self.sup.config.max_snapshot_bytes)
             if problem is not None:
                 self._fail_turn(req, p.fail_body(p.AGENT_BAD_REPLY, problem))
                 return
