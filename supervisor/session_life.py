@@ -114,7 +114,7 @@ class SessionLife(Turns):
         self.generation += 1
         # Unique per spawn, so a frame still in flight from a previous process of the session
         # (on its own, older connection) is never taken for the new one's.
-        self.routing_id = f"{s.id}/{self.generation}/{secrets.token_hex(4)}".encode()
+        self.routing_id = f"{s.key}/{self.generation}/{secrets.token_hex(4)}".encode()
         self.stop_reason = s.end_reason = s.exit_description = self.kill_reason = None
         self.dying = False
         self.stray_frames = 0
@@ -138,7 +138,7 @@ class SessionLife(Turns):
             raise
         s.spawned_at = time.monotonic()
         self.sup.counters["spawns"] += 1
-        self.sup.events.publish("spawned", s.id, tenant=s.tenant, pid=s.pid, seconds=s.spawned_at - started)
+        self.sup.events.publish("spawned", s.key, tenant=s.tenant, pid=s.pid, seconds=s.spawned_at - started)
         self.sup._transition(s, states.BUSY if self.turns else states.IDLE)
         self.sup.reaper.arm_age(s)
 
@@ -160,7 +160,7 @@ class SessionLife(Turns):
         conn = await self.sup.hub.connect(self.routing_id)
         read_fds, write_fds = self.sup.output.pipes()
         try:
-            proc = await spawner.launch(f"s{self.generation}-{s.id}",
+            proc = await spawner.launch(f"s{self.generation}-{s.key.replace('/', '-')}",
                                         {"session_id": s.id, "routing_id": self.routing_id, "tenant": s.tenant,
                                          "env": self.sup.tenant_env.get(s.tenant, {})},
                                         conn, stdio=write_fds)
@@ -246,7 +246,7 @@ class SessionLife(Turns):
         self.sup._transition(s, final, exit=s.exit_description)
         if self.exited is not None and not self.exited.done():
             self.exited.set_result(final)
-        self.sup.events.publish("end", s.id, tenant=s.tenant, reason=final, end_reason=s.end_reason, exit=s.exit_description)
+        self.sup.events.publish("end", s.key, tenant=s.tenant, reason=final, end_reason=s.end_reason, exit=s.exit_description)
         self.sup._record_end(s, final)
         self.sup._forget(s)
 

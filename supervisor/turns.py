@@ -56,7 +56,7 @@ class Turns:
                 try:
                     await self._record(record_as, body)
                 except errors.SessionMoved:
-                    raise await self.sup._moved(s.id) from None  # not committed: the new owner may take it
+                    raise await self.sup._moved(s.key) from None  # not committed: the new owner may take it
                 # The process may have died (and a respawn begun) while the message was committed:
                 # sending now would put the turn in a mailbox nobody reads.
                 await self.ensure_live()
@@ -81,7 +81,7 @@ class Turns:
             return done
         except errors.CorralError as exc:
             # The session's listeners learn why no reply is coming (a wait=false caller has no other way).
-            self.sup.events.publish("error", s.id, to_all=False, code=exc.code, message=exc.message)
+            self.sup.events.publish("error", s.key, to_all=False, code=exc.code, message=exc.message)
             raise
         finally:
             self.sup.turn_deadlines.discard(turn)
@@ -163,13 +163,13 @@ class Turns:
         s = self.session
         text = content if isinstance(content, str) else str(content)
         try:
-            msg = await self.sup._store_call(self.sup.store.append_message(s.id, role, text, epoch=s.epoch))
+            msg = await self.sup._store_call(self.sup.store.append_message(s.key, role, text, epoch=s.epoch))
         except errors.SessionMoved:
             self.sup._fence_out(s, f"its {role} message was refused for a stale epoch")
             raise
         s.message_count = msg.seq
         data = msg.to_dict()
-        self.sup.events.publish("message", s.id, to_all=False, message=data)
+        self.sup.events.publish("message", s.key, to_all=False, message=data)
         return data
 
     def on_frame(self, kind: int, req: int, body, size: int) -> None:
@@ -189,8 +189,8 @@ class Turns:
                 turn.chunks += 1
                 if turn.on_chunk is not None:
                     turn.on_chunk(body)
-                if self.sup.events.watched(s.id):
-                    self.sup.events.publish("delta", s.id, to_all=False, req=req, seq=turn.chunks, text=body)
+                if self.sup.events.watched(s.key):
+                    self.sup.events.publish("delta", s.key, to_all=False, req=req, seq=turn.chunks, text=body)
         elif kind == p.DONE:
             # any ZeroMQ peer may be an agent: it is checked, not trusted; a state past the bound is not
             # kept (it would stay in the supervisor's memory, outside every session's limit)

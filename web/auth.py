@@ -27,12 +27,13 @@ from aiohttp import web
 
 from corral.agent_proc import environment
 from corral.supervisor.logs import get_logger
+from corral.supervisor.session_keys import DEFAULT_TENANT
 from corral.web.errors import error_response
 from corral.web.keys import ADMIN, AUTH, TENANT
 
 log = get_logger(component="auth")
 
-DEV_TENANT = "default"
+DEV_TENANT = DEFAULT_TENANT
 _TENANT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Paths under /api/ anyone may read (the API description).
 PUBLIC_API_PATHS = frozenset({"/api/openapi.json"})
