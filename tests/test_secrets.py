@@ -22,6 +22,9 @@ import pytest
 from tests.agents.hostile import SECRET_MARK
 from tests.cluster_kit import POSTGRES_URL, create_database, drop_database
 from tests.procs import CORRAL_MAIN, descendants, start_server
+from tests.test_sandbox import shared_dir, unprivileged_uid  # noqa: F401  fixtures
+from tests.test_userns import python_for_user  # noqa: F401  fixture
+from tests.unprivileged_kit import serve_as_user
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -75,8 +78,10 @@ def test_a_hostile_agent_finds_no_secret_of_the_server_and_gets_what_was_declare
     tenants.write_text(f'[tenants.acme]\nkeys = ["{key}"]\nenv = {{ TENANT_VAR = "for-acme" }}\n'
                        '[tenants.other]\nkeys = ["other-key"]\n')
     (tmp_path / "database-url").write_text(database_url + "\n")
-    env = {"CORRAL_DATABASE_URL_FILE": str(tmp_path / "database-url"), "OPENAI_API_KEY": upstream,
-           "PASSED": "through", "CORRAL_METRICS_TOKEN": metrics}
+    # each secret in the environment too (a flag wins over its variable; a file and the same value agree)
+    env = {"CORRAL_DATABASE_URL_FILE": str(tmp_path / "database-url"), "CORRAL_DATABASE_URL": database_url,
+           "CORRAL_ADMIN_TOKEN": admin, "OPENAI_API_KEY": upstream, "PASSED": "through",
+           "CORRAL_METRICS_TOKEN": metrics}
     # --sandbox off: the hunter may read /proc/self/mem (the sandbox would refuse it /proc), so the
     # search covers raw memory; the environment is clean whatever the sandbox
     proc, url = start_server(tmp_path, "--admin-token", admin, "--tenants", str(tenants), "--sandbox", "off",
@@ -161,3 +166,22 @@ def test_the_values_of_secret_flags_are_what_the_command_line_no_longer_shows():
     assert shown == ["corral", "serve", "--admin-token", "***", "--database-url=***", "--metrics-tok", "***",
                      "--port", "8080", "--", "--admin-token"]
     assert found == ["--admin-token", "--database-url", "--metrics-tok", "--admin-token"]
+
+
+def test_an_unprivileged_servers_agent_finds_no_secret_either(unprivileged_uid, python_for_user, shared_dir):
+    """The same hunt from an agent of a server run as an ordinary user (same uid as its agents)."""
+    admin, upstream = secret(), secret()
+    home = shared_dir / "server"
+    home.mkdir()
+    # the secrets in the server's own environment, as a unit file or a shell would have put them
+    prelude = f"import os; os.environ.update(CORRAL_ADMIN_TOKEN={admin!r}, OPENAI_API_KEY={upstream!r}, PASSED='yes')"
+    proc, url = serve_as_user(unprivileged_uid, python_for_user, home, "--admin-token", admin, "--sandbox", "off",
+                              "--agent", "tests.agents.hostile:SecretHunter", "--agent-env", "PASSED", prelude=prelude)
+    try:
+        status, answer = call(url, "/api/mcp-command", {"command": "hunt", "args": {}, "session_id": "u1"})
+        assert status == 200, answer
+        assert answer["result"]["found"] == {} and answer["result"]["unreadable"] == []
+        assert answer["result"]["environ"]["PASSED"] == "yes"
+    finally:
+        proc.kill()
+        proc.wait()
