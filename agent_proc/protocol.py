@@ -161,6 +161,16 @@ def reply_problem(body) -> str | None:
     return done_problem(body.get("reply"), body.get("state"))
 
 
+def snapshot_problem(body, frame_bytes: int, limit: int) -> str | None:
+    """Why a DONE's state is over ``limit`` bytes (as msgpack), or None; a frame within the limit is not measured."""
+    if frame_bytes <= limit or not isinstance(body, dict):
+        return None
+    size = len(msgpack.packb(body.get("state"), use_bin_type=True))
+    if size <= limit:
+        return None
+    return f"the agent's snapshot() is {size} bytes, over the {limit}-byte bound (--max-snapshot-bytes)"
+
+
 def done_problem(reply, state) -> str | None:
     """Why a DONE's result or state cannot reach an HTTP client as JSON, or None when they can."""
     problem = json_problem(reply)

@@ -264,7 +264,7 @@ class AgentOutput:
         self.events = events  # the supervisor's EventBus
         self.captures: dict[object, Capture] = {}  # session -> its current process's capture
         self.tails: dict[object, Tail] = {}  # session -> its tail, while the session is in memory
-        self.retired: OrderedDict[str, Tail] = OrderedDict()  # session id -> tail, sessions gone from memory
+        self.retired: OrderedDict[str, Tail] = OrderedDict()  # session key -> tail, sessions gone from memory
 
     @staticmethod
     def pipe() -> tuple[int, int]:
@@ -286,7 +286,7 @@ class AgentOutput:
         """The session's tail (made on first use)."""
         tail = self.tails.get(session)
         if tail is None:
-            tail = self.tails[session] = self.retired.pop(session.id, None) or Tail(self.lines)
+            tail = self.tails[session] = self.retired.pop(session.key, None) or Tail(self.lines)
         return tail
 
     def retire(self, session) -> None:
@@ -294,15 +294,15 @@ class AgentOutput:
         self.detach(session)
         tail = self.tails.pop(session, None)
         if tail is not None and tail.lines:
-            self.retired[session.id] = tail
-            self.retired.move_to_end(session.id)
+            self.retired[session.key] = tail
+            self.retired.move_to_end(session.key)
             while len(self.retired) > RETIRED_TAILS:
                 self.retired.popitem(last=False)
 
-    def lines_of(self, session_id: str, session=None) -> list[dict] | None:
-        """A session's kept lines (oldest first), or None if nothing is kept for it."""
+    def lines_of(self, key: str, session=None) -> list[dict] | None:
+        """A session's kept lines (oldest first; by its key), or None if nothing is kept for it."""
         tail = self.tails.get(session) if session is not None else None
-        tail = tail or self.retired.get(session_id)
+        tail = tail or self.retired.get(key)
         return None if tail is None else list(tail.lines)
 
     def close(self) -> None:

@@ -55,6 +55,10 @@ class Config:
                              default_text="~/.local/share/corral")
     database_url: str | None = setting(None, URL, "postgresql://... to share sessions between nodes",
                                        default_text="SQLite in --data-dir")
+    database_url_file: Path | None = setting(
+        None, PATH, "file holding the database URL (so its password is on no command line)",
+        doc="file holding `--database-url` (its first line, whitespace stripped), so a password is on no command "
+            "line or environment; see [security.md](security.md#secrets-in-files)")
     run_dir: Path | None = setting(None, PATH, "parent of the server's 0700 run directory",
                                    default_text="$XDG_RUNTIME_DIR or the temp dir")
     max_sessions: int = setting(1000, COUNT, "live sessions at most", at_least_one)
@@ -82,6 +86,11 @@ class Config:
         64 * 1024 * 1024, SIZE, "bytes an agent may send for one turn before it is killed", at_least_one,
         doc="bytes an agent may send for one turn (chunks and its answer); past it the agent is killed, "
             "`end_reason` `turn_too_large`")
+    max_snapshot_bytes: int = setting(
+        64 * 1024, SIZE, "largest agent state snapshot() kept per session; past it the turn answers 502",
+        at_least_one,
+        doc="bytes an agent's `snapshot()` may take (as msgpack); past it the turn answers 502 `agent_bad_reply`, "
+            "the agent lives and the last state within the bound is kept ([agents.md](agents.md#what-a-hook-may-return))")
     # History handed to on_start: the last history_limit messages, as many of those as fit in
     # history_limit_bytes (oldest dropped), so the START frame stays far under the agent's frame limit.
     history_limit: int = setting(
@@ -99,6 +108,10 @@ class Config:
     retention: float = setting(86400.0, SECONDS, "seconds ended sessions are kept", non_negative)
     tenants: Path | None = setting(None, PATH, "TOML file with tenants and their API keys")
     admin_token: str | None = setting(None, TOKEN, "token for the admin API and dashboard")
+    admin_token_file: Path | None = setting(
+        None, PATH, "file holding the admin token (so it is on no command line)",
+        doc="file holding `--admin-token` (whitespace around it stripped), so it is on no command line or "
+            "environment; see [security.md](security.md#secrets-in-files)")
     metrics_token: str | None = setting(
         None, TOKEN, "bearer token GET /metrics requires", default_text="none: /metrics is open",
         doc="bearer token `GET /metrics` requires; see [operations.md](operations.md#prometheus-metrics)")
@@ -147,9 +160,29 @@ class Config:
 
     def __post_init__(self):
         """Validate values that would otherwise fail far from their cause."""
+        self.admin_token = _from_file(self, "admin_token", TOKEN)
+        self.database_url = _from_file(self, "database_url", URL)
         check_all(self)
         self.uid_range = parse_uid_range(self.sandbox_uid_range)
         self.data_dir = Path(self.data_dir)
+
+
+def _from_file(config: Config, name: str, kind) -> str | None:
+    """A secret setting's value: from its ``_file`` setting when one is given, else as it is."""
+    path, value = getattr(config, name + "_file"), getattr(config, name)
+    if path is None:
+        return value
+    try:
+        text = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingError(name + "_file", f"cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        read = kind.parse(text)
+    except ValueError as exc:
+        raise SettingError(name + "_file", f"does not hold a valid {kind.name}: {exc}") from None
+    if value is not None and value != read:  # (equal: this Config was copied with dataclasses.replace)
+        raise SettingError(name + "_file", f"and --{name.replace('_', '-')} are both given: keep one")
+    return read
 
 
 def setting_names() -> list[str]:

@@ -29,6 +29,12 @@ class SessionNotFound(CorralError):
     status, code = 404, "session_not_found"
 
 
+class AmbiguousSession(CorralError):
+    """The admin named a session id several tenants have without saying whose (``?tenant=``)."""
+
+    status, code = 409, "ambiguous_session"
+
+
 class TooLarge(CorralError):
     status, code = 413, "too_large"
 

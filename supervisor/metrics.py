@@ -79,13 +79,26 @@ class Metrics:
         """Count one request answered with an error."""
         self.refused.labels(str(status), code).inc()
 
-    def exposition(self) -> bytes:
-        """The text format Prometheus scrapes."""
-        return generate_latest(self.registry)
+    def exposition(self, *, tenants: bool = True) -> bytes:
+        """The text format Prometheus scrapes; without ``tenants``, no series labelled with a tenant."""
+        return generate_latest(self.registry if tenants else _WithoutTenants(self.registry))
 
     def close(self) -> None:
         """Stop listening to the supervisor's events."""
         self._unsubscribe()
+
+
+class _WithoutTenants:
+    """A view of a registry whose series carry no ``tenant`` label (tenant names are for the operator)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+
+    def collect(self):
+        """Every family of the registry, its tenant-labelled samples left out."""
+        for family in self.registry.collect():
+            family.samples = [sample for sample in family.samples if "tenant" not in sample.labels]
+            yield family
 
 
 class _SupervisorCollector:

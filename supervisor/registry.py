@@ -35,6 +35,7 @@ from corral.supervisor.queries import Queries
 from corral.supervisor.reaper import Reaper
 from corral.supervisor.restarts import RestartPolicy
 from corral.supervisor.session import Session, TokenBucket, Turn, bad_session_id, new_session_id, valid_session_id
+from corral.supervisor.session_keys import id_of, session_key
 from corral.supervisor.session_life import SessionLife
 from corral.supervisor.store import SessionNotFound as StoredSessionMissing
 from corral.supervisor.store import StaleEpoch, StoreError
@@ -91,42 +92,41 @@ class Supervisor(Lifecycle, Activation, Queries):
         self._closing = False
 
     async def get_or_create(self, session_id: str | None, tenant: str, metadata: dict | None = None) -> Session:
-        """The session with this id (from memory or the store), or a new one; 404 if another tenant's.
+        """The tenant's session with this id (from memory or the store), or a new one.
 
-        The tenant is checked before a stored session is registered: a refused request loads nothing.
+        Ids are per tenant (supervisor/session_keys.py): another tenant's ``s1`` is another session.
         """
         if session_id is None:
             session_id = new_session_id()
         elif not valid_session_id(session_id):
             raise bad_session_id()
-        s = self.sessions.get(session_id)
+        key = session_key(tenant, session_id)
+        s = self.sessions.get(key)
         if s is None or (not s.live and self.directory.fenced):
-            record = await self._placed(session_id)
-            if record is not None and record.tenant != tenant:
+            record = await self._placed(key)
+            if record is not None and record.tenant != tenant:  # a row from before ids were per tenant
                 raise errors.SessionNotFound(f"no session {session_id}")
-            s = self.sessions.get(session_id)  # another request may have registered it meanwhile
+            s = self.sessions.get(key)  # another request may have registered it meanwhile
             if s is None:
                 s = self._register(session_id, tenant, metadata, record)
-        if s.tenant != tenant:
-            raise errors.SessionNotFound(f"no session {session_id}")
         return s
 
     def _register(self, session_id: str, tenant: str, metadata, record) -> Session:
         """Put a session object in the registry."""
         if record is not None:
-            tenant, metadata = record.tenant, record.metadata
+            metadata = record.metadata
         s = Session(id=session_id, tenant=tenant, metadata=dict(metadata or {}))
         s.life = SessionLife(s, self)
         if record is not None:
             s.created_at, s.message_count = record.created_at, record.message_count
         if self.config.rate_limit > 0:
             s.bucket = TokenBucket(self.config.rate_limit, self.config.rate_burst)
-        self.sessions[session_id] = s
+        self.sessions[s.key] = s
         return s
 
-    def agent_output(self, session_id: str) -> list[dict]:
-        """The kept lines of a session's agent output, oldest first (empty if none are kept)."""
-        return self.output.lines_of(session_id, self.sessions.get(session_id)) or []
+    def agent_output(self, key: str) -> list[dict]:
+        """The kept lines of a session's agent output (by its key), oldest first (empty if none are kept)."""
+        return self.output.lines_of(key, self.sessions.get(key)) or []
 
     def list_sessions(self) -> list[Session]:
         """Every session the supervisor holds in memory (live, and recently crashed or failed)."""
@@ -187,7 +187,7 @@ class Supervisor(Lifecycle, Activation, Queries):
     async def record_message(self, s: Session, role: str, text: str):
         """Commit one message to the store; SessionMoved, the session fenced out, on a stale epoch."""
         try:
-            return await self.store_call(self.store.append_message(s.id, role, text, epoch=s.epoch))
+            return await self.store_call(self.store.append_message(s.key, role, text, epoch=s.epoch))
         except errors.SessionMoved:
             self.fence_out(s, f"its {role} message was refused for a stale epoch")
             raise
@@ -200,8 +200,8 @@ class Supervisor(Lifecycle, Activation, Queries):
 
     def _unregister(self, s: Session) -> None:
         """Take a session out of memory; its output's tail stays readable a while (AgentOutput.retire)."""
-        if self.sessions.get(s.id) is s:
-            del self.sessions[s.id]
+        if self.sessions.get(s.key) is s:
+            del self.sessions[s.key]
             self.output.retire(s)
 
     async def chat(self, s: Session, text: str, *, on_chunk=None) -> dict:
@@ -261,19 +261,19 @@ class Supervisor(Lifecycle, Activation, Queries):
 
     def drop_if_new(self, s: Session) -> None:
         """Forget a session that was never started."""
-        if s.state is None and self.sessions.get(s.id) is s:
-            del self.sessions[s.id]
+        if s.state is None and self.sessions.get(s.key) is s:
+            del self.sessions[s.key]
 
     async def prepare_spawn(self, s: Session) -> list[dict]:
         """Record the session in the store and fetch its history."""
-        ended = self._status_writes.get(s.id)
+        ended = self._status_writes.get(s.key)
         if ended is not None:
             # Otherwise, with a pool of connections, the old end could land after the new start
             # and leave a live session marked ended (and purgeable by retention).
             await asyncio.wait([ended])
         record = await self._claim(s)
         s.created_at, s.message_count = record.created_at, record.message_count
-        history = await self.store_call(self.store.history(s.id, limit=self.config.history_limit))
+        history = await self.store_call(self.store.history(s.key, limit=self.config.history_limit))
         return recent_history(history, self.config.history_limit_bytes)
 
     def _on_frame(self, rid: bytes, kind: int, req: int, body, size: int) -> None:
@@ -307,14 +307,14 @@ class Supervisor(Lifecycle, Activation, Queries):
         if self._unclaimed(s):
             return  # fenced out, or its claim was refused: the session's row is another node's
         write = self.background.spawn(self.store_call(
-            self.store.set_status(s.id, final, end_reason=s.end_reason or final, ended=True, epoch=s.epoch)))
-        self._status_writes[s.id] = write
-        write.add_done_callback(functools.partial(self._end_recorded, s.id))
+            self.store.set_status(s.key, final, end_reason=s.end_reason or final, ended=True, epoch=s.epoch)))
+        self._status_writes[s.key] = write
+        write.add_done_callback(functools.partial(self._end_recorded, s.key))
 
-    def _end_recorded(self, session_id: str, write: asyncio.Task) -> None:
+    def _end_recorded(self, key: str, write: asyncio.Task) -> None:
         """Forget a finished end write (unless a newer one for the session replaced it)."""
-        if self._status_writes.get(session_id) is write:
-            del self._status_writes[session_id]
+        if self._status_writes.get(key) is write:
+            del self._status_writes[key]
 
     async def settle_store(self) -> None:
         """Wait for the background store writes in flight (ends of sessions that went down)."""
@@ -328,11 +328,11 @@ class Supervisor(Lifecycle, Activation, Queries):
     async def remove(self, s: Session, *, purge: bool = False) -> None:
         """End a session (its owner asked); with purge, delete its data too."""
         await s.life.stop(states.ENDED)
-        if self.sessions.get(s.id) is s and not s.live and not s.inflight:
+        if self.sessions.get(s.key) is s and not s.live and not s.inflight:
             self._unregister(s)
             s.life.cancel_timers()
         if purge:
-            await self.store_call(self.store.delete_session(s.id))
+            await self.store_call(self.store.delete_session(s.key))
 
     def transition(self, s: Session, new: str, **info) -> None:
         """Move a session to a new state (asserted), keep counts, log and publish it."""
@@ -353,11 +353,11 @@ class Supervisor(Lifecycle, Activation, Queries):
             # build the event only when someone listens (both measurable on a warm turn).
             if debug_enabled():
                 log.debug("session_state", session_id=s.id, tenant=s.tenant, pid=s.pid, old=old, new=new, **info)
-            if self.events.reaches_anyone(s.id, "state"):
-                self.events.publish("state", s.id, tenant=s.tenant, state=new, previous=old, pid=s.pid, **info)
+            if self.events.reaches_anyone(s.key, "state"):
+                self.events.publish("state", s.key, tenant=s.tenant, state=new, previous=old, pid=s.pid, **info)
             return
         log.info("session_state", session_id=s.id, tenant=s.tenant, pid=s.pid, old=old, new=new, **info)
-        self.events.publish("state", s.id, tenant=s.tenant, state=new, previous=old, pid=s.pid, **info)
+        self.events.publish("state", s.key, tenant=s.tenant, state=new, previous=old, pid=s.pid, **info)
 
     async def store_call(self, coro):
         """Await a store operation; an unreachable store is a 503, not a traceback."""
@@ -368,10 +368,10 @@ class Supervisor(Lifecycle, Activation, Queries):
             log.error("store_error", error=str(exc))
             raise errors.Unavailable("the session store is unavailable; try again shortly", retry_after=5) from None
         except StaleEpoch as exc:
-            raise errors.SessionMoved(f"session {exc.args[0]} was claimed by another node") from None
+            raise errors.SessionMoved(f"session {id_of(exc.args[0])} was claimed by another node") from None
         except StoredSessionMissing as exc:
             # its data was purged (DELETE ?purge=true, retention) while a request was on its way
-            raise errors.SessionNotFound(f"session {exc.args[0]} was deleted") from None
+            raise errors.SessionNotFound(f"session {id_of(exc.args[0])} was deleted") from None
 
 
 def recent_history(history: list, max_bytes: int) -> list[dict]:

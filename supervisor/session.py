@@ -8,6 +8,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from corral.supervisor import errors, states
+from corral.supervisor.session_keys import session_key
 
 # The one statement of the session-id rule: the checks, the error message and the OpenAPI pattern.
 # "." and ".." are refused: as a path segment (/api/sessions/..) they name another resource.
@@ -67,7 +68,7 @@ class TokenBucket:
 class Session:
     """A session as the APIs see it: its state, its process's pid, its counts (``life`` does the rest)."""
 
-    id: str
+    id: str  # what its tenant calls it
     tenant: str
     metadata: dict = field(default_factory=dict)
     state: str | None = None
@@ -86,6 +87,10 @@ class Session:
     bucket: TokenBucket | None = None
     epoch: int | None = None  # the cluster claim this node's process runs under (None: not claimed)
     life: object = None  # its SessionLife (supervisor/session_life.py): the process, the turns, the timers
+    key: str = ""  # its tenant and id as one name (supervisor/session_keys.py): what corral knows it by
+
+    def __post_init__(self):
+        self.key = session_key(self.tenant, self.id)
 
     @property
     def live(self) -> bool:

@@ -117,7 +117,7 @@ class SessionLife(Turns):
         self.generation += 1
         # Unique per spawn, so a frame still in flight from a previous process of the session
         # (on its own, older connection) is never taken for the new one's.
-        self.routing_id = f"{s.id}/{self.generation}/{secrets.token_hex(4)}".encode()
+        self.routing_id = f"{s.key}/{self.generation}/{secrets.token_hex(4)}".encode()
         self.stop_reason = s.end_reason = s.exit_description = self.kill_reason = None
         self.dying = False
         self.stray_frames = 0
@@ -141,7 +141,7 @@ class SessionLife(Turns):
             raise
         s.spawned_at = time.monotonic()
         self.host.counters["spawns"] += 1
-        self.host.events.publish("spawned", s.id, tenant=s.tenant, pid=s.pid, seconds=s.spawned_at - started)
+        self.host.events.publish("spawned", s.key, tenant=s.tenant, pid=s.pid, seconds=s.spawned_at - started)
         self.host.transition(s, states.BUSY if self.turns else states.IDLE)
         self.host.reaper.arm_age(s)
 
@@ -157,7 +157,7 @@ class SessionLife(Turns):
         spawner = await self.host.ready_spawner()
         conn, read_fd, write_fd = await self._agent_descriptors()
         try:
-            proc = await spawner.launch(f"s{self.generation}-{s.id}",
+            proc = await spawner.launch(f"s{self.generation}-{s.key.replace('/', '-')}",
                                         {"session_id": s.id, "routing_id": self.routing_id, "tenant": s.tenant,
                                          "env": self.host.agent_env(s.tenant)},
                                         conn, output=write_fd)
@@ -256,7 +256,7 @@ class SessionLife(Turns):
         self.host.transition(s, final, exit=s.exit_description)
         if self.exited is not None and not self.exited.done():
             self.exited.set_result(final)
-        self.host.events.publish("end", s.id, tenant=s.tenant, reason=final, end_reason=s.end_reason, exit=s.exit_description)
+        self.host.events.publish("end", s.key, tenant=s.tenant, reason=final, end_reason=s.end_reason, exit=s.exit_description)
         self.host.record_end(s, final)
         self.host.forget(s)
 

@@ -56,7 +56,7 @@ class Turns:
                 try:
                     await self._record(record_as, body)
                 except errors.SessionMoved:
-                    raise await self.host.moved(s.id) from None  # not committed: the new owner may take it
+                    raise await self.host.moved(s.key) from None  # not committed: the new owner may take it
                 # The process may have died (and a respawn begun) while the message was committed:
                 # sending now would put the turn in a mailbox nobody reads.
                 await self.ensure_live()
@@ -81,7 +81,7 @@ class Turns:
             return done
         except errors.CorralError as exc:
             # The session's listeners learn why no reply is coming (a wait=false caller has no other way).
-            self.host.events.publish("error", s.id, to_all=False, code=exc.code, message=exc.message)
+            self.host.events.publish("error", s.key, to_all=False, code=exc.code, message=exc.message)
             raise
         finally:
             self.host.turn_deadlines.discard(turn)
@@ -165,7 +165,7 @@ class Turns:
         msg = await self.host.record_message(s, role, text)
         s.message_count = msg.seq
         data = msg.to_dict()
-        self.host.events.publish("message", s.id, to_all=False, message=data)
+        self.host.events.publish("message", s.key, to_all=False, message=data)
         return data
 
     def on_frame(self, kind: int, req: int, body, size: int) -> None:
@@ -185,10 +185,12 @@ class Turns:
                 turn.chunks += 1
                 if turn.on_chunk is not None:
                     turn.on_chunk(body)
-                if self.host.events.watched(s.id):
-                    self.host.events.publish("delta", s.id, to_all=False, req=req, seq=turn.chunks, text=body)
+                if self.host.events.watched(s.key):
+                    self.host.events.publish("delta", s.key, to_all=False, req=req, seq=turn.chunks, text=body)
         elif kind == p.DONE:
-            problem = p.reply_problem(body)  # any ZeroMQ peer may be an agent: it is checked, not trusted
+            # any ZeroMQ peer may be an agent: it is checked, not trusted; a state past the bound is not
+            # kept (it would stay in the supervisor's memory, outside every session's limit)
+            problem = p.reply_problem(body) or p.snapshot_problem(body, size, self.sup.config.max_snapshot_bytes)
             if problem is not None:
                 self._fail_turn(req, p.fail_body(p.AGENT_BAD_REPLY, problem))
                 return

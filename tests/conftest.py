@@ -117,7 +117,7 @@ async def wait_for_state(sup, session, states, timeout=10.0):
         if event["type"] == "state" and event["state"] in states and not reached.done():
             reached.set_result(event["state"])
 
-    unsubscribe = sup.events.subscribe_session(session.id, on_event)
+    unsubscribe = sup.events.subscribe_session(session.key, on_event)
     try:
         return await asyncio.wait_for(reached, timeout)
     finally:

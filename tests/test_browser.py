@@ -235,4 +235,4 @@ async def test_chat_page_asks_for_an_api_key_when_the_server_wants_one(aiohttp_s
         assert dialogs == []
         assert await page.evaluate("localStorage.getItem('corral_api_key')") == "alice-browser-key"
         session_id = await page.evaluate("localStorage.getItem('corral_session_id')")
-        assert server.app[SUPERVISOR].sessions[session_id].tenant == "alice"
+        assert server.app[SUPERVISOR].sessions[f"alice/{session_id}"].tenant == "alice"

@@ -269,10 +269,10 @@ async def test_a_stale_owners_writes_are_refused_and_its_process_ended(pg_pair):
     assert refused.value.owner_url is None or refused.value.owner_url == b.membership.url
     assert await asyncio.to_thread(wait_gone, [old_pid], 10) == []  # the loop runs meanwhile
     assert a.counters["fenced_out"] == 1
-    history = await b.store.history(sid)
+    history = await b.store.history(sb.key)
     assert [m.content for m in history if m.role == "user"] == ["my name is Alice", "what is my name?"]
     await a.settle_store()
-    assert (await b.store.get_session(sid)).node == b.node  # a's end of its process was not written over b's
+    assert (await b.store.get_session(sb.key)).node == b.node  # a's end of its process was not written over b's
 
 
 async def test_a_passivated_session_is_claimed_where_its_next_request_lands(pg_pair):
@@ -286,7 +286,7 @@ async def test_a_passivated_session_is_claimed_where_its_next_request_lands(pg_p
     await a.settle_store()
     sb = await b.get_or_create(sid, "t")  # ended on a, which is alive: b may claim it now
     assert "Alice" in (await b.chat(sb, "what is my name?"))["reply"]
-    assert (await b.store.get_session(sid)).node == b.node and agent_processes(sid) == {sid: 1}
+    assert (await b.store.get_session(sb.key)).node == b.node and agent_processes(sid) == {sid: 1}
 
 
 async def sse_events(response: aiohttp.ClientResponse):

@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import secrets
+import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,7 +21,10 @@ import pytest
 
 from tests.agents.hostile import SECRET_MARK
 from tests.cluster_kit import POSTGRES_URL, create_database, drop_database
-from tests.procs import descendants, start_server
+from tests.procs import CORRAL_MAIN, descendants, start_server
+from tests.test_sandbox import shared_dir, unprivileged_uid  # noqa: F401  fixtures
+from tests.test_userns import python_for_user  # noqa: F401  fixture
+from tests.unprivileged_kit import serve_as_user
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -73,7 +77,10 @@ def test_a_hostile_agent_finds_no_secret_of_the_server_and_gets_what_was_declare
     tenants = tmp_path / "tenants.toml"
     tenants.write_text(f'[tenants.acme]\nkeys = ["{key}"]\nenv = {{ TENANT_VAR = "for-acme" }}\n'
                        '[tenants.other]\nkeys = ["other-key"]\n')
-    env = {"CORRAL_DATABASE_URL": database_url, "OPENAI_API_KEY": upstream, "PASSED": "through",
+    (tmp_path / "database-url").write_text(database_url + "\n")
+    # each secret in the environment too (a flag wins over its variable; a file and the same value agree)
+    env = {"CORRAL_DATABASE_URL_FILE": str(tmp_path / "database-url"), "CORRAL_DATABASE_URL": database_url,
+           "CORRAL_ADMIN_TOKEN": admin, "OPENAI_API_KEY": upstream, "PASSED": "through",
            "CORRAL_METRICS_TOKEN": metrics}
     # --sandbox off: the hunter may read /proc/self/mem (the sandbox would refuse it /proc), so the
     # search covers raw memory; the environment is clean whatever the sandbox
@@ -94,6 +101,12 @@ def test_a_hostile_agent_finds_no_secret_of_the_server_and_gets_what_was_declare
         status, answer = call(url, "/api/mcp-command", {"command": "hunt", "args": {}, "session_id": "o1"},
                               token="other-key")
         assert status == 200 and "TENANT_VAR" not in answer["result"]["environ"]
+        # the URL came from its file; the admin token given on the command line is hidden from it
+        status, health = call(url, "/health", token=admin)
+        assert status == 200 and health["store"] == ("postgresql" if database else "sqlite"), health
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+            assert SECRET_MARK.encode() not in f.read()
+        assert "secret_on_command_line" in (tmp_path / "serve.log").read_text()
         # and the zygote itself holds none of it, as root reads it from outside
         zygote = next(p for p in descendants(proc.pid) if psutil.Process(p).cmdline()[0].startswith("corral: zygote"))
         assert SECRET_MARK not in process_texts(zygote)
@@ -124,3 +137,51 @@ def test_declared_variables_are_checked_at_start(tmp_path, capsys):
         assert "[tenants.acme]: env: 'TMPDIR'" in str(exc)
     else:
         raise AssertionError("a tenant's TMPDIR was accepted")
+
+
+def test_secret_files_hold_the_secrets_and_a_bad_one_is_one_line_at_start(tmp_path):
+    from corral.supervisor import Config
+    from corral.supervisor.settings import SettingError
+
+    token, url = tmp_path / "token", tmp_path / "url"
+    token.write_text("  from-a-file\n")
+    url.write_text("sqlite:///somewhere.sqlite3\n")
+    config = Config(admin_token_file=token, database_url_file=url)
+    assert (config.admin_token, config.database_url) == ("from-a-file", "sqlite:///somewhere.sqlite3")
+    with pytest.raises(SettingError, match="both given"):
+        Config(admin_token_file=token, admin_token="another")
+    for args, env in ((["--admin-token-file", str(tmp_path / "missing")], {}),
+                      ([], {"CORRAL_DATABASE_URL_FILE": str(tmp_path)})):
+        done = subprocess.run([*CORRAL_MAIN, "serve", *args], env={**os.environ, **env}, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 1 and len(done.stderr.splitlines()) == 1, done.stderr
+        assert "cannot be read" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_values_of_secret_flags_are_what_the_command_line_no_longer_shows():
+    from corral.web.argv_secrets import shown_argv
+
+    shown, found = shown_argv(["corral", "serve", "--admin-token", "a1", "--database-url=postgresql://u:pw@h/d",
+                               "--metrics-tok", "m1", "--port", "8080", "--", "--admin-token"])
+    assert shown == ["corral", "serve", "--admin-token", "***", "--database-url=***", "--metrics-tok", "***",
+                     "--port", "8080", "--", "--admin-token"]
+    assert found == ["--admin-token", "--database-url", "--metrics-tok", "--admin-token"]
+
+
+def test_an_unprivileged_servers_agent_finds_no_secret_either(unprivileged_uid, python_for_user, shared_dir):
+    """The same hunt from an agent of a server run as an ordinary user (same uid as its agents)."""
+    admin, upstream = secret(), secret()
+    home = shared_dir / "server"
+    home.mkdir()
+    # the secrets in the server's own environment, as a unit file or a shell would have put them
+    prelude = f"import os; os.environ.update(CORRAL_ADMIN_TOKEN={admin!r}, OPENAI_API_KEY={upstream!r}, PASSED='yes')"
+    proc, url = serve_as_user(unprivileged_uid, python_for_user, home, "--admin-token", admin, "--sandbox", "off",
+                              "--agent", "tests.agents.hostile:SecretHunter", "--agent-env", "PASSED", prelude=prelude)
+    try:
+        status, answer = call(url, "/api/mcp-command", {"command": "hunt", "args": {}, "session_id": "u1"})
+        assert status == 200, answer
+        assert answer["result"]["found"] == {} and answer["result"]["unreadable"] == []
+        assert answer["result"]["environ"]["PASSED"] == "yes"
+    finally:
+        proc.kill()
+        proc.wait()

@@ -284,6 +284,46 @@ async def test_migrations_idempotent_and_concurrent(make_store, backend):
     assert [m.content for m in await third.history("s")] == ["from second"]
 
 
+async def forget_migration(store: Store, name: str) -> None:
+    """Make the store's database look as if migration ``name`` had never run (the rows stay as they are)."""
+    if isinstance(store, SQLiteStore):
+        with sqlite3.connect(store.path) as db:
+            db.execute("DELETE FROM schema_version WHERE name = ?", (name,))
+        return
+    conn = await asyncpg.connect(PG_URL)
+    try:
+        await conn.execute(f'DELETE FROM "{store.schema}".schema_version WHERE name = $1', name)
+    finally:
+        await conn.close()
+
+
+async def test_the_session_keys_migration_puts_each_tenant_in_front_of_its_ids(make_store, backend):
+    """Rows written before ids were per tenant: acme's "s1" becomes "acme/s1" with its messages; default's stays."""
+    if backend == "memory":
+        pytest.skip("memory store has no migrations")
+    store = await make_store()
+    for tenant in ("acme", "default"):
+        key = "s1" if tenant == "default" else f"{tenant}-s1"  # one id per row, as the old namespace had
+        await store.upsert_session(key, tenant=tenant, agent="a")
+        await store.append_message(key, "user", f"from {tenant}")
+    await store.close()
+    name = "0003_session_keys" if backend == "sqlite" else "0004_session_keys"
+    await forget_migration(store, name)
+    again = await make_store()
+    assert [m.content for m in await again.history("acme/acme-s1")] == ["from acme"]
+    assert [m.content for m in await again.history("s1")] == ["from default"]
+    assert await again.get_session("acme-s1") is None
+    assert await again.tenants_of("acme-s1") == ["acme"] and await again.tenants_of("s1") == ["default"]
+    assert await again.delete_session("acme/acme-s1") and await again.history("acme/acme-s1") == []
+
+
+async def test_tenants_of_names_every_tenant_with_that_id(store):
+    for key, tenant in (("s1", "default"), ("acme/s1", "acme"), ("globex/s1", "globex"), ("acme/s2", "acme")):
+        await store.upsert_session(key, tenant=tenant, agent="a")
+    assert await store.tenants_of("s1") == ["acme", "default", "globex"]
+    assert await store.tenants_of("s2") == ["acme"] and await store.tenants_of("s3") == []
+
+
 async def test_reopen_keeps_data(make_store, backend):
     if backend == "memory":
         pytest.skip("memory store does not persist")

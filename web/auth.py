@@ -27,12 +27,13 @@ from aiohttp import web
 
 from corral.agent_proc import environment
 from corral.supervisor.logs import get_logger
+from corral.supervisor.session_keys import DEFAULT_TENANT
 from corral.web.errors import error_response
 from corral.web.keys import ADMIN, AUTH, TENANT
 
 log = get_logger(component="auth")
 
-DEV_TENANT = "default"
+DEV_TENANT = DEFAULT_TENANT
 _TENANT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Paths under /api/ anyone may read (the API description).
 PUBLIC_API_PATHS = frozenset({"/api/openapi.json"})
@@ -257,6 +258,12 @@ def _metrics_check(auth: Auth, request: web.Request) -> web.Response | None:
     if auth.metrics_token is None or auth.is_metrics_token(token) or auth.is_admin_token(token):
         return None
     return unauthorized("/metrics needs the metrics token: Authorization: Bearer <metrics token>")
+
+
+def may_see_tenants(request: web.Request) -> bool:
+    """Whether /metrics may show tenant names: in dev mode, or to the metrics or admin token's holder."""
+    auth, token = request.app[AUTH], bearer_token(request)
+    return auth.dev_mode or auth.is_metrics_token(token) or auth.is_admin_token(token)
 
 
 def refusal(request: web.Request) -> web.Response | None:

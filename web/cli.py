@@ -5,7 +5,13 @@ snake case (--idle-timeout <-> CORRAL_IDLE_TIMEOUT); a flag on the command line 
 The flags come from the settings' declarations (supervisor/config.py).
 """
 
-import argparse
+from corral.web import argv_secrets
+
+# First of all, before the imports below take their ~0.1 s: the console script imports this module.
+SECRET_FLAGS_GIVEN = argv_secrets.hide()
+
+import argparse  # noqa: E402 (after hiding the secrets)
+import contextlib
 import dataclasses
 import errno
 import gc
@@ -76,9 +82,14 @@ def config_from(args: argparse.Namespace, environ=os.environ) -> Config:
         return Config(**values)
     except SettingError as exc:
         raise SystemExit(f"corral: {sources.get(exc.name, exc.name)}: {exc.problem} "
-                         f"(got {values.get(exc.name)!r})") from None
+                         f"(got {_shown(values.get(exc.name))})") from None
     except ValueError as exc:
         raise SystemExit(f"corral: {exc}") from None
+
+
+def _shown(value) -> str:
+    """A setting's value in an error line: a path as the text it was given as."""
+    return repr(str(value)) if isinstance(value, os.PathLike) else repr(value)
 
 
 def serve(config: Config) -> int:
@@ -100,10 +111,15 @@ def serve(config: Config) -> int:
         print(f"corral: cannot start: {exc}", file=sys.stderr)
         return 1
     configure(config.log_level)
+    log = get_logger(component="cli")
+    if SECRET_FLAGS_GIVEN:
+        log.warning("secret_on_command_line", flags=sorted(set(SECRET_FLAGS_GIVEN)),
+                    detail="hidden from /proc/PID/cmdline at start, but visible to every local user until then and "
+                           "kept by shells and process accounting: use --admin-token-file / --database-url-file "
+                           "(or CORRAL_ADMIN_TOKEN_FILE / CORRAL_DATABASE_URL_FILE) instead")
     agents_importable_from_cwd()
     soft, hard = descriptors.raise_limit(config.max_sessions)  # a process-wide choice: here, not in the supervisor
     set_title(f"corral: supervisor {config.host}:{config.port}")
-    log = get_logger(component="cli")
     log.info("open_files_limit", soft=soft, hard=hard, needed=descriptors.needed(config.max_sessions))
     try:
         app = create_app(config, store=store, claim=claim)

@@ -19,7 +19,8 @@ routes = web.RouteTableDef()
 ERROR_MEANINGS = {
     400: "Bad input: malformed JSON, a wrong type, a missing field or a bad session id",
     401: "Missing or wrong API key (or admin token)",
-    404: "Unknown session, or another tenant's; unknown path or file",
+    404: "Unknown session (ids are per tenant: another tenant's id is never shown); unknown path or file",
+    409: "The admin named an id several tenants have without saying whose (?tenant=)",
     413: "Body or message over max_message_bytes",
     429: "Over the session's rate limit or mailbox bound, or the tenant's session quota",
     502: ("The agent died during the request (agent_crashed / agent_oom; the next request respawns it), "
@@ -192,36 +193,36 @@ def _operations() -> dict:
             "responses": answers({200: ("A page of sessions, newest first", ref("AdminSessionList"))}, 400, 401, 503),
         }},
         paths.ADMIN_SESSION: {
-            "parameters": [param("SessionIdPath")],
+            "parameters": [param("SessionIdPath"), param("AdminTenant")],
             "get": {
                 "summary": "Inspect any session", "operationId": "adminGetSession", "tags": ["admin"], "security": admin,
-                "responses": answers({200: ("The session", ref("AdminSession"))}, 400, 401, 404, 503),
+                "responses": answers({200: ("The session", ref("AdminSession"))}, 400, 401, 404, 409, 503),
             },
             "delete": {
                 "summary": "Kill a session (202 while it stops); a down one is forgotten",
                 "operationId": "adminKillSession", "tags": ["admin"], "security": admin, "parameters": [param("Purge")],
                 "responses": answers(
                     {202: ("Being killed", ref("AdminSession")), 200: ("It was not running; forgotten", ref("AdminSession"))},
-                    400, 401, 404, 503,
+                    400, 401, 404, 409, 503,
                 ),
             },
         },
         paths.ADMIN_SESSION_INTERRUPT: {
-            "parameters": [param("SessionIdPath")],
+            "parameters": [param("SessionIdPath"), param("AdminTenant")],
             "post": {
                 "summary": "Interrupt any session's turn in progress", "operationId": "adminInterrupt",
                 "tags": ["admin"], "security": admin,
                 "responses": answers({200: ("Whether a turn was interrupted", ref("AdminInterruptResult"))},
-                                     400, 401, 404, 503),
+                                     400, 401, 404, 409, 503),
             },
         },
         paths.ADMIN_SESSION_LOGS: {
-            "parameters": [param("SessionIdPath")],
+            "parameters": [param("SessionIdPath"), param("AdminTenant")],
             "get": {
                 "summary": "The last lines the session's agent wrote to stdout and stderr, oldest first",
                 "operationId": "adminSessionLogs", "tags": ["admin"], "security": admin,
                 "parameters": [paths.LOG_LINES.parameter()],
-                "responses": answers({200: ("The kept lines", ref("AgentOutput"))}, 400, 401, 404, 503),
+                "responses": answers({200: ("The kept lines", ref("AgentOutput"))}, 400, 401, 404, 409, 503),
             },
         },
         paths.ADMIN_STATS: {"get": {

@@ -158,7 +158,8 @@ SCHEMAS = {
         required=("sessions",),
     ),
     "AdminInterruptResult": _object(
-        {"session_id": SESSION_ID, "state": STATE, "interrupted": BOOLEAN}, required=("session_id", "interrupted")
+        {"session_id": SESSION_ID, "tenant": STRING, "state": STATE, "interrupted": BOOLEAN},
+        required=("session_id", "interrupted")
     ),
     "AgentOutput": _object(
         {
@@ -233,6 +234,11 @@ PARAMETERS = {
         "description": "The session, when neither the body nor the query names it",
     },
     "SessionIdPath": {"name": "session_id", "in": "path", "required": True, "schema": SESSION_ID},
+    "AdminTenant": {
+        "name": "tenant", "in": "query", "required": False, "schema": STRING,
+        "description": "Whose session: ids are per tenant. Needed when several tenants have a session with this id "
+                       "(409 ambiguous_session without it)",
+    },
     "Purge": {
         "name": "purge", "in": "query", "required": False, "schema": {"type": "boolean", "default": False},
         "description": "Also delete the session's messages and record",

@@ -77,15 +77,15 @@ class AdminClient:
             offset = page.get("next_offset")
         return rows
 
-    def kill(self, session_id: str, purge: bool = False) -> dict:
-        """Kill (or forget) one session."""
+    def kill(self, session_id: str, purge: bool = False, tenant: str | None = None) -> dict:
+        """Kill (or forget) one session (``tenant``: whose, when several tenants use the id)."""
         quoted = urllib.parse.quote(session_id, safe="")
-        return self.request("DELETE", f"/admin/sessions/{quoted}", {"purge": "true"} if purge else None)
+        return self.request("DELETE", f"/admin/sessions/{quoted}", {"purge": "true" if purge else None, "tenant": tenant})
 
-    def logs(self, session_id: str, lines: int | None = None) -> dict:
+    def logs(self, session_id: str, lines: int | None = None, tenant: str | None = None) -> dict:
         """The kept lines of one session's agent output."""
         quoted = urllib.parse.quote(session_id, safe="")
-        return self.request("GET", f"/admin/sessions/{quoted}/logs", {"lines": lines})
+        return self.request("GET", f"/admin/sessions/{quoted}/logs", {"lines": lines, "tenant": tenant})
 
 
 def _error_message(exc: urllib.error.HTTPError) -> str:
@@ -248,16 +248,18 @@ def sessions_list(client: AdminClient, *, state: str | None, tenant: str | None,
     return 0
 
 
-def sessions_kill(client: AdminClient, session_id: str, *, purge: bool, out=sys.stdout) -> int:
+def sessions_kill(client: AdminClient, session_id: str, *, purge: bool, tenant: str | None = None,
+                  out=sys.stdout) -> int:
     """``corral sessions kill ID``."""
-    row = client.kill(session_id, purge=purge)
+    row = client.kill(session_id, purge=purge, tenant=tenant)
     print(f"{row.get('session_id', session_id)} {row.get('state')}{' purged' if row.get('purged') else ''}", file=out)
     return 0
 
 
-def sessions_logs(client: AdminClient, session_id: str, *, lines: int | None, as_json: bool, out=sys.stdout) -> int:
+def sessions_logs(client: AdminClient, session_id: str, *, lines: int | None, as_json: bool,
+                  tenant: str | None = None, out=sys.stdout) -> int:
     """``corral sessions logs ID``: one line per output line, ``TIME PID STREAM text``."""
-    answer = client.logs(session_id, lines)
+    answer = client.logs(session_id, lines, tenant)
     if as_json:
         print(json.dumps(answer, indent=1), file=out)
         return 0
@@ -287,11 +289,13 @@ def add_parsers(sub) -> None:
     _connection_flags(kill_p)
     kill_p.add_argument("session_id")
     kill_p.add_argument("--purge", action="store_true", help="also delete its messages and record")
+    kill_p.add_argument("--tenant", help="whose session (ids are per tenant; needed when several use the id)")
     logs_p = actions.add_parser("logs", help="the last lines a session's agent wrote to stdout and stderr")
     _connection_flags(logs_p)
     logs_p.add_argument("session_id")
     logs_p.add_argument("--lines", type=int, help="only the last N lines (default: all the server keeps)")
     logs_p.add_argument("--json", action="store_true", help="print the admin API's answer as JSON")
+    logs_p.add_argument("--tenant", help="whose session (ids are per tenant; needed when several use the id)")
 
 
 def _connection_flags(parser: argparse.ArgumentParser) -> None:
@@ -311,8 +315,8 @@ def run(args: argparse.Namespace) -> int:
         if args.action == "list":
             return sessions_list(client, state=args.state, tenant=args.tenant, as_json=args.json)
         if args.action == "logs":
-            return sessions_logs(client, args.session_id, lines=args.lines, as_json=args.json)
-        return sessions_kill(client, args.session_id, purge=args.purge)
+            return sessions_logs(client, args.session_id, lines=args.lines, as_json=args.json, tenant=args.tenant)
+        return sessions_kill(client, args.session_id, purge=args.purge, tenant=args.tenant)
     except OpsError as exc:
         print(f"corral: {exc}", file=sys.stderr)
         return 1

@@ -17,6 +17,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from corral.supervisor.session_keys import session_key
+
 # The EventBus types a stream carries (``spawned`` is an operator event, not a client one).
 STREAM_TYPES = frozenset({"state", "delta", "message", "error", "end"})
 # Fields of a bus event that are not for clients (the pid is the operator's business).
@@ -124,12 +126,13 @@ class SessionChannel:
 
     def __init__(self, hub: "StreamHub", tenant: str, session_id: str):
         self.hub, self.tenant, self.session_id = hub, tenant, session_id
+        self.session_key = session_key(tenant, session_id)  # the tenant's own session: ids are per tenant
         self.buffer: deque[StreamEvent] = deque(maxlen=hub.buffer_size)
         # Ids up to ``floor`` are not in the buffer (before this channel, or evicted).
         self.floor = hub.last_id
         self.listeners: set[Listener] = set()
         self._drop_timer: asyncio.TimerHandle | None = None
-        self._unsubscribe = hub.bus.subscribe_session(session_id, self._on_event)
+        self._unsubscribe = hub.bus.subscribe_session(self.session_key, self._on_event)
 
     @property
     def last_id(self) -> int:
@@ -138,7 +141,7 @@ class SessionChannel:
 
     def _on_event(self, event: dict) -> None:
         """Number, buffer and fan out one bus event of this session."""
-        if event["type"] not in STREAM_TYPES or not self.hub.owned_by(self.session_id, self.tenant):
+        if event["type"] not in STREAM_TYPES or not self.hub.owned_by(self.session_key, self.tenant):
             return
         if len(self.buffer) == self.buffer.maxlen:
             self.floor = self.buffer[0].id
@@ -218,9 +221,9 @@ class StreamHub:
         self.last_id = next(self._ids)
         return self.last_id
 
-    def owned_by(self, session_id: str, tenant: str) -> bool:
+    def owned_by(self, key: str, tenant: str) -> bool:
         """Whether the session (if it exists) belongs to the tenant; events of others are not sent."""
-        owner = self._owner_of(session_id)
+        owner = self._owner_of(key)
         return owner is None or owner == tenant
 
     def listen(self, tenant: str, session_id: str) -> Listener:

@@ -14,6 +14,7 @@ from corral.supervisor import errors, states
 from corral.supervisor.cluster.directory import LocalDirectory, directory_for
 from corral.supervisor.cluster.membership import Membership, new_node_id
 from corral.supervisor.logs import get_logger
+from corral.supervisor.session_keys import id_of
 
 log = get_logger(component="cluster")
 
@@ -65,27 +66,27 @@ class Activation:
         return [{"node": self.node, "url": advertised_url(self.config), "alive": True, "self": True,
                  "lease_age_seconds": 0.0, "sessions_owned": self.live_count, **self.node_info()}]
 
-    async def _placed(self, session_id: str):
-        """The stored record of a session this node may serve; SessionMoved if a live peer owns it."""
-        placement = await self.store_call(self.directory.lookup(session_id))
+    async def _placed(self, key: str):
+        """The stored record of a session (by key) this node may serve; SessionMoved if a live peer owns it."""
+        placement = await self.store_call(self.directory.lookup(key))
         if placement.owner_url is not None:
-            raise errors.SessionMoved(f"session {session_id} is owned by node {placement.owner}",
+            raise errors.SessionMoved(f"session {id_of(key)} is owned by node {placement.owner}",
                                       owner_url=placement.owner_url, owner=placement.owner)
         return placement.record
 
-    async def moved(self, session_id: str) -> errors.SessionMoved:
+    async def moved(self, key: str) -> errors.SessionMoved:
         """The error for a session another node has claimed, naming its owner when that one is alive."""
-        placement = await self.store_call(self.directory.lookup(session_id))
-        return errors.SessionMoved(f"session {session_id} is owned by node {placement.owner}",
+        placement = await self.store_call(self.directory.lookup(key))
+        return errors.SessionMoved(f"session {id_of(key)} is owned by node {placement.owner}",
                                    owner_url=placement.owner_url, owner=placement.owner)
 
     async def _claim(self, s):
         """Claim the session for this node before its process starts; SessionMoved if another won."""
         s.epoch = None
         record = await self.store_call(
-            self.directory.claim(s.id, tenant=s.tenant, agent=self.config.agent, metadata=s.metadata))
+            self.directory.claim(s.key, tenant=s.tenant, agent=self.config.agent, metadata=s.metadata))
         if record is None:
-            raise await self.moved(s.id)
+            raise await self.moved(s.key)
         if self.directory.fenced:
             s.epoch = record.epoch
         return record
@@ -108,15 +109,15 @@ class Activation:
 
     async def _verify_claims(self) -> None:
         """After a late heartbeat: end every process whose session another node claimed meanwhile."""
-        claims = {s.id: s.epoch for s in list(self.sessions.values()) if s.live and s.epoch is not None}
+        claims = {s.key: s.epoch for s in list(self.sessions.values()) if s.live and s.epoch is not None}
         try:
             lost = await self.directory.stale(claims)
         except Exception as exc:  # the store is down again: the next beat retries
             log.warning("claims_unverified", error=str(exc))
             return
-        for sid in lost:
-            s = self.sessions.get(sid)
-            if s is not None and s.epoch == claims[sid]:
+        for key in lost:
+            s = self.sessions.get(key)
+            if s is not None and s.epoch == claims[key]:
                 self.fence_out(s, "claimed by another node while this one's lease had lapsed")
 
     async def _lease_lost(self) -> None:

@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from corral.supervisor.session_keys import id_of
+
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[A-Za-z0-9_]+\.sql$")
 
@@ -54,7 +56,7 @@ class SessionRecord:
 
 @dataclass
 class MessageRecord:
-    """One row of `messages`; seq is 1, 2, 3... within its session."""
+    """One row of `messages`; seq is 1, 2, 3... within its session (``session_id``: its key, session_keys.py)."""
 
     session_id: str
     seq: int
@@ -64,7 +66,7 @@ class MessageRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (built by hand: asdict deep-copies, and this runs twice per turn)."""
-        return {"session_id": self.session_id, "seq": self.seq, "role": self.role,
+        return {"session_id": id_of(self.session_id), "seq": self.seq, "role": self.role,
                 "content": self.content, "created_at": self.created_at}
 
 
@@ -187,6 +189,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def delete_session(self, session_id: str) -> bool:
         """Remove the session and its messages; False if it was not there."""
+
+    @abc.abstractmethod
+    async def tenants_of(self, session_id: str) -> list[str]:
+        """The tenants that have a session with this id (rows are keyed by tenant and id: session_keys.py)."""
 
     @abc.abstractmethod
     async def end_orphans(self, node: str | None, *, status: str, end_reason: str) -> int:

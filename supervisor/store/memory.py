@@ -5,6 +5,8 @@ import copy
 import time
 from typing import Any
 
+from corral.supervisor.session_keys import session_key
+
 from .base import MessageRecord, SessionNotFound, SessionRecord, Store, build_stats
 
 
@@ -79,6 +81,10 @@ class MemoryStore(Store):
         """Remove the session and its messages."""
         self._messages.pop(session_id, None)
         return self._sessions.pop(session_id, None) is not None
+
+    async def tenants_of(self, session_id: str) -> list[str]:
+        """The tenants that have a session with this id."""
+        return sorted({r.tenant for key, r in self._sessions.items() if key == session_key(r.tenant, session_id)})
 
     async def end_orphans(self, node: str | None, *, status: str, end_reason: str) -> int:
         """End the sessions ``node`` (None: any node) left unended."""

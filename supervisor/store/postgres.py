@@ -222,6 +222,12 @@ class PostgresStore(Store):
         tag = await self._execute("DELETE FROM sessions WHERE id = $1", session_id)
         return tag.split()[-1] != "0"
 
+    async def tenants_of(self, session_id: str) -> list[str]:
+        """The tenants that have a session with this id (a key is the id, or tenant/id)."""
+        rows = await self._fetch("SELECT DISTINCT tenant FROM sessions WHERE id = $1 OR id = tenant || '/' || $1",
+                                 session_id)
+        return sorted(r[0] for r in rows)
+
     async def end_orphans(self, node: str | None, *, status: str, end_reason: str) -> int:
         """End the sessions ``node`` (None: any node) left unended."""
         tag = await self._execute(

@@ -205,6 +205,12 @@ class SQLiteStore(Store):
         """Remove the session; its messages go by ON DELETE CASCADE."""
         return await self._tx(lambda db: db.execute("DELETE FROM sessions WHERE id = ?", (session_id,)).rowcount) > 0
 
+    async def tenants_of(self, session_id: str) -> list[str]:
+        """The tenants that have a session with this id (a key is the id, or tenant/id)."""
+        rows = await self._rows("SELECT DISTINCT tenant FROM sessions WHERE id = ? OR id = tenant || '/' || ?",
+                                (session_id, session_id))
+        return sorted(r[0] for r in rows)
+
     async def end_orphans(self, node: str | None, *, status: str, end_reason: str) -> int:
         """End the sessions ``node`` (None: any node) left unended."""
         now = time.time()

@@ -563,3 +563,18 @@ def _scan_memory(pattern: bytes) -> set[str]:
             found.update(m.decode("latin-1") for m in regex.findall(data))
             del data
     return found
+
+
+class SnapshotHog(DemoAgent):
+    """``bloat``: its ``snapshot()`` carries ``mib`` MiB from then on (0 empties it)."""
+
+    ballast = ""
+
+    def cmd_bloat(self, args):
+        """Make the state snapshot ``mib`` MiB big."""
+        self.ballast = "x" * int(float(args.get("mib", 15)) * 1024 * 1024)
+        return {"bytes": len(self.ballast)}
+
+    def snapshot(self):
+        """The demo's state and the ballast."""
+        return {**super().snapshot(), "ballast": self.ballast}

@@ -51,7 +51,7 @@ async def interrupt(request: web.Request) -> web.Response:
     found = await find_session(request, sid, missing_ok=True)
     if found is None:
         return session_response(new_session_view(sid, interrupted=False), sid)
-    done = request.app[SUPERVISOR].interrupt_turn(found.id)
+    done = request.app[SUPERVISOR].interrupt_turn(found.key)
     return session_response(session_view(found, interrupted=done), sid)
 
 

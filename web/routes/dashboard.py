@@ -133,7 +133,7 @@ async def _send_figures(request: web.Request, response: web.StreamResponse) -> N
     """The process figures of every live session."""
     await refresh_figures(request.app)
     stats = request.app[PROCSTATS]
-    figures = {v.id: stats.for_session(v) for v in request.app[SUPERVISOR].held_views(state=LIVE_FILTER)}
+    figures = {v.key: stats.for_session(v) for v in request.app[SUPERVISOR].held_views(state=LIVE_FILTER)}
     await _send(response, "figures", {"figures": figures})
 
 

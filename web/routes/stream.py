@@ -25,9 +25,9 @@ def setup(app: web.Application) -> StreamHub:
     """Give the app its stream hub; every open stream ends when the app shuts down."""
     sup = app[SUPERVISOR]
 
-    def owner_of(session_id: str) -> str | None:
-        """The tenant of a session the supervisor holds."""
-        s = sup.sessions.get(session_id)
+    def owner_of(key: str) -> str | None:
+        """The tenant of a session the supervisor holds (by its key)."""
+        s = sup.sessions.get(key)
         return s.tenant if s is not None else None
 
     hub = app[STREAMS] = StreamHub(sup.events, owner_of)
