@@ -11,7 +11,6 @@ from corral.web import argv_secrets
 SECRET_FLAGS_GIVEN = argv_secrets.hide()
 
 import argparse  # noqa: E402 (after hiding the secrets)
-import contextlib
 import dataclasses
 import errno
 import gc
