@@ -190,7 +190,7 @@ class Turns:
         elif kind == p.DONE:
             # any ZeroMQ peer may be an agent: it is checked, not trusted; a state past the bound is not
             # kept (it would stay in the supervisor's memory, outside every session's limit)
-            problem = p.reply_problem(body) or p.snapshot_problem(body, size, self.sup.config.max_snapshot_bytes)
+            problem = p.reply_problem(body) or p.snapshot_problem(body, size, self.host.config.max_snapshot_bytes)
             if problem is not None:
                 self._fail_turn(req, p.fail_body(p.AGENT_BAD_REPLY, problem))
                 return
