@@ -57,6 +57,7 @@ class AgentProcess:
     pid: int | None = None
     limits: dict | None = None
     sandbox: dict | None = None
+    egress_token: str | None = None  # its grant at the egress gateway, revoked when it is gone
 
 
 @contextlib.contextmanager
@@ -94,11 +95,13 @@ class ZygoteSpawner:
         sandbox,
         on_lost: Callable[[], None],
         start_timeout: float = 30.0,
+        gateway=None,
     ):
         self.agent_spec = agent_spec
         self.limiter = limiter  # supervisor/limits.py: a memory limit per process
         self.sandbox = sandbox  # supervisor/sandbox.py: a uid, a temp dir and the layers per process
         self.on_lost = on_lost
+        self.gateway = gateway  # supervisor/egress/gateway.py: serves the listener the zygote makes in the agents' namespace
         self.start_timeout = start_timeout
         self.zygote_options = sandbox.zygote_options()
         self.process = None
@@ -143,7 +146,18 @@ class ZygoteSpawner:
         except SpawnError:
             await self.close()
             raise
+        if self.zygote_options.get("net_namespace") and self.gateway is not None:
+            await self._serve_gateway()
         log.info("zygote_ready", pid=self.pid, agent=self.agent_spec, fork=self.fork)
+
+    async def _serve_gateway(self) -> None:
+        """Take the gateway's listener the zygote made in the agents' namespace (queued before "ready") and serve it."""
+        try:
+            _, fds, _, _ = socket.recv_fds(self.fd_channel, 1, 1, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+        except OSError as exc:
+            await self.close()
+            raise SpawnError(f"the zygote sent no gateway listener: {exc}") from None
+        await self.gateway.serve(socket.socket(fileno=fds[0]))
 
     async def launch(self, key: str, request: dict, conn: socket.socket, *,
                      stdio: tuple[int, int] | None = None) -> AgentProcess:
@@ -168,8 +182,12 @@ class ZygoteSpawner:
         except OSError as exc:
             self._release(proc)
             raise SpawnError(f"cannot set up the sandbox: {exc}", retry_after=5) from None
+        request = {**request, "limits": proc.limits, "sandbox": proc.sandbox}
+        if self.gateway is not None and self.zygote_options.get("net_namespace"):
+            proc.egress_token, env = self.gateway.grant(request["session_id"], request["tenant"])
+            request["env"] = {**request.get("env", {}), **env}
         try:
-            proc.pid = await self._fork(proc, {**request, "limits": proc.limits, "sandbox": proc.sandbox}, conn, stdio)
+            proc.pid = await self._fork(proc, request, conn, stdio)
         except BaseException:
             if self._procs.pop(proc.spawn_id, None) is proc:
                 self._release(proc)
@@ -246,6 +264,9 @@ class ZygoteSpawner:
         if proc.sandbox:
             self.sandbox.release(proc.sandbox)
             proc.sandbox = None
+        if proc.egress_token:
+            self.gateway.revoke(proc.egress_token)
+            proc.egress_token = None
         if proc.limits:
             task = asyncio.get_running_loop().run_in_executor(self._release_worker, self.limiter.release, proc.limits)
             self._releases.add(task)
