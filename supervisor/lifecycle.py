@@ -198,6 +198,14 @@ class Lifecycle:
             self.events.publish_global("purged", sessions=removed, retention=self.config.retention)
         return removed
 
+    def egress_counts(self, session_id: str, tenant: str) -> dict | None:
+        """A session's traffic through the egress gateway (bytes_in, bytes_out, requests, refused); None without one."""
+        return self.gateway.counters_for(session_id, tenant) if self.gateway else None
+
+    def egress_by_tenant(self) -> dict[str, dict]:
+        """Every tenant's traffic through the egress gateway since start."""
+        return self.gateway.tenant_counters() if self.gateway else {}
+
     def health(self) -> dict:
         """What /health reports about the supervisor."""
         return {

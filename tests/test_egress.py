@@ -19,6 +19,8 @@ from corral.supervisor.egress import Gateway, build_gateway, tenant_egress
 from corral.supervisor.egress.policy import Policy, parse_rule
 from corral.supervisor.egress.upstreams import build_upstreams, client_tls
 from tests.egress_kit import echo_app, echoed, make_ca, server_tls
+from tests.test_sandbox import shared_dir, unprivileged_uid  # noqa: F401  fixtures
+from tests.test_userns import python_for_user, user_namespaces  # noqa: F401  fixtures
 
 AGENT = "tests.agents.network:NetworkProbe"
 SECRET = "sk-only-the-gateway-knows"
@@ -321,3 +323,69 @@ async def test_host_mode_is_shown_with_its_reason(make_supervisor):
     row = sup.health()["sandbox"]["layers"]["network"]
     assert not row["in_force"] and row["mode"] == "host" and sup.gateway is None
     assert "share the host's network" in row["reason"]
+
+
+async def test_admin_rows_and_metrics_show_egress_per_session_and_per_tenant(aiohttp_client, make_config, tmp_path, origin):
+    from tests.apihelpers import ADMIN, ALICE, TENANTS, json_of, start, supervisor_of
+
+    client = await start(aiohttp_client, make_config, tmp_path, tenants=TENANTS, agent=AGENT,
+                         agent_allow=(f"127.0.0.1:{origin.port}",), metrics_token="metrics-token")
+    sup = supervisor_of(client)
+    needs_namespace(sup)
+    for url in (f"http://127.0.0.1:{origin.port}/one", "http://169.254.169.254/"):
+        answered = await json_of(await client.post("/api/mcp-command", headers=ALICE, json={
+            "command": "fetch", "args": {"url": url}, "session_id": "counted"}), 200)
+        assert answered["result"]["status"] in (200, 403)
+    row = await json_of(await client.get("/admin/sessions/counted", headers=ADMIN), 200)
+    assert row["egress"]["requests"] == 2 and row["egress"]["refused"] == 1 and row["egress"]["bytes_in"] > 0
+    metrics = await (await client.get("/metrics", headers={"Authorization": "Bearer metrics-token"})).text()
+    assert 'corral_tenant_egress_refused_total{tenant="alice"} 1.0' in metrics
+    assert f'corral_tenant_egress_bytes_total{{direction="in",tenant="alice"}} {float(row["egress"]["bytes_in"])}' in metrics
+    assert "counted" not in metrics  # never a series per session
+
+
+async def test_an_agent_past_its_connections_gets_503_with_retry_after(gateway, origin, monkeypatch):
+    from corral.supervisor.egress import gateway as gateway_module
+
+    monkeypatch.setattr(gateway_module, "MAX_OPEN", 1)
+    gw = await gateway(policy=Policy([parse_rule(f"127.0.0.1:{origin.port}")]))
+    token, _ = gw.grant("s", "t")
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\n{proxy_auth(token)}\r\n".encode())
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")  # held open: the one allowed
+    line, body = await ask(gw, f"GET http://127.0.0.1:{origin.port}/ HTTP/1.1\r\n{proxy_auth(token)}\r\n")
+    assert line == "HTTP/1.1 503 Service Unavailable" and json.loads(body)["error"]["code"] == "egress_busy"
+    writer.close()
+
+
+# ---------------------------------------------------------------- a real unprivileged server
+
+
+async def test_an_unprivileged_servers_agents_are_in_their_own_network_namespace(
+        user_namespaces, unprivileged_uid, python_for_user, shared_dir, origin):
+    from tests.chaos_kit import call, client_session
+    from tests.unprivileged_kit import serve_as_user
+
+    async def agent(http, name, **args):
+        status, body = await call(http, "POST", url + "/api/mcp-command", json={"command": name, "args": args,
+                                                                                 "session_id": "u"})
+        assert status == 200, body
+        return body["result"]
+
+    home = shared_dir / "server"
+    home.mkdir()
+    proc, url = await asyncio.to_thread(serve_as_user, unprivileged_uid, python_for_user, home, "--agent", AGENT,
+                                        "--agent-allow", f"127.0.0.1:{origin.port}")
+    try:
+        async with client_session() as http:
+            _, health = await call(http, "GET", url + "/health")
+            row = health["sandbox"]["layers"]["network"]
+            assert row["in_force"] and row["mode"] == "proxy" and row["gateway"], row
+            port = url.rsplit(":", 1)[1]
+            for host, target in (("127.0.0.1", origin.port), ("127.0.0.1", port)):  # the origin, corral's own port
+                assert not (await agent(http, "attack", what="tcp", host=host, port=target))["escaped"]
+            fetched = await agent(http, "fetch", url=f"http://127.0.0.1:{origin.port}/through")
+            assert echoed(fetched)["path"] == "/through"
+    finally:
+        proc.terminate()
+        proc.wait()

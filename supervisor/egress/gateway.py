@@ -35,6 +35,7 @@ HEAD_LIMIT = 64 * 1024  # bytes of a request head
 HEAD_TIMEOUT = 30.0  # seconds to send one
 CONNECT_TIMEOUT = 10.0  # seconds to resolve and connect
 CHUNK = 256 * 1024
+MAX_OPEN = 256  # connections one agent process may hold through the gateway at once
 UPSTREAM_PREFIX = "/u/"
 
 
@@ -160,11 +161,11 @@ class Gateway:
             raise Refused(407, "proxy_auth_required", "this gateway needs the token of a live session "
                           "(use the HTTP_PROXY the agent was started with)",
                           (("Proxy-Authenticate", 'Basic realm="corral"'),))
-        grant.count("requests")
-        if head.method == "CONNECT":
-            await self._tunnel(grant, head, reader, writer)
-        else:
-            await self._forward(grant, head, reader, writer)
+        with _holding(grant):
+            if head.method == "CONNECT":
+                await self._tunnel(grant, head, reader, writer)
+            else:
+                await self._forward(grant, head, reader, writer)
 
     def _own_target(self, target: str) -> str:
         """An absolute URI naming the gateway itself (an upstream URL asked through the proxy) in origin form."""
@@ -205,12 +206,16 @@ class Gateway:
         upstream = self._upstreams(grant.tenant).get(name)
         if upstream is None:
             raise Refused(404, "unknown_upstream", f"no upstream {name!r} is declared for this tenant")
-        grant.count("requests")
+        with _holding(grant):
+            await self._to_upstream(grant, upstream, head, f"{upstream.path}/{rest}", reader, writer)
+
+    async def _to_upstream(self, grant: Grant, upstream: Upstream, head: heads.Head, target: str, reader, writer) -> None:
+        """Send a request on to an upstream (``target``: its path there) and splice its answer back."""
         up_reader, up_writer = await self._open(grant, upstream.host, upstream.port, upstream=upstream)
         replaced = frozenset(k.lower() for k, _ in upstream.headers) | {"host"}
         host = upstream.host if upstream.port in (80, 443) else f"{upstream.host}:{upstream.port}"
         headers = [("Host", host), *head.forwarded(replaced), *upstream.headers]
-        _send_head(grant, up_writer, heads.request_head(head.method, f"{upstream.path}/{rest}", headers))
+        _send_head(grant, up_writer, heads.request_head(head.method, target, headers))
         await _splice(grant, reader, writer, up_reader, up_writer, rewrite_response=True)
 
     # ------------------------------------------------------------ resolving and checking
@@ -242,6 +247,20 @@ class Gateway:
         if self.on_denied is not None:
             self.on_denied(grant.session_id, grant.tenant, f"{host}:{port}", reason)
         raise Refused(403, "egress_denied", f"{host}:{port} is not allowed: {reason}")
+
+
+@contextlib.contextmanager
+def _holding(grant: Grant):
+    """Count one request and hold one of the spawn's connections while it runs; 503 past MAX_OPEN."""
+    if grant.open >= MAX_OPEN:
+        raise Refused(503, "egress_busy", f"an agent holds at most {MAX_OPEN} connections through the gateway",
+                      (("Retry-After", "1"),))
+    grant.count("requests")
+    grant.open += 1
+    try:
+        yield
+    finally:
+        grant.open -= 1
 
 
 async def _read_head(reader: asyncio.StreamReader) -> heads.Head:

@@ -14,7 +14,8 @@ __all__ = ["Head", "BadHead", "parse_request", "proxy_token", "split_target", "r
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authorization", "proxy-connection", "proxy-authenticate",
                         "te", "trailer", "upgrade"})
 _REASONS = {400: "Bad Request", 403: "Forbidden", 404: "Not Found", 407: "Proxy Authentication Required",
-            431: "Request Header Fields Too Large", 502: "Bad Gateway", 504: "Gateway Timeout"}
+            431: "Request Header Fields Too Large", 502: "Bad Gateway", 503: "Service Unavailable",
+            504: "Gateway Timeout"}
 
 
 class BadHead(ValueError):

@@ -39,6 +39,7 @@ class Grant:
     tenant: str
     session: Usage
     tenant_usage: Usage
+    open: int = 0  # connections of this spawn the gateway holds now
 
     def count(self, field: str, amount: int = 1) -> None:
         """Add to a count of the session and of its tenant."""
