@@ -266,7 +266,16 @@ def _has_sse(url: str) -> bool:
 
 # ------------------------------------------------------------------------------------------ main
 
-PARTS = {"warm": warm, "cold": cold, "agents": agents, "scale": scale, "stream": streaming}
+def egress_part(table: Table, args) -> None:
+    """The agents' network namespace and the egress gateway (bench/egress.py), with its defaults."""
+    from bench import egress
+
+    options = egress.parser().parse_args(["--n", str(args.cold)])
+    for row in egress.run(options):
+        table.add(*row)
+
+
+PARTS = {"warm": warm, "cold": cold, "agents": agents, "scale": scale, "stream": streaming, "egress": egress_part}
 
 
 def machine() -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import socket
 from urllib.parse import urlsplit
 
@@ -225,12 +226,7 @@ class Gateway:
         policy = self.policies.get(grant.tenant, self.policy)
         if upstream is None:
             self._check(grant, host, port, policy.refuse_name(host, port))
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), CONNECT_TIMEOUT)
-        except (OSError, asyncio.TimeoutError) as exc:
-            raise Refused(502, "egress_unresolved", f"cannot resolve {host}: {exc}") from None
-        addresses = list(dict.fromkeys(info[4][0] for info in infos))
+        addresses = await _resolve(host, port)
         if upstream is None:
             for address in addresses:
                 self._check(grant, host, port, policy.refuse(host, address, port))
@@ -247,6 +243,20 @@ class Gateway:
         if self.on_denied is not None:
             self.on_denied(grant.session_id, grant.tenant, f"{host}:{port}", reason)
         raise Refused(403, "egress_denied", f"{host}:{port} is not allowed: {reason}")
+
+
+async def _resolve(host: str, port: int) -> list[str]:
+    """The addresses of a name (resolved off the loop), or the address itself (no thread hop for a literal)."""
+    try:
+        return [str(ipaddress.ip_address(host))]
+    except ValueError:
+        pass
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), CONNECT_TIMEOUT)
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise Refused(502, "egress_unresolved", f"cannot resolve {host}: {exc}") from None
+    return list(dict.fromkeys(info[4][0] for info in infos))
 
 
 @contextlib.contextmanager
