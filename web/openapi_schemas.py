@@ -141,6 +141,9 @@ SCHEMAS = {
             "cgroup": _nullable(_object({"current": INTEGER, "peak": _nullable(INTEGER)})),
             "processes": _nullable(INTEGER),
             "limits": _object({}),
+            # its traffic through the egress gateway (docs/security.md#network); null without one
+            "egress": _nullable(_object({"bytes_in": INTEGER, "bytes_out": INTEGER, "requests": INTEGER,
+                                         "refused": INTEGER})),
         },
         required=("session_id", "tenant", "state"),
         description=(

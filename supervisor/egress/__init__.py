@@ -1,5 +1,7 @@
 """The agents' egress: the gateway out of their network namespace, its policy, the declared upstreams, the counts."""
 
+import os
+
 from corral.supervisor.egress.gateway import Gateway, TenantEgress
 from corral.supervisor.egress.policy import Policy, host_addresses, parse_rule
 from corral.supervisor.egress.upstreams import build_upstreams, client_tls
