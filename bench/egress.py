@@ -54,19 +54,21 @@ async def _serve_origin() -> None:
 
 # ------------------------------------------------------------------------------- the client process
 
-def _request(path: str, origin_port: int, proxy: dict | None) -> tuple[tuple[str, int], bytes]:
-    """Where to connect and what to send: the origin directly, or the gateway with an absolute URI."""
+def _request(path: str, origin_port: int, proxy: dict | None, stream: int = 0) -> tuple[tuple[str, int], bytes]:
+    """Where to connect and what to send: the origin directly, or the gateway with an absolute URI (stream i
+    as session i: one agent holds at most MAX_OPEN connections)."""
     if proxy is None:
         return ("127.0.0.1", origin_port), f"GET {path} HTTP/1.1\r\nHost: o\r\n\r\n".encode()
-    auth = base64.b64encode(f"corral:{proxy['token']}".encode()).decode()
+    token = proxy["tokens"][stream % len(proxy["tokens"])]
+    auth = base64.b64encode(f"corral:{token}".encode()).decode()
     return (("127.0.0.1", proxy["port"]),
             f"GET http://127.0.0.1:{origin_port}{path} HTTP/1.1\r\nHost: o\r\nProxy-Authorization: Basic {auth}\r\n\r\n"
             .encode())
 
 
-async def _one(path: str, origin_port: int, proxy) -> tuple[float, int]:
+async def _one(path: str, origin_port: int, proxy, stream: int = 0) -> tuple[float, int]:
     """One request: seconds to the first byte of the answer, and bytes received."""
-    address, request = _request(path, origin_port, proxy)
+    address, request = _request(path, origin_port, proxy, stream)
     start = time.perf_counter()
     reader, writer = await asyncio.open_connection(*address)
     writer.write(request)
@@ -86,7 +88,7 @@ async def _client(args: dict) -> dict:
         times = [(await _one("/small", args["origin"], proxy))[0] for _ in range(args["n"])]
         return {"median": statistics.median(times)}
     start = time.perf_counter()
-    done = await asyncio.gather(*(_one(f"/bytes/{args['size']}", args["origin"], proxy) for _ in range(args["streams"])))
+    done = await asyncio.gather(*(_one(f"/bytes/{args['size']}", args["origin"], proxy, i) for i in range(args["streams"])))
     seconds = time.perf_counter() - start
     return {"mb_s": sum(got for _, got in done) / MB / seconds}
 
@@ -111,11 +113,11 @@ async def gateway_figures(args) -> dict:
     port = int((await origin.stdout.readline()).decode())
     gateway = Gateway(Policy([parse_rule(f"127.0.0.1:{port}")]))
     await gateway.serve(socket.create_server(("127.0.0.1", 0), backlog=1024))
-    token, _ = gateway.grant("bench", "bench")
+    tokens = [gateway.grant(f"bench-{i}", "bench")[0] for i in range(100)]
     runs: dict[str, list[float]] = {}
     try:
         for _ in range(args.rounds):
-            for via, proxy in (("direct", None), ("gateway", {"port": gateway.port, "token": token})):
+            for via, proxy in (("direct", None), ("gateway", {"port": gateway.port, "tokens": tokens})):
                 ttfb = await _run_client({"what": "ttfb", "origin": port, "proxy": proxy, "n": args.requests})
                 runs.setdefault(f"ttfb {via}", []).append(ttfb["median"])
                 for streams in (1, 100):

@@ -389,3 +389,20 @@ async def test_an_unprivileged_servers_agents_are_in_their_own_network_namespace
     finally:
         proc.terminate()
         proc.wait()
+
+
+async def test_silent_connections_are_cut_oldest_first_and_a_smuggled_line_is_refused(gateway, origin, monkeypatch):
+    from corral.supervisor.egress import gateway as gateway_module
+
+    monkeypatch.setattr(gateway_module, "MAX_PENDING", 2)
+    gw = await gateway(policy=Policy([parse_rule(f"127.0.0.1:{origin.port}")]))
+    token, _ = gw.grant("s", "t")
+    silent = [await asyncio.open_connection("127.0.0.1", gw.port) for _ in range(3)]
+    assert await asyncio.wait_for(silent[0][0].read(), 5) == b""  # the oldest is cut ...
+    line, _ = await ask(gw, f"GET http://127.0.0.1:{origin.port}/ HTTP/1.1\r\nHost: o\r\n{proxy_auth(token)}\r\n")
+    assert line == "HTTP/1.1 200 OK"  # ... and a client that speaks at once is served
+    line, body = await ask(gw, f"GET http://127.0.0.1:{origin.port}/ HTTP/1.1\r\n{proxy_auth(token)}"
+                               "X-A: 1\nAuthorization: Bearer forged\r\n\r\n")
+    assert line == "HTTP/1.1 400 Bad Request" and "bare CR or LF" in body
+    for _, writer in silent:
+        writer.close()

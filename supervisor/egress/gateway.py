@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import ipaddress
 import socket
+from collections import OrderedDict
 from urllib.parse import urlsplit
 
 from corral.supervisor.egress import heads
@@ -33,10 +34,14 @@ __all__ = ["Gateway", "TenantEgress", "Refused"]
 log = get_logger(component="egress")
 
 HEAD_LIMIT = 64 * 1024  # bytes of a request head
-HEAD_TIMEOUT = 30.0  # seconds to send one
+HEAD_TIMEOUT = 10.0  # seconds to send one
+# Connections that have not sent their head yet, across all agents (no token says whose they are):
+# past this, the oldest is cut, so a flood of silent connections costs bounded memory and a client
+# that sends its head at once (every real one) is never the one cut.
+MAX_PENDING = 4096
 CONNECT_TIMEOUT = 10.0  # seconds to resolve and connect
 CHUNK = 256 * 1024
-MAX_OPEN = 256  # connections one agent process may hold through the gateway at once
+MAX_OPEN = 64  # connections one agent process may hold through the gateway at once
 UPSTREAM_PREFIX = "/u/"
 
 
@@ -74,6 +79,7 @@ class Gateway:
         self.server: asyncio.AbstractServer | None = None
         self.port: int | None = None
         self.clients: set[asyncio.StreamWriter] = set()
+        self.pending: OrderedDict[asyncio.StreamWriter, None] = OrderedDict()  # no head yet, oldest first
 
     # ------------------------------------------------------------ the listener and the grants
 
@@ -138,6 +144,9 @@ class Gateway:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Read one request head and answer it: a tunnel, a forward, an upstream, or a refusal."""
         self.clients.add(writer)
+        self.pending[writer] = None
+        if len(self.pending) > MAX_PENDING:
+            self.pending.popitem(last=False)[0].transport.abort()
         try:
             await self._serve_one(reader, writer)
         except Refused as exc:
@@ -148,11 +157,15 @@ class Gateway:
             pass  # either side went away
         finally:
             self.clients.discard(writer)
+            self.pending.pop(writer, None)
             writer.transport.abort() if writer.transport.get_write_buffer_size() else writer.close()
 
     async def _serve_one(self, reader, writer) -> None:
         """Dispatch a request by its kind."""
-        head = await _read_head(reader)
+        try:
+            head = await _read_head(reader)
+        finally:
+            self.pending.pop(writer, None)
         head.target = self._own_target(head.target)
         if head.target.startswith(UPSTREAM_PREFIX):
             await self._upstream(head, reader, writer)

@@ -42,8 +42,11 @@ class Head:
 
 def parse_request(raw: bytes) -> Head:
     """The head of a request (up to and including its blank line); BadHead when it is not HTTP/1.x."""
+    text = raw.decode("latin-1")
+    if any(ch in text[:-4].replace("\r\n", "") for ch in "\r\n\0"):
+        raise BadHead("a bare CR or LF (or NUL) in the head")  # one parser's line end is another's header
     try:
-        lines = raw.decode("latin-1").split("\r\n")
+        lines = text.split("\r\n")
         method, target, version = lines[0].split(" ")
     except ValueError:
         raise BadHead("the request line is not METHOD TARGET HTTP/1.x") from None
