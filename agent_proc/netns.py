@@ -17,7 +17,8 @@ import os
 import socket
 import struct
 
-__all__ = ["CLONE_NEWNET", "enter_network_namespace", "bring_loopback_up", "gateway_listener"]
+__all__ = ["CLONE_NEWNET", "PROXY_VARIABLES", "enter_network_namespace", "bring_loopback_up", "gateway_listener",
+           "reserve_proxy_variables"]
 
 CLONE_NEWNET = 0x40000000
 _SIOCGIFFLAGS, _SIOCSIFFLAGS = 0x8913, 0x8914
@@ -25,6 +26,8 @@ _IFF_UP = 0x1
 _IFREQ = "16sH22x"  # struct ifreq: the name, then ifr_flags (a short) in the 24-byte union
 GATEWAY_HOST = "127.0.0.1"
 _libc = ctypes.CDLL(None, use_errno=True)
+# What every agent is given (by the spawn request's env) to find the gateway.
+PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "NO_PROXY", "no_proxy")
 
 
 def enter_network_namespace() -> None:
@@ -53,3 +56,12 @@ def gateway_listener(backlog: int = 1024) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def reserve_proxy_variables() -> None:
+    """Give the zygote's environment the proxy variables (empty) every agent will set.
+
+    Each agent then replaces values instead of adding names: os.environ's table and the C library's
+    environ array stay the zygote's (shared) pages, not a copy grown in every agent.
+    """
+    os.environ.update(dict.fromkeys(PROXY_VARIABLES, ""))

@@ -86,6 +86,7 @@ def _enter_network_namespace(fd_channel: socket.socket) -> None:
     Sent before "ready", so the supervisor finds it queued when it reads that.
     """
     netns.enter_network_namespace()
+    netns.reserve_proxy_variables()
     listener = netns.gateway_listener()
     try:
         socket.send_fds(fd_channel, [b"g"], [listener.fileno()])

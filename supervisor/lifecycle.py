@@ -214,6 +214,7 @@ class Lifecycle:
             "zygote_pid": self.spawner.pid if self.spawner else None,
             "limit": self.limiter.describe() if self.limiter else None,
             "sandbox": self.sandbox.describe(self.gateway and self.gateway.address()) if self.sandbox else None,
+            "egress": self.gateway.describe() if self.gateway else None,
             "store": getattr(self.store, "backend", None),
             "uptime_seconds": round(time.time() - self.started_at, 3),
         }

@@ -79,6 +79,8 @@ async def test_an_agent_reaches_none_of_the_hosts_services_directly(sup, origin)
     assert sup.health()["sandbox"]["layers"]["network"] == {
         "in_force": True, "detail": sup.sandbox.layers["network"]["detail"], "mode": "proxy",
         "gateway": sup.gateway.address()}
+    assert sup.health()["egress"] == {"address": sup.gateway.address(), "upstreams": [], "allow_rules": 1,
+                                      "deny_rules": 0, "tenants_with_rules": []}
 
 
 async def test_an_agent_cannot_listen_where_the_hosts_clients_connect(sup, unused_tcp_port):

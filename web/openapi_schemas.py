@@ -221,6 +221,8 @@ SCHEMAS = {
             "limit": _nullable({"type": "object", "description": "The memory-limit mechanism in use"}),
             "sandbox": _nullable({"type": "object", "description": "Admin only: the agent sandbox's mode and "
                                   "layers, each in force (detail) or missing (reason)"}),
+            "egress": _nullable({"type": "object", "description": "Admin only: the egress gateway (agents' address "
+                                 "for it, upstream names, rule counts); null without --agent-network proxy"}),
         },
         required=("status", "version"),
     ),

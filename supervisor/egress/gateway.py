@@ -22,6 +22,7 @@ import socket
 from collections import OrderedDict
 from urllib.parse import urlsplit
 
+from corral.agent_proc.netns import PROXY_VARIABLES
 from corral.supervisor.egress import heads
 from corral.supervisor.egress.heads import BadHead
 from corral.supervisor.egress.policy import Policy
@@ -99,10 +100,9 @@ class Gateway:
         grant = self.grants.issue(session_id, tenant)
         base = f"127.0.0.1:{self.port}"
         proxy = f"http://corral:{grant.token}@{base}"
-        env = {name: proxy for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")}
-        # Nothing bypasses the proxy: a loopback rule means the host's loopback, reached through the
-        # gateway; an upstream URL asked through the proxy comes back here (see _own_target).
-        env.update(NO_PROXY="", no_proxy="")
+        # NO_PROXY empty: nothing bypasses the proxy; a loopback rule means the host's loopback,
+        # reached through the gateway; an upstream URL asked through the proxy comes back here (_own_target).
+        env = {name: "" if name.lower() == "no_proxy" else proxy for name in PROXY_VARIABLES}
         for name in self._upstreams(tenant):
             env[env_name(name)] = f"http://{base}{UPSTREAM_PREFIX}{grant.token}/{name}"
         return grant.token, env
