@@ -408,3 +408,28 @@ async def test_silent_connections_are_cut_oldest_first_and_a_smuggled_line_is_re
     assert line == "HTTP/1.1 400 Bad Request" and "bare CR or LF" in body
     for _, writer in silent:
         writer.close()
+
+
+async def test_the_end_of_a_large_answer_reaches_a_slow_reader_whole(gateway, aiohttp_server):
+    from aiohttp import web
+
+    size = 4 * 1024 * 1024
+
+    async def big_answer(request):
+        return web.Response(body=b"x" * size)
+
+    app = web.Application()
+    app.router.add_get("/big", big_answer)
+    big = await aiohttp_server(app)
+    gw = await gateway(policy=Policy([parse_rule(f"127.0.0.1:{big.port}")]))
+    token, _ = gw.grant("s", "t")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # slower than the origin: the gateway must pause it
+    sock.connect(("127.0.0.1", gw.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(f"GET http://127.0.0.1:{big.port}/big HTTP/1.1\r\nHost: b\r\n{proxy_auth(token)}\r\n".encode())
+    answer = bytearray()
+    while chunk := await reader.read(1024):
+        answer += chunk
+    writer.close()
+    assert answer.endswith(b"x" * 1024) and len(answer.partition(b"\r\n\r\n")[2]) == size

@@ -24,8 +24,9 @@ from urllib.parse import urlsplit
 
 from corral.agent_proc.netns import PROXY_VARIABLES
 from corral.supervisor.egress import heads
-from corral.supervisor.egress.heads import BadHead
+from corral.supervisor.egress.heads import HEAD_LIMIT, BadHead
 from corral.supervisor.egress.policy import Policy
+from corral.supervisor.egress.splice import FarSide, connect, splice
 from corral.supervisor.egress.upstreams import Upstream, client_tls, env_name
 from corral.supervisor.egress.usage import Grant, Grants
 from corral.supervisor.logs import get_logger
@@ -34,14 +35,13 @@ __all__ = ["Gateway", "TenantEgress", "Refused"]
 
 log = get_logger(component="egress")
 
-HEAD_LIMIT = 64 * 1024  # bytes of a request head
 HEAD_TIMEOUT = 10.0  # seconds to send one
 # Connections that have not sent their head yet, across all agents (no token says whose they are):
 # past this, the oldest is cut, so a flood of silent connections costs bounded memory and a client
 # that sends its head at once (every real one) is never the one cut.
 MAX_PENDING = 4096
 CONNECT_TIMEOUT = 10.0  # seconds to resolve and connect
-CHUNK = 256 * 1024
+CLOSE_TIMEOUT = 30.0  # seconds the agent has to take the end of an answer before its connection is cut
 MAX_OPEN = 64  # connections one agent process may hold through the gateway at once
 UPSTREAM_PREFIX = "/u/"
 
@@ -158,7 +158,7 @@ class Gateway:
         finally:
             self.clients.discard(writer)
             self.pending.pop(writer, None)
-            writer.transport.abort() if writer.transport.get_write_buffer_size() else writer.close()
+            await _close(writer)
 
     async def _serve_one(self, reader, writer) -> None:
         """Dispatch a request by its kind."""
@@ -192,9 +192,9 @@ class Gateway:
             host, port = heads.split_target(head.target)
         except BadHead as exc:
             raise Refused(400, "bad_request", str(exc)) from None
-        up_reader, up_writer = await self._open(grant, host, port)
+        far = await self._open(grant, writer, host, port)
         writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        await _splice(grant, reader, writer, up_reader, up_writer)
+        await splice(far, reader)
 
     async def _forward(self, grant: Grant, head: heads.Head, reader, writer) -> None:
         """An absolute-URI request for plain HTTP, sent on in origin form to a checked address."""
@@ -205,10 +205,10 @@ class Gateway:
             port = parts.port or 80
         except ValueError:
             raise Refused(400, "bad_request", f"bad port in {head.target!r}") from None
-        up_reader, up_writer = await self._open(grant, parts.hostname, port)
+        far = await self._open(grant, writer, parts.hostname, port)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        _send_head(grant, up_writer, heads.request_head(head.method, target, head.forwarded()))
-        await _splice(grant, reader, writer, up_reader, up_writer, rewrite_response=True)
+        _send_head(far, heads.request_head(head.method, target, head.forwarded()))
+        await splice(far, reader, rewrite_head=True)
 
     async def _upstream(self, head: heads.Head, reader, writer) -> None:
         """``/u/<token>/<name>/rest``: to the declared upstream, its headers added, TLS when https."""
@@ -225,16 +225,17 @@ class Gateway:
 
     async def _to_upstream(self, grant: Grant, upstream: Upstream, head: heads.Head, target: str, reader, writer) -> None:
         """Send a request on to an upstream (``target``: its path there) and splice its answer back."""
-        up_reader, up_writer = await self._open(grant, upstream.host, upstream.port, upstream=upstream)
+        far = await self._open(grant, writer, upstream.host, upstream.port, upstream=upstream)
         replaced = frozenset(k.lower() for k, _ in upstream.headers) | {"host"}
         host = upstream.host if upstream.port in (80, 443) else f"{upstream.host}:{upstream.port}"
         headers = [("Host", host), *head.forwarded(replaced), *upstream.headers]
-        _send_head(grant, up_writer, heads.request_head(head.method, target, headers))
-        await _splice(grant, reader, writer, up_reader, up_writer, rewrite_response=True)
+        _send_head(far, heads.request_head(head.method, target, headers))
+        await splice(far, reader, rewrite_head=True)
 
     # ------------------------------------------------------------ resolving and checking
 
-    async def _open(self, grant: Grant, host: str, port: int, *, upstream: Upstream | None = None):
+    async def _open(self, grant: Grant, agent: asyncio.StreamWriter, host: str, port: int, *,
+                    upstream: Upstream | None = None) -> FarSide:
         """Resolve ``host``, check every address (a declared upstream is exempt), connect to a checked one."""
         policy = self.policies.get(grant.tenant, self.policy)
         if upstream is None:
@@ -244,7 +245,8 @@ class Gateway:
             for address in addresses:
                 self._check(grant, host, port, policy.refuse(host, address, port))
         tls = None if upstream is None or upstream.scheme != "https" else self.tls
-        return await _connect_first(addresses, port, tls=tls, server_hostname=upstream.host if tls else None)
+        return await _connect_first(addresses, port, grant, agent, tls=tls,
+                                    server_hostname=upstream.host if tls else None)
 
     def _check(self, grant: Grant, host: str, port: int, reason: str | None) -> None:
         """Log, count and refuse when the policy gave a reason."""
@@ -286,6 +288,14 @@ def _holding(grant: Grant):
         grant.open -= 1
 
 
+async def _close(writer: asyncio.StreamWriter) -> None:
+    """Close after what is queued for the agent is sent; cut it if the agent does not read it in time."""
+    writer.close()
+    with contextlib.suppress(OSError, asyncio.TimeoutError):
+        await asyncio.wait_for(writer.wait_closed(), CLOSE_TIMEOUT)
+    writer.transport.abort()
+
+
 async def _read_head(reader: asyncio.StreamReader) -> heads.Head:
     """The request head, within its time and size bounds."""
     try:
@@ -300,49 +310,19 @@ async def _read_head(reader: asyncio.StreamReader) -> heads.Head:
         raise Refused(400, "bad_request", str(exc)) from None
 
 
-async def _connect_first(addresses, port: int, *, tls=None, server_hostname=None):
+async def _connect_first(addresses, port: int, grant: Grant, agent, *, tls=None, server_hostname=None) -> FarSide:
     """A connection to the first checked address that answers (each tried in turn)."""
     problem = None
     for address in addresses:
         try:
-            return await asyncio.wait_for(asyncio.open_connection(
-                address, port, ssl=tls, server_hostname=server_hostname, limit=HEAD_LIMIT), CONNECT_TIMEOUT)
+            return await asyncio.wait_for(connect(address, port, grant, agent, tls=tls,
+                                                  server_hostname=server_hostname), CONNECT_TIMEOUT)
         except (OSError, asyncio.TimeoutError) as exc:
             problem = exc
     raise Refused(502, "egress_unreachable", f"cannot connect to port {port} of {', '.join(addresses)}: {problem!r}")
 
 
-def _send_head(grant: Grant, writer, head: bytes) -> None:
+def _send_head(far: FarSide, head: bytes) -> None:
     """Send a request head on, counted as the agent's bytes out."""
-    writer.write(head)
-    grant.count("bytes_out", len(head))
-
-
-async def _splice(grant: Grant, reader, writer, up_reader, up_writer, *, rewrite_response: bool = False) -> None:
-    """Bytes both ways until the far side is done; a response head is rewritten to close the connection."""
-    outward = asyncio.ensure_future(_pipe(reader, up_writer, grant, "bytes_out", half_close=True))
-    # The agent hung up (not a half-close: its side is gone): stop waiting on the far side too.
-    outward.add_done_callback(lambda _: writer.transport.is_closing() and up_writer.transport.abort())
-    try:
-        if rewrite_response:
-            raw = await up_reader.readuntil(b"\r\n\r\n")
-            answer = heads.close_response_head(raw)
-            writer.write(answer)
-            grant.count("bytes_in", len(answer))
-        await _pipe(up_reader, writer, grant, "bytes_in")
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-        pass  # the far side closed or sent no head: the agent sees its connection end
-    finally:
-        outward.cancel()
-        up_writer.transport.abort()
-
-
-async def _pipe(reader, writer, grant: Grant, field: str, *, half_close: bool = False) -> None:
-    """Copy until EOF, counting; pass the EOF on when asked (a tunnel's client finished sending)."""
-    with contextlib.suppress(OSError):
-        while data := await reader.read(CHUNK):
-            writer.write(data)
-            grant.count(field, len(data))
-            await writer.drain()
-        if half_close and writer.can_write_eof():
-            writer.write_eof()
+    far.transport.write(head)
+    far.grant.count("bytes_out", len(head))

@@ -7,8 +7,10 @@ import json
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-__all__ = ["Head", "BadHead", "parse_request", "proxy_token", "split_target", "response", "request_head",
+__all__ = ["HEAD_LIMIT", "Head", "BadHead", "parse_request", "proxy_token", "split_target", "response", "request_head",
            "close_response_head", "HOP_BY_HOP"]
+
+HEAD_LIMIT = 64 * 1024  # bytes of a request or response head
 
 # Headers meant for the hop, not the destination; the gateway drops them and says Connection: close.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authorization", "proxy-connection", "proxy-authenticate",
