@@ -42,7 +42,7 @@ HEAD_TIMEOUT = 10.0  # seconds to send one
 MAX_PENDING = 4096
 CONNECT_TIMEOUT = 10.0  # seconds to resolve and connect
 CLOSE_TIMEOUT = 30.0  # seconds the agent has to take the end of an answer before its connection is cut
-MAX_OPEN = 64  # connections one agent process may hold through the gateway at once
+MAX_OPEN = 32  # connections one agent process may hold through the gateway at once (each ~1 MB of buffers at worst)
 UPSTREAM_PREFIX = "/u/"
 
 
