@@ -168,6 +168,8 @@ async def test_an_upstream_gets_its_credential_from_the_gateway_over_verified_tl
     assert seen["path"] == "/base/again" and seen["headers"]["Authorization"] == f"Bearer {SECRET}"
     unknown = await command(sup, s, "fetch", url=env["CORRAL_UPSTREAM_PLAIN"].rsplit("/", 1)[0] + "/nope/x")
     assert unknown["status"] == 404
+    escaping = await command(sup, s, "raw", request=f"GET {env['CORRAL_UPSTREAM_PLAIN']}/../admin HTTP/1.1\r\n\r\n")
+    assert escaping["status_line"] == "HTTP/1.1 400 Bad Request"  # the key goes under the declared URL only
 
 
 async def test_the_mcp_agent_reaches_a_streamable_http_server_through_the_gateway(make_supervisor, monkeypatch):

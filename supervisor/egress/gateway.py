@@ -220,6 +220,8 @@ class Gateway:
         upstream = self._upstreams(grant.tenant).get(name)
         if upstream is None:
             raise Refused(404, "unknown_upstream", f"no upstream {name!r} is declared for this tenant")
+        if {".", ".."} & set(rest.partition("?")[0].split("/")):
+            raise Refused(400, "bad_request", "an upstream path stays under the upstream's URL (no . or .. segments)")
         with _holding(grant):
             await self._to_upstream(grant, upstream, head, f"{upstream.path}/{rest}", reader, writer)
 
