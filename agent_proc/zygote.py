@@ -20,7 +20,7 @@ import socket
 import sys
 import traceback
 
-from corral.agent_proc import disk, environment, forking, sandbox, userns, warmup
+from corral.agent_proc import disk, environment, forking, netns, sandbox, userns, warmup
 from corral.agent_proc.zygote_messages import Exited, Failed, Quit, Ready, Spawn, Spawned, SpawnFailed, Start, recv, send
 from corral.agent_proc.limits import apply_limits
 from corral.agent_proc.process import agent_title, arm_death_signal, die_with_parent, load_agent_class, set_title
@@ -56,7 +56,7 @@ def zygote_main(conn, fd_channel: socket.socket, agent_spec: str, supervisor_pid
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     options = options or {}
     try:
-        if options.get("user_namespace") and options.get("pid_namespace"):  # it exists for the pid namespace
+        if options.get("user_namespace") and (options.get("pid_namespace") or options.get("net_namespace")):
             # Before the agent's imports: one may start a thread, and the kernel refuses a new user
             # namespace to a process with more than one.
             userns.enter_user_namespace()
@@ -74,7 +74,9 @@ def zygote_main(conn, fd_channel: socket.socket, agent_spec: str, supervisor_pid
         return
     try:
         # After them: once it has unshared a pid namespace, a process may start no thread, and an
-        # agent's import may start one.
+        # agent's import may start one. The network namespace before it: that drops our capabilities.
+        if options.get("net_namespace"):
+            _enter_network_namespace(fd_channel)
         ns_init = _set_up_process_tree(conn, options)
         prebuilt = sandbox.prebuild(options)
     except OSError as exc:
@@ -89,6 +91,20 @@ def _enter_mount_namespace(options: dict) -> None:
     """A mount namespace of our own, for the size-limited tmpfs on each agent's TMPDIR (the disk layer)."""
     if options.get("mount_namespace"):
         disk.enter_mount_namespace()
+
+
+def _enter_network_namespace(fd_channel: socket.socket) -> None:
+    """Move into the agents' network namespace and send the supervisor the gateway's listener made in it.
+
+    Sent before "ready", so the supervisor finds it queued when it reads that.
+    """
+    netns.enter_network_namespace()
+    netns.reserve_proxy_variables()
+    listener = netns.gateway_listener()
+    try:
+        socket.send_fds(fd_channel, [b"g"], [listener.fileno()])
+    finally:
+        listener.close()  # the supervisor's now: no agent inherits it
 
 
 def _set_up_process_tree(conn, options: dict) -> int | None:
@@ -151,10 +167,13 @@ def _reap_all() -> None:
 
 # Stdlib modules Python imports lazily, on first use, that agents commonly reach. A sandboxed agent
 # may not be able to read the installation (a dropped uid and Python under root's 0700 home), so
-# the zygote imports them once for every child; the pages are shared (docs/security.md).
+# the zygote imports them once for every child; the pages are shared (docs/security.md). Clients
+# read the egress gateway's proxy variables with urllib.request, and aiohttp with trust_env reads
+# ~/.netrc on an executor's thread; httpx (the openai SDK's) finds its CAs with importlib.resources.
 PRELOAD = ("encodings.idna", "encodings.ascii", "encodings.latin_1", "encodings.utf_16", "encodings.utf_32",
            "encodings.raw_unicode_escape", "encodings.unicode_escape", "stringprep", "unicodedata",
-           "tempfile", "json", "linecache", "tokenize", "traceback", "socket", "selectors", "ssl", "hashlib")
+           "tempfile", "json", "linecache", "tokenize", "traceback", "socket", "selectors", "ssl", "hashlib",
+           "urllib.request", "netrc", "concurrent.futures.thread", "importlib.resources")
 
 
 def preload_stdlib() -> None:

@@ -271,7 +271,17 @@ def dense(table: Table, args) -> None:
     density.run(table, args, client)
 
 
-PARTS = {"warm": warm, "cold": cold, "agents": agents, "scale": scale, "stream": streaming, "density": dense}
+def egress_part(table: Table, args) -> None:
+    """The agents' network namespace and the egress gateway (bench/egress.py), with its defaults."""
+    from bench import egress
+
+    options = egress.parser().parse_args(["--n", str(args.cold)])
+    for row in egress.run(options):
+        table.add(*row)
+
+
+PARTS = {"warm": warm, "cold": cold, "agents": agents, "scale": scale, "stream": streaming, "density": dense,
+         "egress": egress_part}
 
 
 def machine() -> str:

@@ -9,17 +9,34 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from corral.supervisor.egress.policy import parse_rule
+from corral.supervisor.egress.upstreams import parse_header, parse_upstream
 from corral.supervisor.limits import MECHANISMS
 from corral.supervisor.sandbox import MODES as SANDBOX_MODES
 from corral.supervisor.sandbox import parse_uid_range
 from corral.supervisor.settings import (  # noqa: F401 (SettingError: raised by Config, caught by the CLI)
     AGENT, CORES, COUNT, ENV_ENTRY, PATH, PORT, RATE, SECONDS, SIZE, TEXT, TOKEN, URL, ORIGINS,
-    Declared, SettingError, at_least_one, between, check_all, choice, declared, non_negative, positive, setting,
+    Declared, SettingError, repeated, at_least_one, between, check_all, choice, declared, non_negative, positive, setting,
 )
 
 DEFAULT_AGENT = "corral.agent_proc.demo:DemoAgent"
 LOOPS = ("auto", "asyncio", "uvloop")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+NETWORK_MODES = ("proxy", "host", "off")
+
+
+def _checked(parse):
+    """A parser that validates a text with ``parse`` and keeps the text."""
+    def check(text: str) -> str:
+        parse(text)
+        return text
+    check.__doc__ = parse.__doc__
+    return check
+
+
+RULES = repeated("destination", _checked(parse_rule), ",")
+UPSTREAMS = repeated("upstream", _checked(parse_upstream), "\n")
+UPSTREAM_HEADERS = repeated("header", _checked(parse_header), "\n")
 # Half the largest frame an agent accepts (agent_proc.dealer.MAX_FRAME_BYTES): room for msgpack's framing.
 MAX_HISTORY_BYTES = 32 * 1024 * 1024
 
@@ -130,8 +147,32 @@ class Config:
     # as root: one uid (and gid) per live session from this range
     sandbox_uid_range: str = setting("60000-60999", TEXT, "as root, uids for agents, one per live session",
                                      _uid_range)
-    agent_network: str = setting("on", choice("on|off", ("on", "off")),
-                                 "on | off: whether agents may use TCP/UDP (Landlock + seccomp)")
+    agent_network: str = setting(
+        "proxy", choice("mode", NETWORK_MODES),
+        "proxy (a network namespace of their own, out only through the egress gateway) | host (the host's network, "
+        "warned) | off (no TCP/UDP)",
+        doc="`proxy`: agents share a network namespace of their own with only `lo`; their one way out is the egress "
+            "gateway (HTTP proxy + CONNECT, checked against the rules below); `host`: the host's network, as before "
+            "(warned at start); `off`: TCP and UDP refused (Landlock + seccomp); see [security.md](security.md#network)")
+    agent_allow: tuple[str, ...] = setting(
+        (), RULES, "destination agents may reach through the gateway though the default refuses it (repeatable)",
+        doc="a destination agents may reach through the gateway even where the default refuses it (loopback, "
+            "private, link-local, the host's own addresses): `host`, `*.domain`, `host:port`, an address or a CIDR; "
+            "repeatable (comma-separated in the variable)")
+    agent_deny: tuple[str, ...] = setting(
+        (), RULES, "destination agents may not reach through the gateway (repeatable; wins over allow)",
+        doc="a destination agents may not reach through the gateway (same forms; wins over an allow rule); repeatable")
+    upstream: tuple[str, ...] = setting(
+        (), UPSTREAMS, "NAME=URL: an API agents reach as $CORRAL_UPSTREAM_NAME on the gateway (repeatable)",
+        doc="`NAME=URL`: an API agents reach over plain HTTP on the gateway as `$CORRAL_UPSTREAM_<NAME>`; the gateway "
+            "speaks to the URL (verified TLS for https) and adds its headers; repeatable (one a line in the variable); "
+            "see [security.md](security.md#upstreams)")
+    upstream_header: tuple[str, ...] = setting(
+        (), UPSTREAM_HEADERS, "'NAME=Header: value' added by the gateway to upstream NAME's requests (repeatable)",
+        doc="`'NAME=Header: value'` the gateway adds to upstream NAME's requests (replacing the agent's); the value "
+            "may end in `env:VAR` or `file:PATH`, read at start, so the secret never enters an agent; repeatable")
+    upstream_ca_file: Path | None = setting(
+        None, PATH, "CA bundle the gateway verifies https upstreams with", default_text="the system's CAs")
     agent_env: tuple[str, ...] = setting(
         (), ENV_ENTRY, "a variable for agents: NAME (passed through from the server) or NAME=VALUE; repeatable",
         doc="a variable agents get: `NAME` (its value in the server's environment) or `NAME=VALUE`; repeat the flag, "

@@ -57,6 +57,7 @@ class AgentProcess:
     pid: int | None = None
     limits: dict | None = None
     sandbox: dict | None = None
+    egress_token: str | None = None  # its grant at the egress gateway, revoked when it is gone
 
 
 class Launcher(abc.ABC):

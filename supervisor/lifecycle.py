@@ -16,6 +16,7 @@ import time
 from corral.agent_proc import environment
 from corral.supervisor import descriptors, errors, states
 from corral.supervisor.agent_tmp import sweep_dead_trees
+from corral.supervisor.egress import build_gateway
 from corral.supervisor.hub import Hub
 from corral.supervisor.limits import choose_limiter
 from corral.supervisor.logs import get_logger
@@ -58,6 +59,9 @@ class Lifecycle:
         await self._sweep_agent_trees()
         self._choose_sandbox()  # before the limiter: whether sessions have uids of their own decides the pids fallback
         self._fit_max_sessions()
+
+        if self.sandbox.network_mode == "proxy":
+            self.gateway = build_gateway(self.config, self.tenant_egress, on_denied=self._egress_denied)
         limit = self.config.memory_limit or None
         # probing may sweep a dead server's cgroups, which waits for the kernel: off the loop
         self.limiter = await asyncio.to_thread(
@@ -95,7 +99,7 @@ class Lifecycle:
         c = self.config
         protected = [str(c.data_dir), self.run_dir, str(c.tenants) if c.tenants else None]
         self.sandbox = choose_sandbox(
-            c.sandbox, protected=protected, network=c.agent_network == "on", uid_range=c.uid_range,
+            c.sandbox, protected=protected, network_mode=c.agent_network, uid_range=c.uid_range,
             max_pids=c.max_pids, max_open_files=c.max_open_files, disk=c.agent_disk,
             run_id=os.path.basename(self.run_dir).removeprefix("corral-"))
         for name, layer in self.sandbox.layers.items():
@@ -105,7 +109,16 @@ class Lifecycle:
                 log.warning("sandbox_layer_missing", layer=name, reason=layer["reason"])
         for note in self.sandbox.notes:
             log.warning("sandbox_note", note=note)
-        log.info("sandbox", mode=self.sandbox.mode, network=self.sandbox.network)
+        log.info("sandbox", mode=self.sandbox.mode, network=self.sandbox.network_mode)
+        if self.sandbox.network_mode == "host":
+            log.warning("agent_network_shared", detail="agents share the host's network: they can reach its loopback "
+                        "services (the database, corral's own port), the cloud metadata address, and listen on its "
+                        "addresses; --agent-network proxy gives them a namespace of their own")
+
+    def _egress_denied(self, session_id: str, tenant: str, destination: str, reason: str) -> None:
+        """A refusal at the egress gateway, for the admin event stream (it is logged and counted there)."""
+        self.events.publish_global("egress_denied", session_id=session_id, tenant=tenant, destination=destination,
+                                   reason=reason)
 
     def _fit_max_sessions(self) -> None:
         """Cap max_sessions at what the open-files limit and the sandbox uids hold, saying so in one line.
@@ -134,7 +147,7 @@ class Lifecycle:
         """Start a zygote."""
         launcher = self.launcher or ZygoteSpawner
         spawner = launcher(self.config.agent, limiter=self.limiter, sandbox=self.sandbox, on_lost=self._on_zygote_lost,
-                           environment=self._zygote_environment())
+                           environment=self._zygote_environment(), gateway=self.gateway)
         await spawner.start()
         self.spawner = spawner
 
@@ -167,6 +180,8 @@ class Lifecycle:
         self.hung_turns.close()
         if self.hub is not None:
             self.hub.close()
+        if self.gateway is not None:
+            await self.gateway.close()
         if self.limiter is not None:
             await asyncio.to_thread(self.limiter.close)  # emptying cgroups waits for the kernel: off the loop
         if self.sandbox is not None:
@@ -214,6 +229,14 @@ class Lifecycle:
             self.events.publish_global("purged", sessions=removed, retention=self.config.retention)
         return removed
 
+    def egress_counts(self, session_id: str, tenant: str) -> dict | None:
+        """A session's traffic through the egress gateway (bytes_in, bytes_out, requests, refused); None without one."""
+        return self.gateway.counters_for(session_id, tenant) if self.gateway else None
+
+    def egress_by_tenant(self) -> dict[str, dict]:
+        """Every tenant's traffic through the egress gateway since start."""
+        return self.gateway.tenant_counters() if self.gateway else {}
+
     def health(self) -> dict:
         """What /health reports about the supervisor."""
         return {
@@ -222,7 +245,8 @@ class Lifecycle:
             "sessions_in_memory": len(self.sessions),
             "zygote_pid": self.spawner.pid if self.spawner else None,
             "limit": self.limiter.describe() if self.limiter else None,
-            "sandbox": self.sandbox.describe() if self.sandbox else None,
+            "sandbox": self.sandbox.describe(self.gateway and self.gateway.address()) if self.sandbox else None,
+            "egress": self.gateway.describe() if self.gateway else None,
             "store": getattr(self.store, "backend", None),
             "uptime_seconds": round(time.time() - self.started_at, 3),
         }

@@ -100,6 +100,21 @@ class _WithoutTenants:
             family.samples = [sample for sample in family.samples if "tenant" not in sample.labels]
             yield family
 
+def _egress(by_tenant: dict[str, dict]):
+    """Per-tenant series of the egress gateway's counts (never one per session)."""
+    sent = CounterMetricFamily("corral_tenant_egress_bytes", "Bytes through the egress gateway, by tenant and "
+                               "direction (in: to agents)", labels=["tenant", "direction"])
+    requests = CounterMetricFamily("corral_tenant_egress_requests", "Requests through the egress gateway, by tenant",
+                                   labels=["tenant"])
+    refused = CounterMetricFamily("corral_tenant_egress_refused", "Egress refused by the policy, by tenant",
+                                  labels=["tenant"])
+    for tenant, counts in sorted(by_tenant.items()):
+        sent.add_metric([tenant, "in"], counts["bytes_in"])
+        sent.add_metric([tenant, "out"], counts["bytes_out"])
+        requests.add_metric([tenant], counts["requests"])
+        refused.add_metric([tenant], counts["refused"])
+    yield from (sent, requests, refused)
+
 
 class _SupervisorCollector:
     """Reads the supervisor's counts and the process figures at scrape time."""
@@ -127,6 +142,7 @@ class _SupervisorCollector:
             value=sup.counters.get("refused_capacity", 0) + sup.counters.get("refused_quota", 0),
         )
         yield from self._memory()
+        yield from _egress(sup.egress_by_tenant())
 
     @staticmethod
     def _by_state(sup) -> GaugeMetricFamily:

@@ -50,7 +50,7 @@ class Supervisor(Lifecycle, Activation, Queries):
     """Owns every session of one corral server."""
 
     def __init__(self, config: Config, *, store=None, claim=None, events: EventBus | None = None,
-                 tenant_limits=None, launcher=None, tenant_env=None):
+                 tenant_limits=None, launcher=None, tenant_env=None, tenant_egress=None):
         """``claim``: this node's identity, already claimed in ``store`` (supervisor/node.py); else claimed at start.
 
         ``launcher``: the spawner class (supervisor/spawner.py's interface); the zygote's by default.
@@ -61,6 +61,9 @@ class Supervisor(Lifecycle, Activation, Queries):
         self.events = events or EventBus()
         self.tenant_limits: dict[str, int] = dict(tenant_limits or {})
         self.tenant_env: dict[str, dict[str, str]] = dict(tenant_env or {})  # variables each tenant's agents get
+
+        self.tenant_egress: dict = dict(tenant_egress or {})  # tenant -> its egress rules and upstreams (tenants file)
+        self.gateway = None  # the egress gateway (supervisor/egress/), with --agent-network proxy
         self.sessions: dict[str, Session] = {}
         self.by_pid: dict[int, Session] = {}
         self.by_rid: dict[bytes, Session] = {}

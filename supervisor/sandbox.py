@@ -19,8 +19,8 @@ import time
 from collections import deque
 
 from corral.agent_proc import disk as disk_bound
+from corral.agent_proc import netns, userns
 from corral.agent_proc import sandbox as layers
-from corral.agent_proc import userns
 from corral.supervisor.agent_tmp import make_tree, release_tree
 from corral.supervisor.tree_removal import Remover
 from corral.supervisor.uid_claims import CLAIMS_DIR, UidClaims, claims_dir_problem
@@ -28,6 +28,7 @@ from corral.supervisor.uid_claims import CLAIMS_DIR, UidClaims, claims_dir_probl
 __all__ = ["Sandbox", "SandboxRefused", "choose_sandbox", "parse_uid_range", "MODES", "DEFAULT_UID_RANGE"]
 
 MODES = ("auto", "strict", "off")
+NETWORK_MODES = ("proxy", "host", "off")
 DEFAULT_UID_RANGE = range(60000, 61000)
 _RANGE_RE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
 # Landlock ABI with everything the design relies on: scoped signals and abstract sockets (6).
@@ -64,13 +65,16 @@ class Sandbox:
     """The layers in force on this host, and the pool of per-session uids and temp dirs."""
 
     def __init__(self, mode: str, layer_table: dict, *, read_paths=(), network: bool = True,
-                 uids=(), tmp_parent: str | None = None, tmp_lock: int | None = None,
+                 network_mode: str = "host", uids=(), tmp_parent: str | None = None, tmp_lock: int | None = None,
                  max_pids: int = 0, max_open_files: int = 0, uid_claims: UidClaims | None = None,
                  disk: int = 0):
         self.mode = mode
         self.layers = layer_table  # name -> {"in_force": bool, "detail"/"reason": str}
         self.read_paths = list(read_paths)
         self.network = network
+        # proxy: the agents' own network namespace and the egress gateway (in force only where the
+        # "network" layer is); host: the host's; off: no TCP/UDP at all
+        self.network_mode = network_mode if network_mode != "proxy" or self.on("network") else "host"
         self.free_uids: deque[int] = deque(uids)
         self.uid_count = len(self.free_uids)
         self.uid_claims = uid_claims  # host-wide: another server's sessions may hold some of our range
@@ -87,9 +91,13 @@ class Sandbox:
         """Whether a layer is in force."""
         return bool(self.layers.get(layer, {}).get("in_force"))
 
-    def describe(self) -> dict:
-        """What /health (admin) and the start-up log show."""
-        return {"mode": self.mode, "layers": self.layers, "network": self.network,
+    def describe(self, gateway: str | None = None) -> dict:
+        """What /health (admin) and the start-up log show; ``gateway``: where agents reach the egress gateway."""
+        layers_shown = self.layers
+        if "network" in self.layers:
+            layers_shown = {**self.layers, "network": {**self.layers["network"], "mode": self.network_mode,
+                                                      "gateway": gateway}}
+        return {"mode": self.mode, "layers": layers_shown, "network": self.network, "network_mode": self.network_mode,
                 "uids_free": len(self.free_uids) if self.on("uid") else None,
                 "notes": self.notes}
 
@@ -100,7 +108,8 @@ class Sandbox:
     def zygote_options(self) -> dict:
         """What the zygote does once: the agents' pid namespace (in a user namespace unless root), a subreaper, the prebuilt layers."""
         options = {"pid_namespace": self.on("pid_namespace"), "user_namespace": self.on("user_namespace"),
-                   "subreaper": self.mode != "off", "mount_namespace": self.on("disk")}
+                   "net_namespace": self.network_mode == "proxy", "subreaper": self.mode != "off",
+                   "mount_namespace": self.on("disk")}
         if self.mode != "off" and self.prebuild:
             options.update(prebuild=True, landlock=self._landlock_abi(), read_paths=self.read_paths,
                            device_paths=list(DEVICE_WRITE_PATHS), seccomp=self.on("seccomp"),
@@ -241,7 +250,24 @@ def _layer(in_force: bool, detail: str) -> dict:
     return {"in_force": in_force, ("detail" if in_force else "reason"): detail}
 
 
-def probe_layers(*, root: bool, network: bool, uid_range: range, disk: int = 0) -> dict:
+def _network_layer(mode: str, root: bool, user_namespace: bool) -> dict:
+    """The network row: the agents' own namespace (tried in a child), or what the mode leaves them."""
+    if mode == "off":
+        return _layer(True, "--agent-network off: TCP and UDP refused (Landlock, seccomp)")
+    if mode == "host":
+        return _layer(False, "--agent-network host: agents share the host's network (its loopback services, "
+                             "the cloud metadata address, its ports)")
+    if not root and not user_namespace:
+        return _layer(False, "needs root or a user namespace to make the agents' network namespace")
+    steps = (netns.enter_network_namespace,) if root else (userns.enter_user_namespace, netns.enter_network_namespace)
+    failure = userns.try_in_child(*steps)
+    if failure is not None:
+        return _layer(False, f"unshare(CLONE_NEWNET) refused: {failure}; agents use the host's network")
+    return _layer(True, "one network namespace for every agent, only lo; out only through the egress gateway")
+
+
+def probe_layers(*, root: bool, network: bool, uid_range: range, network_mode: str | None = None,
+                 disk: int = 0) -> dict:
     """Which layers this host supports, with the reason for each missing one."""
     table = {}
     table["uid"] = _layer(root, f"one uid per live session from {uid_range.start}-{uid_range.stop - 1}"
@@ -277,6 +303,8 @@ def probe_layers(*, root: bool, network: bool, uid_range: range, disk: int = 0) 
     if table["disk"]["in_force"] and not root:
         table["capabilities"] = _layer(True, "the zygote keeps only CAP_SYS_ADMIN of its own user namespace (to mount "
                                              "each agent's tmpfs); the namespace's init and every agent clear every set")
+    mode = network_mode or ("host" if network else "off")
+    table["network"] = _network_layer(mode, root, bool(table.get("user_namespace", {}).get("in_force")))
     return table
 
 
@@ -328,7 +356,7 @@ def _kernel_has_seccomp() -> bool:
         return False
 
 
-def expected_layers(root: bool, *, disk: bool = False) -> list[str]:
+def expected_layers(root: bool, network_mode: str = "host", *, disk: bool = False) -> list[str]:
     """What ``strict`` demands: everything a host of this kind (root or not) should give.
 
     A server that is not root needs a user namespace for its pid namespace: demanded wherever the
@@ -336,6 +364,8 @@ def expected_layers(root: bool, *, disk: bool = False) -> list[str]:
     bound (when ``--agent-disk`` asks for one) is demanded wherever those namespaces are.
     """
     base = ["no_new_privs", "landlock", "landlock_scope", "seccomp", "tmpdir"]
+    if network_mode == "proxy":
+        base.append("network")
     if root:
         return ["uid", "capabilities", "pid_namespace"] + base + (["disk"] if disk else [])
     if userns.kernel_has_user_namespaces():
@@ -343,7 +373,7 @@ def expected_layers(root: bool, *, disk: bool = False) -> list[str]:
     return base
 
 
-def choose_sandbox(mode: str, *, protected=(), network: bool = True, uid_range: range = DEFAULT_UID_RANGE,
+def choose_sandbox(mode: str, *, protected=(), network: bool = True, network_mode: str | None = None, uid_range: range = DEFAULT_UID_RANGE,
                    max_pids: int = 0, max_open_files: int = 0, run_id: str = "run",
                    claims_dir: str = CLAIMS_DIR, disk: int = 0) -> Sandbox:
     """Probe the host and build the sandbox for this run; raises SandboxRefused under ``strict``."""
@@ -352,7 +382,9 @@ def choose_sandbox(mode: str, *, protected=(), network: bool = True, uid_range: 
     if mode == "off":
         return Sandbox("off", {})
     root = os.geteuid() == 0
-    table = probe_layers(root=root, network=network, uid_range=uid_range, disk=disk)
+    network_mode = network_mode or ("host" if network else "off")
+    network = network_mode != "off"
+    table = probe_layers(root=root, network=network, uid_range=uid_range, network_mode=network_mode, disk=disk)
     uids: list[int] = []
     notes = []
     uid_claims = None
@@ -368,14 +400,14 @@ def choose_sandbox(mode: str, *, protected=(), network: bool = True, uid_range: 
         else:
             notes.append(f"uids are not claimed host-wide ({problem}): give every server on this host "
                          "its own --sandbox-uid-range")
-    missing = [name for name in expected_layers(root, disk=bool(disk)) if not table[name]["in_force"]]
+    missing = [name for name in expected_layers(root, network_mode, disk=bool(disk)) if not table[name]["in_force"]]
     if mode == "strict" and missing:
         raise SandboxRefused("--sandbox strict: missing " + "; ".join(f"{n} ({table[n]['reason']})" for n in missing))
     tmp_parent, tmp_lock = make_tree(run_id)
     read_paths, dropped = safe_read_paths(python_read_paths() + list(SYSTEM_READ_PATHS), [*protected, tmp_parent])
-    sandbox = Sandbox(mode, table, read_paths=read_paths, network=network, uids=uids, tmp_parent=tmp_parent,
-                      tmp_lock=tmp_lock, max_pids=max_pids, max_open_files=max_open_files, uid_claims=uid_claims,
-                      disk=disk)
+    sandbox = Sandbox(mode, table, read_paths=read_paths, network=network, network_mode=network_mode, uids=uids,
+                      tmp_parent=tmp_parent, tmp_lock=tmp_lock, max_pids=max_pids, max_open_files=max_open_files,
+                      uid_claims=uid_claims, disk=disk)
     sandbox.dropped_paths = dropped
     if dropped:
         notes.append("not readable by agents, as they hold corral's own files: " + ", ".join(dropped))

@@ -157,9 +157,14 @@ class Kind:
     parse: Callable[[str], object]
     checks: tuple[Check, ...] = ()
     show: Callable[[object], str] = str  # how --help and the docs print a default
-    # repeatable: each flag gives one item and the environment variable several, separated by
-    # whitespace; the setting's value is the tuple of them all
-    many: bool = False
+    repeat: str | None = None  # repeatable: the flag may be given again; the variable splits on this (" ": any whitespace)
+
+    def parse_all(self, text: str):
+        """The value of a flag or variable's text: one value, or a tuple of them split on ``repeat``."""
+        if self.repeat is None:
+            return self.parse(text)
+        parts = text.split() if self.repeat == " " else text.split(self.repeat)
+        return tuple(self.parse(part.strip()) for part in parts if part.strip())
 
 
 def _show_number(value: float) -> str:
@@ -187,7 +192,12 @@ PORT = Kind("port", port_number, (between(0, 65535, "must be 0-65535"),))
 AGENT = Kind("agent", agent_spec)
 CORES = Kind("cores", parse_cores, (), _show_number)
 ORIGINS = Kind("origins", origins, (), lambda value: ",".join(value))
-ENV_ENTRY = Kind("NAME[=VALUE]", env_entry, (env_entries,), lambda value: " ".join(value) or "none", many=True)
+ENV_ENTRY = Kind("NAME[=VALUE]", env_entry, (env_entries,), lambda value: " ".join(value) or "none", " ")
+
+
+def repeated(name: str, parse: Callable[[str], object], separator: str) -> Kind:
+    """A kind whose flag may be repeated (the value is a tuple); its variable lists values split on ``separator``."""
+    return Kind(name, parse, (), lambda value: ", ".join(map(str, value)) or "none", separator)
 
 
 def choice(name: str, allowed: tuple[str, ...]) -> Kind:

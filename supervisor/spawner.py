@@ -56,11 +56,13 @@ class ZygoteSpawner(Launcher):
         on_lost: Callable[[], None],
         start_timeout: float = 30.0,
         environment: dict[str, str] | None = None,
+        gateway=None,
     ):
         self.agent_spec = agent_spec
         self.limiter = limiter  # supervisor/limits.py: a memory limit per process
         self.sandbox = sandbox  # supervisor/sandbox.py: a uid, a temp dir and the layers per process
         self.on_lost = on_lost
+        self.gateway = gateway  # supervisor/egress/gateway.py: serves the listener the zygote makes in the agents' namespace
         self.start_timeout = start_timeout
         self.zygote_options = sandbox.zygote_options()
         # the zygote's whole environment (agent_proc/environment.py): agents fork from it
@@ -105,7 +107,18 @@ class ZygoteSpawner(Launcher):
         except SpawnError:
             await self.close()
             raise
+        if self.zygote_options.get("net_namespace") and self.gateway is not None:
+            await self._serve_gateway()
         log.info("zygote_ready", pid=self.pid, agent=self.agent_spec, fork=self.fork)
+
+    async def _serve_gateway(self) -> None:
+        """Take the gateway's listener the zygote made in the agents' namespace (queued before "ready") and serve it."""
+        try:
+            _, fds, _, _ = socket.recv_fds(self.fd_channel, 1, 1, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+        except OSError as exc:
+            await self.close()
+            raise SpawnError(f"the zygote sent no gateway listener: {exc}") from None
+        await self.gateway.serve(socket.socket(fileno=fds[0]))
 
     async def launch(self, key: str, request: dict, conn: socket.socket, *, output: int | None = None) -> AgentProcess:
         """Start one agent process speaking on ``conn`` (stdout and stderr onto the pipe ``output``).
@@ -130,11 +143,14 @@ class ZygoteSpawner(Launcher):
             self._release(proc)
             raise SpawnError.from_os_error(f"cannot set up the sandbox: {exc.strerror or exc}", exc.errno,
                                            retry_after=5) from None
+        env = dict(request.get("env") or {})
+        if self.gateway is not None and self.zygote_options.get("net_namespace"):
+            proc.egress_token, grant_env = self.gateway.grant(request["session_id"], request["tenant"])
+            env.update(grant_env)
         try:
             spawn = msgs.Spawn(spawn_id=proc.spawn_id, session_id=request["session_id"],
                                routing_id=request.get("routing_id"), tenant=request["tenant"],
-                               limits=proc.limits, sandbox=proc.sandbox, output=output is not None,
-                               env=request.get("env"))
+                               limits=proc.limits, sandbox=proc.sandbox, output=output is not None, env=env)
             proc.pid = await self._fork(proc, spawn, conn, output)
         except BaseException:
             if self._procs.pop(proc.spawn_id, None) is proc:
@@ -207,6 +223,9 @@ class ZygoteSpawner(Launcher):
         if proc.sandbox:
             self.sandbox.release(proc.sandbox)
             proc.sandbox = None
+        if proc.egress_token:
+            self.gateway.revoke(proc.egress_token)
+            proc.egress_token = None
         if proc.limits:
             task = asyncio.get_running_loop().run_in_executor(self._release_worker, self.limiter.release, proc.limits)
             self._releases.add(task)

@@ -31,7 +31,7 @@ def create_app(config: Config, *, store=None, claim=None) -> web.Application:
     app[CONFIG] = config
     app[AUTH] = auth
     app[SUPERVISOR] = Supervisor(config, store=store, claim=claim, tenant_limits=auth.tenant_limits,
-                                   tenant_env=auth.tenant_env)
+                                 tenant_env=auth.tenant_env, tenant_egress=auth.tenant_egress)
     app[BACKGROUND] = TaskSet(log, expected=(CorralError,))  # those reached the client or the event stream
     app.cleanup_ctx.append(_supervisor_running)  # first up, last down: the parts installed below use it
     for module in (health, chat, api, admin, cluster, stream, openapi, metrics):

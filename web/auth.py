@@ -26,6 +26,7 @@ from pathlib import Path
 from aiohttp import web
 
 from corral.agent_proc import environment
+from corral.supervisor.egress import TenantEgress, tenant_egress
 from corral.supervisor.logs import get_logger
 from corral.supervisor.session_keys import DEFAULT_TENANT
 from corral.web.errors import error_response
@@ -37,6 +38,8 @@ DEV_TENANT = DEFAULT_TENANT
 _TENANT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Paths under /api/ anyone may read (the API description).
 PUBLIC_API_PATHS = frozenset({"/api/openapi.json"})
+# A tenant's own egress rules and upstreams (docs/security.md#network)
+EGRESS_KEYS = frozenset({"agent_allow", "agent_deny", "upstreams"})
 
 
 class AuthConfigError(ValueError):
@@ -54,6 +57,7 @@ class Auth:
     tenant_env: dict[str, dict[str, str]] = field(default_factory=dict, repr=False)  # variables its agents get
     admin_token: bytes | None = field(default=None, repr=False)
     metrics_token: bytes | None = field(default=None, repr=False)  # None: /metrics is open
+    tenant_egress: dict[str, TenantEgress] = field(default_factory=dict, repr=False)  # their rules and upstreams
 
     @property
     def dev_mode(self) -> bool:
@@ -92,8 +96,10 @@ def digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
 
-def load_tenants(path: Path, envs: dict | None = None) -> tuple[list[tuple[bytes, str]], dict[str, int], str | None]:
-    """Read a tenants TOML file: (key digests, per-tenant session limits, admin token or None); ``envs`` gets each tenant's ``env``."""
+def load_tenants(path: Path, envs: dict | None = None) -> tuple[list[tuple[bytes, str]], dict[str, int], str | None,
+                                                             dict[str, TenantEgress]]:
+    """Read a tenants TOML file: (key digests, per-tenant session limits, admin token or None, egress per tenant);
+    ``envs`` gets each tenant's ``env``."""
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
@@ -107,7 +113,7 @@ def load_tenants(path: Path, envs: dict | None = None) -> tuple[list[tuple[bytes
     tenants = data.get("tenants", {})
     if not isinstance(tenants, dict):
         raise AuthConfigError(f"tenants file {path}: [tenants] must be a table of [tenants.NAME] tables")
-    keys, limits = [], {}
+    keys, limits, egress = [], {}, {}
     for name, table in tenants.items():
         where = f"tenants file {path}: [tenants.{name}]"
         tenant_keys, limit = _read_tenant(where, name, table)
@@ -116,10 +122,15 @@ def load_tenants(path: Path, envs: dict | None = None) -> tuple[list[tuple[bytes
             limits[name] = limit
         if envs is not None and table.get("env"):
             envs[name] = dict(table["env"])
+        if EGRESS_KEYS & set(table):
+            try:
+                egress[name] = tenant_egress(table, where)
+            except ValueError as exc:
+                raise AuthConfigError(str(exc)) from None
     admin = data.get("admin_token")
     if admin is not None and (not isinstance(admin, str) or not admin):
         raise AuthConfigError(f"tenants file {path}: admin_token must be a non-empty string")
-    return keys, limits, admin
+    return keys, limits, admin, egress
 
 
 def _read_tenant(where: str, name: str, table) -> tuple[list[str], int | None]:
@@ -128,9 +139,10 @@ def _read_tenant(where: str, name: str, table) -> tuple[list[str], int | None]:
         raise AuthConfigError(f"{where}: tenant names are 1-64 characters of A-Z a-z 0-9 . _ -")
     if not isinstance(table, dict):
         raise AuthConfigError(f"{where}: must be a table with keys = [...]")
-    unknown = set(table) - {"keys", "max_sessions", "env"}
+    allowed = {"keys", "max_sessions", "env"} | EGRESS_KEYS
+    unknown = set(table) - allowed
     if unknown:
-        raise AuthConfigError(f"{where}: unknown settings {sorted(unknown)} (allowed: keys, max_sessions, env)")
+        raise AuthConfigError(f"{where}: unknown settings {sorted(unknown)} (allowed: {', '.join(sorted(allowed))})")
     _check_env(where, table.get("env", {}))
     keys = table.get("keys")
     if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and k for k in keys):
@@ -154,7 +166,7 @@ def _check_env(where: str, env) -> None:
 def auth_from_config(config) -> Auth:
     """Build the server's Auth from ``config.tenants`` and ``config.admin_token``."""
     envs: dict[str, dict[str, str]] = {}
-    keys, limits, admin = ([], {}, None) if config.tenants is None else load_tenants(config.tenants, envs)
+    keys, limits, admin, egress = ([], {}, None, {}) if config.tenants is None else load_tenants(config.tenants, envs)
     seen: dict[bytes, str] = {}
     for key, tenant in keys:
         if key in seen:
@@ -165,7 +177,7 @@ def auth_from_config(config) -> Auth:
         raise AuthConfigError("the admin token must differ from every tenant key")
     metrics = getattr(config, "metrics_token", None)
     return Auth(keys=keys, tenant_limits=limits, tenant_env=envs, admin_token=digest(admin) if admin else None,
-                metrics_token=digest(metrics) if metrics else None)
+                metrics_token=digest(metrics) if metrics else None, tenant_egress=egress)
 
 
 @functools.lru_cache(maxsize=1024)

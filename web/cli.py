@@ -52,10 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the server", description=__doc__)
     for item in settings():
-        kind = item.setting.kind
-        serve.add_argument(item.flag, dest=item.name, type=_parser(kind.name, kind.parse),
-                           action="append" if kind.many else "store",
-                           default=None, help=f"{item.setting.help} (default {item.shown_default}) [env {item.env}]")
+        serve.add_argument(item.flag, dest=item.name, type=_parser(item.setting.kind.name, item.setting.kind.parse),
+                           default=None, action="append" if item.setting.kind.repeat else "store",
+                           help=f"{item.setting.help} (default {item.shown_default}) [env {item.env}]")
     ops_cli.add_parsers(sub)
     return parser
 
@@ -64,18 +63,17 @@ def config_from(args: argparse.Namespace, environ=os.environ) -> Config:
     """Merge flags over environment over defaults; a bad value exits with one line naming where it came from."""
     values, sources = {}, {}
     for item in settings():
-        name, parse = item.name, _parser(item.setting.kind.name, item.setting.kind.parse)
+        name, parse = item.name, _parser(item.setting.kind.name, item.setting.kind.parse_all)
         value, source = getattr(args, name, None), item.flag
+        if isinstance(value, list):  # a repeated flag
+            value = tuple(value)
         if value is None and environ.get(item.env):
             source = item.env
             try:
-                value = ([parse(text) for text in environ[source].split()] if item.setting.kind.many
-                         else parse(environ[source]))
+                value = parse(environ[source])
             except argparse.ArgumentTypeError as exc:
                 raise SystemExit(f"corral: {source}: {exc}") from None
         if value is not None:
-            if item.setting.kind.many:
-                value = tuple(value)
             values[name], sources[name] = value, source
     try:
         return Config(**values)

@@ -141,6 +141,9 @@ SCHEMAS = {
             "cgroup": _nullable(_object({"current": INTEGER, "peak": _nullable(INTEGER)})),
             "processes": _nullable(INTEGER),
             "limits": _object({}),
+            # its traffic through the egress gateway (docs/security.md#network); null without one
+            "egress": _nullable(_object({"bytes_in": INTEGER, "bytes_out": INTEGER, "requests": INTEGER,
+                                         "refused": INTEGER})),
         },
         required=("session_id", "tenant", "state"),
         description=(
@@ -219,6 +222,8 @@ SCHEMAS = {
             "limit": _nullable({"type": "object", "description": "The memory-limit mechanism in use"}),
             "sandbox": _nullable({"type": "object", "description": "Admin only: the agent sandbox's mode and "
                                   "layers, each in force (detail) or missing (reason)"}),
+            "egress": _nullable({"type": "object", "description": "Admin only: the egress gateway (agents' address "
+                                 "for it, upstream names, rule counts); null without --agent-network proxy"}),
         },
         required=("status", "version"),
     ),

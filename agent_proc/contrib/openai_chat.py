@@ -6,7 +6,8 @@ the server's environment (read by each session's process when it starts):
 ==============================  ==============================  =========================================
 variable                        default                         what
 ==============================  ==============================  =========================================
-``CORRAL_OPENAI_BASE_URL``      ``https://api.openai.com/v1``   the API's base URL (``…/v1``)
+``CORRAL_UPSTREAM_OPENAI``      (set by corral)                 the ``openai`` upstream on the egress gateway
+``CORRAL_OPENAI_BASE_URL``      ``https://api.openai.com/v1``   the API's base URL (``…/v1``) without one
 ``CORRAL_OPENAI_MODEL``         (required)                      the model name sent with each request
 ``CORRAL_OPENAI_API_KEY``       ``$OPENAI_API_KEY``             sent as ``Authorization: Bearer …``
 ``CORRAL_OPENAI_SYSTEM_PROMPT`` none                            the first message of every conversation
@@ -15,8 +16,11 @@ variable                        default                         what
 ``CORRAL_OPENAI_READ_TIMEOUT``  ``120``                         seconds without a byte from the API
 ==============================  ==============================  =========================================
 
-The session's stored history is the conversation; replies stream token by token. It speaks HTTP
-with aiohttp (already a corral dependency), imported once in the zygote.
+With ``corral serve --upstream openai=https://api.openai.com/v1 --upstream-header 'openai=Authorization:
+Bearer env:OPENAI_API_KEY'`` the agent asks the gateway (``CORRAL_UPSTREAM_OPENAI``) and never holds
+the key: the gateway adds it. The session's stored history is the conversation; replies stream token
+by token. It speaks HTTP with aiohttp (already a corral dependency), imported once in the zygote,
+honouring the proxy variables the egress gateway gives (``trust_env``).
 """
 
 import asyncio
@@ -58,7 +62,8 @@ class Settings:
         if not isinstance(options, dict):
             raise BadRequest("CORRAL_OPENAI_OPTIONS must be a JSON object")
         return cls(
-            base_url=(env.get("CORRAL_OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/"),
+            base_url=(env.get("CORRAL_UPSTREAM_OPENAI") or env.get("CORRAL_OPENAI_BASE_URL")
+                      or "https://api.openai.com/v1").rstrip("/"),
             model=env.get("CORRAL_OPENAI_MODEL", ""),
             api_key=env.get("CORRAL_OPENAI_API_KEY") or env.get("OPENAI_API_KEY") or "",
             system_prompt=env.get("CORRAL_OPENAI_SYSTEM_PROMPT", ""),
@@ -84,7 +89,7 @@ class OpenAIChat(Agent):
             self.messages.append({"role": "system", "content": self.settings.system_prompt})
         self.messages += [{"role": m["role"], "content": m["content"]} for m in history if m.get("role") in _ROLES]
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=self.settings.read_timeout)
-        self.http = aiohttp.ClientSession(timeout=timeout)
+        self.http = aiohttp.ClientSession(timeout=timeout, trust_env=True)  # through the egress gateway
 
     async def on_message(self, text):
         """Send the conversation and stream the reply; it joins the conversation once complete."""
