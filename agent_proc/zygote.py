@@ -173,7 +173,7 @@ def _reap_all() -> None:
 PRELOAD = ("encodings.idna", "encodings.ascii", "encodings.latin_1", "encodings.utf_16", "encodings.utf_32",
            "encodings.raw_unicode_escape", "encodings.unicode_escape", "stringprep", "unicodedata",
            "tempfile", "json", "linecache", "tokenize", "traceback", "socket", "selectors", "ssl", "hashlib",
-           "urllib.request", "netrc", "concurrent.futures.thread", "importlib.resources")
+           "urllib.request", "netrc", "concurrent.futures.thread", "importlib.resources", "importlib.readers")
 
 
 def preload_stdlib() -> None:
