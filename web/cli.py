@@ -8,6 +8,7 @@ The flags come from the settings' declarations (supervisor/config.py).
 import argparse
 import contextlib
 import dataclasses
+import errno
 import gc
 import os
 import socket
@@ -111,6 +112,13 @@ def serve(config: Config) -> int:
         log.error("cannot_start", error=str(exc))
         print(f"corral: cannot start: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        # another process took to listening on the port while this one started (bound, not listening)
+        print(f"corral: cannot start: cannot listen on {config.host}:{config.port}: {describe_os_error(exc)}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -141,7 +149,12 @@ def claim_identity(config: Config, event_loop):
 
 
 def bind_sockets(host: str, port: int) -> list[socket.socket]:
-    """Listening sockets on every address ``host`` resolves to (as aiohttp would bind them)."""
+    """Sockets bound on every address ``host`` resolves to (as aiohttp would bind them), not yet listening.
+
+    aiohttp listens on them once the app has started (store, zygote, the agent's checks): a server
+    that refuses to start never opened its port, and a client is refused rather than left waiting.
+    A port someone listens on is refused here already.
+    """
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     unique = {(family, address): (family, kind, proto) for family, kind, proto, _, address in infos}
     sockets: list[socket.socket] = []
@@ -155,8 +168,6 @@ def bind_sockets(host: str, port: int) -> list[socket.socket]:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
-            # listening now holds the port: SO_REUSEADDR lets a second bind through until someone listens
-            sock.listen(128)
     except OSError:
         for sock in sockets:
             sock.close()

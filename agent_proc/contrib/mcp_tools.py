@@ -19,14 +19,17 @@ arguments>`` do the same from the chat page.
 import asyncio
 import json
 import os
+import shutil
+import stat
 import sys
+import sysconfig
 from contextlib import AsyncExitStack
 
 from mcp import ClientSession, MCPError, StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
-from corral.agent_proc.agent import Agent, BadRequest, UnknownCommand, UpstreamError
+from corral.agent_proc.agent import Agent, BadRequest, ConfigError, UnknownCommand, UpstreamError
 
 # Runs before a stdio server's own command: asks the kernel to SIGKILL it when the agent dies,
 # however it dies (the SDK starts servers in a session of their own, out of the agent's process
@@ -57,6 +60,26 @@ def load_servers(env=os.environ) -> dict[str, dict]:
     return servers
 
 
+def unreachable_programs(servers: dict[str, dict], sandbox) -> list[tuple[str, str, str]]:
+    """(server, program, blocking directory) for each stdio server whose programs a session's uid cannot reach.
+
+    A stdio server is started through this Python (the launcher below), then its own command: both
+    must be reachable by the session's uid, and the Python's standard library readable.
+    """
+    python = [sys.executable, sysconfig.get_paths()["stdlib"]]
+    found = []
+    for name, spec in servers.items():
+        if "command" not in spec:
+            continue
+        command = shutil.which(spec["command"], path=(spec.get("env") or {}).get("PATH")) or spec["command"]
+        for program in (*python, command):
+            blocked = sandbox.unreachable(program)
+            if blocked:
+                found.append((name, os.path.realpath(program), blocked))
+                break
+    return found
+
+
 class Connection:
     """One MCP server for one session, held open by a task of its own.
 
@@ -85,9 +108,16 @@ class Connection:
                 await self.closing.wait()
         except BaseException as exc:  # noqa: BLE001  handed to whoever waits for the connection
             if not self.ready.done():
-                self.ready.set_exception(UpstreamError(f"MCP server {self.name!r} failed to start: {exc!r}"))
+                self.ready.set_exception(UpstreamError(f"MCP server {self.name!r} failed to start: {self._failure(exc)}"))
             if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt)):
                 raise
+
+    def _failure(self, exc: BaseException) -> str:
+        """Why the server did not start; a refused exec names the program (the SDK's error does not)."""
+        if isinstance(exc, PermissionError) and "command" in self.spec:
+            program = exc.filename or sys.executable
+            return f"permission denied executing {program} (is it readable by the session's uid? docs/security.md)"
+        return repr(exc)
 
     def _transport(self, stack: AsyncExitStack):
         """The stdio or streamable HTTP transport the spec names."""
@@ -112,6 +142,19 @@ class Connection:
 
 class MCPTools(Agent):
     """Lists and calls the tools of the session's MCP servers."""
+
+    @classmethod
+    def check_config(cls, sandbox):
+        """Refuse to start with a malformed configuration, or stdio servers the sessions cannot start."""
+        try:
+            servers = load_servers()
+        except UpstreamError as exc:
+            raise ConfigError(str(exc)) from None
+        for name, program, blocked in unreachable_programs(servers, sandbox)[:1]:
+            raise ConfigError(
+                f"MCP server {name!r} (stdio) cannot start under the sandbox: the sessions' uids cannot reach "
+                f"{program} ({blocked} is {stat.filemode(os.stat(blocked).st_mode)}); install Python where "
+                f"other users can read it, chmod o+x {blocked}, or run with --sandbox off (docs/security.md)")
 
     def __init__(self, session_id, tenant, metadata=None):
         super().__init__(session_id, tenant, metadata)
