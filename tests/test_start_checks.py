@@ -22,8 +22,7 @@ PYTHON_UNREACHABLE = os.geteuid() == 0 and SandboxInfo(own_uid=True).unreachable
 
 USER_AGENTS = textwrap.dedent('''
     import os
-    from corral import Agent
-    from corral.agent_proc.agent import ConfigError
+    from corral import Agent, ConfigError
 
     class Plain:
         pass
