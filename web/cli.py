@@ -8,6 +8,7 @@ The flags come from the settings' declarations (supervisor/config.py).
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import errno
 import gc
 import os
@@ -33,7 +34,48 @@ def _parser(name: str, convert):
 
 
 class CommandParser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line and exit code 1."""
+    """argparse that reports a usage error as one line and exit code 1, by the (sub)command at fault."""
+
+    def __init__(self, *args, **kwargs):
+        self.flags: list[str] = []  # every option string, for suggestions
+        self.commands = None  # the subparsers action, if this parser has subcommands
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        """Add an argument and remember its option strings."""
+        action = super().add_argument(*args, **kwargs)
+        self.flags.extend(action.option_strings)
+        return action
+
+    def add_subparsers(self, **kwargs):
+        """Add subcommands and remember where they are."""
+        self.commands = super().add_subparsers(**kwargs)
+        return self.commands
+
+    def parse_args(self, args=None, namespace=None):
+        """Parse; an unknown argument is reported by the subcommand it was given to, with the nearest flag."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = self.chosen(parsed)
+            hint = parser.suggest(extras)
+            parser.error(f"unrecognized arguments: {' '.join(extras)}" + (f"; did you mean {hint}?" if hint else ""))
+        return parsed
+
+    def chosen(self, parsed: argparse.Namespace) -> "CommandParser":
+        """The innermost (sub)command parser the parsed arguments went to."""
+        parser = self
+        while parser.commands is not None and getattr(parsed, parser.commands.dest, None) in parser.commands.choices:
+            parser = parser.commands.choices[getattr(parsed, parser.commands.dest)]
+        return parser
+
+    def suggest(self, extras: list[str]) -> str | None:
+        """The known flag nearest an unknown one among ``extras``, if any is near."""
+        for extra in extras:
+            if extra.startswith("-"):
+                near = difflib.get_close_matches(extra.partition("=")[0], self.flags, n=1, cutoff=0.6)
+                if near:
+                    return near[0]
+        return None
 
     def error(self, message: str):
         """One line on stderr, exit 1 (argparse's own prints the usage and exits 2)."""
