@@ -90,6 +90,7 @@ async def test_chat_page_streams_and_keeps_the_conversation(server, browser):
         await expect(page.locator("#status")).not_to_have_text(re.compile("connecting|offline"), timeout=WAIT_MS)
         session_id = await page.evaluate("localStorage.getItem('corral_session_id')")
         assert await page.locator("#session-id").text_content() == session_id
+        assert await space_below_the_input(page) < 4  # at the bottom of the window, even with no message yet
 
         await page.fill("#input", "my name is Alice")
         await page.press("#input", "Enter")
@@ -109,6 +110,19 @@ async def test_chat_page_streams_and_keeps_the_conversation(server, browser):
         await page.click("#new-session")
         await expect(page.locator(".msg")).to_have_count(0)
         assert await page.evaluate("localStorage.getItem('corral_session_id')") != session_id
+
+        await expect(page.locator("#status")).not_to_have_text(re.compile("connecting|offline"), timeout=WAIT_MS)
+        # more than a window holds, drawn as the page draws messages: the conversation scrolls, the input stays put
+        await page.evaluate("chatManager.onMessages([...Array(30).keys()].map((i) => ({role: 'user', content: `line ${i}`})))")
+        await expect(page.locator(".msg")).to_have_count(30)
+        assert await space_below_the_input(page) < 4
+        assert await page.locator(".msg").last.is_visible()
+
+
+async def space_below_the_input(page) -> float:
+    """Pixels between the chat input's bottom edge and the bottom of the window."""
+    box = await page.locator("#composer").bounding_box()
+    return page.viewport_size["height"] - (box["y"] + box["height"])
 
 
 async def test_dashboard_lists_live_and_kills(server, browser, aiohttp_client):
@@ -223,12 +237,15 @@ async def test_chat_page_asks_for_an_api_key_when_the_server_wants_one(aiohttp_s
         await page.goto(str(server.make_url("/")))
         await expect(page.locator("#key-form")).to_be_visible()  # the stream answered 401: a form asks
         await expect(page.locator("#status")).to_have_text("locked")
+        await expect(page.locator("#send")).to_be_disabled()  # nothing can be sent without a key
+        await expect(page.locator("#input")).to_be_disabled()
         await page.fill("#api-key", "a-wrong-key")
         await page.press("#api-key", "Enter")
         await expect(page.locator("#key-reason")).to_have_text("That key was refused.")
         await page.fill("#api-key", "alice-browser-key")
         await page.click("#key-form button")
         await expect(page.locator("#key-form")).to_be_hidden()
+        await expect(page.locator("#send")).to_be_enabled()
         await page.fill("#input", "hello")
         await page.press("#input", "Enter")
         await expect(page.locator(".msg.assistant")).to_have_text(["You said: hello"], timeout=WAIT_MS)
