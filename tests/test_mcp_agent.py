@@ -13,6 +13,7 @@ import psutil
 import pytest
 from corral.supervisor import errors, states
 from tests.apihelpers import json_of, start
+from tests.conftest import AgentSays
 from tests.procs import wait_gone
 
 AGENT = "corral.agent_proc.contrib.mcp_tools:MCPTools"
@@ -110,9 +111,11 @@ async def test_a_server_that_cannot_start_is_an_upstream_error(make_supervisor, 
     monkeypatch.setenv("CORRAL_MCP_SERVERS", json.dumps({"mcpServers": {"ghost": {"command": str(tmp_path / "missing")}}}))
     sup = await make_supervisor(agent=AGENT, request_timeout=SLOW, sandbox=SANDBOX)
     s = await sup.get_or_create("haunted", "default")
-    with pytest.raises(errors.UpstreamError, match="MCP server 'ghost' failed to start"):
+    said = AgentSays(sup, f"cannot execute {tmp_path / 'missing'}: No such file or directory")  # in its logs
+    with pytest.raises(errors.UpstreamError, match=f"MCP server 'ghost' failed to start: {tmp_path / 'missing'}: "):
         await sup.command(s, "list_tools", {})
     assert s.state == states.IDLE
+    await said.wait()
 
 
 async def test_mcp_command_endpoint_takes_list_tools_and_call_tool(aiohttp_client, make_config, tmp_path, monkeypatch):

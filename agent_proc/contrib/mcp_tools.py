@@ -36,7 +36,9 @@ from corral.agent_proc.agent import Agent, BadRequest, ConfigError, UnknownComma
 # group, so a group kill alone would miss them), then becomes the server.
 _LAUNCHER = (
     "import ctypes, os, sys; ctypes.CDLL(None).prctl(1, 9, 0, 0, 0); "
-    "os.getppid() == int(sys.argv[1]) or os._exit(1); os.execvp(sys.argv[2], sys.argv[2:])"
+    "os.getppid() == int(sys.argv[1]) or os._exit(1)\n"
+    "try: os.execvp(sys.argv[2], sys.argv[2:])\n"
+    "except OSError as e: sys.exit(f'cannot execute {sys.argv[2]}: {e.strerror}')"  # to the session's logs
 )
 _HELP = 'Say "tools" for the list, or "<tool> <JSON arguments>" to call one.'
 
@@ -113,11 +115,13 @@ class Connection:
                 raise
 
     def _failure(self, exc: BaseException) -> str:
-        """Why the server did not start; a refused exec names the program (the SDK's error does not)."""
-        if isinstance(exc, PermissionError) and "command" in self.spec:
-            program = exc.filename or sys.executable
-            return f"permission denied executing {program} (is it readable by the session's uid? docs/security.md)"
-        return repr(exc)
+        """Why the server did not start, naming the program of a stdio server (the SDK's errors do not)."""
+        if "command" not in self.spec:
+            return repr(exc)
+        if isinstance(exc, PermissionError):  # this Python itself, which starts the command
+            return (f"permission denied executing {exc.filename or sys.executable}: can the session's uid "
+                    "read it? (docs/security.md)")
+        return f"{self.spec['command']}: {exc!r} (its output is in the session's logs)"
 
     def _transport(self, stack: AsyncExitStack):
         """The stdio or streamable HTTP transport the spec names."""
