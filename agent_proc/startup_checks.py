@@ -57,6 +57,12 @@ def describe_object(obj) -> str:
     return f"{type(obj).__name__} {obj!r}"[:120]
 
 
+def describe_failure(spec: str, exc: BaseException) -> str:
+    """The server's one-line start-up error for a failed import or check of agent ``spec``."""
+    text = str(exc) if isinstance(exc, ConfigError) else f"cannot load agent {spec}: {describe_exception(exc)}"
+    return " ".join(text.splitlines())
+
+
 def describe_exception(exc: BaseException) -> str:
     """The exception and where it was raised, on one line: ``Error('…') at mybot.py:12: the line``.
 

@@ -83,11 +83,8 @@ def load_checked_agent(conn, agent_spec: str, options: dict):
         startup_checks.check_agent(agent_cls, agent_spec, startup_checks.SandboxInfo(own_uid=bool(options.get("own_uid"))))
         import corral.agent_proc.main  # noqa: F401  pre-import what every child needs
         preload_stdlib()
-    except startup_checks.ConfigError as exc:
-        send_msg(conn, ("failed", str(exc)))
-        return None
     except (Exception, SystemExit) as exc:
-        send_msg(conn, ("failed", f"cannot load agent {agent_spec}: {startup_checks.describe_exception(exc)}"))
+        send_msg(conn, ("failed", startup_checks.describe_failure(agent_spec, exc)))
         return None
     keep_sources(set(sys.modules) - before, agent_cls)
     return agent_cls
