@@ -1,13 +1,14 @@
 """``corral serve`` refuses at start what could only fail at the first message, in one line, before
 its port opens; and an agent's tracebacks show its source lines (real servers, real sandboxes)."""
 
+import errno
 import json
 import os
 import socket
 import subprocess
 import sys
 import textwrap
-import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -70,12 +71,25 @@ def test_the_port_is_not_open_while_the_agent_is_checked(tmp_path):
     gate, port = tmp_path / "gate", free_port()
     os.mkfifo(gate)
     proc = serve(tmp_path, "--agent", "mybot:Gated", env={"GATE": str(gate)}, port=port)
-    with open(gate, "w") as writer:  # returns once the zygote's check_config has opened it
+    with open(open_gate(gate, proc), "w") as writer:
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
         writer.write("set it in the server's environment")
     line = refusal(proc)
     assert line.endswith("agent mybot:Gated: MYBOT_TOKEN is not set: set it in the server's environment")
+
+
+def open_gate(gate, proc: subprocess.Popen, timeout: float = 60.0) -> int:
+    """The write end of the FIFO, once the zygote's check_config has opened its read end (fails if serve exits)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:  # the reader arriving is the event; ENXIO is how its absence is seen
+        try:
+            return os.open(gate, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO or proc.poll() is not None:
+                raise AssertionError(f"serve exited before its check: {proc.communicate()[1]}") from exc
+            time.sleep(0.05)
+    raise AssertionError("the agent's check_config never opened the gate")
 
 
 def test_an_agent_raising_on_import_is_named_by_file_and_line(tmp_path):
