@@ -14,6 +14,8 @@ import pytest
 from tests.conftest import wait_for_state
 from tests.test_agent_output import OutputLines
 from tests.test_ops_cli import LIMITS, shown_limits
+from tests.test_start_checks import USER_AGENTS
+from corral.supervisor import errors
 from corral.web.app import create_app
 from corral.web.keys import SUPERVISOR
 
@@ -223,6 +225,24 @@ async def test_dashboard_shows_a_sessions_agent_output(aiohttp_server, make_conf
         await expect(panel).to_contain_text(f"{s.pid} stdout a later line")
         await page.click("tr[data-session-id=printer] button.logs")
         await expect(page.locator("tr[data-logs-for=printer]")).to_have_count(0)
+
+
+async def test_dashboard_logs_show_the_source_line_of_a_crash(aiohttp_server, make_config, browser, tmp_path, monkeypatch):
+    (tmp_path / "mybot.py").write_text(USER_AGENTS)  # in a dir the sandboxed agent cannot read
+    monkeypatch.syspath_prepend(str(tmp_path))
+    server = await aiohttp_server(create_app(make_config(admin_token=TOKEN, agent="mybot:Raises")))
+    sup = server.app[SUPERVISOR]
+    s = await sup.get_or_create("crashy", "acme")
+    with pytest.raises(errors.AgentDied):
+        await sup.chat(s, "hello")
+    await sup.ensure_live(s)  # respawned: its row is live, its tail kept across the restart
+    page = await browser.new_page()
+    page.set_default_timeout(WAIT_MS)
+    async with screenshots_on_failure("dashboard-traceback", admin=page):
+        await open_dashboard(page, server)
+        await page.click("tr[data-session-id=crashy] button.logs")
+        panel = page.locator("tr[data-logs-for=crashy] pre.logs")
+        await expect(panel).to_contain_text('return str(total["pears"])  # the line a reader of the traceback needs')
 
 
 async def test_chat_page_asks_for_an_api_key_when_the_server_wants_one(aiohttp_server, make_config, tmp_path, browser):
