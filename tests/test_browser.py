@@ -205,6 +205,13 @@ async def test_a_locked_dashboard_says_it_needs_the_admin_token(server, browser)
         await expect(page.locator("#login")).to_be_hidden()
 
 
+async def open_logs(page, server, session_id: str):
+    """Open the dashboard and a session's Logs panel; the panel's text."""
+    await open_dashboard(page, server)
+    await page.click(f"tr[data-session-id={session_id}] button.logs")
+    return page.locator(f"tr[data-logs-for={session_id}] pre.logs")
+
+
 async def test_dashboard_shows_a_sessions_agent_output(aiohttp_server, make_config, browser):
     server = await aiohttp_server(create_app(make_config(admin_token=TOKEN, agent="tests.output_agents:Printer")))
     sup = server.app[SUPERVISOR]
@@ -215,9 +222,7 @@ async def test_dashboard_shows_a_sessions_agent_output(aiohttp_server, make_conf
     page = await browser.new_page()
     page.set_default_timeout(WAIT_MS)
     async with screenshots_on_failure("dashboard-logs", admin=page):
-        await open_dashboard(page, server)
-        await page.click("tr[data-session-id=printer] button.logs")
-        panel = page.locator("tr[data-logs-for=printer] pre.logs")
+        panel = await open_logs(page, server, "printer")
         await expect(panel).to_contain_text(f"{s.pid} stderr a line for the dashboard")
         await sup.command(s, "say", {"text": "a later line"})
         await lines.wait_for("a later line")
@@ -237,12 +242,9 @@ async def test_dashboard_logs_show_the_source_line_of_a_crash(aiohttp_server, ma
         await sup.chat(s, "hello")
     await sup.ensure_live(s)  # respawned: its row is live, its tail kept across the restart
     page = await browser.new_page()
-    page.set_default_timeout(WAIT_MS)
     async with screenshots_on_failure("dashboard-traceback", admin=page):
-        await open_dashboard(page, server)
-        await page.click("tr[data-session-id=crashy] button.logs")
-        panel = page.locator("tr[data-logs-for=crashy] pre.logs")
-        await expect(panel).to_contain_text('return str(total["pears"])  # the line a reader of the traceback needs')
+        await expect(await open_logs(page, server, "crashy")).to_contain_text(
+            'return str(total["pears"])  # the line a reader of the traceback needs', timeout=WAIT_MS)
 
 
 async def test_chat_page_asks_for_an_api_key_when_the_server_wants_one(aiohttp_server, make_config, tmp_path, browser):
