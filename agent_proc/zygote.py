@@ -20,10 +20,11 @@ import socket
 import sys
 import traceback
 
-from corral.agent_proc import disk, environment, forking, netns, sandbox, userns, warmup
+from corral.agent_proc import disk, environment, forking, netns, sandbox, startup_checks, userns, warmup
 from corral.agent_proc.zygote_messages import Exited, Failed, Quit, Ready, Spawn, Spawned, SpawnFailed, Start, recv, send
 from corral.agent_proc.limits import apply_limits
 from corral.agent_proc.process import agent_title, arm_death_signal, die_with_parent, load_agent_class, set_title
+from corral.agent_proc.sources import keep_sources
 from corral.agent_proc.stdio import agent_streams, attach_stdio
 
 
@@ -65,12 +66,8 @@ def zygote_main(conn, fd_channel: socket.socket, agent_spec: str, supervisor_pid
         send(conn, Failed(f"cannot set up the sandbox: {exc}"))
         return
     forking.record_hooks()  # the agent's imports may register at-fork hooks: each agent runs them
-    try:
-        agent_cls = load_agent_class(agent_spec)
-        import corral.agent_proc.main  # noqa: F401  pre-import what every child needs
-        preload_stdlib()
-    except Exception as exc:
-        send(conn, Failed(f"cannot load agent {agent_spec}: {exc!r}"))
+    agent_cls = load_checked_agent(conn, agent_spec, options)
+    if agent_cls is None:
         return
     try:
         # After them: once it has unshared a pid namespace, a process may start no thread, and an
@@ -105,6 +102,20 @@ def _enter_network_namespace(fd_channel: socket.socket) -> None:
         socket.send_fds(fd_channel, [b"g"], [listener.fileno()])
     finally:
         listener.close()  # the supervisor's now: no agent inherits it
+
+def load_checked_agent(conn, agent_spec: str, options: dict):
+    """Import and check the agent class and its configuration, keep its source lines; None once a failure is reported."""
+    before = set(sys.modules)
+    try:
+        agent_cls = load_agent_class(agent_spec)
+        startup_checks.check_agent(agent_cls, agent_spec, startup_checks.SandboxInfo(own_uid=bool(options.get("own_uid"))))
+        import corral.agent_proc.main  # noqa: F401  pre-import what every child needs
+        preload_stdlib()
+    except (Exception, SystemExit) as exc:
+        send(conn, Failed(startup_checks.describe_failure(agent_spec, exc)))
+        return None
+    keep_sources(set(sys.modules) - before, agent_cls)
+    return agent_cls
 
 
 def _set_up_process_tree(conn, options: dict) -> int | None:

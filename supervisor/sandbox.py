@@ -109,7 +109,7 @@ class Sandbox:
         """What the zygote does once: the agents' pid namespace (in a user namespace unless root), a subreaper, the prebuilt layers."""
         options = {"pid_namespace": self.on("pid_namespace"), "user_namespace": self.on("user_namespace"),
                    "net_namespace": self.network_mode == "proxy", "subreaper": self.mode != "off",
-                   "mount_namespace": self.on("disk")}
+                   "mount_namespace": self.on("disk"), "own_uid": self.on("uid")}
         if self.mode != "off" and self.prebuild:
             options.update(prebuild=True, landlock=self._landlock_abi(), read_paths=self.read_paths,
                            device_paths=list(DEVICE_WRITE_PATHS), seccomp=self.on("seccomp"),

@@ -230,6 +230,9 @@ class Turns:
         """Resolve a turn the agent reported as failed."""
         code = str(body.get("code", p.AGENT_CRASHED))
         message = str(body.get("message", "the agent failed"))
+        state = body.get("state")
+        if isinstance(state, dict) and p.json_problem(state) is None:  # checked, not trusted, as a DONE's
+            self.session.agent_state = state
         if code == p.INTERRUPTED:
             self._finish_turn(req, {"status": "interrupted", "reply": None, "message_text": message})
             return

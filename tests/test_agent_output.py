@@ -161,6 +161,9 @@ async def test_corral_sessions_logs_prints_the_lines(aiohttp_server, make_config
     assert stamp.endswith("Z")
     code, out, err = await corral("sessions", "logs", "nobody", "--url", url, env_token="ops-logs-token")
     assert code == 1 and "404" in err and "Traceback" not in err
+    await sup.chat(await sup.get_or_create("quiet", "acme"), "hello")  # prints nothing
+    code, out, err = await corral("sessions", "logs", "quiet", "--url", url, env_token="ops-logs-token")
+    assert (code, out) == (0, "") and err.strip() == "corral: session quiet has no output kept (its agent printed nothing on this server)"
 
 
 def test_the_servers_stderr_is_json_lines_only(tmp_path):

@@ -59,9 +59,11 @@ def test_tenants_file_is_read(make_config, tmp_path):
 ])
 def test_bad_tenants_files_are_refused_without_echoing_keys(make_config, tmp_path, text, says):
     """Each mistake stops the start with a message naming it, and never the key itself."""
+    path = tenants_file(tmp_path, text)
     with pytest.raises(AuthConfigError) as caught:
-        create_app(make_config(tenants=tenants_file(tmp_path, text)))
+        create_app(make_config(tenants=path))
     assert says in str(caught.value) and "k-secret" not in str(caught.value)
+    assert str(caught.value).startswith(f"tenants file {path}: ")  # which file, whatever the mistake
 
 
 def test_missing_tenants_file_and_env_variable(make_config, tmp_path):

@@ -170,11 +170,12 @@ def auth_from_config(config) -> Auth:
     seen: dict[bytes, str] = {}
     for key, tenant in keys:
         if key in seen:
-            raise AuthConfigError(f"the same API key is given to tenants {seen[key]!r} and {tenant!r}")
+            raise AuthConfigError(f"tenants file {config.tenants}: the same API key is given to tenants "
+                                  f"{seen[key]!r} and {tenant!r}")
         seen[key] = tenant
     admin = config.admin_token or admin
     if admin and digest(admin) in seen:
-        raise AuthConfigError("the admin token must differ from every tenant key")
+        raise AuthConfigError(f"tenants file {config.tenants}: the admin token must differ from every tenant key")
     metrics = getattr(config, "metrics_token", None)
     return Auth(keys=keys, tenant_limits=limits, tenant_env=envs, admin_token=digest(admin) if admin else None,
                 metrics_token=digest(metrics) if metrics else None, tenant_egress=egress)

@@ -12,6 +12,7 @@ SECRET_FLAGS_GIVEN = argv_secrets.hide()
 
 import argparse  # noqa: E402 (after hiding the secrets)
 import dataclasses
+import difflib
 import errno
 import gc
 import os
@@ -38,7 +39,48 @@ def _parser(name: str, convert):
 
 
 class CommandParser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line and exit code 1."""
+    """argparse that reports a usage error as one line and exit code 1, by the (sub)command at fault."""
+
+    def __init__(self, *args, **kwargs):
+        self.flags: list[str] = []  # every option string, for suggestions
+        self.commands = None  # the subparsers action, if this parser has subcommands
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        """Add an argument and remember its option strings."""
+        action = super().add_argument(*args, **kwargs)
+        self.flags.extend(action.option_strings)
+        return action
+
+    def add_subparsers(self, **kwargs):
+        """Add subcommands and remember where they are."""
+        self.commands = super().add_subparsers(**kwargs)
+        return self.commands
+
+    def parse_args(self, args=None, namespace=None):
+        """Parse; an unknown argument is reported by the subcommand it was given to, with the nearest flag."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = self.chosen(parsed)
+            hint = parser.suggest(extras)
+            parser.error(f"unrecognized arguments: {' '.join(extras)}" + (f"; did you mean {hint}?" if hint else ""))
+        return parsed
+
+    def chosen(self, parsed: argparse.Namespace) -> "CommandParser":
+        """The innermost (sub)command parser the parsed arguments went to."""
+        parser = self
+        while parser.commands is not None and getattr(parsed, parser.commands.dest, None) in parser.commands.choices:
+            parser = parser.commands.choices[getattr(parsed, parser.commands.dest)]
+        return parser
+
+    def suggest(self, extras: list[str]) -> str | None:
+        """The known flag nearest an unknown one among ``extras``, if any is near."""
+        for extra in extras:
+            if extra.startswith("-"):
+                near = difflib.get_close_matches(extra.partition("=")[0], self.flags, n=1, cutoff=0.6)
+                if near:
+                    return near[0]
+        return None
 
     def error(self, message: str):
         """One line on stderr, exit 1 (argparse's own prints the usage and exits 2)."""
@@ -132,6 +174,13 @@ def serve(config: Config) -> int:
         log.error("cannot_start", error=str(exc))
         print(f"corral: cannot start: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        # another process took to listening on the port while this one started (bound, not listening)
+        print(f"corral: cannot start: cannot listen on {config.host}:{config.port}: {describe_os_error(exc)}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -162,7 +211,12 @@ def claim_identity(config: Config, event_loop):
 
 
 def bind_sockets(host: str, port: int) -> list[socket.socket]:
-    """Listening sockets on every address ``host`` resolves to (as aiohttp would bind them)."""
+    """Sockets bound on every address ``host`` resolves to (as aiohttp would bind them), not yet listening.
+
+    aiohttp listens on them once the app has started (store, zygote, the agent's checks): a server
+    that refuses to start never opened its port, and a client is refused rather than left waiting.
+    A port someone listens on is refused here already.
+    """
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     unique = {(family, address): (family, kind, proto) for family, kind, proto, _, address in infos}
     sockets: list[socket.socket] = []
@@ -176,8 +230,6 @@ def bind_sockets(host: str, port: int) -> list[socket.socket]:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
-            # listening now holds the port: SO_REUSEADDR lets a second bind through until someone listens
-            sock.listen(128)
     except OSError:
         for sock in sockets:
             sock.close()

@@ -266,6 +266,10 @@ def sessions_logs(client: AdminClient, session_id: str, *, lines: int | None, as
     for entry in answer.get("lines", []):
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(entry.get("time", 0)))
         print(f"{stamp}Z {entry.get('pid')} {entry.get('stream')} {entry.get('line')}", file=out)
+    if not answer.get("lines"):
+        # on stderr: a script reading stdout still gets no line, a person learns why there is none
+        print(f"corral: session {session_id} has no output kept (its agent printed nothing on this server"
+              + (", or --lines 0 was asked" if lines == 0 else "") + ")", file=sys.stderr)
     return 0
 
 

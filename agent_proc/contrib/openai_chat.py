@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from corral.agent_proc.agent import Agent, BadRequest, UpstreamError
+from corral.agent_proc.agent import Agent, BadRequest, ConfigError, UpstreamError
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 FIRST_BACKOFF = 0.5  # seconds before the first retry when the API names no Retry-After
@@ -76,6 +76,18 @@ class Settings:
 class OpenAIChat(Agent):
     """One conversation with an OpenAI-compatible model, streamed."""
 
+    @classmethod
+    def check_config(cls, sandbox):
+        """Refuse to start without a model, or with a malformed CORRAL_OPENAI_* setting."""
+        try:
+            settings = Settings.from_env()
+        except BadRequest as exc:
+            raise ConfigError(str(exc)) from None
+        if not settings.model:
+            raise ConfigError("no model configured: set CORRAL_OPENAI_MODEL (e.g. gpt-4o-mini)")
+        if not settings.base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"CORRAL_OPENAI_BASE_URL must be an http(s) URL, not {settings.base_url!r}")
+
     def __init__(self, session_id, tenant, metadata=None):
         super().__init__(session_id, tenant, metadata)
         self.settings = Settings.from_env()
@@ -93,8 +105,6 @@ class OpenAIChat(Agent):
 
     async def on_message(self, text):
         """Send the conversation and stream the reply; it joins the conversation once complete."""
-        if not self.settings.model:
-            raise UpstreamError("no model configured: set CORRAL_OPENAI_MODEL")
         self.messages.append({"role": "user", "content": text})
         reply = []
         async for token in self.complete(self.messages):
