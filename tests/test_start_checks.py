@@ -70,7 +70,8 @@ def test_a_mistake_in_the_agent_stops_serve_in_one_line(tmp_path, agent, env, sa
 def test_the_port_is_not_open_while_the_agent_is_checked(tmp_path):
     gate, port = tmp_path / "gate", free_port()
     os.mkfifo(gate)
-    proc = serve(tmp_path, "--agent", "mybot:Gated", env={"GATE": str(gate)}, port=port)
+    # GATE reaches the zygote's clean environment only when declared
+    proc = serve(tmp_path, "--agent", "mybot:Gated", "--agent-env", "GATE", env={"GATE": str(gate)}, port=port)
     with open(open_gate(gate, proc), "w") as writer:
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=5).close()
