@@ -257,8 +257,8 @@ class Zygote:
             uid = self.uids.pop(pid, None)
             if uid is not None:
                 _kill_uid(uid)  # setsid'ed and double-forked leftovers too, before the uid is handed out again
-            _, status = os.waitpid(pid, 0)
-            send_msg(self.conn, ("exited", self.children.pop(pid), status))
+            _, status, rusage = os.wait4(pid, 0)  # its CPU (and its reaped children's) for usage accounting
+            send_msg(self.conn, ("exited", self.children.pop(pid), status, rusage.ru_utime + rusage.ru_stime))
 
     def _recv_descriptors(self, count: int) -> list[int]:
         """The child's hub connection, then its stdout and stderr pipes, sent just before its request.

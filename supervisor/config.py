@@ -134,6 +134,10 @@ class Config:
     node_lease: float = setting(
         10.0, SECONDS, "seconds a cluster node stays alive without renewing its heartbeat", positive,
         doc="seconds a cluster node stays alive without renewing its heartbeat (PostgreSQL only)")
+    usage_interval: float = setting(
+        10.0, SECONDS, "seconds between samples of every agent's CPU and memory (usage, dashboard plots)", positive,
+        doc="seconds between samples of every live agent's CPU and memory: usage accounting and the dashboard's "
+            "plots; see [operations.md](operations.md#usage)")
     loop: str = setting("auto", choice("loop", LOOPS), "event loop: auto (uvloop when installed) | asyncio | uvloop")
 
     def __post_init__(self):

@@ -68,6 +68,10 @@ class EventBus:
         """Whether a session-level event of this type for this session would reach any listener."""
         return session_id in self._by_session or bool(self._global_for(type_))
 
+    def wants(self, type_: str) -> bool:
+        """Whether any global listener takes events of this type (so the caller may skip building one)."""
+        return bool(self._global_for(type_))
+
     def publish(self, type_: str, session_id: str, *, to_all: bool = True, **data) -> None:
         """Send one event to the session's listeners (and to global ones when ``to_all``)."""
         listeners = self._by_session.get(session_id)

@@ -114,6 +114,7 @@ class _SupervisorCollector:
             value=sup.counters.get("refused_capacity", 0) + sup.counters.get("refused_quota", 0),
         )
         yield from self._memory()
+        yield from sup.usage.metric_families()
 
     @staticmethod
     def _by_state(sup) -> GaugeMetricFamily:

@@ -46,6 +46,7 @@ class Exit:
     status: int
     oom: bool
     description: str
+    cpu_seconds: float | None = None  # user + system of the process and the children it reaped (wait4)
 
 
 @dataclass(eq=False)
@@ -219,7 +220,7 @@ class ZygoteSpawner:
         if kind == "exited":
             proc = self._procs.pop(msg[1], None)
             if proc is not None:
-                self._exited(proc, msg[2], describe_status(msg[2]))
+                self._exited(proc, msg[2], describe_status(msg[2]), msg[3] if len(msg) > 3 else None)
         elif kind in ("spawned", "spawn_failed"):
             fut = self._pending.pop(msg[1], None)
             if fut is not None and not fut.done():
@@ -234,12 +235,12 @@ class ZygoteSpawner:
                 else:
                     self._ready.set_exception(SpawnError(msg[1]))
 
-    def _exited(self, proc: AgentProcess, status: int, description: str) -> None:
+    def _exited(self, proc: AgentProcess, status: int, description: str, cpu_seconds: float | None = None) -> None:
         """A process is gone: take the memory limit's verdict, free its limits and sandbox, report it."""
         oom = status != ZYGOTE_DIED and bool(proc.limits) and self.limiter.oom_killed(proc.limits)
         self._release(proc)
         if not proc.exited.done():
-            proc.exited.set_result(Exit(status, oom, description))
+            proc.exited.set_result(Exit(status, oom, description, cpu_seconds))
 
     def _release(self, proc: AgentProcess) -> None:
         """Free a process's sandbox now and its cgroup on a worker thread (emptying one may wait)."""

@@ -10,7 +10,7 @@ from corral.web import cors, forward, monitoring, openapi
 from corral.web.auth import auth_from_config, check_bind, log_mode
 from corral.web.errors import answer_protocol_errors_in_json
 from corral.web.middleware import front_door
-from corral.web.routes import admin, api, chat, cluster, dashboard, health, metrics, stream
+from corral.web.routes import admin, api, chat, cluster, dashboard, health, metrics, stream, usage
 from corral.web.keys import AUTH, BACKGROUND, CONFIG, SUPERVISOR
 
 log = get_logger(component="web")
@@ -33,7 +33,7 @@ def create_app(config: Config, *, store=None, claim=None) -> web.Application:
     app[SUPERVISOR] = Supervisor(config, store=store, claim=claim, tenant_limits=auth.tenant_limits)
     app[BACKGROUND] = TaskSet(log, expected=(CorralError,))  # those reached the client or the event stream
     app.cleanup_ctx.append(_supervisor_running)  # first up, last down: the parts installed below use it
-    for module in (health, chat, api, admin, cluster, stream, openapi, metrics):
+    for module in (health, chat, api, admin, cluster, stream, openapi, metrics, usage):
         app.add_routes(module.routes)
     stream.setup(app)
     forward.install(app)
