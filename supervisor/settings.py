@@ -116,6 +116,18 @@ def origins(text: str) -> tuple[str, ...]:
     return found
 
 
+def http_urls(text: str) -> tuple[str, ...]:
+    """Comma-separated http(s) URLs."""
+    found = tuple(u.strip() for u in text.split(",") if u.strip())
+    for url in found:
+        scheme, sep, rest = url.partition("://")
+        if scheme not in ("http", "https") or not sep or not rest.split("/")[0]:
+            raise ValueError(f"expected http://host[:port]/path or https://..., not {url!r}")
+    if not found:
+        raise ValueError("expected at least one URL")
+    return found
+
+
 def path(text: str) -> Path:
     """A filesystem path."""
     return Path(nonempty(text))
@@ -140,6 +152,7 @@ class Kind:
     parse: Callable[[str], object]
     checks: tuple[Check, ...] = ()
     show: Callable[[object], str] = str  # how --help and the docs print a default
+    repeatable: bool = False  # the flag may be given more than once (values are tuples, joined)
 
 
 def _show_number(value: float) -> str:
@@ -167,6 +180,7 @@ PORT = Kind("port", port_number, (between(0, 65535, "must be 0-65535"),))
 AGENT = Kind("agent", agent_spec)
 CORES = Kind("cores", parse_cores, (), _show_number)
 ORIGINS = Kind("origins", origins, (), lambda value: ",".join(value))
+URLS = Kind("urls", http_urls, (), lambda value: ",".join(value), repeatable=True)
 
 
 def choice(name: str, allowed: tuple[str, ...]) -> Kind:

@@ -25,6 +25,7 @@ from pathlib import Path
 from aiohttp import web
 
 from corral.supervisor.logs import get_logger
+from corral.supervisor.settings import http_urls
 from corral.web.errors import error_response
 from corral.web.keys import ADMIN, AUTH, TENANT
 
@@ -50,6 +51,7 @@ class Auth:
     tenant_limits: dict[str, int] = field(default_factory=dict)
     admin_token: bytes | None = field(default=None, repr=False)
     metrics_token: bytes | None = field(default=None, repr=False)  # None: /metrics is open
+    tenant_webhooks: dict[str, tuple[str, ...]] = field(default_factory=dict)  # tenant -> its webhook URLs
 
     @property
     def dev_mode(self) -> bool:
@@ -88,8 +90,8 @@ def digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
 
-def load_tenants(path: Path) -> tuple[list[tuple[bytes, str]], dict[str, int], str | None]:
-    """Read a tenants TOML file: (key digests, per-tenant session limits, admin token or None)."""
+def load_tenants(path: Path) -> tuple[list[tuple[bytes, str]], dict[str, int], str | None, dict[str, tuple[str, ...]]]:
+    """Read a tenants TOML file: (key digests, per-tenant session limits, admin token or None, webhook URLs)."""
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
@@ -103,17 +105,29 @@ def load_tenants(path: Path) -> tuple[list[tuple[bytes, str]], dict[str, int], s
     tenants = data.get("tenants", {})
     if not isinstance(tenants, dict):
         raise AuthConfigError(f"tenants file {path}: [tenants] must be a table of [tenants.NAME] tables")
-    keys, limits = [], {}
+    keys, limits, webhooks = [], {}, {}
     for name, table in tenants.items():
         where = f"tenants file {path}: [tenants.{name}]"
         tenant_keys, limit = _read_tenant(where, name, table)
         keys.extend((digest(key), name) for key in tenant_keys)
         if limit is not None:
             limits[name] = limit
+        if "webhooks" in table:
+            webhooks[name] = _read_webhooks(where, table["webhooks"])
     admin = data.get("admin_token")
     if admin is not None and (not isinstance(admin, str) or not admin):
         raise AuthConfigError(f"tenants file {path}: admin_token must be a non-empty string")
-    return keys, limits, admin
+    return keys, limits, admin, webhooks
+
+
+def _read_webhooks(where: str, urls) -> tuple[str, ...]:
+    """A tenant's ``webhooks = ["https://...", ...]``."""
+    if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+        raise AuthConfigError(f"{where}: webhooks must be a list of URLs")
+    try:
+        return http_urls(",".join(urls)) if urls else ()
+    except ValueError as exc:
+        raise AuthConfigError(f"{where}: webhooks: {exc}") from None
 
 
 def _read_tenant(where: str, name: str, table) -> tuple[list[str], int | None]:
@@ -122,9 +136,9 @@ def _read_tenant(where: str, name: str, table) -> tuple[list[str], int | None]:
         raise AuthConfigError(f"{where}: tenant names are 1-64 characters of A-Z a-z 0-9 . _ -")
     if not isinstance(table, dict):
         raise AuthConfigError(f"{where}: must be a table with keys = [...]")
-    unknown = set(table) - {"keys", "max_sessions"}
+    unknown = set(table) - {"keys", "max_sessions", "webhooks"}
     if unknown:
-        raise AuthConfigError(f"{where}: unknown settings {sorted(unknown)} (allowed: keys, max_sessions)")
+        raise AuthConfigError(f"{where}: unknown settings {sorted(unknown)} (allowed: keys, max_sessions, webhooks)")
     keys = table.get("keys")
     if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and k for k in keys):
         raise AuthConfigError(f"{where}: keys must be a non-empty list of non-empty strings")
@@ -136,7 +150,7 @@ def _read_tenant(where: str, name: str, table) -> tuple[list[str], int | None]:
 
 def auth_from_config(config) -> Auth:
     """Build the server's Auth from ``config.tenants`` and ``config.admin_token``."""
-    keys, limits, admin = ([], {}, None) if config.tenants is None else load_tenants(config.tenants)
+    keys, limits, admin, webhooks = ([], {}, None, {}) if config.tenants is None else load_tenants(config.tenants)
     seen: dict[bytes, str] = {}
     for key, tenant in keys:
         if key in seen:
@@ -147,7 +161,7 @@ def auth_from_config(config) -> Auth:
         raise AuthConfigError("the admin token must differ from every tenant key")
     metrics = getattr(config, "metrics_token", None)
     return Auth(keys=keys, tenant_limits=limits, admin_token=digest(admin) if admin else None,
-                metrics_token=digest(metrics) if metrics else None)
+                metrics_token=digest(metrics) if metrics else None, tenant_webhooks=webhooks)
 
 
 @functools.lru_cache(maxsize=1024)
