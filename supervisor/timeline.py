@@ -9,8 +9,8 @@ costs no more than a short one. Rings of sessions that ended stay for the last `
 of them, so a row of the dashboard can still open them.
 
 Memory: a node point is ~0.3 KB (360 at the default 10 s: ~110 KB); a session ring is three
-arrays of ``SESSION_POINTS`` (8 + 4 + 4 bytes) plus ~0.4 KB of objects, ~1.4 KB: ~14 MB at
-10,000 live sessions.
+arrays of ``SESSION_POINTS`` (8 + 4 + 4 bytes) plus ~0.3 KB of objects and its dict entry, ~1.3 KB:
+~13 MB at 10,000 live sessions (bench/timeline_memory.py).
 """
 
 import math
