@@ -1,6 +1,7 @@
 """Usage per session and per tenant: counted from real agents, kept in the store, shown to the admin and the tenant."""
 
 import asyncio
+import signal
 import time
 
 import psutil
@@ -8,6 +9,7 @@ import psutil
 from corral.supervisor.timeline import SESSION_POINTS, SessionSeries, Timeline
 from corral.web.app import create_app
 from tests.apihelpers import ADMIN, ALICE, BOB, TENANTS, assert_error, json_of, start, supervisor_of
+from tests.test_crash_consistency import servers  # noqa: F401 (a fixture: real `corral serve` processes)
 
 
 async def until(check, timeout=10.0):
@@ -91,3 +93,33 @@ def test_timeline_rings_are_bounded():
     for i in range(1000):
         timeline.sample(float(i * 10), 1, {"s": (1 << 20, 0.1)})
     assert len(timeline.points) == 360 and timeline.node()["memory_mib"][-1] == 1.0
+
+
+async def test_usage_of_answered_turns_survives_a_sigkill(tmp_path, servers):
+    """A real `corral serve`: answered turns reach the store in their batch (no request asks for it) and outlive a SIGKILL."""
+    import sqlite3
+
+    import aiohttp
+
+    from tests.test_crash_consistency import chat
+    server = servers()
+    await server.ready()
+    async with aiohttp.ClientSession() as http:
+        for i in range(3):
+            await chat(http, server.url, "k1", f"turn {i}")
+    database = tmp_path / "data" / "corral.sqlite3"
+
+    async def written() -> bool:
+        with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
+            row = db.execute("SELECT turns, messages_out FROM session_usage WHERE session_id = 'k1'").fetchone()
+        return row == (3, 3)
+
+    await until(written)  # within FLUSH_AFTER of the last answer, by the batch timer alone
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(10)
+    again = servers(server.port)
+    await again.ready()
+    async with aiohttp.ClientSession() as http:
+        async with http.get(again.url + "/admin/usage") as resp:
+            kept = (await resp.json())["tenants"]["default"]
+    assert (kept["turns"], kept["messages_in"], kept["starts"]) == (3, 3, 1)

@@ -61,12 +61,13 @@ async def corral_with(aiohttp_client, make_config, tmp_path, receiver_url: str, 
     path.write_text(tenants)
     secret = tmp_path / "webhook.key"
     secret.write_text(SECRET + "\n")
-    app = create_app(make_config(tenants=path, webhook=(receiver_url,), webhook_secret_file=secret, max_restarts=5))
+    app = create_app(make_config(tenants=path, webhook=(receiver_url,), webhook_secret_file=secret, max_restarts=5,
+                                 memory_limit=64 << 20))
     return await aiohttp_client(app)
 
 
 async def test_lifecycle_events_are_signed_and_go_to_the_tenants_own_hook(aiohttp_client, aiohttp_server, make_config, tmp_path):
-    """created, crashed (with output), restarted, ended (with usage), node.joined: each signed; alice's hook gets only hers."""
+    """created, crashed (with output), oom, restarted, ended (with usage), node.joined: each signed; alice's hook gets only hers."""
     receiver = Receiver()
     server = await aiohttp_server(receiver.app)
     client = await corral_with(aiohttp_client, make_config, tmp_path, str(server.make_url("/all")),
@@ -77,8 +78,11 @@ async def test_lifecycle_events_are_signed_and_go_to_the_tenants_own_hook(aiohtt
     assert crash.status == 502
     await json_of(await client.post("/api/chat", json={"message": "again", "session_id": "w1"}, headers=ALICE), 200)
     await json_of(await client.post("/api/chat", json={"message": "hi", "session_id": "w2"}, headers=BOB), 200)
+    hog = await client.post("/api/mcp-command", headers=BOB, json={
+        "session_id": "w2", "command": "allocate", "args": {"mib": 200}})
+    assert hog.status == 502
     await json_of(await client.delete("/api/sessions/w1", headers=ALICE), 200)
-    want = {"node.joined", "session.created", "session.crashed", "session.restarted", "session.ended"}
+    want = {"node.joined", "session.created", "session.crashed", "session.restarted", "session.ended", "session.oom"}
     await receiver.wait_for(lambda rs: want <= {json.loads(b)["type"] for p, _, b in rs if p == "/all"}
                             and sum(json.loads(b)["type"] == "session.ended" for p, _, b in rs if p == "/alice") == 2)
 
@@ -93,6 +97,8 @@ async def test_lifecycle_events_are_signed_and_go_to_the_tenants_own_hook(aiohtt
     assert [e["reason"] for e in ended] == ["crashed", "ended"]
     assert ended[-1]["usage"]["turns"] == 3 and ended[-1]["usage"]["starts"] == 2
     assert next(e for e in seen if e["type"] == "session.restarted")["after"] == "crashed"
+    oom = next(e for e in seen if e["type"] == "session.oom")
+    assert oom["session_id"] == "w2" and oom["tenant"] == "bob"
     mine = receiver.events("/alice")
     assert {e["tenant"] for e in mine} == {"alice"} and not [e for e in mine if e["type"].startswith("node.")]
 
