@@ -45,9 +45,7 @@ _TENANT_COUNTERS = {
     "corral_tenant_bytes_out": ("bytes_out", "UTF-8 bytes of replies, by tenant"),
     "corral_tenant_cpu_seconds": ("cpu_seconds", "CPU seconds (user + system) of agent processes, by tenant"),
     "corral_tenant_memory_mib_seconds": ("memory_mib_seconds", "Agent memory × time in MiB·s, by tenant"),
-    "corral_tenant_egress_bytes": ("egress_bytes", "Bytes through the egress gateway, by tenant"),
-    "corral_tenant_egress_requests": ("egress_requests", "Requests through the egress gateway, by tenant"),
-}
+}  # corral_tenant_egress_* are the egress gateway's own series (supervisor/egress/), not repeated here
 
 
 @dataclass
