@@ -14,7 +14,6 @@ whose write fails is put back and tried again on the next one.
 """
 
 import asyncio
-import contextlib
 import os
 import time
 from collections import Counter
@@ -22,9 +21,9 @@ from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily
 
-from corral.supervisor import errors, procfs
+from corral.supervisor import procfs
 from corral.supervisor.logs import get_logger
-from corral.supervisor.store.base import HOUR, USAGE_COUNTERS, StoreError, UsageDelta, empty_usage, hour_of
+from corral.supervisor.store.base import HOUR, USAGE_COUNTERS, UsageDelta, empty_usage, hour_of
 from corral.supervisor.timeline import Timeline
 
 log = get_logger(component="usage")
@@ -276,8 +275,7 @@ class Usage:
 
     async def of_session(self, session_id: str) -> dict:
         """A session's usage: what the store has plus what is still pending here."""
-        with _store_unavailable():
-            stored = await self.sup.store.session_usage(session_id)
+        stored = await self.sup.store.session_usage(session_id)  # a StoreError is the web layer's 503
         out = {**empty_usage(), **(stored or {})}
         out.pop("end_reasons", None)
         pending = self.pending.get(session_id)
@@ -292,18 +290,7 @@ class Usage:
                         until: float | None = None) -> dict[str, dict]:
         """Per tenant, usage over the period from the store (pending usage is written first)."""
         await self.flush()
-        with _store_unavailable():
-            return await self.sup.store.tenant_usage(tenant=tenant, since=since, until=until)
-
-
-@contextlib.contextmanager
-def _store_unavailable():
-    """A store that cannot answer is a 503 with Retry-After, its cause in the log only."""
-    try:
-        yield
-    except StoreError as exc:
-        log.error("store_error", error=str(exc))
-        raise errors.Unavailable("the usage store is unavailable; try again shortly", retry_after=5) from None
+        return await self.sup.store.tenant_usage(tenant=tenant, since=since, until=until)
 
 
 def _read_all(targets: list, limiter) -> list[tuple[str, int, float, int]]:

@@ -123,3 +123,13 @@ async def test_usage_of_answered_turns_survives_a_sigkill(tmp_path, servers):
         async with http.get(again.url + "/admin/usage") as resp:
             kept = (await resp.json())["tenants"]["default"]
     assert (kept["turns"], kept["messages_in"], kept["starts"]) == (3, 3, 1)
+
+
+async def test_usage_with_the_store_down_is_a_503(aiohttp_client, make_config, tmp_path):
+    """The store unreachable: the usage routes answer 503 unavailable with Retry-After, never a 500."""
+    client = await start(aiohttp_client, make_config, tmp_path, tenants=TENANTS)
+    await supervisor_of(client).store.close()
+    for path, headers in (("/admin/usage", ADMIN), ("/api/usage", ALICE)):
+        response = await client.get(path, headers=headers)
+        body = await assert_error(response, 503, "unavailable")
+        assert response.headers["Retry-After"] == "5" and "sqlite" not in body["error"]["message"].lower()
