@@ -223,6 +223,8 @@ SCHEMAS = {
             "cpu_cores": {"type": "array", "items": NUMBER},
             "turns_per_s": {"type": "array", "items": NUMBER},
             "ends": {"type": "object", "additionalProperties": {"type": "array", "items": INTEGER}},
+            "cluster": {"type": "array", "items": {"type": "object"},
+                        "description": "In a cluster: every live node's own timeline, this node's first"},
         },
         required=("t", "memory_mib", "cpu_cores"),
         description="Columns of points (unix seconds in t) from this node's in-memory rings",

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from aiohttp import web
 
 from corral.supervisor import errors
-from corral.web import paths
+from corral.web import forward, paths
 from corral.web.requests import checked_session_id, tenant_of
 from corral.web.keys import SUPERVISOR
 
@@ -80,9 +80,13 @@ async def tenant_usage(request: web.Request) -> web.Response:
 
 @routes.get(paths.ADMIN_TIMELINE)
 async def node_timeline(request: web.Request) -> web.Response:
-    """This node's last hour: live sessions, memory, CPU, turns a second, ends by reason."""
+    """This node's last hour: live sessions, memory, CPU, turns a second, ends by reason (in a cluster, every node's too)."""
     sup = request.app[SUPERVISOR]
-    return web.json_response({"node": sup.node, **sup.usage.timeline.node()})
+    own = {"node": sup.node, **sup.usage.timeline.node()}
+    if sup.membership is None or forward.FORWARDED_BY in request.headers:
+        return web.json_response(own)
+    others = await forward.ask_peers(request, paths.ADMIN_TIMELINE)
+    return web.json_response({**own, "cluster": [own, *sorted(others, key=lambda n: n.get("node", ""))]})
 
 
 @routes.get(paths.ADMIN_SESSION_TIMELINE)

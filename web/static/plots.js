@@ -44,26 +44,37 @@ const CorralPlots = (function () {
     return body;
   }
 
-  // ---- the node's last hour ----------------------------------------------------------------
+  // ---- the node's (in a cluster: every node's) last hour ------------------------------------
   async function loadNode() {
     const data = await getJSON("/admin/timeline");
     state.node = data;
     interval = data.interval || interval;
+    const nodes = data.cluster || [data]; // a series per node, their times aligned by uPlot.join
+    const several = nodes.length > 1;
+    $("node-title").textContent = several ? `The cluster (${nodes.length} nodes), last hour` : "This node, last hour";
     const box = $("node-charts");
     for (const [key, title, unit] of NODE_CHARTS) {
-      const columns = [data.t, data[key]];
-      if (state.charts[key]) state.charts[key].setData(columns);
-      else state.charts[key] = chart(title, [title], columns, cell(box, key), { unit });
+      const names = several ? nodes.map((n) => n.node) : [title];
+      draw(key, title, names, joined(nodes.map((n) => [n.t, n[key]])), box, unit);
     }
-    const reasons = Object.keys(data.ends).sort();
-    const endsColumns = [data.t, ...reasons.map((r) => data.ends[r])];
-    const old = state.charts.ends;
-    if (old && old.series.length - 1 === reasons.length && reasons.every((r, i) => old.series[i + 1].label === r)) {
-      old.setData(endsColumns);
-    } else {
-      if (old) old.destroy();
-      state.charts.ends = chart("Ends by reason", reasons, endsColumns, cell(box, "ends", true));
+    const ends = nodes.flatMap((n) => Object.keys(n.ends).sort().map((r) => [several ? `${n.node} ${r}` : r, n.t, n.ends[r]]));
+    const endsColumns = ends.length ? joined(ends.map(([, t, v]) => [t, v])) : [nodes[0].t];
+    draw("ends", "Ends by reason", ends.map(([name]) => name), endsColumns, box, "");
+  }
+
+  function joined(tables) {
+    return tables.length === 1 ? tables[0] : uPlot.join(tables);
+  }
+
+  // Update a chart in place, or make it again when its series changed (a new reason, a node came or went).
+  function draw(key, title, names, columns, box, unit) {
+    const old = state.charts[key];
+    if (old && old.series.length - 1 === names.length && names.every((n, i) => old.series[i + 1].label === n)) {
+      old.setData(columns);
+      return;
     }
+    if (old) old.destroy();
+    state.charts[key] = chart(title, names, columns, cell(box, key, true), { unit });
   }
 
   function cell(box, key, empty = false) {
