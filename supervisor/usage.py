@@ -90,7 +90,8 @@ class Usage:
     # ---- life --------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Listen to the supervisor's events and arm the sampling timer."""
+        """Listen to the supervisor's events and arm the sampling timer (again after a close)."""
+        self._closed = False
         self._unsubscribe = self.sup.events.subscribe(self._on_event, types=_EVENTS)
         self._arm_sample()
 
@@ -159,14 +160,18 @@ class Usage:
         pending = self.pending.get(sid)
         if pending is None:
             pending = self.pending[sid] = _Pending(tenant)
-        pending.counts.update(counts)
-        pending.peak = max(pending.peak, peak)
         total = self.totals.get(tenant)
         if total is None:
             total = self.totals[tenant] = Counter()
-        total.update(counts)
-        total["memory_peak_bytes"] = max(total["memory_peak_bytes"], peak)
-        self._schedule_flush(FLUSH_AFTER)
+        mine = pending.counts
+        for name, amount in counts.items():  # a loop of dict adds: Counter.update of a mapping costs more, per turn
+            mine[name] += amount
+            total[name] += amount
+        if peak:
+            pending.peak = max(pending.peak, peak)
+            total["memory_peak_bytes"] = max(total["memory_peak_bytes"], peak)
+        if self._flush_timer is None:
+            self._schedule_flush(FLUSH_AFTER)
         return pending
 
     # ---- writing -------------------------------------------------------------------------------
@@ -243,7 +248,7 @@ class Usage:
             return
         now = time.monotonic()
         per_session = {}
-        for sid, pid, cpu, memory in readings:
+        for sid, pid, cpu, memory, peak in readings:
             s = self.sup.sessions.get(sid)
             if s is None or s.pid != pid:
                 continue  # it ended during the pass: its end counted the rest
@@ -253,7 +258,7 @@ class Usage:
             cpu_delta = max(0.0, cpu - proc.cpu_seen)
             mib_seconds = memory / MIB * max(0.0, now - proc.since)
             proc.cpu_seen, proc.memory, proc.since = max(cpu, proc.cpu_seen), memory, now
-            self._add(sid, s.tenant, peak=memory, cpu_seconds=cpu_delta, memory_mib_seconds=mib_seconds)
+            self._add(sid, s.tenant, peak=max(memory, peak), cpu_seconds=cpu_delta, memory_mib_seconds=mib_seconds)
             per_session[sid] = (memory, cpu_delta)
         self.timeline.sample(time.time(), self.sup.live_count, per_session)
 
@@ -293,8 +298,8 @@ class Usage:
         return await self.sup.store.tenant_usage(tenant=tenant, since=since, until=until)
 
 
-def _read_all(targets: list, limiter) -> list[tuple[str, int, float, int]]:
-    """On a worker thread: (session id, pid, CPU seconds, memory bytes) of each process still there."""
+def _read_all(targets: list, limiter) -> list[tuple[str, int, float, int, int]]:
+    """On a worker thread: (session id, pid, CPU seconds, memory bytes, the kernel's peak or 0) of each process still there."""
     out = []
     for sid, pid, spec in targets:
         try:
@@ -303,15 +308,15 @@ def _read_all(targets: list, limiter) -> list[tuple[str, int, float, int]]:
             continue
         cpu = (int(fields[procfs.UTIME]) + int(fields[procfs.STIME]) + int(fields[procfs.CUTIME])
                + int(fields[procfs.CSTIME])) / _CLK_TCK
-        memory = int(fields[procfs.RSS]) * _PAGE
+        memory, peak = int(fields[procfs.RSS]) * _PAGE, 0
         if spec and limiter is not None:
             cgroup_cpu = limiter.control_usage(spec).get("cpu", {}).get("usage_usec")
             if cgroup_cpu is not None:
                 cpu = cgroup_cpu / 1e6  # the whole cgroup: orphans and unreaped children too
             used = limiter.usage(spec)
             if used is not None and used.get("current") is not None:
-                memory = used["current"]
-        out.append((sid, pid, cpu, memory))
+                memory, peak = used["current"], used.get("peak") or 0  # the cgroup's own high-water mark
+        out.append((sid, pid, cpu, memory, peak))
     return out
 
 
