@@ -1,10 +1,11 @@
 """Lifecycle webhooks: a signed JSON POST per session or node event, at least once, never on a turn's path.
 
-Fed by the events stream (supervisor/events.py): ``state`` gives ``session.created`` (a session's
-first start: no messages yet) and ``session.restarted`` (a start after a crash or an OOM kill);
-``end`` gives ``session.ended`` (with the reason and the final usage), and also ``session.oom``
-or ``session.crashed`` (with the last lines of its output); ``node`` gives ``node.joined`` and
-``node.left``. Each event goes to every ``--webhook`` URL and, for a session's events, to its
+Fed by the events stream (supervisor/events.py): ``spawned`` gives ``session.created`` (a
+session's first start: no messages yet) and ``session.restarted`` (a start after a crash or an OOM
+kill, which its ``end`` said); ``end`` gives ``session.ended`` (with the reason and the final
+usage), and also ``session.oom`` or ``session.crashed`` (with the last lines of its output);
+``node`` gives ``node.joined`` and ``node.left``. (Not ``state``: listening to it would make every
+turn's idle <-> busy flip build an event.) Each event goes to every ``--webhook`` URL and, for a session's events, to its
 tenant's ``webhooks`` in the tenants file.
 
 Headers: ``X-Corral-Event`` (the type), ``X-Corral-Delivery`` (an id kept across retries: a
@@ -24,7 +25,7 @@ import hmac
 import json
 import time
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -38,7 +39,8 @@ QUEUE_BOUND = 1000  # deliveries waiting at most
 WORKERS = 4  # deliveries in flight at once
 FIRST_BACKOFF, MAX_BACKOFF = 0.5, 30.0
 OUTPUT_LINES = 20  # lines of a crashed agent's output a session.crashed event carries
-_EVENTS = ("state", "end", "node")
+_EVENTS = ("spawned", "end", "node")
+CRASHES_KEPT = 10_000  # sessions down after a crash or an OOM kill whose restart would be reported
 
 
 def sign(secret: bytes, body: bytes) -> str:
@@ -77,6 +79,7 @@ class Webhooks:
         self._session: aiohttp.ClientSession | None = None
         self._workers: list[asyncio.Task] = []
         self._retries: set[asyncio.TimerHandle] = set()
+        self._crashed: OrderedDict[str, str] = OrderedDict()  # session id -> crashed | oom, until it starts again
         self._unsubscribe = sup.events.subscribe(self._on_event, types=_EVENTS) if self.enabled else None
 
     @property
@@ -131,15 +134,19 @@ class Webhooks:
         base = {"time": event["time"], "node": self.sup.node}
         if kind == "node":
             return [(f"node.{event['state']}", base)]
-        base.update(session_id=event["session_id"], tenant=event.get("tenant"))
-        if kind == "state" and event.get("state") == states.STARTING:
-            previous = event.get("previous")
-            if previous in states.UNPLANNED or previous == states.FAILED:
-                return [("session.restarted", {**base, "after": previous})]
-            s = self.sup.sessions.get(event["session_id"])
-            if previous is None and s is not None and s.message_count == 0:
-                return [("session.created", base)]
+        sid = event["session_id"]
+        base.update(session_id=sid, tenant=event.get("tenant"))
+        if kind == "spawned":
+            after = self._crashed.pop(sid, None)
+            if after is not None:
+                return [("session.restarted", {**base, "after": after})]
+            s = self.sup.sessions.get(sid)
+            return [("session.created", base)] if s is not None and s.message_count == 0 else []
         if kind == "end":
+            if event.get("reason") in states.UNPLANNED:
+                self._crashed[sid] = event["reason"]
+                while len(self._crashed) > CRASHES_KEPT:
+                    self._crashed.popitem(last=False)
             out = [("session.ended", {**base, "reason": event.get("end_reason") or event.get("reason"),
                                       "state": event.get("reason"), "exit": event.get("exit")})]
             if event.get("reason") == states.OOM:
