@@ -27,10 +27,11 @@ MIB = 1024 * 1024
 class SessionSeries:
     """One session's memory (MiB) and CPU (cores) over its life, at most SESSION_POINTS points."""
 
-    __slots__ = ("times", "memory", "cpu", "stride", "sums", "summed")
+    __slots__ = ("times", "memory", "cpu", "stride", "sums", "summed", "cpu_seen")
 
     def __init__(self):
         self.times, self.memory, self.cpu = array("d"), array("f"), array("f")
+        self.cpu_seen = 0.0  # the CPU seconds of its process at the last sample
         self.stride = 1  # samples per point; doubles each time the ring fills
         self.sums, self.summed = [0.0, 0.0, 0.0], 0  # the point being made
 
@@ -75,21 +76,26 @@ class Timeline:
         self._ends[reason] += 1
 
     def sample(self, when: float, live: int, per_session: dict[str, tuple[int, float]]) -> None:
-        """One point for the node and for each sampled session ((memory bytes, CPU seconds since the last))."""
+        """One point for the node and for each sampled session ((memory bytes, CPU seconds of its process so far))."""
         elapsed = max(when - self._last, 1e-3)
         self._last = when
-        cpu = sum(c for _, c in per_session.values())
+        used = {}
+        for sid, (_, cpu_total) in per_session.items():
+            series = self.sessions.get(sid)
+            if series is None:
+                series = self.sessions[sid] = self.ended.pop(sid, None) or SessionSeries()
+            # a new process of the session starts from 0: what it has used is all new
+            used[sid] = cpu_total - series.cpu_seen if cpu_total >= series.cpu_seen else cpu_total
+            series.cpu_seen = cpu_total
+        cpu = sum(used.values())
         self.points.append({
             "t": when, "live": live, "memory_mib": round(sum(m for m, _ in per_session.values()) / MIB, 3),
             "cpu_cores": round(cpu / elapsed, 4), "turns_per_s": round(self._turns / elapsed, 3),
             "ends": dict(self._ends),
         })
         self._turns, self._ends = 0, Counter()
-        for sid, (memory, cpu_seconds) in per_session.items():
-            series = self.sessions.get(sid)
-            if series is None:
-                series = self.sessions[sid] = self.ended.pop(sid, None) or SessionSeries()
-            series.add(when, memory / MIB, cpu_seconds / elapsed)
+        for sid, (memory, _) in per_session.items():
+            self.sessions[sid].add(when, memory / MIB, used[sid] / elapsed)
         for sid in [sid for sid in self.sessions if sid not in per_session]:
             self._retire(sid)
 

@@ -7,6 +7,8 @@ exact CPU (the zygote's ``wait4``). One timer samples every live process once pe
 session's cgroup where it has a cpu control, else ``/proc/PID/stat``; memory from its memory
 cgroup, else its RSS; memory × time adds the memory seen × the seconds since the last sample.
 The same pass feeds the in-memory timeline of the dashboard's plots (supervisor/timeline.py).
+Each batch also reads the processes of the sessions that had turns in it, so CPU and memory are
+counted as of each turn's end without a read on the turn's path.
 
 What is counted waits in ``pending`` and is written in one store transaction per batch
 (``Store.add_usage``) at most ``FLUSH_AFTER`` seconds after it happened, and at close; a batch
@@ -193,6 +195,8 @@ class Usage:
             await asyncio.wait([self._flush])
         try:
             while self.pending:
+                # the CPU and memory of the sessions that had turns, read now: usage as of each turn's end
+                await self._read([sid for sid, p in self.pending.items() if p.counts.get("turns")])
                 batch, self.pending = self.pending, {}
                 deltas = self._deltas(batch)
                 try:
@@ -239,13 +243,22 @@ class Usage:
 
     async def sample(self) -> None:
         """Read every live process's CPU and memory on a worker thread, count the differences, feed the timeline."""
-        targets = [(sid, s.pid, s.limits) for sid, s in list(self.sup.sessions.items()) if s.pid is not None]
-        limiter = self.sup.limiter
+        read = await self._read([sid for sid, s in list(self.sup.sessions.items()) if s.pid is not None])
+        if read is not None:
+            self.timeline.sample(time.time(), self.sup.live_count, read)
+
+    async def _read(self, session_ids) -> dict[str, tuple[int, float]] | None:
+        """Read these sessions' processes on a worker thread and count what they used since the last reading.
+
+        Returns each one's (memory bytes, CPU seconds of its process so far), or None if the pass failed.
+        """
+        sessions = [(sid, self.sup.sessions.get(sid)) for sid in session_ids]
+        targets = [(sid, s.pid, s.limits) for sid, s in sessions if s is not None and s.pid is not None]
         try:
-            readings = await asyncio.get_running_loop().run_in_executor(None, _read_all, targets, limiter)
+            readings = await asyncio.get_running_loop().run_in_executor(None, _read_all, targets, self.sup.limiter)
         except Exception as exc:  # a failed pass counts nothing; the next one catches up (CPU is cumulative)
             log.warning("usage_sample_failed", error=repr(exc))
-            return
+            return None
         now = time.monotonic()
         per_session = {}
         for sid, pid, cpu, memory, peak in readings:
@@ -259,8 +272,8 @@ class Usage:
             mib_seconds = memory / MIB * max(0.0, now - proc.since)
             proc.cpu_seen, proc.memory, proc.since = max(cpu, proc.cpu_seen), memory, now
             self._add(sid, s.tenant, peak=max(memory, peak), cpu_seconds=cpu_delta, memory_mib_seconds=mib_seconds)
-            per_session[sid] = (memory, cpu_delta)
-        self.timeline.sample(time.time(), self.sup.live_count, per_session)
+            per_session[sid] = (memory, proc.cpu_seen)
+        return per_session
 
     # ---- Prometheus ----------------------------------------------------------------------------
 

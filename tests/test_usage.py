@@ -133,3 +133,20 @@ async def test_usage_with_the_store_down_is_a_503(aiohttp_client, make_config, t
         response = await client.get(path, headers=headers)
         body = await assert_error(response, 503, "unavailable")
         assert response.headers["Retry-After"] == "5" and "sqlite" not in body["error"]["message"].lower()
+
+
+async def test_cpu_is_counted_as_of_each_turns_end(aiohttp_client, make_config, tmp_path):
+    """With no sample due for an hour, a live session's CPU reaches the store with its turn's batch."""
+    client = await start(aiohttp_client, make_config, tmp_path, tenants=TENANTS, usage_interval=3600)
+    sup = supervisor_of(client)
+    await json_of(await client.post("/api/mcp-command", headers=ALICE, json={
+        "session_id": "c1", "command": "spin", "args": {"seconds": 0.3}}), 200)
+    times = psutil.Process(sup.sessions["c1"].pid).cpu_times()
+    spent = times.user + times.system  # the kernel's figure after the turn
+
+    async def stored() -> bool:
+        row = await sup.store.session_usage("c1")
+        return row is not None and row["cpu_seconds"] >= spent - 0.02  # clock ticks of the turn's bookkeeping
+
+    await until(stored)
+    assert sup.sessions["c1"].live and not sup.usage.timeline.points  # no sample has run: the turn's batch read it
