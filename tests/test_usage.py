@@ -150,3 +150,18 @@ async def test_cpu_is_counted_as_of_each_turns_end(aiohttp_client, make_config, 
 
     await until(stored)
     assert sup.sessions["c1"].live and not sup.usage.timeline.points  # no sample has run: the turn's batch read it
+
+
+async def test_a_batch_the_store_refused_is_written_when_it_is_back(sup):
+    """The store is down for a write: the counts stay pending, merged with new ones, and go out on the next try."""
+    s = await sup.get_or_create("e1", "acme")
+    await sup.ensure_live(s)
+    await sup.store.close()
+    sup.usage.record_egress("e1", bytes=100, requests=1)
+    await sup.usage.flush()  # refused: "not open"
+    assert sup.usage.pending["e1"].counts["egress_bytes"] == 100
+    sup.usage.record_egress("e1", bytes=50, requests=1)
+    await sup.store.open()
+    await sup.usage.flush()
+    row = await sup.store.session_usage("e1")
+    assert (row["egress_bytes"], row["egress_requests"], row["starts"]) == (150, 2, 1) and not sup.usage.pending
