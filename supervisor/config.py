@@ -12,9 +12,10 @@ from pathlib import Path
 from corral.supervisor.limits import MECHANISMS
 from corral.supervisor.sandbox import MODES as SANDBOX_MODES
 from corral.supervisor.sandbox import parse_uid_range
+from corral.supervisor.settings import http_url
 from corral.supervisor.settings import (  # noqa: F401 (SettingError: raised by Config, caught by the CLI)
-    AGENT, CORES, COUNT, PATH, PORT, RATE, SECONDS, SIZE, TEXT, TOKEN, URL, URLS, ORIGINS,
-    Declared, SettingError, at_least_one, between, check_all, choice, declared, non_negative, positive, setting,
+    AGENT, CORES, COUNT, PATH, PORT, RATE, SECONDS, SIZE, TEXT, TOKEN, URL, ORIGINS,
+    Declared, SettingError, repeated, at_least_one, between, check_all, choice, declared, non_negative, positive, setting,
 )
 
 DEFAULT_AGENT = "corral.agent_proc.demo:DemoAgent"
@@ -135,8 +136,9 @@ class Config:
         10.0, SECONDS, "seconds a cluster node stays alive without renewing its heartbeat", positive,
         doc="seconds a cluster node stays alive without renewing its heartbeat (PostgreSQL only)")
     webhook: tuple[str, ...] = setting(
-        (), URLS, "URL to POST lifecycle events to (repeatable, or comma-separated)", default_text="none",
-        doc="URL lifecycle events are POSTed to, signed (repeat the flag, or separate by commas; a tenant's own in "
+        (), repeated("url", http_url, ","), "URL to POST lifecycle events to (repeatable; the variable: comma-separated)",
+        default_text="none",
+        doc="URL lifecycle events are POSTed to, signed (repeat the flag; `CORRAL_WEBHOOK`: comma-separated; a tenant's own in "
             "the tenants file); see [operations.md](operations.md#lifecycle-webhooks)")
     webhook_secret: str | None = setting(None, TOKEN, "the HMAC-SHA256 key that signs webhook bodies")
     webhook_secret_file: Path | None = setting(None, PATH, "a file holding the webhook key (instead of --webhook-secret)")

@@ -116,16 +116,13 @@ def origins(text: str) -> tuple[str, ...]:
     return found
 
 
-def http_urls(text: str) -> tuple[str, ...]:
-    """Comma-separated http(s) URLs."""
-    found = tuple(u.strip() for u in text.split(",") if u.strip())
-    for url in found:
-        scheme, sep, rest = url.partition("://")
-        if scheme not in ("http", "https") or not sep or not rest.split("/")[0]:
-            raise ValueError(f"expected http://host[:port]/path or https://..., not {url!r}")
-    if not found:
-        raise ValueError("expected at least one URL")
-    return found
+def http_url(text: str) -> str:
+    """One http(s) URL."""
+    url = text.strip()
+    scheme, sep, rest = url.partition("://")
+    if scheme not in ("http", "https") or not sep or not rest.split("/")[0]:
+        raise ValueError(f"expected http://host[:port]/path or https://..., not {url!r}")
+    return url
 
 
 def path(text: str) -> Path:
@@ -152,7 +149,13 @@ class Kind:
     parse: Callable[[str], object]
     checks: tuple[Check, ...] = ()
     show: Callable[[object], str] = str  # how --help and the docs print a default
-    repeatable: bool = False  # the flag may be given more than once (values are tuples, joined)
+    repeat: str | None = None  # repeatable: the flag may be given again; the variable splits on this
+
+    def parse_all(self, text: str):
+        """The value of a flag or variable's text: one value, or a tuple of them split on ``repeat``."""
+        if self.repeat is None:
+            return self.parse(text)
+        return tuple(self.parse(part.strip()) for part in text.split(self.repeat) if part.strip())
 
 
 def _show_number(value: float) -> str:
@@ -180,7 +183,11 @@ PORT = Kind("port", port_number, (between(0, 65535, "must be 0-65535"),))
 AGENT = Kind("agent", agent_spec)
 CORES = Kind("cores", parse_cores, (), _show_number)
 ORIGINS = Kind("origins", origins, (), lambda value: ",".join(value))
-URLS = Kind("urls", http_urls, (), lambda value: ",".join(value), repeatable=True)
+
+
+def repeated(name: str, parse: Callable[[str], object], separator: str) -> Kind:
+    """A kind whose flag may be repeated (the value is a tuple); its variable lists values split on ``separator``."""
+    return Kind(name, parse, (), lambda value: ", ".join(map(str, value)) or "none", separator)
 
 
 def choice(name: str, allowed: tuple[str, ...]) -> Kind:

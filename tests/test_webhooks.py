@@ -143,7 +143,9 @@ def test_webhooks_without_a_key_or_with_a_bad_url_refuse_to_start(make_config, t
 
     with pytest.raises(AuthConfigError, match="--webhook-secret"):
         create_app(make_config(webhook=("http://127.0.0.1:9/hook",)))
-    args = build_parser().parse_args(["serve", "--webhook", "http://a.example/x", "--webhook", "https://b.example/y,http://c"])
-    assert config_from(args, {}).webhook == ("http://a.example/x", "https://b.example/y", "http://c")
+    args = build_parser().parse_args(["serve", "--webhook", "http://a.example/x", "--webhook", "https://b.example/y"])
+    assert config_from(args, {}).webhook == ("http://a.example/x", "https://b.example/y")
+    env = config_from(build_parser().parse_args(["serve"]), {"CORRAL_WEBHOOK": "http://a.example/x, http://c"})
+    assert env.webhook == ("http://a.example/x", "http://c")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--webhook", "ftp://a.example/x"])

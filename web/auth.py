@@ -25,7 +25,7 @@ from pathlib import Path
 from aiohttp import web
 
 from corral.supervisor.logs import get_logger
-from corral.supervisor.settings import http_urls
+from corral.supervisor.settings import http_url
 from corral.web.errors import error_response
 from corral.web.keys import ADMIN, AUTH, TENANT
 
@@ -125,7 +125,7 @@ def _read_webhooks(where: str, urls) -> tuple[str, ...]:
     if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
         raise AuthConfigError(f"{where}: webhooks must be a list of URLs")
     try:
-        return http_urls(",".join(urls)) if urls else ()
+        return tuple(http_url(url) for url in urls)
     except ValueError as exc:
         raise AuthConfigError(f"{where}: webhooks: {exc}") from None
 

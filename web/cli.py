@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the server", description=__doc__)
     for item in settings():
         serve.add_argument(item.flag, dest=item.name, type=_parser(item.setting.kind.name, item.setting.kind.parse),
-                           action="append" if item.setting.kind.repeatable else "store", default=None, help=f"{item.setting.help} (default {item.shown_default}) [env {item.env}]")
+                           default=None, action="append" if item.setting.kind.repeat else "store",
+                           help=f"{item.setting.help} (default {item.shown_default}) [env {item.env}]")
     ops_cli.add_parsers(sub)
     return parser
 
@@ -56,10 +57,10 @@ def config_from(args: argparse.Namespace, environ=os.environ) -> Config:
     """Merge flags over environment over defaults; a bad value exits with one line naming where it came from."""
     values, sources = {}, {}
     for item in settings():
-        name, parse = item.name, _parser(item.setting.kind.name, item.setting.kind.parse)
+        name, parse = item.name, _parser(item.setting.kind.name, item.setting.kind.parse_all)
         value, source = getattr(args, name, None), item.flag
-        if isinstance(value, list):  # a repeatable flag given more than once: one tuple of every value
-            value = tuple(part for given in value for part in given)
+        if isinstance(value, list):  # a repeated flag
+            value = tuple(value)
         if value is None and environ.get(item.env):
             source = item.env
             try:
