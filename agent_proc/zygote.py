@@ -309,9 +309,9 @@ class Zygote:
             uid = self.uids.pop(pid, None)
             if uid is not None:
                 _kill_uid(uid)  # setsid'ed and double-forked leftovers too, before the uid is handed out again
-            _, status = os.waitpid(pid, 0)
+            _, status, rusage = os.wait4(pid, 0)  # its CPU (and its reaped children's) for usage accounting
             _unbound_disk(self.mounts.pop(pid, None))  # before the report: the supervisor then removes the dir
-            send(self.conn, Exited(self.children.pop(pid), status))
+            send(self.conn, Exited(self.children.pop(pid), status, rusage.ru_utime + rusage.ru_stime))
 
     def _recv_descriptors(self, count: int) -> list[int]:
         """The child's hub connection, then its output pipe, sent just before its request.

@@ -78,6 +78,7 @@ class Exited:
 
     spawn_id: int
     status: int
+    cpu_seconds: float | None = None  # user + system of the agent and the children it reaped (wait4), for usage
 
 
 @dataclass(frozen=True, slots=True)

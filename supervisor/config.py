@@ -14,6 +14,7 @@ from corral.supervisor.egress.upstreams import parse_header, parse_upstream
 from corral.supervisor.limits import MECHANISMS
 from corral.supervisor.sandbox import MODES as SANDBOX_MODES
 from corral.supervisor.sandbox import parse_uid_range
+from corral.supervisor.settings import http_url
 from corral.supervisor.settings import (  # noqa: F401 (SettingError: raised by Config, caught by the CLI)
     AGENT, CORES, COUNT, ENV_ENTRY, PATH, PORT, RATE, SECONDS, SIZE, TEXT, TOKEN, URL, ORIGINS,
     Declared, SettingError, repeated, at_least_one, between, check_all, choice, declared, non_negative, positive, setting,
@@ -197,6 +198,17 @@ class Config:
     node_lease: float = setting(
         10.0, SECONDS, "seconds a cluster node stays alive without renewing its heartbeat", positive,
         doc="seconds a cluster node stays alive without renewing its heartbeat (PostgreSQL only)")
+    webhook: tuple[str, ...] = setting(
+        (), repeated("url", http_url, ","), "URL to POST lifecycle events to (repeatable; the variable: comma-separated)",
+        default_text="none",
+        doc="URL lifecycle events are POSTed to, signed (repeat the flag; `CORRAL_WEBHOOK`: comma-separated; a tenant's own in "
+            "the tenants file); see [operations.md](operations.md#lifecycle-webhooks)")
+    webhook_secret: str | None = setting(None, TOKEN, "the HMAC-SHA256 key that signs webhook bodies")
+    webhook_secret_file: Path | None = setting(None, PATH, "a file holding the webhook key (instead of --webhook-secret)")
+    usage_interval: float = setting(
+        10.0, SECONDS, "seconds between samples of every agent's CPU and memory (usage, dashboard plots)", positive,
+        doc="seconds between samples of every live agent's CPU and memory: usage accounting and the dashboard's "
+            "plots; see [operations.md](operations.md#usage)")
     loop: str = setting("auto", choice("loop", LOOPS), "event loop: auto (uvloop when installed) | asyncio | uvloop")
 
     def __post_init__(self):

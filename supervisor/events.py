@@ -70,6 +70,10 @@ class EventBus:
         """Whether a session-level event of this type for this session would reach any listener."""
         return key in self._by_session or bool(self._global_for(type_))
 
+    def wants(self, type_: str) -> bool:
+        """Whether any global listener takes events of this type (so the caller may skip building one)."""
+        return bool(self._global_for(type_))
+
     def publish(self, type_: str, key: str, *, to_all: bool = True, **data) -> None:
         """Send one event to the session's listeners (and to global ones when ``to_all``); it names the session by id."""
         listeners = self._by_session.get(key)

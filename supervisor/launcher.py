@@ -46,6 +46,7 @@ class Exit:
     status: int
     oom: bool
     description: str
+    cpu_seconds: float | None = None  # user + system of the process and the children it reaped (wait4)
 
 
 @dataclass(eq=False)

@@ -45,6 +45,8 @@ class Lifecycle:
             await self.close()
             raise
         self._schedule_retention()
+        self.usage.start()
+        self.events.publish_global("node", state="joined", node=self.node)
         log.info("supervisor_started", run_dir=self.run_dir, limit=self.limiter.describe(), agent=self.config.agent)
 
     def _run_parent(self) -> str | None:
@@ -189,6 +191,9 @@ class Lifecycle:
             if removal and not removal["removed"]:
                 log.warning("agent_tmp_left", **removal)  # the next start's sweep takes it
         if self.store is not None:
+            with contextlib.suppress(Exception):
+                await self.usage.close()  # the ends of the sessions just stopped, before the store goes
+            self.events.publish_global("node", state="left", node=self.node)
             with contextlib.suppress(Exception):
                 await self.store.close()
         if self.claim is not None:

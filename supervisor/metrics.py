@@ -33,6 +33,10 @@ _COUNTERS = {
     "corral_session_stops": (states.ENDED, "Sessions ended by their owner or at shutdown"),
     "corral_fenced_out": ("fenced_out", "Agent processes ended because another cluster node claimed their session"),
     "corral_forwards": ("forwards", "Requests relayed to the cluster node that owns their session"),
+    "corral_webhooks_delivered": ("webhooks_delivered", "Webhook deliveries a receiver accepted (2xx)"),
+    "corral_webhooks_retried": ("webhooks_retried", "Webhook tries that failed and were scheduled again"),
+    "corral_webhooks_failed": ("webhooks_failed", "Webhook deliveries given up (a 4xx, or the retry window passed)"),
+    "corral_webhooks_dropped": ("webhooks_dropped", "Webhook deliveries dropped: the queue was full, or the server stopped"),
 }
 
 
@@ -143,6 +147,7 @@ class _SupervisorCollector:
         )
         yield from self._memory()
         yield from _egress(sup.egress_by_tenant())
+        yield from sup.usage.metric_families()
 
     @staticmethod
     def _by_state(sup) -> GaugeMetricFamily:

@@ -40,6 +40,7 @@ from corral.supervisor.session_life import SessionLife
 from corral.supervisor.store import SessionNotFound as StoredSessionMissing
 from corral.supervisor.store import StaleEpoch, StoreError
 from corral.supervisor.tasks import TaskSet
+from corral.supervisor.usage import Usage
 
 log = get_logger(component="supervisor")
 
@@ -80,6 +81,7 @@ class Supervisor(Lifecycle, Activation, Queries):
         self.sandbox = None
         self.hub: Hub | None = None
         self.spawner = None  # the ZygoteSpawner (supervisor/spawner.py), started by Lifecycle.start
+        self.usage = Usage(self, interval=config.usage_interval)  # usage per session and tenant (supervisor/usage.py)
         self.output = AgentOutput(config.agent_log_lines, self.events)  # every agent's stdout/stderr, and each session's tail
         self.started_at = time.time()
         # Names this server in the store's sessions.node (supervisor/node.py says what it means)

@@ -42,6 +42,7 @@ class Turn:
     chunks: int = 0
     abandoned: bool = False  # the caller gave up (timeout); the answer is dropped when it comes
     bytes: int = 0  # what the agent has sent for it so far (bounded by max_turn_bytes)
+    in_bytes: int | None = None  # the committed message it carries, in UTF-8 bytes (None: nothing recorded)
 
 
 class TokenBucket:

@@ -225,7 +225,7 @@ class SessionLife(Turns):
         if s.exit_description is None:
             s.exit_description = exit.description
         self._release()
-        self._went_down(final)
+        self._went_down(final, cpu_seconds=exit.cpu_seconds)
 
     def _release(self) -> None:
         """Free what a dead process held: its routing id, pid and output pipes (the spawner frees its limits)."""
@@ -236,7 +236,7 @@ class SessionLife(Turns):
         self.host.hub.disconnect(self.routing_id)
         s.pid = None
 
-    def _went_down(self, final: str) -> None:
+    def _went_down(self, final: str, *, cpu_seconds: float | None = None) -> None:
         """Fail what was waiting on the process, record the end, tell everyone."""
         s = self.session
         self.cancel_timers("idle", "age", "term", "kill", "interrupt")
@@ -256,7 +256,8 @@ class SessionLife(Turns):
         self.host.transition(s, final, exit=s.exit_description)
         if self.exited is not None and not self.exited.done():
             self.exited.set_result(final)
-        self.host.events.publish("end", s.key, tenant=s.tenant, reason=final, end_reason=s.end_reason, exit=s.exit_description)
+        self.host.events.publish("end", s.key, tenant=s.tenant, reason=final, end_reason=s.end_reason,
+                                 exit=s.exit_description, cpu_seconds=cpu_seconds)
         self.host.record_end(s, final)
         self.host.forget(s)
 

@@ -132,6 +132,14 @@ def env_entries(value) -> str | None:
             return f"{exc} (got {entry.partition('=')[0]!r})"
     return None
 
+def http_url(text: str) -> str:
+    """One http(s) URL."""
+    url = text.strip()
+    scheme, sep, rest = url.partition("://")
+    if scheme not in ("http", "https") or not sep or not rest.split("/")[0]:
+        raise ValueError(f"expected http://host[:port]/path or https://..., not {url!r}")
+    return url
+
 
 def path(text: str) -> Path:
     """A filesystem path."""
@@ -193,6 +201,11 @@ AGENT = Kind("agent", agent_spec)
 CORES = Kind("cores", parse_cores, (), _show_number)
 ORIGINS = Kind("origins", origins, (), lambda value: ",".join(value))
 ENV_ENTRY = Kind("NAME[=VALUE]", env_entry, (env_entries,), lambda value: " ".join(value) or "none", " ")
+
+
+def repeated(name: str, parse: Callable[[str], object], separator: str) -> Kind:
+    """A kind whose flag may be repeated (the value is a tuple); its variable lists values split on ``separator``."""
+    return Kind(name, parse, (), lambda value: ", ".join(map(str, value)) or "none", separator)
 
 
 def repeated(name: str, parse: Callable[[str], object], separator: str) -> Kind:

@@ -196,7 +196,7 @@ class ZygoteSpawner(Launcher):
         if isinstance(msg, msgs.Exited):
             proc = self._procs.pop(msg.spawn_id, None)
             if proc is not None:
-                self._exited(proc, msg.status, describe_status(msg.status))
+                self._exited(proc, msg.status, describe_status(msg.status), msg.cpu_seconds)
         elif isinstance(msg, (msgs.Spawned, msgs.SpawnFailed)):
             fut = self._pending.pop(msg.spawn_id, None)
             if fut is not None and not fut.done():
@@ -211,12 +211,12 @@ class ZygoteSpawner(Launcher):
                 else:
                     self._ready.set_exception(SpawnError(msg.reason))
 
-    def _exited(self, proc: AgentProcess, status: int, description: str) -> None:
+    def _exited(self, proc: AgentProcess, status: int, description: str, cpu_seconds: float | None = None) -> None:
         """A process is gone: take the memory limit's verdict, free its limits and sandbox, report it."""
         oom = status != ZYGOTE_DIED and bool(proc.limits) and self.limiter.oom_killed(proc.limits)
         self._release(proc)
         if not proc.exited.done():
-            proc.exited.set_result(Exit(status, oom, description))
+            proc.exited.set_result(Exit(status, oom, description, cpu_seconds))
 
     def _release(self, proc: AgentProcess) -> None:
         """Free a process's sandbox now and its cgroup on a worker thread (emptying one may wait)."""

@@ -60,7 +60,10 @@ class Turns:
                 # The process may have died (and a respawn begun) while the message was committed:
                 # sending now would put the turn in a mailbox nobody reads.
                 await self.ensure_live()
-            return self._send(kind, body, on_chunk)
+            turn = self._send(kind, body, on_chunk)
+            if record_as is not None:
+                turn.in_bytes = utf8_len(body)
+            return turn
         except BaseException:
             self.turn_over()
             raise
@@ -72,12 +75,16 @@ class Turns:
         # shield or a timer per turn: those cost a task, futures, callbacks or a timer per turn,
         # a measurable share of a warm turn (docs/benchmarks.md).
         self.host.turn_deadlines.add(turn, self.host.config.request_timeout, self)
+        status, out_bytes = "failed", None
         try:
             done = await turn.future
-            if done.get("status") == "done":
+            status = done.get("status")
+            if status == "done":
                 s.agent_state = done.get("state") or s.agent_state
                 if turn.kind == p.MESSAGE:
-                    done["message"] = await self._record("assistant", done.get("reply") or "")
+                    reply = done.get("reply") or ""
+                    done["message"] = await self._record("assistant", reply)
+                    out_bytes = utf8_len(reply)
             return done
         except errors.CorralError as exc:
             # The session's listeners learn why no reply is coming (a wait=false caller has no other way).
@@ -86,6 +93,9 @@ class Turns:
         finally:
             self.host.turn_deadlines.discard(turn)
             self.turn_over()
+            if self.sup.events.wants("turn"):  # usage accounting (supervisor/usage.py)
+                self.sup.events.publish_global("turn", session_id=s.id, tenant=s.tenant, status=status,
+                                               in_bytes=turn.in_bytes, out_bytes=out_bytes)
 
     def time_out(self, turn: Turn) -> None:
         """request_timeout passed without an answer: interrupt the turn and fail its waiter (504)."""
@@ -247,6 +257,11 @@ class Turns:
             turn.future.add_done_callback(consume)
         if code in DEATH_CODES.values():
             self.dying_now()
+
+
+def utf8_len(content) -> int:
+    """The UTF-8 size of a message as the store keeps it."""
+    return len((content if isinstance(content, str) else str(content)).encode("utf-8", "surrogatepass"))
 
 
 def consume(fut: asyncio.Future) -> None:

@@ -120,6 +120,22 @@ async def test_one_session_through_every_node_answers_from_one_process(cluster, 
     assert status == 200 and len(listing["nodes"]) == 3 and all(n["alive"] for n in listing["nodes"])
     assert sum(n["sessions_owned"] for n in listing["nodes"]) == 1
 
+    # usage: each node writes its own sessions' share; any node's /admin/usage sums every node's
+    second = new_prefix() + "two"
+    status, body, _ = await chat(http, nodes[1].url, second, "hello")  # claimed where it lands: nodes[1]
+    assert status == 200 and (await admin_row(http, nodes[1].url, second))["node"] != owner["node"]
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:  # the owners' batches are written within 50 ms of each turn, off every request
+        status, used = await get_json(http, nodes[2].url, "/admin/usage")
+        if used["tenants"].get("default", {}).get("turns") == 6:  # 5 turns of the first session, 1 of the second
+            break
+        assert asyncio.get_running_loop().time() < deadline, used
+        await asyncio.sleep(0.05)
+    assert used["tenants"]["default"]["starts"] == 2
+    status, timeline = await get_json(http, nodes[2].url, "/admin/timeline")  # the dashboard's cluster plots
+    assert status == 200 and len({n["node"] for n in timeline["cluster"]}) == 3
+    assert timeline["cluster"][0]["node"] == timeline["node"]
+
 
 async def test_30_concurrent_chats_through_every_node_keep_one_ordered_history(cluster, http):
     nodes = [cluster.start_node() for _ in range(3)]

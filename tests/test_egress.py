@@ -250,7 +250,7 @@ async def test_tenants_rules_apply_to_their_own_sessions_only(gateway, origin, t
                        f'headers = {{ "X-Key" = "Bearer env:TEST_GLOBEX_KEY" }}\n')
     os.environ["TEST_GLOBEX_KEY"] = "globex-secret"
     try:
-        egress = load_tenants(tenants)[3]
+        egress = load_tenants(tenants).egress
     finally:
         del os.environ["TEST_GLOBEX_KEY"]
     gw = await gateway(tenants=egress)

@@ -463,3 +463,35 @@ async def test_sqlite_files_are_private(tmp_path):
         assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
     finally:
         await store.close()
+
+
+# ---- usage ---------------------------------------------------------------------------------
+
+async def test_usage_adds_per_session_and_per_tenant_hour(make_store, backend):
+    """Deltas add up per session and per tenant-hour (peak: the largest), survive a reopen and the session's purge."""
+    from corral.supervisor.store.base import HOUR, UsageDelta
+    store = await make_store()
+    await store.upsert_session("u1", tenant="acme", agent="a")
+    hour = 100 * HOUR
+    await store.add_usage([
+        UsageDelta("u1", "acme", "n1", hour, {"turns": 2, "bytes_in": 10, "cpu_seconds": 0.5}, 1000),
+        UsageDelta("u2", "acme", "n2", hour, {"turns": 1, "memory_mib_seconds": 3.0}, 5000),
+        UsageDelta("u3", "beta", "n1", hour + HOUR, {"starts": 1}, 10),
+    ])
+    await store.add_usage([UsageDelta("u1", "acme", "n1", hour + HOUR, {"turns": 1, "ends": 1, "cpu_seconds": 0.25},
+                                      2000, {"idle": 1}, "idle")])
+    await store.set_status("u1", "reaped", end_reason="idle", ended=True)
+    await store.purge_ended(-1)  # the session's rows go; its usage stays
+    if backend != "memory":
+        await store.close()
+        store = await make_store()
+    one = await store.session_usage("u1")
+    assert (one["turns"], one["bytes_in"], one["cpu_seconds"], one["ends"]) == (3, 10, 0.75, 1)
+    assert (one["memory_peak_bytes"], one["last_end_reason"], one["node"], one["tenant"]) == (2000, "idle", "n1", "acme")
+    assert await store.session_usage("nobody") is None
+    every = await store.tenant_usage()
+    assert every["acme"]["turns"] == 4 and every["acme"]["memory_peak_bytes"] == 5000
+    assert every["acme"]["end_reasons"] == {"idle": 1} and every["beta"]["starts"] == 1
+    first_hour = await store.tenant_usage(since=hour + 10, until=hour + HOUR)
+    assert first_hour["acme"]["turns"] == 3 and first_hour["acme"]["end_reasons"] == {} and "beta" not in first_hour
+    assert list(await store.tenant_usage(tenant="beta")) == ["beta"]

@@ -29,6 +29,8 @@ from corral.agent_proc import environment
 from corral.supervisor.egress import TenantEgress, tenant_egress
 from corral.supervisor.logs import get_logger
 from corral.supervisor.session_keys import DEFAULT_TENANT
+
+from corral.supervisor.settings import http_url
 from corral.web.errors import error_response
 from corral.web.keys import ADMIN, AUTH, TENANT
 
@@ -58,6 +60,8 @@ class Auth:
     admin_token: bytes | None = field(default=None, repr=False)
     metrics_token: bytes | None = field(default=None, repr=False)  # None: /metrics is open
     tenant_egress: dict[str, TenantEgress] = field(default_factory=dict, repr=False)  # their rules and upstreams
+
+    tenant_webhooks: dict[str, tuple[str, ...]] = field(default_factory=dict)  # tenant -> its webhook URLs
 
     @property
     def dev_mode(self) -> bool:
@@ -96,10 +100,20 @@ def digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
 
-def load_tenants(path: Path, envs: dict | None = None) -> tuple[list[tuple[bytes, str]], dict[str, int], str | None,
-                                                             dict[str, TenantEgress]]:
-    """Read a tenants TOML file: (key digests, per-tenant session limits, admin token or None, egress per tenant);
-    ``envs`` gets each tenant's ``env``."""
+@dataclass
+class TenantsFile:
+    """What a tenants file says: key digests with their tenant, and per tenant its limits and settings."""
+
+    keys: list[tuple[bytes, str]] = field(default_factory=list)
+    limits: dict[str, int] = field(default_factory=dict)  # max_sessions
+    envs: dict[str, dict[str, str]] = field(default_factory=dict)  # env its agents get
+    egress: dict[str, TenantEgress] = field(default_factory=dict)  # agent_allow / agent_deny / upstreams
+    webhooks: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    admin: str | None = None  # admin_token
+
+
+def load_tenants(path: Path) -> TenantsFile:
+    """Read a tenants TOML file: every tenant's key digests, session limit, env, egress rules and webhooks."""
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
@@ -113,24 +127,38 @@ def load_tenants(path: Path, envs: dict | None = None) -> tuple[list[tuple[bytes
     tenants = data.get("tenants", {})
     if not isinstance(tenants, dict):
         raise AuthConfigError(f"tenants file {path}: [tenants] must be a table of [tenants.NAME] tables")
-    keys, limits, egress = [], {}, {}
+    found = TenantsFile()
+    keys, limits, envs, egress, webhooks = found.keys, found.limits, found.envs, found.egress, found.webhooks
     for name, table in tenants.items():
         where = f"tenants file {path}: [tenants.{name}]"
         tenant_keys, limit = _read_tenant(where, name, table)
         keys.extend((digest(key), name) for key in tenant_keys)
         if limit is not None:
             limits[name] = limit
-        if envs is not None and table.get("env"):
+        if table.get("env"):
             envs[name] = dict(table["env"])
         if EGRESS_KEYS & set(table):
             try:
                 egress[name] = tenant_egress(table, where)
             except ValueError as exc:
                 raise AuthConfigError(str(exc)) from None
+        if "webhooks" in table:
+            webhooks[name] = _read_webhooks(where, table["webhooks"])
     admin = data.get("admin_token")
     if admin is not None and (not isinstance(admin, str) or not admin):
         raise AuthConfigError(f"tenants file {path}: admin_token must be a non-empty string")
-    return keys, limits, admin, egress
+    found.admin = admin
+    return found
+
+
+def _read_webhooks(where: str, urls) -> tuple[str, ...]:
+    """A tenant's ``webhooks = ["https://...", ...]``."""
+    if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+        raise AuthConfigError(f"{where}: webhooks must be a list of URLs")
+    try:
+        return tuple(http_url(url) for url in urls)
+    except ValueError as exc:
+        raise AuthConfigError(f"{where}: webhooks: {exc}") from None
 
 
 def _read_tenant(where: str, name: str, table) -> tuple[list[str], int | None]:
@@ -139,7 +167,7 @@ def _read_tenant(where: str, name: str, table) -> tuple[list[str], int | None]:
         raise AuthConfigError(f"{where}: tenant names are 1-64 characters of A-Z a-z 0-9 . _ -")
     if not isinstance(table, dict):
         raise AuthConfigError(f"{where}: must be a table with keys = [...]")
-    allowed = {"keys", "max_sessions", "env"} | EGRESS_KEYS
+    allowed = {"keys", "max_sessions", "env", "webhooks"} | EGRESS_KEYS
     unknown = set(table) - allowed
     if unknown:
         raise AuthConfigError(f"{where}: unknown settings {sorted(unknown)} (allowed: {', '.join(sorted(allowed))})")
@@ -165,8 +193,8 @@ def _check_env(where: str, env) -> None:
 
 def auth_from_config(config) -> Auth:
     """Build the server's Auth from ``config.tenants`` and ``config.admin_token``."""
-    envs: dict[str, dict[str, str]] = {}
-    keys, limits, admin, egress = ([], {}, None, {}) if config.tenants is None else load_tenants(config.tenants, envs)
+    tenants = TenantsFile() if config.tenants is None else load_tenants(config.tenants)
+    keys, admin = tenants.keys, tenants.admin
     seen: dict[bytes, str] = {}
     for key, tenant in keys:
         if key in seen:
@@ -177,8 +205,9 @@ def auth_from_config(config) -> Auth:
     if admin and digest(admin) in seen:
         raise AuthConfigError(f"tenants file {config.tenants}: the admin token must differ from every tenant key")
     metrics = getattr(config, "metrics_token", None)
-    return Auth(keys=keys, tenant_limits=limits, tenant_env=envs, admin_token=digest(admin) if admin else None,
-                metrics_token=digest(metrics) if metrics else None, tenant_egress=egress)
+    return Auth(keys=keys, tenant_limits=tenants.limits, tenant_env=tenants.envs,
+                admin_token=digest(admin) if admin else None, metrics_token=digest(metrics) if metrics else None,
+                tenant_egress=tenants.egress, tenant_webhooks=tenants.webhooks)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -135,6 +135,16 @@ async def live_rows_elsewhere(request: web.Request, tenant: str | None, most: in
     Each node answers for its own processes (pid, memory, CPU); a node that does not answer in
     time is left out of this view rather than holding it up.
     """
+    query = {"state": "live", "limit": str(min(most, 1000)), **({"tenant": tenant} if tenant else {})}
+    answers = await ask_peers(request, "/admin/sessions", query)
+    return [row for answer in answers for row in answer.get("sessions", [])]
+
+
+async def ask_peers(request: web.Request, path: str, query: dict | None = None) -> list[dict]:
+    """The JSON answer of every other live node to ``GET path`` (the caller's credentials, local-only).
+
+    A node that does not answer in time, or not with a 200, is left out rather than holding the view up.
+    """
     sup = request.app[SUPERVISOR]
     peers = [n["url"] for n in await sup.cluster_nodes() if n.get("alive") and not n.get("self")]
     if not peers:
@@ -142,15 +152,14 @@ async def live_rows_elsewhere(request: web.Request, tenant: str | None, most: in
     headers = {FORWARDED_BY: sup.node}  # marks the call as local-only: no fan-out from there
     if hdrs.AUTHORIZATION in request.headers:
         headers[hdrs.AUTHORIZATION] = request.headers[hdrs.AUTHORIZATION]
-    query = {"state": "live", "limit": str(min(most, 1000)), **({"tenant": tenant} if tenant else {})}
 
-    async def one(url: str) -> list[dict]:
-        async with request.app[POOL].session.get(url + "/admin/sessions", params=query, headers=headers,
-                                           timeout=aiohttp.ClientTimeout(total=5)) as r:
-            return (await r.json())["sessions"] if r.status == 200 else []
+    async def one(url: str) -> dict | None:
+        async with request.app[POOL].session.get(url + path, params=query or {}, headers=headers,
+                                                 timeout=aiohttp.ClientTimeout(total=5)) as r:
+            return await r.json() if r.status == 200 else None
 
     answers = await asyncio.gather(*(one(url) for url in peers), return_exceptions=True)
-    return [row for rows in answers if isinstance(rows, list) for row in rows]
+    return [answer for answer in answers if isinstance(answer, dict)]
 
 
 def _answer_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict:

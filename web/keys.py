@@ -16,6 +16,7 @@ AUTH = web.AppKey("auth")  # web.auth.Auth (typed loosely: web/auth.py imports t
 PROCSTATS = web.AppKey("procstats", ProcStats)
 METRICS = web.AppKey("metrics", Metrics)
 EVENT_STREAMS = web.AppKey("event_streams", set[asyncio.Queue])  # queues of open /admin/events streams
+WEBHOOKS = web.AppKey("webhooks")  # supervisor.webhooks.Webhooks (typed loosely, like AUTH)
 BACKGROUND = web.AppKey("background", TaskSet)  # coroutines run past their request; awaited on shutdown
 
 TENANT = web.RequestKey("tenant", str)  # the tenant the request authenticated as

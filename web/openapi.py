@@ -83,6 +83,11 @@ session's process."""
 ADMIN_EVENTS_DESCRIPTION = """What the dashboard listens to: a `sessions` event with the live sessions (admin rows) on
 connect, then the supervisor's `state`, `spawned` and `end` events as they happen, and a `figures`
 event with every live session's process figures every 2 seconds."""
+USAGE_DESCRIPTION = """Sums of the hours from the one `since` falls in to before `until` (either may be unix
+seconds, an ISO 8601 time, UTC unless it says, or an age such as `24h` or `7d`; absent: from the start, until
+now). Pending usage of this node is written first; other nodes write theirs within 50 ms of each turn."""
+USAGE_PERIOD = [{"name": name, "in": "query", "required": False, "schema": STRING,
+                 "description": f"{name}: unix seconds, ISO 8601 or an age (24h, 7d)"} for name in ("since", "until")]
 PAGE_FILES = sorted(path.name for path in STATIC.iterdir() if path.is_file())
 
 
@@ -248,6 +253,41 @@ def _operations() -> dict:
             "responses": {
                 "200": {"description": "The file", "content": {kind: {"schema": {"type": "string"}} for kind in (
                     "text/html", "text/css", "text/javascript", "application/javascript")}},
+                **answers({}, 404),
+            },
+        }},
+        paths.ADMIN_USAGE: {"get": {
+            "summary": "Usage per tenant over a period (every node's share, from the store)",
+            "description": USAGE_DESCRIPTION, "operationId": "adminUsage", "tags": ["admin"], "security": admin,
+            "parameters": [{"name": "tenant", "in": "query", "required": False, "schema": STRING}, *USAGE_PERIOD],
+            "responses": answers({200: ("Each tenant's sums", ref("UsageReport"))}, 400, 401, 503),
+        }},
+        paths.USAGE: {"get": {
+            "summary": "Your own usage over a period", "description": USAGE_DESCRIPTION, "operationId": "usage",
+            "tags": ["sessions"], "security": tenant, "parameters": USAGE_PERIOD,
+            "responses": answers({200: ("Your sums (no other tenant's)", ref("UsageReport"))}, 400, 401, 503),
+        }},
+        paths.ADMIN_TIMELINE: {"get": {
+            "summary": "This node's last hour: live sessions, memory, CPU, turns a second, ends by reason",
+            "operationId": "adminTimeline", "tags": ["admin"], "security": admin,
+            "responses": answers({200: ("The node's ring", ref("Timeline"))}, 401),
+        }},
+        paths.ADMIN_SESSION_TIMELINE: {
+            "parameters": [param("SessionIdPath")],
+            "get": {
+                "summary": "One session's memory and CPU over its life (this node's ring)",
+                "operationId": "adminSessionTimeline", "tags": ["admin"], "security": admin,
+                "responses": answers({200: ("The session's ring", ref("Timeline"))}, 400, 401, 404),
+            },
+        },
+        paths.STATIC_VENDOR_FILE: {"get": {
+            "summary": "A file of a charting library shipped with the pages (uPlot and its license)",
+            "operationId": "staticVendorFile", "tags": ["pages"], "security": public,
+            "parameters": [{"name": "library", "in": "path", "required": True, "schema": {"type": "string"}},
+                           {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {
+                "200": {"description": "The file", "content": {kind: {"schema": {"type": "string"}} for kind in (
+                    "text/css", "text/javascript", "application/javascript", "text/plain")}},
                 **answers({}, 404),
             },
         }},

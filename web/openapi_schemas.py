@@ -130,6 +130,7 @@ SCHEMAS = {
             "metadata": {"type": "object"},
             "live": BOOLEAN,
             "node": _nullable(STRING),  # the node that holds it (in a cluster, its owner)
+            "usage": ref("Usage"),  # GET /admin/sessions/{id} only
             # Process figures (docs/operations.md): sessions held on this node; null without a process.
             "rss_bytes": _nullable(INTEGER),
             "uss_bytes": _nullable(INTEGER),
@@ -198,6 +199,39 @@ SCHEMAS = {
                                description="Live nodes and their live sessions together (docs/cluster.md)"),
         },
         required=("sessions_total", "sessions_active", "by_tenant"),
+    ),
+    "Usage": _object(
+        {
+            "starts": INTEGER, "turns": INTEGER, "messages_in": INTEGER, "messages_out": INTEGER,
+            "bytes_in": INTEGER, "bytes_out": INTEGER, "cpu_seconds": NUMBER, "memory_mib_seconds": NUMBER,
+            "memory_peak_bytes": INTEGER, "egress_bytes": INTEGER, "egress_requests": INTEGER, "ends": INTEGER,
+            "end_reasons": {"type": "object", "additionalProperties": INTEGER},
+            "last_end_reason": _nullable(STRING),
+        },
+        required=("turns", "cpu_seconds", "memory_mib_seconds", "ends"),
+        description="What sessions used (docs/operations.md#usage): counts, UTF-8 bytes, CPU seconds, MiB·s",
+    ),
+    "UsageReport": _object(
+        {
+            "since": _nullable(NUMBER), "until": _nullable(NUMBER), "hour_granularity": BOOLEAN,
+            "tenants": {"type": "object", "additionalProperties": ref("Usage")},
+        },
+        required=("tenants",),
+    ),
+    "Timeline": _object(
+        {
+            "node": STRING, "session_id": SESSION_ID, "interval": NUMBER,
+            "t": {"type": "array", "items": NUMBER},
+            "live": {"type": "array", "items": INTEGER},
+            "memory_mib": {"type": "array", "items": NUMBER},
+            "cpu_cores": {"type": "array", "items": NUMBER},
+            "turns_per_s": {"type": "array", "items": NUMBER},
+            "ends": {"type": "object", "additionalProperties": {"type": "array", "items": INTEGER}},
+            "cluster": {"type": "array", "items": {"type": "object"},
+                        "description": "In a cluster: every live node's own timeline, this node's first"},
+        },
+        required=("t", "memory_mib", "cpu_cores"),
+        description="Columns of points (unix seconds in t) from this node's in-memory rings",
     ),
     "Node": _object(
         {

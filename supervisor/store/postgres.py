@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import json
 import re
+import time
 from datetime import datetime
 from typing import Any, AsyncIterator
 from urllib.parse import unquote, urlsplit
@@ -12,12 +13,15 @@ from urllib.parse import unquote, urlsplit
 import asyncpg
 
 from .base import (
-    MessageRecord, SessionNotFound, SessionRecord, StaleEpoch, Store, StoreError, build_stats,
-    load_migrations,
+    SESSION_USAGE_COLS, USAGE_COUNTERS, MessageRecord, SessionNotFound, SessionRecord, StaleEpoch, Store, StoreError,
+    UsageDelta, build_stats, load_migrations, session_usage_record, tenant_sums, usage_period, usage_rows,
+    usage_upserts,
 )
 
 _SESSION_COLS = ("id, tenant, agent, metadata, status, end_reason, message_count, "
                  "created_at, last_activity, ended_at, node, epoch")
+_USAGE_SQL = tuple(sql.replace("{greatest}", "greatest") for sql in usage_upserts(lambda i: f"${i}"))
+_USAGE_SUMS = ", ".join(f"sum({c})" for c in USAGE_COUNTERS) + ", max(memory_peak_bytes)"
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 # any fixed key works; every corral node uses this one, so migrations run one node at a time
 _MIGRATION_LOCK = 0x636F7272616C  # "corral"
@@ -258,6 +262,32 @@ class PostgresStore(Store):
             "SELECT tenant, count(*), count(*) FILTER (WHERE ended_at IS NULL), "
             "coalesce(sum(message_count), 0) FROM sessions GROUP BY tenant ORDER BY tenant")
         return build_stats([tuple(r) for r in rows])
+
+    # ---- usage -----------------------------------------------------------------------------
+
+    async def add_usage(self, deltas: list[UsageDelta]) -> None:
+        """One transaction for the whole batch (three executemany, the node's clock stamping it)."""
+        rows = usage_rows(deltas, time.time())
+        async with self._conn() as con, con.transaction():
+            for sql, args in zip(_USAGE_SQL, rows):
+                if args:
+                    await con.executemany(sql, args)
+
+    async def session_usage(self, session_id: str) -> dict[str, Any] | None:
+        """The session's sums, or None."""
+        rows = await self._fetch(f"SELECT {SESSION_USAGE_COLS} FROM session_usage WHERE session_id = $1", session_id)
+        return session_usage_record(rows[0]) if rows else None
+
+    async def tenant_usage(self, *, tenant: str | None = None, since: float | None = None,
+                           until: float | None = None) -> dict[str, dict[str, Any]]:
+        """Per tenant, the hours of the period summed (two grouped scans)."""
+        low, high = usage_period(since, until)
+        where = "WHERE ($1::text IS NULL OR tenant = $1) AND hour >= $2 AND hour < $3"
+        sums = await self._fetch(f"SELECT tenant, {_USAGE_SUMS} FROM tenant_usage {where} GROUP BY tenant",
+                                 tenant, low, high)
+        ends = await self._fetch(f"SELECT tenant, reason, sum(count) FROM tenant_usage_ends {where} "
+                                 "GROUP BY tenant, reason", tenant, low, high)
+        return tenant_sums([tuple(r) for r in sums], [tuple(r) for r in ends])
 
     # ---- messages --------------------------------------------------------------------------
 

@@ -66,7 +66,8 @@ async def _found(request: web.Request) -> SessionView:
 async def get_session(request: web.Request) -> web.Response:
     """One session's row."""
     found = await _found(request)
-    return web.json_response({**admin_row(found, request.app.get(PROCSTATS)), "node": found.node})
+    usage = await request.app[SUPERVISOR].usage.of_session(found.key)
+    return web.json_response({**admin_row(found, request.app.get(PROCSTATS)), "node": found.node, "usage": usage})
 
 
 @routes.get(paths.ADMIN_SESSION_LOGS)

@@ -1,5 +1,5 @@
 // The admin dashboard: live sessions pushed over SSE (GET /admin/events), each row's agent output
-// (GET /admin/sessions/{id}/logs) and a Kill button that asks first.
+// (GET /admin/sessions/{id}/logs), its plot (plots.js: a click on its id) and a Kill button that asks first.
 // The admin token is asked for once and kept in sessionStorage; it goes as a Bearer token.
 "use strict";
 
@@ -59,7 +59,10 @@
   function render() {
     const body = $("sessions").querySelector("tbody");
     const sorted = [...rows.values()].sort((a, b) => (b.rss_bytes || 0) - (a.rss_bytes || 0) || a.session_id.localeCompare(b.session_id));
-    body.replaceChildren(...sorted.flatMap((r) => (logs.has(keyOf(r)) ? [renderRow(r), renderLogs(r)] : [renderRow(r)])));
+    const columns = $("sessions").querySelectorAll("thead th").length;
+    body.replaceChildren(...sorted.flatMap((r) => [renderRow(r),
+      ...(CorralPlots.isOpen(r.session_id) ? [CorralPlots.sessionRow(r.session_id, columns)] : []),
+      ...(logs.has(keyOf(r)) ? [renderLogs(r)] : [])]));
     const total = sorted.reduce((sum, r) => sum + (r.rss_bytes || 0), 0);
     $("totals").textContent = locked ? "" : `${sorted.length} live · ${bytes(total)} RSS`;
     $("empty").classList.toggle("hidden", locked || sorted.length > 0);
@@ -77,7 +80,11 @@
     cells.forEach((value, i) => {
       const td = document.createElement("td");
       td.textContent = value;
-      if (i === 0) Object.assign(td, { className: "sid", title: r.session_id }); // cut with an ellipsis when long
+      if (i === 0) { // cut with an ellipsis when long; a click opens (or closes) its plot
+        Object.assign(td, { className: "sid opens", title: r.session_id });
+        td.setAttribute("aria-expanded", String(CorralPlots.isOpen(r.session_id)));
+        td.addEventListener("click", () => CorralPlots.toggle(r.session_id, render));
+      }
       tr.appendChild(td);
     });
     const td = document.createElement("td");
@@ -198,6 +205,7 @@
     rows.clear();
     logs.clear();
     $("sessions").classList.add("hidden");
+    CorralPlots.stop();
     $("login").classList.remove("hidden");
     $("login-error").textContent = message || "";
     setStatus("locked");
@@ -220,7 +228,7 @@
           await CorralSSE.readStream("/admin/events", {
             headers: authHeaders(),
             signal: mine.signal,
-            onOpen: () => { attempt = 0; setStatus("live"); },
+            onOpen: () => { attempt = 0; setStatus("live"); CorralPlots.start(authHeaders, render); },
             onEvent: handle,
           });
         } catch (error) {
