@@ -208,11 +208,6 @@ def repeated(name: str, parse: Callable[[str], object], separator: str) -> Kind:
     return Kind(name, parse, (), lambda value: ", ".join(map(str, value)) or "none", separator)
 
 
-def repeated(name: str, parse: Callable[[str], object], separator: str) -> Kind:
-    """A kind whose flag may be repeated (the value is a tuple); its variable lists values split on ``separator``."""
-    return Kind(name, parse, (), lambda value: ", ".join(map(str, value)) or "none", separator)
-
-
 def choice(name: str, allowed: tuple[str, ...]) -> Kind:
     """A kind whose values are one of ``allowed``."""
     return Kind(name, pick(*allowed), (one_of(*allowed),))
