@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
 import time
 
@@ -125,7 +126,7 @@ class Lifecycle:
             self._retention_timer.cancel()
         live = [s for s in self.sessions.values() if s.live]
         if live:
-            stops = [s.life.stop(states.ENDED) for s in live]
+            stops = [s.life.stop(states.ENDED, force=self.drain.hurried) for s in live]
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*stops, return_exceptions=True), self.config.stop_timeout + 2)
         if self.spawner is not None:
@@ -150,6 +151,12 @@ class Lifecycle:
         if self.run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         log.info("supervisor_stopped")
+
+    def hurry(self) -> None:
+        """Stop now (a further signal during the shutdown): SIGKILL every session's process, live or stopping."""
+        self.drain.hurried = True
+        for s in list(self.sessions.values()):
+            s.life.send_signal(signal.SIGKILL)
 
     def _on_zygote_lost(self) -> None:
         """The zygote died and took every agent with it: mark them crashed and start another."""

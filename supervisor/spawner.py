@@ -140,7 +140,7 @@ class ZygoteSpawner:
         except asyncio.TimeoutError:
             await self.close()
             raise SpawnError(f"the zygote did not start within {self.start_timeout}s") from None
-        except SpawnError:
+        except BaseException:  # its error, or a stop signal during start-up: the zygote goes too
             await self.close()
             raise
         log.info("zygote_ready", pid=self.pid, agent=self.agent_spec, fork=self.fork)

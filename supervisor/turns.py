@@ -118,6 +118,7 @@ class Turns:
     def _admit(self, body) -> None:
         """Refuse a message that cannot be sent or is over the size, mailbox or rate bounds (before any work)."""
         s = self.session
+        self.sup.drain.admit()
         # JSON admits what msgpack refuses: lone surrogates ("\ud800"), ints over 64 bits.
         try:
             if isinstance(body, str):  # the common case: the size check's encode catches surrogates
@@ -137,6 +138,8 @@ class Turns:
     def _send(self, kind: int, body, on_chunk) -> Turn:
         """Put one frame in the agent's mailbox."""
         s = self.session
+        if self.sup.drain.ended:  # admitted before the shutdown ended the turns: nobody will run it
+            raise self.sup.drain.error()
         req = next(self.sup._req_ids)
         turn = Turn(kind, asyncio.get_running_loop().create_future(), on_chunk)
         self.turns[req] = turn
@@ -157,6 +160,7 @@ class Turns:
             self.sup.reaper.arm_idle(s)  # a request refused before its frame left skips the idle timer's re-arm
         elif not s.live:
             self.sup._forget(s)
+        self.sup.drain.turn_over()
 
     async def _record(self, role: str, content) -> dict:
         """Commit one message to the store and tell listeners."""
