@@ -25,6 +25,8 @@ from corral.agent_proc.limits import apply_limits
 from corral.agent_proc.process import agent_title, arm_death_signal, die_with_parent, load_agent_class, set_title
 from corral.agent_proc.stdio import agent_streams, attach_stdio
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # a terminal's Ctrl-C and a group-wide stop: the supervisor's to act on
+
 
 def send_msg(conn, msg) -> None:
     """Send one message on the supervisor <-> zygote pipe.
@@ -48,7 +50,15 @@ def zygote_main(conn, fd_channel: socket.socket, agent_spec: str, supervisor_pid
     # dies, the death signal takes us).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    options = options or {}
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held by the supervisor until now (spawner.py)
+    try:
+        _start_and_serve(conn, fd_channel, agent_spec, options or {})
+    except (BrokenPipeError, ConnectionResetError, EOFError):
+        return  # the supervisor went away (a stop signal during its start-up): nobody to report to
+
+
+def _start_and_serve(conn, fd_channel: socket.socket, agent_spec: str, options: dict) -> None:
+    """Set up the sandbox's process tree, import the agent, report ready, then serve spawn requests."""
     try:
         if options.get("user_namespace") and options.get("pid_namespace"):  # it exists for the pid namespace
             # Before the agent's imports: one may start a thread, and the kernel refuses a new user

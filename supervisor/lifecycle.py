@@ -118,9 +118,17 @@ class Lifecycle:
         self.spawner = spawner
 
     async def close(self) -> None:
-        """Stop every session, the zygote and the hub; remove the run directory."""
-        if self._closing:
-            return
+        """Stop every session, the zygote and the hub; remove the run directory.
+
+        One close runs, to its end: a caller cancelled meanwhile (a stop signal during start-up)
+        does not cut it short, and a later caller waits for it.
+        """
+        if self._close_task is None:
+            self._close_task = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._close_task)
+
+    async def _close(self) -> None:
+        """Close the parts in reverse order of their start."""
         self._closing = True
         if self._retention_timer is not None:
             self._retention_timer.cancel()

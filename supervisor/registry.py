@@ -87,6 +87,7 @@ class Supervisor(Lifecycle, Activation, Queries):
         self._retention_timer = None
         self._zygote_restart: asyncio.Task | None = None
         self._closing = False
+        self._close_task: asyncio.Task | None = None
         self.drain = Drain(self.sessions.values)  # the shutdown's: refuse new turns, wait, end what remains
 
     async def get_or_create(self, session_id: str | None, tenant: str, metadata: dict | None = None) -> Session:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import multiprocess
 
-from corral.agent_proc.zygote import recv_msg, send_msg, zygote_main
+from corral.agent_proc.zygote import STOP_SIGNALS, recv_msg, send_msg, zygote_main
 from corral.supervisor.logs import get_logger
 from corral.supervisor.reaper import describe_status
 
@@ -77,6 +77,20 @@ def _hidden_main_module():
             main.__file__ = saved
 
 
+@contextlib.contextmanager
+def _stop_signals_held():
+    """Hold SIGINT/SIGTERM while the zygote is started: it begins with them blocked (until it ignores them).
+
+    A Ctrl-C reaches the whole process group; landing in the new interpreter before the zygote's
+    first line, it would kill it with a traceback. Here it waits, pending, for the ``finally``.
+    """
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 class ZygoteSpawner:
     """The process launcher: forks agents from a pre-warmed zygote, inside their limits and sandbox.
 
@@ -128,7 +142,7 @@ class ZygoteSpawner:
             name="corral-zygote",
             daemon=True,
         )
-        with _hidden_main_module():
+        with _hidden_main_module(), _stop_signals_held():
             self.process.start()
         child_conn.close()
         child_fds.close()
