@@ -16,12 +16,17 @@ from corral.supervisor.views import SessionView
 class Queries:
     """Reads and ends sessions by id, for the web layer; reads ``self.sessions``, ``self.store``, ``self.node``."""
 
-    async def _lookup(self, session_id: str):
-        """The session this node holds (or None) and, when that is not enough, its stored record (or None)."""
+    async def _lookup(self, session_id: str, *, stored: bool = False):
+        """The session this node holds (or None) and, when that is not enough, its stored record (or None).
+
+        ``stored``: the record even when a live peer owns the session (that owner did not answer a read).
+        """
         if not valid_session_id(session_id):
             return None, None
         s = self.sessions.get(session_id)
         if s is None or (not s.live and self.directory.fenced):
+            if stored:
+                return s, (await self._store_call(self.directory.lookup(session_id))).record
             return s, await self._placed(session_id)
         return s, None
 
@@ -37,12 +42,12 @@ class Queries:
         """The view of a session this node holds."""
         return SessionView.of_session(s, self.node)
 
-    async def find(self, session_id: str, tenant: str | None = None) -> SessionView | None:
+    async def find(self, session_id: str, tenant: str | None = None, *, stored: bool = False) -> SessionView | None:
         """The session's view (held here, else stored), or None if unknown; never spawns or registers.
 
-        With ``tenant``, another tenant's session is a 404, not None.
+        With ``tenant``, another tenant's session is a 404, not None; ``stored``: see ``_lookup``.
         """
-        s, record = await self._lookup(session_id)
+        s, record = await self._lookup(session_id, stored=stored)
         if s is None and record is None:
             return None
         if tenant is not None and (s or record).tenant != tenant:
@@ -61,9 +66,9 @@ class Queries:
         stored = await self.store.list_sessions(tenant=tenant, status=state, limit=limit + len(held))
         return [SessionView.of_record(r) for r in stored if r.id not in held]
 
-    async def history(self, session_id: str, tenant: str, *, limit: int | None = None):
+    async def history(self, session_id: str, tenant: str, *, limit: int | None = None, stored: bool = False):
         """The tenant's session (None if unknown: a new one) and its stored messages, oldest first; 404 if foreign."""
-        found = await self.find(session_id, tenant)
+        found = await self.find(session_id, tenant, stored=stored)
         if found is None:
             return None, []
         return found, await self.store.history(session_id, limit=limit)

@@ -42,14 +42,15 @@ def free_port() -> int:
 CORRAL_MAIN = [sys.executable, "-c", "from corral.web.cli import main; raise SystemExit(main())"]
 
 
-def start_server(tmp_path, *args, env=None, program=CORRAL_MAIN, cwd=None, popen=None) -> tuple[subprocess.Popen, str]:
+def start_server(tmp_path, *args, env=None, program=CORRAL_MAIN, cwd=None, popen=None,
+                 port: int | None = None) -> tuple[subprocess.Popen, str]:
     """Start ``corral serve`` as a real subprocess; return it and its base URL once it answers.
 
     ``program`` is how ``corral`` is run (``python -c``, which puts the current directory on
     sys.path, unless given the installed console script); ``cwd`` where; ``popen`` more Popen
-    arguments (``user=`` to run it as another user).
+    arguments (``user=`` to run it as another user); ``port`` the port to serve on (a free one if None).
     """
-    port = free_port()
+    port = port or free_port()
     cmd = [
         *program, "serve",
         "--port", str(port), "--data-dir", str(tmp_path / "data"), "--run-dir", str(tmp_path / "run"), *args,
