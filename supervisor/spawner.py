@@ -310,6 +310,16 @@ class ZygoteSpawner:
         self._release_worker.shutdown(wait=False)
 
 
+def kill_leftover_children() -> None:
+    """SIGKILL any zygote still running (its close was cut short): multiprocess's exit hook would wait on it forever.
+
+    At exit multiprocess SIGTERMs its daemonic children and joins them; the zygote ignores SIGTERM.
+    """
+    for child in multiprocess.active_children():
+        child.kill()
+        child.join(1)
+
+
 def _consume(fut: asyncio.Future) -> None:
     """Mark a future's exception as seen (its waiters may be gone)."""
     if not fut.cancelled():

@@ -8,7 +8,7 @@ on them, whatever arrives in whatever order:
   are interrupted and their callers answered 503 ``shutting_down``, the sessions stopped (each on
   its stop ladder), the store closed, every process gone;
 - a further signal cuts that short: the drain ends at once, and every agent is SIGKILLed rather
-  than asked to stop (done within ``HURRIED_WITHIN`` seconds);
+  than asked to stop (done within 2 s; past ``GIVE_UP_AFTER`` what still hangs is abandoned);
 - a signal during start-up abandons the start: what was started is stopped the hurried way.
 """
 
@@ -21,14 +21,16 @@ import time
 from aiohttp import web
 
 from corral.supervisor.logs import get_logger
+from corral.supervisor.spawner import kill_leftover_children
 
 log = get_logger(component="shutdown")
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # How long the server's HTTP connections get to finish once the turns were answered (an open
-# stream is ended at shutdown anyway), and the bound of a hurried stop.
+# stream is ended at shutdown anyway).
 CONNECTIONS_GRACE = 1.0
-HURRIED_WITHIN = 2.0
+# A hurried stop still waiting after this long gives up on what hangs (leftover children are killed).
+GIVE_UP_AFTER = 5.0
 
 
 class Ladder:
@@ -115,13 +117,21 @@ class Ladder:
             ended = supervisor.drain.end_turns()
             if ended:
                 log.warning("turns_ended", turns=ended, code="shutting_down")
+        loop = asyncio.get_running_loop()
+        overdue = loop.time() + GIVE_UP_AFTER if hurried else None
         stopping = asyncio.ensure_future(runner.cleanup())
         while True:
             nxt = self.next_signal()
-            done, _ = await asyncio.wait({stopping, nxt}, return_when=asyncio.FIRST_COMPLETED)
+            timeout = None if overdue is None else max(0.0, overdue - loop.time())
+            done, _ = await asyncio.wait({stopping, nxt}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             if stopping in done:
                 break
+            if not done:  # a part that hangs (a store that does not answer its close): exit all the same
+                log.error("stop_overdue", seconds=GIVE_UP_AFTER)
+                stopping.cancel()
+                return
             log.warning("stopping now", signal=self.take())
+            overdue = overdue or loop.time() + GIVE_UP_AFTER
             if supervisor is not None:
                 supervisor.hurry()
         stopping.result()
@@ -144,6 +154,7 @@ def serve(app: web.Application, sockets: list[socket.socket], loop: asyncio.Abst
     finally:
         ladder.uninstall()
         _close_loop(loop)
+        kill_leftover_children()
 
 
 def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
