@@ -27,9 +27,22 @@ from tests.procs import CORRAL_MAIN, descendants, free_port, start_server, wait_
 SLOW = ("--agent", "tests.agents.hostile:SlowAgent", "--sandbox", "off")
 
 
-def server(tmp_path, *args) -> tuple[subprocess.Popen, str]:
+@pytest.fixture
+def started():
+    """Servers a test started: whatever the test's outcome, none outlives it."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def server(started, tmp_path, *args) -> tuple[subprocess.Popen, str]:
     """A real ``corral serve`` leading its own process group, as a shell's job."""
-    return start_server(tmp_path, *args, popen={"start_new_session": True})
+    proc, url = start_server(tmp_path, *args, popen={"start_new_session": True})
+    started.append(proc)
+    return proc, url
 
 
 def until(condition, what: str, timeout: float = 30.0):
@@ -74,8 +87,8 @@ async def busy_with_sleep(http, url: str, proc: subprocess.Popen, session_id: st
         titles = []
         for pid in descendants(proc.pid):
             with contextlib.suppress(psutil.Error):
-                titles.append(psutil.Process(pid).cmdline()[0])
-        return any(t.startswith(f"corral: agent sid={session_id} ") and t.endswith(" busy") for t in titles)
+                titles.append(" ".join(psutil.Process(pid).cmdline()))  # empty for one exiting
+        return any(t.startswith(f"corral: agent sid={session_id} ") and t.split()[-1:] == ["busy"] for t in titles)
 
     await asyncio.to_thread(until, busy, "busy agent")
     return call_task
@@ -87,8 +100,8 @@ def shutting_down(answer: tuple[int, dict]) -> bool:
     return status == 503 and body.get("error", {}).get("code") == "shutting_down"
 
 
-async def test_first_signal_drains_then_answers_what_remains_503(tmp_path):
-    proc, url = server(tmp_path, *SLOW, "--drain-timeout", "3")
+async def test_first_signal_drains_then_answers_what_remains_503(tmp_path, started):
+    proc, url = server(started, tmp_path, *SLOW, "--drain-timeout", "3")
     path = str(tmp_path / "began.sock")
     async with client_session() as http:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as began:
@@ -125,8 +138,8 @@ async def test_first_signal_drains_then_answers_what_remains_503(tmp_path):
     (("SIGINT", "SIGINT"), "group"),  # Ctrl-C twice at a terminal: every process of the job gets it
     (("SIGTERM", "SIGINT", "SIGTERM"), "server"),  # three in a row, mixed, to the server alone
 ])
-async def test_a_further_signal_stops_within_two_seconds(tmp_path, signals, whom):
-    proc, url = server(tmp_path)
+async def test_a_further_signal_stops_within_two_seconds(tmp_path, started, signals, whom):
+    proc, url = server(started, tmp_path)
     send = (lambda sig: os.killpg(proc.pid, sig)) if whom == "group" else proc.send_signal
     async with client_session() as http:
         turn = await busy_with_sleep(http, url, proc, "sleeper")
@@ -143,13 +156,14 @@ async def test_a_further_signal_stops_within_two_seconds(tmp_path, signals, whom
     assert_nothing_left(proc, pids, tmp_path, run)
 
 
-def test_a_signal_during_start_up_stops_it_cleanly(tmp_path):
+def test_a_signal_during_start_up_stops_it_cleanly(tmp_path, started):
     log = tmp_path / "serve.log"
     with open(log, "wb") as err:
         proc = subprocess.Popen(
             [*CORRAL_MAIN, "serve", "--port", str(free_port()), "--data-dir", str(tmp_path / "data"),
              "--run-dir", str(tmp_path / "run")],
             stderr=err, start_new_session=True)
+    started.append(proc)
     until(lambda: logged(tmp_path, "limit_mechanism"), "start-up under way")  # the zygote is about to start
     run = run_id(tmp_path)
     os.killpg(proc.pid, signal.SIGINT)
