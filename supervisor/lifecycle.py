@@ -161,10 +161,16 @@ class Lifecycle:
         log.info("supervisor_stopped")
 
     def hurry(self) -> None:
-        """Stop now (a further signal during the shutdown): SIGKILL every session's process, live or stopping."""
+        """Stop now (a further signal during the shutdown): SIGKILL every session's process, live or stopping.
+
+        A live one is stopped (ended, not crashed: the stop comes first); one already stopping gets the SIGKILL.
+        """
         self.drain.hurried = True
         for s in list(self.sessions.values()):
-            s.life.send_signal(signal.SIGKILL)
+            if s.state == states.STOPPING:
+                s.life.send_signal(signal.SIGKILL)
+            elif s.live:
+                self.background.spawn(s.life.stop(states.ENDED, force=True))
 
     def _on_zygote_lost(self) -> None:
         """The zygote died and took every agent with it: mark them crashed and start another."""

@@ -1,6 +1,7 @@
 """Process helpers for tests: waiting for processes to die on pidfds, not by polling."""
 
 import os
+import random
 import select
 import socket
 import subprocess
@@ -40,6 +41,12 @@ def free_port() -> int:
 
 
 CORRAL_MAIN = [sys.executable, "-c", "from corral.web.cli import main; raise SystemExit(main())"]
+
+
+def own_sandbox_uids() -> tuple[str, str]:
+    """A sandbox uid range of a test's own: the default one may be all in use by other servers on the host."""
+    base = random.randrange(300_000, 900_000, 100)
+    return "--sandbox-uid-range", f"{base}-{base + 99}"
 
 
 def start_server(tmp_path, *args, env=None, program=CORRAL_MAIN, cwd=None, popen=None,

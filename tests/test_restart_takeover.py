@@ -13,7 +13,7 @@ import pytest
 
 from tests.chaos_kit import call, client_session
 from tests.cluster_kit import POSTGRES_URL, create_database, drop_database
-from tests.procs import descendants, start_server, wait_gone
+from tests.procs import descendants, own_sandbox_uids, start_server, wait_gone
 
 LEASE = "60"  # far longer than the test: any wait for the dead run's lease would fail it
 
@@ -22,13 +22,13 @@ LEASE = "60"  # far longer than the test: any wait for the dead run's lease woul
 async def store_args(request):
     """The flags of a server on each store (PostgreSQL: a database of its own)."""
     if request.param == "sqlite":
-        yield ()
+        yield own_sandbox_uids()
         return
     if not POSTGRES_URL:
         pytest.skip("CORRAL_TEST_DATABASE_URL is not set (e.g. postgresql://postgres@127.0.0.1:5432/test)")
     name, url = await create_database()
     try:
-        yield ("--database-url", url, "--node-lease", LEASE)
+        yield ("--database-url", url, "--node-lease", LEASE, *own_sandbox_uids())
     finally:
         await drop_database(name)
 
@@ -43,7 +43,7 @@ async def test_a_crash_restart_on_the_same_port_serves_its_sessions_at_once(tmp_
         proc.send_signal(signal.SIGKILL)
         await asyncio.to_thread(proc.wait)
         assert await asyncio.to_thread(wait_gone, children, 2.0) == []
-        if store_args:  # another node of the cluster reads the dead owner's session from the store
+        if "--database-url" in store_args:  # another node of the cluster reads the dead owner's session from the store
             (tmp_path / "other").mkdir()
             other, other_url = await asyncio.to_thread(start_server, tmp_path / "other", *store_args)
             try:

@@ -22,7 +22,7 @@ import pytest
 from corral.supervisor.agent_tmp import PREFIX
 from corral.supervisor.store import create_store
 from tests.chaos_kit import call, client_session
-from tests.procs import CORRAL_MAIN, descendants, free_port, start_server, wait_gone
+from tests.procs import CORRAL_MAIN, descendants, free_port, own_sandbox_uids, start_server, wait_gone
 
 SLOW = ("--agent", "tests.agents.hostile:SlowAgent", "--sandbox", "off")
 
@@ -40,7 +40,7 @@ def started():
 
 def server(started, tmp_path, *args) -> tuple[subprocess.Popen, str]:
     """A real ``corral serve`` leading its own process group, as a shell's job."""
-    proc, url = start_server(tmp_path, *args, popen={"start_new_session": True})
+    proc, url = start_server(tmp_path, *own_sandbox_uids(), *args, popen={"start_new_session": True})
     started.append(proc)
     return proc, url
 
@@ -154,6 +154,12 @@ async def test_a_further_signal_stops_within_two_seconds(tmp_path, started, sign
     assert time.monotonic() - hurried < 2.0
     assert code == 0
     assert_nothing_left(proc, pids, tmp_path, run)
+    store = create_store(None, tmp_path / "data")
+    await store.open()
+    try:  # stopped by the server, not crashed (it comes back without spending its restart budget)
+        assert (await store.get_session("sleeper")).status == "ended"
+    finally:
+        await store.close()
 
 
 def test_a_signal_during_start_up_stops_it_cleanly(tmp_path, started):
@@ -161,7 +167,7 @@ def test_a_signal_during_start_up_stops_it_cleanly(tmp_path, started):
     with open(log, "wb") as err:
         proc = subprocess.Popen(
             [*CORRAL_MAIN, "serve", "--port", str(free_port()), "--data-dir", str(tmp_path / "data"),
-             "--run-dir", str(tmp_path / "run")],
+             "--run-dir", str(tmp_path / "run"), *own_sandbox_uids()],
             stderr=err, start_new_session=True)
     started.append(proc)
     until(lambda: logged(tmp_path, "limit_mechanism"), "start-up under way")  # the zygote is about to start
