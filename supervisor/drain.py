@@ -9,7 +9,7 @@ someone waits.
 """
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from corral.supervisor import errors
 
@@ -23,7 +23,9 @@ class Drain:
         self.draining = False  # no new turn is admitted
         self.ended = False  # the turns left were ended: what still waits on an agent is answered 503
         self.hurried = False  # stop now: sessions are killed, not asked to stop
+        self.relays = 0  # requests relayed to their session's owner node and not yet answered
         self._idle: asyncio.Future | None = None
+        self._ended: asyncio.Future | None = None
 
     def begin(self) -> int:
         """Stop admitting turns; return how many are in flight."""
@@ -31,8 +33,30 @@ class Drain:
         return self.in_flight()
 
     def in_flight(self) -> int:
-        """Requests admitted and not yet answered, over every held session."""
-        return sum(s.inflight for s in self._sessions())
+        """Requests admitted and not yet answered, over every held session, and those relayed to other nodes."""
+        return self.relays + sum(s.inflight for s in self._sessions())
+
+    async def relay(self, answer: Awaitable):
+        """Await a relayed request's answer, counted in flight; 503 ``shutting_down`` if the turns are ended first."""
+        if self.ended:
+            answer.close()
+            raise self.error()
+        if self._ended is None:
+            self._ended = asyncio.get_running_loop().create_future()
+        relayed = asyncio.ensure_future(answer)
+        self.relays += 1
+        try:
+            await asyncio.wait({relayed, self._ended}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the request itself was cancelled
+            relayed.cancel()
+            raise
+        finally:
+            self.relays -= 1
+            self.turn_over()
+        if not relayed.done():
+            relayed.cancel()
+            raise self.error()
+        return relayed.result()
 
     def admit(self) -> None:
         """Refuse a new turn once the server is stopping."""
@@ -57,7 +81,9 @@ class Drain:
     def end_turns(self) -> int:
         """Answer every turn still waiting with 503 ``shutting_down`` and interrupt its agent; return how many."""
         self.draining = self.ended = True
-        ended = 0
+        ended = self.relays
+        if self._ended is not None and not self._ended.done():
+            self._ended.set_result(None)  # the relays still waiting answer 503
         for s in list(self._sessions()):
             waiting = [turn for turn in s.life.turns.values() if not turn.future.done()]
             if waiting:

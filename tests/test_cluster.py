@@ -358,6 +358,23 @@ async def test_a_stream_gets_the_events_of_whichever_node_activates_the_session_
         assert reply["content"] == "Your name is Alice."
 
 
+async def test_a_stopping_node_answers_its_relayed_requests_503_rather_than_dropping_them(cluster, http):
+    owner, relayer = cluster.start_node(), cluster.start_node("--drain-timeout", "0.5")
+    sid = new_prefix() + "rel"
+    assert (await chat(http, owner.url, sid, "hello"))[0] == 200
+    sleeping = asyncio.ensure_future(http.post(f"{relayer.url}/api/mcp-command", json={
+        "session_id": sid, "command": "sleep", "args": {"seconds": 600}}))  # relayed to the owner
+    deadline = asyncio.get_running_loop().time() + 30
+    while (await admin_row(http, owner.url, sid))["state"] != "busy":  # the owner's state, over HTTP
+        assert asyncio.get_running_loop().time() < deadline and not sleeping.done()
+        await asyncio.sleep(0.02)
+    relayer.proc.send_signal(signal.SIGTERM)
+    # before: 503 owner_unreachable (its relay pool closed under it), blaming an owner that is fine
+    async with await asyncio.wait_for(sleeping, 30) as r:
+        assert r.status == 503 and (await r.json())["error"]["code"] == "shutting_down"
+    assert await asyncio.to_thread(relayer.proc.wait, 30) == 0
+
+
 async def test_a_clean_stop_hands_the_sessions_over_at_once(pg_pair):
     a, b = pg_pair
     sid = new_prefix() + "bye"

@@ -88,9 +88,13 @@ async def relay_moved(request: web.Request, handler):
     except errors.SessionMoved as moved:
         if moved.owner_url is None or FORWARDED_BY in request.headers:
             raise
-        request.app[SUPERVISOR].counters["forwards"] += 1
+        sup = request.app[SUPERVISOR]
+        sup.counters["forwards"] += 1
         try:
-            return await relay(request, moved.owner_url)
+            if request.path in STREAM_PATHS:  # open as long as the client wants: ended at shutdown
+                return await relay(request, moved.owner_url)
+            # counted by a stopping server's drain, and answered 503 shutting_down if still waiting at its end
+            return await sup.drain.relay(relay(request, moved.owner_url))
         except errors.Unavailable as exc:
             if exc.code != OWNER_UNREACHABLE_CODE or request.method not in READS or request.path in STREAM_PATHS:
                 raise
