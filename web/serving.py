@@ -46,15 +46,16 @@ class Ladder:
             loop.add_signal_handler(sig, self.signals.put_nowait, sig)
 
     def next_signal(self) -> asyncio.Future:
-        """The pending wait for the next signal (one at a time: a signal is never taken twice)."""
-        if self._next is None or self._next.done():
+        """The wait for the next signal: the same one until ``take`` consumed what it got (none is lost)."""
+        if self._next is None:
             self._next = asyncio.ensure_future(self.signals.get())
         return self._next
 
     def take(self) -> str:
         """Consume the signal that arrived; its name."""
         self.received += 1
-        return signal.Signals(self._next.result()).name
+        got, self._next = self._next, None
+        return signal.Signals(got.result()).name
 
     def uninstall(self) -> None:
         """Remove the handlers; a signal from now to the exit is ignored (nothing is left to stop)."""
