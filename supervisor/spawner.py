@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import multiprocess
+from multiprocess import resource_tracker
 
 from corral.agent_proc.zygote import STOP_SIGNALS, recv_msg, send_msg, zygote_main
 from corral.supervisor.logs import get_logger
@@ -142,6 +143,8 @@ class ZygoteSpawner:
             name="corral-zygote",
             daemon=True,
         )
+        # the resource tracker first: starting it unblocks SIGINT/SIGTERM, which would undo the hold
+        resource_tracker.ensure_running()
         with _hidden_main_module(), _stop_signals_held():
             self.process.start()
         child_conn.close()

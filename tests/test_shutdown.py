@@ -170,7 +170,9 @@ def test_a_signal_during_start_up_stops_it_cleanly(tmp_path, started):
              "--run-dir", str(tmp_path / "run"), *own_sandbox_uids()],
             stderr=err, start_new_session=True)
     started.append(proc)
-    until(lambda: logged(tmp_path, "limit_mechanism"), "start-up under way")  # the zygote is about to start
+    # the store, the resource tracker and the zygote are about to start: the signal lands while the
+    # zygote's interpreter starts (it must not die of it with a KeyboardInterrupt traceback)
+    until(lambda: logged(tmp_path, "limit_mechanism"), "start-up under way")
     run = run_id(tmp_path)
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(30) == 0

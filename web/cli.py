@@ -77,18 +77,20 @@ def config_from(args: argparse.Namespace, environ=os.environ) -> Config:
 
 def serve(config: Config) -> int:
     """Run the server until SIGINT/SIGTERM."""
+    from corral.web.serving import Ladder
+
+    event_loop = new_event_loop(config.loop)
+    # first, before the web stack is imported: from here a stop signal is queued, not a traceback
+    ladder = Ladder(event_loop)
     from corral.agent_proc.process import set_title
     from corral.supervisor.errors import StartupError
     from corral.supervisor.logs import configure, get_logger
     from corral.web.app import create_app
     from corral.web.auth import AuthConfigError
-    from corral.web.serving import Ladder
 
     try:
         # the port, then the node's identity, before anything touches the store: a second server
         # on a taken port or a held identity stops here and leaves the live one's sessions alone
-        event_loop = new_event_loop(config.loop)
-        ladder = Ladder(event_loop)  # from here a stop signal is queued, not a traceback (web/serving.py)
         config, sockets = listen(config)
         store, claim = claim_identity(config, event_loop)
     except StartupError as exc:

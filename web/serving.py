@@ -12,16 +12,19 @@ on them, whatever arrives in whatever order:
 - a signal during start-up abandons the start: what was started is stopped the hurried way.
 """
 
+from __future__ import annotations
+
 import asyncio
 import contextlib
 import signal
 import socket
 import time
-
-from aiohttp import web
+from typing import TYPE_CHECKING
 
 from corral.supervisor.logs import get_logger
-from corral.supervisor.spawner import kill_leftover_children
+
+if TYPE_CHECKING:  # aiohttp is imported when serving starts: the ladder is installed before it loads
+    from aiohttp import web
 
 log = get_logger(component="shutdown")
 
@@ -140,6 +143,8 @@ class Ladder:
 
 async def _start(runner: web.AppRunner, sockets: list[socket.socket]) -> None:
     """Start the app (the supervisor with it), then accept on the listening sockets."""
+    from aiohttp import web
+
     await runner.setup()
     for sock in sockets:
         await web.SockSite(runner, sock).start()
@@ -148,6 +153,10 @@ async def _start(runner: web.AppRunner, sockets: list[socket.socket]) -> None:
 def serve(app: web.Application, sockets: list[socket.socket], loop: asyncio.AbstractEventLoop, *,
           ladder: Ladder | None = None, supervisor=None) -> None:
     """Serve ``app`` on ``sockets`` until the ladder has stopped it (``supervisor``: the one to drain, if any)."""
+    from aiohttp import web
+
+    from corral.supervisor.spawner import kill_leftover_children
+
     ladder = ladder or Ladder(loop)
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=CONNECTIONS_GRACE)
     try:
