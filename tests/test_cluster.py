@@ -359,7 +359,8 @@ async def test_a_stream_gets_the_events_of_whichever_node_activates_the_session_
 
 
 async def test_a_stopping_node_answers_its_relayed_requests_503_rather_than_dropping_them(cluster, http):
-    owner, relayer = cluster.start_node(), cluster.start_node("--drain-timeout", "0.5")
+    # (the owner's sleep goes on after the test: its own stop then waits only half a second too)
+    owner, relayer = [cluster.start_node("--drain-timeout", "0.5") for _ in range(2)]
     sid = new_prefix() + "rel"
     assert (await chat(http, owner.url, sid, "hello"))[0] == 200
     sleeping = asyncio.ensure_future(http.post(f"{relayer.url}/api/mcp-command", json={
