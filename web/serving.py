@@ -158,7 +158,9 @@ def serve(app: web.Application, sockets: list[socket.socket], loop: asyncio.Abst
     from corral.supervisor.spawner import kill_leftover_children
 
     ladder = ladder or Ladder(loop)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=CONNECTIONS_GRACE)
+    # keep-alive as web.run_app set it before (the handler's own default is an hour)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=CONNECTIONS_GRACE,
+                           keepalive_timeout=75.0)
     try:
         loop.run_until_complete(ladder.run(runner, sockets, supervisor))
     finally:
