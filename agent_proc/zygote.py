@@ -27,6 +27,8 @@ from corral.agent_proc.process import agent_title, arm_death_signal, die_with_pa
 from corral.agent_proc.sources import keep_sources
 from corral.agent_proc.stdio import agent_streams, attach_stdio
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # a terminal's Ctrl-C and a group-wide stop: the supervisor's to act on
+
 
 def boot() -> None:
     """The zygote's first code (``python -c``; supervisor/spawner.py): read its start message, then run.
@@ -40,7 +42,10 @@ def boot() -> None:
 
     conn = Connection(int(sys.argv[1]))
     fd_channel = socket.socket(fileno=int(sys.argv[2]))
-    start = recv(conn)
+    try:
+        start = recv(conn)
+    except (EOFError, OSError):
+        return  # the supervisor went away before it said what to run (a stop signal during its start-up)
     if not isinstance(start, Start):
         raise SystemExit(f"corral zygote: expected a start message, got {type(start).__name__}")
     sys.path[:] = start.sys_path
@@ -55,7 +60,15 @@ def zygote_main(conn, fd_channel: socket.socket, agent_spec: str, supervisor_pid
     # dies, the death signal takes us).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    options = options or {}
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held by the supervisor until now (spawner.py)
+    try:
+        _start_and_serve(conn, fd_channel, agent_spec, options or {})
+    except (BrokenPipeError, ConnectionResetError, EOFError):
+        return  # the supervisor went away (a stop signal during its start-up): nobody to report to
+
+
+def _start_and_serve(conn, fd_channel: socket.socket, agent_spec: str, options: dict) -> None:
+    """Set up the sandbox's process tree, import the agent, report ready, then serve spawn requests."""
     try:
         if options.get("user_namespace") and (options.get("pid_namespace") or options.get("net_namespace")):
             # Before the agent's imports: one may start a thread, and the kernel refuses a new user

@@ -89,6 +89,8 @@ class Config:
     max_restarts: int = setting(3, COUNT, "respawns after crashes allowed per --restart-window", non_negative)
     restart_window: float = setting(60.0, SECONDS, "seconds of the restart window", positive)
     stop_timeout: float = setting(10.0, SECONDS, "seconds from the shutdown request to SIGKILL", positive)
+    drain_timeout: float = setting(10.0, SECONDS, "seconds a stopping server waits for turns in flight before "
+                                   "it interrupts them (503 shutting_down)", non_negative)
     spawn_timeout: float = setting(10.0, SECONDS, "seconds an agent has to come up", positive)
     request_timeout: float = setting(120.0, SECONDS, "seconds a turn may take before it is interrupted (504)",
                                      positive)

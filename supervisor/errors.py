@@ -79,6 +79,13 @@ class SessionFailed(CorralError):
     status, code = 503, "session_failed"
 
 
+class ShuttingDown(CorralError):
+    """The server is stopping: it takes no new turn, and one it had to interrupt ends with this."""
+
+    status, code = 503, "shutting_down"
+    retry_after = 5
+
+
 class Unavailable(CorralError):
     """A part the request needs (the store, the zygote) is down."""
 

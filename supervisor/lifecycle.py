@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import signal
 import tempfile
 import time
 
@@ -161,15 +162,23 @@ class Lifecycle:
         return environment.zygote_environment(tmpdir, declared, os.environ)
 
     async def close(self) -> None:
-        """Stop every session, the zygote and the hub; remove the run directory."""
-        if self._closing:
-            return
+        """Stop every session, the zygote and the hub; remove the run directory.
+
+        One close runs, to its end: a caller cancelled meanwhile (a stop signal during start-up)
+        does not cut it short, and a later caller waits for it.
+        """
+        if self._close_task is None:
+            self._close_task = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._close_task)
+
+    async def _close(self) -> None:
+        """Close the parts in reverse order of their start."""
         self._closing = True
         if self._retention_timer is not None:
             self._retention_timer.cancel()
         live = [s for s in self.sessions.values() if s.live]
         if live:
-            stops = [s.life.stop(states.ENDED) for s in live]
+            stops = [s.life.stop(states.ENDED, force=self.drain.hurried) for s in live]
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*stops, return_exceptions=True), self.config.stop_timeout + 2)
         if self.spawner is not None:
@@ -201,6 +210,18 @@ class Lifecycle:
         if self.run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
         log.info("supervisor_stopped")
+
+    def hurry(self) -> None:
+        """Stop now (a further signal during the shutdown): SIGKILL every session's process, live or stopping.
+
+        A live one is stopped (ended, not crashed: the stop comes first); one already stopping gets the SIGKILL.
+        """
+        self.drain.hurried = True
+        for s in list(self.sessions.values()):
+            if s.state == states.STOPPING:
+                s.life.send_signal(signal.SIGKILL)
+            elif s.live:
+                self.background.spawn(s.life.stop(states.ENDED, force=True))
 
     def _on_zygote_lost(self) -> None:
         """The zygote died and took every agent with it: mark them crashed and start another."""

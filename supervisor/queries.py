@@ -22,14 +22,20 @@ class Queries:
     (``tenant_of`` finds it when only one tenant has that id).
     """
 
-    async def _lookup(self, session_id: str, tenant: str):
-        """The session this node holds (or None) and, when that is not enough, its stored record (or None)."""
+    async def _lookup(self, session_id: str, tenant: str, *, stored: bool = False):
+        """The session this node holds (or None) and, when that is not enough, its stored record (or None).
+
+        ``stored``: the record even when a live peer owns the session (that owner did not answer a read).
+        """
         if not valid_session_id(session_id):
             return None, None
         key = session_key(tenant, session_id)
         s = self.sessions.get(key)
         if s is None or (not s.live and self.directory.fenced):
-            record = await self._placed(key)
+            if stored:
+                record = (await self.store_call(self.directory.lookup(key))).record
+            else:
+                record = await self._placed(key)
             return s, record if record is None or record.tenant == tenant else None
         return s, None
 
@@ -59,9 +65,12 @@ class Queries:
         """The view of a session this node holds."""
         return SessionView.of_session(s, self.node)
 
-    async def find(self, session_id: str, tenant: str) -> SessionView | None:
-        """The tenant's session's view (held here, else stored), or None if unknown; never spawns or registers."""
-        s, record = await self._lookup(session_id, tenant)
+    async def find(self, session_id: str, tenant: str, *, stored: bool = False) -> SessionView | None:
+        """The tenant's session's view (held here, else stored), or None if unknown; never spawns or registers.
+
+        ``stored``: see ``_lookup``.
+        """
+        s, record = await self._lookup(session_id, tenant, stored=stored)
         if s is None and record is None:
             return None
         return self.view(s) if s is not None else SessionView.of_record(record)
@@ -78,9 +87,9 @@ class Queries:
         stored = await self.store.list_sessions(tenant=tenant, status=state, limit=limit + len(held))
         return [SessionView.of_record(r) for r in stored if r.id not in held]
 
-    async def history(self, session_id: str, tenant: str, *, limit: int | None = None):
+    async def history(self, session_id: str, tenant: str, *, limit: int | None = None, stored: bool = False):
         """The tenant's session (None if unknown: a new one) and its stored messages, oldest first; 404 if foreign."""
-        found = await self.find(session_id, tenant)
+        found = await self.find(session_id, tenant, stored=stored)
         if found is None:
             return None, []
         return found, await self.store.history(found.key, limit=limit)

@@ -28,6 +28,7 @@ from corral.supervisor.lifecycle import Lifecycle
 from corral.supervisor.config import Config
 from corral.supervisor.deadlines import Deadlines
 from corral.supervisor.events import EventBus
+from corral.supervisor.drain import Drain
 from corral.supervisor.hub import Hub
 from corral.supervisor.logs import debug_enabled, get_logger
 from corral.supervisor.node import node_name
@@ -95,6 +96,8 @@ class Supervisor(Lifecycle, Activation, Queries):
         self._retention_timer = None
         self._zygote_restart: asyncio.Task | None = None
         self._closing = False
+        self._close_task: asyncio.Task | None = None
+        self.drain = Drain(self.sessions.values)  # the shutdown's: refuse new turns, wait, end what remains
 
     async def get_or_create(self, session_id: str | None, tenant: str, metadata: dict | None = None) -> Session:
         """The tenant's session with this id (from memory or the store), or a new one.

@@ -15,6 +15,7 @@ from corral.supervisor import errors
 from corral.supervisor.agent_output import AgentOutput
 from corral.supervisor.config import Config
 from corral.supervisor.deadlines import Deadlines
+from corral.supervisor.drain import Drain
 from corral.supervisor.events import EventBus
 from corral.supervisor.hub import Hub
 from corral.supervisor.reaper import Reaper
@@ -32,6 +33,7 @@ class SessionHost(Protocol):
     reaper: Reaper  # idle and max-age timers
     turn_deadlines: Deadlines  # turn -> its SessionLife, until request_timeout
     hung_turns: Deadlines  # a timed-out turn -> its SessionLife, until it counts as unresponsive
+    drain: Drain  # the shutdown's: new turns refused once it has ended the turns in flight
 
     @property
     def hub(self) -> Hub:

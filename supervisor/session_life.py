@@ -243,6 +243,8 @@ class SessionLife(Turns):
         code = DEATH_CODES.get(final, "session_ended")
         why = s.exit_description if self.kill_reason is None else f"{self.kill_reason}: {s.exit_description}"
         err = errors.AgentDied(f"the agent {_verb(final)} ({why})", code=code)
+        if self.host.drain.ended:  # stopped by the shutdown: the caller may send it again elsewhere
+            err = self.host.drain.error()
         for turn in self.turns.values():
             if not turn.future.done():
                 turn.future.set_exception(err)

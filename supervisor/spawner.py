@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import multiprocess
 
 from corral.agent_proc import zygote_messages as msgs
+from corral.agent_proc.zygote import STOP_SIGNALS
 from corral.supervisor.launcher import LAUNCHER_DIED, AgentProcess, Exit, Launcher, SpawnError
 from corral.supervisor.logs import get_logger
 from corral.supervisor.reaper import describe_status
@@ -36,6 +38,20 @@ ZYGOTE_DIED = LAUNCHER_DIED  # the wait status reported for agents that died wit
 # Not multiprocess's spawn: that hands the child the server's environment and pickles its sys.argv
 # (which may hold --admin-token), its main module and its authkey into it.
 ZYGOTE_BOOT = "from corral.agent_proc.zygote import boot; boot()"
+
+
+@contextlib.contextmanager
+def _stop_signals_held():
+    """Hold SIGINT/SIGTERM while the zygote is started: it begins with them blocked (until it ignores them).
+
+    A Ctrl-C reaches the whole process group; landing in the new interpreter before the zygote's
+    first line, it would kill it with a traceback. Here it waits, pending, for the ``finally``.
+    """
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 class ZygoteSpawner(Launcher):
@@ -88,9 +104,11 @@ class ZygoteSpawner(Launcher):
         self.conn, child_conn = multiprocess.Pipe(duplex=True)
         self.fd_channel, child_fds = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-c", ZYGOTE_BOOT, str(child_conn.fileno()), str(child_fds.fileno())],
-                env=self.environment, stdin=subprocess.DEVNULL, pass_fds=(child_conn.fileno(), child_fds.fileno()))
+            with _stop_signals_held():  # the new interpreter inherits the mask; the zygote unblocks them
+                self.process = subprocess.Popen(
+                    [sys.executable, "-c", ZYGOTE_BOOT, str(child_conn.fileno()), str(child_fds.fileno())],
+                    env=self.environment, stdin=subprocess.DEVNULL,
+                    pass_fds=(child_conn.fileno(), child_fds.fileno()))
         finally:
             child_conn.close()
             child_fds.close()
@@ -104,7 +122,7 @@ class ZygoteSpawner(Launcher):
         except asyncio.TimeoutError:
             await self.close()
             raise SpawnError(f"the zygote did not start within {self.start_timeout}s") from None
-        except SpawnError:
+        except BaseException:  # its error, or a stop signal during start-up: the zygote goes too
             await self.close()
             raise
         if self.zygote_options.get("net_namespace") and self.gateway is not None:

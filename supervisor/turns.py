@@ -93,8 +93,8 @@ class Turns:
         finally:
             self.host.turn_deadlines.discard(turn)
             self.turn_over()
-            if self.sup.events.wants("turn"):  # usage accounting (supervisor/usage.py)
-                self.sup.events.publish_global("turn", session_id=s.id, tenant=s.tenant, status=status,
+            if self.host.events.wants("turn"):  # usage accounting (supervisor/usage.py)
+                self.host.events.publish_global("turn", session_id=s.id, tenant=s.tenant, status=status,
                                                in_bytes=turn.in_bytes, out_bytes=out_bytes)
 
     def time_out(self, turn: Turn) -> None:
@@ -128,6 +128,7 @@ class Turns:
     def _admit(self, body) -> None:
         """Refuse a message that cannot be sent or is over the size, mailbox or rate bounds (before any work)."""
         s = self.session
+        self.host.drain.admit()
         # JSON admits what msgpack refuses: lone surrogates ("\ud800"), ints over 64 bits.
         try:
             if isinstance(body, str):  # the common case: the size check's encode catches surrogates
@@ -147,6 +148,8 @@ class Turns:
     def _send(self, kind: int, body, on_chunk) -> Turn:
         """Put one frame in the agent's mailbox."""
         s = self.session
+        if self.host.drain.ended:  # admitted before the shutdown ended the turns: nobody will run it
+            raise self.host.drain.error()
         req = self.host.next_request_id()
         turn = Turn(kind, asyncio.get_running_loop().create_future(), on_chunk)
         self.turns[req] = turn
@@ -167,6 +170,7 @@ class Turns:
             self.host.reaper.arm_idle(s)  # a request refused before its frame left skips the idle timer's re-arm
         elif not s.live:
             self.host.forget(s)
+        self.host.drain.turn_over()
 
     async def _record(self, role: str, content) -> dict:
         """Commit one message to the store and tell listeners."""

@@ -1,6 +1,7 @@
 """Process helpers for tests: waiting for processes to die on pidfds, not by polling."""
 
 import os
+import random
 import select
 import socket
 import subprocess
@@ -42,14 +43,21 @@ def free_port() -> int:
 CORRAL_MAIN = [sys.executable, "-c", "from corral.web.cli import main; raise SystemExit(main())"]
 
 
-def start_server(tmp_path, *args, env=None, program=CORRAL_MAIN, cwd=None, popen=None) -> tuple[subprocess.Popen, str]:
+def own_sandbox_uids() -> tuple[str, str]:
+    """A sandbox uid range of a test's own: the default one may be all in use by other servers on the host."""
+    base = random.randrange(300_000, 900_000, 100)
+    return "--sandbox-uid-range", f"{base}-{base + 99}"
+
+
+def start_server(tmp_path, *args, env=None, program=CORRAL_MAIN, cwd=None, popen=None,
+                 port: int | None = None) -> tuple[subprocess.Popen, str]:
     """Start ``corral serve`` as a real subprocess; return it and its base URL once it answers.
 
     ``program`` is how ``corral`` is run (``python -c``, which puts the current directory on
     sys.path, unless given the installed console script); ``cwd`` where; ``popen`` more Popen
-    arguments (``user=`` to run it as another user).
+    arguments (``user=`` to run it as another user); ``port`` the port to serve on (a free one if None).
     """
-    port = free_port()
+    port = port or free_port()
     cmd = [
         *program, "serve",
         "--port", str(port), "--data-dir", str(tmp_path / "data"), "--run-dir", str(tmp_path / "run"), *args,

@@ -354,6 +354,44 @@ async def test_stream_interrupt_and_admin_kill_work_from_nodes_that_do_not_own_t
     assert await asyncio.to_thread(wait_gone, [pid], 10) == []
 
 
+@needs_nginx
+async def test_a_stream_gets_the_events_of_whichever_node_activates_the_session_later(cluster, http):
+    first, second, third = [cluster.start_node() for _ in range(3)]
+    balancer = cluster.start_nginx()
+    sid = new_prefix() + "sse"
+    # opened where nothing owns the session: served from the first node's own events
+    async with http.get(f"{first.url}/api/chat/stream?session_id={sid}") as stream:
+        events = sse_events(stream)
+        assert (await next_event(events, lambda e, d: e == "state"))["messages"] == []
+        assert (await chat(http, second.url, sid, "my name is Alice"))[0] == 200  # activated on the second
+        reply = await asyncio.wait_for(next_event(events, lambda e, d: e == "message" and d["role"] == "assistant"), 30)
+        assert reply["content"] == "Got it: your name is Alice."  # before: nothing ever came
+        async with http.delete(f"{balancer}/admin/sessions/{sid}") as r:  # ended on the second
+            assert r.status == 202, await r.text()
+        assert (await chat(http, third.url, sid, "what is my name?"))[0] == 200  # activated on the third
+        reply = await asyncio.wait_for(next_event(events, lambda e, d: e == "message" and d["role"] == "assistant"
+                                                  and d["content"] != "Got it: your name is Alice."), 30)
+        assert reply["content"] == "Your name is Alice."
+
+
+async def test_a_stopping_node_answers_its_relayed_requests_503_rather_than_dropping_them(cluster, http):
+    # (the owner's sleep goes on after the test: its own stop then waits only half a second too)
+    owner, relayer = [cluster.start_node("--drain-timeout", "0.5") for _ in range(2)]
+    sid = new_prefix() + "rel"
+    assert (await chat(http, owner.url, sid, "hello"))[0] == 200
+    sleeping = asyncio.ensure_future(http.post(f"{relayer.url}/api/mcp-command", json={
+        "session_id": sid, "command": "sleep", "args": {"seconds": 600}}))  # relayed to the owner
+    deadline = asyncio.get_running_loop().time() + 30
+    while (await admin_row(http, owner.url, sid))["state"] != "busy":  # the owner's state, over HTTP
+        assert asyncio.get_running_loop().time() < deadline and not sleeping.done()
+        await asyncio.sleep(0.02)
+    relayer.proc.send_signal(signal.SIGTERM)
+    # before: 503 owner_unreachable (its relay pool closed under it), blaming an owner that is fine
+    async with await asyncio.wait_for(sleeping, 30) as r:
+        assert r.status == 503 and (await r.json())["error"]["code"] == "shutting_down"
+    assert await asyncio.to_thread(relayer.proc.wait, 30) == 0
+
+
 async def test_a_clean_stop_hands_the_sessions_over_at_once(pg_pair):
     a, b = pg_pair
     sid = new_prefix() + "bye"

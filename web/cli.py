@@ -133,6 +133,11 @@ def _shown(value) -> str:
 
 def serve(config: Config) -> int:
     """Run the server until SIGINT/SIGTERM."""
+    from corral.web.serving import Ladder
+
+    event_loop = new_event_loop(config.loop)
+    # first, before the web stack is imported: from here a stop signal is queued, not a traceback
+    ladder = Ladder(event_loop)
     from corral.agent_proc.process import set_title
     from corral.supervisor import descriptors
     from corral.supervisor.errors import StartupError
@@ -144,7 +149,6 @@ def serve(config: Config) -> int:
         # the port, then the node's identity, before anything touches the store: a second server
         # on a taken port or a held identity stops here and leaves the live one's sessions alone
         config, sockets = listen(config)
-        event_loop = new_event_loop(config.loop)
         store, claim = claim_identity(config, event_loop)
     except StartupError as exc:
         print(f"corral: cannot start: {exc}", file=sys.stderr)
@@ -167,7 +171,7 @@ def serve(config: Config) -> int:
         return 1
     log.info("serving", host=config.host, port=config.port, agent=config.agent)
     try:
-        run_app(app, sockets=sockets, loop=event_loop)
+        run_app(app, sockets=sockets, loop=event_loop, ladder=ladder)
     except StartupError as exc:
         # e.g. a corrupt SQLite file, an unreachable PostgreSQL, an agent that does not import:
         # the operator's to fix, so one line saying what (and the log event), not a traceback
@@ -271,14 +275,15 @@ def new_event_loop(choice: str = "auto"):
 
 
 def run_app(app, *, host: str = "127.0.0.1", port: int = 8080, sockets: list[socket.socket] | None = None,
-            loop="auto") -> None:
-    """Serve an aiohttp app (on ``sockets``, else on host:port) until SIGINT/SIGTERM.
+            loop="auto", ladder=None) -> None:
+    """Serve an aiohttp app (on ``sockets``, else on host:port) until SIGINT/SIGTERM stop it (web/serving.py).
 
-    ``loop`` is an event loop, or the name of the kind to make (``new_event_loop``).
+    ``loop`` is an event loop, or the name of the kind to make (``new_event_loop``); ``ladder`` the
+    shutdown ladder already installed on it, if any.
     """
-    from aiohttp import web
-
     from corral.supervisor.logs import get_logger
+    from corral.web import serving
+    from corral.web.keys import SUPERVISOR
 
     event_loop = new_event_loop(loop) if isinstance(loop, str) else loop
     get_logger(component="cli").info("event_loop", loop=type(event_loop).__module__.split(".")[0])
@@ -287,7 +292,7 @@ def run_app(app, *, host: str = "127.0.0.1", port: int = 8080, sockets: list[soc
     app.on_startup.append(_freeze_startup_objects)
     if sockets is None:
         sockets = bind_sockets(host, port)
-    web.run_app(app, sock=sockets, print=None, access_log=None, loop=event_loop)
+    serving.serve(app, sockets, event_loop, ladder=ladder, supervisor=app.get(SUPERVISOR))
 
 
 # What an accept() that meets a full descriptor table (or no memory) raises: the loop stops accepting

@@ -22,5 +22,7 @@ BACKGROUND = web.AppKey("background", TaskSet)  # coroutines run past their requ
 TENANT = web.RequestKey("tenant", str)  # the tenant the request authenticated as
 ADMIN = web.RequestKey("admin", bool)  # the request carried the admin token
 RAW_BODY = web.RequestKey("raw_body", bytes)  # the body json_body read, kept for a relay to the owner node
+# the session's owner node did not answer this read (dead, its lease not yet run out): answer from the store
+OWNER_UNREACHABLE = web.RequestKey("owner_unreachable", bool)
 
 ERROR_CODE = web.ResponseKey("error_code", str)  # the error.code of a JSON error answer, for the metrics

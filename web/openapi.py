@@ -107,9 +107,10 @@ def _operations() -> dict:
     return {
         paths.HEALTH: {"get": {
             "summary": "Status, version, live sessions and the memory-limit mechanism",
-            "description": "Without the admin token (where the admin API needs one) only `status` and `version`.",
+            "description": "Without the admin token (where the admin API needs one) only `status` and `version`. "
+                           "A stopping server answers 503 `shutting_down` (with `status`: `draining`).",
             "operationId": "health", "tags": ["operations"], "security": [{}, *admin],
-            "responses": answers({200: ("The server is up", ref("Health"))}),
+            "responses": answers({200: ("The server is up", ref("Health"))}, 503),
         }},
         paths.CHAT: {"post": {
             "summary": "Send a user message; by default wait for the reply",

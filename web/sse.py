@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 from corral.supervisor.session_keys import session_key
 
+from corral.supervisor.cluster.activation import ACTIVATED_ELSEWHERE
+
 # The EventBus types a stream carries (``spawned`` is an operator event, not a client one).
 STREAM_TYPES = frozenset({"state", "delta", "message", "error", "end"})
 # Fields of a bus event that are not for clients (the pid is the operator's business).
@@ -52,6 +54,7 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",  # nginx: pass events through at once
 }
 CLOSE = object()  # put on a stream's queue to end it
+MOVED = object()  # put on a stream's queue when another node activated its session: follow it there
 
 
 async def serve_queue(queue: asyncio.Queue, period: float, on_item: Callable[[object], Awaitable[None]],
@@ -141,6 +144,10 @@ class SessionChannel:
 
     def _on_event(self, event: dict) -> None:
         """Number, buffer and fan out one bus event of this session."""
+        if event["type"] == ACTIVATED_ELSEWHERE:
+            for listener in list(self.listeners):
+                listener.deliver(MOVED)
+            return
         if event["type"] not in STREAM_TYPES or not self.hub.owned_by(self.session_key, self.tenant):
             return
         if len(self.buffer) == self.buffer.maxlen:

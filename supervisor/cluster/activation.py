@@ -11,12 +11,13 @@ import signal
 import socket
 
 from corral.supervisor import errors, states
-from corral.supervisor.cluster.directory import LocalDirectory, directory_for
+from corral.supervisor.cluster.directory import ACTIVATIONS, LocalDirectory, directory_for
 from corral.supervisor.cluster.membership import Membership, new_node_id
 from corral.supervisor.logs import get_logger
 from corral.supervisor.session_keys import id_of
 
 log = get_logger(component="cluster")
+ACTIVATED_ELSEWHERE = "activated_elsewhere"  # the event a session's listeners get when another node claims it
 
 
 def advertised_url(config) -> str:
@@ -38,11 +39,24 @@ class Activation:
         self.directory = directory_for(self.store, self.node)
         if isinstance(self.directory, LocalDirectory):
             return
+        # host:port: with its node lock held (supervisor/node.py), older rows of it are dead runs of this server
+        identity = self.node if getattr(self.claim, "exclusive", False) else None
         self.node = self.directory.node = new_node_id()
         self.membership = Membership(
             self.store, node_id=self.node, url=advertised_url(self.config), lease=self.config.node_lease,
-            info=self.node_info, on_lapse=self._verify_claims, on_lost=self._lease_lost)
+            info=self.node_info, on_lapse=self._verify_claims, on_lost=self._lease_lost, name=identity)
         await self.membership.join()
+        await self.claim.listen(ACTIVATIONS, self._on_activation)
+
+    def _on_activation(self, payload: str) -> None:
+        """A node claimed a session: if another one, this node's streams of it follow it there (web/routes/stream.py)."""
+        session_id, _, node = payload.partition(" ")
+        if node != self.node:
+            self.events.publish(ACTIVATED_ELSEWHERE, session_id, to_all=False, node=node)
+
+    async def owner_url(self, session_id: str) -> str | None:
+        """The advertised URL of the live node other than this one that owns the session, if any."""
+        return (await self._store_call(self.directory.lookup(session_id))).owner_url
 
     async def _leave_cluster(self) -> None:
         """Delete this node's row (after its sessions stopped): the others may claim them at once."""

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from corral.supervisor.store import SessionRecord
 
+# the PostgreSQL channel a claim notifies, payload "<session id> <node id>" (ids hold no space)
+ACTIVATIONS = "corral_activations"
 # an owner is alive while its row in `nodes` has not expired (the database's clock)
 _OWNER_ALIVE = "EXISTS (SELECT 1 FROM nodes n WHERE n.id = sessions.node AND n.expires_at > now())"
 
@@ -100,7 +102,8 @@ class PgDirectory(Directory):
             "epoch = sessions.epoch + 1, end_reason = NULL, ended_at = NULL "
             "WHERE sessions.node IS NULL OR sessions.node = EXCLUDED.node OR sessions.ended_at IS NOT NULL "
             f"OR NOT {_OWNER_ALIVE} "
-            f"RETURNING {self._cols}",
+            # every node's streams of the session learn where it lives now (sent at commit)
+            f"RETURNING {self._cols}, pg_notify('{ACTIVATIONS}', sessions.id || ' ' || sessions.node)",
             session_id, tenant, agent, metadata or {}, self.node)
         return self._record(rows[0]) if rows else None
 

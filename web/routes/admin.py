@@ -13,7 +13,7 @@ from corral.supervisor.views import LIVE_FILTER, SessionView
 from corral.web import forward, paths
 from corral.web.requests import checked_session_id, query_bool, query_int
 from corral.web.views import admin_row
-from corral.web.keys import BACKGROUND, PROCSTATS, SUPERVISOR
+from corral.web.keys import BACKGROUND, OWNER_UNREACHABLE, PROCSTATS, SUPERVISOR
 
 routes = web.RouteTableDef()
 
@@ -56,7 +56,7 @@ async def _named(request: web.Request) -> tuple[str, str]:
 async def _found(request: web.Request) -> SessionView:
     """The session named in the path (memory, else store), any tenant; 404 if unknown."""
     sid, tenant = await _named(request)
-    found = await request.app[SUPERVISOR].find(sid, tenant)
+    found = await request.app[SUPERVISOR].find(sid, tenant, stored=request.get(OWNER_UNREACHABLE, False))
     if found is None:
         raise errors.SessionNotFound(f"no session {sid}")
     return found
