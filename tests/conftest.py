@@ -8,6 +8,7 @@ import pytest
 
 from corral.supervisor import Config, Supervisor
 from corral.supervisor.logs import configure
+from tests.procs import TEST_UID_RANGE
 
 configure("warning", json=True)
 
@@ -60,6 +61,7 @@ def make_config(tmp_path):
             spawn_timeout=10.0,
             request_timeout=30.0,
             rate_limit=0,
+            sandbox_uid_range=TEST_UID_RANGE,
         )
         values.update(overrides)
         return Config(**values)
