@@ -135,8 +135,8 @@ class Webhooks:
         base = {"time": event["time"], "node": self.sup.node}
         if kind == "node":
             return [(f"node.{event['state']}", base)]
-        sid = event["session_id"]
-        base.update(session_id=sid, tenant=event.get("tenant"))
+        base.update(session_id=event["session_id"], tenant=event.get("tenant"))
+        sid = session_key(event.get("tenant"), event["session_id"])  # ids are per tenant: remember by key
         if kind == "spawned":
             after = self._crashed.pop(sid, None)
             if after is not None:

@@ -29,8 +29,8 @@ async def test_usage_is_counted_kept_and_shown_per_tenant(aiohttp_client, make_c
     await json_of(await client.post("/api/mcp-command", headers=ALICE, json={
         "session_id": "u1", "command": "spin", "args": {"seconds": 0.4}}), 200)
     await json_of(await client.post("/api/chat", json={"message": "hi", "session_id": "b1"}, headers=BOB), 200)
-    await until(lambda: _has_memory(client, "u1"))  # a sample has seen the live process
-    times = psutil.Process(sup.sessions["u1"].pid).cpu_times()
+    await until(lambda: _has_memory(client, "alice/u1"))  # a sample has seen the live process (usage goes by key)
+    times = psutil.Process(sup.sessions["alice/u1"].pid).cpu_times()
     cpu_before_end = times.user + times.system  # what the kernel says the agent has used so far
     await json_of(await client.delete("/api/sessions/u1", headers=ALICE), 200)
 
@@ -54,7 +54,7 @@ async def test_usage_is_counted_kept_and_shown_per_tenant(aiohttp_client, make_c
     await assert_error(await client.get("/admin/usage?since=yesterday", headers=ADMIN), 400, "wrong_type")
     await assert_error(await client.get("/api/usage", headers=ADMIN), 401, "unauthorized")
 
-    sup.usage.record_egress("b1", bytes=1500, requests=2)  # what the egress gateway calls
+    sup.usage.record_egress("b1", bytes=1500, requests=2, tenant="bob")  # what the egress gateway calls
     await client.close()  # the server stops: bob's session ends, pending usage is written before the store closes
 
     again = await aiohttp_client(create_app(make_config(tenants=tmp_path / "tenants.toml")))
@@ -74,7 +74,7 @@ async def test_prometheus_has_per_tenant_counters_and_no_series_per_session(aioh
     client = await start(aiohttp_client, make_config, tmp_path, tenants=TENANTS)
     await json_of(await client.post("/api/chat", json={"message": "hello", "session_id": "p1"}, headers=ALICE), 200)
     await json_of(await client.delete("/api/sessions/p1", headers=ALICE), 200)
-    text = await (await client.get("/metrics")).text()
+    text = await (await client.get("/metrics", headers=ADMIN)).text()  # tenant series are the operator's
     assert 'corral_tenant_turns_total{tenant="alice"} 1.0' in text
     assert 'corral_tenant_cpu_seconds_total{tenant="alice"}' in text
     assert 'corral_tenant_memory_mib_seconds_total{tenant="alice"}' in text
@@ -141,15 +141,15 @@ async def test_cpu_is_counted_as_of_each_turns_end(aiohttp_client, make_config, 
     sup = supervisor_of(client)
     await json_of(await client.post("/api/mcp-command", headers=ALICE, json={
         "session_id": "c1", "command": "spin", "args": {"seconds": 0.3}}), 200)
-    times = psutil.Process(sup.sessions["c1"].pid).cpu_times()
+    times = psutil.Process(sup.sessions["alice/c1"].pid).cpu_times()
     spent = times.user + times.system  # the kernel's figure after the turn
 
     async def stored() -> bool:
-        row = await sup.store.session_usage("c1")
+        row = await sup.store.session_usage("alice/c1")
         return row is not None and row["cpu_seconds"] >= spent - 0.02  # clock ticks of the turn's bookkeeping
 
     await until(stored)
-    assert sup.sessions["c1"].live and not sup.usage.timeline.points  # no sample has run: the turn's batch read it
+    assert sup.sessions["alice/c1"].live and not sup.usage.timeline.points  # no sample has run: the turn's batch read it
 
 
 async def test_a_batch_the_store_refused_is_written_when_it_is_back(sup):
@@ -157,11 +157,11 @@ async def test_a_batch_the_store_refused_is_written_when_it_is_back(sup):
     s = await sup.get_or_create("e1", "acme")
     await sup.ensure_live(s)
     await sup.store.close()
-    sup.usage.record_egress("e1", bytes=100, requests=1)
+    sup.usage.record_egress("e1", bytes=100, requests=1, tenant="acme")
     await sup.usage.flush()  # refused: "not open"
-    assert sup.usage.pending["e1"].counts["egress_bytes"] == 100
-    sup.usage.record_egress("e1", bytes=50, requests=1)
+    assert sup.usage.pending["acme/e1"].counts["egress_bytes"] == 100
+    sup.usage.record_egress("e1", bytes=50, requests=1, tenant="acme")
     await sup.store.open()
     await sup.usage.flush()
-    row = await sup.store.session_usage("e1")
+    row = await sup.store.session_usage("acme/e1")
     assert (row["egress_bytes"], row["egress_requests"], row["starts"]) == (150, 2, 1) and not sup.usage.pending
