@@ -64,7 +64,8 @@ class Lifecycle:
         self._fit_max_sessions()
 
         if self.sandbox.network_mode == "proxy":
-            self.gateway = build_gateway(self.config, self.tenant_egress, on_denied=self._egress_denied)
+            self.gateway = build_gateway(self.config, self.tenant_egress, on_denied=self._egress_denied,
+                                         on_count=self._egress_counted)
         limit = self.config.memory_limit or None
         # probing may sweep a dead server's cgroups, which waits for the kernel: off the loop
         self.limiter = await asyncio.to_thread(
@@ -117,6 +118,13 @@ class Lifecycle:
             log.warning("agent_network_shared", detail="agents share the host's network: they can reach its loopback "
                         "services (the database, corral's own port), the cloud metadata address, and listen on its "
                         "addresses; --agent-network proxy gives them a namespace of their own")
+
+    def _egress_counted(self, session_id: str, tenant: str, field: str, amount: int) -> None:
+        """Traffic through the egress gateway, for the session's and tenant's usage (billing)."""
+        if field in ("bytes_in", "bytes_out"):
+            self.usage.record_egress(session_id, bytes=amount, tenant=tenant)
+        elif field == "requests":
+            self.usage.record_egress(session_id, requests=amount, tenant=tenant)
 
     def _egress_denied(self, session_id: str, tenant: str, destination: str, reason: str) -> None:
         """A refusal at the egress gateway, for the admin event stream (it is logged and counted there)."""

@@ -346,6 +346,10 @@ async def test_admin_rows_and_metrics_show_egress_per_session_and_per_tenant(aio
     assert 'corral_tenant_egress_refused_total{tenant="alice"} 1.0' in metrics
     assert f'corral_tenant_egress_bytes_total{{direction="in",tenant="alice"}} {float(row["egress"]["bytes_in"])}' in metrics
     assert "counted" not in metrics  # never a series per session
+    # the same traffic is the session's billed usage (issue 23): bytes both ways, requests
+    billed = row["usage"]
+    assert billed["egress_bytes"] == row["egress"]["bytes_in"] + row["egress"]["bytes_out"]
+    assert billed["egress_requests"] == row["egress"]["requests"] == 2
 
 
 async def test_an_agent_past_its_connections_gets_503_with_retry_after(gateway, origin, monkeypatch):

@@ -50,10 +50,11 @@ def _upstream_items(tables) -> tuple[list, list]:
     return urls, headers
 
 
-def build_gateway(config, tenants: dict | None = None, on_denied=None) -> Gateway:
+def build_gateway(config, tenants: dict | None = None, on_denied=None, on_count=None) -> Gateway:
     """The gateway of a server: its rules, its upstreams (secrets read now), the tenants' own, its TLS."""
     policy = Policy([parse_rule(t) for t in config.agent_allow], [parse_rule(t) for t in config.agent_deny],
                     host_addresses())
     upstreams = build_upstreams(config.upstream, config.upstream_header)
     ca_file = str(config.upstream_ca_file) if config.upstream_ca_file else None
-    return Gateway(policy, upstreams, tenants=tenants, tls=client_tls(ca_file), on_denied=on_denied)
+    return Gateway(policy, upstreams, tenants=tenants, tls=client_tls(ca_file), on_denied=on_denied,
+                   on_count=on_count)

@@ -69,13 +69,13 @@ class Gateway:
     """Serves the agents' listener; issues and revokes the per-spawn tokens; counts."""
 
     def __init__(self, policy: Policy, upstreams: dict[str, Upstream] | None = None, *,
-                 tenants: dict[str, TenantEgress] | None = None, tls=None, on_denied=None):
+                 tenants: dict[str, TenantEgress] | None = None, tls=None, on_denied=None, on_count=None):
         self.policy = policy
         self.upstreams = dict(upstreams or {})
         self.tenants = dict(tenants or {})
         self.policies = {name: policy.with_rules(t.allow, t.deny) for name, t in self.tenants.items()}
         self.tls = tls or client_tls()  # for https upstreams: verified, the system's CAs unless told
-        self.grants = Grants()
+        self.grants = Grants(on_count)  # on_count(session_id, tenant, field, amount) for each count, if given
         self.on_denied = on_denied  # called with (session_id, tenant, destination, reason) on every refusal
         self.server: asyncio.AbstractServer | None = None
         self.port: int | None = None

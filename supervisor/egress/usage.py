@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 __all__ = ["Usage", "Grant", "Grants", "RETAINED"]
@@ -40,17 +41,21 @@ class Grant:
     session: Usage
     tenant_usage: Usage
     open: int = 0  # connections of this spawn the gateway holds now
+    on_count: Callable[[str, str, str, int], None] | None = None  # (session, tenant, field, amount): billing
 
     def count(self, field: str, amount: int = 1) -> None:
-        """Add to a count of the session and of its tenant."""
+        """Add to a count of the session and of its tenant (and tell usage accounting)."""
         setattr(self.session, field, getattr(self.session, field) + amount)
         setattr(self.tenant_usage, field, getattr(self.tenant_usage, field) + amount)
+        if self.on_count is not None:
+            self.on_count(self.session_id, self.tenant, field, amount)
 
 
 class Grants:
     """The live grants by token, and the counts per session and per tenant."""
 
-    def __init__(self):
+    def __init__(self, on_count: Callable[[str, str, str, int], None] | None = None):
+        self.on_count = on_count  # every count of every grant, for usage accounting (supervisor/usage.py)
         self.by_token: dict[str, Grant] = {}
         self.live: dict[tuple[str, str], tuple[Usage, int]] = {}  # (tenant, session) -> (counts, live grants)
         self.ended: OrderedDict[tuple[str, str], Usage] = OrderedDict()
@@ -61,7 +66,8 @@ class Grants:
         key = (tenant, session_id)
         usage, count = self.live.get(key) or (self.ended.pop(key, None) or Usage(), 0)
         self.live[key] = (usage, count + 1)
-        grant = Grant(secrets.token_urlsafe(24), session_id, tenant, usage, self.tenants.setdefault(tenant, Usage()))
+        grant = Grant(secrets.token_urlsafe(24), session_id, tenant, usage, self.tenants.setdefault(tenant, Usage()),
+                      on_count=self.on_count)
         self.by_token[grant.token] = grant
         return grant
 
