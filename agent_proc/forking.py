@@ -61,7 +61,13 @@ class Forker:
             _run(before)
         pid = _libc.fork()
         if pid < 0:
-            raise OSError(ctypes.get_errno(), "fork failed")
+            err = ctypes.get_errno()
+            # as os.fork does, the parent's hooks run after a failed fork too: a before-hook may hold a
+            # lock its in-parent hook releases (concurrent.futures.thread's shutdown lock), and the next
+            # fork would wait on it for ever
+            for _, in_parent, _ in _hooks:
+                _run(in_parent)
+            raise OSError(err, "fork failed")
         for _, in_parent, in_child in _hooks:
             _run(in_child if pid == 0 else in_parent)
         if pid == 0 and "random" in sys.modules:
