@@ -1,8 +1,9 @@
-"""Start and close of what the sessions share: the store, the hub, the limiter, the sandbox, the spawner.
+"""Start and close of what the sessions share: the run dir, the sandbox, the limiter, the store, the hub, the spawner.
 
-A base of ``Supervisor`` (supervisor/registry.py), kept apart so the registry reads as one: it
-starts the parts in dependency order and closes them in reverse, restarts the zygote when it dies,
-runs retention on a timer and reports health. It holds no session state of its own.
+``Lifecycle`` is a part the registry (``Supervisor``, supervisor/registry.py) holds as
+``lifecycle``: it owns the shared parts, starts them in dependency order and closes them in
+reverse, and restarts the zygote when it dies. It holds no session: the registry stops its sessions
+and asks the cluster to join or leave between these steps.
 """
 
 import asyncio
@@ -10,7 +11,6 @@ import contextlib
 import os
 import shutil
 import tempfile
-import time
 
 from corral.supervisor import errors, states
 from corral.supervisor.agent_tmp import sweep_dead_trees
@@ -24,41 +24,49 @@ from corral.supervisor.store import StoreError, create_store
 
 log = get_logger(component="supervisor")
 
+# What a start may fail with that the operator can act on: the server refuses to start, saying why.
+STARTUP_REFUSALS = (SpawnError, StoreError, OSError, ValueError, SandboxRefused)
 
 
 class Lifecycle:
-    """Start, close and health of a Supervisor's shared parts."""
+    """The shared parts of one server, from start to close."""
 
-    async def start(self) -> None:
-        """Open the store, bind the hub, start the zygote."""
+    def __init__(self, config, *, background, store=None, claim=None, launcher=None):
+        """``store``/``claim``: given already made (else made at start); ``launcher``: the spawner class.
+
+        ``background``: the registry's task set, which runs zygote restarts past their caller.
+        """
+        self.config = config
+        self.background = background
+        self.store = store
+        self.claim = claim  # this server's hold on its identity, from before the store opens; released at close
+        self.launcher = launcher or ZygoteSpawner  # supervisor/spawner.py's interface
+        self.run_dir: str | None = None
+        self.limiter = None
+        self.sandbox = None
+        self.hub: Hub | None = None
+        self.spawner = None  # the running launcher, None while the zygote restarts
+        self.closing = False
+        self._zygote_restart: asyncio.Task | None = None
+
+    @property
+    def run_id(self) -> str:
+        """This run's name in cgroups and temp trees (the run directory's suffix)."""
+        return os.path.basename(self.run_dir).removeprefix("corral-")
+
+    def make_run_dir(self) -> None:
+        """This run's private directory (removed at close)."""
         self.run_dir = tempfile.mkdtemp(prefix="corral-", dir=self._run_parent())
         os.chmod(self.run_dir, 0o700)
-        try:
-            await self._start_parts()
-        except (SpawnError, StoreError, OSError, ValueError, SandboxRefused) as exc:
-            await self.close()
-            raise errors.StartupError(str(exc)) from exc
-        except BaseException:
-            await self.close()
-            raise
-        self._schedule_retention()
-        log.info("supervisor_started", run_dir=self.run_dir, limit=self.limiter.describe(), agent=self.config.agent)
 
-    def _run_parent(self) -> str | None:
-        """Parent of the run directory."""
-        if self.config.run_dir:
-            os.makedirs(self.config.run_dir, mode=0o700, exist_ok=True)
-            return str(self.config.run_dir)
-        return os.environ.get("XDG_RUNTIME_DIR") or None
-
-    async def _start_parts(self) -> None:
-        """Start each part in dependency order."""
+    async def open(self, node: str) -> None:
+        """The sandbox, the limiter, then this node's identity and the store."""
         await self._sweep_agent_trees()
         self._choose_sandbox()  # before the limiter: whether sessions have uids of their own decides the pids fallback
         limit = self.config.memory_limit or None
         # probing may sweep a dead server's cgroups, which waits for the kernel: off the loop
         self.limiter = await asyncio.to_thread(
-            choose_limiter, limit, run_id=os.path.basename(self.run_dir).removeprefix("corral-"),
+            choose_limiter, limit, run_id=self.run_id,
             prefer=self.config.limit_mechanism, cpu_limit=self.config.cpu_limit, max_pids=self.config.max_pids,
             pids_rlimit=self.sandbox.on("uid"))
         for reason in getattr(self.limiter, "fallback_reasons", ()):
@@ -70,13 +78,15 @@ class Lifecycle:
             self.store = create_store(self.config.database_url, self.config.data_dir)
         # the identity first: a server whose identity is held by a live one must not touch the store
         if self.claim is None:
-            self.claim = await claim_node(self.store, self.node)
+            self.claim = await claim_node(self.store, node)
         await self.store.open()
-        await self._join_cluster()
-        await self._end_orphans()
-        self.hub = Hub(on_frame=self._on_frame, on_drop=self._on_drop, on_abuse=self._on_abuse,
-                       on_pause=self._on_pause, frame_rate=self.config.agent_frame_rate)
-        await self._start_spawner()
+
+    def _run_parent(self) -> str | None:
+        """Parent of the run directory."""
+        if self.config.run_dir:
+            os.makedirs(self.config.run_dir, mode=0o700, exist_ok=True)
+            return str(self.config.run_dir)
+        return os.environ.get("XDG_RUNTIME_DIR") or None
 
     async def _sweep_agent_trees(self) -> None:
         """Remove the agents' temp trees of dead servers (whatever this one's sandbox mode): off the loop."""
@@ -92,8 +102,7 @@ class Lifecycle:
         protected = [str(c.data_dir), self.run_dir, str(c.tenants) if c.tenants else None]
         self.sandbox = choose_sandbox(
             c.sandbox, protected=protected, network=c.agent_network == "on", uid_range=c.uid_range,
-            max_pids=c.max_pids, max_open_files=c.max_open_files,
-            run_id=os.path.basename(self.run_dir).removeprefix("corral-"))
+            max_pids=c.max_pids, max_open_files=c.max_open_files, run_id=self.run_id)
         for name, layer in self.sandbox.layers.items():
             if layer["in_force"]:
                 log.info("sandbox_layer", layer=name, detail=layer["detail"])
@@ -103,39 +112,60 @@ class Lifecycle:
             log.warning("sandbox_note", note=note)
         log.info("sandbox", mode=self.sandbox.mode, network=self.sandbox.network)
 
-    async def _end_orphans(self) -> None:
+    async def end_orphans(self, node: str) -> None:
         """End the sessions this server's previous run left live in the store (it died with them)."""
         lost = await self.store.end_orphans(self.claim.orphans_of, status=states.LOST, end_reason=states.LOST_REASON)
         if lost:
-            log.warning("orphans_ended", node=self.node, sessions=lost, reason=states.LOST_REASON)
+            log.warning("orphans_ended", node=node, sessions=lost, reason=states.LOST_REASON)
+
+    async def launch(self, **on) -> None:
+        """Bind the hub (``on``: its on_frame/on_drop/on_abuse/on_pause callbacks) and start a zygote."""
+        self.hub = Hub(frame_rate=self.config.agent_frame_rate, **on)
+        await self._start_spawner()
 
     async def _start_spawner(self) -> None:
         """Start a zygote."""
-        launcher = self.launcher or ZygoteSpawner
-        spawner = launcher(self.config.agent, limiter=self.limiter, sandbox=self.sandbox, on_lost=self._on_zygote_lost)
+        spawner = self.launcher(self.config.agent, limiter=self.limiter, sandbox=self.sandbox,
+                                on_lost=self._on_zygote_lost)
         await spawner.start()
         self.spawner = spawner
 
-    async def close(self) -> None:
-        """Stop every session, the zygote and the hub; remove the run directory."""
-        if self._closing:
-            return
-        self._closing = True
-        if self._retention_timer is not None:
-            self._retention_timer.cancel()
-        live = [s for s in self.sessions.values() if s.live]
-        if live:
-            stops = [s.life.stop(states.ENDED) for s in live]
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*stops, return_exceptions=True), self.config.stop_timeout + 2)
+    async def ready_spawner(self):
+        """The spawner to launch with (waiting for a zygote restart in progress); 503 if there is none."""
+        if self.spawner is None and self._zygote_restart is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._zygote_restart), self.config.spawn_timeout)
+        if self.spawner is None:
+            raise errors.Unavailable("the zygote is restarting", retry_after=1)
+        return self.spawner
+
+    def _on_zygote_lost(self) -> None:
+        """The zygote died and took every agent with it: their exits come on their futures; start another."""
+        self.spawner = None  # its processes' exits come on their futures, "the zygote died"
+        if not self.closing:
+            self._zygote_restart = self.background.spawn(self._restart_zygote())
+
+    async def _restart_zygote(self) -> None:
+        """Start a new zygote after the old one died."""
+        try:
+            await self._start_spawner()
+        except Exception as exc:
+            log.error("zygote_restart_failed", error=str(exc))
+
+    def begin_close(self) -> bool:
+        """Mark the server closing (no more spawns, no zygote restart); False if it already was."""
+        if self.closing:
+            return False
+        self.closing = True
+        return True
+
+    async def close_spawner(self) -> None:
+        """Stop the zygote (after the sessions stopped)."""
         if self.spawner is not None:
             await self.spawner.close()
-        with contextlib.suppress(Exception):
-            await self._leave_cluster()
-        self.output.close()
-        await self.background.wait(timeout=5)
-        self.turn_deadlines.close()
-        self.hung_turns.close()
+
+    async def close(self) -> None:
+        """Close the hub, the limiter, the sandbox, the store and the identity; remove the run directory."""
         if self.hub is not None:
             self.hub.close()
         if self.limiter is not None:
@@ -149,48 +179,12 @@ class Lifecycle:
             await self.claim.release()
         if self.run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
-        log.info("supervisor_stopped")
 
-    def _on_zygote_lost(self) -> None:
-        """The zygote died and took every agent with it: mark them crashed and start another."""
-        self.spawner = None  # its processes' exits come on their futures, "the zygote died"
-        if not self._closing:
-            self._zygote_restart = self.background.spawn(self._restart_zygote())
-
-    async def _restart_zygote(self) -> None:
-        """Start a new zygote after the old one died."""
-        try:
-            await self._start_spawner()
-        except Exception as exc:
-            log.error("zygote_restart_failed", error=str(exc))
-
-    def _schedule_retention(self) -> None:
-        """Delete ended sessions past the retention period, on a timer."""
-        interval = max(1.0, min(3600.0, self.config.retention / 4))
-        loop = asyncio.get_running_loop()
-        self._retention_timer = loop.call_later(interval, self._retention_due)
-
-    def _retention_due(self) -> None:
-        """Run one retention pass and schedule the next."""
-        self.background.spawn(self.purge_ended())
-        self._schedule_retention()
-
-    async def purge_ended(self) -> int:
-        """Delete sessions that ended more than ``retention`` seconds ago."""
-        removed = await self.store_call(self.store.purge_ended(self.config.retention))
-        if removed:
-            log.info("retention_purged", sessions=removed)
-            self.events.publish_global("purged", sessions=removed, retention=self.config.retention)
-        return removed
-
-    def health(self) -> dict:
-        """What /health reports about the supervisor."""
+    def describe(self) -> dict:
+        """What /health reports about the shared parts."""
         return {
-            "live_sessions": self.live_count,
-            "sessions_in_memory": len(self.sessions),
             "zygote_pid": self.spawner.pid if self.spawner else None,
             "limit": self.limiter.describe() if self.limiter else None,
             "sandbox": self.sandbox.describe() if self.sandbox else None,
             "store": getattr(self.store, "backend", None),
-            "uptime_seconds": round(time.time() - self.started_at, 3),
         }

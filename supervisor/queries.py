@@ -1,9 +1,10 @@
-"""What the routes ask of the supervisor: find, list, history, end, stats (a mixin of ``Supervisor``).
+"""What the routes ask of the supervisor: find, list, history, end, stats (``Supervisor.queries``).
 
 Routes go through these and never through the store: every answer is a ``SessionView``
 (supervisor/views.py) whether the session is held here or only stored, and the rules about a
 session's data (ending one a dead node left live, purging, the admin's kill) live here once.
-The store is called directly, as the routes did, so its failures read the same (web/errors.py).
+``Queries`` holds no state: it reads the registry (supervisor/registry.py) through its public
+methods and attributes.
 """
 
 from collections import Counter
@@ -14,15 +15,18 @@ from corral.supervisor.views import SessionView
 
 
 class Queries:
-    """Reads and ends sessions by id, for the web layer; reads ``self.sessions``, ``self.store``, ``self.node``."""
+    """Reads and ends sessions by id, for the web layer."""
+
+    def __init__(self, registry):
+        self.registry = registry  # the Supervisor
 
     async def _lookup(self, session_id: str):
         """The session this node holds (or None) and, when that is not enough, its stored record (or None)."""
         if not valid_session_id(session_id):
             return None, None
-        s = self.sessions.get(session_id)
-        if s is None or (not s.live and self.directory.fenced):
-            return s, await self._placed(session_id)
+        s = self.registry.sessions.get(session_id)
+        if s is None or (not s.live and self.registry.activation.fenced):
+            return s, await self.registry.activation.placed(session_id)
         return s, None
 
     async def _owned(self, session_id: str, tenant: str | None):
@@ -35,7 +39,7 @@ class Queries:
 
     def view(self, s) -> SessionView:
         """The view of a session this node holds."""
-        return SessionView.of_session(s, self.node)
+        return SessionView.of_session(s, self.registry.node)
 
     async def find(self, session_id: str, tenant: str | None = None) -> SessionView | None:
         """The session's view (held here, else stored), or None if unknown; never spawns or registers.
@@ -51,14 +55,14 @@ class Queries:
 
     def held_views(self, tenant: str | None = None, state: str | None = None) -> list[SessionView]:
         """The sessions this node holds in memory that pass the filters (``state`` may be ``live``)."""
-        views = (self.view(s) for s in list(self.sessions.values()))
+        views = (self.view(s) for s in list(self.registry.sessions.values()))
         return [v for v in views if v.matches(tenant, state)]
 
     async def stored_views(self, tenant: str | None, state: str | None, limit: int) -> list[SessionView]:
         """Up to ``limit`` sessions only the store knows (those held here are left out), newest first."""
-        held = set(self.sessions)
+        held = set(self.registry.sessions)
         # Enough stored rows that, after dropping the ones memory holds, ``limit`` remain.
-        stored = await self.store.list_sessions(tenant=tenant, status=state, limit=limit + len(held))
+        stored = await self.registry.store.list_sessions(tenant=tenant, status=state, limit=limit + len(held))
         return [SessionView.of_record(r) for r in stored if r.id not in held]
 
     async def history(self, session_id: str, tenant: str, *, limit: int | None = None):
@@ -66,11 +70,11 @@ class Queries:
         found = await self.find(session_id, tenant)
         if found is None:
             return None, []
-        return found, await self.store.history(session_id, limit=limit)
+        return found, await self.registry.store.history(session_id, limit=limit)
 
     def interrupt_turn(self, session_id: str) -> bool:
         """Interrupt the turn in progress of a session held here; False if there is none to interrupt."""
-        s = self.sessions.get(session_id)
+        s = self.registry.sessions.get(session_id)
         return s is not None and s.life.interrupt()
 
     async def end(self, session_id: str, tenant: str, *, purge: bool = False) -> str | None:
@@ -81,12 +85,12 @@ class Queries:
         """
         s, record = await self._owned(session_id, tenant)
         if s is not None and s.live:
-            await self.remove(s, purge=purge)
+            await self.registry.remove(s, purge=purge)
             return s.state
         if purge:
-            await self.store.delete_session(session_id)
+            await self.registry.store.delete_session(session_id)
         elif s is None and record.ended_at is None:
-            await self.store.set_status(session_id, states.ENDED, end_reason=states.ENDED, ended=True)
+            await self.registry.store.set_status(session_id, states.ENDED, end_reason=states.ENDED, ended=True)
             return states.ENDED
         return s.state if s is not None else record.status
 
@@ -100,36 +104,40 @@ class Queries:
             run(self._kill_and_purge(s, purge))
             return self.view(s), True
         if s is not None:
-            await self.remove(s, purge=purge)
+            await self.registry.remove(s, purge=purge)
         elif purge:
-            await self.store.delete_session(session_id)
+            await self.registry.store.delete_session(session_id)
         return (self.view(s) if s is not None else SessionView.of_record(record)), False
 
     async def _kill_and_purge(self, s, purge: bool) -> None:
         """Kill the session's process, then delete its data if asked."""
-        await self.kill(s)
+        await self.registry.kill(s)
         if purge:
-            await self.remove(s, purge=True)
+            await self.registry.remove(s, purge=True)
 
     async def stats(self) -> dict:
         """Totals from the store (sessions, messages, per tenant) and this node's live view of them."""
-        stored = await self.store.stats()
-        by_state = Counter(s.state for s in list(self.sessions.values()) if s.state is not None)
+        stored = await self.registry.store.stats()
+        by_state = Counter(s.state for s in list(self.registry.sessions.values()) if s.state is not None)
         by_tenant = stored["by_tenant"]  # every live session was recorded before it was spawned
         for tenant, entry in by_tenant.items():
-            entry["live"] = self.live_by_tenant.get(tenant, 0)
-            entry["max_sessions"] = self.tenant_limits.get(tenant) or self.config.max_sessions_per_tenant or None
+            entry["live"] = self.registry.live_by_tenant.get(tenant, 0)
+            entry["max_sessions"] = self.registry.tenant_limits.get(tenant) or self.registry.config.max_sessions_per_tenant or None
         return {
             **stored,
-            "live_sessions": self.count(),
-            "max_sessions": self.config.max_sessions,
+            "live_sessions": self.registry.count(),
+            "max_sessions": self.registry.config.max_sessions,
             "by_state": dict(by_state),
             "by_tenant": by_tenant,
-            "counters": dict(self.counters),
+            "counters": dict(self.registry.counters),
         }
+
+    async def cluster_nodes(self) -> list[dict]:
+        """The nodes of the cluster as /admin/nodes lists them; a single node lists itself."""
+        return await self.registry.activation.nodes(self.registry.count())
 
     async def cluster_totals(self) -> dict:
         """This node's name and, across the cluster, the live nodes and their live sessions."""
         nodes = [n for n in await self.cluster_nodes() if n.get("alive")]
-        return {"node": self.node, "cluster": {
+        return {"node": self.registry.node, "cluster": {
             "nodes": len(nodes), "live_sessions": sum(n.get("live_sessions") or 0 for n in nodes)}}

@@ -5,9 +5,12 @@
 id), capacity and quotas, get-or-create (asking the cluster directory where a session
 lives: supervisor/cluster/), start and close of the shared parts (store, hub, spawner, limiter,
 sandbox), retention, counters and health, and ``transition``, the one place a state changes.
-Each session's ``SessionLife`` sees it as a ``SessionHost`` (supervisor/session_host.py).
-What the routes ask (find, history, end, stats) is ``Queries`` (supervisor/queries.py).
-Everything that happens to one session's process is its ``SessionLife``'s.
+It holds three parts, each an object of its own: ``lifecycle`` (the shared parts' start and
+close, supervisor/lifecycle.py), ``activation`` (this node in the cluster: the directory, claims,
+fencing, supervisor/cluster/activation.py) and ``queries`` (what the routes ask: find, history,
+end, stats, supervisor/queries.py). Each session's ``SessionLife`` sees the registry as a
+``SessionHost`` (supervisor/session_host.py); everything that happens to one session's process is
+its ``SessionLife``'s.
 
 One asyncio loop, no threads of its own, no per-session polling: agent frames arrive through
 the hub's reader, deaths through the spawner's exit reports, idle and age through timers.
@@ -17,6 +20,7 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import os
 import time
 from collections import Counter
 
@@ -24,11 +28,10 @@ from corral.agent_proc import protocol as p
 from corral.supervisor import errors, states
 from corral.supervisor.agent_output import AgentOutput
 from corral.supervisor.cluster.activation import Activation
-from corral.supervisor.lifecycle import Lifecycle
+from corral.supervisor.lifecycle import STARTUP_REFUSALS, Lifecycle
 from corral.supervisor.config import Config
 from corral.supervisor.deadlines import Deadlines
 from corral.supervisor.events import EventBus
-from corral.supervisor.hub import Hub
 from corral.supervisor.logs import debug_enabled, get_logger
 from corral.supervisor.node import node_name
 from corral.supervisor.queries import Queries
@@ -36,8 +39,6 @@ from corral.supervisor.reaper import Reaper
 from corral.supervisor.restarts import RestartPolicy
 from corral.supervisor.session import Session, TokenBucket, Turn, bad_session_id, new_session_id, valid_session_id
 from corral.supervisor.session_life import SessionLife
-from corral.supervisor.store import SessionNotFound as StoredSessionMissing
-from corral.supervisor.store import StaleEpoch, StoreError
 from corral.supervisor.tasks import TaskSet
 
 log = get_logger(component="supervisor")
@@ -45,7 +46,7 @@ log = get_logger(component="supervisor")
 _TURN_STATES = (states.IDLE, states.BUSY)
 
 
-class Supervisor(Lifecycle, Activation, Queries):
+class Supervisor:
     """Owns every session of one corral server."""
 
     def __init__(self, config: Config, *, store=None, claim=None, events: EventBus | None = None,
@@ -55,8 +56,6 @@ class Supervisor(Lifecycle, Activation, Queries):
         ``launcher``: the spawner class (supervisor/spawner.py's interface); the zygote's by default.
         """
         self.config = config
-        self.launcher = launcher
-        self.store = store
         self.events = events or EventBus()
         self.tenant_limits: dict[str, int] = dict(tenant_limits or {})
         self.sessions: dict[str, Session] = {}
@@ -70,24 +69,107 @@ class Supervisor(Lifecycle, Activation, Queries):
         self.turn_deadlines = Deadlines(on_due=_time_out)  # turn -> its SessionLife, until request_timeout
         # A timed-out turn -> its SessionLife, for stop_timeout/2 more: then the agent is unresponsive.
         self.hung_turns = Deadlines(on_due=_turn_hung)
-        self.run_dir: str | None = None
-        self.limiter = None
-        self.sandbox = None
-        self.hub: Hub | None = None
-        self.spawner = None  # the ZygoteSpawner (supervisor/spawner.py), started by Lifecycle.start
         self.output = AgentOutput(config.agent_log_lines, self.events)  # every agent's stdout/stderr, and each session's tail
         self.started_at = time.time()
-        # Names this server in the store's sessions.node (supervisor/node.py says what it means)
-        self.node = node_name(config.port)
-        self.claim = claim  # this server's hold on its identity, from before the store opens; released at close
         self._request_ids = itertools.count(1)
         # coroutines the supervisor runs past their caller (end writes, stops, zygote restarts)
         self.background = TaskSet(log, expected=(errors.CorralError,))
         # session id -> the store write recording its last death, awaited before it respawns
         self._status_writes: dict[str, asyncio.Task] = {}
         self._retention_timer = None
-        self._zygote_restart: asyncio.Task | None = None
-        self._closing = False
+        self.lifecycle = Lifecycle(config, background=self.background, store=store, claim=claim, launcher=launcher)
+        # node: names this server in the store's sessions.node (supervisor/node.py says what it means)
+        self.activation = Activation(config, node_name(config.port), sessions=self.sessions, counters=self.counters,
+                                     background=self.background, node_info=self.node_info)
+        self.queries = Queries(self)
+
+    # The shared parts, as the sessions, the web layer and the tests read them (the lifecycle owns them).
+    store = property(lambda self: self.lifecycle.store, doc="The session store.")
+    hub = property(lambda self: self.lifecycle.hub, doc="The ROUTER every agent's connection is on.")
+    spawner = property(lambda self: self.lifecycle.spawner, doc="The running launcher (None while the zygote restarts).")
+    limiter = property(lambda self: self.lifecycle.limiter, doc="The memory limiter and its controls.")
+    sandbox = property(lambda self: self.lifecycle.sandbox, doc="The sandbox plan chosen at start.")
+    run_dir = property(lambda self: self.lifecycle.run_dir, doc="This run's private directory.")
+    claim = property(lambda self: self.lifecycle.claim, doc="This server's hold on its node identity.")
+    closing = property(lambda self: self.lifecycle.closing, doc="Whether the server is shutting down (no more spawns).")
+    node = property(lambda self: self.activation.node, doc="This node's name (its cluster node id once it joined).")
+    membership = property(lambda self: self.activation.membership, doc="This node's cluster membership, if any.")
+
+    async def start(self) -> None:
+        """Open the store, join the cluster, bind the hub, start the zygote."""
+        self.lifecycle.make_run_dir()
+        try:
+            await self.lifecycle.open(self.node)
+            await self.activation.join(self.store)
+            await self.lifecycle.end_orphans(self.node)
+            await self.lifecycle.launch(on_frame=self.on_frame, on_drop=self.on_drop, on_abuse=self.on_abuse,
+                                        on_pause=self.on_pause)
+        except STARTUP_REFUSALS as exc:
+            await self.close()
+            raise errors.StartupError(str(exc)) from exc
+        except BaseException:
+            await self.close()
+            raise
+        self._schedule_retention()
+        log.info("supervisor_started", run_dir=self.run_dir, limit=self.limiter.describe(), agent=self.config.agent)
+
+    async def close(self) -> None:
+        """Stop every session, the zygote, the cluster membership and the shared parts."""
+        if not self.lifecycle.begin_close():
+            return
+        if self._retention_timer is not None:
+            self._retention_timer.cancel()
+        live = [s for s in self.sessions.values() if s.live]
+        if live:
+            stops = [s.life.stop(states.ENDED) for s in live]
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*stops, return_exceptions=True), self.config.stop_timeout + 2)
+        await self.lifecycle.close_spawner()
+        with contextlib.suppress(Exception):
+            await self.activation.leave()
+        self.output.close()
+        await self.background.wait(timeout=5)
+        self.turn_deadlines.close()
+        self.hung_turns.close()
+        await self.lifecycle.close()
+        log.info("supervisor_stopped")
+
+    def _schedule_retention(self) -> None:
+        """Delete ended sessions past the retention period, on a timer."""
+        interval = max(1.0, min(3600.0, self.config.retention / 4))
+        loop = asyncio.get_running_loop()
+        self._retention_timer = loop.call_later(interval, self._retention_due)
+
+    def _retention_due(self) -> None:
+        """Run one retention pass and schedule the next."""
+        self.background.spawn(self.purge_ended())
+        self._schedule_retention()
+
+    async def purge_ended(self) -> int:
+        """Delete sessions that ended more than ``retention`` seconds ago."""
+        removed = await errors.store_call(self.store.purge_ended(self.config.retention))
+        if removed:
+            log.info("retention_purged", sessions=removed)
+            self.events.publish_global("purged", sessions=removed, retention=self.config.retention)
+        return removed
+
+    def health(self) -> dict:
+        """What /health reports about the supervisor."""
+        return {
+            "live_sessions": self.live_count,
+            "sessions_in_memory": len(self.sessions),
+            **self.lifecycle.describe(),
+            "uptime_seconds": round(time.time() - self.started_at, 3),
+        }
+
+    def node_info(self) -> dict:
+        """What this node reports in its heartbeat (shown by /admin/nodes)."""
+        rss = None
+        with contextlib.suppress(OSError, ValueError):
+            with open(f"/proc/{os.getpid()}/statm") as f:
+                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return {"live_sessions": self.live_count, "sessions_in_memory": len(self.sessions),
+                "server_rss_bytes": rss, "pid": os.getpid()}
 
     async def get_or_create(self, session_id: str | None, tenant: str, metadata: dict | None = None) -> Session:
         """The session with this id (from memory or the store), or a new one; 404 if another tenant's.
@@ -99,8 +181,8 @@ class Supervisor(Lifecycle, Activation, Queries):
         elif not valid_session_id(session_id):
             raise bad_session_id()
         s = self.sessions.get(session_id)
-        if s is None or (not s.live and self.directory.fenced):
-            record = await self._placed(session_id)
+        if s is None or (not s.live and self.activation.fenced):
+            record = await self.activation.placed(session_id)
             if record is not None and record.tenant != tenant:
                 raise errors.SessionNotFound(f"no session {session_id}")
             s = self.sessions.get(session_id)  # another request may have registered it meanwhile
@@ -135,6 +217,10 @@ class Supervisor(Lifecycle, Activation, Queries):
         """Number of live sessions."""
         return self.live_count
 
+    async def moved(self, session_id: str) -> errors.SessionMoved:
+        """The error for a session another node has claimed, naming its owner when that one is alive."""
+        return await self.activation.moved(session_id)
+
     def forget(self, s: Session) -> None:
         """Drop a down session from memory once nobody waits on it (the store keeps its data)."""
         if s.live or s.inflight:
@@ -146,11 +232,6 @@ class Supervisor(Lifecycle, Activation, Queries):
             # Keep crash history for the restart window, then let it go.
             loop = asyncio.get_running_loop()
             s.life.timers["forget"] = loop.call_later(self.config.restart_window, self._forget_after_window, s)
-
-    @property
-    def closing(self) -> bool:
-        """Whether the server is shutting down (no more spawns)."""
-        return self._closing
 
     def next_request_id(self) -> int:
         """A request id no other turn of this server has."""
@@ -172,19 +253,14 @@ class Supervisor(Lifecycle, Activation, Queries):
 
     async def ready_spawner(self):
         """The spawner to launch with (waiting for a zygote restart in progress); 503 if there is none."""
-        if self.spawner is None and self._zygote_restart is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self._zygote_restart), self.config.spawn_timeout)
-        if self.spawner is None:
-            raise errors.Unavailable("the zygote is restarting", retry_after=1)
-        return self.spawner
+        return await self.lifecycle.ready_spawner()
 
     async def record_message(self, s: Session, role: str, text: str):
         """Commit one message to the store; SessionMoved, the session fenced out, on a stale epoch."""
         try:
-            return await self.store_call(self.store.append_message(s.id, role, text, epoch=s.epoch))
+            return await errors.store_call(self.store.append_message(s.id, role, text, epoch=s.epoch))
         except errors.SessionMoved:
-            self.fence_out(s, f"its {role} message was refused for a stale epoch")
+            self.activation.fence_out(s, f"its {role} message was refused for a stale epoch")
             raise
 
     def _forget_after_window(self, s: Session) -> None:
@@ -266,29 +342,29 @@ class Supervisor(Lifecycle, Activation, Queries):
             # Otherwise, with a pool of connections, the old end could land after the new start
             # and leave a live session marked ended (and purgeable by retention).
             await asyncio.wait([ended])
-        record = await self._claim(s)
+        record = await self.activation.claim(s)
         s.created_at, s.message_count = record.created_at, record.message_count
-        history = await self.store_call(self.store.history(s.id, limit=self.config.history_limit))
+        history = await errors.store_call(self.store.history(s.id, limit=self.config.history_limit))
         return recent_history(history, self.config.history_limit_bytes)
 
-    def _on_frame(self, rid: bytes, kind: int, req: int, body, size: int) -> None:
+    def on_frame(self, rid: bytes, kind: int, req: int, body, size: int) -> None:
         """Route one frame from an agent to its session (the connection says which: rid is bound at spawn)."""
         s = self.by_rid.get(rid)
         if s is not None:  # else the last words of a process that is already gone
             s.life.on_frame(kind, req, body, size)
 
-    def _on_abuse(self, rid: bytes, reason: str, detail: str) -> None:
+    def on_abuse(self, rid: bytes, reason: str, detail: str) -> None:
         """The hub cut an agent's connection (flood, protocol error): kill that agent, and only it."""
         s = self.by_rid.get(rid)
         if s is not None:
             self.counters["agents_killed_for_abuse"] += 1
             s.life.kill_for(reason, detail=f"{reason}: {detail}")
 
-    def _on_pause(self, rid: bytes) -> None:
+    def on_pause(self, rid: bytes) -> None:
         """Count a connection the hub stopped reading: its agent sends PINGs and reads no PONGs."""
         self.counters["agent_reads_paused"] += 1
 
-    def _on_drop(self, rid: bytes, why: str) -> None:
+    def on_drop(self, rid: bytes, why: str) -> None:
         """Count a frame the hub refused and tell global listeners (metrics, tests)."""
         self.counters["frames_dropped"] += 1
         self.events.publish_global("frame_dropped", routing_id=rid[:128].decode("utf-8", "replace"), reason=why)
@@ -299,9 +375,9 @@ class Supervisor(Lifecycle, Activation, Queries):
 
     def record_end(self, s: Session, final: str) -> None:
         """Write the end to the store in the background; a respawn waits for it (see prepare_spawn)."""
-        if self._unclaimed(s):
+        if self.activation.unclaimed(s):
             return  # fenced out, or its claim was refused: the session's row is another node's
-        write = self.background.spawn(self.store_call(
+        write = self.background.spawn(errors.store_call(
             self.store.set_status(s.id, final, end_reason=s.end_reason or final, ended=True, epoch=s.epoch)))
         self._status_writes[s.id] = write
         write.add_done_callback(functools.partial(self._end_recorded, s.id))
@@ -327,7 +403,7 @@ class Supervisor(Lifecycle, Activation, Queries):
             self._unregister(s)
             s.life.cancel_timers()
         if purge:
-            await self.store_call(self.store.delete_session(s.id))
+            await errors.store_call(self.store.delete_session(s.id))
 
     def transition(self, s: Session, new: str, **info) -> None:
         """Move a session to a new state (asserted), keep counts, log and publish it."""
@@ -353,20 +429,6 @@ class Supervisor(Lifecycle, Activation, Queries):
             return
         log.info("session_state", session_id=s.id, tenant=s.tenant, pid=s.pid, old=old, new=new, **info)
         self.events.publish("state", s.id, tenant=s.tenant, state=new, previous=old, pid=s.pid, **info)
-
-    async def store_call(self, coro):
-        """Await a store operation; an unreachable store is a 503, not a traceback."""
-        try:
-            return await coro
-        except StoreError as exc:
-            # the cause names files, hosts and tables: it goes to the log, not to tenants
-            log.error("store_error", error=str(exc))
-            raise errors.Unavailable("the session store is unavailable; try again shortly", retry_after=5) from None
-        except StaleEpoch as exc:
-            raise errors.SessionMoved(f"session {exc.args[0]} was claimed by another node") from None
-        except StoredSessionMissing as exc:
-            # its data was purged (DELETE ?purge=true, retention) while a request was on its way
-            raise errors.SessionNotFound(f"session {exc.args[0]} was deleted") from None
 
 
 def recent_history(history: list, max_bytes: int) -> list[dict]:

@@ -341,7 +341,7 @@ async def test_a_session_begun_again_gets_a_cgroup_and_temp_dir_of_its_own(sup):
     s = await sup.get_or_create("again", "default")
     await sup.chat(s, "hello")
     first = (s.limits, s.sandbox)
-    await sup.end("again", "default")
+    await sup.queries.end("again", "default")
     s = await sup.get_or_create("again", "default")
     await sup.chat(s, "hello")
     assert s.life.generation == 1

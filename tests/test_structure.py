@@ -66,3 +66,23 @@ def test_the_check_finds_a_reach(tmp_path):
     source.write_text("from corral.x import _y\nclass A:\n    def f(self, o):\n"
                       "        self._own, o.__dict__\n        return o._theirs\n")
     assert private_reaches(source, tmp_path) == ["m.py:1: from corral.x import _y", "m.py:5: o._theirs"]
+
+
+def _product_classes() -> dict[str, list[tuple[str, int, list[str]]]]:
+    """Class name -> (file, line, the names of its bases) for every class of the product."""
+    classes: dict = {}
+    for path in _product_files():
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ClassDef):
+                bases = [ast.unparse(b).rsplit(".", 1)[-1] for b in node.bases]
+                classes.setdefault(node.name, []).append((str(path.relative_to(ROOT)), node.lineno, bases))
+    return classes
+
+
+def test_no_class_mixes_product_bases():
+    """Parts with state of their own are held, not mixed in: no class has two or more product bases."""
+    classes = _product_classes()
+    offences = [f"{where}:{line}: class {name}({', '.join(bases)})"
+                for name, defs in classes.items() for where, line, bases in defs
+                if sum(base in classes for base in bases) >= 2]
+    assert not offences, "classes with two or more product bases:\n" + "\n".join(offences)

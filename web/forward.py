@@ -136,7 +136,7 @@ async def live_rows_elsewhere(request: web.Request, tenant: str | None, most: in
     time is left out of this view rather than holding it up.
     """
     sup = request.app[SUPERVISOR]
-    peers = [n["url"] for n in await sup.cluster_nodes() if n.get("alive") and not n.get("self")]
+    peers = [n["url"] for n in await sup.queries.cluster_nodes() if n.get("alive") and not n.get("self")]
     if not peers:
         return []
     headers = {FORWARDED_BY: sup.node}  # marks the call as local-only: no fan-out from there

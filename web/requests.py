@@ -146,7 +146,7 @@ async def find_session(request: web.Request, sid: str, *, missing_ok: bool = Fal
 
     With ``missing_ok`` an unknown id gives None instead: the seed routes treat it as a new session.
     """
-    found = await request.app[SUPERVISOR].find(checked_session_id(sid), tenant_of(request))
+    found = await request.app[SUPERVISOR].queries.find(checked_session_id(sid), tenant_of(request))
     if found is None and not missing_ok:
         raise errors.SessionNotFound(f"no session {sid}")
     return found

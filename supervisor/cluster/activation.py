@@ -1,17 +1,17 @@
 """The supervisor's side of the cluster: join at start, claim before a spawn, fence out when refused.
 
-A mixin of ``Supervisor`` (kept apart so the registry stays readable): it reads ``self.store``,
-``self.sessions``, ``self.config`` and ``self.node`` and stops a fenced-out session through its
-``SessionLife``. ``self.directory`` is the seam the registry asks where a session lives.
+``Activation`` is a part the registry (``Supervisor``, supervisor/registry.py) holds as
+``activation``: it owns this node's name, the cluster directory (the seam that says where a session
+lives) and this node's membership. It is handed what it uses of the registry when made (the
+sessions it may fence out, the counters, the background tasks, the store-error conversion) and
+stops a fenced-out session through its ``SessionLife``'s public methods.
 """
 
-import contextlib
-import os
 import signal
 import socket
 
 from corral.supervisor import errors, states
-from corral.supervisor.cluster.directory import LocalDirectory, directory_for
+from corral.supervisor.cluster.directory import Directory, LocalDirectory, directory_for
 from corral.supervisor.cluster.membership import Membership, new_node_id
 from corral.supervisor.logs import get_logger
 
@@ -27,47 +27,54 @@ def advertised_url(config) -> str:
 
 
 class Activation:
-    """Single activation for the Supervisor: the directory, this node's membership, fencing."""
+    """Single activation for the registry: this node's name, the directory, its membership, fencing."""
 
-    directory = None
-    membership: Membership | None = None
+    def __init__(self, config, node: str, *, sessions: dict, counters, background, node_info):
+        """``node``: this server's name until it joins a cluster (then a fresh node id).
 
-    async def _join_cluster(self) -> None:
+        ``sessions``: the registry's sessions by id; ``node_info()``: what this node reports in its heartbeat.
+        """
+        self.config = config
+        self.node = node
+        self.sessions = sessions
+        self.counters = counters
+        self.background = background
+        self.node_info = node_info
+        self.directory: Directory | None = None
+        self.membership: Membership | None = None
+
+    @property
+    def fenced(self) -> bool:
+        """Whether this node's writes carry a claim's epoch (a cluster on PostgreSQL)."""
+        return self.directory is not None and self.directory.fenced
+
+    async def join(self, store) -> None:
         """Pick the directory for the store; on PostgreSQL take a fresh node id and join."""
-        self.directory = directory_for(self.store, self.node)
+        self.directory = directory_for(store, self.node)
         if isinstance(self.directory, LocalDirectory):
             return
         self.node = self.directory.node = new_node_id()
         self.membership = Membership(
-            self.store, node_id=self.node, url=advertised_url(self.config), lease=self.config.node_lease,
+            store, node_id=self.node, url=advertised_url(self.config), lease=self.config.node_lease,
             info=self.node_info, on_lapse=self._verify_claims, on_lost=self._lease_lost)
         await self.membership.join()
 
-    async def _leave_cluster(self) -> None:
+    async def leave(self) -> None:
         """Delete this node's row (after its sessions stopped): the others may claim them at once."""
         if self.membership is not None:
             await self.membership.leave()
 
-    def node_info(self) -> dict:
-        """What this node reports in its heartbeat (shown by /admin/nodes)."""
-        rss = None
-        with contextlib.suppress(OSError, ValueError):
-            with open(f"/proc/{os.getpid()}/statm") as f:
-                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        return {"live_sessions": self.live_count, "sessions_in_memory": len(self.sessions),
-                "server_rss_bytes": rss, "pid": os.getpid()}
-
-    async def cluster_nodes(self) -> list[dict]:
+    async def nodes(self, live_count: int) -> list[dict]:
         """The nodes of the cluster as /admin/nodes lists them; a single node lists itself."""
-        rows = await self.store_call(self.directory.nodes())
+        rows = await errors.store_call(self.directory.nodes())
         if rows or self.membership is not None:
             return rows
         return [{"node": self.node, "url": advertised_url(self.config), "alive": True, "self": True,
-                 "lease_age_seconds": 0.0, "sessions_owned": self.live_count, **self.node_info()}]
+                 "lease_age_seconds": 0.0, "sessions_owned": live_count, **self.node_info()}]
 
-    async def _placed(self, session_id: str):
+    async def placed(self, session_id: str):
         """The stored record of a session this node may serve; SessionMoved if a live peer owns it."""
-        placement = await self.store_call(self.directory.lookup(session_id))
+        placement = await errors.store_call(self.directory.lookup(session_id))
         if placement.owner_url is not None:
             raise errors.SessionMoved(f"session {session_id} is owned by node {placement.owner}",
                                       owner_url=placement.owner_url, owner=placement.owner)
@@ -75,14 +82,14 @@ class Activation:
 
     async def moved(self, session_id: str) -> errors.SessionMoved:
         """The error for a session another node has claimed, naming its owner when that one is alive."""
-        placement = await self.store_call(self.directory.lookup(session_id))
+        placement = await errors.store_call(self.directory.lookup(session_id))
         return errors.SessionMoved(f"session {session_id} is owned by node {placement.owner}",
                                    owner_url=placement.owner_url, owner=placement.owner)
 
-    async def _claim(self, s):
+    async def claim(self, s):
         """Claim the session for this node before its process starts; SessionMoved if another won."""
         s.epoch = None
-        record = await self.store_call(
+        record = await errors.store_call(
             self.directory.claim(s.id, tenant=s.tenant, agent=self.config.agent, metadata=s.metadata))
         if record is None:
             raise await self.moved(s.id)
@@ -90,9 +97,9 @@ class Activation:
             s.epoch = record.epoch
         return record
 
-    def _unclaimed(self, s) -> bool:
+    def unclaimed(self, s) -> bool:
         """Whether the session's writes must be skipped: in a cluster, it holds no claim (fenced out)."""
-        return self.directory is not None and self.directory.fenced and s.epoch is None
+        return self.fenced and s.epoch is None
 
     def fence_out(self, s, why: str) -> None:
         """Another node claimed this session: end this node's stale process without writing anything."""

@@ -38,11 +38,11 @@ async def _rows(request: web.Request, tenant: str | None, state: str | None, wan
     """Rows ``offset .. offset+want`` of memory and store merged, newest first (live: from every node)."""
     app = request.app
     sup = app[SUPERVISOR]
-    rows = [{**admin_row(v, app.get(PROCSTATS)), "node": v.node} for v in sup.held_views(tenant, state)]
+    rows = [{**admin_row(v, app.get(PROCSTATS)), "node": v.node} for v in sup.queries.held_views(tenant, state)]
     if state == LIVE_FILTER and forward.FORWARDED_BY not in request.headers:
         rows += await forward.live_rows_elsewhere(request, tenant, offset + want)
     if state != LIVE_FILTER:
-        rows += [admin_row(v) for v in await sup.stored_views(tenant, state, offset + want)]
+        rows += [admin_row(v) for v in await sup.queries.stored_views(tenant, state, offset + want)]
     rows.sort(key=lambda row: (-row["created_at"], row["session_id"]))
     return rows[offset : offset + want]
 
@@ -50,7 +50,7 @@ async def _rows(request: web.Request, tenant: str | None, state: str | None, wan
 async def _found(request: web.Request) -> SessionView:
     """The session named in the path (memory, else store), any tenant; 404 if unknown."""
     sid = checked_session_id(request.match_info["session_id"])
-    found = await request.app[SUPERVISOR].find(sid)
+    found = await request.app[SUPERVISOR].queries.find(sid)
     if found is None:
         raise errors.SessionNotFound(f"no session {sid}")
     return found
@@ -86,7 +86,7 @@ async def kill_session(request: web.Request) -> web.Response:
     """
     purge = query_bool(request, "purge")
     sid = checked_session_id(request.match_info["session_id"])
-    found, stopping = await request.app[SUPERVISOR].discard(sid, purge=purge, run=request.app[BACKGROUND].spawn)
+    found, stopping = await request.app[SUPERVISOR].queries.discard(sid, purge=purge, run=request.app[BACKGROUND].spawn)
     if stopping:
         return web.json_response({**admin_row(found), "state": states.STOPPING}, status=202)
     return web.json_response({**admin_row(found), "purged": purge})
@@ -96,7 +96,7 @@ async def kill_session(request: web.Request) -> web.Response:
 async def interrupt_session(request: web.Request) -> web.Response:
     """Interrupt the session's turn in progress, if any."""
     found = await _found(request)
-    done = request.app[SUPERVISOR].interrupt_turn(found.id)
+    done = request.app[SUPERVISOR].queries.interrupt_turn(found.id)
     return web.json_response({"session_id": found.id, "state": found.state, "interrupted": done})
 
 
@@ -105,9 +105,9 @@ async def stats(request: web.Request) -> web.Response:
     """Totals from the store (sessions, active, messages, averages, per tenant) and this node's live view."""
     sup = request.app[SUPERVISOR]
     return web.json_response({
-        **await sup.stats(),
+        **await sup.queries.stats(),
         **_agent_memory(request.app.get(PROCSTATS)),
-        **await sup.cluster_totals(),
+        **await sup.queries.cluster_totals(),
     })
 
 
