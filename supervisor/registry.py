@@ -39,6 +39,7 @@ from corral.supervisor.reaper import Reaper
 from corral.supervisor.restarts import RestartPolicy
 from corral.supervisor.session import Session, TokenBucket, Turn, bad_session_id, new_session_id, valid_session_id
 from corral.supervisor.session_life import SessionLife
+from corral.supervisor.turns import Turns
 from corral.supervisor.tasks import TaskSet
 
 log = get_logger(component="supervisor")
@@ -66,8 +67,8 @@ class Supervisor:
         self.counters: Counter = Counter()  # spawns, restarts, crashes, ooms, reaps ... since start
         self.policy = RestartPolicy(config.max_restarts, config.restart_window)
         self.reaper = Reaper(idle_timeout=config.idle_timeout, max_age=config.max_age, on_due=self._on_due)
-        self.turn_deadlines = Deadlines(on_due=_time_out)  # turn -> its SessionLife, until request_timeout
-        # A timed-out turn -> its SessionLife, for stop_timeout/2 more: then the agent is unresponsive.
+        self.turn_deadlines = Deadlines(on_due=_time_out)  # turn -> its session's Turns, until request_timeout
+        # A timed-out turn -> its session's Turns, for stop_timeout/2 more: then the agent is unresponsive.
         self.hung_turns = Deadlines(on_due=_turn_hung)
         self.output = AgentOutput(config.agent_log_lines, self.events)  # every agent's stdout/stderr, and each session's tail
         self.started_at = time.time()
@@ -295,12 +296,12 @@ class Supervisor:
         return await self.complete(s, turn)
 
     async def submit(self, s: Session, kind: int, body, *, on_chunk=None, record_as: str | None = None) -> Turn:
-        """Admit, persist and send one message (SessionLife.submit); return the turn to wait on."""
-        return await s.life.submit(kind, body, on_chunk=on_chunk, record_as=record_as)
+        """Admit, persist and send one message (Turns.submit); return the turn to wait on."""
+        return await s.life.turns.submit(kind, body, on_chunk=on_chunk, record_as=record_as)
 
     async def complete(self, s: Session, turn: Turn) -> dict:
-        """Wait for a submitted turn's answer (SessionLife.complete)."""
-        return await s.life.complete(turn)
+        """Wait for a submitted turn's answer (Turns.complete)."""
+        return await s.life.turns.complete(turn)
 
     def interrupt(self, s: Session) -> bool:
         """Interrupt the turn in progress (SessionLife.interrupt)."""
@@ -351,7 +352,7 @@ class Supervisor:
         """Route one frame from an agent to its session (the connection says which: rid is bound at spawn)."""
         s = self.by_rid.get(rid)
         if s is not None:  # else the last words of a process that is already gone
-            s.life.on_frame(kind, req, body, size)
+            s.life.turns.on_frame(kind, req, body, size)
 
     def on_abuse(self, rid: bytes, reason: str, detail: str) -> None:
         """The hub cut an agent's connection (flood, protocol error): kill that agent, and only it."""
@@ -371,7 +372,7 @@ class Supervisor:
         s = self.by_rid.get(rid)
         if s is not None:
             # The hub routes by connection, so a live session's own process sent it.
-            s.life.stray_frame()
+            s.life.turns.stray_frame()
 
     def record_end(self, s: Session, final: str) -> None:
         """Write the end to the store in the background; a respawn waits for it (see prepare_spawn)."""
@@ -443,11 +444,11 @@ def recent_history(history: list, max_bytes: int) -> list[dict]:
     return kept
 
 
-def _time_out(turn: Turn, life: SessionLife) -> None:
+def _time_out(turn: Turn, turns: Turns) -> None:
     """request_timeout passed without an answer (one deadline timer for every turn)."""
-    life.time_out(turn)
+    turns.time_out(turn)
 
 
-def _turn_hung(turn: Turn, life: SessionLife) -> None:
+def _turn_hung(turn: Turn, turns: Turns) -> None:
     """A timed-out turn is still running stop_timeout/2 after its interrupt."""
-    life.turn_hung(turn)
+    turns.turn_hung(turn)
