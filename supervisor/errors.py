@@ -1,10 +1,5 @@
 """Errors the supervisor raises, each with the HTTP status and code the API answers with."""
 
-from corral.supervisor import store
-from corral.supervisor.logs import get_logger
-
-log = get_logger(component="supervisor")
-
 
 class CorralError(Exception):
     """Base of every error a client may see."""
@@ -104,21 +99,3 @@ class TurnTimeout(CorralError):
 
 class StartupError(Exception):
     """The server cannot start (agent not importable, store unreachable, ...); the message says why."""
-
-
-async def store_call(coro):
-    """Await a store operation; its failures become the API's errors (the one place they do).
-
-    An unreachable store is a 503, not a traceback; a stale epoch means another node claimed the
-    session; a session purged while a request was on its way is a 404.
-    """
-    try:
-        return await coro
-    except store.StoreError as exc:
-        # the cause names files, hosts and tables: it goes to the log, not to tenants
-        log.error("store_error", error=str(exc))
-        raise Unavailable("the session store is unavailable; try again shortly", retry_after=5) from None
-    except store.StaleEpoch as exc:
-        raise SessionMoved(f"session {exc.args[0]} was claimed by another node") from None
-    except store.SessionNotFound as exc:
-        raise SessionNotFound(f"session {exc.args[0]} was deleted") from None

@@ -69,7 +69,7 @@ class MemoryLimiter:
         self.release_memory(spec)
 
     def release_memory(self, spec) -> None:
-        """Release what this spawn held of memory alone (a control of its own hierarchy calls it too); nothing without a cgroup."""
+        """Release this spawn's memory part (a cgroup1 control calls it too); nothing without a cgroup."""
 
     def close(self) -> None:
         """At shutdown: the controls' per-run dirs, then memory's."""
@@ -78,7 +78,7 @@ class MemoryLimiter:
         self._close_memory()
 
     def _close_memory(self) -> None:
-        """Release what this spawn held of memory alone (a control of its own hierarchy calls it too); nothing without a cgroup."""
+        """Nothing to clean up without a cgroup."""
 
     def oom_killed(self, spec) -> bool:
         """No kernel OOM verdict without a cgroup; the agent reports MemoryError itself."""

@@ -11,6 +11,7 @@ from collections import Counter
 
 from corral.supervisor import errors, states
 from corral.supervisor.session import valid_session_id
+from corral.supervisor.store_errors import store_call
 from corral.supervisor.views import SessionView
 
 
@@ -62,7 +63,8 @@ class Queries:
         """Up to ``limit`` sessions only the store knows (those held here are left out), newest first."""
         held = set(self.registry.sessions)
         # Enough stored rows that, after dropping the ones memory holds, ``limit`` remain.
-        stored = await self.registry.store.list_sessions(tenant=tenant, status=state, limit=limit + len(held))
+        stored = await store_call(
+            self.registry.store.list_sessions(tenant=tenant, status=state, limit=limit + len(held)))
         return [SessionView.of_record(r) for r in stored if r.id not in held]
 
     async def history(self, session_id: str, tenant: str, *, limit: int | None = None):
@@ -70,7 +72,7 @@ class Queries:
         found = await self.find(session_id, tenant)
         if found is None:
             return None, []
-        return found, await self.registry.store.history(session_id, limit=limit)
+        return found, await store_call(self.registry.store.history(session_id, limit=limit))
 
     def interrupt_turn(self, session_id: str) -> bool:
         """Interrupt the turn in progress of a session held here; False if there is none to interrupt."""
@@ -88,9 +90,10 @@ class Queries:
             await self.registry.remove(s, purge=purge)
             return s.state
         if purge:
-            await self.registry.store.delete_session(session_id)
+            await store_call(self.registry.store.delete_session(session_id))
         elif s is None and record.ended_at is None:
-            await self.registry.store.set_status(session_id, states.ENDED, end_reason=states.ENDED, ended=True)
+            await store_call(
+                self.registry.store.set_status(session_id, states.ENDED, end_reason=states.ENDED, ended=True))
             return states.ENDED
         return s.state if s is not None else record.status
 
@@ -106,7 +109,7 @@ class Queries:
         if s is not None:
             await self.registry.remove(s, purge=purge)
         elif purge:
-            await self.registry.store.delete_session(session_id)
+            await store_call(self.registry.store.delete_session(session_id))
         return (self.view(s) if s is not None else SessionView.of_record(record)), False
 
     async def _kill_and_purge(self, s, purge: bool) -> None:
@@ -117,7 +120,7 @@ class Queries:
 
     async def stats(self) -> dict:
         """Totals from the store (sessions, messages, per tenant) and this node's live view of them."""
-        stored = await self.registry.store.stats()
+        stored = await store_call(self.registry.store.stats())
         by_state = Counter(s.state for s in list(self.registry.sessions.values()) if s.state is not None)
         by_tenant = stored["by_tenant"]  # every live session was recorded before it was spawned
         for tenant, entry in by_tenant.items():

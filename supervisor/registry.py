@@ -33,6 +33,7 @@ from corral.supervisor.config import Config
 from corral.supervisor.deadlines import Deadlines
 from corral.supervisor.events import EventBus
 from corral.supervisor.logs import debug_enabled, get_logger
+from corral.supervisor.store_errors import store_call
 from corral.supervisor.node import node_name
 from corral.supervisor.queries import Queries
 from corral.supervisor.reaper import Reaper
@@ -148,7 +149,7 @@ class Supervisor:
 
     async def purge_ended(self) -> int:
         """Delete sessions that ended more than ``retention`` seconds ago."""
-        removed = await errors.store_call(self.store.purge_ended(self.config.retention))
+        removed = await store_call(self.store.purge_ended(self.config.retention))
         if removed:
             log.info("retention_purged", sessions=removed)
             self.events.publish_global("purged", sessions=removed, retention=self.config.retention)
@@ -259,7 +260,7 @@ class Supervisor:
     async def record_message(self, s: Session, role: str, text: str):
         """Commit one message to the store; SessionMoved, the session fenced out, on a stale epoch."""
         try:
-            return await errors.store_call(self.store.append_message(s.id, role, text, epoch=s.epoch))
+            return await store_call(self.store.append_message(s.id, role, text, epoch=s.epoch))
         except errors.SessionMoved:
             self.activation.fence_out(s, f"its {role} message was refused for a stale epoch")
             raise
@@ -345,7 +346,7 @@ class Supervisor:
             await asyncio.wait([ended])
         record = await self.activation.claim(s)
         s.created_at, s.message_count = record.created_at, record.message_count
-        history = await errors.store_call(self.store.history(s.id, limit=self.config.history_limit))
+        history = await store_call(self.store.history(s.id, limit=self.config.history_limit))
         return recent_history(history, self.config.history_limit_bytes)
 
     def on_frame(self, rid: bytes, kind: int, req: int, body, size: int) -> None:
@@ -378,7 +379,7 @@ class Supervisor:
         """Write the end to the store in the background; a respawn waits for it (see prepare_spawn)."""
         if self.activation.unclaimed(s):
             return  # fenced out, or its claim was refused: the session's row is another node's
-        write = self.background.spawn(errors.store_call(
+        write = self.background.spawn(store_call(
             self.store.set_status(s.id, final, end_reason=s.end_reason or final, ended=True, epoch=s.epoch)))
         self._status_writes[s.id] = write
         write.add_done_callback(functools.partial(self._end_recorded, s.id))
@@ -404,7 +405,7 @@ class Supervisor:
             self._unregister(s)
             s.life.cancel_timers()
         if purge:
-            await errors.store_call(self.store.delete_session(s.id))
+            await store_call(self.store.delete_session(s.id))
 
     def transition(self, s: Session, new: str, **info) -> None:
         """Move a session to a new state (asserted), keep counts, log and publish it."""

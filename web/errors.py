@@ -6,7 +6,7 @@ from aiohttp import http_exceptions, web
 
 from corral.supervisor import errors
 from corral.supervisor.logs import get_logger
-from corral.supervisor.store import StoreError
+from corral.supervisor.store_errors import api_error
 from corral.web.keys import ERROR_CODE
 
 log = get_logger(component="web")
@@ -25,12 +25,9 @@ def error_response(status: int, code: str, message: str, *, retry_after: float |
 
 def json_error(request: web.Request, exc: Exception) -> web.Response | None:
     """The JSON answer for an exception a handler raised, or None to let it pass on; never leaks a traceback."""
+    exc = api_error(exc) or exc  # a store call no store_call wrapped: the same conversion
     if isinstance(exc, errors.CorralError):
         return error_response(exc.status, exc.code, exc.message, retry_after=exc.retry_after)
-    if isinstance(exc, StoreError):
-        log.error("store_error", path=request.path, error=str(exc))
-        # the cause names files, hosts and tables: it stays in the log
-        return error_response(503, "unavailable", "the session store is unavailable; try again shortly", retry_after=5)
     if isinstance(exc, web.HTTPException):
         if exc.status < 400 or exc.content_type == "application/json":
             return None

@@ -11,9 +11,10 @@ import signal
 import socket
 
 from corral.supervisor import errors, states
-from corral.supervisor.cluster.directory import Directory, LocalDirectory, directory_for
+from corral.supervisor.cluster.directory import Directory
 from corral.supervisor.cluster.membership import Membership, new_node_id
 from corral.supervisor.logs import get_logger
+from corral.supervisor.store_errors import store_call
 
 log = get_logger(component="cluster")
 
@@ -49,9 +50,9 @@ class Activation:
         return self.directory is not None and self.directory.fenced
 
     async def join(self, store) -> None:
-        """Pick the directory for the store; on PostgreSQL take a fresh node id and join."""
-        self.directory = directory_for(store, self.node)
-        if isinstance(self.directory, LocalDirectory):
+        """The directory on the store; on a store other nodes share, take a fresh node id and join."""
+        self.directory = Directory(store, self.node)
+        if not store.shared:
             return
         self.node = self.directory.node = new_node_id()
         self.membership = Membership(
@@ -66,7 +67,7 @@ class Activation:
 
     async def nodes(self, live_count: int) -> list[dict]:
         """The nodes of the cluster as /admin/nodes lists them; a single node lists itself."""
-        rows = await errors.store_call(self.directory.nodes())
+        rows = await store_call(self.directory.nodes())
         if rows or self.membership is not None:
             return rows
         return [{"node": self.node, "url": advertised_url(self.config), "alive": True, "self": True,
@@ -74,7 +75,7 @@ class Activation:
 
     async def placed(self, session_id: str):
         """The stored record of a session this node may serve; SessionMoved if a live peer owns it."""
-        placement = await errors.store_call(self.directory.lookup(session_id))
+        placement = await store_call(self.directory.lookup(session_id))
         if placement.owner_url is not None:
             raise errors.SessionMoved(f"session {session_id} is owned by node {placement.owner}",
                                       owner_url=placement.owner_url, owner=placement.owner)
@@ -82,14 +83,14 @@ class Activation:
 
     async def moved(self, session_id: str) -> errors.SessionMoved:
         """The error for a session another node has claimed, naming its owner when that one is alive."""
-        placement = await errors.store_call(self.directory.lookup(session_id))
+        placement = await store_call(self.directory.lookup(session_id))
         return errors.SessionMoved(f"session {session_id} is owned by node {placement.owner}",
                                    owner_url=placement.owner_url, owner=placement.owner)
 
     async def claim(self, s):
         """Claim the session for this node before its process starts; SessionMoved if another won."""
         s.epoch = None
-        record = await errors.store_call(
+        record = await store_call(
             self.directory.claim(s.id, tenant=s.tenant, agent=self.config.agent, metadata=s.metadata))
         if record is None:
             raise await self.moved(s.id)

@@ -17,6 +17,8 @@ from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+from corral.supervisor.node import FileClaim
+
 from .base import (
     MessageRecord, SessionNotFound, SessionRecord, Store, StoreError, build_stats, load_migrations,
 )
@@ -187,6 +189,12 @@ class SQLiteStore(Store):
             f"RETURNING {_SESSION_COLS}",
             (session_id, tenant, agent, json.dumps(metadata or {}), status, now, now, node)).fetchall())
         return _session(rows[0])
+
+    async def hold_identity(self, node: str) -> FileClaim:
+        """The file is the identity: an exclusive flock on ``<file>.lock`` (NodeTaken if another server has it)."""
+        claim = FileClaim(self.path)
+        claim.acquire()
+        return claim
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
         """The session, or None."""
