@@ -21,9 +21,9 @@ def valid_session_id(session_id) -> bool:
     return isinstance(session_id, str) and _SESSION_ID.fullmatch(session_id) is not None
 
 
-def bad_session_id() -> errors.BadRequest:
+def bad_session_id() -> errors.InvalidRequest:
     """The 400 for a session id that breaks the rule."""
-    return errors.BadRequest(SESSION_ID_RULE, code="bad_session_id")
+    return errors.InvalidRequest(SESSION_ID_RULE, code="bad_session_id")
 
 
 def new_session_id() -> str:

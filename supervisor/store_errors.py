@@ -9,11 +9,11 @@ session purged while a request was on its way is a 404.
 
 from corral.supervisor import errors
 from corral.supervisor.logs import get_logger
-from corral.supervisor.store import SessionNotFound, StaleEpoch, StoreError
+from corral.supervisor.store import UnknownSession, StaleEpoch, StoreError
 
 log = get_logger(component="supervisor")
 
-STORE_FAILURES = (StoreError, StaleEpoch, SessionNotFound)
+STORE_FAILURES = (StoreError, StaleEpoch, UnknownSession)
 
 
 def api_error(exc: BaseException) -> errors.CorralError | None:
@@ -23,7 +23,7 @@ def api_error(exc: BaseException) -> errors.CorralError | None:
         return errors.Unavailable("the session store is unavailable; try again shortly", retry_after=5)
     if isinstance(exc, StaleEpoch):
         return errors.SessionMoved(f"session {exc.args[0]} was claimed by another node")
-    if isinstance(exc, SessionNotFound):
+    if isinstance(exc, UnknownSession):
         return errors.SessionNotFound(f"session {exc.args[0]} was deleted")
     return None
 

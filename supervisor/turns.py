@@ -22,9 +22,9 @@ from corral.supervisor.session_host import SessionHost
 log = get_logger(component="supervisor")
 
 _FAIL_ERRORS = {
-    p.UNKNOWN_COMMAND: errors.UnknownCommand,
-    p.BAD_REQUEST: errors.BadRequest,
-    p.UPSTREAM_ERROR: errors.UpstreamError,
+    p.UNKNOWN_COMMAND: errors.CommandNotFound,
+    p.BAD_REQUEST: errors.InvalidRequest,
+    p.UPSTREAM_ERROR: errors.UpstreamFailed,
     p.AGENT_CRASHED: errors.AgentDied,
     p.AGENT_OOM: errors.AgentDied,
     p.AGENT_BAD_REPLY: errors.AgentBadReply,
@@ -178,7 +178,7 @@ class Turns:
             else:
                 p.check_encodable(body)
         except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
-            raise errors.BadRequest(f"the message cannot be encoded for the agent: {exc}") from None
+            raise errors.InvalidRequest(f"the message cannot be encoded for the agent: {exc}") from None
         if s.inflight >= self.host.config.mailbox_size:
             raise errors.MailboxFull(f"session {s.id} has {s.inflight} messages in flight", retry_after=1)
         if s.bucket is not None:

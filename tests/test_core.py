@@ -222,7 +222,7 @@ async def test_foreign_session_is_not_found(sup):
 
 async def test_bad_session_id(sup):
     for bad in ["", "x" * 129, "has space", "../etc", "é"]:
-        with pytest.raises(errors.BadRequest):
+        with pytest.raises(errors.InvalidRequest):
             await sup.get_or_create(bad, "default")
 
 
@@ -252,9 +252,9 @@ async def test_unknown_command_and_bad_args_keep_the_process(demo_sup):
     s = await sup.get_or_create("cmd", "default")
     await sup.chat(s, "hello")
     pid = s.pid
-    with pytest.raises(errors.UnknownCommand):
+    with pytest.raises(errors.CommandNotFound):
         await sup.command(s, "no-such-command", {})
-    with pytest.raises(errors.BadRequest):
+    with pytest.raises(errors.InvalidRequest):
         await sup.command(s, "sleep", {"seconds": "soon"})
     assert s.pid == pid and s.state == states.IDLE
 

@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 
 from corral.supervisor.store import (
-    MessageRecord, Placement, SessionNotFound, SessionRecord, Store, StoreError, create_store,
+    MessageRecord, Placement, UnknownSession, SessionRecord, Store, StoreError, create_store,
 )
 from corral.supervisor.store.base import load_migrations
 from corral.supervisor.store.postgres import PostgresStore
@@ -171,9 +171,9 @@ async def test_history_limit(store):
 
 
 async def test_append_to_unknown_session(store):
-    with pytest.raises(SessionNotFound):
+    with pytest.raises(UnknownSession):
         await store.append_message("ghost", "user", "boo")
-    with pytest.raises(KeyError):  # SessionNotFound is a KeyError
+    with pytest.raises(KeyError):  # UnknownSession is a KeyError
         await store.append_message("ghost", "user", "boo")
 
 

@@ -85,3 +85,10 @@ def test_no_class_mixes_product_bases():
                 for name, defs in classes.items() for where, line, bases in defs
                 if sum(base in classes for base in bases) >= 2]
     assert not offences, "classes with two or more product bases:\n" + "\n".join(offences)
+
+
+def test_each_class_name_is_defined_once():
+    """One name per thing: no two product classes share a name (an agent's BadRequest is not the API's 400)."""
+    twins = {name: [f"{where}:{line}" for where, line, _ in defs]
+             for name, defs in _product_classes().items() if len(defs) > 1}
+    assert not twins, f"class names defined more than once: {twins}"

@@ -4,10 +4,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .base import MessageRecord, NodeRecord, Placement, SessionNotFound, SessionRecord, StaleEpoch, Store, StoreError
+from .base import MessageRecord, NodeRecord, Placement, UnknownSession, SessionRecord, StaleEpoch, Store, StoreError
 from .memory import MemoryStore
 
-__all__ = ["Store", "SessionRecord", "MessageRecord", "Placement", "NodeRecord", "StoreError", "SessionNotFound",
+__all__ = ["Store", "SessionRecord", "MessageRecord", "Placement", "NodeRecord", "StoreError", "UnknownSession",
            "StaleEpoch", "MemoryStore", "create_store", "DEFAULT_SQLITE_NAME"]
 
 DEFAULT_SQLITE_NAME = "corral.sqlite3"

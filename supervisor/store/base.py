@@ -25,7 +25,7 @@ class StaleEpoch(Exception):
         return f"session {self.args[0]!r} was claimed by another node (epoch {self.args[1]} is stale)"
 
 
-class SessionNotFound(KeyError):
+class UnknownSession(KeyError):
     """append_message on a session id the store does not hold."""
 
     def __str__(self) -> str:
@@ -201,7 +201,7 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def append_message(self, session_id: str, role: str, content: str, *,
                              epoch: int | None = None) -> MessageRecord:
-        """Append with the next seq, committed before returning; SessionNotFound if absent.
+        """Append with the next seq, committed before returning; UnknownSession if absent.
 
         With ``epoch``, StaleEpoch if the session has been claimed since (single-node backends ignore it).
         """

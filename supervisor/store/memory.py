@@ -5,7 +5,7 @@ import copy
 import time
 from typing import Any
 
-from .base import MessageRecord, SessionNotFound, SessionRecord, Store, build_stats
+from .base import MessageRecord, UnknownSession, SessionRecord, Store, build_stats
 
 
 class MemoryStore(Store):
@@ -60,7 +60,7 @@ class MemoryStore(Store):
         """Append with the next seq."""
         rec = self._sessions.get(session_id)
         if rec is None:
-            raise SessionNotFound(session_id)
+            raise UnknownSession(session_id)
         now = time.time()
         rec.message_count += 1
         rec.last_activity = now

@@ -14,7 +14,7 @@ import asyncpg
 from corral.supervisor.node import AdvisoryClaim
 
 from .base import (
-    MessageRecord, NodeRecord, Placement, SessionNotFound, SessionRecord, StaleEpoch, Store, StoreError,
+    MessageRecord, NodeRecord, Placement, UnknownSession, SessionRecord, StaleEpoch, Store, StoreError,
     build_stats, load_migrations,
 )
 
@@ -281,7 +281,7 @@ class PostgresStore(Store):
                 if await con.fetchval("SELECT 1 FROM sessions WHERE id = $1", session_id):
                     raise StaleEpoch(session_id, epoch)
         if row is None:
-            raise SessionNotFound(session_id)
+            raise UnknownSession(session_id)
         return MessageRecord(session_id, row["seq"], role, content, row["created_at"].timestamp())
 
     async def history(self, session_id: str, *, limit: int | None = None) -> list[MessageRecord]:

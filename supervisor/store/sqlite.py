@@ -20,7 +20,7 @@ from typing import Any, Callable
 from corral.supervisor.node import FileClaim
 
 from .base import (
-    MessageRecord, SessionNotFound, SessionRecord, Store, StoreError, build_stats, load_migrations,
+    MessageRecord, UnknownSession, SessionRecord, Store, StoreError, build_stats, load_migrations,
 )
 
 _BATCH = 256  # appends per group-commit transaction at most (well under SQLite's bound-variable limit)
@@ -285,7 +285,7 @@ class SQLiteStore(Store):
                     if done.done():
                         continue
                     if record is None:
-                        done.set_exception(SessionNotFound(session_id))
+                        done.set_exception(UnknownSession(session_id))
                     else:
                         done.set_result(record)
         finally:

@@ -24,7 +24,7 @@ async def list_sessions(request: web.Request) -> web.Response:
     tenant = request.query.get("tenant") or None
     state = request.query.get("state") or None
     if state is not None and state not in states.ALL and state != LIVE_FILTER:
-        raise errors.BadRequest(f"state must be one of {sorted(states.ALL)} or '{LIVE_FILTER}'", code="wrong_type")
+        raise errors.InvalidRequest(f"state must be one of {sorted(states.ALL)} or '{LIVE_FILTER}'", code="wrong_type")
     limit = query_int(request, paths.ADMIN_LIMIT)
     offset = query_int(request, paths.ADMIN_OFFSET)
     rows = await _rows(request, tenant, state, limit + 1, offset)

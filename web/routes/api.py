@@ -114,12 +114,12 @@ async def delete_session(request: web.Request) -> web.Response:
 def check_packable(name: str, value, depth: int = 0) -> None:
     """Refuse JSON the agent wire format cannot carry (huge integers, very deep nesting)."""
     if depth > _MAX_DEPTH:
-        raise errors.BadRequest(f"'{name}' nests deeper than {_MAX_DEPTH} levels", code="wrong_type")
+        raise errors.InvalidRequest(f"'{name}' nests deeper than {_MAX_DEPTH} levels", code="wrong_type")
     if isinstance(value, bool) or value is None or isinstance(value, float):
         return
     if isinstance(value, int):
         if not _INT_RANGE[0] <= value <= _INT_RANGE[1]:
-            raise errors.BadRequest(f"'{name}' holds an integer beyond 64 bits", code="wrong_type")
+            raise errors.InvalidRequest(f"'{name}' holds an integer beyond 64 bits", code="wrong_type")
     elif isinstance(value, str):
         field({name: value}, name, str)
     elif isinstance(value, list):
