@@ -88,8 +88,14 @@ class _JsonErrorServer(web.Server):
 def answer_protocol_errors_in_json(app: web.Application) -> None:
     """Make every server of this app (web.run_app, AppRunner, the test server) answer parser errors in JSON.
 
-    aiohttp has no hook for those answers (aio-libs/aiohttp#3287); its runners build the server
-    through the app's ``_make_handler``, so the app's own one hands out ours.
+    aiohttp offers no public way to answer those (checked in its 3.14 source): a parser error goes
+    to ``RequestHandler.handle_error`` and never reaches a middleware or ``on_response_prepare``
+    (aio-libs/aiohttp#3287 and #6463 are open; #12890, which would route it through the app, was
+    closed unmerged), and the server's protocol class is fixed. Its runners build the server
+    through the app's private ``_make_handler``, so this is the one place corral touches an aiohttp
+    private name (tests/test_structure.py allows exactly this one): the app's own ``_make_handler``
+    hands out a server whose class only adds ``__call__`` making our protocol. Drop it when aiohttp
+    lets an app answer parser errors.
     """
     make_server = app._make_handler
 
