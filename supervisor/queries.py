@@ -3,31 +3,67 @@
 Routes go through these and never through the store: every answer is a ``SessionView``
 (supervisor/views.py) whether the session is held here or only stored, and the rules about a
 session's data (ending one a dead node left live, purging, the admin's kill) live here once.
-``Queries`` holds no state: it reads the registry (supervisor/registry.py) through its public
-methods and attributes.
+``Queries`` holds no state: it reads the registry (supervisor/registry.py) through the interface
+below, ``QueriedRegistry``, and asks the cluster's ``Activation`` where a session lives.
 """
 
 from collections import Counter
+from typing import Protocol
 
 from corral.supervisor import errors, states
+from corral.supervisor.cluster.activation import Activation
+from corral.supervisor.config import Config
+from corral.supervisor.session import Session
 from corral.supervisor.session import valid_session_id
+from corral.supervisor.store import Store
 from corral.supervisor.store_errors import store_call
 from corral.supervisor.views import SessionView
+
+
+class QueriedRegistry(Protocol):
+    """What the queries read and ask of the registry (``Supervisor`` implements it)."""
+
+    config: Config
+    sessions: dict[str, Session]  # the sessions this node holds, by id
+    counters: Counter
+    live_by_tenant: Counter
+    tenant_limits: dict[str, int]
+
+    @property
+    def store(self) -> Store:
+        """The session store."""
+
+    @property
+    def node(self) -> str:
+        """This node's name."""
+
+    def count(self) -> int:
+        """Number of live sessions."""
+
+    def interrupt(self, s: Session) -> bool:
+        """Interrupt a session's turn in progress."""
+
+    async def kill(self, s: Session) -> str | None:
+        """Kill a session now."""
+
+    async def remove(self, s: Session, *, purge: bool = False) -> None:
+        """End a session; with purge, delete its data too."""
 
 
 class Queries:
     """Reads and ends sessions by id, for the web layer."""
 
-    def __init__(self, registry):
-        self.registry = registry  # the Supervisor
+    def __init__(self, registry: QueriedRegistry, activation: Activation):
+        self.registry = registry
+        self.activation = activation
 
     async def _lookup(self, session_id: str):
         """The session this node holds (or None) and, when that is not enough, its stored record (or None)."""
         if not valid_session_id(session_id):
             return None, None
         s = self.registry.sessions.get(session_id)
-        if s is None or (not s.live and self.registry.activation.fenced):
-            return s, await self.registry.activation.placed(session_id)
+        if s is None or (not s.live and self.activation.fenced):
+            return s, await self.activation.placed(session_id)
         return s, None
 
     async def _owned(self, session_id: str, tenant: str | None):
@@ -77,7 +113,7 @@ class Queries:
     def interrupt_turn(self, session_id: str) -> bool:
         """Interrupt the turn in progress of a session held here; False if there is none to interrupt."""
         s = self.registry.sessions.get(session_id)
-        return s is not None and s.life.interrupt()
+        return s is not None and self.registry.interrupt(s)
 
     async def end(self, session_id: str, tenant: str, *, purge: bool = False) -> str | None:
         """The owner ends a session (its process stops); with ``purge`` its data goes too. The state it is left in.
@@ -137,7 +173,7 @@ class Queries:
 
     async def cluster_nodes(self) -> list[dict]:
         """The nodes of the cluster as /admin/nodes lists them; a single node lists itself."""
-        return await self.registry.activation.nodes(self.registry.count())
+        return await self.activation.nodes(self.registry.count())
 
     async def cluster_totals(self) -> dict:
         """This node's name and, across the cluster, the live nodes and their live sessions."""

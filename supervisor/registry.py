@@ -21,6 +21,7 @@ import contextlib
 import functools
 import itertools
 import os
+import signal
 import time
 from collections import Counter
 
@@ -82,8 +83,8 @@ class Supervisor:
         self.lifecycle = Lifecycle(config, background=self.background, store=store, claim=claim, launcher=launcher)
         # node: names this server in the store's sessions.node (supervisor/node.py says what it means)
         self.activation = Activation(config, node_name(config.port), sessions=self.sessions, counters=self.counters,
-                                     background=self.background, node_info=self.node_info)
-        self.queries = Queries(self)
+                                     node_info=self.node_info, end_now=self._end_now)
+        self.queries = Queries(self, self.activation)
 
     # The shared parts, as the sessions, the web layer and the tests read them (the lifecycle owns them).
     store = property(lambda self: self.lifecycle.store, doc="The session store.")
@@ -393,6 +394,11 @@ class Supervisor:
         """Wait for the background store writes in flight (ends of sessions that went down)."""
         if self._status_writes:
             await asyncio.wait(list(self._status_writes.values()))
+
+    def _end_now(self, s: Session) -> None:
+        """SIGKILL a session's process and stop it in the background (fenced out: it must not answer more)."""
+        s.life.send_signal(signal.SIGKILL)
+        self.background.spawn(s.life.stop(states.ENDED, force=True))
 
     def _on_due(self, s: Session, reason: str) -> None:
         """A reaper timer fired: stop the session in the background."""

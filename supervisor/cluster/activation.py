@@ -2,15 +2,14 @@
 
 ``Activation`` is a part the registry (``Supervisor``, supervisor/registry.py) holds as
 ``activation``: it owns this node's name, the cluster directory (the seam that says where a session
-lives) and this node's membership. It is handed what it uses of the registry when made (the
-sessions it may fence out, the counters, the background tasks, the store-error conversion) and
-stops a fenced-out session through its ``SessionLife``'s public methods.
+lives) and this node's membership. It is handed what it uses of the registry when made: the
+sessions it may fence out, the counters, what this node reports of itself, and ``end_now``, which
+ends a fenced-out session's process.
 """
 
-import signal
 import socket
 
-from corral.supervisor import errors, states
+from corral.supervisor import errors
 from corral.supervisor.cluster.directory import Directory
 from corral.supervisor.cluster.membership import Membership, new_node_id
 from corral.supervisor.logs import get_logger
@@ -30,17 +29,18 @@ def advertised_url(config) -> str:
 class Activation:
     """Single activation for the registry: this node's name, the directory, its membership, fencing."""
 
-    def __init__(self, config, node: str, *, sessions: dict, counters, background, node_info):
+    def __init__(self, config, node: str, *, sessions: dict, counters, node_info, end_now):
         """``node``: this server's name until it joins a cluster (then a fresh node id).
 
-        ``sessions``: the registry's sessions by id; ``node_info()``: what this node reports in its heartbeat.
+        ``sessions``: the registry's sessions by id; ``node_info()``: what this node reports in its
+        heartbeat; ``end_now(s)``: SIGKILL a session's process and stop it, writing nothing.
         """
         self.config = config
         self.node = node
         self.sessions = sessions
         self.counters = counters
-        self.background = background
         self.node_info = node_info
+        self.end_now = end_now
         self.directory: Directory | None = None
         self.membership: Membership | None = None
 
@@ -111,8 +111,7 @@ class Activation:
         s.epoch = None  # its end must not be written over the new owner's state
         if s.live:
             s.exit_description = f"fenced out: {why}"
-            s.life.send_signal(signal.SIGKILL)  # at once: it must not answer anything more
-            self.background.spawn(s.life.stop(states.ENDED, force=True))
+            self.end_now(s)  # at once: it must not answer anything more
 
     async def _verify_claims(self) -> None:
         """After a late heartbeat: end every process whose session another node claimed meanwhile."""
