@@ -231,10 +231,10 @@ class Supervisor:
         if s.state in states.STOP_REASONS or s.state is None:
             self._unregister(s)
             s.life.cancel_timers()
-        elif "forget" not in s.life.timers:
+        elif "forget" not in s.timers:
             # Keep crash history for the restart window, then let it go.
             loop = asyncio.get_running_loop()
-            s.life.timers["forget"] = loop.call_later(self.config.restart_window, self._forget_after_window, s)
+            s.timers["forget"] = loop.call_later(self.config.restart_window, self._forget_after_window, s)
 
     def next_request_id(self) -> int:
         """A request id no other turn of this server has."""
@@ -268,7 +268,7 @@ class Supervisor:
 
     def _forget_after_window(self, s: Session) -> None:
         """The restart window of a crashed session has passed."""
-        s.life.timers.pop("forget", None)
+        s.timers.pop("forget", None)
         if not s.live and not s.inflight:
             self._unregister(s)
 

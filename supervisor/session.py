@@ -85,7 +85,10 @@ class Session:
     inflight: int = 0  # requests accepted and not answered (including ones waiting for a spawn)
     bucket: TokenBucket | None = None
     epoch: int | None = None  # the cluster claim this node's process runs under (None: not claimed)
-    life: object = None  # its SessionLife (supervisor/session_life.py): the process, the turns, the timers
+    # name -> asyncio.TimerHandle: idle and age (the reaper's), forget (the registry's), term, kill
+    # and interrupt (its life's); its life cancels them when the process goes
+    timers: dict = field(default_factory=dict)
+    life: object = None  # its SessionLife (supervisor/session_life.py): the process, the turns
 
     @property
     def live(self) -> bool:

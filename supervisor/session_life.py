@@ -3,11 +3,12 @@
 ``SessionLife`` is to the registry (``Supervisor``, supervisor/registry.py) what jupyter_client's
 ``KernelManager`` is to its ``MultiKernelManager``: one per session (``session.life``), it owns the
 state that is not in the state table (``dying``, ``stop_reason``, ``kill_reason``, the
-``starting``/``ready``/``exited`` futures, the named timers) and everything that happens to the
-session's process. Its turns are a part it holds, ``turns`` (supervisor/turns.py), which asks it
-for what it needs through ``TurnsProcess``. It reaches the registry only through ``SessionHost``
-(supervisor/session_host.py), changes the session's state only through its ``transition``, and
-reaches processes only through the spawner (supervisor/spawner.py).
+``starting``/``ready``/``exited`` futures) and everything that happens to the session's process,
+and cancels the session's named timers when it goes. Its turns are a part it holds, ``turns``
+(supervisor/turns.py), which asks it for what it needs through ``TurnsProcess``. It reaches the
+registry only through ``SessionHost`` (supervisor/session_host.py), changes the session's state
+only through its ``transition``, and reaches processes only through the spawner
+(supervisor/spawner.py).
 """
 
 import asyncio
@@ -45,7 +46,6 @@ class SessionLife:
         self.starting: asyncio.Future | None = None  # resolves when a spawn finishes (either way)
         self.ready: asyncio.Future | None = None  # resolves on the agent's READY
         self.exited: asyncio.Future | None = None  # resolves when the current process is gone
-        self.timers: dict = {}  # name -> asyncio.TimerHandle
         self.turns = Turns(session, host, self)  # the turns sent to the current process (supervisor/turns.py)
         self.interrupts = 0  # SIGINTs sent to the current process
         self.generation = 0  # spawns so far
@@ -56,13 +56,13 @@ class SessionLife:
 
     def cancel_timer(self, name: str) -> None:
         """Cancel one named timer, if set."""
-        handle = self.timers.pop(name, None)
+        handle = self.session.timers.pop(name, None)
         if handle is not None:
             handle.cancel()
 
     def cancel_timers(self, *names: str) -> None:
         """Cancel the named timers, or all of them."""
-        for name in names or list(self.timers):
+        for name in names or list(self.session.timers):
             self.cancel_timer(name)
 
     async def ensure_live(self) -> None:
@@ -235,7 +235,8 @@ class SessionLife:
         self.host.transition(s, final, exit=s.exit_description)
         if self.exited is not None and not self.exited.done():
             self.exited.set_result(final)
-        self.host.events.publish("end", s.id, tenant=s.tenant, reason=final, end_reason=s.end_reason, exit=s.exit_description)
+        self.host.events.publish("end", s.id, tenant=s.tenant, reason=final, end_reason=s.end_reason,
+                                 exit=s.exit_description)
         self.host.record_end(s, final)
         self.host.forget(s)
 
@@ -258,8 +259,9 @@ class SessionLife:
         else:
             self.host.hub.send(self.routing_id, p.pack_shutdown(self.interrupts))
             loop = asyncio.get_running_loop()
-            self.timers["term"] = loop.call_later(self.host.config.stop_timeout / 2, self.send_signal, signal.SIGTERM)
-            self.timers["kill"] = loop.call_later(self.host.config.stop_timeout, self.send_signal, signal.SIGKILL)
+            timers, stop_timeout = self.session.timers, self.host.config.stop_timeout
+            timers["term"] = loop.call_later(stop_timeout / 2, self.send_signal, signal.SIGTERM)
+            timers["kill"] = loop.call_later(stop_timeout, self.send_signal, signal.SIGKILL)
         return await asyncio.shield(self.exited)
 
     async def kill(self) -> str | None:
@@ -288,13 +290,14 @@ class SessionLife:
         sent = self.send_signal(signal.SIGINT)
         if sent and resends > 0:
             loop = asyncio.get_running_loop()
-            self.timers["interrupt"] = loop.call_later(INTERRUPT_RESEND_AFTER, self._resend_interrupt, target, resends)
+            self.session.timers["interrupt"] = loop.call_later(INTERRUPT_RESEND_AFTER, self._resend_interrupt,
+                                                               target, resends)
         return sent
 
     def _resend_interrupt(self, target: int, resends: int) -> None:
         """The interrupt timer fired: signal again if the target turn is still the one running."""
         s = self.session
-        self.timers.pop("interrupt", None)
+        self.session.timers.pop("interrupt", None)
         if s.pid is not None and self.turns.current() == target:
             self._send_interrupt(target, resends - 1)
 
@@ -334,7 +337,7 @@ class SessionLife:
 
     def kill_after(self, delay: float) -> None:
         """SIGKILL the process after ``delay`` seconds (the timer goes with the process)."""
-        self.timers["kill"] = asyncio.get_running_loop().call_later(delay, self.send_signal, signal.SIGKILL)
+        self.session.timers["kill"] = asyncio.get_running_loop().call_later(delay, self.send_signal, signal.SIGKILL)
 
     def send_request(self, kind: int, req: int, body) -> None:
         """Write one request frame on the current process's connection (refused if the agent is gone)."""
