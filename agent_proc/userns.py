@@ -13,7 +13,8 @@ import errno
 import os
 import struct
 
-from corral.agent_proc.sandbox import _check, _libc, drop_capabilities, unshare_pid_namespace
+from corral.agent_proc.libc import LIBC, check
+from corral.agent_proc.sandbox import drop_capabilities, unshare_pid_namespace
 
 __all__ = ["enter_user_namespace", "drop_every_capability", "kernel_has_user_namespaces", "probe", "try_in_child"]
 
@@ -34,7 +35,7 @@ def enter_user_namespace() -> None:
     thread: the kernel refuses CLONE_NEWUSER otherwise.
     """
     uid, gid = os.geteuid(), os.getegid()
-    _check(_libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
+    check(LIBC.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
     _write_own("setgroups", "deny")  # an unprivileged gid_map needs it; nobody here can change groups either
     _write_own("uid_map", f"{uid} {uid} 1")
     _write_own("gid_map", f"{gid} {gid} 1")
@@ -57,7 +58,7 @@ def drop_every_capability(last: int | None = None) -> None:
     drop_capabilities(last)
     header = ctypes.create_string_buffer(struct.pack("=Ii", _CAPABILITY_VERSION_3, 0))
     no_capabilities = ctypes.create_string_buffer(24)  # two struct __user_cap_data_struct, zeroed
-    _check(_libc.capset(header, no_capabilities), "capset")
+    check(LIBC.capset(header, no_capabilities), "capset")
 
 
 def kernel_has_user_namespaces() -> bool:
