@@ -3,12 +3,11 @@
 ``Supervisor`` is to a session's ``SessionLife`` (supervisor/session_life.py) what jupyter_client's
 ``MultiKernelManager`` is to a ``KernelManager``: it holds the indexes (by id, by pid, by routing
 id), capacity and quotas, get-or-create (asking the cluster directory where a session
-lives: supervisor/cluster/), start and close of the shared parts (store, hub, spawner, limiter,
-sandbox), retention, counters and health, and ``transition``, the one place a state changes.
-It holds three parts, each an object of its own: ``lifecycle`` (the shared parts' start and
-close, supervisor/lifecycle.py), ``activation`` (this node in the cluster: the directory, claims,
-fencing, supervisor/cluster/activation.py) and ``queries`` (what the routes ask: find, history,
-end, stats, supervisor/queries.py). Each session's ``SessionLife`` sees the registry as a
+lives: supervisor/cluster/), counters and health, and ``transition``, the one place a state
+changes. It holds four parts, each an object of its own: ``lifecycle`` (the shared parts' start
+and close, supervisor/lifecycle.py), ``activation`` (this node in the cluster: the directory,
+claims, fencing, supervisor/cluster/activation.py), ``retention`` (supervisor/retention.py) and
+``queries`` (what the routes ask: find, history, end, stats, supervisor/queries.py). Each session's ``SessionLife`` sees the registry as a
 ``SessionHost`` (supervisor/session_host.py); everything that happens to one session's process is
 its ``SessionLife``'s.
 
@@ -39,6 +38,7 @@ from corral.supervisor.node import node_name
 from corral.supervisor.queries import Queries
 from corral.supervisor.reaper import Reaper
 from corral.supervisor.restarts import RestartPolicy
+from corral.supervisor.retention import Retention
 from corral.supervisor.session import Session, TokenBucket, Turn, bad_session_id, new_session_id, valid_session_id
 from corral.supervisor.session_life import SessionLife
 from corral.supervisor.turns import Turns
@@ -79,12 +79,13 @@ class Supervisor:
         self.background = TaskSet(log, expected=(errors.CorralError,))
         # session id -> the store write recording its last death, awaited before it respawns
         self._status_writes: dict[str, asyncio.Task] = {}
-        self._retention_timer = None
         self.lifecycle = Lifecycle(config, background=self.background, store=store, claim=claim, launcher=launcher)
         # node: names this server in the store's sessions.node (supervisor/node.py says what it means)
         self.activation = Activation(config, node_name(config.port), sessions=self.sessions, counters=self.counters,
                                      node_info=self.node_info, end_now=self._end_now)
         self.queries = Queries(self, self.activation)
+        self.retention = Retention(config.retention, store=lambda: self.store, events=self.events,
+                                   background=self.background)
 
     # The shared parts, as the sessions, the web layer and the tests read them (the lifecycle owns them).
     store = property(lambda self: self.lifecycle.store, doc="The session store.")
@@ -113,15 +114,14 @@ class Supervisor:
         except BaseException:
             await self.close()
             raise
-        self._schedule_retention()
+        self.retention.start()
         log.info("supervisor_started", run_dir=self.run_dir, limit=self.limiter.describe(), agent=self.config.agent)
 
     async def close(self) -> None:
         """Stop every session, the zygote, the cluster membership and the shared parts."""
         if not self.lifecycle.begin_close():
             return
-        if self._retention_timer is not None:
-            self._retention_timer.cancel()
+        self.retention.stop()
         live = [s for s in self.sessions.values() if s.live]
         if live:
             stops = [s.life.stop(states.ENDED) for s in live]
@@ -136,25 +136,6 @@ class Supervisor:
         self.hung_turns.close()
         await self.lifecycle.close()
         log.info("supervisor_stopped")
-
-    def _schedule_retention(self) -> None:
-        """Delete ended sessions past the retention period, on a timer."""
-        interval = max(1.0, min(3600.0, self.config.retention / 4))
-        loop = asyncio.get_running_loop()
-        self._retention_timer = loop.call_later(interval, self._retention_due)
-
-    def _retention_due(self) -> None:
-        """Run one retention pass and schedule the next."""
-        self.background.spawn(self.purge_ended())
-        self._schedule_retention()
-
-    async def purge_ended(self) -> int:
-        """Delete sessions that ended more than ``retention`` seconds ago."""
-        removed = await store_call(self.store.purge_ended(self.config.retention))
-        if removed:
-            log.info("retention_purged", sessions=removed)
-            self.events.publish_global("purged", sessions=removed, retention=self.config.retention)
-        return removed
 
     def health(self) -> dict:
         """What /health reports about the supervisor."""
