@@ -6,6 +6,7 @@ import os
 import psutil
 import pytest
 
+from corral.agent_proc.limits import LimitSpec
 from corral.supervisor import errors, states
 from tests.conftest import wait_for_state
 
@@ -346,6 +347,6 @@ async def test_a_session_begun_again_gets_a_cgroup_and_temp_dir_of_its_own(sup):
     await sup.chat(s, "hello")
     assert s.life.generation == 1
     for before, now in zip(first, (s.limits, s.sandbox)):
-        names = [spec.get("path") or spec.get("tmpdir") for spec in (before, now) if spec]
+        names = [spec.path if isinstance(spec, LimitSpec) else spec.get("tmpdir") for spec in (before, now) if spec]
         assert len(set(names)) == len(names)
     assert first[0] or first[1], "neither a cgroup nor a temp dir here: nothing to compare"
