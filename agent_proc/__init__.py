@@ -3,6 +3,6 @@
 Imports nothing from ``supervisor`` or ``web`` so an agent process never loads the web stack.
 """
 
-from corral.agent_proc.agent import Agent, BadRequest, UnknownCommand, UpstreamError
+from corral.agent_proc.agent import Agent, BadRequest, ConfigError, UnknownCommand, UpstreamError
 
-__all__ = ["Agent", "BadRequest", "UnknownCommand", "UpstreamError"]
+__all__ = ["Agent", "BadRequest", "ConfigError", "UnknownCommand", "UpstreamError"]

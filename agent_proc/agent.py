@@ -20,8 +20,21 @@ class UpstreamError(Exception):
     the turn fails with 502 ``upstream_error`` and this message; the process lives."""
 
 
+class ConfigError(Exception):
+    """Raised by ``check_config`` for configuration the agent cannot run without: the server does not start."""
+
+
 class Agent:
     """One session's agent. Override the hooks you need."""
+
+    @classmethod
+    def check_config(cls, sandbox) -> None:
+        """Called once as the server starts, before it serves: raise ConfigError saying what is missing.
+
+        Runs in the zygote, after the agent's module is imported, with the server's environment;
+        ``sandbox`` (agent_proc/startup_checks.py's SandboxInfo) tells what the sessions' processes
+        will be able to reach. The default checks nothing.
+        """
 
     def __init__(self, session_id: str, tenant: str, metadata: dict | None = None):
         self.session_id = session_id

@@ -164,10 +164,20 @@ class AgentLoop:
             traceback.print_exc()
             self._die(req, p.AGENT_CRASHED, "the agent raised an exception", 1)
         set_title(agent_title(self.session_id, self.tenant, False))
+        if answer[0] is p.pack_fail and answer[1] in p.LIVING_FAILURES:
+            answer = (*answer, self.state_after_failure())  # what the failed turn changed, at once
         try:
             self.send(answer[0], req, *answer[1:])
         except (TypeError, ValueError, OverflowError) as exc:  # what msgpack cannot pack (e.g. a lone surrogate)
             self.send(p.pack_fail, req, p.AGENT_BAD_REPLY, f"the agent's answer cannot be sent: {exc}")
+
+    def state_after_failure(self) -> dict | None:
+        """The agent's snapshot after a turn it lives through failed; None if it cannot give one."""
+        try:
+            state = self.agent.snapshot() if self.agent is not None else None
+        except Exception:  # noqa: BLE001  the turn's own failure is what gets reported
+            return None
+        return state if p.json_problem(state) is None else None
 
     def dispatch(self, kind: int, req: int, body):
         """Call the hook for this kind of message; stream chunks as they come."""

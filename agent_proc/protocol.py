@@ -29,7 +29,7 @@ SHUTDOWN = 5  # body: None; the agent runs on_stop and exits 0
 READY = 10  # body: {"pid": int}
 CHUNK = 11  # body: a streamed piece of the reply to req_id
 DONE = 12  # body: {"reply": any, "state": {...}} ends req_id
-FAIL = 13  # body: {"code": str, "message": str} ends req_id
+FAIL = 13  # body: {"code": str, "message": str, "state"?: {...}} ends req_id
 
 # FAIL codes an agent sends
 INTERRUPTED = "interrupted"
@@ -39,6 +39,8 @@ UPSTREAM_ERROR = "upstream_error"
 AGENT_CRASHED = "agent_crashed"
 AGENT_OOM = "agent_oom"
 AGENT_BAD_REPLY = "agent_bad_reply"  # a result or snapshot that JSON cannot carry; the agent lives
+# a turn that failed with one of these leaves the agent serving: its FAIL carries the snapshot after it
+LIVING_FAILURES = frozenset({INTERRUPTED, UNKNOWN_COMMAND, BAD_REQUEST, UPSTREAM_ERROR})
 
 # Bounds of what both msgpack and JSON carry as the same value (requests and results alike):
 # msgpack carries integers of at most 64 bits and nests at most a few hundred levels.
@@ -133,14 +135,17 @@ def pack_done(req: int, reply, state) -> bytes:
     return pack_reply(DONE, req, {"reply": reply, "state": state})
 
 
-def pack_fail(req: int, code: str, message: str) -> bytes:
-    """FAIL: ``req`` ended with an error (one of the FAIL codes above)."""
-    return pack_reply(FAIL, req, fail_body(code, message))
+def pack_fail(req: int, code: str, message: str, state: dict | None = None) -> bytes:
+    """FAIL: ``req`` ended with an error (one of the FAIL codes above); ``state``, the snapshot after it."""
+    return pack_reply(FAIL, req, fail_body(code, message, state))
 
 
-def fail_body(code: str, message: str) -> dict:
-    """FAIL's body (the supervisor also fails turns with one of its own)."""
-    return {"code": code, "message": message}
+def fail_body(code: str, message: str, state: dict | None = None) -> dict:
+    """FAIL's body (the supervisor also fails turns with one of its own); a living agent's snapshot rides along."""
+    body = {"code": code, "message": message}
+    if state is not None:
+        body["state"] = state
+    return body
 
 
 def unpack_reply(data: bytes) -> list:
@@ -159,6 +164,16 @@ def reply_problem(body) -> str | None:
     if not isinstance(body, dict):
         return "the agent's answer is not a map"
     return done_problem(body.get("reply"), body.get("state"))
+
+
+def snapshot_problem(body, frame_bytes: int, limit: int) -> str | None:
+    """Why a DONE's state is over ``limit`` bytes (as msgpack), or None; a frame within the limit is not measured."""
+    if frame_bytes <= limit or not isinstance(body, dict):
+        return None
+    size = len(msgpack.packb(body.get("state"), use_bin_type=True))
+    if size <= limit:
+        return None
+    return f"the agent's snapshot() is {size} bytes, over the {limit}-byte bound (--max-snapshot-bytes)"
 
 
 def done_problem(reply, state) -> str | None:

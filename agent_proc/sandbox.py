@@ -19,7 +19,7 @@ from corral.agent_proc.libc import LIBC as _libc, check as _check
 __all__ = [
     "confine", "unshare_pid_namespace", "landlock_abi", "set_subreaper", "set_no_new_privs",
     "drop_capabilities", "drop_to_uid", "limit_processes", "limit_open_files", "apply_landlock",
-    "apply_seccomp", "use_private_tmpdir", "parent_gone", "DENIED_SYSCALLS", "SYSCALL_NUMBERS",
+    "apply_seccomp", "use_private_tmpdir", "parent_gone", "DENIED_SYSCALLS", "SYSCALL_NUMBERS", "set_capabilities",
     "Prebuilt", "prebuild",
 ]
 
@@ -39,7 +39,8 @@ _CAP_LAST_CAP_FILE = "/proc/sys/kernel/cap_last_cap"
 _ARCHES = {
     "x86_64": (0xC000003E, {
         "clone": 56, "clone3": 435, "landlock_create_ruleset": 444, "landlock_add_rule": 445,
-        "landlock_restrict_self": 446, "socket": 41,
+        "landlock_restrict_self": 446, "socket": 41, "socketpair": 53, "memfd_create": 319, "execveat": 322,
+        "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
         "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "pidfd_getfd": 438, "kcmp": 312,
         "keyctl": 250, "add_key": 248, "request_key": 249, "mount": 165, "umount2": 166,
         "pivot_root": 155, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
@@ -51,7 +52,8 @@ _ARCHES = {
     }),
     "aarch64": (0xC00000B7, {
         "clone": 220, "clone3": 435, "landlock_create_ruleset": 444, "landlock_add_rule": 445,
-        "landlock_restrict_self": 446, "socket": 198,
+        "landlock_restrict_self": 446, "socket": 198, "socketpair": 199, "memfd_create": 279, "execveat": 281,
+        "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
         "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271, "pidfd_getfd": 438, "kcmp": 272,
         "keyctl": 219, "add_key": 217, "request_key": 218, "mount": 40, "umount2": 39,
         "pivot_root": 41, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433,
@@ -66,7 +68,8 @@ MACHINE = platform.machine()
 AUDIT_ARCH, SYSCALL_NUMBERS = _ARCHES.get(MACHINE, (None, {}))
 
 # What an agent never needs: other processes' memory, the kernel keyring, mounts and namespaces,
-# kernel modules and BPF, perf counters, swap and reboot. Each answers EPERM.
+# kernel modules and BPF, perf counters, swap and reboot, io_uring (its operations, IORING_OP_SOCKET
+# among them, are not syscalls a filter sees). Each answers EPERM.
 DENIED_SYSCALLS = (
     "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd", "kcmp",
     "keyctl", "add_key", "request_key",
@@ -75,10 +78,13 @@ DENIED_SYSCALLS = (
     "bpf", "perf_event_open", "kexec_load", "kexec_file_load", "init_module", "finit_module",
     "delete_module", "swapon", "swapoff", "reboot", "acct", "quotactl", "syslog", "userfaultfd",
     "open_by_handle_at", "name_to_handle_at", "iopl", "ioperm",
+    "io_uring_setup", "io_uring_enter", "io_uring_register",
 )
 # clone() flags that make namespaces: refused, so the agent cannot leave its pid namespace.
 _CLONE_NAMESPACE_FLAGS = 0x7E020000  # NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET
 _AF_UNIX, _AF_INET, _AF_INET6 = 1, 2, 10
+_MFD_NOEXEC_SEAL, _MFD_EXEC = 0x0008, 0x0010
+_AT_EMPTY_PATH = 0x1000
 _EPERM, _EACCES, _ENOSYS, _EAFNOSUPPORT = 1, 13, 38, 97
 
 
@@ -138,6 +144,17 @@ def drop_capabilities(last: int | None = None) -> None:
     for cap in range(last + 1):
         _prctl(_PR_CAPBSET_DROP, cap, what=f"prctl(PR_CAPBSET_DROP, {cap})")
     _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, what="prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
+
+
+_CAPABILITY_VERSION_3 = 0x20080522  # two 32-bit words per set: capabilities 0-63
+CAP_SYS_ADMIN = 21
+
+
+def set_capabilities(keep: int = 0) -> None:
+    """Make the effective and permitted sets ``keep`` (a bit mask of capabilities 0-31) and the inheritable one empty."""
+    header = ctypes.create_string_buffer(struct.pack("=Ii", _CAPABILITY_VERSION_3, 0))
+    data = ctypes.create_string_buffer(struct.pack("=6I", keep, keep, 0, 0, 0, 0), 24)  # (eff, perm, inh) x 2 words
+    _check(_libc.capset(header, data), "capset")
 
 
 def drop_to_uid(uid: int, gid: int) -> None:
@@ -201,7 +218,7 @@ def _fs_rights(abi: int) -> int:
 
 
 def apply_landlock(abi: int, read_paths, write_paths, *, network: bool = True) -> None:
-    """Confine this process: read (and run) only ``read_paths``, write only ``write_paths``.
+    """Confine this process: read (and run) only ``read_paths``, write (never run) only ``write_paths``.
 
     From ABI 4, with ``network`` off, TCP bind and connect are refused; from ABI 6, signals and
     abstract unix sockets cannot reach outside this process's own Landlock domain (its session).
@@ -234,13 +251,15 @@ class LandlockRules:
             raise OSError(_ENOSYS, "this kernel has no Landlock")
         self.abi = abi
         self.handled = _fs_rights(abi)
+        # Writable is never executable: a binary the agent wrote (or copied) into its temp dir cannot run.
+        self.writable = self.handled & ~_FS_EXECUTE
         self.attrs = {network: _ruleset_attr(abi, network) for network in (True, False)}
         self.rules: list[bytes] = []
         self.fds: list[int] = []
         for path in read_paths:
             self.add(path, _READ_RIGHTS)
         for path in write_paths:
-            self.add(path, self.handled)
+            self.add(path, self.writable)
 
     def add(self, path: str, rights: int) -> None:
         """Open one path and pack its path-beneath rule (only file rights when it is a file); absent paths are skipped."""
@@ -282,6 +301,7 @@ class LandlockRules:
 _LD_W_ABS, _JEQ_K, _JGE_K, _JSET_K, _RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
 _SECCOMP_RET_ALLOW, _SECCOMP_RET_ERRNO, _SECCOMP_RET_KILL_PROCESS = 0x7FFF0000, 0x00050000, 0x80000000
 _NR, _ARCH, _ARG0_LOW = 0, 4, 16  # offsets in struct seccomp_data (args are little-endian u64)
+_ARG_SIZE = 8
 _X32_BIT = 0x40000000
 
 
@@ -290,35 +310,60 @@ def _insn(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
     return struct.pack("=HBBI", code, jt, jf, k)
 
 
-def seccomp_program(*, network: bool = True) -> bytes:
-    """The filter: other architectures killed, DENIED_SYSCALLS refused, namespaced clones refused.
+def _arg(index: int) -> bytes:
+    """Load the low 32 bits of syscall argument ``index`` (every argument checked here is an int)."""
+    return _insn(_LD_W_ABS, _ARG0_LOW + _ARG_SIZE * index)
 
-    clone3 answers ENOSYS (libc falls back to clone, whose flags a filter can read). socket(AF_UNIX)
-    is refused: Landlock does not govern connect() to a path, so without this an agent could reach
-    any world-connectable socket on the host (PostgreSQL's, a container runtime's); socketpair() stays
-    (asyncio's self-pipe). With ``network`` off, socket(AF_INET/AF_INET6) is refused too (UDP
-    included, which Landlock misses).
+
+def _errno(err: int) -> bytes:
+    """Return ``err`` to the caller."""
+    return _insn(_RET_K, _SECCOMP_RET_ERRNO | err)
+
+
+def _when(nr_name: str, body: list[bytes]) -> list[bytes]:
+    """Run ``body`` (which always returns) for one syscall; other syscalls skip it with the number still loaded."""
+    return [_insn(_JEQ_K, SYSCALL_NUMBERS[nr_name], 0, len(body)), *body]
+
+
+def _socket_rule(network: bool) -> list[bytes]:
+    """socket(): AF_INET/AF_INET6 with ``network``; AF_UNIX EACCES; every other family EAFNOSUPPORT."""
+    if not network:
+        return [_arg(0), _insn(_JEQ_K, _AF_UNIX, 1, 0), _errno(_EAFNOSUPPORT), _errno(_EACCES)]
+    allow = _insn(_RET_K, _SECCOMP_RET_ALLOW)
+    return [_arg(0), _insn(_JEQ_K, _AF_INET, 4, 0), _insn(_JEQ_K, _AF_INET6, 3, 0), _insn(_JEQ_K, _AF_UNIX, 1, 0),
+            _errno(_EAFNOSUPPORT), _errno(_EACCES), allow]
+
+
+def seccomp_program(*, network: bool = True) -> bytes:
+    """The filter: other architectures killed, DENIED_SYSCALLS refused, namespaced clones refused, side doors shut.
+
+    clone3 answers ENOSYS (libc falls back to clone, whose flags a filter can read). socket() makes
+    only AF_INET/AF_INET6 sockets, none with ``network`` off (UDP included, which Landlock misses):
+    AF_UNIX is refused because Landlock does not govern connect() to a path, so an agent could reach
+    any world-connectable socket on the host (PostgreSQL's, a container runtime's); netlink, vsock,
+    packet and the rest reach the kernel's and the host's other ends. socketpair() stays, AF_UNIX only
+    (asyncio's self-pipe). Nothing an agent wrote runs: execveat() on a descriptor (AT_EMPTY_PATH) is
+    refused, and memfd_create() must ask for MFD_NOEXEC_SEAL (what vm.memfd_noexec = 2 enforces), since
+    Landlock sees no path for a memfd run through /proc/self/fd.
     """
     if AUDIT_ARCH is None:
         raise OSError(_ENOSYS, f"no seccomp table for {MACHINE}")
-    errno_ret = lambda err: _insn(_RET_K, _SECCOMP_RET_ERRNO | err)  # noqa: E731
     denied = [SYSCALL_NUMBERS[name] for name in DENIED_SYSCALLS if name in SYSCALL_NUMBERS]
+    allow = _insn(_RET_K, _SECCOMP_RET_ALLOW)
     prog = [_insn(_LD_W_ABS, _ARCH), _insn(_JEQ_K, AUDIT_ARCH, 1, 0), _insn(_RET_K, _SECCOMP_RET_KILL_PROCESS),
             _insn(_LD_W_ABS, _NR)]
     if MACHINE == "x86_64":
-        prog += [_insn(_JGE_K, _X32_BIT, 0, 1), errno_ret(_EPERM)]  # the x32 ABI is another door
+        prog += [_insn(_JGE_K, _X32_BIT, 0, 1), _errno(_EPERM)]  # the x32 ABI is another door
     for nr in denied:
-        prog += [_insn(_JEQ_K, nr, 0, 1), errno_ret(_EPERM)]
-    prog += [_insn(_JEQ_K, SYSCALL_NUMBERS["clone3"], 0, 1), errno_ret(_ENOSYS)]
-    prog += [_insn(_JEQ_K, SYSCALL_NUMBERS["clone"], 0, 3), _insn(_LD_W_ABS, _ARG0_LOW),
-             _insn(_JSET_K, _CLONE_NAMESPACE_FLAGS, 0, 1), errno_ret(_EPERM)]
-    prog += [_insn(_LD_W_ABS, _NR), _insn(_JEQ_K, SYSCALL_NUMBERS["socket"], 0, 3),
-             _insn(_LD_W_ABS, _ARG0_LOW), _insn(_JEQ_K, _AF_UNIX, 0, 1), errno_ret(_EACCES)]
-    if not network:
-        prog += [_insn(_LD_W_ABS, _NR), _insn(_JEQ_K, SYSCALL_NUMBERS["socket"], 0, 4),
-                 _insn(_LD_W_ABS, _ARG0_LOW), _insn(_JEQ_K, _AF_INET, 1, 0), _insn(_JEQ_K, _AF_INET6, 0, 1),
-                 errno_ret(_EAFNOSUPPORT)]
-    prog.append(_insn(_RET_K, _SECCOMP_RET_ALLOW))
+        prog += [_insn(_JEQ_K, nr, 0, 1), _errno(_EPERM)]
+    prog += _when("clone3", [_errno(_ENOSYS)])
+    prog += _when("clone", [_arg(0), _insn(_JSET_K, _CLONE_NAMESPACE_FLAGS, 0, 1), _errno(_EPERM), allow])
+    prog += _when("socket", _socket_rule(network))
+    prog += _when("socketpair", [_arg(0), _insn(_JEQ_K, _AF_UNIX, 0, 1), allow, _errno(_EAFNOSUPPORT)])
+    prog += _when("execveat", [_arg(4), _insn(_JSET_K, _AT_EMPTY_PATH, 0, 1), _errno(_EACCES), allow])
+    prog += _when("memfd_create", [_arg(1), _insn(_JSET_K, _MFD_EXEC, 1, 0), _insn(_JSET_K, _MFD_NOEXEC_SEAL, 1, 0),
+                                   _errno(_EACCES), allow])
+    prog.append(allow)
     return b"".join(prog)
 
 
@@ -369,7 +414,7 @@ class Prebuilt:
         self.capabilities_dropped = bool(options.get("bounding_set"))
         if self.capabilities_dropped:
             drop_capabilities(self.last_cap)
-        for name in ("prctl", "syscall", "setgroups"):
+        for name in ("prctl", "syscall", "setgroups", "capset"):
             getattr(_libc, name)  # ctypes caches a function on first lookup: do it here, not in each child
 
 
@@ -397,6 +442,9 @@ def confine(spec: dict | None, prebuilt: Prebuilt | None = None) -> list[str]:
     if spec.get("max_open_files"):
         limit_open_files(int(spec["max_open_files"]))
         applied.append("open_files")
+    if spec.get("clear_capabilities"):  # not root: what the zygote kept of its user namespace's, to mount
+        set_capabilities(0)
+        applied.append("capabilities")
     if spec.get("uid") is not None:
         if spec.get("max_pids"):
             limit_processes(int(spec["max_pids"]))  # counts our uid's processes: this session's alone
@@ -427,7 +475,7 @@ def _landlock(spec: dict, prebuilt: Prebuilt | None, network: bool) -> None:
         return
     fd = os.open(spec["tmpdir"], os.O_PATH | os.O_CLOEXEC) if spec.get("tmpdir") else None
     try:
-        rules.restrict(network=network, extra=None if fd is None else struct.pack("=Qi", rules.handled, fd))
+        rules.restrict(network=network, extra=None if fd is None else struct.pack("=Qi", rules.writable, fd))
     finally:
         if fd is not None:
             os.close(fd)

@@ -1,10 +1,15 @@
-"""An agent's stdout and stderr: two pipes to the supervisor that never make the agent wait.
+"""An agent's stdout and stderr: one pipe to the supervisor that never makes the agent wait.
 
-The supervisor reads each pipe on its loop and logs every line with the session's id (see
-``supervisor/agent_output.py``). If it falls behind and a pipe's buffer is full, what the agent
-writes is dropped, not waited for: the agent's turn goes on, and the next write that fits starts
-with a ``[corral: N bytes of output dropped]`` line. The pipes are non-blocking for every writer
-that shares them, so a program the agent starts may see EAGAIN on a full pipe too.
+Fds 1 and 2 are the same pipe (one descriptor per session in the server, not two); what the agent
+writes through ``sys.stderr`` has each line marked with ``STDERR_MARK``, a byte UTF-8 text never
+holds, so the supervisor tells the streams apart (``supervisor/agent_output.py``). A program the
+agent runs writes raw bytes to fd 1 or 2, unmarked: its lines count as stdout.
+
+The supervisor reads the pipe on its loop and logs every line with the session's id. If it falls
+behind and the pipe's buffer is full, what the agent writes is dropped, not waited for: the agent's
+turn goes on, and the next write that fits starts with a ``[corral: N bytes of output dropped]``
+line. The pipe is non-blocking for every writer that shares it, so a program the agent starts may
+see EAGAIN on a full pipe too.
 """
 
 import fcntl
@@ -13,14 +18,16 @@ import os
 import sys
 
 DROPPED_NOTICE = "[corral: {} bytes of output dropped]\n"
+STDERR_MARK = b"\xff"  # starts each line written through sys.stderr; never in UTF-8 text
 
 
 class DroppingPipe(io.RawIOBase):
-    """A non-blocking pipe writer that drops what does not fit instead of waiting."""
+    """A non-blocking pipe writer that drops what does not fit instead of waiting; ``mark`` starts each line."""
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, mark: bytes = b""):
         super().__init__()
         self.fd = fd
+        self.mark = mark
         self.dropped = 0  # bytes dropped since the last write that got through
         self.dropped_total = 0
 
@@ -40,13 +47,25 @@ class DroppingPipe(io.RawIOBase):
                 # Under PIPE_BUF, so it goes whole or not at all.
                 os.write(self.fd, DROPPED_NOTICE.format(self.dropped).encode())
                 self.dropped = 0
-            return os.write(self.fd, data)
+            if not self.mark:
+                return os.write(self.fd, data)
+            marked = self._marked(bytes(data))
+            written = os.write(self.fd, marked)
+            if written < len(marked):  # the rest of a marked write cannot be resumed in the caller's terms
+                self.dropped += len(marked) - written
+                self.dropped_total += len(marked) - written
+            return size
         except BlockingIOError:
             self.dropped += size
             self.dropped_total += size
             return size
         except BrokenPipeError:
             return size  # the supervisor is gone; so are we, shortly
+
+    def _marked(self, data: bytes) -> bytes:
+        """``data`` with the mark at the start of each line it begins."""
+        marked = self.mark + data.replace(b"\n", b"\n" + self.mark)
+        return marked[:-len(self.mark)] if data.endswith(b"\n") else marked
 
 
 def agent_streams() -> tuple[io.TextIOWrapper, io.TextIOWrapper]:
@@ -55,21 +74,21 @@ def agent_streams() -> tuple[io.TextIOWrapper, io.TextIOWrapper]:
     They write to fds 1 and 2, whatever those are when they write; made before the fork, their
     objects are shared with every child instead of built (and their pages dirtied) in each.
     """
-    return _text(1), _text(2)
+    return _text(1), _text(2, STDERR_MARK)
 
 
-def attach_stdio(stdout_fd: int, stderr_fd: int, streams: tuple[io.TextIOWrapper, io.TextIOWrapper] | None = None) -> None:
-    """In a new agent process: make the two pipe ends its fds 1 and 2 and ``streams`` its sys.stdout/stderr."""
-    for fd, target in ((stdout_fd, 1), (stderr_fd, 2)):
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
-        os.dup2(fd, target)  # dup2 clears close-on-exec: programs the agent starts write here too
-        os.close(fd)
+def attach_stdio(output_fd: int, streams: tuple[io.TextIOWrapper, io.TextIOWrapper] | None = None) -> None:
+    """In a new agent process: make the pipe's write end its fds 1 and 2 and ``streams`` its sys.stdout/stderr."""
+    flags = fcntl.fcntl(output_fd, fcntl.F_GETFL)
+    fcntl.fcntl(output_fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+    for target in (1, 2):
+        os.dup2(output_fd, target)  # dup2 clears close-on-exec: programs the agent starts write here too
+    os.close(output_fd)
     sys.stdout, sys.stderr = streams or agent_streams()
 
 
-def _text(fd: int) -> io.TextIOWrapper:
+def _text(fd: int, mark: bytes = b"") -> io.TextIOWrapper:
     """A line-buffered text stream over a dropping pipe writer."""
     return io.TextIOWrapper(
-        io.BufferedWriter(DroppingPipe(fd)), encoding="utf-8", errors="backslashreplace", line_buffering=True
+        io.BufferedWriter(DroppingPipe(fd, mark)), encoding="utf-8", errors="backslashreplace", line_buffering=True
     )

@@ -8,18 +8,15 @@ per agent. ``probe`` tries the same in a throwaway child when the supervisor sta
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
-import struct
 
 from corral.agent_proc.libc import LIBC, check
-from corral.agent_proc.sandbox import drop_capabilities, unshare_pid_namespace
+from corral.agent_proc.sandbox import drop_capabilities, set_capabilities, unshare_pid_namespace
 
 __all__ = ["enter_user_namespace", "drop_every_capability", "kernel_has_user_namespaces", "probe", "try_in_child"]
 
 CLONE_NEWUSER = 0x10000000
-_CAPABILITY_VERSION_3 = 0x20080522  # two 32-bit words per set: capabilities 0-63
 _SYSCTLS = (  # (file, name, value that turns user namespaces off for us)
     ("/proc/sys/user/max_user_namespaces", "user.max_user_namespaces", "0"),
     ("/proc/sys/kernel/unprivileged_userns_clone", "kernel.unprivileged_userns_clone", "0"),
@@ -53,12 +50,11 @@ def _write_own(name: str, text: str) -> None:
         raise OSError(exc.errno, f"writing /proc/self/{name}: {os.strerror(exc.errno)}") from None
 
 
-def drop_every_capability(last: int | None = None) -> None:
-    """Empty every capability set: bounding and ambient, then effective, permitted and inheritable."""
+def drop_every_capability(last: int | None = None, *, keep: int = 0) -> None:
+    """Empty every capability set: bounding and ambient, then effective, permitted and inheritable but ``keep``
+    (a mask: the disk layer's zygote keeps CAP_SYS_ADMIN of its own user namespace to mount each agent's tmpfs)."""
     drop_capabilities(last)
-    header = ctypes.create_string_buffer(struct.pack("=Ii", _CAPABILITY_VERSION_3, 0))
-    no_capabilities = ctypes.create_string_buffer(24)  # two struct __user_cap_data_struct, zeroed
-    check(LIBC.capset(header, no_capabilities), "capset")
+    set_capabilities(keep)
 
 
 def kernel_has_user_namespaces() -> bool:

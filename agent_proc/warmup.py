@@ -13,6 +13,7 @@ import socket
 
 from setproctitle import getproctitle
 
+from corral.agent_proc import environment
 from corral.agent_proc import protocol as p
 from corral.agent_proc import zmtp
 from corral.agent_proc.agent import Agent
@@ -45,6 +46,7 @@ def rehearse(times: int = REHEARSALS, *, tmpdir: str | None = None) -> None:
     try:
         for _ in range(times):
             if tmpdir:
+                environment.enter({}, tmpdir)  # TMPDIR and HOME, as each agent sets its own
                 use_private_tmpdir(tmpdir)
             _one_life()
     finally:

@@ -1,18 +1,18 @@
 """The zygote: imports the agent code once, then forks one warm child per session.
 
-It runs in its own process (started by the supervisor with ``multiprocess``), talks to the
-supervisor over a pipe, and reports every child's pid and exit status (by the request's spawn id,
-so an exit is never read before the supervisor can tell whose it is). Each spawn request comes
-with the child's connection to the hub (one end of a socket pair) and its stdout/stderr pipes,
-passed over a second socket with SCM_RIGHTS, so the child is connected from birth and the hub needs
-no listening socket. Forking from here costs milliseconds where a fresh interpreter costs tens of
+It runs in its own process (a fresh interpreter the supervisor starts with a clean environment,
+``boot``), talks to the supervisor over a pipe in the typed records of ``zygote_messages``, and
+reports every child's pid and exit status (by the request's spawn id, so an exit is never read
+before the supervisor can tell whose it is; the supervisor holds no descriptor per child for its
+exit). Each spawn request comes with the child's connection to the hub (one end of a socket pair)
+and its output pipe (stdout and stderr both), passed over a second socket with SCM_RIGHTS, so the
+child is connected from birth and the hub needs no listening socket. Forking from here costs milliseconds where a fresh interpreter costs tens of
 them, and children share its pages.
 """
 
 import _signal
 import gc
 import os
-import pickle
 import resource
 import selectors
 import signal
@@ -20,24 +20,36 @@ import socket
 import sys
 import traceback
 
-from corral.agent_proc import forking, sandbox, userns, warmup
+from corral.agent_proc import disk, environment, forking, netns, sandbox, startup_checks, userns, warmup
+from corral.agent_proc.zygote_messages import Exited, Failed, Quit, Ready, Spawn, Spawned, SpawnFailed, Start, recv, send
 from corral.agent_proc.limits import apply_limits
 from corral.agent_proc.process import agent_title, arm_death_signal, die_with_parent, load_agent_class, set_title
+from corral.agent_proc.sources import keep_sources
 from corral.agent_proc.stdio import agent_streams, attach_stdio
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # a terminal's Ctrl-C and a group-wide stop: the supervisor's to act on
 
-def send_msg(conn, msg) -> None:
-    """Send one message on the supervisor <-> zygote pipe.
 
-    Plain pickle over ``send_bytes``: ``Connection.send`` pickles with dill under ``multiprocess``,
-    about 100 µs a message against 3 µs, paid on each side of every spawn and every exit.
+def boot() -> None:
+    """The zygote's first code (``python -c``; supervisor/spawner.py): read its start message, then run.
+
+    ``sys.argv`` holds only the numbers of its two descriptors: the pipe to the supervisor and the
+    socket the hub connections come over. The ``Start`` record (agent, supervisor pid, sandbox
+    options, the supervisor's ``sys.path``, so agent modules import as they would there) comes on
+    the pipe: no secret of the server's is on our command line, in our environment or our memory.
     """
-    conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+    from multiprocess.connection import Connection
 
-
-def recv_msg(conn):
-    """Receive one message sent with ``send_msg``."""
-    return pickle.loads(conn.recv_bytes())
+    conn = Connection(int(sys.argv[1]))
+    fd_channel = socket.socket(fileno=int(sys.argv[2]))
+    try:
+        start = recv(conn)
+    except (EOFError, OSError):
+        return  # the supervisor went away before it said what to run (a stop signal during its start-up)
+    if not isinstance(start, Start):
+        raise SystemExit(f"corral zygote: expected a start message, got {type(start).__name__}")
+    sys.path[:] = start.sys_path
+    zygote_main(conn, fd_channel, start.agent, start.supervisor_pid, start.options)
 
 
 def zygote_main(conn, fd_channel: socket.socket, agent_spec: str, supervisor_pid: int, options: dict | None = None) -> None:
@@ -48,34 +60,75 @@ def zygote_main(conn, fd_channel: socket.socket, agent_spec: str, supervisor_pid
     # dies, the death signal takes us).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    options = options or {}
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held by the supervisor until now (spawner.py)
     try:
-        if options.get("user_namespace") and options.get("pid_namespace"):  # it exists for the pid namespace
+        _start_and_serve(conn, fd_channel, agent_spec, options or {})
+    except (BrokenPipeError, ConnectionResetError, EOFError):
+        return  # the supervisor went away (a stop signal during its start-up): nobody to report to
+
+
+def _start_and_serve(conn, fd_channel: socket.socket, agent_spec: str, options: dict) -> None:
+    """Set up the sandbox's process tree, import the agent, report ready, then serve spawn requests."""
+    try:
+        if options.get("user_namespace") and (options.get("pid_namespace") or options.get("net_namespace")):
             # Before the agent's imports: one may start a thread, and the kernel refuses a new user
             # namespace to a process with more than one.
             userns.enter_user_namespace()
+        _enter_mount_namespace(options)  # before the imports too: unshare(CLONE_NEWNS) wants one thread
     except OSError as exc:
-        send_msg(conn, ("failed", f"cannot set up the sandbox: {exc}"))
+        send(conn, Failed(f"cannot set up the sandbox: {exc}"))
         return
     forking.record_hooks()  # the agent's imports may register at-fork hooks: each agent runs them
-    try:
-        agent_cls = load_agent_class(agent_spec)
-        import corral.agent_proc.main  # noqa: F401  pre-import what every child needs
-        preload_stdlib()
-    except Exception as exc:
-        send_msg(conn, ("failed", f"cannot load agent {agent_spec}: {exc!r}"))
+    agent_cls = load_checked_agent(conn, agent_spec, options)
+    if agent_cls is None:
         return
     try:
         # After them: once it has unshared a pid namespace, a process may start no thread, and an
-        # agent's import may start one.
+        # agent's import may start one. The network namespace before it: that drops our capabilities.
+        if options.get("net_namespace"):
+            _enter_network_namespace(fd_channel)
         ns_init = _set_up_process_tree(conn, options)
         prebuilt = sandbox.prebuild(options)
     except OSError as exc:
-        send_msg(conn, ("failed", f"cannot set up the sandbox: {exc}"))
+        send(conn, Failed(f"cannot set up the sandbox: {exc}"))
         return
     warmup.rehearse(tmpdir=prebuilt and prebuilt.tmp_parent)  # before the freeze: what it leaves is shared, not copied into each agent
     gc.freeze()  # keep the imported objects out of GC passes so children don't copy their pages
     Zygote(conn, fd_channel, agent_cls, ns_init=ns_init, prebuilt=prebuilt).serve()
+
+
+def _enter_mount_namespace(options: dict) -> None:
+    """A mount namespace of our own, for the size-limited tmpfs on each agent's TMPDIR (the disk layer)."""
+    if options.get("mount_namespace"):
+        disk.enter_mount_namespace()
+
+
+def _enter_network_namespace(fd_channel: socket.socket) -> None:
+    """Move into the agents' network namespace and send the supervisor the gateway's listener made in it.
+
+    Sent before "ready", so the supervisor finds it queued when it reads that.
+    """
+    netns.enter_network_namespace()
+    netns.reserve_proxy_variables()
+    listener = netns.gateway_listener()
+    try:
+        socket.send_fds(fd_channel, [b"g"], [listener.fileno()])
+    finally:
+        listener.close()  # the supervisor's now: no agent inherits it
+
+def load_checked_agent(conn, agent_spec: str, options: dict):
+    """Import and check the agent class and its configuration, keep its source lines; None once a failure is reported."""
+    before = set(sys.modules)
+    try:
+        agent_cls = load_agent_class(agent_spec)
+        startup_checks.check_agent(agent_cls, agent_spec, startup_checks.SandboxInfo(own_uid=bool(options.get("own_uid"))))
+        import corral.agent_proc.main  # noqa: F401  pre-import what every child needs
+        preload_stdlib()
+    except (Exception, SystemExit) as exc:
+        send(conn, Failed(startup_checks.describe_failure(agent_spec, exc)))
+        return None
+    keep_sources(set(sys.modules) - before, agent_cls)
+    return agent_cls
 
 
 def _set_up_process_tree(conn, options: dict) -> int | None:
@@ -84,20 +137,22 @@ def _set_up_process_tree(conn, options: dict) -> int | None:
         sandbox.set_subreaper()  # an agent's orphans come to us, not to init
     if not options.get("pid_namespace"):
         return None
-    return _enter_pid_namespace(conn, in_user_namespace=bool(options.get("user_namespace")))  # see zygote_main
+    keep = 1 << sandbox.CAP_SYS_ADMIN if options.get("mount_namespace") else 0  # to mount each agent's tmpfs
+    return _enter_pid_namespace(conn, in_user_namespace=bool(options.get("user_namespace")), keep=keep)
 
 
-def _enter_pid_namespace(conn, *, in_user_namespace: bool = False) -> int:
+def _enter_pid_namespace(conn, *, in_user_namespace: bool = False, keep: int = 0) -> int:
     """Put every agent forked from now on in one new pid namespace, whose init we fork now.
 
     When that init dies (with us, by its death signal), the kernel kills every process in the
     namespace: agents, and whatever they setsid'ed or double-forked, even if the server was SIGKILLed.
     ``in_user_namespace`` (a server that is not root, whose zygote entered a user namespace of its
-    own to be allowed this): every capability that gave us is dropped before anything is forked.
+    own to be allowed this): every capability that gave us is dropped before anything is forked but
+    ``keep`` (a mask), which the init and every agent clear themselves.
     """
     sandbox.unshare_pid_namespace()
     if in_user_namespace:
-        userns.drop_every_capability()
+        userns.drop_every_capability(keep=keep)
     zygote_fd = os.pidfd_open(os.getpid())
     pid = os.fork()
     if pid == 0:
@@ -110,6 +165,7 @@ def _ns_init(conn, zygote_fd: int) -> None:
     """Pid 1 of the agents' namespace: reap orphans until the zygote dies, then take everyone along."""
     try:
         set_title("corral: init of the agents' pid namespace")
+        sandbox.set_capabilities(0)  # it only reaps: nothing the zygote kept is its
         arm_death_signal()
         if sandbox.parent_gone(zygote_fd):
             os._exit(0)
@@ -135,10 +191,13 @@ def _reap_all() -> None:
 
 # Stdlib modules Python imports lazily, on first use, that agents commonly reach. A sandboxed agent
 # may not be able to read the installation (a dropped uid and Python under root's 0700 home), so
-# the zygote imports them once for every child; the pages are shared (docs/security.md).
+# the zygote imports them once for every child; the pages are shared (docs/security.md). Clients
+# read the egress gateway's proxy variables with urllib.request, and aiohttp with trust_env reads
+# ~/.netrc on an executor's thread; httpx (the openai SDK's) finds its CAs with importlib.resources.
 PRELOAD = ("encodings.idna", "encodings.ascii", "encodings.latin_1", "encodings.utf_16", "encodings.utf_32",
            "encodings.raw_unicode_escape", "encodings.unicode_escape", "stringprep", "unicodedata",
-           "tempfile", "json", "linecache", "tokenize", "traceback", "socket", "selectors", "ssl", "hashlib")
+           "tempfile", "json", "linecache", "tokenize", "traceback", "socket", "selectors", "ssl", "hashlib",
+           "urllib.request", "netrc", "concurrent.futures.thread", "importlib.resources", "importlib.readers")
 
 
 def preload_stdlib() -> None:
@@ -163,6 +222,7 @@ class Zygote:
         self.ns_init = ns_init  # pid 1 of the agents' pid namespace, if there is one
         self.pidfd = os.pidfd_open(os.getpid())  # lets a child check we are alive (its getppid is 0 in a pid namespace)
         self.uids: dict[int, int] = {}  # child pid -> its sandbox uid
+        self.mounts: dict[int, str] = {}  # child pid -> the tmpfs on its TMPDIR, unmounted once it has exited
         self.agent_cls = agent_cls
         self.forker = forking.Forker()  # after every import: it checks the zygote has one thread
         self.streams = agent_streams()  # every child's sys.stdout/stderr, unused here (see agent_streams)
@@ -180,7 +240,7 @@ class Zygote:
         signal.signal(signal.SIGCHLD, lambda *_: None)  # the wakeup fd does the work
         self.selector.register(self.conn.fileno(), selectors.EVENT_READ, "conn")
         self.selector.register(self.wake_r, selectors.EVENT_READ, "signal")
-        send_msg(self.conn, ("ready", os.getpid(), self.forker.describe()))
+        send(self.conn, Ready(os.getpid(), self.forker.describe()))
         while True:
             for key, _ in self.selector.select():
                 if key.data == "signal":
@@ -201,37 +261,42 @@ class Zygote:
     def handle_request(self) -> bool:
         """Serve one request from the supervisor; False means stop."""
         try:
-            msg = recv_msg(self.conn)
-        except (EOFError, OSError):
-            return False  # the supervisor is gone; our children's death signal takes them too
-        if msg[0] == "spawn":
-            self.spawn(msg[1])
+            msg = recv(self.conn)
+        except (EOFError, OSError, ValueError):
+            return False  # the supervisor is gone (or speaks another version); our children's death signal takes them too
+        if isinstance(msg, Spawn):
+            self.spawn(msg)
             return True
-        return msg[0] != "quit"
+        return not isinstance(msg, Quit)
 
-    def spawn(self, req: dict) -> None:
-        """Fork one agent process with its hub connection (and stdio pipes) and report its pid."""
+    def spawn(self, req: Spawn) -> None:
+        """Fork one agent process with its hub connection (and output pipe) and report its pid."""
         try:
-            fds = self._recv_descriptors(3 if req.get("stdio") else 1)
+            fds = self._recv_descriptors(2 if req.output else 1)
         except OSError as exc:
-            send_msg(self.conn, ("spawn_failed", req["spawn_id"], f"no hub connection: {exc}"))
+            send(self.conn, SpawnFailed(req.spawn_id, f"no hub connection: {exc}", exc.errno))
             return
+        pid = bounded = None
         try:
+            bounded = _bound_disk(req.sandbox or {})
             pid = self.forker.fork()
         except OSError as exc:
-            send_msg(self.conn, ("spawn_failed", req["spawn_id"], f"fork failed: {exc}"))
-            pid = None
+            what = "fork failed" if bounded or not (req.sandbox or {}).get("disk") else "no bounded TMPDIR"
+            send(self.conn, SpawnFailed(req.spawn_id, f"{what}: {exc}", exc.errno))
+            _unbound_disk(bounded)
         if pid == 0:
-            self._become_agent(req, fds[0], tuple(fds[1:]))  # never returns
+            self._become_agent(req, fds[0], fds[1] if req.output else None)  # never returns
         for fd in fds:
             os.close(fd)  # the child's now: the hub and the log reader see EOF when the child's side closes
         if pid is None:
             return
-        self.children[pid] = req["spawn_id"]
-        uid = (req.get("sandbox") or {}).get("uid")
+        if bounded:
+            self.mounts[pid] = bounded
+        self.children[pid] = req.spawn_id
+        uid = (req.sandbox or {}).get("uid")
         if uid is not None:
             self.uids[pid] = uid
-        send_msg(self.conn, ("spawned", req["spawn_id"], pid))
+        send(self.conn, Spawned(req.spawn_id, pid))
 
     def reap(self) -> bool:
         """Collect every exited child, kill what it left behind, report its status; False if pid 1 of the agents died."""
@@ -257,13 +322,14 @@ class Zygote:
             uid = self.uids.pop(pid, None)
             if uid is not None:
                 _kill_uid(uid)  # setsid'ed and double-forked leftovers too, before the uid is handed out again
-            _, status = os.waitpid(pid, 0)
-            send_msg(self.conn, ("exited", self.children.pop(pid), status))
+            _, status, rusage = os.wait4(pid, 0)  # its CPU (and its reaped children's) for usage accounting
+            _unbound_disk(self.mounts.pop(pid, None))  # before the report: the supervisor then removes the dir
+            send(self.conn, Exited(self.children.pop(pid), status, rusage.ru_utime + rusage.ru_stime))
 
     def _recv_descriptors(self, count: int) -> list[int]:
-        """The child's hub connection, then its stdout and stderr pipes, sent just before its request.
+        """The child's hub connection, then its output pipe, sent just before its request.
 
-        Close-on-exec: a program the agent runs inherits none of them (stdio is dup2'ed onto 1 and 2).
+        Close-on-exec: a program the agent runs inherits none of them (the pipe is dup2'ed onto 1 and 2).
         """
         _, fds, _, _ = socket.recv_fds(self.fd_channel, 1, count, socket.MSG_CMSG_CLOEXEC)
         if len(fds) != count:
@@ -272,12 +338,12 @@ class Zygote:
             raise OSError(f"expected {count} descriptors, got {len(fds)}")
         return fds
 
-    def _become_agent(self, req: dict, conn_fd: int, stdio: tuple[int, ...]) -> None:
+    def _become_agent(self, req: Spawn, conn_fd: int, output_fd: int | None) -> None:
         """In the forked child: isolate, limit, and run the agent; always exits."""
         code = 1
         try:
-            if stdio:
-                attach_stdio(*stdio, self.streams)  # first, so everything after it is captured
+            if output_fd is not None:
+                attach_stdio(output_fd, self.streams)  # first, so everything after it is captured
             os.setpgid(0, 0)  # own process group, so a stop or interrupt reaches the agent's children too
             arm_death_signal()
             if sandbox.parent_gone(self.pidfd):
@@ -290,17 +356,18 @@ class Zygote:
             _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
             _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash test must not litter cores
-            apply_limits(req["limits"])
-            set_title(agent_title(req["session_id"], req["tenant"], False))
+            apply_limits(req.limits)
+            environment.enter(req.env, (req.sandbox or {}).get("tmpdir"))
+            set_title(agent_title(req.session_id, req.tenant, False))
             from corral.agent_proc.main import run_agent
 
             code = run_agent(
                 self.agent_cls,
-                session_id=req["session_id"],
-                routing_id=req.get("routing_id") or req["session_id"].encode(),
-                tenant=req["tenant"],
+                session_id=req.session_id,
+                routing_id=req.routing_id or req.session_id.encode(),
+                tenant=req.tenant,
                 conn=socket.socket(fileno=conn_fd),
-                confine=lambda: sandbox.confine(req.get("sandbox"), self.prebuilt),
+                confine=lambda: sandbox.confine(req.sandbox, self.prebuilt),
             )
         except BaseException:
             traceback.print_exc()
@@ -308,6 +375,25 @@ class Zygote:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
+
+
+def _bound_disk(spec: dict) -> str | None:
+    """Mount the size-limited tmpfs on a session's TMPDIR (the disk layer), before its agent is forked; its path."""
+    if not spec.get("disk"):
+        return None
+    uid = spec["uid"] if spec.get("uid") is not None else os.geteuid()
+    gid = spec["gid"] if spec.get("gid") is not None else os.getegid()
+    disk.mount_tmpfs(spec["tmpdir"], size=int(spec["disk"]), uid=uid, gid=gid)
+    return spec["tmpdir"]
+
+
+def _unbound_disk(path: str | None) -> None:
+    """Detach an exited agent's tmpfs: everything it wrote goes with it."""
+    if path is not None:
+        try:
+            disk.unmount(path)
+        except OSError:
+            pass  # already gone; the namespace takes whatever is left when the zygote exits
 
 
 def _kill_uid(uid: int) -> None:

@@ -6,7 +6,9 @@ Run as ``python -m bench.bare --port N``; it uses the same event loop choice as 
 """
 
 import argparse
+import asyncio
 import json
+import time
 import uuid
 
 from aiohttp import web
@@ -33,6 +35,23 @@ async def chat(request: web.Request) -> web.Response:
     return response
 
 
+async def ticks(request: web.Request) -> web.StreamResponse:
+    """An SSE stream from an in-process generator: a ``delta`` event ``rate`` times a second for ``seconds``.
+
+    The baseline of the streaming figure (bench/stream_scale.py): what aiohttp alone costs per delta.
+    """
+    rate, seconds = float(request.query["rate"]), float(request.query["seconds"])
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    start = time.monotonic()
+    for i in range(int(rate * seconds)):
+        await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
+        data = json.dumps({"text": f"{time.time():.6f}"})
+        await response.write(f"event: delta\ndata: {data}\n\n".encode())
+    await response.write(b"event: end\ndata: {}\n\n")
+    return response
+
+
 async def health(request: web.Request) -> web.Response:
     """Liveness for the harness."""
     return web.json_response({"status": "ok"})
@@ -47,6 +66,7 @@ def main(argv=None) -> None:
     app = web.Application()
     app.router.add_post("/api/chat", chat)
     app.router.add_get("/health", health)
+    app.router.add_get("/ticks", ticks)
     from corral.web.cli import run_app
 
     run_app(app, host="127.0.0.1", port=args.port, loop=args.loop)

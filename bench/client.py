@@ -39,18 +39,23 @@ async def cold(url: str, n: int, prefix: str) -> dict:
 
 
 async def create(url: str, n: int, concurrency: int, prefix: str) -> dict:
-    """Wall seconds to bring n new sessions live (each answers its first message)."""
+    """Wall seconds to bring n new sessions live (each answers its first message), and the refusals by status/code."""
     ids = iter(range(n))
+    refused: dict[str, int] = {}
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as http:
 
         async def worker():
             for i in ids:
-                await _post_chat(http, url, f"{prefix}-{i}")
+                async with http.post(url + "/api/chat", json={"message": "hello", "session_id": f"{prefix}-{i}"}) as r:
+                    body = await r.read()
+                    if r.status != 200:
+                        code = json.loads(body).get("error", {}).get("code", "?") if body[:1] == b"{" else "?"
+                        refused[f"{r.status} {code}"] = refused.get(f"{r.status} {code}", 0) + 1
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return {"seconds": time.perf_counter() - start}
+        return {"seconds": time.perf_counter() - start, "refused": refused}
 
 
 async def warm(url: str, connections: int, sessions: int, seconds: float, prefix: str) -> dict:
@@ -61,8 +66,10 @@ async def warm(url: str, connections: int, sessions: int, seconds: float, prefix
         stop = time.perf_counter() + seconds
 
         async def client(i: int):
-            sid = f"{prefix}-{i % sessions}"
+            turn = i  # client i's k-th request goes to session (i + k * connections) mod sessions: all get turns
             while time.perf_counter() < stop:
+                sid = f"{prefix}-{turn % sessions}"
+                turn += connections
                 t = time.perf_counter()
                 await _post_chat(http, url, sid)
                 latencies.append(time.perf_counter() - t)

@@ -16,7 +16,7 @@ import time
 
 import psutil
 
-from bench import footprint, jupyter_peer, load, server, stream
+from bench import density, footprint, jupyter_peer, load, server, stream
 
 MB = 1024 * 1024
 
@@ -266,7 +266,22 @@ def _has_sse(url: str) -> bool:
 
 # ------------------------------------------------------------------------------------------ main
 
-PARTS = {"warm": warm, "cold": cold, "agents": agents, "scale": scale, "stream": streaming}
+def dense(table: Table, args) -> None:
+    """N sandboxed sessions live: memory all in and where it goes, USS, descriptors, idle CPU, warm p99."""
+    density.run(table, args, client)
+
+
+def egress_part(table: Table, args) -> None:
+    """The agents' network namespace and the egress gateway (bench/egress.py), with its defaults."""
+    from bench import egress
+
+    options = egress.parser().parse_args(["--n", str(args.cold)])
+    for row in egress.run(options):
+        table.add(*row)
+
+
+PARTS = {"warm": warm, "cold": cold, "agents": agents, "scale": scale, "stream": streaming, "density": dense,
+         "egress": egress_part}
 
 
 def machine() -> str:
@@ -292,6 +307,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cold", type=int, default=100, help="new sessions timed for the cold start")
     parser.add_argument("--kernels", type=int, default=5, help="Jupyter kernels started for the peer figures")
     parser.add_argument("--sessions", type=int, default=1000, help="live sessions of the scale run")
+    parser.add_argument("--density", type=int, default=1000, help="live sandboxed sessions of the density run")
     parser.add_argument("--idle-seconds", type=float, default=10.0, help="window of the idle CPU figure")
     args = parser.parse_args(argv)
     unknown = set(args.parts) - set(PARTS)

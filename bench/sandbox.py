@@ -3,8 +3,10 @@
 - new session -> first reply at the supervisor, and USS per idle session, with ``--sandbox off``
   and with every layer this host allows (``auto``; as root: all of them), the Landlock rules and
   seccomp filter built in each child (as before) and built once in the zygote (as now)
+- the same with ``--agent-disk 0`` (no tmpfs mounted on each TMPDIR), back to back with the default
 - each layer alone, timed inside freshly forked children (median of ``--layer-runs``); the user and
-  pid namespaces an unprivileged server's zygote makes once are timed the same way
+  pid namespaces an unprivileged server's zygote makes once are timed the same way, and the disk
+  layer's tmpfs mount and lazy unmount per spawn
 """
 
 import argparse
@@ -16,6 +18,7 @@ import sys
 import tempfile
 import time
 
+from corral.agent_proc import disk as disk_bound
 from corral.agent_proc import sandbox as layers
 from corral.agent_proc import userns
 from bench import footprint
@@ -27,12 +30,12 @@ from corral.supervisor.logs import configure
 MB = 1024 * 1024
 
 
-async def server_figures(mode: str, args, *, prebuild: bool = True) -> dict:
+async def server_figures(mode: str, args, *, prebuild: bool = True, disk: int = 256 * MB) -> dict:
     """First-reply times and USS per idle session under one sandbox mode (layers built in the zygote or in each child)."""
     policy.Sandbox.prebuild = prebuild
     with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
         config = Config(agent="bench.agents:EchoAgent", data_dir=tmp, database_url="memory://", rate_limit=0,
-                        max_sessions=args.sessions + 100, idle_timeout=3600, sandbox=mode)
+                        max_sessions=args.sessions + 100, idle_timeout=3600, sandbox=mode, agent_disk=disk)
         sup = Supervisor(config)
         await sup.start()
         try:
@@ -47,11 +50,13 @@ async def server_figures(mode: str, args, *, prebuild: bool = True) -> dict:
             "uss": mem["uss"] / mem["count"], "count": mem["count"], "layers": in_force}
 
 
-def time_in_child(step) -> float:
-    """Seconds ``step()`` takes in a freshly forked child."""
+def time_in_child(step, *, mount_namespace: bool = False) -> float:
+    """Seconds ``step()`` takes in a freshly forked child (in a mount namespace of its own, made before the clock starts)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
+        if mount_namespace:
+            disk_bound.enter_mount_namespace()
         start = time.perf_counter()
         step()
         os.write(w, pickle.dumps(time.perf_counter() - start))
@@ -73,6 +78,9 @@ def layer_steps() -> dict:
         steps["capabilities + uid"] = lambda: (layers.drop_capabilities(), layers.drop_to_uid(60990, 60990))
     steps["user + pid namespace, caps dropped (once per zygote)"] = lambda: (
         userns.enter_user_namespace(), layers.unshare_pid_namespace(), userns.drop_every_capability())
+    if os.geteuid() == 0:  # not root, the zygote mounts inside its user namespace: not timed here
+        steps["tmpfs on TMPDIR + lazy unmount (mount namespace made before)"] = lambda: (
+            disk_bound.mount_tmpfs(tmp, size=256 * MB, uid=os.geteuid(), gid=os.getegid()), disk_bound.unmount(tmp))
     if abi:
         steps[f"landlock ({len(read_paths)} read paths)"] = lambda: (
             layers.set_no_new_privs(), layers.apply_landlock(abi, read_paths, [tmp]))
@@ -96,13 +104,14 @@ def main(argv=None) -> int:
     configure("error")
     print(f"command: python -m bench.sandbox {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"kernel {os.uname().release}, Landlock ABI {layers.landlock_abi()}, uid {os.geteuid()}")
-    for mode, prebuild, label in (("off", True, "off"), ("auto", False, "auto, built in each child"),
-                                  ("auto", True, "auto, built in the zygote")):
-        f = asyncio.run(server_figures(mode, args, prebuild=prebuild))
+    for mode, prebuild, disk, label in (("off", True, 0, "off"), ("auto", False, 256 * MB, "auto, built in each child"),
+                                        ("auto", True, 0, "auto, --agent-disk 0"),
+                                        ("auto", True, 256 * MB, "auto, built in the zygote")):
+        f = asyncio.run(server_figures(mode, args, prebuild=prebuild, disk=disk))
         print(f"sandbox {label:<26}  first reply median / p99 {f['median'] * 1000:.2f} / {f['p99'] * 1000:.2f} ms   "
               f"USS per idle session {f['uss'] / MB:.2f} MB ({f['count']} live)   layers: {', '.join(f['layers']) or '-'}")
     for name, step in layer_steps().items():
-        runs = [time_in_child(step) for _ in range(args.layer_runs)]
+        runs = [time_in_child(step, mount_namespace="tmpfs" in name) for _ in range(args.layer_runs)]
         print(f"layer {name:<54} median {statistics.median(runs) * 1e6:7.0f} µs")
     return 0
 

@@ -55,7 +55,9 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> "Server":
-        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # its log to a file: a pipe nobody reads fills up (64 KiB) and blocks the server in a write
+        self.log = open(os.path.join(self.tmp.name, "server.log"), "wb")
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=subprocess.DEVNULL, stderr=self.log)
         try:
             self.health = wait_healthy(self.port, self.proc)
         except BaseException:
@@ -75,8 +77,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.proc is not None and self.proc.stderr is not None:
-            self.proc.stderr.close()
+        if self.proc is not None:
+            self.log.close()
         self.tmp.cleanup()
 
     def process(self) -> psutil.Process:

@@ -57,7 +57,7 @@ async def death_noticed(sup: Supervisor, n: int) -> list[float]:
         await sup.ensure_live(s)
         ended = asyncio.get_running_loop().create_future()
         unsubscribe = sup.events.subscribe_session(
-            s.id, lambda e, f=ended: e["type"] == "end" and not f.done() and f.set_result(time.perf_counter()))
+            s.key, lambda e, f=ended: e["type"] == "end" and not f.done() and f.set_result(time.perf_counter()))
         start = time.perf_counter()
         os.kill(s.pid, signal.SIGKILL)
         times.append(await asyncio.wait_for(ended, 10) - start)

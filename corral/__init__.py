@@ -5,6 +5,6 @@ as ``corral.supervisor``, ``corral.agent_proc`` and ``corral.web`` (see setup.py
 collides with another distribution's top-level ``supervisor`` or ``web``. Agents import from here.
 """
 
-from corral.agent_proc import Agent, BadRequest, UnknownCommand
+from corral.agent_proc import Agent, BadRequest, ConfigError, UnknownCommand
 
-__all__ = ["Agent", "BadRequest", "UnknownCommand"]
+__all__ = ["Agent", "BadRequest", "ConfigError", "UnknownCommand"]

@@ -1,16 +1,23 @@
 """What agents print: each agent's stdout and stderr, read on the loop, logged and kept per session.
 
-Every agent process gets two pipes of its own at spawn (``agent_proc/stdio.py`` is the other end).
-Their read ends are watched with ``add_reader``: nothing polls. Each line becomes one structured
-log line (``agent_output`` with session_id, tenant, pid and stream), a global ``agent_output``
-event for whoever subscribed to that type, and joins the session's tail, the last lines an admin
-can read (``GET /admin/sessions/{id}/logs``).
+Every agent process gets one pipe of its own at spawn for both streams (``agent_proc/stdio.py`` is
+the other end: lines written through ``sys.stderr`` start with ``STDERR_MARK``), so a session holds
+one descriptor here, not two. Its read end is watched with ``add_reader``: nothing polls. Each line
+becomes one structured log line (``agent_output`` with session_id, tenant, pid and stream), a
+global ``agent_output`` event for whoever subscribed to that type, and joins the session's tail,
+the last lines an admin can read (``GET /admin/sessions/{id}/logs``).
 
-Bounds: a line is cut at ``MAX_LINE_BYTES`` (``truncated: true``, the rest of it dropped); a tail
-keeps at most ``lines`` lines and ``TAIL_CHARS`` characters; a session may log ``LINE_RATE`` lines a
-second (bursts of ``LINE_BURST``): past that, its lines are dropped and counted, and its pipes are
-not read until the budget refills, so a flooding agent fills its own pipes and drops its own
-writes (it never waits on them) instead of costing the server CPU. The tails of the last
+Bounds, counted as the log writes them (after JSON escaping: a ``\\x01`` byte is six):
+- a line is cut at ``MAX_LINE_BYTES`` of escaped text and ends with ``CUT_MARK`` (``truncated: true``,
+  the rest of it dropped);
+- a session may log ``LINE_RATE`` lines a second (bursts of ``LINE_BURST``) and ``BYTE_RATE`` bytes
+  of log a second (bursts of ``BYTE_BURST``; each line counts its escaped text and the fields around
+  it). Past either, its lines are dropped and counted, and its pipe is not read for
+  ``PAUSE_SECONDS``, so a flooding agent fills its own pipe and drops its own writes (it never waits
+  on them) instead of costing the server CPU or disk. What was dropped is summed up in one
+  ``agent_output_dropped`` log line (lines, bytes, which bound) when output next gets through and
+  when the process ends, and in the tail.
+A tail keeps at most ``lines`` lines and ``TAIL_CHARS`` characters. The tails of the last
 ``RETIRED_TAILS`` sessions that left memory stay readable.
 """
 
@@ -19,20 +26,26 @@ import contextlib
 import os
 import time
 from collections import OrderedDict, deque
+from json.encoder import encode_basestring_ascii
 
+from corral.agent_proc.stdio import STDERR_MARK
 from corral.supervisor.logs import get_logger
 from corral.supervisor.session import TokenBucket
 
 log = get_logger(component="agent")
 
 MAX_LINE_BYTES = 4096
+CUT_MARK = " [corral: line cut]"
 TAIL_CHARS = 64 * 1024
 LINE_RATE = 200.0
 LINE_BURST = 1000
-PAUSE_SECONDS = 0.5  # reading stops this long once a session's line budget is spent (100 lines refill)
+BYTE_RATE = 64 * 1024.0
+BYTE_BURST = 256 * 1024
+# What an agent_output log line costs besides its text and ids: event, level, timestamp, keys, pid, stream.
+LINE_OVERHEAD = 160
+PAUSE_SECONDS = 0.5  # reading stops this long once a session's budget is spent (100 lines, 32 KiB refill)
 RETIRED_TAILS = 256
 READ_BYTES = 64 * 1024
-STREAMS = ("stdout", "stderr")
 
 
 class Tail:
@@ -95,63 +108,100 @@ def _cut(line: bytes) -> tuple[bytes, bool]:
     return (line[:MAX_LINE_BYTES], True) if len(line) > MAX_LINE_BYTES else (line, False)
 
 
-class Capture:
-    """One agent process's two pipes, read on the loop until EOF or its exit."""
+def escaped_size(text: str) -> int:
+    """Bytes ``text`` takes in a JSON log line (the renderer escapes to ASCII)."""
+    return len(encode_basestring_ascii(text)) - 2
 
-    def __init__(self, outputs: "AgentOutput", session, pid: int, fds: tuple[int, int]):
+
+def fit(text: str, truncated: bool = False) -> tuple[str, int, bool]:
+    """``text`` cut so its escaped size is within MAX_LINE_BYTES, marked if cut (here or before, ``truncated``).
+
+    Returns (text, its escaped size, whether it was cut).
+    """
+    size = escaped_size(text)
+    if size > MAX_LINE_BYTES:
+        n, truncated = len(text), True
+        while size > MAX_LINE_BYTES:
+            n = n * MAX_LINE_BYTES // size  # strictly shorter each time, so this ends
+            size = escaped_size(text[:n])
+        text = text[:n]
+    return (text + CUT_MARK, size + len(CUT_MARK), True) if truncated else (text, size, False)
+
+
+def parse_line(raw: bytes, truncated: bool) -> tuple[str, str, int, bool]:
+    """One raw line of the pipe: its stream, its text as logged, that text's escaped size, whether it was cut."""
+    stream = "stdout"
+    if raw.startswith(STDERR_MARK):
+        stream, raw = "stderr", raw.replace(STDERR_MARK, b"")
+    return (stream, *fit(raw.decode("utf-8", "replace"), truncated))
+
+
+class Capture:
+    """One agent process's output pipe, read on the loop until EOF or its exit."""
+
+    def __init__(self, outputs: "AgentOutput", session, pid: int, fd: int):
         self.outputs = outputs
         self.session = session
         self.pid = pid
-        self.fds = dict(zip(fds, STREAMS))
-        self.splitters = {fd: LineSplitter() for fd in fds}
-        self.bucket = TokenBucket(LINE_RATE, LINE_BURST)
-        self.dropped = 0  # lines dropped since the last report
+        self.fd: int | None = fd
+        self.splitter = LineSplitter()
+        self.line_budget = TokenBucket(LINE_RATE, LINE_BURST)
+        self.byte_budget = TokenBucket(BYTE_RATE, BYTE_BURST)
+        self.overhead = LINE_OVERHEAD + len(session.id) + len(session.tenant)
+        self.dropped_lines = self.dropped_bytes = 0  # since the last report
+        self.dropped_by: set[str] = set()  # which bounds dropped them
         self.paused: asyncio.TimerHandle | None = None
         self.loop = asyncio.get_running_loop()
-        for fd in fds:
-            os.set_blocking(fd, False)
+        os.set_blocking(fd, False)
         self._watch()
 
     def _watch(self) -> None:
-        """Read every open pipe when it has data."""
-        for fd in self.fds:
-            self.loop.add_reader(fd, self._readable, fd)
+        """Read the pipe when it has data."""
+        if self.fd is not None:
+            self.loop.add_reader(self.fd, self._readable)
 
-    def _unwatch(self) -> None:
-        """Stop reading (paused or closing)."""
-        for fd in self.fds:
-            self.loop.remove_reader(fd)
-
-    def _readable(self, fd: int) -> None:
-        """Take one read's worth of lines from a pipe."""
+    def _readable(self) -> None:
+        """Take one read's worth of lines from the pipe."""
         try:
-            data = os.read(fd, READ_BYTES)
+            data = os.read(self.fd, READ_BYTES)
         except BlockingIOError:
             return
         except OSError:
             data = b""
         if data:
-            self._lines(fd, self.splitters[fd].feed(data))
+            self._lines(self.splitter.feed(data))
         else:
-            self._close_one(fd)
+            self._close_pipe()
 
-    def _lines(self, fd: int, lines: list[tuple[bytes, bool]]) -> None:
-        """Log and keep each line the budget allows; pause reading once it is spent."""
-        stream = self.fds[fd]
+    def _lines(self, lines: list[tuple[bytes, bool]]) -> None:
+        """Log and keep each line the budgets allow; pause reading once one is spent."""
         for raw, truncated in lines:
-            wait = self.bucket.take()
-            if wait:
-                self.dropped += 1
+            stream, text, size, truncated = parse_line(raw, truncated)
+            if not self._admit(size + self.overhead, len(raw)):
                 continue
-            if self.dropped:
+            if self.dropped_lines:
                 self._report_dropped()
-            self._emit(stream, raw.decode("utf-8", "replace"), truncated)
-        if self.bucket.tokens < 1 and self.paused is None and self.fds:
-            self._unwatch()
+            self._emit(stream, text, truncated)
+        spent = self.line_budget.tokens < 1 or self.byte_budget.tokens < MAX_LINE_BYTES + self.overhead
+        if spent and self.paused is None and self.fd is not None:
+            self.loop.remove_reader(self.fd)
             self.paused = self.loop.call_later(PAUSE_SECONDS, self._resume)
 
+    def _admit(self, cost: int, raw_size: int) -> bool:
+        """Whether a line of ``cost`` log bytes fits both budgets now; count it dropped if not."""
+        if self.line_budget.take():
+            self.dropped_by.add(f"{LINE_RATE:g} lines a second")
+        elif self.byte_budget.take(cost):
+            self.line_budget.tokens += 1  # not logged: give its line back
+            self.dropped_by.add(f"{BYTE_RATE / 1024:g} KiB of log a second")
+        else:
+            return True
+        self.dropped_lines += 1
+        self.dropped_bytes += raw_size + 1
+        return False
+
     def _resume(self) -> None:
-        """The line budget has refilled some: read again."""
+        """The budgets have refilled some: read again."""
         self.paused = None
         self._watch()
 
@@ -166,41 +216,43 @@ class Capture:
         )
 
     def _report_dropped(self) -> None:
-        """Say how many lines the rate limit dropped (in the log and the tail)."""
-        s, count = self.session, self.dropped
-        self.dropped = 0
-        self.outputs.tail(s).dropped += count
-        log.warning("agent_output_dropped", session_id=s.id, tenant=s.tenant, pid=self.pid, lines=count)
+        """Sum up what the budgets dropped since the last report (in the log and the tail)."""
+        s, lines, size, why = self.session, self.dropped_lines, self.dropped_bytes, " and ".join(sorted(self.dropped_by))
+        self.dropped_lines = self.dropped_bytes = 0
+        self.dropped_by = set()
+        self.outputs.tail(s).dropped += lines
+        log.warning("agent_output_dropped", session_id=s.id, tenant=s.tenant, pid=self.pid, lines=lines, bytes=size,
+                    bound=why)
         self.outputs.tail(s).add({"time": time.time(), "pid": self.pid, "stream": "corral",
-                                  "line": f"[corral: {count} lines dropped: more than {LINE_RATE:g} a second]"})
+                                  "line": f"[corral: {lines} lines dropped ({size} bytes): more than {why}]"})
 
-    def _close_one(self, fd: int) -> None:
-        """A pipe reached EOF (every writer is gone): flush its last line and close it."""
-        stream = self.fds.pop(fd)
+    def _close_pipe(self) -> None:
+        """The pipe reached EOF (every writer is gone): flush its last line and close it."""
+        fd, self.fd = self.fd, None
         self.loop.remove_reader(fd)
         os.close(fd)
-        self._flush_lines(stream, self.splitters.pop(fd).flush())
-
-    def _flush_lines(self, stream: str, lines: list[tuple[bytes, bool]]) -> None:
-        """Emit the last lines of a closed pipe, ignoring the rate limit (at most one line)."""
-        for raw, truncated in lines:
-            self._emit(stream, raw.decode("utf-8", "replace"), truncated)
+        for raw, truncated in self.splitter.flush():  # at most one line: past the budgets too
+            stream, text, _, truncated = parse_line(raw, truncated)
+            self._emit(stream, text, truncated)
 
     def close(self) -> None:
-        """The process is gone: take what its pipes still hold, then close them."""
+        """The process is gone: take what its pipe still holds (within the budgets), then close it."""
         if self.paused is not None:
             self.paused.cancel()
             self.paused = None
-        for fd in list(self.fds):
+        if self.fd is not None:
             with contextlib.suppress(OSError):
                 for _ in range(2):  # what a pipe buffers (64 KiB by default), within reason
-                    data = os.read(fd, READ_BYTES)
+                    data = os.read(self.fd, READ_BYTES)
                     if not data:
                         break
-                    self._lines(fd, self.splitters[fd].feed(data))
-            if fd in self.fds:
-                self._close_one(fd)
-        if self.dropped:
+                    self._lines(self.splitter.feed(data))
+            if self.paused is not None:  # the budget ran out on the way: nothing will resume it
+                self.paused.cancel()
+                self.paused = None
+            if self.fd is not None:
+                self._close_pipe()
+        if self.dropped_lines:
             self._report_dropped()
 
 
@@ -212,22 +264,20 @@ class AgentOutput:
         self.events = events  # the supervisor's EventBus
         self.captures: dict[object, Capture] = {}  # session -> its current process's capture
         self.tails: dict[object, Tail] = {}  # session -> its tail, while the session is in memory
-        self.retired: OrderedDict[str, Tail] = OrderedDict()  # session id -> tail, sessions gone from memory
+        self.retired: OrderedDict[str, Tail] = OrderedDict()  # session key -> tail, sessions gone from memory
 
     @staticmethod
-    def pipes() -> tuple[tuple[int, int], tuple[int, int]]:
-        """Two fresh pipes: (read ends, write ends)."""
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        return (out_r, err_r), (out_w, err_w)
+    def pipe() -> tuple[int, int]:
+        """A fresh output pipe: (read end, write end)."""
+        return os.pipe2(os.O_CLOEXEC)
 
-    def attach(self, session, pid: int, read_fds: tuple[int, int]) -> None:
-        """Start reading a new process's pipes."""
+    def attach(self, session, pid: int, read_fd: int) -> None:
+        """Start reading a new process's output pipe."""
         self.detach(session)
-        self.captures[session] = Capture(self, session, pid, read_fds)
+        self.captures[session] = Capture(self, session, pid, read_fd)
 
     def detach(self, session) -> None:
-        """The session's process is gone: drain and close its pipes."""
+        """The session's process is gone: drain and close its pipe."""
         capture = self.captures.pop(session, None)
         if capture is not None:
             capture.close()
@@ -236,7 +286,7 @@ class AgentOutput:
         """The session's tail (made on first use)."""
         tail = self.tails.get(session)
         if tail is None:
-            tail = self.tails[session] = self.retired.pop(session.id, None) or Tail(self.lines)
+            tail = self.tails[session] = self.retired.pop(session.key, None) or Tail(self.lines)
         return tail
 
     def retire(self, session) -> None:
@@ -244,15 +294,15 @@ class AgentOutput:
         self.detach(session)
         tail = self.tails.pop(session, None)
         if tail is not None and tail.lines:
-            self.retired[session.id] = tail
-            self.retired.move_to_end(session.id)
+            self.retired[session.key] = tail
+            self.retired.move_to_end(session.key)
             while len(self.retired) > RETIRED_TAILS:
                 self.retired.popitem(last=False)
 
-    def lines_of(self, session_id: str, session=None) -> list[dict] | None:
-        """A session's kept lines (oldest first), or None if nothing is kept for it."""
+    def lines_of(self, key: str, session=None) -> list[dict] | None:
+        """A session's kept lines (oldest first; by its key), or None if nothing is kept for it."""
         tail = self.tails.get(session) if session is not None else None
-        tail = tail or self.retired.get(session_id)
+        tail = tail or self.retired.get(key)
         return None if tail is None else list(tail.lines)
 
     def close(self) -> None:

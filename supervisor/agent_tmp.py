@@ -7,22 +7,29 @@ without guessing: at start a server tries each other tree's lock without waiting
 the owner is gone, and the tree is removed. A tree without the lock file (a server still starting,
 or one of a version before the lock) is never touched.
 
+Removing a tree (at a clean stop, or a dead server's at start) is ``tree_removal.remove_tree``:
+no recursion, no symlink followed, within a time bound; what it cannot remove in time is logged and
+left for the next start, which never fails for it.
+
 The lock's fd is close-on-exec and the zygote is exec'ed with only the fds it needs, so no agent
 ever holds it: an agent sharing it could unlock a live server's tree (a flock belongs to the open
-file, not the process), or keep a dead server's tree alive. Stdlib only.
-"""
+file, not the process), or keep a dead server's tree alive. """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
-import stat
 import tempfile
+import time
+
+from corral.supervisor.tree_removal import remove_tree
 
 __all__ = ["PREFIX", "LOCK_NAME", "make_tree", "release_tree", "sweep_dead_trees"]
 
 PREFIX = "corral-agents-"
 LOCK_NAME = "owner.lock"
+SWEEP_TIMEOUT = 30.0  # seconds the start-up sweep may take in all; what is left waits for the next start
 
 
 def make_tree(run_id: str, parent: str | None = None) -> tuple[str, int]:
@@ -50,30 +57,37 @@ def _hold_lock(tree: str) -> int:
     return fd
 
 
-def release_tree(tree: str, lock_fd: int | None) -> None:
-    """A clean stop: remove the tree, then let the lock go; never raises."""
-    shutil.rmtree(tree, ignore_errors=True)
-    if lock_fd is not None:
-        os.close(lock_fd)
+def release_tree(tree: str, lock_fd: int | None, *, timeout: float) -> dict:
+    """A clean stop: remove the tree (within ``timeout`` s), then let the lock go; never raises, says what it did."""
+    try:
+        return remove_tree(tree, timeout=timeout).as_log()
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
 
 
-def sweep_dead_trees(parent: str | None = None) -> list[dict]:
-    """Remove the trees under ``parent`` (the temp dir) whose servers are gone; say what each held."""
+def sweep_dead_trees(parent: str | None = None, *, timeout: float = SWEEP_TIMEOUT) -> list[dict]:
+    """Remove the trees under ``parent`` (the temp dir) whose servers are gone, within ``timeout`` s in all; say what each held."""
     parent = parent or tempfile.gettempdir()
+    deadline = time.monotonic() + timeout
     try:
         names = sorted(n for n in os.listdir(parent) if n.startswith(PREFIX))
     except OSError:
         return []
     swept = []
     for name in names:
-        found = _sweep_if_dead(os.path.join(parent, name))
+        path = os.path.join(parent, name)
+        try:
+            found = _sweep_if_dead(path, max(0.0, deadline - time.monotonic()))
+        except OSError as exc:  # never stops a start: the next one tries again
+            found = {"path": path, "sessions": 0, "bytes": 0, "removed": False, "error": str(exc)}
         if found is not None:
             swept.append(found)
     return swept
 
 
-def _sweep_if_dead(tree: str) -> dict | None:
-    """Remove one tree if nobody holds its lock: {path, sessions, bytes, removed}; None when left alone."""
+def _sweep_if_dead(tree: str, timeout: float) -> dict | None:
+    """Remove one tree if nobody holds its lock: {path, sessions, bytes, removed, error}; None when left alone."""
     try:
         dir_fd = os.open(tree, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
@@ -87,9 +101,12 @@ def _sweep_if_dead(tree: str) -> dict | None:
         try:
             if not _same_dir(dir_fd, tree):
                 return None  # swapped for another entry since it was opened
-            sessions, size = _measure(tree)
-            shutil.rmtree(tree, ignore_errors=True)  # unlinks an agent's symlinks, never follows them
-            return {"path": tree, "sessions": sessions, "bytes": size, "removed": not os.path.lexists(tree)}
+            sessions = _session_dirs(dir_fd)
+            with contextlib.suppress(OSError):  # first: no other sweep judges the tree while this one removes it
+                os.unlink(LOCK_NAME, dir_fd=dir_fd)
+            removal = remove_tree(tree, timeout=timeout)  # unlinks an agent's symlinks, never follows them
+            return {"path": tree, "sessions": sessions, "bytes": removal.bytes, "removed": removal.removed,
+                    "error": removal.error}
         finally:
             os.close(lock_fd)
     finally:
@@ -118,22 +135,7 @@ def _same_dir(dir_fd: int, path: str) -> bool:
         return False
 
 
-def _measure(tree: str) -> tuple[int, int]:
-    """(session dirs, bytes of the regular files in them) of a tree, symlinks not followed."""
-    with os.scandir(tree) as entries:
-        sessions = [e.path for e in entries if e.is_dir(follow_symlinks=False)]
-    return len(sessions), sum(_file_bytes(s) for s in sessions)
-
-
-def _file_bytes(top: str) -> int:
-    """Bytes of the regular files under a dir, symlinks not followed."""
-    size = 0
-    for root, _dirs, files in os.walk(top):
-        for name in files:
-            try:
-                st = os.lstat(os.path.join(root, name))
-            except OSError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                size += st.st_size
-    return size
+def _session_dirs(dir_fd: int) -> int:
+    """How many session dirs a tree holds (its subdirectories; symlinks not followed)."""
+    with os.scandir(dir_fd) as entries:
+        return sum(1 for e in entries if e.is_dir(follow_symlinks=False))

@@ -29,6 +29,12 @@ class SessionNotFound(CorralError):
     status, code = 404, "session_not_found"
 
 
+class AmbiguousSession(CorralError):
+    """The admin named a session id several tenants have without saying whose (``?tenant=``)."""
+
+    status, code = 409, "ambiguous_session"
+
+
 class TooLarge(CorralError):
     status, code = 413, "too_large"
 
@@ -71,6 +77,13 @@ class SessionFailed(CorralError):
     """The session crashed more than ``max_restarts`` times in ``restart_window``."""
 
     status, code = 503, "session_failed"
+
+
+class ShuttingDown(CorralError):
+    """The server is stopping: it takes no new turn, and one it had to interrupt ends with this."""
+
+    status, code = 503, "shutting_down"
+    retry_after = 5
 
 
 class Unavailable(CorralError):

@@ -9,6 +9,8 @@ of a type no listener wants is never built (the idle <-> busy flip of every turn
 import time
 from collections.abc import Callable, Iterable
 
+from corral.supervisor.session_keys import id_of
+
 Listener = Callable[[dict], None]
 
 
@@ -47,34 +49,38 @@ class EventBus:
         """The global listeners of one event type."""
         return self._by_type.get(type_, self._global)
 
-    def subscribe_session(self, session_id: str, fn: Listener) -> Callable[[], None]:
-        """Receive every event of one session, deltas included; returns the unsubscribe function."""
-        self._by_session.setdefault(session_id, []).append(fn)
+    def subscribe_session(self, key: str, fn: Listener) -> Callable[[], None]:
+        """Receive every event of one session (by its key), deltas included; returns the unsubscribe function."""
+        self._by_session.setdefault(key, []).append(fn)
 
         def unsubscribe():
-            listeners = self._by_session.get(session_id)
+            listeners = self._by_session.get(key)
             if listeners and fn in listeners:
                 listeners.remove(fn)
                 if not listeners:
-                    del self._by_session[session_id]
+                    del self._by_session[key]
 
         return unsubscribe
 
-    def watched(self, session_id: str) -> bool:
+    def watched(self, key: str) -> bool:
         """Whether anyone listens to this session."""
-        return session_id in self._by_session
+        return key in self._by_session
 
-    def reaches_anyone(self, session_id: str, type_: str) -> bool:
+    def reaches_anyone(self, key: str, type_: str) -> bool:
         """Whether a session-level event of this type for this session would reach any listener."""
-        return session_id in self._by_session or bool(self._global_for(type_))
+        return key in self._by_session or bool(self._global_for(type_))
 
-    def publish(self, type_: str, session_id: str, *, to_all: bool = True, **data) -> None:
-        """Send one event to the session's listeners (and to global ones when ``to_all``)."""
-        listeners = self._by_session.get(session_id)
+    def wants(self, type_: str) -> bool:
+        """Whether any global listener takes events of this type (so the caller may skip building one)."""
+        return bool(self._global_for(type_))
+
+    def publish(self, type_: str, key: str, *, to_all: bool = True, **data) -> None:
+        """Send one event to the session's listeners (and to global ones when ``to_all``); it names the session by id."""
+        listeners = self._by_session.get(key)
         global_listeners = self._global_for(type_) if to_all else ()
         if not listeners and not global_listeners:
             return
-        event = {"type": type_, "session_id": session_id, "time": time.time(), **data}
+        event = {"type": type_, "session_id": id_of(key), "time": time.time(), **data}
         for fn in list(listeners or ()):  # a listener may unsubscribe while being called
             fn(event)
         for fn in global_listeners:  # _route replaces these lists, never changes them in place

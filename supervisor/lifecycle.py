@@ -8,12 +8,15 @@ and asks the cluster to join or leave between these steps.
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
 
-from corral.supervisor import errors, states
+from corral.agent_proc import environment
+from corral.supervisor import descriptors, errors, states
 from corral.supervisor.agent_tmp import sweep_dead_trees
+from corral.supervisor.egress import build_gateway
 from corral.supervisor.hub import Hub
 from corral.supervisor.limits import choose_limiter
 from corral.supervisor.logs import get_logger
@@ -31,16 +34,21 @@ STARTUP_REFUSALS = (SpawnError, StoreError, OSError, ValueError, SandboxRefused)
 class Lifecycle:
     """The shared parts of one server, from start to close."""
 
-    def __init__(self, config, *, background, store=None, claim=None, launcher=None):
+    def __init__(self, config, *, background, store=None, claim=None, launcher=None, tenant_egress=None,
+                 on_egress_denied=None):
         """``store``/``claim``: given already made (else made at start); ``launcher``: the spawner class.
 
-        ``background``: the registry's task set, which runs zygote restarts past their caller.
+        ``background``: the registry's task set, which runs zygote restarts past their caller;
+        ``tenant_egress``: each tenant's egress rules; ``on_egress_denied``: told of each refusal at the gateway.
         """
         self.config = config
         self.background = background
         self.store = store
         self.claim = claim  # this server's hold on its identity, from before the store opens; released at close
         self.launcher = launcher or ZygoteSpawner  # supervisor/spawner.py's interface
+        self.tenant_egress = dict(tenant_egress or {})  # tenant -> its egress rules and upstreams (tenants file)
+        self.on_egress_denied = on_egress_denied
+        self.gateway = None  # the egress gateway (supervisor/egress/), with --agent-network proxy
         self.run_dir: str | None = None
         self.limiter = None
         self.sandbox = None
@@ -63,6 +71,9 @@ class Lifecycle:
         """The sandbox, the limiter, then this node's identity and the store."""
         await self._sweep_agent_trees()
         self._choose_sandbox()  # before the limiter: whether sessions have uids of their own decides the pids fallback
+        self.fit_max_sessions()
+        if self.sandbox.network_mode == "proxy":
+            self.gateway = build_gateway(self.config, self.tenant_egress, on_denied=self.on_egress_denied)
         limit = self.config.memory_limit or None
         # probing may sweep a dead server's cgroups, which waits for the kernel: off the loop
         self.limiter = await asyncio.to_thread(
@@ -94,15 +105,16 @@ class Lifecycle:
             if tree["removed"]:
                 log.info("stale_agent_tmp_removed", path=tree["path"], sessions=tree["sessions"], bytes=tree["bytes"])
             else:
-                log.warning("stale_agent_tmp_left", path=tree["path"], sessions=tree["sessions"], bytes=tree["bytes"])
+                log.warning("stale_agent_tmp_left", path=tree["path"], sessions=tree["sessions"], bytes=tree["bytes"],
+                            error=tree["error"])
 
     def _choose_sandbox(self) -> None:
         """Probe the sandbox layers; log each, in force or missing and why (strict refuses here)."""
         c = self.config
         protected = [str(c.data_dir), self.run_dir, str(c.tenants) if c.tenants else None]
         self.sandbox = choose_sandbox(
-            c.sandbox, protected=protected, network=c.agent_network == "on", uid_range=c.uid_range,
-            max_pids=c.max_pids, max_open_files=c.max_open_files, run_id=self.run_id)
+            c.sandbox, protected=protected, network_mode=c.agent_network, uid_range=c.uid_range,
+            max_pids=c.max_pids, max_open_files=c.max_open_files, disk=c.agent_disk, run_id=self.run_id)
         for name, layer in self.sandbox.layers.items():
             if layer["in_force"]:
                 log.info("sandbox_layer", layer=name, detail=layer["detail"])
@@ -110,7 +122,29 @@ class Lifecycle:
                 log.warning("sandbox_layer_missing", layer=name, reason=layer["reason"])
         for note in self.sandbox.notes:
             log.warning("sandbox_note", note=note)
-        log.info("sandbox", mode=self.sandbox.mode, network=self.sandbox.network)
+        log.info("sandbox", mode=self.sandbox.mode, network=self.sandbox.network_mode)
+        if self.sandbox.network_mode == "host":
+            log.warning("agent_network_shared", detail="agents share the host's network: they can reach its loopback "
+                        "services (the database, corral's own port), the cloud metadata address, and listen on its "
+                        "addresses; --agent-network proxy gives them a namespace of their own")
+
+    def fit_max_sessions(self) -> None:
+        """Cap max_sessions at what the open-files limit and the sandbox uids hold, saying so in one line.
+
+        Capped, not refused: the server serves what fits and answers 503 at_capacity past it, where
+        refusing would leave every session down for a setting the operator can lower at leisure.
+        The registry takes the capped config after ``open``.
+        """
+        c = self.config
+        fits = {"open files": (descriptors.sessions_that_fit(), "raise the open-files limit (ulimit -n) or run as root")}
+        if self.sandbox.on("uid"):
+            fits["sandbox uids"] = (self.sandbox.uid_count, "widen --sandbox-uid-range")
+        by, (most, remedy) = min(fits.items(), key=lambda item: item[1][0])
+        if most < c.max_sessions:
+            log.warning("max_sessions_capped", requested=c.max_sessions, serving=max(1, most), limited_by=by,
+                        message=f"--max-sessions {c.max_sessions} does not fit: the {by} allow {most}; serving at "
+                                f"most {max(1, most)} ({remedy})")
+            self.config = dataclasses.replace(c, max_sessions=max(1, most))
 
     async def end_orphans(self, node: str) -> None:
         """End the sessions this server's previous run left live in the store (it died with them)."""
@@ -126,9 +160,17 @@ class Lifecycle:
     async def _start_spawner(self) -> None:
         """Start a zygote."""
         spawner = self.launcher(self.config.agent, limiter=self.limiter, sandbox=self.sandbox,
-                                on_lost=self._on_zygote_lost)
+                                on_lost=self._on_zygote_lost, environment=self._zygote_environment(),
+                                gateway=self.gateway)
         await spawner.start()
         self.spawner = spawner
+
+    def _zygote_environment(self) -> dict[str, str]:
+        """The zygote's (and so every agent's) environment: the base, the ready agents' settings and ``--agent-env``."""
+        tmpdir = self.sandbox.tmp_parent or tempfile.gettempdir()
+        declared = {**environment.ready_agent_settings(os.environ),
+                    **environment.declared_values(self.config.agent_env, os.environ)}
+        return environment.zygote_environment(tmpdir, declared, os.environ)
 
     async def ready_spawner(self):
         """The spawner to launch with (waiting for a zygote restart in progress); 503 if there is none."""
@@ -168,10 +210,14 @@ class Lifecycle:
         """Close the hub, the limiter, the sandbox, the store and the identity; remove the run directory."""
         if self.hub is not None:
             self.hub.close()
+        if self.gateway is not None:
+            await self.gateway.close()
         if self.limiter is not None:
             await asyncio.to_thread(self.limiter.close)  # emptying cgroups waits for the kernel: off the loop
         if self.sandbox is not None:
-            self.sandbox.close()
+            removal = await asyncio.to_thread(self.sandbox.close)  # removing temp dirs walks trees: off the loop
+            if removal and not removal["removed"]:
+                log.warning("agent_tmp_left", **removal)  # the next start's sweep takes it
         if self.store is not None:
             with contextlib.suppress(Exception):
                 await self.store.close()
@@ -185,6 +231,7 @@ class Lifecycle:
         return {
             "zygote_pid": self.spawner.pid if self.spawner else None,
             "limit": self.limiter.describe() if self.limiter else None,
-            "sandbox": self.sandbox.describe() if self.sandbox else None,
+            "sandbox": self.sandbox.describe(self.gateway and self.gateway.address()) if self.sandbox else None,
+            "egress": self.gateway.describe() if self.gateway else None,
             "store": getattr(self.store, "backend", None),
         }

@@ -33,6 +33,10 @@ _COUNTERS = {
     "corral_session_stops": (states.ENDED, "Sessions ended by their owner or at shutdown"),
     "corral_fenced_out": ("fenced_out", "Agent processes ended because another cluster node claimed their session"),
     "corral_forwards": ("forwards", "Requests relayed to the cluster node that owns their session"),
+    "corral_webhooks_delivered": ("webhooks_delivered", "Webhook deliveries a receiver accepted (2xx)"),
+    "corral_webhooks_retried": ("webhooks_retried", "Webhook tries that failed and were scheduled again"),
+    "corral_webhooks_failed": ("webhooks_failed", "Webhook deliveries given up (a 4xx, or the retry window passed)"),
+    "corral_webhooks_dropped": ("webhooks_dropped", "Webhook deliveries dropped: the queue was full, or the server stopped"),
 }
 
 
@@ -79,13 +83,41 @@ class Metrics:
         """Count one request answered with an error."""
         self.refused.labels(str(status), code).inc()
 
-    def exposition(self) -> bytes:
-        """The text format Prometheus scrapes."""
-        return generate_latest(self.registry)
+    def exposition(self, *, tenants: bool = True) -> bytes:
+        """The text format Prometheus scrapes; without ``tenants``, no series labelled with a tenant."""
+        return generate_latest(self.registry if tenants else _WithoutTenants(self.registry))
 
     def close(self) -> None:
         """Stop listening to the supervisor's events."""
         self._unsubscribe()
+
+
+class _WithoutTenants:
+    """A view of a registry whose series carry no ``tenant`` label (tenant names are for the operator)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+
+    def collect(self):
+        """Every family of the registry, its tenant-labelled samples left out."""
+        for family in self.registry.collect():
+            family.samples = [sample for sample in family.samples if "tenant" not in sample.labels]
+            yield family
+
+def _egress(by_tenant: dict[str, dict]):
+    """Per-tenant series of the egress gateway's counts (never one per session)."""
+    sent = CounterMetricFamily("corral_tenant_egress_bytes", "Bytes through the egress gateway, by tenant and "
+                               "direction (in: to agents)", labels=["tenant", "direction"])
+    requests = CounterMetricFamily("corral_tenant_egress_requests", "Requests through the egress gateway, by tenant",
+                                   labels=["tenant"])
+    refused = CounterMetricFamily("corral_tenant_egress_refused", "Egress refused by the policy, by tenant",
+                                  labels=["tenant"])
+    for tenant, counts in sorted(by_tenant.items()):
+        sent.add_metric([tenant, "in"], counts["bytes_in"])
+        sent.add_metric([tenant, "out"], counts["bytes_out"])
+        requests.add_metric([tenant], counts["requests"])
+        refused.add_metric([tenant], counts["refused"])
+    yield from (sent, requests, refused)
 
 
 class _SupervisorCollector:
@@ -114,6 +146,8 @@ class _SupervisorCollector:
             value=sup.counters.get("refused_capacity", 0) + sup.counters.get("refused_quota", 0),
         )
         yield from self._memory()
+        yield from _egress(sup.egress_by_tenant())
+        yield from sup.usage.metric_families()
 
     @staticmethod
     def _by_state(sup) -> GaugeMetricFamily:

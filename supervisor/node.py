@@ -41,12 +41,17 @@ class NoClaim:
     """The claim of a store nothing else can share (in memory)."""
 
     orphans_of: str | None
+    exclusive = False  # whether no other live server can hold the same identity while this claim stands
 
     def __init__(self, node: str):
         self.orphans_of = node  # whose left-live sessions this node ends at start
 
     async def release(self) -> None:
         """Nothing to release."""
+
+    async def listen(self, channel: str, callback) -> bool:
+        """Call ``callback(payload)`` for each notification on ``channel``; False where the store has none."""
+        return False
 
 
 class FileClaim(NoClaim):
@@ -82,6 +87,8 @@ class FileClaim(NoClaim):
 class AdvisoryClaim(NoClaim):
     """A PostgreSQL session-level advisory lock on (search path, node), on a connection of its own."""
 
+    exclusive = True
+
     def __init__(self, store, node: str):
         super().__init__(node)
         self.store = store
@@ -102,6 +109,13 @@ class AdvisoryClaim(NoClaim):
             raise NodeTaken(f"node {self.orphans_of} is already served by another live corral server "
                             f"(PostgreSQL at {self.store.target}, search_path {search_path})")
         self.conn.add_termination_listener(self._lost)
+
+    async def listen(self, channel: str, callback) -> bool:
+        """LISTEN on the lock's connection (idle otherwise): ``callback(payload)`` per notification."""
+        if self.conn is None:
+            return False
+        await self.conn.add_listener(channel, lambda _conn, _pid, _channel, payload: callback(payload))
+        return True
 
     def _lost(self, _conn) -> None:
         """The lock's connection went away: the identity is no longer held (said loudly, once)."""

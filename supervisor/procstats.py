@@ -101,6 +101,7 @@ class ProcStats:
         out["limits"] = self._other_limits()
         if "cgroup" not in out:
             out["cgroup"] = None
+        out["egress"] = self.sup.egress_counts(s.id, s.tenant)
         return out
 
     def _limit(self) -> dict | None:

@@ -15,6 +15,7 @@ from corral.supervisor.cluster.activation import Activation
 from corral.supervisor.config import Config
 from corral.supervisor.session import Session
 from corral.supervisor.session import valid_session_id
+from corral.supervisor.session_keys import session_key
 from corral.supervisor.store import Store
 from corral.supervisor.store_errors import store_call
 from corral.supervisor.views import SessionView
@@ -51,43 +52,68 @@ class QueriedRegistry(Protocol):
 
 
 class Queries:
-    """Reads and ends sessions by id, for the web layer."""
+    """Reads and ends sessions by tenant and id, for the web layer.
+
+    Ids are per tenant (supervisor/session_keys.py): every question names the tenant, and a tenant
+    can neither see nor tell apart another tenant's ids. The admin names the tenant too
+    (``tenant_of`` finds it when only one tenant has that id).
+    """
 
     def __init__(self, registry: QueriedRegistry, activation: Activation):
         self.registry = registry
         self.activation = activation
 
-    async def _lookup(self, session_id: str):
-        """The session this node holds (or None) and, when that is not enough, its stored record (or None)."""
+    async def _lookup(self, session_id: str, tenant: str, *, stored: bool = False):
+        """The session this node holds (or None) and, when that is not enough, its stored record (or None).
+
+        ``stored``: the record even when a live peer owns the session (that owner did not answer a read).
+        """
         if not valid_session_id(session_id):
             return None, None
-        s = self.registry.sessions.get(session_id)
+        key = session_key(tenant, session_id)
+        s = self.registry.sessions.get(key)
         if s is None or (not s.live and self.activation.fenced):
-            return s, await self.activation.placed(session_id)
+            if stored:
+                record = await self.activation.stored(key)
+            else:
+                record = await self.activation.placed(key)
+            return s, record if record is None or record.tenant == tenant else None
         return s, None
 
-    async def _owned(self, session_id: str, tenant: str | None):
-        """Like ``_lookup``, but 404 when it is unknown or (``tenant`` given) another tenant's."""
-        s, record = await self._lookup(session_id)
-        found = s or record
-        if found is None or (tenant is not None and found.tenant != tenant):
+    async def _owned(self, session_id: str, tenant: str):
+        """Like ``_lookup``, but 404 when the tenant has no such session."""
+        s, record = await self._lookup(session_id, tenant)
+        if s is None and record is None:
             raise errors.SessionNotFound(f"no session {session_id}")
         return s, record
+
+    async def tenant_of(self, session_id: str, tenant: str | None = None) -> str:
+        """For the admin: the tenant of the session ``session_id`` (``tenant`` when given); 404 if none has it,
+        409 if several do and ``tenant`` does not say which."""
+        if tenant is not None:
+            return tenant
+        tenants = {s.tenant for s in list(self.registry.sessions.values()) if s.id == session_id}
+        if valid_session_id(session_id):
+            tenants.update(await store_call(self.registry.store.tenants_of(session_id)))
+        if not tenants:
+            raise errors.SessionNotFound(f"no session {session_id}")
+        if len(tenants) > 1:
+            raise errors.AmbiguousSession(f"tenants {', '.join(sorted(tenants))} each have a session {session_id}: "
+                                          "name one with ?tenant=")
+        return tenants.pop()
 
     def view(self, s) -> SessionView:
         """The view of a session this node holds."""
         return SessionView.of_session(s, self.registry.node)
 
-    async def find(self, session_id: str, tenant: str | None = None) -> SessionView | None:
-        """The session's view (held here, else stored), or None if unknown; never spawns or registers.
+    async def find(self, session_id: str, tenant: str, *, stored: bool = False) -> SessionView | None:
+        """The tenant's session's view (held here, else stored), or None if unknown; never spawns or registers.
 
-        With ``tenant``, another tenant's session is a 404, not None.
+        ``stored``: see ``_lookup``.
         """
-        s, record = await self._lookup(session_id)
+        s, record = await self._lookup(session_id, tenant, stored=stored)
         if s is None and record is None:
             return None
-        if tenant is not None and (s or record).tenant != tenant:
-            raise errors.SessionNotFound(f"no session {session_id}")
         return self.view(s) if s is not None else SessionView.of_record(record)
 
     def held_views(self, tenant: str | None = None, state: str | None = None) -> list[SessionView]:
@@ -97,22 +123,21 @@ class Queries:
 
     async def stored_views(self, tenant: str | None, state: str | None, limit: int) -> list[SessionView]:
         """Up to ``limit`` sessions only the store knows (those held here are left out), newest first."""
-        held = set(self.registry.sessions)
+        held = set(self.registry.sessions)  # keys, as the store's rows are
         # Enough stored rows that, after dropping the ones memory holds, ``limit`` remain.
-        stored = await store_call(
-            self.registry.store.list_sessions(tenant=tenant, status=state, limit=limit + len(held)))
+        stored = await store_call(self.registry.store.list_sessions(tenant=tenant, status=state, limit=limit + len(held)))
         return [SessionView.of_record(r) for r in stored if r.id not in held]
 
-    async def history(self, session_id: str, tenant: str, *, limit: int | None = None):
+    async def history(self, session_id: str, tenant: str, *, limit: int | None = None, stored: bool = False):
         """The tenant's session (None if unknown: a new one) and its stored messages, oldest first; 404 if foreign."""
-        found = await self.find(session_id, tenant)
+        found = await self.find(session_id, tenant, stored=stored)
         if found is None:
             return None, []
-        return found, await store_call(self.registry.store.history(session_id, limit=limit))
+        return found, await store_call(self.registry.store.history(found.key, limit=limit))
 
-    def interrupt_turn(self, session_id: str) -> bool:
-        """Interrupt the turn in progress of a session held here; False if there is none to interrupt."""
-        s = self.registry.sessions.get(session_id)
+    def interrupt_turn(self, key: str) -> bool:
+        """Interrupt the turn in progress of a session (by key) held here; False if there is none to interrupt."""
+        s = self.registry.sessions.get(key)
         return s is not None and self.registry.interrupt(s)
 
     async def end(self, session_id: str, tenant: str, *, purge: bool = False) -> str | None:
@@ -125,27 +150,27 @@ class Queries:
         if s is not None and s.live:
             await self.registry.remove(s, purge=purge)
             return s.state
+        key = session_key(tenant, session_id)
         if purge:
-            await store_call(self.registry.store.delete_session(session_id))
+            await store_call(self.registry.store.delete_session(key))
         elif s is None and record.ended_at is None:
-            await store_call(
-                self.registry.store.set_status(session_id, states.ENDED, end_reason=states.ENDED, ended=True))
+            await store_call(self.registry.store.set_status(key, states.ENDED, end_reason=states.ENDED, ended=True))
             return states.ENDED
         return s.state if s is not None else record.status
 
-    async def discard(self, session_id: str, *, purge: bool, run) -> tuple[SessionView, bool]:
-        """The admin ends any tenant's session: a live one is killed by ``run`` (True: it is stopping).
+    async def discard(self, session_id: str, tenant: str, *, purge: bool, run) -> tuple[SessionView, bool]:
+        """The admin ends a tenant's session: a live one is killed by ``run`` (True: it is stopping).
 
         A down one is forgotten now, restart budget included. ``purge`` deletes its data too.
         """
-        s, record = await self._owned(session_id, None)
+        s, record = await self._owned(session_id, tenant)
         if s is not None and s.live:
             run(self._kill_and_purge(s, purge))
             return self.view(s), True
         if s is not None:
             await self.registry.remove(s, purge=purge)
         elif purge:
-            await store_call(self.registry.store.delete_session(session_id))
+            await store_call(self.registry.store.delete_session(record.id))
         return (self.view(s) if s is not None else SessionView.of_record(record)), False
 
     async def _kill_and_purge(self, s, purge: bool) -> None:

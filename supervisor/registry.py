@@ -31,6 +31,7 @@ from corral.supervisor.cluster.activation import Activation
 from corral.supervisor.lifecycle import STARTUP_REFUSALS, Lifecycle
 from corral.supervisor.config import Config
 from corral.supervisor.deadlines import Deadlines
+from corral.supervisor.drain import Drain
 from corral.supervisor.events import EventBus
 from corral.supervisor.logs import debug_enabled, get_logger
 from corral.supervisor.store_errors import store_call
@@ -40,9 +41,11 @@ from corral.supervisor.reaper import Reaper
 from corral.supervisor.restarts import RestartPolicy
 from corral.supervisor.retention import Retention
 from corral.supervisor.session import Session, TokenBucket, Turn, bad_session_id, new_session_id, valid_session_id
+from corral.supervisor.session_keys import session_key
 from corral.supervisor.session_life import SessionLife
 from corral.supervisor.turns import Turns
 from corral.supervisor.tasks import TaskSet
+from corral.supervisor.usage import Usage
 
 log = get_logger(component="supervisor")
 
@@ -53,7 +56,7 @@ class Supervisor:
     """Owns every session of one corral server."""
 
     def __init__(self, config: Config, *, store=None, claim=None, events: EventBus | None = None,
-                 tenant_limits=None, launcher=None):
+                 tenant_limits=None, launcher=None, tenant_env=None, tenant_egress=None):
         """``claim``: this node's identity, already claimed in ``store`` (supervisor/node.py); else claimed at start.
 
         ``launcher``: the spawner class (supervisor/spawner.py's interface); the zygote's by default.
@@ -61,6 +64,7 @@ class Supervisor:
         self.config = config
         self.events = events or EventBus()
         self.tenant_limits: dict[str, int] = dict(tenant_limits or {})
+        self.tenant_env: dict[str, dict[str, str]] = dict(tenant_env or {})  # variables each tenant's agents get
         self.sessions: dict[str, Session] = {}
         self.by_pid: dict[int, Session] = {}
         self.by_rid: dict[bytes, Session] = {}
@@ -72,6 +76,7 @@ class Supervisor:
         self.turn_deadlines = Deadlines(on_due=_time_out)  # turn -> its session's Turns, until request_timeout
         # A timed-out turn -> its session's Turns, for stop_timeout/2 more: then the agent is unresponsive.
         self.hung_turns = Deadlines(on_due=_turn_hung)
+        self.usage = Usage(self, interval=config.usage_interval)  # usage per session and tenant (supervisor/usage.py)
         self.output = AgentOutput(config.agent_log_lines, self.events)  # every agent's stdout/stderr, and each session's tail
         self.started_at = time.time()
         self._request_ids = itertools.count(1)
@@ -79,10 +84,13 @@ class Supervisor:
         self.background = TaskSet(log, expected=(errors.CorralError,))
         # session id -> the store write recording its last death, awaited before it respawns
         self._status_writes: dict[str, asyncio.Task] = {}
-        self.lifecycle = Lifecycle(config, background=self.background, store=store, claim=claim, launcher=launcher)
+        self._close_task: asyncio.Task | None = None
+        self.drain = Drain(self.sessions.values)  # the shutdown's: refuse new turns, wait, end what remains
+        self.lifecycle = Lifecycle(config, background=self.background, store=store, claim=claim, launcher=launcher,
+                                   tenant_egress=tenant_egress, on_egress_denied=self._egress_denied)
         # node: names this server in the store's sessions.node (supervisor/node.py says what it means)
         self.activation = Activation(config, node_name(config.port), sessions=self.sessions, counters=self.counters,
-                                     node_info=self.node_info, end_now=self._end_now)
+                                     events=self.events, node_info=self.node_info, end_now=self._end_now)
         self.queries = Queries(self, self.activation)
         self.retention = Retention(config.retention, store=lambda: self.store, events=self.events,
                                    background=self.background)
@@ -98,13 +106,16 @@ class Supervisor:
     closing = property(lambda self: self.lifecycle.closing, doc="Whether the server is shutting down (no more spawns).")
     node = property(lambda self: self.activation.node, doc="This node's name (its cluster node id once it joined).")
     membership = property(lambda self: self.activation.membership, doc="This node's cluster membership, if any.")
+    gateway = property(lambda self: self.lifecycle.gateway, doc="The egress gateway (--agent-network proxy), if any.")
 
     async def start(self) -> None:
         """Open the store, join the cluster, bind the hub, start the zygote."""
         self.lifecycle.make_run_dir()
         try:
             await self.lifecycle.open(self.node)
-            await self.activation.join(self.store)
+            # start-up may cap max_sessions at what the host holds (Lifecycle.fit_max_sessions)
+            self.config = self.activation.config = self.lifecycle.config
+            await self.activation.join(self.store, self.claim)
             await self.lifecycle.end_orphans(self.node)
             await self.lifecycle.launch(on_frame=self.on_frame, on_drop=self.on_drop, on_abuse=self.on_abuse,
                                         on_pause=self.on_pause)
@@ -115,16 +126,27 @@ class Supervisor:
             await self.close()
             raise
         self.retention.start()
+        self.usage.start()
+        self.events.publish_global("node", state="joined", node=self.node)
         log.info("supervisor_started", run_dir=self.run_dir, limit=self.limiter.describe(), agent=self.config.agent)
 
     async def close(self) -> None:
-        """Stop every session, the zygote, the cluster membership and the shared parts."""
-        if not self.lifecycle.begin_close():
-            return
+        """Stop every session, the zygote, the cluster membership and the shared parts.
+
+        One close runs, to its end: a caller cancelled meanwhile (a stop signal during start-up)
+        does not cut it short, and a later caller waits for it.
+        """
+        if self._close_task is None:
+            self._close_task = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._close_task)
+
+    async def _close(self) -> None:
+        """Close the parts in reverse order of their start."""
+        self.lifecycle.begin_close()
         self.retention.stop()
         live = [s for s in self.sessions.values() if s.live]
         if live:
-            stops = [s.life.stop(states.ENDED) for s in live]
+            stops = [s.life.stop(states.ENDED, force=self.drain.hurried) for s in live]
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*stops, return_exceptions=True), self.config.stop_timeout + 2)
         await self.lifecycle.close_spawner()
@@ -134,13 +156,43 @@ class Supervisor:
         await self.background.wait(timeout=5)
         self.turn_deadlines.close()
         self.hung_turns.close()
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                await self.usage.close()  # the ends of the sessions just stopped, before the store goes
+            self.events.publish_global("node", state="left", node=self.node)
         await self.lifecycle.close()
         log.info("supervisor_stopped")
+
+    def hurry(self) -> None:
+        """Stop now (a further signal during the shutdown): SIGKILL every session's process, live or stopping.
+
+        A live one is stopped (ended, not crashed: the stop comes first); one already stopping gets the SIGKILL.
+        """
+        self.drain.hurried = True
+        for s in list(self.sessions.values()):
+            if s.state == states.STOPPING:
+                s.life.send_signal(signal.SIGKILL)
+            elif s.live:
+                self.background.spawn(s.life.stop(states.ENDED, force=True))
+
+    def _egress_denied(self, session_id: str, tenant: str, destination: str, reason: str) -> None:
+        """A refusal at the egress gateway, for the admin event stream (it is logged and counted there)."""
+        self.events.publish_global("egress_denied", session_id=session_id, tenant=tenant, destination=destination,
+                                   reason=reason)
+
+    def egress_counts(self, session_id: str, tenant: str) -> dict | None:
+        """A session's traffic through the egress gateway (bytes_in, bytes_out, requests, refused); None without one."""
+        return self.gateway.counters_for(session_id, tenant) if self.gateway else None
+
+    def egress_by_tenant(self) -> dict[str, dict]:
+        """Every tenant's traffic through the egress gateway since start."""
+        return self.gateway.tenant_counters() if self.gateway else {}
 
     def health(self) -> dict:
         """What /health reports about the supervisor."""
         return {
             "live_sessions": self.live_count,
+            "max_sessions": self.config.max_sessions,  # after start-up's cap (Lifecycle.fit_max_sessions)
             "sessions_in_memory": len(self.sessions),
             **self.lifecycle.describe(),
             "uptime_seconds": round(time.time() - self.started_at, 3),
@@ -156,42 +208,41 @@ class Supervisor:
                 "server_rss_bytes": rss, "pid": os.getpid()}
 
     async def get_or_create(self, session_id: str | None, tenant: str, metadata: dict | None = None) -> Session:
-        """The session with this id (from memory or the store), or a new one; 404 if another tenant's.
+        """The tenant's session with this id (from memory or the store), or a new one.
 
-        The tenant is checked before a stored session is registered: a refused request loads nothing.
+        Ids are per tenant (supervisor/session_keys.py): another tenant's ``s1`` is another session.
         """
         if session_id is None:
             session_id = new_session_id()
         elif not valid_session_id(session_id):
             raise bad_session_id()
-        s = self.sessions.get(session_id)
+        key = session_key(tenant, session_id)
+        s = self.sessions.get(key)
         if s is None or (not s.live and self.activation.fenced):
-            record = await self.activation.placed(session_id)
-            if record is not None and record.tenant != tenant:
+            record = await self.activation.placed(key)
+            if record is not None and record.tenant != tenant:  # a row from before ids were per tenant
                 raise errors.SessionNotFound(f"no session {session_id}")
-            s = self.sessions.get(session_id)  # another request may have registered it meanwhile
+            s = self.sessions.get(key)  # another request may have registered it meanwhile
             if s is None:
                 s = self._register(session_id, tenant, metadata, record)
-        if s.tenant != tenant:
-            raise errors.SessionNotFound(f"no session {session_id}")
         return s
 
     def _register(self, session_id: str, tenant: str, metadata, record) -> Session:
         """Put a session object in the registry."""
         if record is not None:
-            tenant, metadata = record.tenant, record.metadata
+            metadata = record.metadata
         s = Session(id=session_id, tenant=tenant, metadata=dict(metadata or {}))
         s.life = SessionLife(s, self)
         if record is not None:
             s.created_at, s.message_count = record.created_at, record.message_count
         if self.config.rate_limit > 0:
             s.bucket = TokenBucket(self.config.rate_limit, self.config.rate_burst)
-        self.sessions[session_id] = s
+        self.sessions[s.key] = s
         return s
 
-    def agent_output(self, session_id: str) -> list[dict]:
-        """The kept lines of a session's agent output, oldest first (empty if none are kept)."""
-        return self.output.lines_of(session_id, self.sessions.get(session_id)) or []
+    def agent_output(self, key: str) -> list[dict]:
+        """The kept lines of a session's agent output (by its key), oldest first (empty if none are kept)."""
+        return self.output.lines_of(key, self.sessions.get(key)) or []
 
     def list_sessions(self) -> list[Session]:
         """Every session the supervisor holds in memory (live, and recently crashed or failed)."""
@@ -204,6 +255,10 @@ class Supervisor:
     async def moved(self, session_id: str) -> errors.SessionMoved:
         """The error for a session another node has claimed, naming its owner when that one is alive."""
         return await self.activation.moved(session_id)
+
+    def agent_env(self, tenant: str) -> dict[str, str]:
+        """The variables a tenant's agents get over the base environment (the tenants file's ``env``)."""
+        return self.tenant_env.get(tenant, {})
 
     def forget(self, s: Session) -> None:
         """Drop a down session from memory once nobody waits on it (the store keeps its data)."""
@@ -242,7 +297,7 @@ class Supervisor:
     async def record_message(self, s: Session, role: str, text: str):
         """Commit one message to the store; SessionMoved, the session fenced out, on a stale epoch."""
         try:
-            return await store_call(self.store.append_message(s.id, role, text, epoch=s.epoch))
+            return await store_call(self.store.append_message(s.key, role, text, epoch=s.epoch))
         except errors.SessionMoved:
             self.activation.fence_out(s, f"its {role} message was refused for a stale epoch")
             raise
@@ -255,8 +310,8 @@ class Supervisor:
 
     def _unregister(self, s: Session) -> None:
         """Take a session out of memory; its output's tail stays readable a while (AgentOutput.retire)."""
-        if self.sessions.get(s.id) is s:
-            del self.sessions[s.id]
+        if self.sessions.get(s.key) is s:
+            del self.sessions[s.key]
             self.output.retire(s)
 
     async def chat(self, s: Session, text: str, *, on_chunk=None) -> dict:
@@ -316,19 +371,19 @@ class Supervisor:
 
     def drop_if_new(self, s: Session) -> None:
         """Forget a session that was never started."""
-        if s.state is None and self.sessions.get(s.id) is s:
-            del self.sessions[s.id]
+        if s.state is None and self.sessions.get(s.key) is s:
+            del self.sessions[s.key]
 
     async def prepare_spawn(self, s: Session) -> list[dict]:
         """Record the session in the store and fetch its history."""
-        ended = self._status_writes.get(s.id)
+        ended = self._status_writes.get(s.key)
         if ended is not None:
             # Otherwise, with a pool of connections, the old end could land after the new start
             # and leave a live session marked ended (and purgeable by retention).
             await asyncio.wait([ended])
         record = await self.activation.claim(s)
         s.created_at, s.message_count = record.created_at, record.message_count
-        history = await store_call(self.store.history(s.id, limit=self.config.history_limit))
+        history = await store_call(self.store.history(s.key, limit=self.config.history_limit))
         return recent_history(history, self.config.history_limit_bytes)
 
     def on_frame(self, rid: bytes, kind: int, req: int, body, size: int) -> None:
@@ -362,14 +417,14 @@ class Supervisor:
         if self.activation.unclaimed(s):
             return  # fenced out, or its claim was refused: the session's row is another node's
         write = self.background.spawn(store_call(
-            self.store.set_status(s.id, final, end_reason=s.end_reason or final, ended=True, epoch=s.epoch)))
-        self._status_writes[s.id] = write
-        write.add_done_callback(functools.partial(self._end_recorded, s.id))
+            self.store.set_status(s.key, final, end_reason=s.end_reason or final, ended=True, epoch=s.epoch)))
+        self._status_writes[s.key] = write
+        write.add_done_callback(functools.partial(self._end_recorded, s.key))
 
-    def _end_recorded(self, session_id: str, write: asyncio.Task) -> None:
+    def _end_recorded(self, key: str, write: asyncio.Task) -> None:
         """Forget a finished end write (unless a newer one for the session replaced it)."""
-        if self._status_writes.get(session_id) is write:
-            del self._status_writes[session_id]
+        if self._status_writes.get(key) is write:
+            del self._status_writes[key]
 
     async def settle_store(self) -> None:
         """Wait for the background store writes in flight (ends of sessions that went down)."""
@@ -388,11 +443,11 @@ class Supervisor:
     async def remove(self, s: Session, *, purge: bool = False) -> None:
         """End a session (its owner asked); with purge, delete its data too."""
         await s.life.stop(states.ENDED)
-        if self.sessions.get(s.id) is s and not s.live and not s.inflight:
+        if self.sessions.get(s.key) is s and not s.live and not s.inflight:
             self._unregister(s)
             s.life.cancel_timers()
         if purge:
-            await store_call(self.store.delete_session(s.id))
+            await store_call(self.store.delete_session(s.key))
 
     def transition(self, s: Session, new: str, **info) -> None:
         """Move a session to a new state (asserted), keep counts, log and publish it."""
@@ -413,11 +468,11 @@ class Supervisor:
             # build the event only when someone listens (both measurable on a warm turn).
             if debug_enabled():
                 log.debug("session_state", session_id=s.id, tenant=s.tenant, pid=s.pid, old=old, new=new, **info)
-            if self.events.reaches_anyone(s.id, "state"):
-                self.events.publish("state", s.id, tenant=s.tenant, state=new, previous=old, pid=s.pid, **info)
+            if self.events.reaches_anyone(s.key, "state"):
+                self.events.publish("state", s.key, tenant=s.tenant, state=new, previous=old, pid=s.pid, **info)
             return
         log.info("session_state", session_id=s.id, tenant=s.tenant, pid=s.pid, old=old, new=new, **info)
-        self.events.publish("state", s.id, tenant=s.tenant, state=new, previous=old, pid=s.pid, **info)
+        self.events.publish("state", s.key, tenant=s.tenant, state=new, previous=old, pid=s.pid, **info)
 
 
 def recent_history(history: list, max_bytes: int) -> list[dict]:

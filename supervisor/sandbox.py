@@ -3,26 +3,32 @@
 Picked once at start, like the memory limiter: ``choose_sandbox`` probes the host and says for
 each layer whether it is in force and, if not, why. ``prepare`` hands out one session's spec
 (its own uid from the range, its own temp dir) for ``agent_proc.sandbox.confine`` in the forked
-child; ``release`` takes them back after the process has exited. Stdlib only; no web imports.
+child; ``release`` takes them back after the process has exited (the temp dir on the remover's
+thread, supervisor/tree_removal.py). No web imports.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import grp
 import os
 import pwd
 import re
-import shutil
 import sys
+import time
 from collections import deque
 
+from corral.agent_proc import disk as disk_bound
+from corral.agent_proc import netns, userns
 from corral.agent_proc import sandbox as layers
-from corral.agent_proc import userns
 from corral.supervisor.agent_tmp import make_tree, release_tree
+from corral.supervisor.tree_removal import Remover
 from corral.supervisor.uid_claims import CLAIMS_DIR, UidClaims, claims_dir_problem
 
 __all__ = ["Sandbox", "SandboxRefused", "choose_sandbox", "parse_uid_range", "MODES", "DEFAULT_UID_RANGE"]
 
 MODES = ("auto", "strict", "off")
+NETWORK_MODES = ("proxy", "host", "off")
 DEFAULT_UID_RANGE = range(60000, 61000)
 _RANGE_RE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
 # Landlock ABI with everything the design relies on: scoped signals and abstract sockets (6).
@@ -38,6 +44,7 @@ SYSTEM_READ_PATHS = (
     "/dev/urandom", "/dev/random",
 )
 DEVICE_WRITE_PATHS = ("/dev/null", "/dev/zero", "/dev/full")
+CLOSE_TIMEOUT = 10.0  # seconds a stop spends removing temp dirs; what is left, the next start sweeps
 
 
 class SandboxRefused(RuntimeError):
@@ -58,12 +65,16 @@ class Sandbox:
     """The layers in force on this host, and the pool of per-session uids and temp dirs."""
 
     def __init__(self, mode: str, layer_table: dict, *, read_paths=(), network: bool = True,
-                 uids=(), tmp_parent: str | None = None, tmp_lock: int | None = None,
-                 max_pids: int = 0, max_open_files: int = 0, uid_claims: UidClaims | None = None):
+                 network_mode: str = "host", uids=(), tmp_parent: str | None = None, tmp_lock: int | None = None,
+                 max_pids: int = 0, max_open_files: int = 0, uid_claims: UidClaims | None = None,
+                 disk: int = 0):
         self.mode = mode
         self.layers = layer_table  # name -> {"in_force": bool, "detail"/"reason": str}
         self.read_paths = list(read_paths)
         self.network = network
+        # proxy: the agents' own network namespace and the egress gateway (in force only where the
+        # "network" layer is); host: the host's; off: no TCP/UDP at all
+        self.network_mode = network_mode if network_mode != "proxy" or self.on("network") else "host"
         self.free_uids: deque[int] = deque(uids)
         self.uid_count = len(self.free_uids)
         self.uid_claims = uid_claims  # host-wide: another server's sessions may hold some of our range
@@ -71,16 +82,22 @@ class Sandbox:
         self.tmp_lock = tmp_lock  # the fd of the flock that says the tree's server is alive (agent_tmp.py)
         self.max_pids = max_pids
         self.max_open_files = max_open_files
+        self.disk = disk  # bytes of each session's TMPDIR (a tmpfs the zygote mounts), when the layer is in force
         self.dropped_paths: list[str] = []
         self.notes: list[str] = []
+        self.remover = Remover()  # temp dirs go on a thread of their own: a session's end never waits for one
 
     def on(self, layer: str) -> bool:
         """Whether a layer is in force."""
         return bool(self.layers.get(layer, {}).get("in_force"))
 
-    def describe(self) -> dict:
-        """What /health (admin) and the start-up log show."""
-        return {"mode": self.mode, "layers": self.layers, "network": self.network,
+    def describe(self, gateway: str | None = None) -> dict:
+        """What /health (admin) and the start-up log show; ``gateway``: where agents reach the egress gateway."""
+        layers_shown = self.layers
+        if "network" in self.layers:
+            layers_shown = {**self.layers, "network": {**self.layers["network"], "mode": self.network_mode,
+                                                      "gateway": gateway}}
+        return {"mode": self.mode, "layers": layers_shown, "network": self.network, "network_mode": self.network_mode,
                 "uids_free": len(self.free_uids) if self.on("uid") else None,
                 "notes": self.notes}
 
@@ -91,7 +108,8 @@ class Sandbox:
     def zygote_options(self) -> dict:
         """What the zygote does once: the agents' pid namespace (in a user namespace unless root), a subreaper, the prebuilt layers."""
         options = {"pid_namespace": self.on("pid_namespace"), "user_namespace": self.on("user_namespace"),
-                   "subreaper": self.mode != "off"}
+                   "net_namespace": self.network_mode == "proxy", "subreaper": self.mode != "off",
+                   "mount_namespace": self.on("disk"), "own_uid": self.on("uid")}
         if self.mode != "off" and self.prebuild:
             options.update(prebuild=True, landlock=self._landlock_abi(), read_paths=self.read_paths,
                            device_paths=list(DEVICE_WRITE_PATHS), seccomp=self.on("seccomp"),
@@ -125,14 +143,23 @@ class Sandbox:
             "seccomp": self.on("seccomp"),
             "max_pids": self.max_pids if self.on("uid") else 0,
             "max_open_files": self.max_open_files,
+            **({"disk": self.disk, "clear_capabilities": uid is None} if self.on("disk") else {}),
         }
 
     def release(self, spec) -> None:
-        """After the process is gone: remove its temp dir, give its uid back; never raises."""
+        """After the process is gone: give its uid back and queue its temp dir's removal; never raises or waits.
+
+        The dir is the server's (0700) before its uid can be handed out again: if its removal is slow or
+        fails, the next session of that uid cannot reach what is left.
+        """
         if not isinstance(spec, dict):
             return
         if spec.get("tmpdir"):
-            shutil.rmtree(spec["tmpdir"], ignore_errors=True)
+            if spec.get("uid") is not None:
+                with contextlib.suppress(OSError):  # the path is ours: the agent could change its mode, not replace it
+                    os.chown(spec["tmpdir"], os.geteuid(), os.getegid(), follow_symlinks=False)
+                    os.chmod(spec["tmpdir"], 0o700)
+            self.remover.submit(spec["tmpdir"])
         if spec.get("uid") is not None:
             self._give_back(spec["uid"])
 
@@ -143,8 +170,8 @@ class Sandbox:
             if self.uid_claims is None or self.uid_claims.claim(uid):
                 return uid
             self.free_uids.append(uid)  # another server's session has it: try the next
-        raise OSError(f"every sandbox uid ({self.uid_count}) is in use by a live session (of this server or, "
-                      "with the same --sandbox-uid-range, of another on this host)")
+        raise OSError(errno.EUSERS, f"every sandbox uid ({self.uid_count}) is in use by a live session (of this "
+                      "server or, with the same --sandbox-uid-range, of another on this host)")
 
     def _give_back(self, uid: int) -> None:
         """Free a uid: to the back of the queue, so the longest-free uid is reused first."""
@@ -152,13 +179,18 @@ class Sandbox:
             self.uid_claims.release(uid)
         self.free_uids.append(uid)
 
-    def close(self) -> None:
-        """Remove the parent of the temp dirs, then let its lock go, and the uids' claims."""
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> dict | None:
+        """Remove the temp dirs (within ``timeout`` s in all; blocking: call it off the loop), then let the
+        tree's lock go, and the uids' claims; what the tree's removal did."""
         if self.uid_claims is not None:
             self.uid_claims.close()
-        if self.tmp_parent:
-            release_tree(self.tmp_parent, self.tmp_lock)
-            self.tmp_parent = self.tmp_lock = None
+        deadline = time.monotonic() + timeout
+        self.remover.close(timeout / 2)
+        if not self.tmp_parent:
+            return None
+        removal = release_tree(self.tmp_parent, self.tmp_lock, timeout=max(0.0, deadline - time.monotonic()))
+        self.tmp_parent = self.tmp_lock = None
+        return removal
 
 
 def python_read_paths() -> list[str]:
@@ -218,7 +250,24 @@ def _layer(in_force: bool, detail: str) -> dict:
     return {"in_force": in_force, ("detail" if in_force else "reason"): detail}
 
 
-def probe_layers(*, root: bool, network: bool, uid_range: range) -> dict:
+def _network_layer(mode: str, root: bool, user_namespace: bool) -> dict:
+    """The network row: the agents' own namespace (tried in a child), or what the mode leaves them."""
+    if mode == "off":
+        return _layer(True, "--agent-network off: TCP and UDP refused (Landlock, seccomp)")
+    if mode == "host":
+        return _layer(False, "--agent-network host: agents share the host's network (its loopback services, "
+                             "the cloud metadata address, its ports)")
+    if not root and not user_namespace:
+        return _layer(False, "needs root or a user namespace to make the agents' network namespace")
+    steps = (netns.enter_network_namespace,) if root else (userns.enter_user_namespace, netns.enter_network_namespace)
+    failure = userns.try_in_child(*steps)
+    if failure is not None:
+        return _layer(False, f"unshare(CLONE_NEWNET) refused: {failure}; agents use the host's network")
+    return _layer(True, "one network namespace for every agent, only lo; out only through the egress gateway")
+
+
+def probe_layers(*, root: bool, network: bool, uid_range: range, network_mode: str | None = None,
+                 disk: int = 0) -> dict:
     """Which layers this host supports, with the reason for each missing one."""
     table = {}
     table["uid"] = _layer(root, f"one uid per live session from {uid_range.start}-{uid_range.stop - 1}"
@@ -245,10 +294,31 @@ def probe_layers(*, root: bool, network: bool, uid_range: range) -> dict:
     elif not _kernel_has_seccomp():
         table["seccomp"] = _layer(False, "the kernel has no seccomp filter support")
     else:
-        table["seccomp"] = _layer(True, f"{len(layers.DENIED_SYSCALLS)} syscalls refused, namespaced clone and new unix sockets refused"
-                                  + ("" if network else ", inet sockets refused"))
+        table["seccomp"] = _layer(True, f"{len(layers.DENIED_SYSCALLS)} syscalls refused (io_uring among them), "
+                                  "namespaced clone refused, "
+                                  + ("inet sockets only" if network else "no sockets but socketpair")
+                                  + ", no executable memfd, no execveat of a descriptor")
     table["tmpdir"] = _layer(True, "a private TMPDIR per session, removed when its process ends")
+    table["disk"] = _disk_layer(root, disk, user_namespace=table.get("user_namespace", {}).get("in_force", False))
+    if table["disk"]["in_force"] and not root:
+        table["capabilities"] = _layer(True, "the zygote keeps only CAP_SYS_ADMIN of its own user namespace (to mount "
+                                             "each agent's tmpfs); the namespace's init and every agent clear every set")
+    mode = network_mode or ("host" if network else "off")
+    table["network"] = _network_layer(mode, root, bool(table.get("user_namespace", {}).get("in_force")))
     return table
+
+
+def _disk_layer(root: bool, size: int, *, user_namespace: bool) -> dict:
+    """The disk row: a size-limited tmpfs per session TMPDIR in the zygote's mount namespace (probed in a child)."""
+    if not size:
+        return _layer(False, "--agent-disk 0: an agent's TMPDIR is bounded only by the host's disk")
+    if not (root or user_namespace):
+        return _layer(False, "not root and no user namespace: the zygote may not mount a tmpfs per session")
+    failure = disk_bound.probe(in_user_namespace=not root)
+    if failure is not None:
+        return _layer(False, f"cannot mount a tmpfs in a mount namespace of the zygote's own: {failure}")
+    return _layer(True, f"each TMPDIR a tmpfs of {size} bytes and {disk_bound.inodes_for(size)} inodes (noexec, "
+                        "0700), in the zygote's own mount namespace; ENOSPC past it, gone with the unmount")
 
 
 def _root_pid_namespace() -> dict:
@@ -286,30 +356,35 @@ def _kernel_has_seccomp() -> bool:
         return False
 
 
-def expected_layers(root: bool) -> list[str]:
+def expected_layers(root: bool, network_mode: str = "host", *, disk: bool = False) -> list[str]:
     """What ``strict`` demands: everything a host of this kind (root or not) should give.
 
     A server that is not root needs a user namespace for its pid namespace: demanded wherever the
-    kernel is built with them, even if a sysctl or a container's seccomp turns them off.
+    kernel is built with them, even if a sysctl or a container's seccomp turns them off. The disk
+    bound (when ``--agent-disk`` asks for one) is demanded wherever those namespaces are.
     """
     base = ["no_new_privs", "landlock", "landlock_scope", "seccomp", "tmpdir"]
+    if network_mode == "proxy":
+        base.append("network")
     if root:
-        return ["uid", "capabilities", "pid_namespace"] + base
+        return ["uid", "capabilities", "pid_namespace"] + base + (["disk"] if disk else [])
     if userns.kernel_has_user_namespaces():
-        return ["user_namespace", "capabilities", "pid_namespace"] + base
+        return ["user_namespace", "capabilities", "pid_namespace"] + base + (["disk"] if disk else [])
     return base
 
 
-def choose_sandbox(mode: str, *, protected=(), network: bool = True, uid_range: range = DEFAULT_UID_RANGE,
+def choose_sandbox(mode: str, *, protected=(), network: bool = True, network_mode: str | None = None, uid_range: range = DEFAULT_UID_RANGE,
                    max_pids: int = 0, max_open_files: int = 0, run_id: str = "run",
-                   claims_dir: str = CLAIMS_DIR) -> Sandbox:
+                   claims_dir: str = CLAIMS_DIR, disk: int = 0) -> Sandbox:
     """Probe the host and build the sandbox for this run; raises SandboxRefused under ``strict``."""
     if mode not in MODES:
         raise ValueError(f"sandbox must be one of {', '.join(MODES)}, not {mode!r}")
     if mode == "off":
         return Sandbox("off", {})
     root = os.geteuid() == 0
-    table = probe_layers(root=root, network=network, uid_range=uid_range)
+    network_mode = network_mode or ("host" if network else "off")
+    network = network_mode != "off"
+    table = probe_layers(root=root, network=network, uid_range=uid_range, network_mode=network_mode, disk=disk)
     uids: list[int] = []
     notes = []
     uid_claims = None
@@ -325,13 +400,14 @@ def choose_sandbox(mode: str, *, protected=(), network: bool = True, uid_range: 
         else:
             notes.append(f"uids are not claimed host-wide ({problem}): give every server on this host "
                          "its own --sandbox-uid-range")
-    missing = [name for name in expected_layers(root) if not table[name]["in_force"]]
+    missing = [name for name in expected_layers(root, network_mode, disk=bool(disk)) if not table[name]["in_force"]]
     if mode == "strict" and missing:
         raise SandboxRefused("--sandbox strict: missing " + "; ".join(f"{n} ({table[n]['reason']})" for n in missing))
     tmp_parent, tmp_lock = make_tree(run_id)
     read_paths, dropped = safe_read_paths(python_read_paths() + list(SYSTEM_READ_PATHS), [*protected, tmp_parent])
-    sandbox = Sandbox(mode, table, read_paths=read_paths, network=network, uids=uids, tmp_parent=tmp_parent,
-                      tmp_lock=tmp_lock, max_pids=max_pids, max_open_files=max_open_files, uid_claims=uid_claims)
+    sandbox = Sandbox(mode, table, read_paths=read_paths, network=network, network_mode=network_mode, uids=uids,
+                      tmp_parent=tmp_parent, tmp_lock=tmp_lock, max_pids=max_pids, max_open_files=max_open_files,
+                      uid_claims=uid_claims, disk=disk)
     sandbox.dropped_paths = dropped
     if dropped:
         notes.append("not readable by agents, as they hold corral's own files: " + ", ".join(dropped))

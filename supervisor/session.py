@@ -8,6 +8,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from corral.supervisor import errors, states
+from corral.supervisor.session_keys import session_key
 
 # The one statement of the session-id rule: the checks, the error message and the OpenAPI pattern.
 # "." and ".." are refused: as a path segment (/api/sessions/..) they name another resource.
@@ -41,6 +42,7 @@ class Turn:
     chunks: int = 0
     abandoned: bool = False  # the caller gave up (timeout); the answer is dropped when it comes
     bytes: int = 0  # what the agent has sent for it so far (bounded by max_turn_bytes)
+    in_bytes: int | None = None  # the committed message it carries, in UTF-8 bytes (None: nothing recorded)
 
 
 class TokenBucket:
@@ -52,22 +54,22 @@ class TokenBucket:
         self.rate, self.burst = rate, burst
         self.tokens, self.stamp = float(burst), time.monotonic()
 
-    def take(self) -> float:
-        """Take one token; return 0 on success, else the seconds until one is available."""
+    def take(self, n: float = 1) -> float:
+        """Take ``n`` tokens; return 0 on success, else the seconds until they are available."""
         now = time.monotonic()
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
+        if self.tokens >= n:
+            self.tokens -= n
             return 0.0
-        return (1 - self.tokens) / self.rate
+        return (n - self.tokens) / self.rate
 
 
 @dataclass(eq=False)
 class Session:
     """A session as the APIs see it: its state, its process's pid, its counts (``life`` does the rest)."""
 
-    id: str
+    id: str  # what its tenant calls it
     tenant: str
     metadata: dict = field(default_factory=dict)
     state: str | None = None
@@ -89,6 +91,10 @@ class Session:
     # and interrupt (its life's); its life cancels them when the process goes
     timers: dict = field(default_factory=dict)
     life: object = None  # its SessionLife (supervisor/session_life.py): the process, the turns
+    key: str = ""  # its tenant and id as one name (supervisor/session_keys.py): what corral knows it by
+
+    def __post_init__(self):
+        self.key = session_key(self.tenant, self.id)
 
     @property
     def live(self) -> bool:

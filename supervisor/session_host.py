@@ -15,6 +15,7 @@ from corral.supervisor import errors
 from corral.supervisor.agent_output import AgentOutput
 from corral.supervisor.config import Config
 from corral.supervisor.deadlines import Deadlines
+from corral.supervisor.drain import Drain
 from corral.supervisor.events import EventBus
 from corral.supervisor.hub import Hub
 from corral.supervisor.reaper import Reaper
@@ -32,6 +33,7 @@ class SessionHost(Protocol):
     reaper: Reaper  # idle and max-age timers
     turn_deadlines: Deadlines  # turn -> its session's Turns, until request_timeout
     hung_turns: Deadlines  # a timed-out turn -> its session's Turns, until it counts as unresponsive
+    drain: Drain  # the shutdown's: new turns refused once it has ended the turns in flight
 
     @property
     def hub(self) -> Hub:
@@ -73,6 +75,9 @@ class SessionHost(Protocol):
 
     def record_end(self, s, final: str) -> None:
         """Write the session's end to the store (in the background)."""
+
+    def agent_env(self, tenant: str) -> dict[str, str]:
+        """The variables a tenant's agents get over the base environment (the tenants file's ``env``)."""
 
     def forget(self, s) -> None:
         """Drop a down session from memory once nobody waits on it."""

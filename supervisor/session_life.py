@@ -20,7 +20,8 @@ import signal
 import time
 
 from corral.agent_proc import protocol as p
-from corral.supervisor import errors, states
+from corral.supervisor import descriptors, errors, states
+from corral.supervisor.launcher import RESOURCE_CODES
 from corral.supervisor.logs import get_logger
 from corral.supervisor.reaper import classify_exit
 from corral.supervisor.session_host import SessionHost
@@ -116,7 +117,7 @@ class SessionLife:
         self.generation += 1
         # Unique per spawn, so a frame still in flight from a previous process of the session
         # (on its own, older connection) is never taken for the new one's.
-        self.routing_id = f"{s.id}/{self.generation}/{secrets.token_hex(4)}".encode()
+        self.routing_id = f"{s.key}/{self.generation}/{secrets.token_hex(4)}".encode()
         self.stop_reason = s.end_reason = s.exit_description = self.kill_reason = None
         self.dying = False
         self.turns.new_process()
@@ -140,7 +141,7 @@ class SessionLife:
             raise
         s.spawned_at = time.monotonic()
         self.host.counters["spawns"] += 1
-        self.host.events.publish("spawned", s.id, tenant=s.tenant, pid=s.pid, seconds=s.spawned_at - started)
+        self.host.events.publish("spawned", s.key, tenant=s.tenant, pid=s.pid, seconds=s.spawned_at - started)
         self.host.transition(s, states.BUSY if self.turns.pending else states.IDLE)
         self.host.reaper.arm_age(s)
 
@@ -154,29 +155,45 @@ class SessionLife:
         """Ask the spawner for a process inside the session's memory limit."""
         s = self.session
         spawner = await self.host.ready_spawner()
-        conn = await self.host.hub.connect(self.routing_id)
-        read_fds, write_fds = self.host.output.pipes()
+        conn, read_fd, write_fd = await self._agent_descriptors()
         try:
-            proc = await spawner.launch(f"s{self.generation}-{s.id}",
-                                        {"session_id": s.id, "routing_id": self.routing_id, "tenant": s.tenant},
-                                        conn, stdio=write_fds)
+            proc = await spawner.launch(f"s{self.generation}-{s.key.replace('/', '-')}",
+                                        {"session_id": s.id, "routing_id": self.routing_id, "tenant": s.tenant,
+                                         "env": self.host.agent_env(s.tenant)},
+                                        conn, output=write_fd)
         except SpawnError as exc:
-            _close_all(read_fds)
-            raise errors.Unavailable(str(exc), retry_after=exc.retry_after) from None
+            os.close(read_fd)
+            raise errors.Unavailable(str(exc), retry_after=exc.retry_after, code=exc.code) from None
         except BaseException:
-            _close_all(read_fds)
+            os.close(read_fd)
             raise
         finally:
             conn.close()  # the zygote has its own copy, and the child takes it over
-            _close_all(write_fds)  # the agent holds them now; EOF comes when it (and its children) are gone
+            os.close(write_fd)  # the agent holds it now; EOF comes when it (and its children) are gone
         self.process, self.launcher = proc, spawner
         s.pid, s.limits, s.sandbox = proc.pid, proc.limits, proc.sandbox
         self.host.index(s, pid=proc.pid)
-        self.host.output.attach(s, proc.pid, read_fds)
+        self.host.output.attach(s, proc.pid, read_fd)
         # If it is already dead, this runs on the next turn of the loop: nothing is lost in between.
         proc.exited.add_done_callback(functools.partial(self._on_exit, proc))
         if self.kill_reason is not None:  # it abused its connection before we knew its pid
             self.send_signal(signal.SIGKILL)
+
+    async def _agent_descriptors(self) -> tuple:
+        """The new process's hub connection and output pipe (read end, write end); 503 when descriptors run out."""
+        opened = []
+        try:
+            conn = await self.host.hub.connect(self.routing_id)
+            opened.append(conn.close)
+            read_fd, write_fd = self.host.output.pipe()
+            opened += [functools.partial(os.close, read_fd), functools.partial(os.close, write_fd)]
+            descriptors.ensure_headroom(max(read_fd, write_fd))
+        except OSError as exc:
+            for close in opened:
+                close()
+            raise errors.Unavailable(f"cannot open the agent's descriptors: {exc.strerror or exc}", retry_after=5,
+                                     code=RESOURCE_CODES.get(exc.errno, "unavailable")) from None
+        return conn, read_fd, write_fd
 
     async def _spawn_failed(self, exc: BaseException) -> None:
         """Make sure a failed spawn leaves no process behind and the session down."""
@@ -208,7 +225,7 @@ class SessionLife:
         if s.exit_description is None:
             s.exit_description = exit.description
         self._release()
-        self._went_down(final)
+        self._went_down(final, cpu_seconds=exit.cpu_seconds)
 
     def _release(self) -> None:
         """Free what a dead process held: its routing id, pid and output pipes (the spawner frees its limits)."""
@@ -219,13 +236,15 @@ class SessionLife:
         self.host.hub.disconnect(self.routing_id)
         s.pid = None
 
-    def _went_down(self, final: str) -> None:
+    def _went_down(self, final: str, *, cpu_seconds: float | None = None) -> None:
         """Fail what was waiting on the process, record the end, tell everyone."""
         s = self.session
         self.cancel_timers("idle", "age", "term", "kill", "interrupt")
         code = DEATH_CODES.get(final, "session_ended")
         why = s.exit_description if self.kill_reason is None else f"{self.kill_reason}: {s.exit_description}"
         err = errors.AgentDied(f"the agent {_verb(final)} ({why})", code=code)
+        if self.host.drain.ended:  # stopped by the shutdown: the caller may send it again elsewhere
+            err = self.host.drain.error()
         self.turns.fail_all(err)
         if self.ready is not None and not self.ready.done():
             self.ready.set_exception(err)
@@ -235,8 +254,8 @@ class SessionLife:
         self.host.transition(s, final, exit=s.exit_description)
         if self.exited is not None and not self.exited.done():
             self.exited.set_result(final)
-        self.host.events.publish("end", s.id, tenant=s.tenant, reason=final, end_reason=s.end_reason,
-                                 exit=s.exit_description)
+        self.host.events.publish("end", s.key, tenant=s.tenant, reason=final, end_reason=s.end_reason,
+                                 exit=s.exit_description, cpu_seconds=cpu_seconds)
         self.host.record_end(s, final)
         self.host.forget(s)
 
@@ -359,9 +378,3 @@ def _verb(final: str) -> str:
         states.EXPIRED: "reached max_age",
         states.ENDED: "was stopped",
     }.get(final, "stopped")
-
-
-def _close_all(fds) -> None:
-    """Close descriptors we own."""
-    for fd in fds:
-        os.close(fd)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
+from corral.agent_proc.environment import parse_entry
 from corral.supervisor.limits import parse_cores, parse_size
 
 Check = Callable[[object], str | None]  # a value -> the problem with it, or None
@@ -116,6 +117,30 @@ def origins(text: str) -> tuple[str, ...]:
     return found
 
 
+def env_entry(text: str) -> str:
+    """An environment variable for agents: ``NAME`` (the server's value) or ``NAME=VALUE``."""
+    parse_entry(text)
+    return text
+
+
+def env_entries(value) -> str | None:
+    """Refuse a tuple of entries with one that is not ``NAME`` or ``NAME=VALUE``."""
+    for entry in value:
+        try:
+            parse_entry(entry)
+        except ValueError as exc:
+            return f"{exc} (got {entry.partition('=')[0]!r})"
+    return None
+
+def http_url(text: str) -> str:
+    """One http(s) URL."""
+    url = text.strip()
+    scheme, sep, rest = url.partition("://")
+    if scheme not in ("http", "https") or not sep or not rest.split("/")[0]:
+        raise ValueError(f"expected http://host[:port]/path or https://..., not {url!r}")
+    return url
+
+
 def path(text: str) -> Path:
     """A filesystem path."""
     return Path(nonempty(text))
@@ -140,6 +165,14 @@ class Kind:
     parse: Callable[[str], object]
     checks: tuple[Check, ...] = ()
     show: Callable[[object], str] = str  # how --help and the docs print a default
+    repeat: str | None = None  # repeatable: the flag may be given again; the variable splits on this (" ": any whitespace)
+
+    def parse_all(self, text: str):
+        """The value of a flag or variable's text: one value, or a tuple of them split on ``repeat``."""
+        if self.repeat is None:
+            return self.parse(text)
+        parts = text.split() if self.repeat == " " else text.split(self.repeat)
+        return tuple(self.parse(part.strip()) for part in parts if part.strip())
 
 
 def _show_number(value: float) -> str:
@@ -167,6 +200,12 @@ PORT = Kind("port", port_number, (between(0, 65535, "must be 0-65535"),))
 AGENT = Kind("agent", agent_spec)
 CORES = Kind("cores", parse_cores, (), _show_number)
 ORIGINS = Kind("origins", origins, (), lambda value: ",".join(value))
+ENV_ENTRY = Kind("NAME[=VALUE]", env_entry, (env_entries,), lambda value: " ".join(value) or "none", " ")
+
+
+def repeated(name: str, parse: Callable[[str], object], separator: str) -> Kind:
+    """A kind whose flag may be repeated (the value is a tuple); its variable lists values split on ``separator``."""
+    return Kind(name, parse, (), lambda value: ", ".join(map(str, value)) or "none", separator)
 
 
 def choice(name: str, allowed: tuple[str, ...]) -> Kind:

@@ -1,10 +1,11 @@
-"""How agent processes are launched: a pluggable piece (like jupyter_client's provisioners).
+"""How agent processes are launched: ``ZygoteSpawner``, the ``Launcher`` corral ships (supervisor/launcher.py).
 
-``ZygoteSpawner`` starts one zygote with ``multiprocess`` and asks it to fork a child per
-session, handing it the child's hub connection (SCM_RIGHTS over a socket pair of their own);
-the zygote reports each child's pid and, the moment it dies, its wait status (by spawn id).
-It is the one plug between the supervisor and a process: a sandbox layer or another launcher goes
-behind the same ``launch``/``signal``/``kill``/``exited`` interface.
+``ZygoteSpawner`` starts one zygote (a fresh interpreter with a clean environment: nothing of the
+server's command line, environment or memory) and asks it to fork a child per session, handing it
+the child's hub connection and output pipe (SCM_RIGHTS over a socket pair of their own); the zygote
+reports each child's pid and, the moment it dies, its wait status (by spawn id, in the typed records
+of agent_proc/zygote_messages.py), so the server holds no descriptor per child to learn of its exit.
+A sandbox layer or another launcher goes behind the same ``Launcher`` interface.
 """
 
 import asyncio
@@ -13,71 +14,47 @@ import itertools
 import os
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import multiprocess
 
-from corral.agent_proc.zygote import recv_msg, send_msg, zygote_main
+from corral.agent_proc import zygote_messages as msgs
+from corral.agent_proc.zygote import STOP_SIGNALS
+from corral.supervisor.launcher import LAUNCHER_DIED, AgentProcess, Exit, Launcher, SpawnError
 from corral.supervisor.logs import get_logger
 from corral.supervisor.reaper import describe_status
 
+__all__ = ["ZygoteSpawner", "SpawnError", "AgentProcess", "Exit", "ZYGOTE_DIED"]
+
 log = get_logger(component="spawner")
 
-
-class SpawnError(Exception):
-    """The spawner could not start a process; ``retry_after`` is the client's hint (seconds)."""
-
-    def __init__(self, message: str, *, retry_after: float = 1.0):
-        super().__init__(message)
-        self.retry_after = retry_after
+ZYGOTE_DIED = LAUNCHER_DIED  # the wait status reported for agents that died with their zygote
 
 
-# The wait status reported for agents that died with their zygote.
-ZYGOTE_DIED = -1
-
-
-@dataclass(frozen=True)
-class Exit:
-    """How an agent process ended: its wait status, the memory limit's verdict, in words."""
-
-    status: int
-    oom: bool
-    description: str
-
-
-@dataclass(eq=False)
-class AgentProcess:
-    """One launched agent process: its pid, what was set up for it, and its exit (a future)."""
-
-    spawn_id: int
-    exited: asyncio.Future  # resolves to an Exit once the process is gone and its limits released
-    pid: int | None = None
-    limits: dict | None = None
-    sandbox: dict | None = None
+# The zygote's whole command line: the interpreter, this, and the numbers of its two descriptors.
+# Not multiprocess's spawn: that hands the child the server's environment and pickles its sys.argv
+# (which may hold --admin-token), its main module and its authkey into it.
+ZYGOTE_BOOT = "from corral.agent_proc.zygote import boot; boot()"
 
 
 @contextlib.contextmanager
-def _hidden_main_module():
-    """Keep multiprocess's spawn from re-importing our entry script in the zygote.
+def _stop_signals_held():
+    """Hold SIGINT/SIGTERM while the zygote is started: it begins with them blocked (until it ignores them).
 
-    The entry script (``corral``, pytest, ...) imports the web stack; the zygote and every agent
-    forked from it must not carry it.
+    A Ctrl-C reaches the whole process group; landing in the new interpreter before the zygote's
+    first line, it would kill it with a traceback. Here it waits, pending, for the ``finally``.
     """
-    main = sys.modules.get("__main__")
-    saved = getattr(main, "__file__", None)
-    if saved is not None:
-        del main.__file__
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
-        if saved is not None:
-            main.__file__ = saved
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
-class ZygoteSpawner:
+class ZygoteSpawner(Launcher):
     """The process launcher: forks agents from a pre-warmed zygote, inside their limits and sandbox.
 
     Everything the supervisor does to an agent's process goes through here: ``launch`` (limits and
@@ -94,13 +71,18 @@ class ZygoteSpawner:
         sandbox,
         on_lost: Callable[[], None],
         start_timeout: float = 30.0,
+        environment: dict[str, str] | None = None,
+        gateway=None,
     ):
         self.agent_spec = agent_spec
         self.limiter = limiter  # supervisor/limits.py: a memory limit per process
         self.sandbox = sandbox  # supervisor/sandbox.py: a uid, a temp dir and the layers per process
         self.on_lost = on_lost
+        self.gateway = gateway  # supervisor/egress/gateway.py: serves the listener the zygote makes in the agents' namespace
         self.start_timeout = start_timeout
         self.zygote_options = sandbox.zygote_options()
+        # the zygote's whole environment (agent_proc/environment.py): agents fork from it
+        self.environment = environment if environment is not None else {}
         self.process = None
         self.conn = None
         self.fd_channel: socket.socket | None = None
@@ -119,19 +101,19 @@ class ZygoteSpawner:
     async def start(self) -> None:
         """Start the zygote and wait until it has imported the agent code."""
         loop = asyncio.get_running_loop()
-        ctx = multiprocess.get_context("spawn")
-        self.conn, child_conn = ctx.Pipe(duplex=True)
+        self.conn, child_conn = multiprocess.Pipe(duplex=True)
         self.fd_channel, child_fds = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.process = ctx.Process(
-            target=zygote_main,
-            args=(child_conn, child_fds, self.agent_spec, os.getpid(), self.zygote_options),
-            name="corral-zygote",
-            daemon=True,
-        )
-        with _hidden_main_module():
-            self.process.start()
-        child_conn.close()
-        child_fds.close()
+        try:
+            with _stop_signals_held():  # the new interpreter inherits the mask; the zygote unblocks them
+                self.process = subprocess.Popen(
+                    [sys.executable, "-c", ZYGOTE_BOOT, str(child_conn.fileno()), str(child_fds.fileno())],
+                    env=self.environment, stdin=subprocess.DEVNULL,
+                    pass_fds=(child_conn.fileno(), child_fds.fileno()))
+        finally:
+            child_conn.close()
+            child_fds.close()
+        msgs.send(self.conn, msgs.Start(agent=self.agent_spec, supervisor_pid=os.getpid(),
+                                        options=self.zygote_options, sys_path=list(sys.path)))
         self.pid = self.process.pid
         self._ready = loop.create_future()
         loop.add_reader(self.conn.fileno(), self._on_readable)
@@ -140,14 +122,24 @@ class ZygoteSpawner:
         except asyncio.TimeoutError:
             await self.close()
             raise SpawnError(f"the zygote did not start within {self.start_timeout}s") from None
-        except SpawnError:
+        except BaseException:  # its error, or a stop signal during start-up: the zygote goes too
             await self.close()
             raise
+        if self.zygote_options.get("net_namespace") and self.gateway is not None:
+            await self._serve_gateway()
         log.info("zygote_ready", pid=self.pid, agent=self.agent_spec, fork=self.fork)
 
-    async def launch(self, key: str, request: dict, conn: socket.socket, *,
-                     stdio: tuple[int, int] | None = None) -> AgentProcess:
-        """Start one agent process speaking on ``conn`` (stdout and stderr onto ``stdio``).
+    async def _serve_gateway(self) -> None:
+        """Take the gateway's listener the zygote made in the agents' namespace (queued before "ready") and serve it."""
+        try:
+            _, fds, _, _ = socket.recv_fds(self.fd_channel, 1, 1, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+        except OSError as exc:
+            await self.close()
+            raise SpawnError(f"the zygote sent no gateway listener: {exc}") from None
+        await self.gateway.serve(socket.socket(fileno=fds[0]))
+
+    async def launch(self, key: str, request: dict, conn: socket.socket, *, output: int | None = None) -> AgentProcess:
+        """Start one agent process speaking on ``conn`` (stdout and stderr onto the pipe ``output``).
 
         ``key`` names its cgroup and temp dir; ``request`` (session_id, routing_id, tenant) goes to
         the child. Raises SpawnError (nothing left behind) if it cannot be started.
@@ -162,30 +154,38 @@ class ZygoteSpawner:
         try:
             proc.limits = self.limiter.prepare(key)
         except OSError as exc:
-            raise SpawnError(f"cannot set up the memory limit: {exc}", retry_after=5) from None
+            raise SpawnError.from_os_error(f"cannot set up the memory limit: {exc}", exc.errno, retry_after=5) from None
         try:
             proc.sandbox = self.sandbox.prepare(key)
         except OSError as exc:
             self._release(proc)
-            raise SpawnError(f"cannot set up the sandbox: {exc}", retry_after=5) from None
+            raise SpawnError.from_os_error(f"cannot set up the sandbox: {exc.strerror or exc}", exc.errno,
+                                           retry_after=5) from None
+        env = dict(request.get("env") or {})
+        if self.gateway is not None and self.zygote_options.get("net_namespace"):
+            proc.egress_token, grant_env = self.gateway.grant(request["session_id"], request["tenant"])
+            env.update(grant_env)
         try:
-            proc.pid = await self._fork(proc, {**request, "limits": proc.limits, "sandbox": proc.sandbox}, conn, stdio)
+            spawn = msgs.Spawn(spawn_id=proc.spawn_id, session_id=request["session_id"],
+                               routing_id=request.get("routing_id"), tenant=request["tenant"],
+                               limits=proc.limits, sandbox=proc.sandbox, output=output is not None, env=env)
+            proc.pid = await self._fork(proc, spawn, conn, output)
         except BaseException:
             if self._procs.pop(proc.spawn_id, None) is proc:
                 self._release(proc)
             raise
         return proc
 
-    async def _fork(self, proc: AgentProcess, request: dict, conn: socket.socket, stdio) -> int:
+    async def _fork(self, proc: AgentProcess, spawn: msgs.Spawn, conn: socket.socket, output: int | None) -> int:
         """Send the zygote the descriptors and the request; return the child's pid."""
         fut = asyncio.get_running_loop().create_future()
         self._pending[proc.spawn_id] = fut
         self._procs[proc.spawn_id] = proc
         try:
-            # The descriptors first (the connection, then the stdio pipes): the zygote takes them when
+            # The descriptors first (the connection, then the output pipe): the zygote takes them when
             # it reads the request. A few bytes on a socket of their own, so neither send blocks the loop.
-            socket.send_fds(self.fd_channel, [b"c"], [conn.fileno(), *(stdio or ())])
-            send_msg(self.conn, ("spawn", {**request, "spawn_id": proc.spawn_id, "stdio": stdio is not None}))
+            socket.send_fds(self.fd_channel, [b"c"], [conn.fileno()] + ([output] if output is not None else []))
+            msgs.send(self.conn, spawn)
         except (OSError, ValueError) as exc:
             self._pending.pop(proc.spawn_id, None)
             raise SpawnError(f"the zygote is gone: {exc}") from None
@@ -201,51 +201,49 @@ class ZygoteSpawner:
             return False
         return True
 
-    def kill(self, proc: AgentProcess) -> bool:
-        """SIGKILL an agent's process group."""
-        return self.signal(proc, signal.SIGKILL)
-
     def _on_readable(self) -> None:
         """Handle everything the zygote has reported."""
         try:
             while self.conn is not None and self.conn.poll(0):
-                self._handle(recv_msg(self.conn))
-        except (EOFError, OSError):
+                self._handle(msgs.recv(self.conn))
+        except (EOFError, OSError, ValueError):
             self._lost()
 
     def _handle(self, msg) -> None:
         """Dispatch one report from the zygote."""
-        kind = msg[0]
-        if kind == "exited":
-            proc = self._procs.pop(msg[1], None)
+        if isinstance(msg, msgs.Exited):
+            proc = self._procs.pop(msg.spawn_id, None)
             if proc is not None:
-                self._exited(proc, msg[2], describe_status(msg[2]))
-        elif kind in ("spawned", "spawn_failed"):
-            fut = self._pending.pop(msg[1], None)
+                self._exited(proc, msg.status, describe_status(msg.status), msg.cpu_seconds)
+        elif isinstance(msg, (msgs.Spawned, msgs.SpawnFailed)):
+            fut = self._pending.pop(msg.spawn_id, None)
             if fut is not None and not fut.done():
-                if kind == "spawned":
-                    fut.set_result(msg[2])
+                if isinstance(msg, msgs.Spawned):
+                    fut.set_result(msg.pid)
                 else:
-                    fut.set_exception(SpawnError(msg[2]))
-        elif kind in ("ready", "failed"):
+                    fut.set_exception(SpawnError.from_os_error(msg.reason, msg.errno))
+        elif isinstance(msg, (msgs.Ready, msgs.Failed)):
             if not self._ready.done():
-                if kind == "ready":
-                    self._ready.set_result(msg[2])  # how it forks agents (agent_proc/forking.py)
+                if isinstance(msg, msgs.Ready):
+                    self._ready.set_result(msg.fork)  # how it forks agents (agent_proc/forking.py)
                 else:
-                    self._ready.set_exception(SpawnError(msg[1]))
+                    self._ready.set_exception(SpawnError(msg.reason))
 
-    def _exited(self, proc: AgentProcess, status: int, description: str) -> None:
+    def _exited(self, proc: AgentProcess, status: int, description: str, cpu_seconds: float | None = None) -> None:
         """A process is gone: take the memory limit's verdict, free its limits and sandbox, report it."""
         oom = status != ZYGOTE_DIED and bool(proc.limits) and self.limiter.oom_killed(proc.limits)
         self._release(proc)
         if not proc.exited.done():
-            proc.exited.set_result(Exit(status, oom, description))
+            proc.exited.set_result(Exit(status, oom, description, cpu_seconds))
 
     def _release(self, proc: AgentProcess) -> None:
         """Free a process's sandbox now and its cgroup on a worker thread (emptying one may wait)."""
         if proc.sandbox:
             self.sandbox.release(proc.sandbox)
             proc.sandbox = None
+        if proc.egress_token:
+            self.gateway.revoke(proc.egress_token)
+            proc.egress_token = None
         if proc.limits:
             task = asyncio.get_running_loop().run_in_executor(self._release_worker, self.limiter.release, proc.limits)
             self._releases.add(task)
@@ -286,7 +284,7 @@ class ZygoteSpawner:
         self._closing = True
         if self.conn is not None:
             with contextlib.suppress(Exception):
-                send_msg(self.conn, ("quit",))
+                msgs.send(self.conn, msgs.Quit())
         self._detach()
         if self.process is not None:
             await _wait_process(self.process, timeout=2.0)
@@ -302,13 +300,13 @@ def _consume(fut: asyncio.Future) -> None:
         fut.exception()
 
 
-async def _wait_process(process, *, timeout: float) -> None:
+async def _wait_process(process: subprocess.Popen, *, timeout: float) -> None:
     """Wait for a child process to exit without blocking the loop; SIGKILL it past the timeout."""
     loop = asyncio.get_running_loop()
     try:
         pidfd = os.pidfd_open(process.pid)
     except (ProcessLookupError, OSError):
-        process.join(0)
+        process.poll()
         return
     gone = loop.create_future()
     loop.add_reader(pidfd, lambda: gone.done() or gone.set_result(None))
@@ -320,4 +318,5 @@ async def _wait_process(process, *, timeout: float) -> None:
     finally:
         loop.remove_reader(pidfd)
         os.close(pidfd)
-        process.join(1)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(1)

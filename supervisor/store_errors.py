@@ -9,6 +9,7 @@ session purged while a request was on its way is a 404.
 
 from corral.supervisor import errors
 from corral.supervisor.logs import get_logger
+from corral.supervisor.session_keys import id_of
 from corral.supervisor.store import UnknownSession, StaleEpoch, StoreError
 
 log = get_logger(component="supervisor")
@@ -22,9 +23,9 @@ def api_error(exc: BaseException) -> errors.CorralError | None:
         log.error("store_error", error=str(exc))
         return errors.Unavailable("the session store is unavailable; try again shortly", retry_after=5)
     if isinstance(exc, StaleEpoch):
-        return errors.SessionMoved(f"session {exc.args[0]} was claimed by another node")
+        return errors.SessionMoved(f"session {id_of(exc.args[0])} was claimed by another node")
     if isinstance(exc, UnknownSession):
-        return errors.SessionNotFound(f"session {exc.args[0]} was deleted")
+        return errors.SessionNotFound(f"session {id_of(exc.args[0])} was deleted")
     return None
 
 

@@ -82,6 +82,10 @@ class Turns:
         """The request id of the turn in progress (the oldest one sent), or None."""
         return next(iter(self.pending), None)
 
+    def waiting(self) -> list[Turn]:
+        """The turns sent to the process whose answer has not come."""
+        return [turn for turn in self.pending.values() if not turn.future.done()]
+
     def fail_all(self, err: Exception) -> None:
         """The process is gone: every turn sent to it fails with ``err``."""
         for turn in self.pending.values():
@@ -110,11 +114,14 @@ class Turns:
                 try:
                     await self._record(record_as, body)
                 except errors.SessionMoved:
-                    raise await self.host.moved(s.id) from None  # not committed: the new owner may take it
+                    raise await self.host.moved(s.key) from None  # not committed: the new owner may take it
                 # The process may have died (and a respawn begun) while the message was committed:
                 # sending now would put the turn in a mailbox nobody reads.
                 await self.process.ensure_live()
-            return self.send(kind, body, on_chunk)
+            turn = self.send(kind, body, on_chunk)
+            if record_as is not None:
+                turn.in_bytes = utf8_len(body)
+            return turn
         except BaseException:
             self.turn_over()
             raise
@@ -126,20 +133,27 @@ class Turns:
         # shield or a timer per turn: those cost a task, futures, callbacks or a timer per turn,
         # a measurable share of a warm turn (docs/benchmarks.md).
         self.host.turn_deadlines.add(turn, self.host.config.request_timeout, self)
+        status, out_bytes = "failed", None
         try:
             done = await turn.future
-            if done.get("status") == "done":
+            status = done.get("status")
+            if status == "done":
                 s.agent_state = done.get("state") or s.agent_state
                 if turn.kind == p.MESSAGE:
-                    done["message"] = await self._record("assistant", done.get("reply") or "")
+                    reply = done.get("reply") or ""
+                    done["message"] = await self._record("assistant", reply)
+                    out_bytes = utf8_len(reply)
             return done
         except errors.CorralError as exc:
             # The session's listeners learn why no reply is coming (a wait=false caller has no other way).
-            self.host.events.publish("error", s.id, to_all=False, code=exc.code, message=exc.message)
+            self.host.events.publish("error", s.key, to_all=False, code=exc.code, message=exc.message)
             raise
         finally:
             self.host.turn_deadlines.discard(turn)
             self.turn_over()
+            if self.host.events.wants("turn"):  # usage accounting (supervisor/usage.py)
+                self.host.events.publish_global("turn", session_id=s.id, tenant=s.tenant, status=status,
+                                               in_bytes=turn.in_bytes, out_bytes=out_bytes)
 
     def time_out(self, turn: Turn) -> None:
         """request_timeout passed without an answer: interrupt the turn and fail its waiter (504)."""
@@ -170,6 +184,7 @@ class Turns:
     def _admit(self, body) -> None:
         """Refuse a message that cannot be sent or is over the size, mailbox or rate bounds (before any work)."""
         s = self.session
+        self.host.drain.admit()
         # JSON admits what msgpack refuses: lone surrogates ("\ud800"), ints over 64 bits.
         try:
             if isinstance(body, str):  # the common case: the size check's encode catches surrogates
@@ -189,6 +204,8 @@ class Turns:
     def send(self, kind: int, body, on_chunk) -> Turn:
         """Put one frame in the agent's mailbox."""
         s = self.session
+        if self.host.drain.ended:  # admitted before the shutdown ended the turns: nobody will run it
+            raise self.host.drain.error()
         req = self.host.next_request_id()
         turn = Turn(kind, asyncio.get_running_loop().create_future(), on_chunk)
         self.pending[req] = turn
@@ -209,6 +226,7 @@ class Turns:
             self.host.reaper.arm_idle(s)  # a request refused before its frame left skips the idle timer's re-arm
         elif not s.live:
             self.host.forget(s)
+        self.host.drain.turn_over()
 
     async def _record(self, role: str, content) -> dict:
         """Commit one message to the store and tell listeners."""
@@ -217,7 +235,7 @@ class Turns:
         msg = await self.host.record_message(s, role, text)
         s.message_count = msg.seq
         data = msg.to_dict()
-        self.host.events.publish("message", s.id, to_all=False, message=data)
+        self.host.events.publish("message", s.key, to_all=False, message=data)
         return data
 
     def on_frame(self, kind: int, req: int, body, size: int) -> None:
@@ -237,10 +255,12 @@ class Turns:
                 turn.chunks += 1
                 if turn.on_chunk is not None:
                     turn.on_chunk(body)
-                if self.host.events.watched(s.id):
-                    self.host.events.publish("delta", s.id, to_all=False, req=req, seq=turn.chunks, text=body)
+                if self.host.events.watched(s.key):
+                    self.host.events.publish("delta", s.key, to_all=False, req=req, seq=turn.chunks, text=body)
         elif kind == p.DONE:
-            problem = p.reply_problem(body)  # any ZeroMQ peer may be an agent: it is checked, not trusted
+            # any ZeroMQ peer may be an agent: it is checked, not trusted; a state past the bound is not
+            # kept (it would stay in the supervisor's memory, outside every session's limit)
+            problem = p.reply_problem(body) or p.snapshot_problem(body, size, self.host.config.max_snapshot_bytes)
             if problem is not None:
                 self._fail_turn(req, p.fail_body(p.AGENT_BAD_REPLY, problem))
                 return
@@ -279,6 +299,9 @@ class Turns:
         """Resolve a turn the agent reported as failed."""
         code = str(body.get("code", p.AGENT_CRASHED))
         message = str(body.get("message", "the agent failed"))
+        state = body.get("state")
+        if isinstance(state, dict) and p.json_problem(state) is None:  # checked, not trusted, as a DONE's
+            self.session.agent_state = state
         if code == p.INTERRUPTED:
             self._finish_turn(req, {"status": "interrupted", "reply": None, "message_text": message})
             return
@@ -293,6 +316,11 @@ class Turns:
             turn.future.add_done_callback(consume)
         if code in DEATH_CODES.values():
             self.process.dying_now()
+
+
+def utf8_len(content) -> int:
+    """The UTF-8 size of a message as the store keeps it."""
+    return len((content if isinstance(content, str) else str(content)).encode("utf-8", "surrogatepass"))
 
 
 def consume(fut: asyncio.Future) -> None:

@@ -8,6 +8,8 @@ way from one ``SessionView`` and never learns which kind it had.
 import time
 from dataclasses import dataclass
 
+from corral.supervisor.session_keys import id_of
+
 LIVE_FILTER = "live"  # the list filter that means every state with a process
 
 
@@ -33,6 +35,7 @@ class SessionView:
     metadata: dict
     agent_state: dict
     live: bool
+    key: str  # its tenant and id as one name (supervisor/session_keys.py)
 
     @classmethod
     def of_session(cls, s, node: str) -> "SessionView":
@@ -44,7 +47,7 @@ class SessionView:
             s.id, s.tenant, s.state, True, node, s.pid, s.created_at, round(time.time() - idle, 3), round(idle, 3),
             round(time.monotonic() - s.spawned_at, 3) if s.spawned_at and live else None,
             s.message_count, len(s.restarts), s.inflight > 0, s.end_reason, s.exit_description, s.metadata,
-            s.agent_state, live,
+            s.agent_state, live, s.key,
         )
 
     @classmethod
@@ -54,7 +57,7 @@ class SessionView:
         The agent's state lives only in its process, so it reads empty.
         """
         return cls(
-            id=record.id, tenant=record.tenant, state=record.status, held=False, node=record.node, pid=None,
+            id=id_of(record.id), key=record.id, tenant=record.tenant, state=record.status, held=False, node=record.node, pid=None,
             created_at=record.created_at, last_activity=record.last_activity,
             idle_seconds=round(max(0.0, time.time() - record.last_activity), 3), age_seconds=None,
             message_count=record.message_count, restarts=0, is_processing=False, end_reason=record.end_reason,

@@ -4,7 +4,9 @@ import asyncio
 
 from tests.conftest import wait_for_state
 from corral.web.app import create_app
-from corral.web.keys import PROCSTATS, SUPERVISOR
+from corral.supervisor.session_keys import session_key
+from corral.web.auth import DEV_TENANT
+from corral.web.keys import AUTH, PROCSTATS, SUPERVISOR
 
 TENANTS = """
 admin_token = "admin-secret-token"
@@ -61,12 +63,20 @@ async def assert_error(response, status: int, code: str) -> dict:
     return body
 
 
+def session_of(client, session_id: str, headers=None):
+    """The supervisor's session ``session_id`` of the tenant ``headers`` authenticate as (ids are per tenant)."""
+    auth = client.app[AUTH]
+    token = (headers or {}).get("Authorization", "").partition(" ")[2] or None
+    tenant = DEV_TENANT if auth.dev_mode else auth.tenant_for(token)
+    return supervisor_of(client).sessions[session_key(tenant, session_id)]
+
+
 async def started_sleep(client, session_id: str, *, headers=None, seconds: int = 600) -> asyncio.Task:
     """Start a ``sleep`` mcp-command and return its call once the session is busy with it."""
     created = await client.post("/api/sessions", json={"session_id": session_id}, headers=headers)
     assert created.status in (200, 201), await created.text()
     sup = supervisor_of(client)
-    session = sup.sessions[session_id]
+    session = session_of(client, session_id, headers)
     call = asyncio.ensure_future(client.post(
         "/api/mcp-command", json={"command": "sleep", "args": {"seconds": seconds}, "session_id": session_id},
         headers=headers,

@@ -320,7 +320,7 @@ class ChaosRun:
                 down.set_result(event["state"])
                 unsubscribe()
 
-        unsubscribe = self.sup.events.subscribe_session(s.id, on_event)
+        unsubscribe = self.sup.events.subscribe_session(s.key, on_event)
         return down
 
     # -- the ways in (HTTP where the route exists, else the supervisor's own API)

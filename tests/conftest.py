@@ -8,6 +8,7 @@ import pytest
 
 from corral.supervisor import Config, Supervisor
 from corral.supervisor.logs import configure
+from tests.procs import TEST_UID_RANGE
 
 configure("warning", json=True)
 
@@ -60,6 +61,7 @@ def make_config(tmp_path):
             spawn_timeout=10.0,
             request_timeout=30.0,
             rate_limit=0,
+            sandbox_uid_range=TEST_UID_RANGE,
         )
         values.update(overrides)
         return Config(**values)
@@ -117,7 +119,7 @@ async def wait_for_state(sup, session, states, timeout=10.0):
         if event["type"] == "state" and event["state"] in states and not reached.done():
             reached.set_result(event["state"])
 
-    unsubscribe = sup.events.subscribe_session(session.id, on_event)
+    unsubscribe = sup.events.subscribe_session(session.key, on_event)
     try:
         return await asyncio.wait_for(reached, timeout)
     finally:

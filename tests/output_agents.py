@@ -32,3 +32,16 @@ class Printer(DemoAgent):
         """Run a program that writes to the inherited fd 1."""
         os.system("echo from a child program")
         return {}
+
+    def cmd_flood_control(self, args):
+        """Print lines of args['width'] \\x01 bytes as fast as it can for args['seconds']; how many it wrote."""
+        import time
+
+        line, written = "\x01" * int(args.get("width", 1000)) + "\n", 0
+        deadline = time.monotonic() + float(args["seconds"])
+        while time.monotonic() < deadline:
+            for _ in range(100):
+                sys.stdout.write(line)
+            written += 100
+        sys.stdout.flush()
+        return {"lines": written, "dropped_bytes": sys.stdout.buffer.raw.dropped_total}

@@ -1,6 +1,7 @@
 """Process helpers for tests: waiting for processes to die on pidfds, not by polling."""
 
 import os
+import random
 import select
 import socket
 import subprocess
@@ -42,19 +43,34 @@ def free_port() -> int:
 CORRAL_MAIN = [sys.executable, "-c", "from corral.web.cli import main; raise SystemExit(main())"]
 
 
-def start_server(tmp_path, *args, env=None, program=CORRAL_MAIN, cwd=None, popen=None) -> tuple[subprocess.Popen, str]:
+# The sandbox uids of this test run: a range of its own (by the runner's pid), so what other corral
+# servers on the host hold (a production server, a benchmark, another checkout's tests) never makes
+# a test's spawn answer 503 out_of_uids. Test servers get it as their default; tests still pass
+# --sandbox-uid-range where the range matters.
+_RUN_UID_BASE = 1_000_000 + (os.getpid() % 4000) * 1000
+TEST_UID_RANGE = f"{_RUN_UID_BASE}-{_RUN_UID_BASE + 999}"
+
+
+def own_sandbox_uids() -> tuple[str, str]:
+    """A sandbox uid range of a test's own: the default one may be all in use by other servers on the host."""
+    base = random.randrange(300_000, 900_000, 100)
+    return "--sandbox-uid-range", f"{base}-{base + 99}"
+
+
+def start_server(tmp_path, *args, env=None, program=CORRAL_MAIN, cwd=None, popen=None,
+                 port: int | None = None) -> tuple[subprocess.Popen, str]:
     """Start ``corral serve`` as a real subprocess; return it and its base URL once it answers.
 
     ``program`` is how ``corral`` is run (``python -c``, which puts the current directory on
     sys.path, unless given the installed console script); ``cwd`` where; ``popen`` more Popen
-    arguments (``user=`` to run it as another user).
+    arguments (``user=`` to run it as another user); ``port`` the port to serve on (a free one if None).
     """
-    port = free_port()
+    port = port or free_port()
     cmd = [
         *program, "serve",
         "--port", str(port), "--data-dir", str(tmp_path / "data"), "--run-dir", str(tmp_path / "run"), *args,
     ]
-    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stderr=open(tmp_path / "serve.log", "ab"), cwd=cwd,
+    proc = subprocess.Popen(cmd, env={"CORRAL_SANDBOX_UID_RANGE": TEST_UID_RANGE, **os.environ, **(env or {})}, stderr=open(tmp_path / "serve.log", "ab"), cwd=cwd,
                             **(popen or {}))
     wait_for_port(port, proc, tmp_path / "serve.log")
     return proc, f"http://127.0.0.1:{port}"

@@ -70,7 +70,7 @@ async def test_list_filters_sessions_lost_with_their_server(client):
     sup = supervisor_of(client)
     await json_of(await client.delete("/api/sessions/alice-1", headers=ALICE), 200)
     await sup.settle_store()
-    await sup.store.set_status("alice-1", "lost", end_reason="server_died", ended=True)  # as a restart leaves it
+    await sup.store.set_status("alice/alice-1", "lost", end_reason="server_died", ended=True)  # as a restart leaves it
     lost = (await listed(client, state="lost"))["sessions"]
     assert [(r["session_id"], r["state"], r["end_reason"]) for r in lost] == [("alice-1", "lost", "server_died")]
     spec = await json_of(await client.get("/api/openapi.json"), 200)
@@ -93,8 +93,8 @@ async def test_inspect_and_kill(client):
     response = await client.delete("/admin/sessions/alice-2", headers=ADMIN)
     assert (await json_of(response, 202))["state"] == "stopping"
     sup = supervisor_of(client)
-    if "alice-2" in sup.sessions:
-        await wait_for_state(sup, sup.sessions["alice-2"], "killed", timeout=30)
+    if "alice/alice-2" in sup.sessions:
+        await wait_for_state(sup, sup.sessions["alice/alice-2"], "killed", timeout=30)
     gone = await json_of(await client.get("/admin/sessions/alice-2", headers=ADMIN), 200)
     assert gone["state"] == "killed" and gone["pid"] is None and not gone["live"]
     with pytest.raises(ProcessLookupError):
@@ -111,7 +111,7 @@ async def test_kill_with_purge_deletes_the_data(client):
     """DELETE ?purge=true kills the session and then deletes its record and messages."""
     await open_sessions(client)
     sup = supervisor_of(client)
-    session = sup.sessions["alice-1"]
+    session = sup.sessions["alice/alice-1"]
     await json_of(await client.delete("/admin/sessions/alice-1", params={"purge": "1"}, headers=ADMIN), 202)
     await wait_for_state(sup, session, "killed", timeout=30)
     await client.app[BACKGROUND].wait(30)  # the purge after the kill
@@ -124,7 +124,29 @@ async def test_admin_interrupt(client):
     response = await interrupted(client, call, "/admin/sessions/bob-sleeps/interrupt", headers=ADMIN)
     assert (await json_of(response, 200))["status"] == "interrupted"
     idle = await json_of(await client.post("/admin/sessions/bob-sleeps/interrupt", headers=ADMIN), 200)
-    assert idle == {"session_id": "bob-sleeps", "state": "idle", "interrupted": False}
+    assert idle == {"session_id": "bob-sleeps", "tenant": "bob", "state": "idle", "interrupted": False}
+
+
+async def test_the_admin_tells_two_tenants_same_id_apart_by_tenant(client):
+    """Alice's and Bob's ``twin`` are two rows; the admin names one with ?tenant= (409 without, 404 for neither)."""
+    for who in (ALICE, BOB):
+        await json_of(await client.post("/api/chat", json={"message": "hi", "session_id": "twin"}, headers=who), 200)
+    rows = (await listed(client))["sessions"]
+    assert sorted(r["tenant"] for r in rows if r["session_id"] == "twin") == ["alice", "bob"]
+    await assert_error(await client.get("/admin/sessions/twin", headers=ADMIN), 409, "ambiguous_session")
+    await assert_error(await client.get("/admin/sessions/twin", params={"tenant": "nobody"}, headers=ADMIN),
+                       404, "session_not_found")
+    bobs = await json_of(await client.get("/admin/sessions/twin", params={"tenant": "bob"}, headers=ADMIN), 200)
+    assert bobs["tenant"] == "bob"
+    killed = await client.delete("/admin/sessions/twin", params={"tenant": "bob"}, headers=ADMIN)
+    assert killed.status == 202
+    sup = supervisor_of(client)
+    assert await wait_for_state(sup, sup.sessions["bob/twin"], "killed", timeout=30) == "killed"
+    assert sup.sessions["alice/twin"].state == "idle"
+    # the one left live is found without naming its tenant once Bob's is gone from memory and the store
+    await json_of(await client.delete("/admin/sessions/twin", params={"tenant": "bob", "purge": "true"},
+                                      headers=ADMIN), 200)
+    assert (await json_of(await client.get("/admin/sessions/twin", headers=ADMIN), 200))["tenant"] == "alice"
 
 
 async def test_stats(client):

@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 
 from corral.supervisor import errors
-from corral.supervisor.agent_output import LINE_BURST, MAX_LINE_BYTES, LineSplitter
+from corral.supervisor.agent_output import CUT_MARK, LINE_BURST, MAX_LINE_BYTES, LineSplitter
 from tests.apihelpers import ADMIN, ALICE, TENANTS, assert_error, json_of, start, supervisor_of
 from tests.conftest import wait_for_state
 from tests.procs import start_server, wait_gone
@@ -54,11 +54,11 @@ async def test_each_line_is_attributed_to_its_session_and_stream(make_supervisor
     assert (first["session_id"], first["tenant"], first["pid"], first["stream"]) == ("out-one", "acme", one.pid, "stdout")
     assert (second["session_id"], second["tenant"], second["pid"], second["stream"]) == ("out-two", "globex", two.pid, "stderr")
     assert (child["session_id"], child["stream"]) == ("out-one", "stdout")
-    kept = sup.agent_output("out-one")
+    kept = sup.agent_output(one.key)
     assert [(e["stream"], e["line"], e["pid"]) for e in kept] == [
         ("stdout", "to stdout from one", one.pid), ("stdout", "from a child program", one.pid)
     ]
-    assert [e["line"] for e in sup.agent_output("out-two")] == ["to stderr from two"]
+    assert [e["line"] for e in sup.agent_output(two.key)] == ["to stderr from two"]
 
 
 async def test_a_crash_traceback_is_kept_with_the_session(make_supervisor):
@@ -70,7 +70,7 @@ async def test_a_crash_traceback_is_kept_with_the_session(make_supervisor):
         await sup.command(s, "crash", {"how": "exception"})
     await wait_for_state(sup, s, {"crashed"})
     # The process is gone: whatever it wrote was drained when its exit was handled.
-    stderr = [e for e in sup.agent_output("crasher") if e["stream"] == "stderr"]
+    stderr = [e for e in sup.agent_output(s.key) if e["stream"] == "stderr"]
     assert stderr[0]["line"] == "Traceback (most recent call last):" and stderr[0]["pid"] == pid
     assert stderr[-1]["line"] == "RuntimeError: demo agent crashed on request"
 
@@ -81,12 +81,12 @@ async def test_the_tail_keeps_the_last_lines_and_outlives_the_session(make_super
     for i in range(6):
         await sup.command(s, "say", {"text": f"line {i}"})
     await sup.kill(s)  # drains the pipes
-    assert [e["line"] for e in sup.agent_output("chatty")] == ["line 3", "line 4", "line 5"]
+    assert [e["line"] for e in sup.agent_output(s.key)] == ["line 3", "line 4", "line 5"]
     assert "chatty" not in sup.sessions  # killed sessions leave memory; their tail stays readable
     s = await sup.get_or_create("chatty", "acme")  # back again: the new process adds to the same tail
     await sup.command(s, "say", {"text": "line 6"})
     await sup.stop(s, "ended")
-    assert [e["line"] for e in sup.agent_output("chatty")] == ["line 4", "line 5", "line 6"]
+    assert [e["line"] for e in sup.agent_output(s.key)] == ["line 4", "line 5", "line 6"]
 
 
 async def test_a_long_line_is_cut_and_the_next_one_kept(make_supervisor):
@@ -94,8 +94,10 @@ async def test_a_long_line_is_cut_and_the_next_one_kept(make_supervisor):
     s = await sup.get_or_create("long", "acme")
     await sup.command(s, "long", {"chars": 3 * MAX_LINE_BYTES + 10})
     await sup.stop(s, "ended")
-    kept = sup.agent_output("long")
-    assert [(len(e["line"]), e.get("truncated", False)) for e in kept] == [(MAX_LINE_BYTES, True), (19, False)]
+    kept = sup.agent_output(s.key)
+    assert [(len(e["line"]), e.get("truncated", False)) for e in kept] == [(MAX_LINE_BYTES + len(CUT_MARK), True),
+                                                                          (19, False)]
+    assert kept[0]["line"].endswith(CUT_MARK)
     assert kept[1]["line"] == "after the long line"
 
 
@@ -116,7 +118,7 @@ async def test_a_flooding_agent_drops_its_output_instead_of_waiting(make_supervi
     assert reply["reply"]["dropped"] > 0
     lines = OutputLines(sup)
     await sup.kill(s)
-    kept = sup.agent_output("flood")
+    kept = sup.agent_output(s.key)
     assert len([e for e in kept if e["stream"] == "stdout"]) <= LINE_BURST + 200
     assert any(e["stream"] == "corral" and "lines dropped" in e["line"] for e in kept)
     lines.unsubscribe()
@@ -132,7 +134,7 @@ async def test_admins_read_a_sessions_output_over_http(aiohttp_client, make_conf
     answer = await json_of(await client.get("/admin/sessions/http-out/logs", headers=ADMIN), 200)
     assert answer["session_id"] == "http-out" and answer["tenant"] == "alice" and answer["kept"] == 200
     assert [(e["stream"], e["line"]) for e in answer["lines"]] == [("stdout", "hello admin")]
-    assert answer["lines"][0]["pid"] == sup.sessions["http-out"].pid
+    assert answer["lines"][0]["pid"] == sup.sessions["alice/http-out"].pid
     last = await json_of(await client.get("/admin/sessions/http-out/logs", params={"lines": 0}, headers=ADMIN), 200)
     assert last["lines"] == []
     await assert_error(await client.get("/admin/sessions/http-out/logs", headers=ALICE), 401, "unauthorized")
@@ -155,10 +157,13 @@ async def test_corral_sessions_logs_prints_the_lines(aiohttp_server, make_config
     code, out, err = await corral("sessions", "logs", "cli-out", "--url", url, env_token="ops-logs-token")
     assert code == 0, err
     stamp, pid, stream, text = out.strip().split(" ", 3)
-    assert (pid, stream, text) == (str(sup.agent_output("cli-out")[0]["pid"]), "stderr", "for the operator")
+    assert (pid, stream, text) == (str(sup.agent_output(s.key)[0]["pid"]), "stderr", "for the operator")
     assert stamp.endswith("Z")
     code, out, err = await corral("sessions", "logs", "nobody", "--url", url, env_token="ops-logs-token")
     assert code == 1 and "404" in err and "Traceback" not in err
+    await sup.chat(await sup.get_or_create("quiet", "acme"), "hello")  # prints nothing
+    code, out, err = await corral("sessions", "logs", "quiet", "--url", url, env_token="ops-logs-token")
+    assert (code, out) == (0, "") and err.strip() == "corral: session quiet has no output kept (its agent printed nothing on this server)"
 
 
 def test_the_servers_stderr_is_json_lines_only(tmp_path):
@@ -188,7 +193,7 @@ def test_the_servers_stderr_is_json_lines_only(tmp_path):
 
 
 def test_serve_lifts_its_open_files_limit(tmp_path):
-    """Each live session holds three descriptors in the server: a 1024 soft limit would cap it near 340."""
+    """Each live session holds two descriptors in the server: a 1024 soft limit would cap it near 500."""
     import resource
 
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -6,7 +6,6 @@ import asyncio
 import glob
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,10 +14,14 @@ import tempfile
 import pytest
 
 from corral.supervisor.agent_tmp import LOCK_NAME, PREFIX, make_tree, sweep_dead_trees
+from corral.supervisor.tree_removal import remove_tree
 from tests.chaos_kit import call, client_session
 from tests.procs import descendants, start_server, wait_gone
 
-ESCAPER = ("--agent", "tests.agents.hostile:Escaper")
+# The temp dirs on the host's disk (no tmpfs per session, which the zygote's namespace would take along
+# when the server dies): what these tests sweep is what a host without the disk layer is left with.
+ESCAPER = ("--agent", "tests.agents.hostile:Escaper", "--agent-disk", "0")
+ONE_SESSION = ("--max-sessions", "1")
 
 
 async def attack(http, url: str, sid: str, what: str, **args) -> dict:
@@ -59,14 +62,25 @@ def own_tree(server_dir, tmp: str) -> str:
     return tree
 
 
-@pytest.fixture
-def private_tmp():
-    """A temp dir for this test's servers alone (any corral server starting on the host sweeps /tmp),
+def _private_tmp(parent: str | None = None):
+    """A temp dir for one test's servers alone (any corral server starting on the host sweeps /tmp),
     reachable by the agents' uids (pytest's tmp_path is root's 0700 one)."""
-    path = tempfile.mkdtemp(prefix="corral-sweep-test-")
+    path = tempfile.mkdtemp(prefix="corral-sweep-test-", dir=parent)
     os.chmod(path, 0o711)
     yield path
-    shutil.rmtree(path, ignore_errors=True)
+    remove_tree(path)  # what a failing test leaves may be too deep for shutil.rmtree
+
+
+@pytest.fixture
+def private_tmp():
+    """A private temp dir under the host's temp dir."""
+    yield from _private_tmp()
+
+
+@pytest.fixture
+def private_tmpfs_tmp():
+    """A private temp dir on tmpfs where there is one: thousands of rmdirs cost ~0.8 ms each on this VM's ext4."""
+    yield from _private_tmp("/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
 
 
 def stop(proc: subprocess.Popen) -> int:
@@ -170,7 +184,7 @@ def test_a_tree_is_swept_only_once_its_holder_is_dead(tmp_path):
         assert os.path.isdir(tree)
         holder.kill()
         holder.wait()
-        assert sweep_dead_trees(str(tmp_path)) == [{"path": tree, "sessions": 1, "bytes": 5, "removed": True}]
+        assert sweep_dead_trees(str(tmp_path)) == [{"path": tree, "sessions": 1, "bytes": 5, "removed": True, "error": None}]
         assert not os.path.lexists(tree)
     finally:
         if holder.poll() is None:
@@ -223,5 +237,45 @@ def test_symlinks_an_agent_planted_in_a_dead_tree_are_removed_not_followed(tmp_p
     (tree / "s1-x" / "to-file").symlink_to(outside / "keep")
     (tree / "s1-y").symlink_to(outside)  # a session entry that is a symlink (agents cannot make one: the parent is 0711)
     (swept,) = sweep_dead_trees(str(tmp_path))
-    assert swept == {"path": str(tree), "sessions": 1, "bytes": 1, "removed": True}
+    assert swept == {"path": str(tree), "sessions": 1, "bytes": 1, "removed": True, "error": None}
     assert (outside / "keep").read_text() == "keep" and not tree.exists()
+
+
+async def test_a_deep_tree_wedges_neither_a_sessions_end_nor_the_server_nor_the_next_start(tmp_path, private_tmpfs_tmp):
+    """An agent's 3,000-deep chain (with unreadable dirs and a symlink loop) once made ``shutil.rmtree``
+    raise RecursionError in the zygote-message callback: the session stayed ``stopping``, its uid and
+    slot were never freed, SIGTERM no longer stopped the server, and after a SIGKILL every start failed."""
+    dirs = {name: tmp_path / name for name in ("first", "second")}
+    for d in dirs.values():
+        d.mkdir()
+    env = {"TMPDIR": private_tmpfs_tmp}
+    procs = []
+    try:
+        first, url = await asyncio.to_thread(start_server, dirs["first"], *ESCAPER, *ONE_SESSION, env=env)
+        procs.append(first)
+        async with client_session() as http:
+            assert (await attack(http, url, "deep", "deep_tree", depth=3000))["escaped"]
+            status, body = await call(http, "DELETE", url + "/api/sessions/deep")
+            assert (status, body.get("state")) == (200, "ended")
+            # its slot is free at --max-sessions 1: another session starts, and leaves such a tree too
+            assert (await attack(http, url, "next", "deep_tree", depth=3000))["escaped"]
+            dead_tree = own_tree(dirs["first"], private_tmpfs_tmp)
+            children = descendants(first.pid)
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+            assert await asyncio.to_thread(wait_gone, children, 5.0) == []
+
+            second, url = await asyncio.to_thread(start_server, dirs["second"], *ESCAPER, *ONE_SESSION, env=env)
+            procs.append(second)
+            assert (await call(http, "GET", url + "/health"))[0] == 200
+            assert not os.path.lexists(dead_tree)
+            assert (await attack(http, url, "deep", "deep_tree", depth=3000))["escaped"]
+        swept = {e["path"]: e for e in log_events(dirs["second"] / "serve.log", "stale_agent_tmp_removed")}
+        assert swept[dead_tree]["sessions"] >= 1  # "next"'s (and "deep"'s, if the kill came before its removal)
+        live_tree = own_tree(dirs["second"], private_tmpfs_tmp)
+        assert stop(second) == 0 and not os.path.lexists(live_tree)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -40,8 +40,10 @@ async def interrupt_and_ask(sup, session_id: str, command: str) -> dict:
     pid = s.pid
     assert sup.interrupt(s)
     assert (await asyncio.wait_for(turn, 10))["status"] == "interrupted"
+    at_once = s.agent_state  # what the interrupted turn reported, before any other turn
     after = await sup.chat(s, "what is my name?")
     assert after["reply"] == "Your name is Ada." and s.pid == pid  # the process lives on
+    assert at_once["cancelled"] == after["state"]["cancelled"]
     return after["state"]
 
 

@@ -59,9 +59,11 @@ def test_tenants_file_is_read(make_config, tmp_path):
 ])
 def test_bad_tenants_files_are_refused_without_echoing_keys(make_config, tmp_path, text, says):
     """Each mistake stops the start with a message naming it, and never the key itself."""
+    path = tenants_file(tmp_path, text)
     with pytest.raises(AuthConfigError) as caught:
-        create_app(make_config(tenants=tenants_file(tmp_path, text)))
+        create_app(make_config(tenants=path))
     assert says in str(caught.value) and "k-secret" not in str(caught.value)
+    assert str(caught.value).startswith(f"tenants file {path}: ")  # which file, whatever the mistake
 
 
 def test_missing_tenants_file_and_env_variable(make_config, tmp_path):
@@ -163,36 +165,48 @@ async def test_admin_disabled_without_token_and_open_in_dev_mode(aiohttp_client,
     assert (await json_of(await dev.get("/admin/stats"), 200))["live_sessions"] == 0
 
 
-async def test_tenant_b_gets_404_for_tenant_a_session_on_every_route(client):
-    """Bob can neither see nor touch Alice's session by any route; Alice's session is unharmed."""
+async def bob_on_every_route(client, sid: str) -> list:
+    """(status, reply or result) of Bob naming ``sid`` on every route, in one order."""
+    calls = [
+        lambda: client.get(f"/api/sessions/{sid}", headers=BOB),
+        lambda: client.get("/api/state", params={"session_id": sid}, headers=BOB),
+        lambda: client.post("/api/interrupt", json={"session_id": sid}, headers=BOB),
+        lambda: client.delete(f"/api/sessions/{sid}", headers=BOB),
+        lambda: client.post("/api/chat", json={"message": "what is my name?", "session_id": sid}, headers=BOB),
+        lambda: client.post("/api/chat", json={"message": "x", "wait": False}, headers={**BOB, "X-Session-Id": sid}),
+        lambda: client.post("/api/system", json={"message": "x", "session_id": sid}, headers=BOB),
+        lambda: client.post("/api/mcp-command", json={"command": "facts", "session_id": sid}, headers=BOB),
+        lambda: client.post("/api/sessions", json={"session_id": sid}, headers=BOB),
+        lambda: client.get(f"/api/sessions/{sid}", headers=BOB),
+        lambda: client.delete(f"/api/sessions/{sid}", params={"purge": "true"}, headers=BOB),
+    ]
+    seen = []
+    for call in calls:
+        response = await call()
+        body = await response.json()
+        assert "Alice" not in str(body)
+        seen.append((response.status, body.get("reply"), body.get("result")))
+    return seen
+
+
+async def test_tenant_b_learns_nothing_of_tenant_a_ids_and_uses_them_as_its_own(client):
+    """Bob naming Alice's id on any route gets exactly what a fresh id gets: his own session; hers is unharmed."""
     sid = "alice-private"
     await json_of(await client.post("/api/chat", json={"message": "my name is Alice", "session_id": sid}, headers=ALICE), 200)
-    as_bob = [
-        client.post("/api/chat", json={"message": "what is my name?", "session_id": sid}, headers=BOB),
-        client.post("/api/chat", json={"message": "x", "wait": False}, headers={**BOB, "X-Session-Id": sid}),
-        client.get("/api/state", params={"session_id": sid}, headers=BOB),
-        client.post("/api/interrupt", json={"session_id": sid}, headers=BOB),
-        client.post("/api/system", json={"message": "x", "session_id": sid}, headers=BOB),
-        client.post("/api/mcp-command", json={"command": "facts", "session_id": sid}, headers=BOB),
-        client.post("/api/sessions", json={"session_id": sid}, headers=BOB),
-        client.get(f"/api/sessions/{sid}", headers=BOB),
-        client.delete(f"/api/sessions/{sid}", params={"purge": "true"}, headers=BOB),
-    ]
-    for call in as_bob:
-        body = await assert_error(await call, 404, "session_not_found")
-        assert "Alice" not in str(body)
+    assert await bob_on_every_route(client, sid) == await bob_on_every_route(client, "never-used")
     client.session.cookie_jar.update_cookies({"corral_session": sid}, response_url=client.make_url("/"))
-    await assert_error(await client.post("/api/chat", json={"message": "hi"}, headers=BOB), 404, "session_not_found")
+    bobs = await json_of(await client.post("/api/chat", json={"message": "what is my name?"}, headers=BOB), 200)
+    assert bobs["session_id"] == sid and bobs["reply"] == "I don't know your name yet."
     mine = await json_of(await client.post("/api/chat", json={"message": "what is my name?", "session_id": sid},
                                            headers=ALICE), 200)
     assert mine["reply"] == "Your name is Alice." and mine["message_count"] == 4
 
 
 async def test_bob_cannot_interrupt_alices_turn(client):
-    """Bob's interrupt of Alice's busy session is a 404 and her turn runs on; hers ends it."""
+    """Bob's interrupt of Alice's busy session's id reaches his own (none in progress); her turn runs on."""
     call = await started_sleep(client, "alice-sleeps", headers=ALICE)
-    await assert_error(await client.post("/api/interrupt", json={"session_id": "alice-sleeps"}, headers=BOB),
-                       404, "session_not_found")
+    response = await client.post("/api/interrupt", json={"session_id": "alice-sleeps"}, headers=BOB)
+    assert (await json_of(response, 200))["interrupted"] is False
     assert not call.done()
     response = await interrupted(client, call, "/api/interrupt", json={"session_id": "alice-sleeps"}, headers=ALICE)
     assert (await json_of(response, 200))["status"] == "interrupted"
@@ -241,6 +255,16 @@ async def test_metrics_token_is_required_when_set(aiohttp_client, make_config, t
 async def test_metrics_stay_open_without_a_token(client):
     response = await client.get("/metrics")
     assert response.status == 200 and "corral_sessions" in await response.text()
+
+
+async def test_open_metrics_show_no_tenant_names_but_the_admin_sees_them(client):
+    """Without a metrics token, /metrics is anyone's (agents' too): tenant names only with the admin token."""
+    assert (await client.post("/api/chat", json={"message": "hi", "session_id": "named"}, headers=ALICE)).status == 200
+    for headers in ({}, ALICE, BOB):
+        text = await (await client.get("/metrics", headers=headers)).text()
+        assert "corral_tenant_sessions" in text and "alice" not in text and "tenant=" not in text
+    text = await (await client.get("/metrics", headers=ADMIN)).text()
+    assert 'corral_tenant_sessions{tenant="alice"} 1.0' in text
 
 
 def test_metrics_token_comes_from_the_environment():

@@ -14,6 +14,8 @@ import pytest
 from tests.conftest import wait_for_state
 from tests.test_agent_output import OutputLines
 from tests.test_ops_cli import LIMITS, shown_limits
+from tests.test_start_checks import USER_AGENTS
+from corral.supervisor import errors
 from corral.web.app import create_app
 from corral.web.keys import SUPERVISOR
 
@@ -90,6 +92,7 @@ async def test_chat_page_streams_and_keeps_the_conversation(server, browser):
         await expect(page.locator("#status")).not_to_have_text(re.compile("connecting|offline"), timeout=WAIT_MS)
         session_id = await page.evaluate("localStorage.getItem('corral_session_id')")
         assert await page.locator("#session-id").text_content() == session_id
+        assert await space_below_the_input(page) < 4  # at the bottom of the window, even with no message yet
 
         await page.fill("#input", "my name is Alice")
         await page.press("#input", "Enter")
@@ -109,6 +112,19 @@ async def test_chat_page_streams_and_keeps_the_conversation(server, browser):
         await page.click("#new-session")
         await expect(page.locator(".msg")).to_have_count(0)
         assert await page.evaluate("localStorage.getItem('corral_session_id')") != session_id
+
+        await expect(page.locator("#status")).not_to_have_text(re.compile("connecting|offline"), timeout=WAIT_MS)
+        # more than a window holds, drawn as the page draws messages: the conversation scrolls, the input stays put
+        await page.evaluate("chatManager.onMessages([...Array(30).keys()].map((i) => ({role: 'user', content: `line ${i}`})))")
+        await expect(page.locator(".msg")).to_have_count(30)
+        assert await space_below_the_input(page) < 4
+        assert await page.locator(".msg").last.is_visible()
+
+
+async def space_below_the_input(page) -> float:
+    """Pixels between the chat input's bottom edge and the bottom of the window."""
+    box = await page.locator("#composer").bounding_box()
+    return page.viewport_size["height"] - (box["y"] + box["height"])
 
 
 async def test_dashboard_lists_live_and_kills(server, browser, aiohttp_client):
@@ -189,6 +205,13 @@ async def test_a_locked_dashboard_says_it_needs_the_admin_token(server, browser)
         await expect(page.locator("#login")).to_be_hidden()
 
 
+async def open_logs(page, server, session_id: str):
+    """Open the dashboard and a session's Logs panel; the panel's text."""
+    await open_dashboard(page, server)
+    await page.click(f"tr[data-session-id={session_id}] button.logs")
+    return page.locator(f"tr[data-logs-for={session_id}] pre.logs")
+
+
 async def test_dashboard_shows_a_sessions_agent_output(aiohttp_server, make_config, browser):
     server = await aiohttp_server(create_app(make_config(admin_token=TOKEN, agent="tests.output_agents:Printer")))
     sup = server.app[SUPERVISOR]
@@ -199,9 +222,7 @@ async def test_dashboard_shows_a_sessions_agent_output(aiohttp_server, make_conf
     page = await browser.new_page()
     page.set_default_timeout(WAIT_MS)
     async with screenshots_on_failure("dashboard-logs", admin=page):
-        await open_dashboard(page, server)
-        await page.click("tr[data-session-id=printer] button.logs")
-        panel = page.locator("tr[data-logs-for=printer] pre.logs")
+        panel = await open_logs(page, server, "printer")
         await expect(panel).to_contain_text(f"{s.pid} stderr a line for the dashboard")
         await sup.command(s, "say", {"text": "a later line"})
         await lines.wait_for("a later line")
@@ -209,6 +230,21 @@ async def test_dashboard_shows_a_sessions_agent_output(aiohttp_server, make_conf
         await expect(panel).to_contain_text(f"{s.pid} stdout a later line")
         await page.click("tr[data-session-id=printer] button.logs")
         await expect(page.locator("tr[data-logs-for=printer]")).to_have_count(0)
+
+
+async def test_dashboard_logs_show_the_source_line_of_a_crash(aiohttp_server, make_config, browser, tmp_path, monkeypatch):
+    (tmp_path / "mybot.py").write_text(USER_AGENTS)  # in a dir the sandboxed agent cannot read
+    monkeypatch.syspath_prepend(str(tmp_path))
+    server = await aiohttp_server(create_app(make_config(admin_token=TOKEN, agent="mybot:Raises")))
+    sup = server.app[SUPERVISOR]
+    s = await sup.get_or_create("crashy", "acme")
+    with pytest.raises(errors.AgentDied):
+        await sup.chat(s, "hello")
+    await sup.ensure_live(s)  # respawned: its row is live, its tail kept across the restart
+    page = await browser.new_page()
+    async with screenshots_on_failure("dashboard-traceback", admin=page):
+        await expect(await open_logs(page, server, "crashy")).to_contain_text(
+            'return str(total["pears"])  # the line a reader of the traceback needs', timeout=WAIT_MS)
 
 
 async def test_chat_page_asks_for_an_api_key_when_the_server_wants_one(aiohttp_server, make_config, tmp_path, browser):
@@ -223,16 +259,77 @@ async def test_chat_page_asks_for_an_api_key_when_the_server_wants_one(aiohttp_s
         await page.goto(str(server.make_url("/")))
         await expect(page.locator("#key-form")).to_be_visible()  # the stream answered 401: a form asks
         await expect(page.locator("#status")).to_have_text("locked")
+        await expect(page.locator("#send")).to_be_disabled()  # nothing can be sent without a key
+        await expect(page.locator("#input")).to_be_disabled()
         await page.fill("#api-key", "a-wrong-key")
         await page.press("#api-key", "Enter")
         await expect(page.locator("#key-reason")).to_have_text("That key was refused.")
         await page.fill("#api-key", "alice-browser-key")
         await page.click("#key-form button")
         await expect(page.locator("#key-form")).to_be_hidden()
+        await expect(page.locator("#send")).to_be_enabled()
         await page.fill("#input", "hello")
         await page.press("#input", "Enter")
         await expect(page.locator(".msg.assistant")).to_have_text(["You said: hello"], timeout=WAIT_MS)
         assert dialogs == []
         assert await page.evaluate("localStorage.getItem('corral_api_key')") == "alice-browser-key"
         session_id = await page.evaluate("localStorage.getItem('corral_session_id')")
-        assert server.app[SUPERVISOR].sessions[session_id].tenant == "alice"
+        assert server.app[SUPERVISOR].sessions[f"alice/{session_id}"].tenant == "alice"
+
+
+async def test_dashboard_plots_the_node_the_tenants_and_a_session_as_the_api_says(aiohttp_server, make_config, browser, tmp_path):
+    """The node's last hour, usage by tenant and a session's life are drawn (uPlot, shipped) with the API's numbers."""
+    app = create_app(make_config(admin_token=TOKEN, usage_interval=0.3))
+    server = await aiohttp_server(app)
+    sup = app[SUPERVISOR]
+    for sid, tenant in (("a1", "alice"), ("b1", "bob")):
+        s = await live_session(sup, sid, tenant)
+        await sup.chat(s, "hello")
+        await sup.stop(s, "ended")
+    await live_session(sup, "watch", "carol")
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    page = await browser.new_page(viewport={"width": 1400, "height": 1600})
+    page.set_default_timeout(WAIT_MS)
+    async with screenshots_on_failure("plots", admin=page):
+        await open_dashboard(page, server)
+        await page.wait_for_function("window.corralPlots && corralPlots.charts.live && corralPlots.charts.live.data[0].length >= 2")
+        await page.wait_for_function("corralPlots.tenantChart !== null")
+        await page.click("tr[data-session-id=watch] td.sid")  # a row opens its plot
+        await page.wait_for_function("corralPlots.sessionCharts.watch && corralPlots.sessionCharts.watch.data[0].length >= 1")
+        drawn = await page.evaluate("""() => ({
+            node: Object.fromEntries(Object.entries(corralPlots.charts).map(([k, u]) => [k, u.data])),
+            tenants: corralPlots.tenantChart.data, tenantNames: Object.keys(corralPlots.tenants.tenants).sort(),
+            session: corralPlots.sessionCharts.watch.data,
+            canvases: document.querySelectorAll("#plots canvas, tr.plot-row canvas").length,
+        })""")
+        shot = await page.screenshot(path=str(tmp_path / "dashboard-plots.png"), full_page=True)
+        OUTPUT.mkdir(exist_ok=True)
+        (OUTPUT / "dashboard-plots.png").write_bytes(shot)
+
+        async with server_client(server) as client:
+            node = await (await client.get("/admin/timeline", headers=headers)).json()
+            usage = await (await client.get("/admin/usage?since=24h", headers=headers)).json()
+            life = await (await client.get("/admin/sessions/watch/timeline", headers=headers)).json()
+        assert drawn["canvases"] >= 7  # 5 node charts, the tenants' and the session's
+        points = {t: i for i, t in enumerate(node["t"])}  # the ring moved on since: compare the points both have
+        for key in ("live", "memory_mib", "cpu_cores", "turns_per_s"):
+            shown = dict(zip(*drawn["node"][key]))
+            assert shown and all(node[key][points[t]] == value for t, value in shown.items() if t in points), key
+        assert max(drawn["node"]["live"][1]) == 1  # carol's; alice's and bob's ended before the first sample
+        assert sum(drawn["node"]["ends"][1]) == sum(node["ends"]["ended"]) == 2  # the only reason so far
+        assert drawn["tenantNames"] == ["alice", "bob", "carol"]
+        for i, tenant in enumerate(drawn["tenantNames"][:2]):  # ended: their sums no longer move
+            used = usage["tenants"][tenant]
+            assert drawn["tenants"][1][i] == used["cpu_seconds"] and drawn["tenants"][3][i] == used["turns"] == 1
+            assert abs(drawn["tenants"][2][i] - used["memory_mib_seconds"] / 3600) < 1e-9
+        assert drawn["session"][0] == life["t"][:len(drawn["session"][0])]
+        assert drawn["session"][1][:1] == [pytest.approx(life["memory_mib"][0], rel=1e-6)]
+
+
+@contextlib.asynccontextmanager
+async def server_client(server):
+    """An aiohttp client session against a test server."""
+    import aiohttp
+
+    async with aiohttp.ClientSession(base_url=str(server.make_url("/"))) as session:
+        yield session

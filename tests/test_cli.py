@@ -71,6 +71,16 @@ def test_a_taken_port_is_one_line_and_exit_1(tmp_path):
     assert not (tmp_path / "data").exists()  # refused before anything touched the store
 
 
+@pytest.mark.parametrize("args,says", [
+    (["serve", "--prot", "8095"], "corral serve: unrecognized arguments: --prot 8095; did you mean --port? (see corral serve --help)"),
+    (["serve", "--idle-timout=5"], "corral serve: unrecognized arguments: --idle-timout=5; did you mean --idle-timeout?"),
+    (["sessions", "logs", "x", "--lnes", "3"], "corral sessions logs: unrecognized arguments: --lnes 3; did you mean --lines?"),
+    (["serve", "extra"], "corral serve: unrecognized arguments: extra (see corral serve --help)"),
+])
+def test_an_unknown_argument_is_told_by_its_subcommand_with_the_nearest_flag(args, says):
+    assert_one_line(corral(*args), says)
+
+
 def test_no_command_is_one_line():
     assert_one_line(corral(), "required")
 

@@ -120,6 +120,22 @@ async def test_one_session_through_every_node_answers_from_one_process(cluster, 
     assert status == 200 and len(listing["nodes"]) == 3 and all(n["alive"] for n in listing["nodes"])
     assert sum(n["sessions_owned"] for n in listing["nodes"]) == 1
 
+    # usage: each node writes its own sessions' share; any node's /admin/usage sums every node's
+    second = new_prefix() + "two"
+    status, body, _ = await chat(http, nodes[1].url, second, "hello")  # claimed where it lands: nodes[1]
+    assert status == 200 and (await admin_row(http, nodes[1].url, second))["node"] != owner["node"]
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:  # the owners' batches are written within 50 ms of each turn, off every request
+        status, used = await get_json(http, nodes[2].url, "/admin/usage")
+        if used["tenants"].get("default", {}).get("turns") == 6:  # 5 turns of the first session, 1 of the second
+            break
+        assert asyncio.get_running_loop().time() < deadline, used
+        await asyncio.sleep(0.05)
+    assert used["tenants"]["default"]["starts"] == 2
+    status, timeline = await get_json(http, nodes[2].url, "/admin/timeline")  # the dashboard's cluster plots
+    assert status == 200 and len({n["node"] for n in timeline["cluster"]}) == 3
+    assert timeline["cluster"][0]["node"] == timeline["node"]
+
 
 async def test_30_concurrent_chats_through_every_node_keep_one_ordered_history(cluster, http):
     nodes = [cluster.start_node() for _ in range(3)]
@@ -269,10 +285,10 @@ async def test_a_stale_owners_writes_are_refused_and_its_process_ended(pg_pair):
     assert refused.value.owner_url is None or refused.value.owner_url == b.membership.url
     assert await asyncio.to_thread(wait_gone, [old_pid], 10) == []  # the loop runs meanwhile
     assert a.counters["fenced_out"] == 1
-    history = await b.store.history(sid)
+    history = await b.store.history(sb.key)
     assert [m.content for m in history if m.role == "user"] == ["my name is Alice", "what is my name?"]
     await a.settle_store()
-    assert (await b.store.get_session(sid)).node == b.node  # a's end of its process was not written over b's
+    assert (await b.store.get_session(sb.key)).node == b.node  # a's end of its process was not written over b's
 
 
 async def test_a_passivated_session_is_claimed_where_its_next_request_lands(pg_pair):
@@ -286,7 +302,7 @@ async def test_a_passivated_session_is_claimed_where_its_next_request_lands(pg_p
     await a.settle_store()
     sb = await b.get_or_create(sid, "t")  # ended on a, which is alive: b may claim it now
     assert "Alice" in (await b.chat(sb, "what is my name?"))["reply"]
-    assert (await b.store.get_session(sid)).node == b.node and agent_processes(sid) == {sid: 1}
+    assert (await b.store.get_session(sb.key)).node == b.node and agent_processes(sid) == {sid: 1}
 
 
 async def sse_events(response: aiohttp.ClientResponse):
@@ -336,6 +352,44 @@ async def test_stream_interrupt_and_admin_kill_work_from_nodes_that_do_not_own_t
         ended = await next_event(events, lambda e, d: e == "end")
         assert ended["reason"] == "killed"
     assert await asyncio.to_thread(wait_gone, [pid], 10) == []
+
+
+@needs_nginx
+async def test_a_stream_gets_the_events_of_whichever_node_activates_the_session_later(cluster, http):
+    first, second, third = [cluster.start_node() for _ in range(3)]
+    balancer = cluster.start_nginx()
+    sid = new_prefix() + "sse"
+    # opened where nothing owns the session: served from the first node's own events
+    async with http.get(f"{first.url}/api/chat/stream?session_id={sid}") as stream:
+        events = sse_events(stream)
+        assert (await next_event(events, lambda e, d: e == "state"))["messages"] == []
+        assert (await chat(http, second.url, sid, "my name is Alice"))[0] == 200  # activated on the second
+        reply = await asyncio.wait_for(next_event(events, lambda e, d: e == "message" and d["role"] == "assistant"), 30)
+        assert reply["content"] == "Got it: your name is Alice."  # before: nothing ever came
+        async with http.delete(f"{balancer}/admin/sessions/{sid}") as r:  # ended on the second
+            assert r.status == 202, await r.text()
+        assert (await chat(http, third.url, sid, "what is my name?"))[0] == 200  # activated on the third
+        reply = await asyncio.wait_for(next_event(events, lambda e, d: e == "message" and d["role"] == "assistant"
+                                                  and d["content"] != "Got it: your name is Alice."), 30)
+        assert reply["content"] == "Your name is Alice."
+
+
+async def test_a_stopping_node_answers_its_relayed_requests_503_rather_than_dropping_them(cluster, http):
+    # (the owner's sleep goes on after the test: its own stop then waits only half a second too)
+    owner, relayer = [cluster.start_node("--drain-timeout", "0.5") for _ in range(2)]
+    sid = new_prefix() + "rel"
+    assert (await chat(http, owner.url, sid, "hello"))[0] == 200
+    sleeping = asyncio.ensure_future(http.post(f"{relayer.url}/api/mcp-command", json={
+        "session_id": sid, "command": "sleep", "args": {"seconds": 600}}))  # relayed to the owner
+    deadline = asyncio.get_running_loop().time() + 30
+    while (await admin_row(http, owner.url, sid))["state"] != "busy":  # the owner's state, over HTTP
+        assert asyncio.get_running_loop().time() < deadline and not sleeping.done()
+        await asyncio.sleep(0.02)
+    relayer.proc.send_signal(signal.SIGTERM)
+    # before: 503 owner_unreachable (its relay pool closed under it), blaming an owner that is fine
+    async with await asyncio.wait_for(sleeping, 30) as r:
+        assert r.status == 503 and (await r.json())["error"]["code"] == "shutting_down"
+    assert await asyncio.to_thread(relayer.proc.wait, 30) == 0
 
 
 async def test_a_clean_stop_hands_the_sessions_over_at_once(pg_pair):

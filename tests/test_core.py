@@ -193,7 +193,7 @@ async def test_failed_session_restarts_after_the_window(make_supervisor):
 
 async def test_agent_title_is_visible_in_proc(sup):
     await say(sup, "0123456789abcdef-title", "hello", tenant="acme")
-    pid = sup.sessions["0123456789abcdef-title"].pid
+    pid = sup.sessions["acme/0123456789abcdef-title"].pid
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         title = f.read().replace(b"\0", b" ").decode().strip()
     assert title == "corral: agent sid=0123456789ab tenant=acme idle"
@@ -215,10 +215,14 @@ async def test_capacity_and_tenant_quota(make_supervisor):
     assert await say(sup, "a1", "still fine", tenant="a") == "You said: still fine"
 
 
-async def test_foreign_session_is_not_found(sup):
-    await say(sup, "mine", "hello", tenant="a")
-    with pytest.raises(errors.SessionNotFound):
-        await sup.get_or_create("mine", "b")
+async def test_session_ids_are_per_tenant(sup):
+    """Another tenant's "mine" is a session of its own: its own process, its own history."""
+    await say(sup, "mine", "my name is Ann", tenant="a")
+    theirs = await sup.get_or_create("mine", "b")
+    assert (await sup.chat(theirs, "what is my name?"))["reply"] == "I don't know your name yet."
+    ours = await sup.get_or_create("mine", "a")
+    assert (await sup.chat(ours, "what is my name?"))["reply"] == "Your name is Ann."
+    assert ours is not theirs and ours.pid != theirs.pid and (ours.id, theirs.id) == ("mine", "mine")
 
 
 async def test_bad_session_id(sup):

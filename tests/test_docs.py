@@ -1,13 +1,18 @@
 """The docs keep up with the code."""
 
+import contextlib
 import json
+import os
 import re
+import shutil
 import signal
+import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
-from tests.procs import start_server
+import pytest
+
+from tests.procs import free_port
 from corral.supervisor.config import Config, settings
 from corral.supervisor.settings import markdown_table
 from corral.web.cli import build_parser
@@ -39,23 +44,45 @@ def _readme_block(lang: str, containing: str) -> str:
     return next(block for block in blocks if containing in block)
 
 
-def test_the_readme_echo_agent_says_what_the_readme_says_from_the_current_directory(tmp_path):
-    code = _readme_block("python", "class Echo")
-    commands = _readme_block("sh", "--agent echo:Echo")
-    module, cls = re.search(r"--agent (\w+):(\w+)", commands).groups()
-    (tmp_path / f"{module}.py").write_text(code)
-    message = json.loads(re.search(r"-d '(\{.*?\})'", commands).group(1))["message"]
-    assert f'The reply is `"{message}"`' in README.read_text()
-    # The installed console script, run from the agent's directory: nothing else puts it on sys.path.
-    console_script = [str(Path(sys.executable).parent / "corral")]
-    proc, url = start_server(tmp_path, "--agent", f"{module}:{cls}", program=console_script, cwd=tmp_path)
+def run_readme_block(block: str, cwd: Path) -> str:
+    """Run one of the README's sh blocks (it starts a server in the background) with bash; its stdout.
+
+    The block's ports are free ones; its background server is stopped at the end.
+    """
+    for port in set(re.findall(r"--port (\d+)", block)):
+        block = block.replace(port, str(free_port()))
+    # the scratch dirs under the test's own dir, to be removed with it (not TMPDIR: the agents' temp
+    # dirs go there, and pytest's is closed to the sandbox's uids)
+    block = block.replace("$(mktemp -d)", f"$(mktemp -d -p {cwd.parent})")
+    script = f"set -e\n{block}\nkill %1\nwait %1 || true\n"
+    proc = subprocess.Popen(["bash", "-c", script], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     try:
-        req = urllib.request.Request(url + "/api/chat", data=json.dumps({"message": message}).encode(), method="POST")
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            assert json.loads(resp.read())["reply"] == message == "hello there world"
+        out, err = proc.communicate(timeout=90)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # a server left running by a block that failed half-way
+    assert proc.returncode == 0, err
+    return out
+
+
+@pytest.mark.skipif(not (shutil.which("curl") and shutil.which("openssl") and (README.parent / ".git").exists()),
+                    reason="needs curl, openssl and a git checkout")
+def test_the_readme_commands_answer_as_it_says_and_leave_nothing_in_a_fresh_clone(tmp_path):
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(README.parent), str(clone)], check=True, timeout=60)
+    (clone / ".venv" / "bin").mkdir(parents=True)  # the README's .venv, here this environment's corral
+    (clone / ".venv" / "bin" / "corral").symlink_to(Path(sys.executable).parent / "corral")
+    echo = _readme_block("sh", "--agent echo:Echo")
+    message = json.loads(re.search(r"-d '(\{.*?\})'", echo).group(1))["message"]
+    assert f'The reply is `"{message}"`' in README.read_text()
+    answer = json.loads(run_readme_block(echo, clone))
+    assert answer.get("reply") == message == "hello there world", answer
+    tenants = _readme_block("sh", "--tenants")
+    assert "reply" in json.loads(run_readme_block(tenants, clone))
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=clone, capture_output=True,
+                            text=True, check=True)
+    assert status.stdout == "", status.stdout  # no tenants file with a live key, no data dir, no echo.py
 
 
 def test_readme_commands_paste_as_they_are():

@@ -147,3 +147,19 @@ async def test_an_agent_ignoring_sigterm_is_killed_at_stop_timeout(make_supervis
     assert wait_gone([pid], timeout=2) == []
     assert (await sup.chat(bystander, "still?"))["reply"] == "You said: still?"
     assert bystander.pid is not None and os.getpgid(bystander.pid) == bystander.pid
+
+
+async def test_a_snapshot_past_the_bound_is_a_bad_reply_and_the_supervisor_keeps_none_of_it(make_supervisor):
+    sup = await make_supervisor(agent="tests.agents.hostile:SnapshotHog")
+    hogs = [await sup.get_or_create(f"hog-{i}", "evil") for i in range(3)]
+    for hog in hogs:
+        await sup.chat(hog, "my name is Hog")
+        pid = hog.pid
+        with pytest.raises(errors.AgentBadReply) as refused:
+            await sup.command(hog, "bloat", {"mib": 15})
+        assert refused.value.status == 502 and "over the 65536-byte bound" in refused.value.message
+        assert hog.pid == pid and hog.state == states.IDLE  # the agent lives
+        assert len(json.dumps(hog.agent_state)) < sup.config.max_snapshot_bytes  # the last state within it is kept
+    assert (await sup.command(hogs[0], "bloat", {"mib": 0}))["status"] == "done"  # the next turn is fine
+    assert (await sup.chat(hogs[0], "what is my name?"))["reply"] == "Your name is Hog."
+    assert hogs[0].agent_state["ballast"] == ""

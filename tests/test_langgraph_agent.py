@@ -64,3 +64,9 @@ async def test_a_graph_that_cannot_be_loaded_stops_the_server_starting(make_supe
     monkeypatch.setenv("CORRAL_LANGGRAPH_GRAPH", "tests.agents.graphs:no_such_graph")
     with pytest.raises(errors.StartupError, match="no_such_graph"):
         await make_supervisor(agent=AGENT)
+
+
+async def test_no_graph_named_stops_the_server_starting(make_supervisor, monkeypatch):
+    monkeypatch.delenv("CORRAL_LANGGRAPH_GRAPH", raising=False)
+    with pytest.raises(errors.StartupError, match="set CORRAL_LANGGRAPH_GRAPH to module:attribute"):
+        await make_supervisor(agent=AGENT)

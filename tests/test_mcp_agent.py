@@ -13,7 +13,9 @@ import psutil
 import pytest
 from corral.supervisor import errors, states
 from tests.apihelpers import json_of, start
+from tests.conftest import AgentSays
 from tests.procs import wait_gone
+from tests.test_start_checks import PYTHON_UNREACHABLE
 
 AGENT = "corral.agent_proc.contrib.mcp_tools:MCPTools"
 SERVER = str(Path(__file__).parent / "agents" / "mcp_server.py")
@@ -23,6 +25,28 @@ SLOW = 60.0  # starting a Python MCP server imports the SDK: seconds on a busy m
 # kind: an agent under its own uid cannot exec it (docs/security.md, "the Python installation").
 # tests/test_sandbox.py holds the sandbox; these hold the agent.
 SANDBOX = "off"
+
+
+# A stdio MCP server in the standard library alone, for a Python that has no MCP SDK (the system's).
+TINY_SERVER = r"""
+import json, os, sys
+for line in sys.stdin:
+    msg = json.loads(line)
+    if "id" not in msg:
+        continue
+    method, result = msg.get("method"), None
+    if method == "initialize":
+        result = {"protocolVersion": msg["params"]["protocolVersion"], "capabilities": {"tools": {}},
+                  "serverInfo": {"name": "tiny", "version": "1"}}
+    elif method == "tools/list":
+        result = {"tools": [{"name": "whoami", "description": "its uid", "inputSchema": {"type": "object"}}]}
+    elif method == "tools/call":
+        result = {"content": [{"type": "text", "text": json.dumps({"uid": os.getuid(), "python": sys.executable})}]}
+    reply = {"jsonrpc": "2.0", "id": msg["id"]}
+    reply.update({"result": result} if result is not None else {"error": {"code": -32601, "message": method}})
+    print(json.dumps(reply), flush=True)
+"""
+SYSTEM_PYTHON = "/usr/bin/python3"
 
 
 def stdio_servers(**names) -> str:
@@ -110,9 +134,11 @@ async def test_a_server_that_cannot_start_is_an_upstream_error(make_supervisor, 
     monkeypatch.setenv("CORRAL_MCP_SERVERS", json.dumps({"mcpServers": {"ghost": {"command": str(tmp_path / "missing")}}}))
     sup = await make_supervisor(agent=AGENT, request_timeout=SLOW, sandbox=SANDBOX)
     s = await sup.get_or_create("haunted", "default")
-    with pytest.raises(errors.UpstreamFailed, match="MCP server 'ghost' failed to start"):
+    said = AgentSays(sup, f"cannot execute {tmp_path / 'missing'}: No such file or directory")  # in its logs
+    with pytest.raises(errors.UpstreamFailed, match=f"MCP server 'ghost' failed to start: {tmp_path / 'missing'}: "):
         await sup.command(s, "list_tools", {})
     assert s.state == states.IDLE
+    await said.wait()
 
 
 async def test_mcp_command_endpoint_takes_list_tools_and_call_tool(aiohttp_client, make_config, tmp_path, monkeypatch):
@@ -156,3 +182,14 @@ async def test_a_streamable_http_server_is_connected_to(make_supervisor, monkeyp
     remote = json.loads(result["reply"]["content"][0]["text"])
     assert remote["ppid"] != s.pid  # not the session's: it was connected to, not started
     assert os.getpid() != remote["pid"]
+
+
+@pytest.mark.skipif(not (PYTHON_UNREACHABLE and os.path.exists(SYSTEM_PYTHON)),
+                    reason="needs root, a Python the sandbox's uids cannot reach, and the system's python3")
+async def test_stdio_servers_start_through_the_systems_python_when_the_sandbox_cannot_run_this_one(make_supervisor, monkeypatch):
+    monkeypatch.setenv("CORRAL_MCP_SERVERS", json.dumps(
+        {"mcpServers": {"tiny": {"command": SYSTEM_PYTHON, "args": ["-I", "-c", TINY_SERVER]}}}))
+    sup = await make_supervisor(agent=AGENT, request_timeout=SLOW)  # the default sandbox: a uid per session
+    s = await sup.get_or_create("system-python", "default")
+    whoami = json.loads((await call(sup, s, "whoami"))["content"][0]["text"])
+    assert whoami == {"uid": s.sandbox["uid"], "python": SYSTEM_PYTHON}

@@ -133,10 +133,10 @@ async def test_one_sqlite_file_one_server(make_supervisor, make_config, tmp_path
     second = Supervisor(make_config(port=8081), store=create_store(None, tmp_path / "data"))
     with pytest.raises(NodeTaken, match="in use by another corral server"):
         await second.start()
-    assert (await first.store.get_session("s1")).ended_at is None
+    assert (await first.store.get_session(s.key)).ended_at is None
     await first.close()
     third = await make_supervisor(port=8081)  # the file is free again
-    assert (await third.store.get_session("s1")).status == "ended"  # closed by its server, not lost
+    assert (await third.store.get_session(s.key)).status == "ended"  # closed by its server, not lost
 
 
 @needs_pg
@@ -157,12 +157,12 @@ async def test_one_postgresql_node_name_one_server(make_config):
         with pytest.raises(NodeTaken, match="already served by another live corral server"):
             await start(8080)
         other = await start(8081)
-        assert (await other.store.get_session("p1")).ended_at is None  # another node's session: left alone
+        assert (await other.store.get_session(s.key)).ended_at is None  # another node's session: left alone
         elsewhere = await start(8080, schema + "_b")  # the same name in another schema is another identity
         assert elsewhere.claim.orphans_of == first.claim.orphans_of  # one host:port name, two schemas
         await first.close()
         again = await start(8080)
-        assert (await again.store.get_session("p1")).status == "ended"  # the name is free again
+        assert (await again.store.get_session(s.key)).status == "ended"  # the name is free again
     finally:
         for sup in started:
             await sup.close()

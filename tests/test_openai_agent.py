@@ -84,13 +84,16 @@ async def fake(aiohttp_server):
 
 @pytest.fixture
 async def sup(make_supervisor, fake, monkeypatch):
-    """A supervisor running the OpenAI agent against the fake (the zygote inherits this environment)."""
-    monkeypatch.setenv("CORRAL_OPENAI_BASE_URL", str(fake.server.make_url("/v1")))
+    """A supervisor running the OpenAI agent against the fake, its ``openai`` upstream on the egress gateway.
+
+    The key is the server's (its environment): the gateway adds it, the agent never sees it.
+    """
+    monkeypatch.setenv("TEST_OPENAI_KEY", "sk-test")
     monkeypatch.setenv("CORRAL_OPENAI_MODEL", "fake-model")
-    monkeypatch.setenv("CORRAL_OPENAI_API_KEY", "sk-test")
     monkeypatch.setenv("CORRAL_OPENAI_SYSTEM_PROMPT", "You are terse.")
     monkeypatch.setenv("CORRAL_OPENAI_RETRY_FOR", "1")
-    return await make_supervisor(agent=AGENT)
+    return await make_supervisor(agent=AGENT, upstream=(f"openai={fake.server.make_url('/v1')}",),
+                                 upstream_header=("openai=Authorization: Bearer env:TEST_OPENAI_KEY",))
 
 
 async def test_replies_stream_token_by_token_and_history_is_the_conversation(sup, fake):
@@ -168,7 +171,7 @@ async def test_an_interrupt_closes_the_upstream_stream(sup, fake):
 async def test_the_api_unreachable_is_a_clear_turn_error(make_supervisor, monkeypatch, unused_tcp_port):
     monkeypatch.setenv("CORRAL_OPENAI_BASE_URL", f"http://127.0.0.1:{unused_tcp_port}/v1")
     monkeypatch.setenv("CORRAL_OPENAI_MODEL", "fake-model")
-    sup = await make_supervisor(agent=AGENT)
+    sup = await make_supervisor(agent=AGENT, agent_network="host")  # the agent's own error, no gateway between
     s = await sup.get_or_create("lonely", "default")
     with pytest.raises(errors.UpstreamFailed) as info:
         await sup.chat(s, "anyone?")

@@ -107,3 +107,23 @@ async def test_refused_token_is_one_line(aiohttp_server, make_config):
     code, out, err = await corral("top", "--once", "--url", str(server.make_url("/")), "--admin-token", "wrong")
     assert code == 1 and out == ""
     assert err.startswith("corral: GET /admin/sessions: 401") and len(err.strip().splitlines()) == 1
+
+
+async def test_usage_prints_a_row_per_tenant(aiohttp_server, make_config):
+    """``corral usage`` prints each tenant's starts, turns and ends from GET /admin/usage; --tenant narrows it."""
+    server, sup, (one, two) = await start_server(aiohttp_server, make_config)
+    await sup.chat(one, "hello")
+    await sup.stop(two, "ended")
+    url = str(server.make_url("/"))
+    code, out, err = await corral("usage", "--since", "1h", "--url", url, "--admin-token", TOKEN)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[:4] == ["TENANT", "STARTS", "TURNS", "IN"]
+    rows = {line.split()[0]: line.split() for line in lines[1:] if "ends:" not in line}
+    assert rows["acme"][1:3] == ["1", "1"] and rows["globex"][1:3] == ["1", "0"]
+    assert "globex ends: ended 1" in lines
+    code, out, err = await corral("usage", "--tenant", "acme", "--json", "--url", url, "--admin-token", TOKEN)
+    assert code == 0, err
+    assert list(json.loads(out)["tenants"]) == ["acme"]
+    code, out, err = await corral("usage", "--since", "soon", "--url", url, "--admin-token", TOKEN)
+    assert code == 1 and "since" in err and "Traceback" not in err

@@ -137,30 +137,24 @@ async def assert_error_response(request, status: int, code: str):
 
 
 PROBES = 300
-OPENING_ROUTES = (  # the routes that get-or-create the session they name
-    ("/api/chat", {"message": "is this yours?"}),
-    ("/api/system", {"message": "be mine"}),
-    ("/api/mcp-command", {"command": "facts"}),
-    ("/api/sessions", {}),
-)
 
 
-async def test_a_foreign_tenants_probes_load_nothing(aiohttp_client, make_config, tmp_path):
-    """Bob probing Alice's stored sessions gets 404s and the supervisor holds no more sessions than before."""
+async def test_a_foreign_tenants_probes_load_nothing_of_the_other_tenant(aiohttp_client, make_config, tmp_path):
+    """Bob reading Alice's stored ids reads his own (unknown) sessions: nothing of hers is loaded or shown."""
     client = await start(aiohttp_client, make_config, tmp_path, tenants=TENANTS)
     sup = supervisor_of(client)
     await json_of(await client.post("/api/chat", json={"message": "my name is Alice", "session_id": "a-real"},
                                     headers=ALICE), 200)
     await json_of(await client.delete("/api/sessions/a-real", headers=ALICE), 200)  # ended: in the store only
     for n in range(PROBES - 1):
-        await sup.store.upsert_session(f"a-{n}", tenant="alice", agent=sup.config.agent, status="ended")
+        await sup.store.upsert_session(f"alice/a-{n}", tenant="alice", agent=sup.config.agent, status="ended")
     held = sup.health()["sessions_in_memory"]
-    for n, sid in enumerate(["a-real"] + [f"a-{n}" for n in range(PROBES - 1)]):
-        path, body = OPENING_ROUTES[n % len(OPENING_ROUTES)]
-        response = await client.post(path, json={**body, "session_id": sid}, headers=BOB)
-        await assert_error(response, 404, "session_not_found")
+    for sid in ["a-real"] + [f"a-{n}" for n in range(PROBES - 1)]:
+        await assert_error(await client.get(f"/api/sessions/{sid}", headers=BOB), 404, "session_not_found")
+        state = await json_of(await client.get("/api/state", params={"session_id": sid}, headers=BOB), 200)
+        assert (state["state"], state["messages"]) == (None, [])
     assert sup.health()["sessions_in_memory"] == held
-    assert "a-real" not in sup.sessions
+    assert "alice/a-real" not in sup.sessions
     answer = await json_of(await client.post("/api/chat", json={"message": "what is my name?", "session_id": "a-real"},
                                              headers=ALICE), 200)
     assert answer["reply"] == "Your name is Alice."

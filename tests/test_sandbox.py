@@ -24,6 +24,7 @@ import pytest
 from corral.agent_proc import sandbox as layers
 from corral.supervisor import sandbox as policy
 from corral.supervisor.store import DEFAULT_SQLITE_NAME
+from tests.agents.hostile import spawn
 from tests.procs import start_server, wait_gone
 
 ROOT = os.geteuid() == 0
@@ -321,6 +322,79 @@ def test_seccomp_refuses_what_an_agent_never_needs_and_keeps_fork_and_threads(wh
     assert in_child(confined, uid=_as(who, unprivileged_uid)) == {**denied, "fork": 7, "thread": "ok"}
 
 
+def _exec(path: str, fd: int | None = None) -> None:
+    """Run a program to its end (by execveat on ``fd`` when given); raise the exec's OSError."""
+    spawn(path, fd=fd)
+
+
+def _memfd_copy(flags: int) -> int:
+    """A memfd holding /bin/true."""
+    fd = os.memfd_create("copy", flags)
+    with open("/bin/true", "rb") as f:
+        os.write(fd, f.read())
+    return fd
+
+
+SIDE_DOORS = {  # what each answered on this kernel before the filter shut it
+    "io_uring_setup": lambda: _raise_errno(ctypes.CDLL(None, use_errno=True).syscall(425, 1, ctypes.create_string_buffer(120))),
+    "netlink socket": lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0).close(),
+    "vsock socket": lambda: socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close(),
+    "packet socket": lambda: socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM).close(),
+    "unix socket": lambda: socket.socket(socket.AF_UNIX).close(),
+    "run a memfd by /proc/self/fd": lambda: _exec(f"/proc/self/fd/{_memfd_copy(0)}"),
+    "run a memfd by execveat": lambda: _exec("", _memfd_copy(0)),
+    "an MFD_EXEC memfd": lambda: _memfd_copy(0x10),
+}
+
+
+def _raise_errno(result: int) -> None:
+    """Raise the errno of a raw syscall that returned -1."""
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    os.close(result)
+
+
+@needs_seccomp
+@pytest.mark.parametrize("who", users())
+def test_seccomp_shuts_io_uring_other_socket_families_and_running_a_memfd(who, unprivileged_uid):
+    def confined():
+        layers.set_no_new_privs()
+        layers.apply_seccomp()
+        return {
+            **{name: attempt(door) for name, door in SIDE_DOORS.items()},
+            "inet sockets": attempt(lambda: [socket.socket(f, socket.SOCK_DGRAM).close() for f in (2, 10)]),
+            "socketpair": attempt(lambda: [s.close() for s in socket.socketpair()]),
+            "a no-exec memfd": attempt(lambda: os.close(_memfd_copy(0x8))),  # MFD_NOEXEC_SEAL: still usable
+            "run /bin/true": attempt(lambda: _exec("/bin/true")),
+        }
+
+    assert in_child(confined, uid=_as(who, unprivileged_uid)) == {
+        "io_uring_setup": "EPERM", "netlink socket": "EAFNOSUPPORT", "vsock socket": "EAFNOSUPPORT",
+        "packet socket": "EAFNOSUPPORT", "unix socket": "EACCES", "run a memfd by /proc/self/fd": "EACCES",
+        "run a memfd by execveat": "EACCES", "an MFD_EXEC memfd": "EACCES",
+        "inet sockets": "ok", "socketpair": "ok", "a no-exec memfd": "ok", "run /bin/true": "ok",
+    }
+
+
+@needs_landlock
+@pytest.mark.parametrize("who", users())
+def test_landlock_runs_nothing_from_the_temp_dir(shared_dir, who, unprivileged_uid):
+    allowed, _secret, own = code_data_tmp(shared_dir)
+    shutil.copy("/bin/true", own / "copy")
+    os.chmod(own / "copy", 0o755)
+
+    def confined():
+        layers.set_no_new_privs()
+        layers.apply_landlock(ABI, ["/usr", "/lib", "/lib64", "/bin", "/etc/ld.so.cache", str(allowed)], [str(own)])
+        return {"system binary": attempt(lambda: _exec("/bin/true")),
+                "copy in the temp dir": attempt(lambda: _exec(str(own / "copy"))),
+                "write the temp dir": attempt(lambda: open(own / "new", "w").close())}
+
+    assert in_child(confined, uid=_as(who, unprivileged_uid)) == {
+        "system binary": "ok", "copy in the temp dir": "EACCES", "write the temp dir": "ok"}
+
+
 @needs_seccomp
 def test_the_seccomp_syscall_numbers_match_libseccomp():
     path = ctypes.util.find_library("seccomp")
@@ -430,7 +504,8 @@ def test_each_session_gets_its_own_uid_and_temp_dir_and_both_come_back(tmp_path)
         with pytest.raises(OSError, match="every sandbox uid"):
             sb.prepare("s1-d")
         sb.release(a)
-        assert not os.path.exists(a["tmpdir"]) and sb.prepare("s2-a")["uid"] == 61000
+        assert sb.prepare("s2-a")["uid"] == 61000  # at once: the temp dir goes on the remover's thread
+        assert sb.remover.drain(10) and not os.path.exists(a["tmpdir"])
     finally:
         sb.close()
 
@@ -519,6 +594,60 @@ async def test_every_way_out_of_the_session_fails_and_the_others_keep_answering(
     assert sup.health()["live_sessions"] == 2
 
 
+async def test_the_side_doors_are_shut_for_a_live_agent(hostile_setup):
+    sup, attacker, victim = hostile_setup
+    if not (sup.sandbox.on("seccomp") and sup.sandbox.on("landlock")):
+        pytest.skip("needs seccomp and Landlock")
+    controls = {"run /bin/true": ("run", {"path": "/bin/true"}), "a TCP socket": ("socket", {"family": 2, "type": 1})}
+    doors = {
+        "io_uring": ("io_uring", {}),
+        "a netlink socket (route)": ("socket", {"family": socket.AF_NETLINK, "type": socket.SOCK_RAW}),
+        "a netlink socket (uevent)": ("socket", {"family": socket.AF_NETLINK, "type": socket.SOCK_DGRAM, "proto": 15}),
+        "a vsock socket": ("socket", {"family": socket.AF_VSOCK, "type": socket.SOCK_STREAM}),
+        "a packet socket": ("socket", {"family": socket.AF_PACKET}),
+        "a unix datagram socket": ("socket", {"family": socket.AF_UNIX}),
+        "run a binary copied into TMPDIR": ("run_copy", {"path": "/bin/true"}),
+        "run a memfd": ("run_memfd", {"path": "/bin/true"}),
+        "run an MFD_EXEC memfd": ("run_memfd", {"path": "/bin/true", "flags": 0x10}),
+    }
+    results = {name: await attack(sup, attacker, what, **args) for name, (what, args) in {**controls, **doors}.items()}
+    print("\n".join(f"{name}: {r['detail']}" for name, r in results.items()))
+    assert {name for name, r in results.items() if r["escaped"]} == set(controls)
+    assert (await sup.chat(victim, "what is my name?"))["reply"] == "Your name is Victoria."
+
+
+async def test_a_full_temp_dir_says_enospc_and_the_agent_lives(make_supervisor):
+    sup = await make_supervisor(agent="tests.agents.hostile:Escaper", agent_disk=2 * 1024 * 1024)
+    if not sup.sandbox.on("disk"):
+        pytest.skip(f"no disk layer here: {sup.sandbox.layers['disk']['reason']}")
+    s = await sup.get_or_create("filler", "t")
+    filled = await attack(sup, s, "fill", most=64 * 1024 * 1024)
+    assert not filled["escaped"] and "No space left on device after 2097152 bytes" in filled["detail"]
+    files = await attack(sup, s, "files", most=100_000)
+    assert not files["escaped"] and "No space left on device after" in files["detail"]
+    assert int(files["detail"].split("after ")[1].split()[0]) < 1024  # nr_inodes: the bound's, not the host's
+    assert (await sup.chat(s, "still here"))["reply"] == "You said: still here"
+    assert os.listdir(s.sandbox["tmpdir"]) == []  # the supervisor's side of the mount: nothing of it
+    tmpdir = s.sandbox["tmpdir"]
+    await sup.remove(s)
+    assert sup.sandbox.remover.drain(10) and not os.path.exists(tmpdir)
+
+
+def test_strict_refuses_to_start_without_the_disk_bound_as_root(monkeypatch):
+    if not ROOT:
+        pytest.skip("the disk bound is demanded of root")
+    from corral.agent_proc import disk
+
+    monkeypatch.setattr(disk, "probe", lambda **_: "unshare(CLONE_NEWNS): Operation not permitted")  # the OS edge
+    with pytest.raises(policy.SandboxRefused, match=r"disk \(cannot mount a tmpfs"):
+        policy.choose_sandbox("strict", disk=1 << 20)
+    sb = policy.choose_sandbox("strict", disk=0)  # --agent-disk 0 asks for no bound: nothing missing
+    try:
+        assert sb.layers["disk"]["reason"].startswith("--agent-disk 0")
+    finally:
+        sb.close()
+
+
 @needs_root
 async def test_a_fork_bomb_stops_at_max_pids_and_dies_with_its_session(hostile_setup):
     sup, attacker, victim = hostile_setup
@@ -585,7 +714,7 @@ async def test_the_admin_health_lists_every_layer_and_why_one_is_missing(sup):
     described = sup.health()["sandbox"]
     assert described["mode"] == "auto"
     assert set(described["layers"]) >= {"uid", "capabilities", "pid_namespace", "no_new_privs", "landlock",
-                                        "landlock_scope", "seccomp", "tmpdir"}
+                                        "landlock_scope", "seccomp", "tmpdir", "disk"}
     for layer in described["layers"].values():
         assert ("detail" if layer["in_force"] else "reason") in layer
 

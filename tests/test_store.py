@@ -313,6 +313,46 @@ async def test_migrations_idempotent_and_concurrent(make_store, backend):
     assert [m.content for m in await third.history("s")] == ["from second"]
 
 
+async def forget_migration(store: Store, name: str) -> None:
+    """Make the store's database look as if migration ``name`` had never run (the rows stay as they are)."""
+    if isinstance(store, SQLiteStore):
+        with sqlite3.connect(store.path) as db:
+            db.execute("DELETE FROM schema_version WHERE name = ?", (name,))
+        return
+    conn = await asyncpg.connect(PG_URL)
+    try:
+        await conn.execute(f'DELETE FROM "{store.schema}".schema_version WHERE name = $1', name)
+    finally:
+        await conn.close()
+
+
+async def test_the_session_keys_migration_puts_each_tenant_in_front_of_its_ids(make_store, backend):
+    """Rows written before ids were per tenant: acme's "s1" becomes "acme/s1" with its messages; default's stays."""
+    if backend == "memory":
+        pytest.skip("memory store has no migrations")
+    store = await make_store()
+    for tenant in ("acme", "default"):
+        key = "s1" if tenant == "default" else f"{tenant}-s1"  # one id per row, as the old namespace had
+        await store.upsert_session(key, tenant=tenant, agent="a")
+        await store.append_message(key, "user", f"from {tenant}")
+    await store.close()
+    name = "0003_session_keys" if backend == "sqlite" else "0004_session_keys"
+    await forget_migration(store, name)
+    again = await make_store()
+    assert [m.content for m in await again.history("acme/acme-s1")] == ["from acme"]
+    assert [m.content for m in await again.history("s1")] == ["from default"]
+    assert await again.get_session("acme-s1") is None
+    assert await again.tenants_of("acme-s1") == ["acme"] and await again.tenants_of("s1") == ["default"]
+    assert await again.delete_session("acme/acme-s1") and await again.history("acme/acme-s1") == []
+
+
+async def test_tenants_of_names_every_tenant_with_that_id(store):
+    for key, tenant in (("s1", "default"), ("acme/s1", "acme"), ("globex/s1", "globex"), ("acme/s2", "acme")):
+        await store.upsert_session(key, tenant=tenant, agent="a")
+    assert await store.tenants_of("s1") == ["acme", "default", "globex"]
+    assert await store.tenants_of("s2") == ["acme"] and await store.tenants_of("s3") == []
+
+
 async def test_reopen_keeps_data(make_store, backend):
     if backend == "memory":
         pytest.skip("memory store does not persist")
@@ -452,3 +492,35 @@ async def test_sqlite_files_are_private(tmp_path):
         assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
     finally:
         await store.close()
+
+
+# ---- usage ---------------------------------------------------------------------------------
+
+async def test_usage_adds_per_session_and_per_tenant_hour(make_store, backend):
+    """Deltas add up per session and per tenant-hour (peak: the largest), survive a reopen and the session's purge."""
+    from corral.supervisor.store.base import HOUR, UsageDelta
+    store = await make_store()
+    await store.upsert_session("u1", tenant="acme", agent="a")
+    hour = 100 * HOUR
+    await store.add_usage([
+        UsageDelta("u1", "acme", "n1", hour, {"turns": 2, "bytes_in": 10, "cpu_seconds": 0.5}, 1000),
+        UsageDelta("u2", "acme", "n2", hour, {"turns": 1, "memory_mib_seconds": 3.0}, 5000),
+        UsageDelta("u3", "beta", "n1", hour + HOUR, {"starts": 1}, 10),
+    ])
+    await store.add_usage([UsageDelta("u1", "acme", "n1", hour + HOUR, {"turns": 1, "ends": 1, "cpu_seconds": 0.25},
+                                      2000, {"idle": 1}, "idle")])
+    await store.set_status("u1", "reaped", end_reason="idle", ended=True)
+    await store.purge_ended(-1)  # the session's rows go; its usage stays
+    if backend != "memory":
+        await store.close()
+        store = await make_store()
+    one = await store.session_usage("u1")
+    assert (one["turns"], one["bytes_in"], one["cpu_seconds"], one["ends"]) == (3, 10, 0.75, 1)
+    assert (one["memory_peak_bytes"], one["last_end_reason"], one["node"], one["tenant"]) == (2000, "idle", "n1", "acme")
+    assert await store.session_usage("nobody") is None
+    every = await store.tenant_usage()
+    assert every["acme"]["turns"] == 4 and every["acme"]["memory_peak_bytes"] == 5000
+    assert every["acme"]["end_reasons"] == {"idle": 1} and every["beta"]["starts"] == 1
+    first_hour = await store.tenant_usage(since=hour + 10, until=hour + HOUR)
+    assert first_hour["acme"]["turns"] == 3 and first_hour["acme"]["end_reasons"] == {} and "beta" not in first_hour
+    assert list(await store.tenant_usage(tenant="beta")) == ["beta"]

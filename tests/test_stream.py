@@ -248,15 +248,16 @@ async def test_the_last_listener_leaving_unsubscribes_and_releases_the_buffer(cl
     again.leave()
 
 
-async def test_stream_refuses_bad_ids_and_other_tenants_sessions(client):
-    """400 for a malformed id, 404 (JSON, before any stream) for another tenant's session."""
+async def test_stream_refuses_bad_ids_and_another_tenants_id_is_the_callers_own(client):
+    """400 for a malformed id; an id another tenant uses is the caller's own (new, empty) session."""
     response = await client.get("/api/chat/stream", params={"session_id": "no spaces"})
     assert response.status == 400
     assert (await response.json())["error"]["code"] == "bad_session_id"
-    await client.app[SUPERVISOR].get_or_create("theirs", "acme")
-    response = await client.get("/api/chat/stream", params={"session_id": "theirs"})
-    assert response.status == 404
-    assert (await response.json())["error"]["code"] == "session_not_found"
+    sup = client.app[SUPERVISOR]
+    await sup.chat(await sup.get_or_create("theirs", "acme"), "my name is Mallory")
+    stream = await listen(client, "theirs")
+    assert (await stream.next())["data"]["messages"] == []
+    stream.close()
 
 
 async def test_listening_on_an_unused_id_shows_nothing_of_another_tenants_session(client):
@@ -274,16 +275,25 @@ async def test_listening_on_an_unused_id_shows_nothing_of_another_tenants_sessio
 
 
 async def test_tenants_stream_only_their_own_sessions(aiohttp_client, make_config, tmp_path):
-    """With API keys: no key is 401, another tenant's session is 404 (JSON, before any stream)."""
+    """With API keys: no key is 401; the same id is each tenant's own session, each sees only its own."""
     client = await start(aiohttp_client, make_config, tmp_path, tenants=TENANTS)
     response = await client.post("/api/chat", json={"message": "my name is Alice", "session_id": "a-1"}, headers=ALICE)
     assert response.status == 200
     await assert_error(await client.get("/api/chat/stream", params={"session_id": "a-1"}), 401, "unauthorized")
-    await assert_error(await client.get("/api/chat/stream", params={"session_id": "a-1"}, headers=BOB),
-                       404, "session_not_found")
+    bobs = await listen(client, "a-1", **BOB)
+    assert (await bobs.next())["data"]["messages"] == []
     stream = await listen(client, "a-1", **ALICE)
     assert [m["role"] for m in (await stream.next())["data"]["messages"]] == ["user", "assistant"]
+    response = await client.post("/api/chat", json={"message": "my name is Bob", "session_id": "a-1"}, headers=BOB)
+    assert (await response.json())["reply"] == "Got it: your name is Bob."
+    event = await bobs.next()
+    while event["event"] != "message":
+        event = await bobs.next()
+    assert event["data"]["content"] == "my name is Bob"
+    # events are handed out before the reply returns: none of Bob's reached Alice's channel
+    assert "Bob" not in repr(list(client.app[STREAMS].channels[("alice", "a-1")].buffer))
     stream.close()
+    bobs.close()
 
 
 async def test_stream_without_an_id_gets_a_new_one(client):

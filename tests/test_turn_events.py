@@ -7,7 +7,7 @@ async def test_session_and_global_listeners_see_busy_and_idle(sup):
     s = await sup.get_or_create("flip", "t")
     await sup.ensure_live(s)
     seen_session, seen_global = [], []
-    unsub_session = sup.events.subscribe_session(s.id, lambda e: e["type"] == "state" and seen_session.append(e["state"]))
+    unsub_session = sup.events.subscribe_session(s.key, lambda e: e["type"] == "state" and seen_session.append(e["state"]))
     unsub_global = sup.events.subscribe(lambda e: e["type"] == "state" and seen_global.append(e["state"]))
     try:
         await sup.chat(s, "hello")
@@ -39,7 +39,7 @@ async def test_a_reply_returned_whole_still_reaches_listeners_as_one_chunk(make_
     s = await sup.get_or_create("whole", "t")
     await sup.ensure_live(s)
     deltas, chunks = [], []
-    unsubscribe = sup.events.subscribe_session(s.id, lambda e: e["type"] == "delta" and deltas.append(e["text"]))
+    unsubscribe = sup.events.subscribe_session(s.key, lambda e: e["type"] == "delta" and deltas.append(e["text"]))
     try:
         reply = await sup.chat(s, "echo me", on_chunk=chunks.append)
     finally:

@@ -66,3 +66,19 @@ async def test_one_servers_session_ending_leaves_the_others_agent_alone(make_sup
     await first.queries.end("mine", "default")  # the zygote kills whatever is left under mine's uid
     assert psutil.pid_exists(theirs.pid) and psutil.Process(theirs.pid).status() != psutil.STATUS_ZOMBIE
     assert (await second.chat(theirs, "what is my name?"))["reply"] == "Your name is Grace."
+
+
+def test_one_descriptor_holds_every_claim_and_the_old_lock_files_are_respected(tmp_path):
+    import fcntl
+
+    claims = UidClaims(str(tmp_path))
+    before = len(os.listdir("/proc/self/fd"))
+    assert all(claims.claim(uid) for uid in range(61500, 61550))
+    assert len(os.listdir("/proc/self/fd")) <= before + 1
+    # a server of the previous release holds 61550 with an flock on its own file
+    old = os.open(tmp_path / "61550.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(old, fcntl.LOCK_EX)
+    assert not claims.claim(61550)
+    os.close(old)
+    assert claims.claim(61550)
+    claims.close()

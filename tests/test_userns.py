@@ -172,6 +172,12 @@ async def mcp(http, url: str, sid: str, command: str, **args) -> dict:
     return body["result"]
 
 
+def cap_sets(pid: int) -> dict:
+    """A process's capability sets, from its /proc status."""
+    status = dict(line.split(":\t", 1) for line in open(f"/proc/{pid}/status").read().splitlines() if ":\t" in line)
+    return {k: int(status[k], 16) for k in ("CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb")}
+
+
 def in_agents_namespace(server_pid: int) -> list[int]:
     """Every descendant of the server in another pid namespace than the server's: the agents' init, agents, theirs."""
     own = os.readlink(f"/proc/{server_pid}/ns/pid")
@@ -184,15 +190,17 @@ async def test_nothing_an_unprivileged_session_started_outlives_a_sigkilled_serv
     home = shared_dir / "server"
     home.mkdir()
     proc, url = await asyncio.to_thread(serve_as_user, unprivileged_uid, python_for_user, home,
-                                        "--agent", "tests.agents.hostile:Escaper")
+                                        "--agent", "tests.agents.hostile:Escaper", "--agent-disk", "4M")
     try:
         async with client_session() as http:
             _, health = await call(http, "GET", url + "/health")
             sandbox = health["sandbox"]["layers"]
-            assert {name: sandbox[name]["in_force"] for name in ("uid", "user_namespace", "capabilities", "pid_namespace")} == {
-                "uid": False, "user_namespace": True, "capabilities": True, "pid_namespace": True}, sandbox
+            assert {name: sandbox[name]["in_force"] for name in ("uid", "user_namespace", "capabilities", "pid_namespace", "disk")} == {
+                "uid": False, "user_namespace": True, "capabilities": True, "pid_namespace": True, "disk": True}, sandbox
             for sid in ("a", "b"):
                 assert (await mcp(http, url, sid, "attack", what="escape_tree"))["escaped"]
+            # the disk layer unprivileged: the tmpfs the zygote mounted in its user namespace bounds the agent
+            filled = await mcp(http, url, "a", "attack", what="fill", most=8 * 1024 * 1024)
             held = await mcp(http, url, "a", "privileges")
             made = await mcp(http, url, "a", "attack", what="new_user_namespace")
         zygote = health["zygote_pid"]
@@ -204,7 +212,13 @@ async def test_nothing_an_unprivileged_session_started_outlives_a_sigkilled_serv
             "effective": 0, "permitted": 0, "inheritable": 0, "bounding": [], "ambient": []}
         assert (held["no_new_privs"], held["seccomp"]) == (1, 2)  # SECCOMP_MODE_FILTER
         assert not made["escaped"] and "unshare: Operation not permitted; clone: Operation not permitted" in made["detail"], made
+        assert not filled["escaped"] and "No space left on device after 4194304 bytes" in filled["detail"], filled
         assert len(in_agents_namespace(proc.pid)) == 5  # the namespace's init, two agents, two setsid'ed grandchildren
+        # what the zygote kept of its user namespace's capabilities (to mount each agent's tmpfs): that one, no other;
+        # the init, the agents and theirs: none
+        assert cap_sets(zygote) == {"CapEff": 1 << 21, "CapPrm": 1 << 21, "CapInh": 0, "CapBnd": 0, "CapAmb": 0}
+        assert {pid: cap_sets(pid)["CapEff"] | cap_sets(pid)["CapPrm"] for pid in in_agents_namespace(proc.pid)} == dict.fromkeys(
+            in_agents_namespace(proc.pid), 0)
         started = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
         proc.send_signal(signal.SIGKILL)
         proc.wait()

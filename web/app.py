@@ -6,11 +6,11 @@ from corral.supervisor import Config, Supervisor
 from corral.supervisor.errors import CorralError
 from corral.supervisor.logs import get_logger
 from corral.supervisor.tasks import TaskSet
-from corral.web import cors, forward, monitoring, openapi
+from corral.web import cors, forward, monitoring, openapi, webhooks
 from corral.web.auth import auth_from_config, check_bind, log_mode
 from corral.web.errors import answer_protocol_errors_in_json
 from corral.web.middleware import front_door
-from corral.web.routes import admin, api, chat, cluster, dashboard, health, metrics, stream
+from corral.web.routes import admin, api, chat, cluster, dashboard, health, metrics, stream, usage
 from corral.web.keys import AUTH, BACKGROUND, CONFIG, SUPERVISOR
 
 log = get_logger(component="web")
@@ -30,16 +30,18 @@ def create_app(config: Config, *, store=None, claim=None) -> web.Application:
     answer_protocol_errors_in_json(app)
     app[CONFIG] = config
     app[AUTH] = auth
-    app[SUPERVISOR] = Supervisor(config, store=store, claim=claim, tenant_limits=auth.tenant_limits)
+    app[SUPERVISOR] = Supervisor(config, store=store, claim=claim, tenant_limits=auth.tenant_limits,
+                                 tenant_env=auth.tenant_env, tenant_egress=auth.tenant_egress)
     app[BACKGROUND] = TaskSet(log, expected=(CorralError,))  # those reached the client or the event stream
     app.cleanup_ctx.append(_supervisor_running)  # first up, last down: the parts installed below use it
-    for module in (health, chat, api, admin, cluster, stream, openapi, metrics):
+    for module in (health, chat, api, admin, cluster, stream, openapi, metrics, usage):
         app.add_routes(module.routes)
     stream.setup(app)
     forward.install(app)
     cors.setup(app, config.cors_origins)
     monitoring.install(app)
     dashboard.install(app)
+    webhooks.install(app)
     return app
 
 

@@ -7,6 +7,7 @@ Tenants come from a TOML file (``--tenants`` / ``CORRAL_TENANTS``)::
     [tenants.acme]
     keys = ["key-1", "key-2"]
     max_sessions = 20              # optional per-tenant session quota
+    env = { OPENAI_MODEL = "gpt-4o" }  # optional variables this tenant's agents get
 
 Requests carry ``Authorization: Bearer <key>``. Keys are compared in constant time and never
 logged. With no keys at all the server is in dev mode: every loopback client is tenant
@@ -24,16 +25,23 @@ from pathlib import Path
 
 from aiohttp import web
 
+from corral.agent_proc import environment
+from corral.supervisor.egress import TenantEgress, tenant_egress
 from corral.supervisor.logs import get_logger
+from corral.supervisor.session_keys import DEFAULT_TENANT
+
+from corral.supervisor.settings import http_url
 from corral.web.errors import error_response
 from corral.web.keys import ADMIN, AUTH, TENANT
 
 log = get_logger(component="auth")
 
-DEV_TENANT = "default"
+DEV_TENANT = DEFAULT_TENANT
 _TENANT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Paths under /api/ anyone may read (the API description).
 PUBLIC_API_PATHS = frozenset({"/api/openapi.json"})
+# A tenant's own egress rules and upstreams (docs/security.md#network)
+EGRESS_KEYS = frozenset({"agent_allow", "agent_deny", "upstreams"})
 
 
 class AuthConfigError(ValueError):
@@ -48,8 +56,12 @@ class Auth:
     # digests of one length, so the comparison time says nothing about a key's length either
     keys: list[tuple[bytes, str]] = field(default_factory=list, repr=False)
     tenant_limits: dict[str, int] = field(default_factory=dict)
+    tenant_env: dict[str, dict[str, str]] = field(default_factory=dict, repr=False)  # variables its agents get
     admin_token: bytes | None = field(default=None, repr=False)
     metrics_token: bytes | None = field(default=None, repr=False)  # None: /metrics is open
+    tenant_egress: dict[str, TenantEgress] = field(default_factory=dict, repr=False)  # their rules and upstreams
+
+    tenant_webhooks: dict[str, tuple[str, ...]] = field(default_factory=dict)  # tenant -> its webhook URLs
 
     @property
     def dev_mode(self) -> bool:
@@ -88,8 +100,20 @@ def digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
 
-def load_tenants(path: Path) -> tuple[list[tuple[bytes, str]], dict[str, int], str | None]:
-    """Read a tenants TOML file: (key digests, per-tenant session limits, admin token or None)."""
+@dataclass
+class TenantsFile:
+    """What a tenants file says: key digests with their tenant, and per tenant its limits and settings."""
+
+    keys: list[tuple[bytes, str]] = field(default_factory=list)
+    limits: dict[str, int] = field(default_factory=dict)  # max_sessions
+    envs: dict[str, dict[str, str]] = field(default_factory=dict)  # env its agents get
+    egress: dict[str, TenantEgress] = field(default_factory=dict)  # agent_allow / agent_deny / upstreams
+    webhooks: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    admin: str | None = None  # admin_token
+
+
+def load_tenants(path: Path) -> TenantsFile:
+    """Read a tenants TOML file: every tenant's key digests, session limit, env, egress rules and webhooks."""
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
@@ -103,17 +127,38 @@ def load_tenants(path: Path) -> tuple[list[tuple[bytes, str]], dict[str, int], s
     tenants = data.get("tenants", {})
     if not isinstance(tenants, dict):
         raise AuthConfigError(f"tenants file {path}: [tenants] must be a table of [tenants.NAME] tables")
-    keys, limits = [], {}
+    found = TenantsFile()
+    keys, limits, envs, egress, webhooks = found.keys, found.limits, found.envs, found.egress, found.webhooks
     for name, table in tenants.items():
         where = f"tenants file {path}: [tenants.{name}]"
         tenant_keys, limit = _read_tenant(where, name, table)
         keys.extend((digest(key), name) for key in tenant_keys)
         if limit is not None:
             limits[name] = limit
+        if table.get("env"):
+            envs[name] = dict(table["env"])
+        if EGRESS_KEYS & set(table):
+            try:
+                egress[name] = tenant_egress(table, where)
+            except ValueError as exc:
+                raise AuthConfigError(str(exc)) from None
+        if "webhooks" in table:
+            webhooks[name] = _read_webhooks(where, table["webhooks"])
     admin = data.get("admin_token")
     if admin is not None and (not isinstance(admin, str) or not admin):
         raise AuthConfigError(f"tenants file {path}: admin_token must be a non-empty string")
-    return keys, limits, admin
+    found.admin = admin
+    return found
+
+
+def _read_webhooks(where: str, urls) -> tuple[str, ...]:
+    """A tenant's ``webhooks = ["https://...", ...]``."""
+    if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+        raise AuthConfigError(f"{where}: webhooks must be a list of URLs")
+    try:
+        return tuple(http_url(url) for url in urls)
+    except ValueError as exc:
+        raise AuthConfigError(f"{where}: webhooks: {exc}") from None
 
 
 def _read_tenant(where: str, name: str, table) -> tuple[list[str], int | None]:
@@ -122,9 +167,11 @@ def _read_tenant(where: str, name: str, table) -> tuple[list[str], int | None]:
         raise AuthConfigError(f"{where}: tenant names are 1-64 characters of A-Z a-z 0-9 . _ -")
     if not isinstance(table, dict):
         raise AuthConfigError(f"{where}: must be a table with keys = [...]")
-    unknown = set(table) - {"keys", "max_sessions"}
+    allowed = {"keys", "max_sessions", "env", "webhooks"} | EGRESS_KEYS
+    unknown = set(table) - allowed
     if unknown:
-        raise AuthConfigError(f"{where}: unknown settings {sorted(unknown)} (allowed: keys, max_sessions)")
+        raise AuthConfigError(f"{where}: unknown settings {sorted(unknown)} (allowed: {', '.join(sorted(allowed))})")
+    _check_env(where, table.get("env", {}))
     keys = table.get("keys")
     if not isinstance(keys, list) or not keys or not all(isinstance(k, str) and k for k in keys):
         raise AuthConfigError(f"{where}: keys must be a non-empty list of non-empty strings")
@@ -134,20 +181,33 @@ def _read_tenant(where: str, name: str, table) -> tuple[list[str], int | None]:
     return keys, limit
 
 
+def _check_env(where: str, env) -> None:
+    """Refuse an ``env`` that is not a table of variable names to strings."""
+    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+        raise AuthConfigError(f"{where}: env must be a table of NAME = \"value\" strings")
+    for name in env:
+        if not environment.valid_name(name):
+            raise AuthConfigError(f"{where}: env: {name!r} is not a variable name agents may get "
+                                  f"(A-Z a-z 0-9 _, not {', '.join(environment.RESERVED)})")
+
+
 def auth_from_config(config) -> Auth:
     """Build the server's Auth from ``config.tenants`` and ``config.admin_token``."""
-    keys, limits, admin = ([], {}, None) if config.tenants is None else load_tenants(config.tenants)
+    tenants = TenantsFile() if config.tenants is None else load_tenants(config.tenants)
+    keys, admin = tenants.keys, tenants.admin
     seen: dict[bytes, str] = {}
     for key, tenant in keys:
         if key in seen:
-            raise AuthConfigError(f"the same API key is given to tenants {seen[key]!r} and {tenant!r}")
+            raise AuthConfigError(f"tenants file {config.tenants}: the same API key is given to tenants "
+                                  f"{seen[key]!r} and {tenant!r}")
         seen[key] = tenant
     admin = config.admin_token or admin
     if admin and digest(admin) in seen:
-        raise AuthConfigError("the admin token must differ from every tenant key")
+        raise AuthConfigError(f"tenants file {config.tenants}: the admin token must differ from every tenant key")
     metrics = getattr(config, "metrics_token", None)
-    return Auth(keys=keys, tenant_limits=limits, admin_token=digest(admin) if admin else None,
-                metrics_token=digest(metrics) if metrics else None)
+    return Auth(keys=keys, tenant_limits=tenants.limits, tenant_env=tenants.envs,
+                admin_token=digest(admin) if admin else None, metrics_token=digest(metrics) if metrics else None,
+                tenant_egress=tenants.egress, tenant_webhooks=tenants.webhooks)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -240,6 +300,12 @@ def _metrics_check(auth: Auth, request: web.Request) -> web.Response | None:
     if auth.metrics_token is None or auth.is_metrics_token(token) or auth.is_admin_token(token):
         return None
     return unauthorized("/metrics needs the metrics token: Authorization: Bearer <metrics token>")
+
+
+def may_see_tenants(request: web.Request) -> bool:
+    """Whether /metrics may show tenant names: in dev mode, or to the metrics or admin token's holder."""
+    auth, token = request.app[AUTH], bearer_token(request)
+    return auth.dev_mode or auth.is_metrics_token(token) or auth.is_admin_token(token)
 
 
 def refusal(request: web.Request) -> web.Response | None:

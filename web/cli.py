@@ -5,13 +5,20 @@ snake case (--idle-timeout <-> CORRAL_IDLE_TIMEOUT); a flag on the command line 
 The flags come from the settings' declarations (supervisor/config.py).
 """
 
-import argparse
-import contextlib
+from corral.web import argv_secrets
+
+# First of all, before the imports below take their ~0.1 s: the console script imports this module.
+SECRET_FLAGS_GIVEN = argv_secrets.hide()
+
+import argparse  # noqa: E402 (after hiding the secrets)
 import dataclasses
+import difflib
+import errno
 import gc
 import os
 import socket
 import sys
+import time
 
 from corral.supervisor.config import Config, SettingError, settings
 from corral.web import ops_cli
@@ -32,7 +39,48 @@ def _parser(name: str, convert):
 
 
 class CommandParser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line and exit code 1."""
+    """argparse that reports a usage error as one line and exit code 1, by the (sub)command at fault."""
+
+    def __init__(self, *args, **kwargs):
+        self.flags: list[str] = []  # every option string, for suggestions
+        self.commands = None  # the subparsers action, if this parser has subcommands
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        """Add an argument and remember its option strings."""
+        action = super().add_argument(*args, **kwargs)
+        self.flags.extend(action.option_strings)
+        return action
+
+    def add_subparsers(self, **kwargs):
+        """Add subcommands and remember where they are."""
+        self.commands = super().add_subparsers(**kwargs)
+        return self.commands
+
+    def parse_args(self, args=None, namespace=None):
+        """Parse; an unknown argument is reported by the subcommand it was given to, with the nearest flag."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = self.chosen(parsed)
+            hint = parser.suggest(extras)
+            parser.error(f"unrecognized arguments: {' '.join(extras)}" + (f"; did you mean {hint}?" if hint else ""))
+        return parsed
+
+    def chosen(self, parsed: argparse.Namespace) -> "CommandParser":
+        """The innermost (sub)command parser the parsed arguments went to."""
+        parser = self
+        while parser.commands is not None and getattr(parsed, parser.commands.dest, None) in parser.commands.choices:
+            parser = parser.commands.choices[getattr(parsed, parser.commands.dest)]
+        return parser
+
+    def suggest(self, extras: list[str]) -> str | None:
+        """The known flag nearest an unknown one among ``extras``, if any is near."""
+        for extra in extras:
+            if extra.startswith("-"):
+                near = difflib.get_close_matches(extra.partition("=")[0], self.flags, n=1, cutoff=0.6)
+                if near:
+                    return near[0]
+        return None
 
     def error(self, message: str):
         """One line on stderr, exit 1 (argparse's own prints the usage and exits 2)."""
@@ -47,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the server", description=__doc__)
     for item in settings():
         serve.add_argument(item.flag, dest=item.name, type=_parser(item.setting.kind.name, item.setting.kind.parse),
-                           default=None, help=f"{item.setting.help} (default {item.shown_default}) [env {item.env}]")
+                           default=None, action="append" if item.setting.kind.repeat else "store",
+                           help=f"{item.setting.help} (default {item.shown_default}) [env {item.env}]")
     ops_cli.add_parsers(sub)
     return parser
 
@@ -56,8 +105,10 @@ def config_from(args: argparse.Namespace, environ=os.environ) -> Config:
     """Merge flags over environment over defaults; a bad value exits with one line naming where it came from."""
     values, sources = {}, {}
     for item in settings():
-        name, parse = item.name, _parser(item.setting.kind.name, item.setting.kind.parse)
+        name, parse = item.name, _parser(item.setting.kind.name, item.setting.kind.parse_all)
         value, source = getattr(args, name, None), item.flag
+        if isinstance(value, list):  # a repeated flag
+            value = tuple(value)
         if value is None and environ.get(item.env):
             source = item.env
             try:
@@ -70,14 +121,25 @@ def config_from(args: argparse.Namespace, environ=os.environ) -> Config:
         return Config(**values)
     except SettingError as exc:
         raise SystemExit(f"corral: {sources.get(exc.name, exc.name)}: {exc.problem} "
-                         f"(got {values.get(exc.name)!r})") from None
+                         f"(got {_shown(values.get(exc.name))})") from None
     except ValueError as exc:
         raise SystemExit(f"corral: {exc}") from None
 
 
+def _shown(value) -> str:
+    """A setting's value in an error line: a path as the text it was given as."""
+    return repr(str(value)) if isinstance(value, os.PathLike) else repr(value)
+
+
 def serve(config: Config) -> int:
     """Run the server until SIGINT/SIGTERM."""
+    from corral.web.serving import Ladder
+
+    event_loop = new_event_loop(config.loop)
+    # first, before the web stack is imported: from here a stop signal is queued, not a traceback
+    ladder = Ladder(event_loop)
     from corral.agent_proc.process import set_title
+    from corral.supervisor import descriptors
     from corral.supervisor.errors import StartupError
     from corral.supervisor.logs import configure, get_logger
     from corral.web.app import create_app
@@ -87,16 +149,21 @@ def serve(config: Config) -> int:
         # the port, then the node's identity, before anything touches the store: a second server
         # on a taken port or a held identity stops here and leaves the live one's sessions alone
         config, sockets = listen(config)
-        event_loop = new_event_loop(config.loop)
         store, claim = claim_identity(config, event_loop)
     except StartupError as exc:
         print(f"corral: cannot start: {exc}", file=sys.stderr)
         return 1
     configure(config.log_level)
-    agents_importable_from_cwd()
-    raise_open_files_limit()
-    set_title(f"corral: supervisor {config.host}:{config.port}")
     log = get_logger(component="cli")
+    if SECRET_FLAGS_GIVEN:
+        log.warning("secret_on_command_line", flags=sorted(set(SECRET_FLAGS_GIVEN)),
+                    detail="hidden from /proc/PID/cmdline at start, but visible to every local user until then and "
+                           "kept by shells and process accounting: use --admin-token-file / --database-url-file "
+                           "(or CORRAL_ADMIN_TOKEN_FILE / CORRAL_DATABASE_URL_FILE) instead")
+    agents_importable_from_cwd()
+    soft, hard = descriptors.raise_limit(config.max_sessions)  # a process-wide choice: here, not in the supervisor
+    set_title(f"corral: supervisor {config.host}:{config.port}")
+    log.info("open_files_limit", soft=soft, hard=hard, needed=descriptors.needed(config.max_sessions))
     try:
         app = create_app(config, store=store, claim=claim)
     except AuthConfigError as exc:
@@ -104,12 +171,19 @@ def serve(config: Config) -> int:
         return 1
     log.info("serving", host=config.host, port=config.port, agent=config.agent)
     try:
-        run_app(app, sockets=sockets, loop=event_loop)
+        run_app(app, sockets=sockets, loop=event_loop, ladder=ladder)
     except StartupError as exc:
         # e.g. a corrupt SQLite file, an unreachable PostgreSQL, an agent that does not import:
         # the operator's to fix, so one line saying what (and the log event), not a traceback
         log.error("cannot_start", error=str(exc))
         print(f"corral: cannot start: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        # another process took to listening on the port while this one started (bound, not listening)
+        print(f"corral: cannot start: cannot listen on {config.host}:{config.port}: {describe_os_error(exc)}",
+              file=sys.stderr)
         return 1
     return 0
 
@@ -141,7 +215,12 @@ def claim_identity(config: Config, event_loop):
 
 
 def bind_sockets(host: str, port: int) -> list[socket.socket]:
-    """Listening sockets on every address ``host`` resolves to (as aiohttp would bind them)."""
+    """Sockets bound on every address ``host`` resolves to (as aiohttp would bind them), not yet listening.
+
+    aiohttp listens on them once the app has started (store, zygote, the agent's checks): a server
+    that refuses to start never opened its port, and a client is refused rather than left waiting.
+    A port someone listens on is refused here already.
+    """
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     unique = {(family, address): (family, kind, proto) for family, kind, proto, _, address in infos}
     sockets: list[socket.socket] = []
@@ -155,8 +234,6 @@ def bind_sockets(host: str, port: int) -> list[socket.socket]:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
-            # listening now holds the port: SO_REUSEADDR lets a second bind through until someone listens
-            sock.listen(128)
     except OSError:
         for sock in sockets:
             sock.close()
@@ -182,16 +259,6 @@ def agents_importable_from_cwd() -> None:
         sys.path.append(cwd)
 
 
-def raise_open_files_limit() -> None:
-    """Lift the soft open-files limit to the hard one: each live session holds three descriptors here."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def new_event_loop(choice: str = "auto"):
     """A fresh event loop: uvloop when chosen (or, with ``auto``, when importable), else asyncio's."""
     import asyncio
@@ -208,22 +275,54 @@ def new_event_loop(choice: str = "auto"):
 
 
 def run_app(app, *, host: str = "127.0.0.1", port: int = 8080, sockets: list[socket.socket] | None = None,
-            loop="auto") -> None:
-    """Serve an aiohttp app (on ``sockets``, else on host:port) until SIGINT/SIGTERM.
+            loop="auto", ladder=None) -> None:
+    """Serve an aiohttp app (on ``sockets``, else on host:port) until SIGINT/SIGTERM stop it (web/serving.py).
 
-    ``loop`` is an event loop, or the name of the kind to make (``new_event_loop``).
+    ``loop`` is an event loop, or the name of the kind to make (``new_event_loop``); ``ladder`` the
+    shutdown ladder already installed on it, if any.
     """
-    from aiohttp import web
-
     from corral.supervisor.logs import get_logger
+    from corral.web import serving
+    from corral.web.keys import SUPERVISOR
 
     event_loop = new_event_loop(loop) if isinstance(loop, str) else loop
     get_logger(component="cli").info("event_loop", loop=type(event_loop).__module__.split(".")[0])
+    event_loop.set_exception_handler(AcceptPauses())
     tune_gc()
     app.on_startup.append(_freeze_startup_objects)
     if sockets is None:
         sockets = bind_sockets(host, port)
-    web.run_app(app, sock=sockets, print=None, access_log=None, loop=event_loop)
+    serving.serve(app, sockets, event_loop, ladder=ladder, supervisor=app.get(SUPERVISOR))
+
+
+# What an accept() that meets a full descriptor table (or no memory) raises: the loop stops accepting
+# for a second and tries again, and the server goes on. asyncio reports it to the loop's exception
+# handler, whose default logs a traceback at error level.
+ACCEPT_EXHAUSTION = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class AcceptPauses:
+    """The loop's exception handler: an accept out of descriptors is a warning line (at most one a
+    second, with how many it stands for); anything else goes to the loop's default handler."""
+
+    def __init__(self):
+        self.last = 0.0
+        self.unreported = 0
+
+    def __call__(self, loop, context: dict) -> None:
+        """Handle one error the loop reports."""
+        exc = context.get("exception")
+        if not (isinstance(exc, OSError) and exc.errno in ACCEPT_EXHAUSTION and "accept" in context.get("message", "")):
+            loop.default_exception_handler(context)
+            return
+        self.unreported += 1  # asyncio calls this once per accept it tries in the pass, up to its backlog
+        now = time.monotonic()
+        if now - self.last >= 1.0:
+            from corral.supervisor.logs import get_logger
+
+            get_logger(component="cli").warning("accept_paused", reason=exc.strerror, retry_seconds=1,
+                                                times=self.unreported)
+            self.last, self.unreported = now, 0
 
 
 # Collect the youngest generation every 50,000 net allocations instead of 700. A request allocates

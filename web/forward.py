@@ -17,12 +17,14 @@ from multidict import CIMultiDict
 
 from corral.supervisor import errors
 from corral.supervisor.logs import get_logger
-from corral.web.keys import CONFIG, ERROR_CODE, RAW_BODY, SUPERVISOR
+from corral.web.keys import CONFIG, ERROR_CODE, OWNER_UNREACHABLE, RAW_BODY, SUPERVISOR
 
 log = get_logger(component="forward")
 
 FORWARDED_BY = "X-Corral-Forwarded-By"
 STREAM_PATHS = frozenset({"/api/chat/stream"})
+READS = frozenset({hdrs.METH_GET, hdrs.METH_HEAD})
+OWNER_UNREACHABLE_CODE = "owner_unreachable"
 
 # headers of one hop (RFC 9110 7.6.1), and the ones aiohttp recomputes for the relayed body
 _NOT_RELAYED = frozenset(h.lower() for h in (
@@ -76,14 +78,29 @@ async def _pool_open(app: web.Application):
 
 @web.middleware
 async def relay_moved(request: web.Request, handler):
-    """Run the handler; if the session lives on another live node, answer with that node's answer."""
+    """Run the handler; if the session lives on another live node, answer with that node's answer.
+
+    A read (GET) whose owner does not answer (it died, its lease has not run out yet) is answered
+    here from the store instead of 503 ``owner_unreachable``.
+    """
     try:
         return await handler(request)
     except errors.SessionMoved as moved:
         if moved.owner_url is None or FORWARDED_BY in request.headers:
             raise
-        request.app[SUPERVISOR].counters["forwards"] += 1
-        return await relay(request, moved.owner_url)
+        sup = request.app[SUPERVISOR]
+        sup.counters["forwards"] += 1
+        try:
+            if request.path in STREAM_PATHS:  # open as long as the client wants: ended at shutdown
+                return await relay(request, moved.owner_url)
+            # counted by a stopping server's drain, and answered 503 shutting_down if still waiting at its end
+            return await sup.drain.relay(relay(request, moved.owner_url))
+        except errors.Unavailable as exc:
+            if exc.code != OWNER_UNREACHABLE_CODE or request.method not in READS or request.path in STREAM_PATHS:
+                raise
+        # a read of a session whose owner died (its lease not yet over): what the store has is the answer
+        request[OWNER_UNREACHABLE] = True
+        return await handler(request)
 
 
 async def relay(request: web.Request, owner_url: str) -> web.StreamResponse:
@@ -91,8 +108,7 @@ async def relay(request: web.Request, owner_url: str) -> web.StreamResponse:
     body = request.get(RAW_BODY)
     if body is None:
         body = await request.read()
-    headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _NOT_RELAYED)
-    headers[FORWARDED_BY] = request.app[SUPERVISOR].node
+    headers = _relayed_headers(request)
     streaming = request.path in STREAM_PATHS
     # the owner bounds its own turns by request_timeout; this only guards against an owner that hangs
     read = None if streaming else request.app[CONFIG].request_timeout + 10
@@ -103,14 +119,14 @@ async def relay(request: web.Request, owner_url: str) -> web.StreamResponse:
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
         log.warning("forward_failed", owner=owner_url, path=request.path, error=str(exc) or type(exc).__name__)
         raise errors.Unavailable("the node that owns this session is not answering; retry shortly",
-                                 retry_after=1, code="owner_unreachable") from None
+                                 retry_after=1, code=OWNER_UNREACHABLE_CODE) from None
     try:
         if streaming and upstream.status == 200:
             return await _relay_stream(request, upstream)
         payload = await upstream.read()
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         raise errors.Unavailable(f"the owning node broke off its answer ({type(exc).__name__})",
-                                 retry_after=1, code="owner_unreachable") from None
+                                 retry_after=1, code=OWNER_UNREACHABLE_CODE) from None
     finally:
         upstream.release()
     response = web.Response(status=upstream.status, body=payload, headers=_answer_headers(upstream))
@@ -118,6 +134,38 @@ async def relay(request: web.Request, owner_url: str) -> web.StreamResponse:
     if code is not None:
         response[ERROR_CODE] = code
     return response
+
+
+def _relayed_headers(request: web.Request) -> CIMultiDict:
+    """The client's request headers minus the hop's own, marked as relayed by this node."""
+    headers = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in _NOT_RELAYED)
+    headers[FORWARDED_BY] = request.app[SUPERVISOR].node
+    return headers
+
+
+async def follow_stream(request: web.Request, response: web.StreamResponse, owner_url: str) -> None:
+    """Relay the owner's event stream into a stream already open here (its session was activated there).
+
+    The owner's stream begins with its own ``state`` snapshot (ids are per node, so no resume);
+    it ends when either side goes away, and the client's EventSource reconnects.
+    """
+    headers = _relayed_headers(request)
+    headers.popall("Last-Event-ID", None)
+    try:
+        upstream = await request.app[POOL].session.get(
+            owner_url + request.rel_url.raw_path_qs, headers=headers, allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5))
+    except (aiohttp.ClientError, OSError, errors.Unavailable) as exc:
+        log.warning("stream_follow_failed", owner=owner_url, error=str(exc) or type(exc).__name__)
+        return
+    try:
+        if upstream.status == 200:
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+    except (ConnectionError, aiohttp.ClientError):
+        pass  # the client left, or the owner ended its stream
+    finally:
+        upstream.release()
 
 
 def _relayed_error_code(payload: bytes) -> str | None:
@@ -135,6 +183,16 @@ async def live_rows_elsewhere(request: web.Request, tenant: str | None, most: in
     Each node answers for its own processes (pid, memory, CPU); a node that does not answer in
     time is left out of this view rather than holding it up.
     """
+    query = {"state": "live", "limit": str(min(most, 1000)), **({"tenant": tenant} if tenant else {})}
+    answers = await ask_peers(request, "/admin/sessions", query)
+    return [row for answer in answers for row in answer.get("sessions", [])]
+
+
+async def ask_peers(request: web.Request, path: str, query: dict | None = None) -> list[dict]:
+    """The JSON answer of every other live node to ``GET path`` (the caller's credentials, local-only).
+
+    A node that does not answer in time, or not with a 200, is left out rather than holding the view up.
+    """
     sup = request.app[SUPERVISOR]
     peers = [n["url"] for n in await sup.queries.cluster_nodes() if n.get("alive") and not n.get("self")]
     if not peers:
@@ -142,15 +200,14 @@ async def live_rows_elsewhere(request: web.Request, tenant: str | None, most: in
     headers = {FORWARDED_BY: sup.node}  # marks the call as local-only: no fan-out from there
     if hdrs.AUTHORIZATION in request.headers:
         headers[hdrs.AUTHORIZATION] = request.headers[hdrs.AUTHORIZATION]
-    query = {"state": "live", "limit": str(min(most, 1000)), **({"tenant": tenant} if tenant else {})}
 
-    async def one(url: str) -> list[dict]:
-        async with request.app[POOL].session.get(url + "/admin/sessions", params=query, headers=headers,
-                                           timeout=aiohttp.ClientTimeout(total=5)) as r:
-            return (await r.json())["sessions"] if r.status == 200 else []
+    async def one(url: str) -> dict | None:
+        async with request.app[POOL].session.get(url + path, params=query or {}, headers=headers,
+                                                 timeout=aiohttp.ClientTimeout(total=5)) as r:
+            return await r.json() if r.status == 200 else None
 
     answers = await asyncio.gather(*(one(url) for url in peers), return_exceptions=True)
-    return [row for rows in answers if isinstance(rows, list) for row in rows]
+    return [answer for answer in answers if isinstance(answer, dict)]
 
 
 def _answer_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict:

@@ -19,13 +19,15 @@ routes = web.RouteTableDef()
 ERROR_MEANINGS = {
     400: "Bad input: malformed JSON, a wrong type, a missing field or a bad session id",
     401: "Missing or wrong API key (or admin token)",
-    404: "Unknown session, or another tenant's; unknown path or file",
+    404: "Unknown session (ids are per tenant: another tenant's id is never shown); unknown path or file",
+    409: "The admin named an id several tenants have without saying whose (?tenant=)",
     413: "Body or message over max_message_bytes",
     429: "Over the session's rate limit or mailbox bound, or the tenant's session quota",
     502: ("The agent died during the request (agent_crashed / agent_oom; the next request respawns it), "
           "answered with a result JSON cannot carry (agent_bad_reply), or a service it relies on failed "
           "(upstream_error); in the last two it lives on"),
-    503: "At max_sessions, the session's restart budget is spent, or the store or zygote is unavailable",
+    503: "At max_sessions, the session's restart budget is spent, the store or zygote is unavailable, "
+         "or a resource (open files, sandbox uids, processes, memory) ran out for a new session",
     504: "The turn took longer than request_timeout and was interrupted",
 }
 _RETRYABLE = {429, 503}
@@ -81,6 +83,11 @@ session's process."""
 ADMIN_EVENTS_DESCRIPTION = """What the dashboard listens to: a `sessions` event with the live sessions (admin rows) on
 connect, then the supervisor's `state`, `spawned` and `end` events as they happen, and a `figures`
 event with every live session's process figures every 2 seconds."""
+USAGE_DESCRIPTION = """Sums of the hours from the one `since` falls in to before `until` (either may be unix
+seconds, an ISO 8601 time, UTC unless it says, or an age such as `24h` or `7d`; absent: from the start, until
+now). Pending usage of this node is written first; other nodes write theirs within 50 ms of each turn."""
+USAGE_PERIOD = [{"name": name, "in": "query", "required": False, "schema": STRING,
+                 "description": f"{name}: unix seconds, ISO 8601 or an age (24h, 7d)"} for name in ("since", "until")]
 PAGE_FILES = sorted(path.name for path in STATIC.iterdir() if path.is_file())
 
 
@@ -100,9 +107,10 @@ def _operations() -> dict:
     return {
         paths.HEALTH: {"get": {
             "summary": "Status, version, live sessions and the memory-limit mechanism",
-            "description": "Without the admin token (where the admin API needs one) only `status` and `version`.",
+            "description": "Without the admin token (where the admin API needs one) only `status` and `version`. "
+                           "A stopping server answers 503 `shutting_down` (with `status`: `draining`).",
             "operationId": "health", "tags": ["operations"], "security": [{}, *admin],
-            "responses": answers({200: ("The server is up", ref("Health"))}),
+            "responses": answers({200: ("The server is up", ref("Health"))}, 503),
         }},
         paths.CHAT: {"post": {
             "summary": "Send a user message; by default wait for the reply",
@@ -191,36 +199,36 @@ def _operations() -> dict:
             "responses": answers({200: ("A page of sessions, newest first", ref("AdminSessionList"))}, 400, 401, 503),
         }},
         paths.ADMIN_SESSION: {
-            "parameters": [param("SessionIdPath")],
+            "parameters": [param("SessionIdPath"), param("AdminTenant")],
             "get": {
                 "summary": "Inspect any session", "operationId": "adminGetSession", "tags": ["admin"], "security": admin,
-                "responses": answers({200: ("The session", ref("AdminSession"))}, 400, 401, 404, 503),
+                "responses": answers({200: ("The session", ref("AdminSession"))}, 400, 401, 404, 409, 503),
             },
             "delete": {
                 "summary": "Kill a session (202 while it stops); a down one is forgotten",
                 "operationId": "adminKillSession", "tags": ["admin"], "security": admin, "parameters": [param("Purge")],
                 "responses": answers(
                     {202: ("Being killed", ref("AdminSession")), 200: ("It was not running; forgotten", ref("AdminSession"))},
-                    400, 401, 404, 503,
+                    400, 401, 404, 409, 503,
                 ),
             },
         },
         paths.ADMIN_SESSION_INTERRUPT: {
-            "parameters": [param("SessionIdPath")],
+            "parameters": [param("SessionIdPath"), param("AdminTenant")],
             "post": {
                 "summary": "Interrupt any session's turn in progress", "operationId": "adminInterrupt",
                 "tags": ["admin"], "security": admin,
                 "responses": answers({200: ("Whether a turn was interrupted", ref("AdminInterruptResult"))},
-                                     400, 401, 404, 503),
+                                     400, 401, 404, 409, 503),
             },
         },
         paths.ADMIN_SESSION_LOGS: {
-            "parameters": [param("SessionIdPath")],
+            "parameters": [param("SessionIdPath"), param("AdminTenant")],
             "get": {
                 "summary": "The last lines the session's agent wrote to stdout and stderr, oldest first",
                 "operationId": "adminSessionLogs", "tags": ["admin"], "security": admin,
                 "parameters": [paths.LOG_LINES.parameter()],
-                "responses": answers({200: ("The kept lines", ref("AgentOutput"))}, 400, 401, 404, 503),
+                "responses": answers({200: ("The kept lines", ref("AgentOutput"))}, 400, 401, 404, 409, 503),
             },
         },
         paths.ADMIN_STATS: {"get": {
@@ -246,6 +254,41 @@ def _operations() -> dict:
             "responses": {
                 "200": {"description": "The file", "content": {kind: {"schema": {"type": "string"}} for kind in (
                     "text/html", "text/css", "text/javascript", "application/javascript")}},
+                **answers({}, 404),
+            },
+        }},
+        paths.ADMIN_USAGE: {"get": {
+            "summary": "Usage per tenant over a period (every node's share, from the store)",
+            "description": USAGE_DESCRIPTION, "operationId": "adminUsage", "tags": ["admin"], "security": admin,
+            "parameters": [{"name": "tenant", "in": "query", "required": False, "schema": STRING}, *USAGE_PERIOD],
+            "responses": answers({200: ("Each tenant's sums", ref("UsageReport"))}, 400, 401, 503),
+        }},
+        paths.USAGE: {"get": {
+            "summary": "Your own usage over a period", "description": USAGE_DESCRIPTION, "operationId": "usage",
+            "tags": ["sessions"], "security": tenant, "parameters": USAGE_PERIOD,
+            "responses": answers({200: ("Your sums (no other tenant's)", ref("UsageReport"))}, 400, 401, 503),
+        }},
+        paths.ADMIN_TIMELINE: {"get": {
+            "summary": "This node's last hour: live sessions, memory, CPU, turns a second, ends by reason",
+            "operationId": "adminTimeline", "tags": ["admin"], "security": admin,
+            "responses": answers({200: ("The node's ring", ref("Timeline"))}, 401),
+        }},
+        paths.ADMIN_SESSION_TIMELINE: {
+            "parameters": [param("SessionIdPath")],
+            "get": {
+                "summary": "One session's memory and CPU over its life (this node's ring)",
+                "operationId": "adminSessionTimeline", "tags": ["admin"], "security": admin,
+                "responses": answers({200: ("The session's ring", ref("Timeline"))}, 400, 401, 404),
+            },
+        },
+        paths.STATIC_VENDOR_FILE: {"get": {
+            "summary": "A file of a charting library shipped with the pages (uPlot and its license)",
+            "operationId": "staticVendorFile", "tags": ["pages"], "security": public,
+            "parameters": [{"name": "library", "in": "path", "required": True, "schema": {"type": "string"}},
+                           {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {
+                "200": {"description": "The file", "content": {kind: {"schema": {"type": "string"}} for kind in (
+                    "text/css", "text/javascript", "application/javascript", "text/plain")}},
                 **answers({}, 404),
             },
         }},

@@ -130,6 +130,7 @@ SCHEMAS = {
             "metadata": {"type": "object"},
             "live": BOOLEAN,
             "node": _nullable(STRING),  # the node that holds it (in a cluster, its owner)
+            "usage": ref("Usage"),  # GET /admin/sessions/{id} only
             # Process figures (docs/operations.md): sessions held on this node; null without a process.
             "rss_bytes": _nullable(INTEGER),
             "uss_bytes": _nullable(INTEGER),
@@ -141,6 +142,9 @@ SCHEMAS = {
             "cgroup": _nullable(_object({"current": INTEGER, "peak": _nullable(INTEGER)})),
             "processes": _nullable(INTEGER),
             "limits": _object({}),
+            # its traffic through the egress gateway (docs/security.md#network); null without one
+            "egress": _nullable(_object({"bytes_in": INTEGER, "bytes_out": INTEGER, "requests": INTEGER,
+                                         "refused": INTEGER})),
         },
         required=("session_id", "tenant", "state"),
         description=(
@@ -158,7 +162,8 @@ SCHEMAS = {
         required=("sessions",),
     ),
     "AdminInterruptResult": _object(
-        {"session_id": SESSION_ID, "state": STATE, "interrupted": BOOLEAN}, required=("session_id", "interrupted")
+        {"session_id": SESSION_ID, "tenant": STRING, "state": STATE, "interrupted": BOOLEAN},
+        required=("session_id", "interrupted")
     ),
     "AgentOutput": _object(
         {
@@ -195,6 +200,39 @@ SCHEMAS = {
         },
         required=("sessions_total", "sessions_active", "by_tenant"),
     ),
+    "Usage": _object(
+        {
+            "starts": INTEGER, "turns": INTEGER, "messages_in": INTEGER, "messages_out": INTEGER,
+            "bytes_in": INTEGER, "bytes_out": INTEGER, "cpu_seconds": NUMBER, "memory_mib_seconds": NUMBER,
+            "memory_peak_bytes": INTEGER, "egress_bytes": INTEGER, "egress_requests": INTEGER, "ends": INTEGER,
+            "end_reasons": {"type": "object", "additionalProperties": INTEGER},
+            "last_end_reason": _nullable(STRING),
+        },
+        required=("turns", "cpu_seconds", "memory_mib_seconds", "ends"),
+        description="What sessions used (docs/operations.md#usage): counts, UTF-8 bytes, CPU seconds, MiB·s",
+    ),
+    "UsageReport": _object(
+        {
+            "since": _nullable(NUMBER), "until": _nullable(NUMBER), "hour_granularity": BOOLEAN,
+            "tenants": {"type": "object", "additionalProperties": ref("Usage")},
+        },
+        required=("tenants",),
+    ),
+    "Timeline": _object(
+        {
+            "node": STRING, "session_id": SESSION_ID, "interval": NUMBER,
+            "t": {"type": "array", "items": NUMBER},
+            "live": {"type": "array", "items": INTEGER},
+            "memory_mib": {"type": "array", "items": NUMBER},
+            "cpu_cores": {"type": "array", "items": NUMBER},
+            "turns_per_s": {"type": "array", "items": NUMBER},
+            "ends": {"type": "object", "additionalProperties": {"type": "array", "items": INTEGER}},
+            "cluster": {"type": "array", "items": {"type": "object"},
+                        "description": "In a cluster: every live node's own timeline, this node's first"},
+        },
+        required=("t", "memory_mib", "cpu_cores"),
+        description="Columns of points (unix seconds in t) from this node's in-memory rings",
+    ),
     "Node": _object(
         {
             "node": STRING,
@@ -218,6 +256,8 @@ SCHEMAS = {
             "limit": _nullable({"type": "object", "description": "The memory-limit mechanism in use"}),
             "sandbox": _nullable({"type": "object", "description": "Admin only: the agent sandbox's mode and "
                                   "layers, each in force (detail) or missing (reason)"}),
+            "egress": _nullable({"type": "object", "description": "Admin only: the egress gateway (agents' address "
+                                 "for it, upstream names, rule counts); null without --agent-network proxy"}),
         },
         required=("status", "version"),
     ),
@@ -233,6 +273,11 @@ PARAMETERS = {
         "description": "The session, when neither the body nor the query names it",
     },
     "SessionIdPath": {"name": "session_id", "in": "path", "required": True, "schema": SESSION_ID},
+    "AdminTenant": {
+        "name": "tenant", "in": "query", "required": False, "schema": STRING,
+        "description": "Whose session: ids are per tenant. Needed when several tenants have a session with this id "
+                       "(409 ambiguous_session without it)",
+    },
     "Purge": {
         "name": "purge", "in": "query", "required": False, "schema": {"type": "boolean", "default": False},
         "description": "Also delete the session's messages and record",

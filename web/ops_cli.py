@@ -5,6 +5,7 @@ token; both default from ``CORRAL_URL`` and ``CORRAL_ADMIN_TOKEN``. ``corral top
 rich table refreshed every second (keys: ``m`` memory, ``c`` CPU, ``i`` idle, ``n`` messages,
 ``q`` quit); ``--once`` prints one plain, whitespace-separated snapshot for scripts.
 ``corral sessions logs ID`` prints the last lines a session's agent wrote to stdout and stderr.
+``corral usage [--tenant NAME] [--since ...] [--until ...]`` prints each tenant's usage over a period.
 """
 
 import argparse
@@ -77,15 +78,15 @@ class AdminClient:
             offset = page.get("next_offset")
         return rows
 
-    def kill(self, session_id: str, purge: bool = False) -> dict:
-        """Kill (or forget) one session."""
+    def kill(self, session_id: str, purge: bool = False, tenant: str | None = None) -> dict:
+        """Kill (or forget) one session (``tenant``: whose, when several tenants use the id)."""
         quoted = urllib.parse.quote(session_id, safe="")
-        return self.request("DELETE", f"/admin/sessions/{quoted}", {"purge": "true"} if purge else None)
+        return self.request("DELETE", f"/admin/sessions/{quoted}", {"purge": "true" if purge else None, "tenant": tenant})
 
-    def logs(self, session_id: str, lines: int | None = None) -> dict:
+    def logs(self, session_id: str, lines: int | None = None, tenant: str | None = None) -> dict:
         """The kept lines of one session's agent output."""
         quoted = urllib.parse.quote(session_id, safe="")
-        return self.request("GET", f"/admin/sessions/{quoted}/logs", {"lines": lines})
+        return self.request("GET", f"/admin/sessions/{quoted}/logs", {"lines": lines, "tenant": tenant})
 
 
 def _error_message(exc: urllib.error.HTTPError) -> str:
@@ -248,29 +249,67 @@ def sessions_list(client: AdminClient, *, state: str | None, tenant: str | None,
     return 0
 
 
-def sessions_kill(client: AdminClient, session_id: str, *, purge: bool, out=sys.stdout) -> int:
+def sessions_kill(client: AdminClient, session_id: str, *, purge: bool, tenant: str | None = None,
+                  out=sys.stdout) -> int:
     """``corral sessions kill ID``."""
-    row = client.kill(session_id, purge=purge)
+    row = client.kill(session_id, purge=purge, tenant=tenant)
     print(f"{row.get('session_id', session_id)} {row.get('state')}{' purged' if row.get('purged') else ''}", file=out)
     return 0
 
 
-def sessions_logs(client: AdminClient, session_id: str, *, lines: int | None, as_json: bool, out=sys.stdout) -> int:
+def sessions_logs(client: AdminClient, session_id: str, *, lines: int | None, as_json: bool,
+                  tenant: str | None = None, out=sys.stdout) -> int:
     """``corral sessions logs ID``: one line per output line, ``TIME PID STREAM text``."""
-    answer = client.logs(session_id, lines)
+    answer = client.logs(session_id, lines, tenant)
     if as_json:
         print(json.dumps(answer, indent=1), file=out)
         return 0
     for entry in answer.get("lines", []):
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(entry.get("time", 0)))
         print(f"{stamp}Z {entry.get('pid')} {entry.get('stream')} {entry.get('line')}", file=out)
+    if not answer.get("lines"):
+        # on stderr: a script reading stdout still gets no line, a person learns why there is none
+        print(f"corral: session {session_id} has no output kept (its agent printed nothing on this server"
+              + (", or --lines 0 was asked" if lines == 0 else "") + ")", file=sys.stderr)
+    return 0
+
+
+# (header, usage field, how it is shown) of ``corral usage``'s table
+USAGE_COLUMNS = (
+    ("TENANT", None, str), ("STARTS", "starts", str), ("TURNS", "turns", str), ("IN", "messages_in", str),
+    ("OUT", "messages_out", str), ("BYTES_IN", "bytes_in", human_bytes), ("BYTES_OUT", "bytes_out", human_bytes),
+    ("CPU_S", "cpu_seconds", lambda v: f"{v:.1f}"), ("MIB_S", "memory_mib_seconds", lambda v: f"{v:.0f}"),
+    ("PEAK", "memory_peak_bytes", human_bytes), ("EGRESS", "egress_bytes", human_bytes), ("ENDS", "ends", str),
+)
+
+
+def usage_table(tenants: dict) -> str:
+    """``corral usage``'s table: a row per tenant, then the reasons of its ends."""
+    table = [[name for name, _, _ in USAGE_COLUMNS]]
+    for tenant, used in sorted(tenants.items()):
+        table.append([tenant if field is None else show(used.get(field, 0)) for _, field, show in USAGE_COLUMNS])
+    widths = [max(len(line[i]) for line in table) for i in range(len(USAGE_COLUMNS))]
+    lines = [" ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+             for line in table]
+    for tenant, used in sorted(tenants.items()):
+        reasons = ", ".join(f"{reason} {n}" for reason, n in (used.get("end_reasons") or {}).items())
+        if reasons:
+            lines.append(f"{tenant} ends: {reasons}")
+    return "\n".join(lines)
+
+
+def usage(client: AdminClient, *, tenant: str | None, since: str | None, until: str | None, as_json: bool,
+          out=sys.stdout) -> int:
+    """``corral usage``."""
+    answer = client.request("GET", "/admin/usage", {"tenant": tenant, "since": since, "until": until})
+    print(json.dumps(answer, indent=1) if as_json else usage_table(answer.get("tenants", {})), file=out)
     return 0
 
 
 # ------------------------------------------------------------------------------------ parser
 
 def add_parsers(sub) -> None:
-    """Add ``top`` and ``sessions`` to the ``corral`` subcommands."""
+    """Add ``top``, ``sessions`` and ``usage`` to the ``corral`` subcommands."""
     top_p = sub.add_parser("top", help="live table of sessions of a running server")
     _connection_flags(top_p)
     top_p.add_argument("--sort", choices=sorted(SORTS), default="mem", help="sort by (default mem)")
@@ -287,11 +326,20 @@ def add_parsers(sub) -> None:
     _connection_flags(kill_p)
     kill_p.add_argument("session_id")
     kill_p.add_argument("--purge", action="store_true", help="also delete its messages and record")
+    kill_p.add_argument("--tenant", help="whose session (ids are per tenant; needed when several use the id)")
     logs_p = actions.add_parser("logs", help="the last lines a session's agent wrote to stdout and stderr")
     _connection_flags(logs_p)
     logs_p.add_argument("session_id")
     logs_p.add_argument("--lines", type=int, help="only the last N lines (default: all the server keeps)")
     logs_p.add_argument("--json", action="store_true", help="print the admin API's answer as JSON")
+    logs_p.add_argument("--tenant", help="whose session (ids are per tenant; needed when several use the id)")
+
+    usage_p = sub.add_parser("usage", help="usage per tenant over a period (turns, CPU, memory, ends, ...)")
+    _connection_flags(usage_p)
+    usage_p.add_argument("--tenant", help="only this tenant")
+    usage_p.add_argument("--since", help="unix seconds, ISO 8601 or an age such as 24h or 7d (default: all)")
+    usage_p.add_argument("--until", help="the same (default: now)")
+    usage_p.add_argument("--json", action="store_true", help="print the admin API's answer as JSON")
 
 
 def _connection_flags(parser: argparse.ArgumentParser) -> None:
@@ -308,11 +356,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.command == "top":
             return top(client, sort=args.sort, once=args.once, interval=args.interval)
+        if args.command == "usage":
+            return usage(client, tenant=args.tenant, since=args.since, until=args.until, as_json=args.json)
         if args.action == "list":
             return sessions_list(client, state=args.state, tenant=args.tenant, as_json=args.json)
         if args.action == "logs":
-            return sessions_logs(client, args.session_id, lines=args.lines, as_json=args.json)
-        return sessions_kill(client, args.session_id, purge=args.purge)
+            return sessions_logs(client, args.session_id, lines=args.lines, as_json=args.json, tenant=args.tenant)
+        return sessions_kill(client, args.session_id, purge=args.purge, tenant=args.tenant)
     except OpsError as exc:
         print(f"corral: {exc}", file=sys.stderr)
         return 1

@@ -7,7 +7,7 @@ from aiohttp import hdrs, web
 from corral.supervisor import errors
 from corral.supervisor.session import bad_session_id, new_session_id, valid_session_id
 from corral.web.paths import IntQuery
-from corral.web.keys import CONFIG, RAW_BODY, SUPERVISOR, TENANT
+from corral.web.keys import CONFIG, OWNER_UNREACHABLE, RAW_BODY, SUPERVISOR, TENANT
 
 SESSION_COOKIE = "corral_session"
 SESSION_HEADER = "X-Session-Id"
@@ -146,7 +146,8 @@ async def find_session(request: web.Request, sid: str, *, missing_ok: bool = Fal
 
     With ``missing_ok`` an unknown id gives None instead: the seed routes treat it as a new session.
     """
-    found = await request.app[SUPERVISOR].queries.find(checked_session_id(sid), tenant_of(request))
+    found = await request.app[SUPERVISOR].queries.find(checked_session_id(sid), tenant_of(request),
+                                               stored=request.get(OWNER_UNREACHABLE, False))
     if found is None and not missing_ok:
         raise errors.SessionNotFound(f"no session {sid}")
     return found

@@ -17,6 +17,10 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from corral.supervisor.session_keys import session_key
+
+from corral.supervisor.cluster.activation import ACTIVATED_ELSEWHERE
+
 # The EventBus types a stream carries (``spawned`` is an operator event, not a client one).
 STREAM_TYPES = frozenset({"state", "delta", "message", "error", "end"})
 # Fields of a bus event that are not for clients (the pid is the operator's business).
@@ -50,6 +54,7 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",  # nginx: pass events through at once
 }
 CLOSE = object()  # put on a stream's queue to end it
+MOVED = object()  # put on a stream's queue when another node activated its session: follow it there
 
 
 async def serve_queue(queue: asyncio.Queue, period: float, on_item: Callable[[object], Awaitable[None]],
@@ -124,12 +129,13 @@ class SessionChannel:
 
     def __init__(self, hub: "StreamHub", tenant: str, session_id: str):
         self.hub, self.tenant, self.session_id = hub, tenant, session_id
+        self.session_key = session_key(tenant, session_id)  # the tenant's own session: ids are per tenant
         self.buffer: deque[StreamEvent] = deque(maxlen=hub.buffer_size)
         # Ids up to ``floor`` are not in the buffer (before this channel, or evicted).
         self.floor = hub.last_id
         self.listeners: set[Listener] = set()
         self._drop_timer: asyncio.TimerHandle | None = None
-        self._unsubscribe = hub.bus.subscribe_session(session_id, self._on_event)
+        self._unsubscribe = hub.bus.subscribe_session(self.session_key, self._on_event)
 
     @property
     def last_id(self) -> int:
@@ -138,7 +144,11 @@ class SessionChannel:
 
     def _on_event(self, event: dict) -> None:
         """Number, buffer and fan out one bus event of this session."""
-        if event["type"] not in STREAM_TYPES or not self.hub.owned_by(self.session_id, self.tenant):
+        if event["type"] == ACTIVATED_ELSEWHERE:
+            for listener in list(self.listeners):
+                listener.deliver(MOVED)
+            return
+        if event["type"] not in STREAM_TYPES or not self.hub.owned_by(self.session_key, self.tenant):
             return
         if len(self.buffer) == self.buffer.maxlen:
             self.floor = self.buffer[0].id
@@ -218,9 +228,9 @@ class StreamHub:
         self.last_id = next(self._ids)
         return self.last_id
 
-    def owned_by(self, session_id: str, tenant: str) -> bool:
+    def owned_by(self, key: str, tenant: str) -> bool:
         """Whether the session (if it exists) belongs to the tenant; events of others are not sent."""
-        owner = self._owner_of(session_id)
+        owner = self._owner_of(key)
         return owner is None or owner == tenant
 
     def listen(self, tenant: str, session_id: str) -> Listener:

@@ -16,7 +16,7 @@ import os
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langgraph.graph import StateGraph
 
-from corral.agent_proc.agent import Agent, UpstreamError
+from corral.agent_proc.agent import Agent, ConfigError, UpstreamError
 
 GRAPH_VARIABLE = "CORRAL_LANGGRAPH_GRAPH"
 _MESSAGE_TYPES = {"user": HumanMessage, "assistant": AIMessage, "system": SystemMessage}
@@ -64,6 +64,14 @@ def text_of(message) -> str:
 
 class GraphAgent(Agent):
     """One session's thread of the configured graph."""
+
+    @classmethod
+    def check_config(cls, sandbox):
+        """Refuse to start without a loadable graph (imported already, in the zygote, when it is set)."""
+        try:
+            load_graph()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     async def on_start(self, history):
         """Load the graph (already imported in the zygote) and rebuild the conversation."""

@@ -19,21 +19,26 @@ arguments>`` do the same from the chat page.
 import asyncio
 import json
 import os
+import shutil
+import stat
 import sys
+import sysconfig
 from contextlib import AsyncExitStack
 
 from mcp import ClientSession, MCPError, StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
-from corral.agent_proc.agent import Agent, BadRequest, UnknownCommand, UpstreamError
+from corral.agent_proc.agent import Agent, BadRequest, ConfigError, UnknownCommand, UpstreamError
 
 # Runs before a stdio server's own command: asks the kernel to SIGKILL it when the agent dies,
 # however it dies (the SDK starts servers in a session of their own, out of the agent's process
 # group, so a group kill alone would miss them), then becomes the server.
 _LAUNCHER = (
     "import ctypes, os, sys; ctypes.CDLL(None).prctl(1, 9, 0, 0, 0); "
-    "os.getppid() == int(sys.argv[1]) or os._exit(1); os.execvp(sys.argv[2], sys.argv[2:])"
+    "os.getppid() == int(sys.argv[1]) or os._exit(1)\n"
+    "try: os.execvp(sys.argv[2], sys.argv[2:])\n"
+    "except OSError as e: sys.exit(f'cannot execute {sys.argv[2]}: {e.strerror}')"  # to the session's logs
 )
 _HELP = 'Say "tools" for the list, or "<tool> <JSON arguments>" to call one.'
 
@@ -57,6 +62,43 @@ def load_servers(env=os.environ) -> dict[str, dict]:
     return servers
 
 
+# Where a system's own Python lives: the launcher's fallback when this one is out of the sessions' reach
+# (a pyenv install under root's 0700 home). The launcher needs nothing but the standard library.
+SYSTEM_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3")
+
+
+def launcher_python(blocked=lambda path: None if os.access(path, os.R_OK | os.X_OK) else path) -> str | None:
+    """The Python that starts stdio servers: this one if the session's uid can run it, else the system's.
+
+    ``blocked(path)`` says what keeps the session from ``path`` (None: nothing); by default the
+    calling process's own access, which in an agent is the session's uid.
+    """
+    own = (sys.executable, sysconfig.get_paths()["stdlib"])  # its standard library must be readable too
+    if all(os.path.exists(p) and blocked(p) is None for p in own):
+        return sys.executable
+    return next((p for p in SYSTEM_PYTHONS if os.path.exists(p) and blocked(p) is None), None)
+
+
+def unreachable_programs(servers: dict[str, dict], sandbox) -> list[tuple[str, str, str]]:
+    """(server, program, blocking directory) for each stdio server whose programs a session's uid cannot reach.
+
+    A stdio server is started through a Python (the launcher below), then its own command: both must
+    be reachable by the session's uid.
+    """
+    found = []
+    for name, spec in servers.items():
+        if "command" not in spec:
+            continue
+        launcher = launcher_python(sandbox.unreachable) or sys.executable
+        command = shutil.which(spec["command"], path=(spec.get("env") or {}).get("PATH")) or spec["command"]
+        for program in (launcher, command):
+            blocked = sandbox.unreachable(program)
+            if blocked:
+                found.append((name, os.path.realpath(program), blocked))
+                break
+    return found
+
+
 class Connection:
     """One MCP server for one session, held open by a task of its own.
 
@@ -68,6 +110,7 @@ class Connection:
         self.name = name
         self.spec = spec
         self.session: ClientSession | None = None
+        self.launcher = sys.executable  # the Python that starts a stdio server (launcher_python)
         self.tools: list = []
         self.ready = asyncio.get_running_loop().create_future()
         self.closing = asyncio.Event()
@@ -85,9 +128,18 @@ class Connection:
                 await self.closing.wait()
         except BaseException as exc:  # noqa: BLE001  handed to whoever waits for the connection
             if not self.ready.done():
-                self.ready.set_exception(UpstreamError(f"MCP server {self.name!r} failed to start: {exc!r}"))
+                self.ready.set_exception(UpstreamError(f"MCP server {self.name!r} failed to start: {self._failure(exc)}"))
             if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt)):
                 raise
+
+    def _failure(self, exc: BaseException) -> str:
+        """Why the server did not start, naming the program of a stdio server (the SDK's errors do not)."""
+        if "command" not in self.spec:
+            return repr(exc)
+        if isinstance(exc, PermissionError):  # this Python itself, which starts the command
+            return (f"permission denied executing {exc.filename or self.launcher}: can the session's uid "
+                    "read it? (docs/security.md)")
+        return f"{self.spec['command']}: {exc!r} (its output is in the session's logs)"
 
     def _transport(self, stack: AsyncExitStack):
         """The stdio or streamable HTTP transport the spec names."""
@@ -96,8 +148,9 @@ class Connection:
             stack.push_async_callback(client.aclose)
             return streamable_http_client(self.spec["url"], http_client=client)
         command = [self.spec["command"], *map(str, self.spec.get("args") or ())]
+        self.launcher = launcher_python() or sys.executable  # none: the exec fails, and the 502 names it
         params = StdioServerParameters(
-            command=sys.executable,
+            command=self.launcher,
             args=["-I", "-S", "-c", _LAUNCHER, str(os.getpid()), *command],
             env={str(k): str(v) for k, v in (self.spec.get("env") or {}).items()},
             cwd=self.spec.get("cwd"),
@@ -112,6 +165,20 @@ class Connection:
 
 class MCPTools(Agent):
     """Lists and calls the tools of the session's MCP servers."""
+
+    @classmethod
+    def check_config(cls, sandbox):
+        """Refuse to start with a malformed configuration, or stdio servers the sessions cannot start."""
+        try:
+            servers = load_servers()
+        except UpstreamError as exc:
+            raise ConfigError(str(exc)) from None
+        for name, program, blocked in unreachable_programs(servers, sandbox)[:1]:
+            raise ConfigError(
+                f"MCP server {name!r} (stdio) cannot start under the sandbox: the sessions' uids cannot reach "
+                f"{program} ({blocked} is {stat.filemode(os.stat(blocked).st_mode)}); name a program they can "
+                f"reach (e.g. /usr/bin/python3), install it where other users can read it, chmod o+x {blocked}, "
+                f"or run with --sandbox off (docs/security.md)")
 
     def __init__(self, session_id, tenant, metadata=None):
         super().__init__(session_id, tenant, metadata)

@@ -6,7 +6,8 @@ the server's environment (read by each session's process when it starts):
 ==============================  ==============================  =========================================
 variable                        default                         what
 ==============================  ==============================  =========================================
-``CORRAL_OPENAI_BASE_URL``      ``https://api.openai.com/v1``   the API's base URL (``…/v1``)
+``CORRAL_UPSTREAM_OPENAI``      (set by corral)                 the ``openai`` upstream on the egress gateway
+``CORRAL_OPENAI_BASE_URL``      ``https://api.openai.com/v1``   the API's base URL (``…/v1``) without one
 ``CORRAL_OPENAI_MODEL``         (required)                      the model name sent with each request
 ``CORRAL_OPENAI_API_KEY``       ``$OPENAI_API_KEY``             sent as ``Authorization: Bearer …``
 ``CORRAL_OPENAI_SYSTEM_PROMPT`` none                            the first message of every conversation
@@ -15,8 +16,11 @@ variable                        default                         what
 ``CORRAL_OPENAI_READ_TIMEOUT``  ``120``                         seconds without a byte from the API
 ==============================  ==============================  =========================================
 
-The session's stored history is the conversation; replies stream token by token. It speaks HTTP
-with aiohttp (already a corral dependency), imported once in the zygote.
+With ``corral serve --upstream openai=https://api.openai.com/v1 --upstream-header 'openai=Authorization:
+Bearer env:OPENAI_API_KEY'`` the agent asks the gateway (``CORRAL_UPSTREAM_OPENAI``) and never holds
+the key: the gateway adds it. The session's stored history is the conversation; replies stream token
+by token. It speaks HTTP with aiohttp (already a corral dependency), imported once in the zygote,
+honouring the proxy variables the egress gateway gives (``trust_env``).
 """
 
 import asyncio
@@ -26,7 +30,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from corral.agent_proc.agent import Agent, BadRequest, UpstreamError
+from corral.agent_proc.agent import Agent, BadRequest, ConfigError, UpstreamError
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 FIRST_BACKOFF = 0.5  # seconds before the first retry when the API names no Retry-After
@@ -58,7 +62,8 @@ class Settings:
         if not isinstance(options, dict):
             raise BadRequest("CORRAL_OPENAI_OPTIONS must be a JSON object")
         return cls(
-            base_url=(env.get("CORRAL_OPENAI_BASE_URL") or "https://api.openai.com/v1").rstrip("/"),
+            base_url=(env.get("CORRAL_UPSTREAM_OPENAI") or env.get("CORRAL_OPENAI_BASE_URL")
+                      or "https://api.openai.com/v1").rstrip("/"),
             model=env.get("CORRAL_OPENAI_MODEL", ""),
             api_key=env.get("CORRAL_OPENAI_API_KEY") or env.get("OPENAI_API_KEY") or "",
             system_prompt=env.get("CORRAL_OPENAI_SYSTEM_PROMPT", ""),
@@ -70,6 +75,18 @@ class Settings:
 
 class OpenAIChat(Agent):
     """One conversation with an OpenAI-compatible model, streamed."""
+
+    @classmethod
+    def check_config(cls, sandbox):
+        """Refuse to start without a model, or with a malformed CORRAL_OPENAI_* setting."""
+        try:
+            settings = Settings.from_env()
+        except BadRequest as exc:
+            raise ConfigError(str(exc)) from None
+        if not settings.model:
+            raise ConfigError("no model configured: set CORRAL_OPENAI_MODEL (e.g. gpt-4o-mini)")
+        if not settings.base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"CORRAL_OPENAI_BASE_URL must be an http(s) URL, not {settings.base_url!r}")
 
     def __init__(self, session_id, tenant, metadata=None):
         super().__init__(session_id, tenant, metadata)
@@ -84,12 +101,10 @@ class OpenAIChat(Agent):
             self.messages.append({"role": "system", "content": self.settings.system_prompt})
         self.messages += [{"role": m["role"], "content": m["content"]} for m in history if m.get("role") in _ROLES]
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=self.settings.read_timeout)
-        self.http = aiohttp.ClientSession(timeout=timeout)
+        self.http = aiohttp.ClientSession(timeout=timeout, trust_env=True)  # through the egress gateway
 
     async def on_message(self, text):
         """Send the conversation and stream the reply; it joins the conversation once complete."""
-        if not self.settings.model:
-            raise UpstreamError("no model configured: set CORRAL_OPENAI_MODEL")
         self.messages.append({"role": "user", "content": text})
         reply = []
         async for token in self.complete(self.messages):

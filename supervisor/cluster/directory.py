@@ -9,9 +9,9 @@ succeeds only when the session is new, unowned, already this node's, or its owne
 expired.
 """
 
-from corral.supervisor.store import Placement, SessionRecord
+from corral.supervisor.store import ACTIVATIONS, Placement, SessionRecord
 
-__all__ = ["Directory", "Placement"]
+__all__ = ["ACTIVATIONS", "Directory", "Placement"]
 
 
 class Directory:

@@ -28,12 +28,16 @@ class Membership:
     """Join, renew and leave the cluster; tell the supervisor when its lease may have lapsed."""
 
     def __init__(self, store, *, node_id: str, url: str, lease: float, info=None,
-                 on_lapse=None, on_lost=None) -> None:
+                 on_lapse=None, on_lost=None, name: str | None = None) -> None:
+        """``name``: the identity this process holds the node lock of (supervisor/node.py), if any."""
         self.store = store
         self.node_id = node_id
         self.url = url
         self.lease = lease
-        self._info = info or (lambda: {})
+        self.name = name
+        info = info or (lambda: {})
+        # the identity rides in the row, so the next run of this server knows which rows were its own
+        self._info = (lambda: {**info(), "name": name}) if name else info
         self._on_lapse = on_lapse
         self._on_lost = on_lost
         self.valid_until = 0.0  # monotonic: this node's own view of when its lease ends
@@ -47,7 +51,21 @@ class Membership:
         await self.store.join_node(self.node_id, url=self.url, lease=self.lease, info=self._info())
         self.valid_until = started + self.lease
         log.info("node_joined", node=self.node_id, url=self.url, lease=self.lease)
+        if self.name:
+            await self._take_over_previous_runs()
         self._schedule()
+
+    async def _take_over_previous_runs(self) -> None:
+        """End the rows of this server's earlier runs, and their sessions: their next request is claimed at once.
+
+        This process holds the port and the node lock of its identity, so a row with the same
+        identity and URL belongs to a run that is dead (crashed, SIGKILLed), however long its
+        lease still has: without this, its sessions would answer 503 until that lease ran out.
+        """
+        sessions = await self.store.take_over_previous_runs(
+            self.node_id, url=self.url, name=self.name, status=states.LOST, end_reason=states.LOST_REASON)
+        if sessions:
+            log.warning("previous_run_taken_over", node=self.node_id, name=self.name, sessions=sessions)
 
     def _schedule(self) -> None:
         """Arm the one timer of this node's heartbeat."""

@@ -9,8 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from corral.supervisor.node import NoClaim
+from corral.supervisor.session_keys import id_of
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# The channel a claim notifies on a store several nodes share, payload "<session key> <node id>" (neither holds a space)
+ACTIVATIONS = "corral_activations"
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[A-Za-z0-9_]+\.sql$")
 
 
@@ -56,7 +59,7 @@ class SessionRecord:
 
 @dataclass
 class MessageRecord:
-    """One row of `messages`; seq is 1, 2, 3... within its session."""
+    """One row of `messages`; seq is 1, 2, 3... within its session (``session_id``: its key, session_keys.py)."""
 
     session_id: str
     seq: int
@@ -66,7 +69,7 @@ class MessageRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (built by hand: asdict deep-copies, and this runs twice per turn)."""
-        return {"session_id": self.session_id, "seq": self.seq, "role": self.role,
+        return {"session_id": id_of(self.session_id), "seq": self.seq, "role": self.role,
                 "content": self.content, "created_at": self.created_at}
 
 
@@ -156,6 +159,111 @@ def build_stats(rows: list[tuple[str, int, int, int]]) -> dict[str, Any]:
     }
 
 
+# What usage adds up, per session and per tenant-hour (docs/operations.md#usage); the peak is a maximum.
+USAGE_COUNTERS = ("starts", "turns", "messages_in", "messages_out", "bytes_in", "bytes_out", "cpu_seconds",
+                  "memory_mib_seconds", "egress_bytes", "egress_requests", "ends")
+_FLOAT_COUNTERS = frozenset({"cpu_seconds", "memory_mib_seconds"})
+HOUR = 3600.0
+
+
+@dataclass
+class UsageDelta:
+    """What one session used since the last write: added to its row and to its tenant's hour on ``node``."""
+
+    session_id: str
+    tenant: str
+    node: str
+    hour: float  # unix seconds of the hour's start the amounts fall in
+    counts: dict[str, float] = field(default_factory=dict)  # USAGE_COUNTERS name -> amount to add
+    memory_peak_bytes: int = 0
+    end_reasons: dict[str, int] = field(default_factory=dict)  # reason -> ends with it
+    last_end_reason: str | None = None
+
+    def row(self) -> tuple:
+        """The counters in USAGE_COUNTERS order, then the peak."""
+        return (*(self.counts.get(name, 0) for name in USAGE_COUNTERS), int(self.memory_peak_bytes))
+
+
+def hour_of(when: float) -> float:
+    """The start of the hour ``when`` falls in."""
+    return when - when % HOUR
+
+
+def usage_upserts(mark) -> tuple[str, str, str]:
+    """(session, tenant-hour, end-reason) upserts adding a UsageDelta; ``mark(i)`` is the i-th placeholder.
+
+    Column order: session_id/tenant, tenant/hour, node (+ reason), counters, peak (+ last_end_reason, updated_at).
+    """
+    cols = ", ".join(USAGE_COUNTERS)
+    add = lambda table: ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in USAGE_COUNTERS)  # noqa: E731
+    n = len(USAGE_COUNTERS)
+    marks = lambda first, count: ", ".join(mark(i) for i in range(first, first + count))  # noqa: E731
+    session = (f"INSERT INTO session_usage (session_id, tenant, node, {cols}, memory_peak_bytes, last_end_reason, "
+               f"updated_at) VALUES ({marks(1, n + 6)}) ON CONFLICT (session_id) DO UPDATE SET "
+               f"{add('session_usage')}, memory_peak_bytes = {{greatest}}(session_usage.memory_peak_bytes, "
+               "excluded.memory_peak_bytes), node = excluded.node, updated_at = excluded.updated_at, "
+               "last_end_reason = coalesce(excluded.last_end_reason, session_usage.last_end_reason)")
+    tenant = (f"INSERT INTO tenant_usage (tenant, hour, node, {cols}, memory_peak_bytes) VALUES ({marks(1, n + 4)}) "
+              f"ON CONFLICT (tenant, hour, node) DO UPDATE SET {add('tenant_usage')}, memory_peak_bytes = "
+              "{greatest}(tenant_usage.memory_peak_bytes, excluded.memory_peak_bytes)")
+    ends = (f"INSERT INTO tenant_usage_ends (tenant, hour, node, reason, count) VALUES ({marks(1, 5)}) "
+            "ON CONFLICT (tenant, hour, node, reason) DO UPDATE SET count = tenant_usage_ends.count + excluded.count")
+    return session, tenant, ends
+
+
+def usage_rows(deltas: list[UsageDelta], now: float) -> tuple[list[tuple], list[tuple], list[tuple]]:
+    """The parameters of usage_upserts' three statements for a batch of deltas (tenant-hours merged)."""
+    sessions, tenants, ends = [], {}, {}
+    for d in deltas:
+        row = d.row()
+        sessions.append((d.session_id, d.tenant, d.node, *row, d.last_end_reason, now))
+        key = (d.tenant, d.hour, d.node)
+        kept = tenants.get(key)
+        tenants[key] = row if kept is None else (*(a + b for a, b in zip(kept[:-1], row[:-1])), max(kept[-1], row[-1]))
+        for reason, count in d.end_reasons.items():
+            ends[(*key, reason)] = ends.get((*key, reason), 0) + count
+    return (sessions, [(*key, *row) for key, row in tenants.items()],
+            [(*key, count) for key, count in ends.items()])
+
+
+def usage_dict(values, peak, end_reasons: dict | None = None) -> dict[str, Any]:
+    """A usage record as the APIs show it, from the counters in USAGE_COUNTERS order and the peak."""
+    values = list(values) + [0] * (len(USAGE_COUNTERS) - len(values))
+    out = {name: (float(v or 0) if name in _FLOAT_COUNTERS else int(v or 0)) for name, v in zip(USAGE_COUNTERS, values)}
+    out["memory_peak_bytes"] = int(peak or 0)
+    if end_reasons is not None:
+        out["end_reasons"] = dict(sorted(end_reasons.items()))
+    return out
+
+
+def tenant_sums(sums: list[tuple], ends: list[tuple]) -> dict[str, dict[str, Any]]:
+    """(tenant, counters..., peak) and (tenant, reason, count) rows -> usage per tenant."""
+    by_reason: dict[str, dict[str, int]] = {}
+    for tenant, reason, count in ends:
+        by_reason.setdefault(tenant, {})[reason] = int(count)
+    return {row[0]: usage_dict(row[1:-1], row[-1], by_reason.get(row[0], {})) for row in sorted(sums)}
+
+
+SESSION_USAGE_COLS = ", ".join(USAGE_COUNTERS) + ", memory_peak_bytes, tenant, node, last_end_reason, updated_at"
+
+
+def session_usage_record(row) -> dict[str, Any]:
+    """A session_usage row (SESSION_USAGE_COLS) as the APIs show it."""
+    values, n = tuple(row), len(USAGE_COUNTERS)
+    return {**usage_dict(values[:n], values[n]),
+            **dict(zip(("tenant", "node", "last_end_reason", "updated_at"), values[n + 1:]))}
+
+
+def empty_usage() -> dict[str, Any]:
+    """A usage record with nothing used."""
+    return usage_dict((), 0, {})
+
+
+def usage_period(since: float | None, until: float | None) -> tuple[float, float]:
+    """The hour bounds a period covers: from the hour ``since`` falls in to before ``until``."""
+    return (hour_of(since) if since is not None else float("-inf"), until if until is not None else float("inf"))
+
+
 class Store(abc.ABC):
     """Durable session and message storage; every method is safe to call concurrently."""
 
@@ -215,6 +323,10 @@ class Store(abc.ABC):
         """Remove the session and its messages; False if it was not there."""
 
     @abc.abstractmethod
+    async def tenants_of(self, session_id: str) -> list[str]:
+        """The tenants that have a session with this id (rows are keyed by tenant and id: session_keys.py)."""
+
+    @abc.abstractmethod
     async def end_orphans(self, node: str | None, *, status: str, end_reason: str) -> int:
         """End every session of ``node`` (None: of any node) not ended yet (its server died with them); how many."""
 
@@ -228,6 +340,19 @@ class Store(abc.ABC):
         limit: int = 100, offset: int = 0,
     ) -> list[SessionRecord]:
         """Sessions newest first (created_at desc, id), optionally filtered."""
+
+    @abc.abstractmethod
+    async def add_usage(self, deltas: list[UsageDelta]) -> None:
+        """Add a batch of usage deltas to their sessions' rows and their tenants' hours, in one transaction."""
+
+    @abc.abstractmethod
+    async def session_usage(self, session_id: str) -> dict[str, Any] | None:
+        """One session's usage (usage_dict plus tenant, node, last_end_reason, updated_at), or None."""
+
+    @abc.abstractmethod
+    async def tenant_usage(self, *, tenant: str | None = None, since: float | None = None,
+                           until: float | None = None) -> dict[str, dict[str, Any]]:
+        """Per tenant, usage summed over the hours from the one ``since`` falls in to before ``until``."""
 
     @abc.abstractmethod
     async def stats(self) -> dict[str, Any]:
@@ -274,4 +399,8 @@ class Store(abc.ABC):
 
     async def leave_node(self, node_id: str) -> None:
         """Delete this node's row: its sessions are free for others at once."""
+        raise NotImplementedError(f"a {self.backend} store has no cluster membership")
+
+    async def take_over_previous_runs(self, node_id: str, *, url: str, name: str, status: str, end_reason: str) -> int:
+        """End the rows of this server's earlier runs (same ``name`` and ``url``) and their sessions; how many."""
         raise NotImplementedError(f"a {self.backend} store has no cluster membership")

@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import json
 import re
+import time
 from datetime import datetime
 from typing import Any, AsyncIterator
 from urllib.parse import unquote, urlsplit
@@ -14,12 +15,15 @@ import asyncpg
 from corral.supervisor.node import AdvisoryClaim
 
 from .base import (
-    MessageRecord, NodeRecord, Placement, UnknownSession, SessionRecord, StaleEpoch, Store, StoreError,
-    build_stats, load_migrations,
+    ACTIVATIONS, SESSION_USAGE_COLS, USAGE_COUNTERS, MessageRecord, NodeRecord, Placement, SessionRecord, StaleEpoch,
+    Store, StoreError, UnknownSession, UsageDelta, build_stats, load_migrations, session_usage_record, tenant_sums,
+    usage_period, usage_rows, usage_upserts,
 )
 
 _SESSION_COLS = ("id, tenant, agent, metadata, status, end_reason, message_count, "
                  "created_at, last_activity, ended_at, node, epoch")
+_USAGE_SQL = tuple(sql.replace("{greatest}", "greatest") for sql in usage_upserts(lambda i: f"${i}"))
+_USAGE_SUMS = ", ".join(f"sum({c})" for c in USAGE_COUNTERS) + ", max(memory_peak_bytes)"
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 # an owner is alive while its row in `nodes` has not expired (the database's clock)
 _OWNER_ALIVE = "EXISTS (SELECT 1 FROM nodes n WHERE n.id = sessions.node AND n.expires_at > now())"
@@ -227,6 +231,12 @@ class PostgresStore(Store):
         tag = await self._execute("DELETE FROM sessions WHERE id = $1", session_id)
         return tag.split()[-1] != "0"
 
+    async def tenants_of(self, session_id: str) -> list[str]:
+        """The tenants that have a session with this id (a key is the id, or tenant/id)."""
+        rows = await self._fetch("SELECT DISTINCT tenant FROM sessions WHERE id = $1 OR id = tenant || '/' || $1",
+                                 session_id)
+        return sorted(r[0] for r in rows)
+
     async def end_orphans(self, node: str | None, *, status: str, end_reason: str) -> int:
         """End the sessions ``node`` (None: any node) left unended."""
         tag = await self._execute(
@@ -257,6 +267,32 @@ class PostgresStore(Store):
             "SELECT tenant, count(*), count(*) FILTER (WHERE ended_at IS NULL), "
             "coalesce(sum(message_count), 0) FROM sessions GROUP BY tenant ORDER BY tenant")
         return build_stats([tuple(r) for r in rows])
+
+    # ---- usage -----------------------------------------------------------------------------
+
+    async def add_usage(self, deltas: list[UsageDelta]) -> None:
+        """One transaction for the whole batch (three executemany, the node's clock stamping it)."""
+        rows = usage_rows(deltas, time.time())
+        async with self._conn() as con, con.transaction():
+            for sql, args in zip(_USAGE_SQL, rows):
+                if args:
+                    await con.executemany(sql, args)
+
+    async def session_usage(self, session_id: str) -> dict[str, Any] | None:
+        """The session's sums, or None."""
+        rows = await self._fetch(f"SELECT {SESSION_USAGE_COLS} FROM session_usage WHERE session_id = $1", session_id)
+        return session_usage_record(rows[0]) if rows else None
+
+    async def tenant_usage(self, *, tenant: str | None = None, since: float | None = None,
+                           until: float | None = None) -> dict[str, dict[str, Any]]:
+        """Per tenant, the hours of the period summed (two grouped scans)."""
+        low, high = usage_period(since, until)
+        where = "WHERE ($1::text IS NULL OR tenant = $1) AND hour >= $2 AND hour < $3"
+        sums = await self._fetch(f"SELECT tenant, {_USAGE_SUMS} FROM tenant_usage {where} GROUP BY tenant",
+                                 tenant, low, high)
+        ends = await self._fetch(f"SELECT tenant, reason, sum(count) FROM tenant_usage_ends {where} "
+                                 "GROUP BY tenant, reason", tenant, low, high)
+        return tenant_sums([tuple(r) for r in sums], [tuple(r) for r in ends])
 
     # ---- messages --------------------------------------------------------------------------
 
@@ -328,7 +364,8 @@ class PostgresStore(Store):
             "epoch = sessions.epoch + 1, end_reason = NULL, ended_at = NULL "
             "WHERE sessions.node IS NULL OR sessions.node = EXCLUDED.node OR sessions.ended_at IS NOT NULL "
             f"OR NOT {_OWNER_ALIVE} "
-            f"RETURNING {_SESSION_COLS}",
+            # every node's streams of the session learn where it lives now (sent at commit)
+            f"RETURNING {_SESSION_COLS}, pg_notify('{ACTIVATIONS}', sessions.id || ' ' || sessions.node)",
             session_id, tenant, agent, metadata or {}, node)
         return _session(rows[0]) if rows else None
 
@@ -387,3 +424,12 @@ class PostgresStore(Store):
     async def leave_node(self, node_id: str) -> None:
         """Delete this node's row."""
         await self._execute("DELETE FROM nodes WHERE id = $1", node_id)
+
+    async def take_over_previous_runs(self, node_id: str, *, url: str, name: str, status: str, end_reason: str) -> int:
+        """End the rows of this server's earlier runs and their sessions (their epoch moves on); how many sessions."""
+        tag = await self._execute(
+            "WITH previous AS (DELETE FROM nodes WHERE id <> $1 AND url = $2 AND info->>'name' = $3 RETURNING id) "
+            "UPDATE sessions SET status = $4, end_reason = $5, ended_at = now(), epoch = epoch + 1 "
+            "WHERE ended_at IS NULL AND node IN (SELECT id FROM previous)",
+            node_id, url, name, status, end_reason)
+        return int(tag.split()[-1])

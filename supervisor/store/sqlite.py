@@ -20,10 +20,13 @@ from typing import Any, Callable
 from corral.supervisor.node import FileClaim
 
 from .base import (
-    MessageRecord, UnknownSession, SessionRecord, Store, StoreError, build_stats, load_migrations,
+    SESSION_USAGE_COLS, USAGE_COUNTERS, MessageRecord, SessionRecord, Store, StoreError, UnknownSession, UsageDelta,
+    build_stats, load_migrations, session_usage_record, tenant_sums, usage_period, usage_rows, usage_upserts,
 )
 
 _BATCH = 256  # appends per group-commit transaction at most (well under SQLite's bound-variable limit)
+_USAGE_SQL = tuple(sql.replace("{greatest}", "max") for sql in usage_upserts(lambda i: "?"))
+_USAGE_SUMS = ", ".join(f"SUM({c})" for c in USAGE_COUNTERS) + ", MAX(memory_peak_bytes)"
 _SESSION_COLS = ("id, tenant, agent, metadata, status, end_reason, message_count, "
                  "created_at, last_activity, ended_at, node")
 
@@ -213,6 +216,12 @@ class SQLiteStore(Store):
         """Remove the session; its messages go by ON DELETE CASCADE."""
         return await self._tx(lambda db: db.execute("DELETE FROM sessions WHERE id = ?", (session_id,)).rowcount) > 0
 
+    async def tenants_of(self, session_id: str) -> list[str]:
+        """The tenants that have a session with this id (a key is the id, or tenant/id)."""
+        rows = await self._rows("SELECT DISTINCT tenant FROM sessions WHERE id = ? OR id = tenant || '/' || ?",
+                                (session_id, session_id))
+        return sorted(r[0] for r in rows)
+
     async def end_orphans(self, node: str | None, *, status: str, end_reason: str) -> int:
         """End the sessions ``node`` (None: any node) left unended."""
         now = time.time()
@@ -248,6 +257,29 @@ class SQLiteStore(Store):
             "SELECT tenant, COUNT(*), SUM(ended_at IS NULL), SUM(message_count) "
             "FROM sessions GROUP BY tenant ORDER BY tenant")
         return build_stats([tuple(r) for r in rows])
+
+    # ---- usage -----------------------------------------------------------------------------
+
+    async def add_usage(self, deltas: list[UsageDelta]) -> None:
+        """One transaction for the whole batch (three executemany)."""
+        rows = usage_rows(deltas, time.time())
+        await self._tx(lambda db: [db.executemany(sql, args) for sql, args in zip(_USAGE_SQL, rows) if args])
+
+    async def session_usage(self, session_id: str) -> dict[str, Any] | None:
+        """The session's sums, or None."""
+        row = await self._one(f"SELECT {SESSION_USAGE_COLS} FROM session_usage WHERE session_id = ?", (session_id,))
+        return session_usage_record(row) if row is not None else None
+
+    async def tenant_usage(self, *, tenant: str | None = None, since: float | None = None,
+                           until: float | None = None) -> dict[str, dict[str, Any]]:
+        """Per tenant, the hours of the period summed (two grouped scans)."""
+        low, high = usage_period(since, until)
+        where = "WHERE (? IS NULL OR tenant = ?) AND hour >= ? AND hour < ?"
+        args = (tenant, tenant, low, high)
+        sums = await self._rows(f"SELECT tenant, {_USAGE_SUMS} FROM tenant_usage {where} GROUP BY tenant", args)
+        ends = await self._rows(f"SELECT tenant, reason, SUM(count) FROM tenant_usage_ends {where} "
+                                "GROUP BY tenant, reason", args)
+        return tenant_sums([tuple(r) for r in sums], [tuple(r) for r in ends])
 
     # ---- messages --------------------------------------------------------------------------
 

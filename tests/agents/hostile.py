@@ -4,7 +4,9 @@ Every class is a demo agent (so ordinary chat still works) plus one weapon, fire
 by its session id, so one supervisor can run a hostile session beside well-behaved ones.
 """
 
+import gc
 import os
+import re
 import signal
 import socket
 import struct
@@ -188,6 +190,37 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NR = {"x86_64": 56, "aarch64": 220}.get(os.uname().machine, -1)
 
 
+IO_URING_SETUP = 425  # the same number on x86_64 and aarch64
+EXECVEAT_NR = {"x86_64": 322, "aarch64": 281}.get(os.uname().machine, -1)
+
+
+def spawn(path: str, *, fd: int | None = None) -> str:
+    """Fork and exec ``path`` (or the file open on ``fd``, by execveat); raise the exec's OSError."""
+    import ctypes
+
+    read_end, write_end = os.pipe()  # close-on-exec: a successful exec closes it
+    pid = os.fork()
+    if pid == 0:
+        err = 0
+        try:
+            if fd is None:
+                os.execv(path, [path])
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.syscall(EXECVEAT_NR, fd, b"", None, None, 0x1000)  # AT_EMPTY_PATH
+            err = ctypes.get_errno()
+        except OSError as exc:
+            err = exc.errno
+        os.write(write_end, str(err).encode())
+        os._exit(127)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        err = f.read()
+    _, status = os.waitpid(pid, 0)
+    if err:
+        raise OSError(int(err), os.strerror(int(err)))
+    return f"ran {path}: exit {os.waitstatus_to_exitcode(status)}"
+
+
 def _sleep_forever():
     """Block until killed."""
     while True:
@@ -299,6 +332,91 @@ class Escaper(DemoAgent):
             sock.sendto(b"x", ("127.0.0.1", int(args["port"])))
         return "sent"
 
+    def _socket(self, args):
+        """Make a socket of any family (netlink, vsock, packet ...): the kernel's other ends."""
+        with socket.socket(int(args["family"]), int(args.get("type", socket.SOCK_DGRAM)), int(args.get("proto", 0))):
+            return f"made a socket of family {args['family']}"
+
+    def _io_uring(self, args):
+        """io_uring_setup: a ring whose operations (IORING_OP_SOCKET, ...) no seccomp filter sees."""
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        params = ctypes.create_string_buffer(120)  # struct io_uring_params, zeroed
+        fd = libc.syscall(IO_URING_SETUP, 1, params)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        os.close(fd)
+        return "made an io_uring"
+
+    def _run(self, args):
+        """Run a program (``/bin/true`` must run: the control)."""
+        return spawn(args["path"])
+
+    def _run_copy(self, args):
+        """Copy a binary into TMPDIR and run it from there."""
+        copy = os.path.join(os.environ["TMPDIR"], "mine")
+        with open(args["path"], "rb") as src, open(copy, "wb") as dst:
+            dst.write(src.read())
+        os.chmod(copy, 0o755)
+        return spawn(copy)
+
+    def _run_memfd(self, args):
+        """Copy a binary into a memfd and run it: by /proc/self/fd, then by execveat(AT_EMPTY_PATH)."""
+        fd = os.memfd_create("mine", int(args.get("flags", 0)))
+        with open(args["path"], "rb") as src:
+            os.write(fd, src.read())
+        refused = []
+        for how in ("proc", "execveat"):
+            try:
+                return spawn(f"/proc/self/fd/{fd}", fd=fd if how == "execveat" else None)
+            except OSError as exc:
+                refused.append(f"{how}: {exc}")
+        raise OSError(f"refused: {'; '.join(refused)}")
+
+    def _fill(self, args):
+        """Write ``most`` bytes into TMPDIR (in 64 KiB writes); an OSError says how far it got."""
+        written, chunk = 0, b"x" * 65536
+        with open(os.path.join(os.environ["TMPDIR"], "fill"), "wb", buffering=0) as f:
+            while written < int(args["most"]):
+                try:
+                    written += f.write(chunk)
+                except OSError as exc:
+                    raise OSError(exc.errno, f"{exc.strerror} after {written} bytes") from None
+        return {"bytes": written}
+
+    def _files(self, args):
+        """Make ``most`` empty files in TMPDIR; an OSError says how many it made."""
+        for made in range(int(args["most"])):
+            try:
+                os.close(os.open(os.path.join(os.environ["TMPDIR"], f"e{made}"), os.O_WRONLY | os.O_CREAT, 0o600))
+            except OSError as exc:
+                raise OSError(exc.errno, f"{exc.strerror} after {made} files") from None
+        return {"files": int(args["most"])}
+
+    def _deep_tree(self, args):
+        """Leave a tree that wedges a recursive remover: a ``depth``-deep chain in TMPDIR, symlink loops,
+        files, and directories it made unreadable and unwritable (mode 000)."""
+        top = os.open(os.environ["TMPDIR"], os.O_RDONLY | os.O_DIRECTORY)
+        depth = int(args.get("depth", 3000))
+        os.mkdir("chain", dir_fd=top)
+        # Built from the bottom up, by renames at the top: each step is shallow (Landlock checks a path's
+        # whole way up, so making it top down would cost depth squared).
+        for level in range(depth - 1):
+            os.mkdir("up", dir_fd=top)
+            if level % 500 == 0:
+                os.symlink("..", "up/loop", dir_fd=top)
+                os.close(os.open("up/f", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=top))
+            os.rename("chain", "up/d", src_dir_fd=top, dst_dir_fd=top)
+            os.rename("up", "chain", src_dir_fd=top, dst_dir_fd=top)
+        os.mkdir("closed", dir_fd=top)
+        os.mkdir("closed/inner", dir_fd=top)
+        os.chmod("closed/inner", 0, dir_fd=top)
+        os.chmod("closed", 0, dir_fd=top)
+        os.close(top)
+        return {"depth": depth}
+
     def _fork_bomb(self, args):
         """Fork sleepers until fork fails; return how many were made (they live until the session ends)."""
         made = 0
@@ -363,3 +481,100 @@ class Escaper(DemoAgent):
         os.waitpid(pid, 0)
         os.read(read_end, 1)  # the grandchild is running
         return {"escaped_to_new_session": True}
+
+
+# Every secret a test gives the server starts with this, followed by hex (tests/test_secrets.py); the
+# hunter looks for SECRET_MARK + hex anywhere it can reach, so its own code (this constant) never matches.
+SECRET_MARK = "hunted-"
+_SECRET = re.compile(re.escape(SECRET_MARK) + "[0-9a-f]{8}")
+
+
+class SecretHunter(DemoAgent):
+    """``hunt``: searches everything of its own for the server's secrets; answers where it found any.
+
+    Its environment, ``/proc/self/environ`` and ``cmdline``, ``sys.argv``, every string and bytes held
+    by a container ``gc`` tracks, the locals of its stack, and (where ``/proc/self/mem`` is readable)
+    the raw bytes of its whole address space, freed memory included.
+    """
+
+    def cmd_hunt(self, args):
+        """Where secrets were found ({place: [matches]}), what could not be searched, and the environment."""
+        found, unreadable = {}, []
+        for place, text in self._texts():
+            hits = _SECRET.findall(text)
+            if hits:
+                found.setdefault(place, []).extend(sorted(set(hits)))
+        try:
+            raw = _scan_memory(_SECRET.pattern.encode())
+            if raw:
+                found["memory"] = sorted(raw)
+        except OSError as exc:
+            unreadable.append(f"memory: {exc}")
+        return {"found": found, "unreadable": unreadable, "environ": dict(os.environ)}
+
+    def _texts(self):
+        """(place, text) for every string the agent can reach without reading raw memory."""
+        yield "os.environ", repr(dict(os.environ))
+        for name in ("environ", "cmdline"):
+            try:
+                with open(f"/proc/self/{name}", "rb") as f:
+                    yield f"/proc/self/{name}", f.read().decode("latin-1")
+            except OSError:
+                pass
+        yield "sys.argv", repr(sys.argv) + repr(getattr(sys, "orig_argv", ()))
+        frame = sys._getframe()
+        while frame is not None:
+            yield f"stack:{frame.f_code.co_name}", "".join(_strings(frame.f_locals.values()))
+            frame = frame.f_back
+        for obj in gc.get_objects():
+            if isinstance(obj, dict):
+                text = "".join(_strings(obj.keys())) + "".join(_strings(obj.values()))
+            elif isinstance(obj, (list, tuple, set, frozenset)):
+                text = "".join(_strings(obj))
+            else:
+                text = "".join(_strings(getattr(obj, "__dict__", {}).values())) if hasattr(obj, "__dict__") else ""
+            if SECRET_MARK in text:
+                yield f"gc:{type(obj).__name__}", text
+
+
+def _strings(items):
+    """The str and bytes among ``items``, as text."""
+    for item in items:
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, (bytes, bytearray)):
+            yield bytes(item).decode("latin-1")
+
+
+def _scan_memory(pattern: bytes) -> set[str]:
+    """Every match of ``pattern`` in the readable mappings of this process (OSError if /proc/self is closed)."""
+    found = set()
+    regex = re.compile(pattern)
+    with open("/proc/self/maps") as maps, open("/proc/self/mem", "rb", buffering=0) as mem:
+        for line in maps.read().splitlines():
+            span, perms = line.split()[:2]
+            if not perms.startswith("r") or line.endswith(("[vvar]", "[vsyscall]", "[vvar_vclock]")):
+                continue
+            start, end = (int(x, 16) for x in span.split("-"))
+            try:
+                data = os.pread(mem.fileno(), end - start, start)
+            except OSError:
+                continue
+            found.update(m.decode("latin-1") for m in regex.findall(data))
+            del data
+    return found
+
+
+class SnapshotHog(DemoAgent):
+    """``bloat``: its ``snapshot()`` carries ``mib`` MiB from then on (0 empties it)."""
+
+    ballast = ""
+
+    def cmd_bloat(self, args):
+        """Make the state snapshot ``mib`` MiB big."""
+        self.ballast = "x" * int(float(args.get("mib", 15)) * 1024 * 1024)
+        return {"bytes": len(self.ballast)}
+
+    def snapshot(self):
+        """The demo's state and the ballast."""
+        return {**super().snapshot(), "ballast": self.ballast}

@@ -13,7 +13,7 @@ from corral.supervisor.views import LIVE_FILTER, SessionView
 from corral.web import forward, paths
 from corral.web.requests import checked_session_id, query_bool, query_int
 from corral.web.views import admin_row
-from corral.web.keys import BACKGROUND, PROCSTATS, SUPERVISOR
+from corral.web.keys import BACKGROUND, OWNER_UNREACHABLE, PROCSTATS, SUPERVISOR
 
 routes = web.RouteTableDef()
 
@@ -43,14 +43,20 @@ async def _rows(request: web.Request, tenant: str | None, state: str | None, wan
         rows += await forward.live_rows_elsewhere(request, tenant, offset + want)
     if state != LIVE_FILTER:
         rows += [admin_row(v) for v in await sup.queries.stored_views(tenant, state, offset + want)]
-    rows.sort(key=lambda row: (-row["created_at"], row["session_id"]))
+    rows.sort(key=lambda row: (-row["created_at"], row["session_id"], row["tenant"]))
     return rows[offset : offset + want]
+
+
+async def _named(request: web.Request) -> tuple[str, str]:
+    """The session id in the path and its tenant: ``?tenant=``, else the one tenant with that id (409 if several)."""
+    sid = checked_session_id(request.match_info["session_id"])
+    return sid, await request.app[SUPERVISOR].queries.tenant_of(sid, request.query.get("tenant") or None)
 
 
 async def _found(request: web.Request) -> SessionView:
     """The session named in the path (memory, else store), any tenant; 404 if unknown."""
-    sid = checked_session_id(request.match_info["session_id"])
-    found = await request.app[SUPERVISOR].queries.find(sid)
+    sid, tenant = await _named(request)
+    found = await request.app[SUPERVISOR].queries.find(sid, tenant, stored=request.get(OWNER_UNREACHABLE, False))
     if found is None:
         raise errors.SessionNotFound(f"no session {sid}")
     return found
@@ -60,7 +66,8 @@ async def _found(request: web.Request) -> SessionView:
 async def get_session(request: web.Request) -> web.Response:
     """One session's row."""
     found = await _found(request)
-    return web.json_response({**admin_row(found, request.app.get(PROCSTATS)), "node": found.node})
+    usage = await request.app[SUPERVISOR].usage.of_session(found.key)
+    return web.json_response({**admin_row(found, request.app.get(PROCSTATS)), "node": found.node, "usage": usage})
 
 
 @routes.get(paths.ADMIN_SESSION_LOGS)
@@ -69,7 +76,7 @@ async def session_logs(request: web.Request) -> web.Response:
     sup = request.app[SUPERVISOR]
     want = query_int(request, paths.LOG_LINES, sup.config.agent_log_lines)
     found = await _found(request)
-    lines = sup.agent_output(found.id)
+    lines = sup.agent_output(found.key)
     return web.json_response({
         "session_id": found.id,
         "tenant": found.tenant,
@@ -85,8 +92,9 @@ async def kill_session(request: web.Request) -> web.Response:
     ``?purge=true`` also deletes the session's messages and record.
     """
     purge = query_bool(request, "purge")
-    sid = checked_session_id(request.match_info["session_id"])
-    found, stopping = await request.app[SUPERVISOR].queries.discard(sid, purge=purge, run=request.app[BACKGROUND].spawn)
+    sid, tenant = await _named(request)
+    found, stopping = await request.app[SUPERVISOR].queries.discard(sid, tenant, purge=purge,
+                                                            run=request.app[BACKGROUND].spawn)
     if stopping:
         return web.json_response({**admin_row(found), "state": states.STOPPING}, status=202)
     return web.json_response({**admin_row(found), "purged": purge})
@@ -96,8 +104,9 @@ async def kill_session(request: web.Request) -> web.Response:
 async def interrupt_session(request: web.Request) -> web.Response:
     """Interrupt the session's turn in progress, if any."""
     found = await _found(request)
-    done = request.app[SUPERVISOR].queries.interrupt_turn(found.id)
-    return web.json_response({"session_id": found.id, "state": found.state, "interrupted": done})
+    done = request.app[SUPERVISOR].queries.interrupt_turn(found.key)
+    return web.json_response({"session_id": found.id, "tenant": found.tenant, "state": found.state,
+                              "interrupted": done})
 
 
 @routes.get(paths.ADMIN_STATS)

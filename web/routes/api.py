@@ -25,7 +25,7 @@ from corral.web.requests import (
     tenant_of,
 )
 from corral.web.views import message_view, new_session_view, session_detail, session_view
-from corral.web.keys import SUPERVISOR
+from corral.web.keys import OWNER_UNREACHABLE, SUPERVISOR
 
 routes = web.RouteTableDef()
 
@@ -37,7 +37,8 @@ async def state(request: web.Request) -> web.Response:
     """The session's messages (from the store), ``is_processing`` and agent state; never spawns."""
     sid = requested_session_id(request)
     limit = query_int(request, paths.STATE_LIMIT)
-    found, history = await request.app[SUPERVISOR].queries.history(sid, tenant_of(request), limit=limit)
+    found, history = await request.app[SUPERVISOR].queries.history(sid, tenant_of(request), limit=limit,
+                                                           stored=request.get(OWNER_UNREACHABLE, False))
     if found is None:
         return session_response(new_session_view(sid, messages=[]), sid)
     return session_response(session_view(found, messages=[message_view(m) for m in history]), sid)
@@ -51,7 +52,7 @@ async def interrupt(request: web.Request) -> web.Response:
     found = await find_session(request, sid, missing_ok=True)
     if found is None:
         return session_response(new_session_view(sid, interrupted=False), sid)
-    done = request.app[SUPERVISOR].queries.interrupt_turn(found.id)
+    done = request.app[SUPERVISOR].queries.interrupt_turn(found.key)
     return session_response(session_view(found, interrupted=done), sid)
 
 

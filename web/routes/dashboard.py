@@ -24,6 +24,7 @@ STATIC = Path(__file__).resolve().parent.parent / "static"
 FIGURES_EVERY = 2.0
 QUEUE_BOUND = 1000  # events a slow dashboard may fall behind before it is sent a fresh snapshot
 _FORWARDED = frozenset({"state", "spawned", "end"})
+_VENDOR_TYPES = {".js": "text/javascript", ".css": "text/css"}
 
 routes = web.RouteTableDef()
 
@@ -51,6 +52,16 @@ async def static_file(request: web.Request) -> web.FileResponse:
     if not path.is_file():
         raise web.HTTPNotFound()
     return web.FileResponse(path)
+
+
+@routes.get(paths.STATIC_VENDOR_FILE)
+async def vendor_file(request: web.Request) -> web.FileResponse:
+    """A file of a library shipped with the pages (web/static/vendor/LIBRARY/: uPlot, its license beside it)."""
+    vendor = STATIC / "vendor"
+    path = (vendor / request.match_info["library"] / request.match_info["name"]).resolve()
+    if path.parent.parent != vendor or not path.is_file():
+        raise web.HTTPNotFound()
+    return web.FileResponse(path, headers={"Content-Type": _VENDOR_TYPES.get(path.suffix, "text/plain")})
 
 
 def _page(name: str) -> web.FileResponse:
@@ -133,7 +144,7 @@ async def _send_figures(request: web.Request, response: web.StreamResponse) -> N
     """The process figures of every live session."""
     await refresh_figures(request.app)
     stats = request.app[PROCSTATS]
-    figures = {v.id: stats.for_session(v) for v in request.app[SUPERVISOR].queries.held_views(state=LIVE_FILTER)}
+    figures = {v.key: stats.for_session(v) for v in request.app[SUPERVISOR].queries.held_views(state=LIVE_FILTER)}
     await _send(response, "figures", {"figures": figures})
 
 

@@ -4,6 +4,7 @@ from aiohttp import web
 
 from corral.supervisor.metrics import CONTENT_TYPE
 from corral.web import paths
+from corral.web.auth import may_see_tenants
 from corral.web.keys import METRICS
 
 routes = web.RouteTableDef()
@@ -11,6 +12,6 @@ routes = web.RouteTableDef()
 
 @routes.get(paths.METRICS)
 async def metrics(request: web.Request) -> web.Response:
-    """Every metric of this server (process figures at most a second old)."""
-    body = request.app[METRICS].exposition()
+    """Every metric of this server (process figures at most a second old); tenant names only to the operator."""
+    body = request.app[METRICS].exposition(tenants=may_see_tenants(request))
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

@@ -10,9 +10,11 @@ import contextlib
 
 from aiohttp import web
 
-from corral.web import paths
+from corral.web import forward, paths
 from corral.web.requests import find_session, remember_session, requested_session_id, tenant_of
-from corral.web.sse import CLOSE, KEEPALIVE_FRAME, SSE_HEADERS, Listener, StreamHub, format_event, serve_queue
+from corral.web.sse import (
+    KEEPALIVE_FRAME, MOVED, SSE_HEADERS, Listener, StreamEvent, StreamHub, format_event, serve_queue,
+)
 from corral.web.views import message_view, new_session_view, session_view
 from corral.web.keys import SUPERVISOR
 
@@ -25,9 +27,9 @@ def setup(app: web.Application) -> StreamHub:
     """Give the app its stream hub; every open stream ends when the app shuts down."""
     sup = app[SUPERVISOR]
 
-    def owner_of(session_id: str) -> str | None:
-        """The tenant of a session the supervisor holds."""
-        s = sup.sessions.get(session_id)
+    def owner_of(key: str) -> str | None:
+        """The tenant of a session the supervisor holds (by its key)."""
+        s = sup.sessions.get(key)
         return s.tenant if s is not None else None
 
     hub = app[STREAMS] = StreamHub(sup.events, owner_of)
@@ -50,9 +52,13 @@ async def chat_stream(request: web.Request) -> web.StreamResponse:
     try:
         backlog = await _first_frames(request, listener, sid)
         response = await _open(request, sid)
-        await _pump(response, listener, backlog, request.app[STREAMS].keepalive)
+        moved = await _pump(response, listener, backlog, request.app[STREAMS].keepalive)
     finally:
         listener.leave()
+    if moved:  # another node activated the session: its events are there now
+        owner = await request.app[SUPERVISOR].activation.owner_url(sid)
+        if owner is not None:
+            await forward.follow_stream(request, response, owner)
     return response
 
 
@@ -91,7 +97,7 @@ def _drop_covered_messages(listener: Listener, snapshot: dict) -> None:
     queue = listener.queue
     kept = [queue.get_nowait() for _ in range(queue.qsize())]
     for item in kept:
-        if not (item is not CLOSE and item.type == "message" and item.data.get("seq", 0) <= newest):
+        if not (isinstance(item, StreamEvent) and item.type == "message" and item.data.get("seq", 0) <= newest):
             queue.put_nowait(item)
 
 
@@ -104,10 +110,19 @@ async def _open(request: web.Request, sid: str) -> web.StreamResponse:
     return response
 
 
-async def _pump(response: web.StreamResponse, listener: Listener, backlog: list[bytes], keepalive: float) -> None:
-    """Write the backlog, then each event as it comes, with a keep-alive comment when quiet."""
+async def _pump(response: web.StreamResponse, listener: Listener, backlog: list[bytes], keepalive: float) -> bool:
+    """Write the backlog, then each event as it comes, with a keep-alive comment when quiet.
+
+    True when it stopped because another node activated the session (the stream follows it there).
+    """
+    moved = False
 
     async def write(item) -> None:
+        nonlocal moved
+        if item is MOVED:
+            moved = True
+            listener.close_stream()  # what is queued before the move still goes out
+            return
         await response.write(item.encode())
 
     async def keep_alive() -> None:
@@ -117,3 +132,4 @@ async def _pump(response: web.StreamResponse, listener: Listener, backlog: list[
         for frame in backlog:
             await response.write(frame)
         await serve_queue(listener.queue, keepalive, write, keep_alive)
+    return moved

@@ -1,13 +1,16 @@
 // The admin dashboard: live sessions pushed over SSE (GET /admin/events), each row's agent output
-// (GET /admin/sessions/{id}/logs) and a Kill button that asks first.
+// (GET /admin/sessions/{id}/logs), its plot (plots.js: a click on its id) and a Kill button that asks first.
 // The admin token is asked for once and kept in sessionStorage; it goes as a Bearer token.
 "use strict";
 
 (function () {
   const TOKEN_KEY = "corral_admin_token";
   const $ = (id) => document.getElementById(id);
-  const rows = new Map(); // session_id -> row data
-  const logs = new Map(); // session_id -> {lines, error} of each open Logs panel
+  const rows = new Map(); // key -> row data (ids are per tenant: the key is tenant/id, a bare id for "default")
+  const logs = new Map(); // key -> {lines, error} of each open Logs panel
+  const keyOf = (r) => (r.tenant === "default" ? r.session_id : `${r.tenant}/${r.session_id}`);
+  // The admin routes name a session by its id and its tenant.
+  const sessionPath = (r, tail = "") => `/admin/sessions/${encodeURIComponent(r.session_id)}${tail}?tenant=${encodeURIComponent(r.tenant)}`;
   let controller = null;
   let attempt = 0;
   let locked = false; // no (or a refused) admin token: nothing is listed until one is given
@@ -56,7 +59,10 @@
   function render() {
     const body = $("sessions").querySelector("tbody");
     const sorted = [...rows.values()].sort((a, b) => (b.rss_bytes || 0) - (a.rss_bytes || 0) || a.session_id.localeCompare(b.session_id));
-    body.replaceChildren(...sorted.flatMap((r) => (logs.has(r.session_id) ? [renderRow(r), renderLogs(r)] : [renderRow(r)])));
+    const columns = $("sessions").querySelectorAll("thead th").length;
+    body.replaceChildren(...sorted.flatMap((r) => [renderRow(r),
+      ...(CorralPlots.isOpen(r.session_id) ? [CorralPlots.sessionRow(r.session_id, columns)] : []),
+      ...(logs.has(keyOf(r)) ? [renderLogs(r)] : [])]));
     const total = sorted.reduce((sum, r) => sum + (r.rss_bytes || 0), 0);
     $("totals").textContent = locked ? "" : `${sorted.length} live · ${bytes(total)} RSS`;
     $("empty").classList.toggle("hidden", locked || sorted.length > 0);
@@ -74,20 +80,24 @@
     cells.forEach((value, i) => {
       const td = document.createElement("td");
       td.textContent = value;
-      if (i === 0) Object.assign(td, { className: "sid", title: r.session_id }); // cut with an ellipsis when long
+      if (i === 0) { // cut with an ellipsis when long; a click opens (or closes) its plot
+        Object.assign(td, { className: "sid opens", title: r.session_id });
+        td.setAttribute("aria-expanded", String(CorralPlots.isOpen(r.session_id)));
+        td.addEventListener("click", () => CorralPlots.toggle(r.session_id, render));
+      }
       tr.appendChild(td);
     });
     const td = document.createElement("td");
     const logsButton = document.createElement("button");
     logsButton.className = "logs";
-    logsButton.textContent = logs.has(r.session_id) ? "Hide logs" : "Logs";
-    logsButton.setAttribute("aria-expanded", String(logs.has(r.session_id)));
-    logsButton.addEventListener("click", () => toggleLogs(r.session_id));
+    logsButton.textContent = logs.has(keyOf(r)) ? "Hide logs" : "Logs";
+    logsButton.setAttribute("aria-expanded", String(logs.has(keyOf(r))));
+    logsButton.addEventListener("click", () => toggleLogs(keyOf(r)));
     const kill = document.createElement("button");
     kill.className = "danger kill";
     kill.textContent = "Kill";
     kill.disabled = r.state === "stopping";
-    kill.addEventListener("click", () => killSession(r.session_id));
+    kill.addEventListener("click", () => killSession(keyOf(r)));
     td.append(logsButton, kill);
     tr.appendChild(td);
     return tr;
@@ -95,7 +105,7 @@
 
   // The row under a session that shows its agent's last lines of stdout/stderr.
   function renderLogs(r) {
-    const panel = logs.get(r.session_id);
+    const panel = logs.get(keyOf(r));
     const tr = document.createElement("tr");
     tr.className = "logs-row";
     tr.dataset.logsFor = r.session_id;
@@ -109,40 +119,42 @@
     else pre.textContent = panel.lines.map((l) => `${new Date(l.time * 1000).toISOString()} ${l.pid} ${l.stream} ${l.line}`).join("\n");
     const refresh = document.createElement("button");
     refresh.textContent = "Refresh";
-    refresh.addEventListener("click", () => loadLogs(r.session_id));
+    refresh.addEventListener("click", () => loadLogs(keyOf(r)));
     td.append(pre, refresh);
     tr.appendChild(td);
     return tr;
   }
 
-  function toggleLogs(sessionId) {
-    if (logs.has(sessionId)) {
-      logs.delete(sessionId);
+  function toggleLogs(key) {
+    if (logs.has(key)) {
+      logs.delete(key);
       render();
     } else {
-      logs.set(sessionId, {});
+      logs.set(key, {});
       render();
-      loadLogs(sessionId);
+      loadLogs(key);
     }
   }
 
-  async function loadLogs(sessionId) {
+  async function loadLogs(key) {
     let panel;
     try {
-      const response = await fetch(`/admin/sessions/${encodeURIComponent(sessionId)}/logs`, { headers: authHeaders() });
+      const response = await fetch(sessionPath(rows.get(key), "/logs"), { headers: authHeaders() });
       const data = await response.json().catch(() => ({}));
       panel = response.ok ? { lines: data.lines } : { error: `logs: ${(data.error && data.error.message) || response.status}` };
     } catch (error) {
       panel = { error: `logs: ${error.message}` };
     }
-    if (logs.has(sessionId)) logs.set(sessionId, panel); // unless it was closed meanwhile
+    if (logs.has(key)) logs.set(key, panel); // unless it was closed meanwhile
     render();
   }
 
-  function merge(sessionId, fields) {
-    const row = rows.get(sessionId) || { session_id: sessionId };
+  // fields: at least session_id and tenant
+  function merge(fields) {
+    const key = keyOf(fields);
+    const row = rows.get(key) || {};
     Object.assign(row, fields, { seenAt: Date.now() });
-    rows.set(sessionId, row);
+    rows.set(key, row);
   }
 
   function handle(event) {
@@ -150,39 +162,39 @@
     switch (event.type) {
       case "sessions":
         rows.clear();
-        for (const r of d.sessions) merge(r.session_id, r);
+        for (const r of d.sessions) merge(r);
         break;
       case "state":
         if (["starting", "idle", "busy", "stopping"].includes(d.state)) {
-          merge(d.session_id, { state: d.state, tenant: d.tenant, pid: d.pid ?? rows.get(d.session_id)?.pid,
-                                ...(d.state === "idle" ? { idle_seconds: 0 } : {}) });
+          merge({ session_id: d.session_id, state: d.state, tenant: d.tenant, pid: d.pid ?? rows.get(keyOf(d))?.pid,
+                  ...(d.state === "idle" ? { idle_seconds: 0 } : {}) });
         } else {
-          rows.delete(d.session_id);
+          rows.delete(keyOf(d));
         }
         break;
       case "spawned":
-        merge(d.session_id, { pid: d.pid, tenant: d.tenant });
+        merge({ session_id: d.session_id, pid: d.pid, tenant: d.tenant });
         break;
       case "end":
-        rows.delete(d.session_id);
+        rows.delete(keyOf(d));
         break;
       case "figures":
-        for (const [sid, figures] of Object.entries(d.figures)) if (rows.has(sid)) merge(sid, figures);
+        for (const [key, figures] of Object.entries(d.figures)) if (rows.has(key)) Object.assign(rows.get(key), figures);
         break;
     }
     render();
   }
 
-  async function killSession(sessionId) {
-    const row = rows.get(sessionId) || {};
-    if (!window.confirm(`Kill session ${sessionId} (tenant ${row.tenant ?? "?"}, pid ${row.pid ?? "?"})? Its turn in progress is lost.`)) return;
+  async function killSession(key) {
+    const row = rows.get(key) || {};
+    if (!window.confirm(`Kill session ${row.session_id} (tenant ${row.tenant ?? "?"}, pid ${row.pid ?? "?"})? Its turn in progress is lost.`)) return;
     showError("");
-    merge(sessionId, { state: "stopping" });
+    row.state = "stopping";
     render();
-    const response = await fetch(`/admin/sessions/${encodeURIComponent(sessionId)}`, { method: "DELETE", headers: authHeaders() });
+    const response = await fetch(sessionPath(row), { method: "DELETE", headers: authHeaders() });
     if (!response.ok) {
       const data = await response.json().catch(() => ({}));
-      showError(`kill ${sessionId}: ${(data.error && data.error.message) || response.status}`);
+      showError(`kill ${row.session_id}: ${(data.error && data.error.message) || response.status}`);
     }
   }
 
@@ -193,6 +205,7 @@
     rows.clear();
     logs.clear();
     $("sessions").classList.add("hidden");
+    CorralPlots.stop();
     $("login").classList.remove("hidden");
     $("login-error").textContent = message || "";
     setStatus("locked");
@@ -215,7 +228,7 @@
           await CorralSSE.readStream("/admin/events", {
             headers: authHeaders(),
             signal: mine.signal,
-            onOpen: () => { attempt = 0; setStatus("live"); },
+            onOpen: () => { attempt = 0; setStatus("live"); CorralPlots.start(authHeaders, render); },
             onEvent: handle,
           });
         } catch (error) {

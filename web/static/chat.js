@@ -207,6 +207,8 @@ class ChatManager {
       $("status").textContent = state;
       $("status").dataset.state = state;
       $("interrupt").disabled = state !== "busy";
+      // Locked (the server wants an API key): nothing can be sent until one is given.
+      $("send").disabled = $("input").disabled = state === "locked";
     },
     onError: showError,
     onNeedKey(reason) {

@@ -1,0 +1,117 @@
+"""``python -m bench density``: N sandboxed sessions live on one node, and what each one costs (issue 21).
+
+As root with every sandbox layer the host has, ``corral serve`` brings ``--density`` sessions live
+(one turn each, 32 clients), then reads: memory all in (MemAvailable before − after ÷ N), where it
+went (``/proc/meminfo`` fields and the slab caches that grew most, per session), the USS median of
+sampled agents, descriptors per session in the server, the supervisor's CPU while they idle, and
+warm chat p50/p99 with the turns spread over all of them.
+"""
+
+import json
+import os
+import random
+import statistics
+
+from bench import footprint, server
+
+MIB = 1024 * 1024
+# /proc/meminfo fields that say where a session's bytes go (user pages by kind, then the kernel's)
+MEMINFO_FIELDS = ("AnonPages", "Shmem", "Cached", "PageTables", "KernelStack", "SUnreclaim", "SReclaimable", "Percpu")
+USS_SAMPLE = 200
+UID_BASE = 200000  # away from the default range 60000-60999 other servers on the host may be using
+
+
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes."""
+    out = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            name, rest = line.split(":", 1)
+            out[name] = int(rest.split()[0]) * 1024
+    return out
+
+
+def slabs() -> dict[str, int]:
+    """Bytes held by each slab cache (/proc/slabinfo: active objects × object size); {} if unreadable."""
+    out = {}
+    try:
+        with open("/proc/slabinfo") as f:
+            for line in f.readlines()[2:]:
+                parts = line.split()
+                out[parts[0]] = int(parts[1]) * int(parts[3])
+    except OSError:
+        pass
+    return out
+
+
+def fd_count(pid: int) -> int:
+    """Open descriptors of a process."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def run(table, args, client) -> None:
+    """Bring ``args.density`` sessions live and add the figures to ``table``."""
+    n = args.density
+    uids = f"{UID_BASE}-{UID_BASE + n + 99}"
+    with server.corral("memory", args.loop, max_sessions=n + 100, sandbox="strict" if os.geteuid() == 0 else "auto",
+                       sandbox_uid_range=uids) as srv:
+        sup = srv.process()
+        client("create", srv.url, n=10, concurrency=10, prefix="warmup")  # fault in the zygote's and server's paths
+        fds_before, mem_before, slab_before = fd_count(sup.pid), meminfo(), slabs()
+        created = client("create", srv.url, n=n, concurrency=32, prefix="dense")
+        mem_after, slab_after, fds_after = meminfo(), slabs(), fd_count(sup.pid)
+        live = json.loads(_get(srv.url + "/health"))["live_sessions"] - 10
+        refused = ", ".join(f"{count} × {what}" for what, count in created.get("refused", {}).items()) or "none"
+        table.add(f"density: bring {n} sandboxed sessions live (32 clients)",
+                  f"{created['seconds']:.1f} s, {live} live, refused: {refused}")
+        n = max(1, live)  # the figures per session are per session that came up
+        _memory_rows(table, n, mem_before, mem_after, slab_before, slab_after)
+        agents = srv.agents()
+        sample = random.Random(21).sample(agents, min(USS_SAMPLE, len(agents)))
+        uss = [footprint.memory([p])["uss"] for p in sample]
+        table.add(f"density: USS median of {len(sample)} sampled agents", f"{statistics.median(uss) / 1e6:.2f} MB",
+                  target="<= 1.9 MB")
+        table.add("density: descriptors per session in the server", f"{(fds_after - fds_before) / n:.2f}",
+                  target="<= 2")
+        table.add("density: supervisor RSS", f"{sup.memory_info().rss / MIB:.0f} MiB")
+        cpu = footprint.idle_cpu({"supervisor": [sup]}, args.idle_seconds)
+        table.add(f"density: supervisor CPU while {live} idle ({args.idle_seconds:g} s)", f"{cpu['supervisor']:.2f} %",
+                  target="<= 1 %")
+        warm = client("warm", srv.url, connections=32, sessions=n, seconds=args.seconds, prefix="dense")
+        table.add(f"density: warm chat across the {n} sessions, p50 / p99 (32 clients)",
+                  f"{warm['p50_us'] / 1000:.2f} / {warm['p99_us'] / 1000:.2f} ms", target="p99 <= 20 ms")
+        table.add("density: error lines in the server's log", _errors(os.path.join(srv.tmp.name, "server.log")),
+                  target="none")
+
+
+def _errors(path: str) -> str:
+    """How many error-level lines the server logged, by event."""
+    events: dict[str, int] = {}
+    with open(path, errors="replace") as f:
+        for line in f:
+            if line.startswith("{") and '"level": "error"' in line:
+                event = json.loads(line).get("event", "?")
+                events[event] = events.get(event, 0) + 1
+    return ", ".join(f"{count} {event}" for event, count in events.items()) or "none"
+
+
+def _memory_rows(table, n: int, before: dict, after: dict, slab_before: dict, slab_after: dict) -> None:
+    """Memory all in per session, and the fields and slab caches it went to."""
+    all_in = (before["MemAvailable"] - after["MemAvailable"]) / n
+    table.add("density: memory per session all in (MemAvailable before - after, / N)", f"{all_in / MIB:.2f} MiB",
+              target="<= 2.0 MiB")
+    parts = ", ".join(f"{k} {(after[k] - before[k]) / n / 1024:.0f}" for k in MEMINFO_FIELDS if k in after)
+    table.add("density: where it went, KiB per session (/proc/meminfo)", parts)
+    grown = sorted(((slab_after.get(k, 0) - v) / n, k) for k, v in slab_before.items())[::-1][:8]
+    if grown:
+        table.add("density: slab caches that grew most, KiB per session",
+                  ", ".join(f"{name} {size / 1024:.1f}" for size, name in grown))
+
+
+def _get(url: str) -> str:
+    """GET a URL."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.read().decode()
+
