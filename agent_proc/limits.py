@@ -1,14 +1,16 @@
 """Apply a per-session limit spec (memory; cpu and pids cgroups) in the freshly forked agent child (stdlib only).
 
-The spec comes from ``supervisor.limiter.MemoryLimiter.prepare`` through the zygote's pipe. This
-runs before any agent code, so an agent can never run unconfined.
+The spec, a ``LimitSpec`` (defined here, once, for both sides), comes from
+``supervisor.limiter.MemoryLimiter.prepare`` through the zygote's pipe. This runs before any agent
+code, so an agent can never run unconfined.
 """
 from __future__ import annotations
 
 import os
 import resource
+from dataclasses import dataclass, field
 
-__all__ = ["apply_limits", "OOM_EXIT_CODE", "AS_MULTIPLE"]
+__all__ = ["apply_limits", "LimitSpec", "CgroupPart", "OOM_EXIT_CODE", "AS_MULTIPLE"]
 
 # Exit status an agent uses after a MemoryError under rlimit, so the supervisor classifies "oom".
 OOM_EXIT_CODE = 86
@@ -17,16 +19,39 @@ OOM_EXIT_CODE = 86
 AS_MULTIPLE = 4
 
 
-def apply_limits(spec: dict) -> None:
+@dataclass(slots=True)
+class CgroupPart:
+    """A limit beyond memory (cpu, pids) held by a cgroup of the spawn's own."""
+
+    path: str
+    join: bool = False  # a hierarchy of its own (cgroup v1): the child moves itself in
+
+
+@dataclass(slots=True)
+class LimitSpec:
+    """One spawn's limits: the memory mechanism and its cgroup or size, and the other limits' cgroups."""
+
+    kind: str = "none"  # none, rlimit, cgroup1, cgroup2
+    path: str | None = None  # the spawn's memory cgroup (cgroup1, cgroup2)
+    limit_bytes: int | None = None
+    controls: dict[str, CgroupPart] = field(default_factory=dict)  # "cpu", "pids"
+
+    @property
+    def join(self) -> list[str]:
+        """The cgroups beyond memory's that the child moves itself into."""
+        return [part.path for part in self.controls.values() if part.join]
+
+
+def apply_limits(spec: LimitSpec | None) -> None:
     """Confine the calling process as the spec says; raises OSError on failure."""
-    kind = (spec or {}).get("kind", "none")
-    if kind in ("cgroup2", "cgroup1"):
-        _join_cgroup(spec["path"])
-    elif kind == "rlimit":
-        _apply_rlimit(int(spec["limit_bytes"]))
-    elif kind != "none":
-        raise OSError(f"unknown memory limit kind {kind!r}")
-    for path in (spec or {}).get("join", ()):
+    spec = spec or LimitSpec()
+    if spec.kind in ("cgroup2", "cgroup1"):
+        _join_cgroup(spec.path)
+    elif spec.kind == "rlimit":
+        _apply_rlimit(int(spec.limit_bytes))
+    elif spec.kind != "none":
+        raise OSError(f"unknown memory limit kind {spec.kind!r}")
+    for path in spec.join:
         _join_cgroup(path)  # a limit with a cgroup v1 hierarchy of its own (cpu, pids)
 
 

@@ -14,14 +14,14 @@ import resource
 import select
 import struct
 
+from corral.agent_proc.libc import LIBC as _libc, check as _check
+
 __all__ = [
     "confine", "unshare_pid_namespace", "landlock_abi", "set_subreaper", "set_no_new_privs",
     "drop_capabilities", "drop_to_uid", "limit_processes", "limit_open_files", "apply_landlock",
     "apply_seccomp", "use_private_tmpdir", "parent_gone", "DENIED_SYSCALLS", "SYSCALL_NUMBERS", "set_capabilities",
     "Prebuilt", "prebuild",
 ]
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_CHILD_SUBREAPER = 36
@@ -86,14 +86,6 @@ _AF_UNIX, _AF_INET, _AF_INET6 = 1, 2, 10
 _MFD_NOEXEC_SEAL, _MFD_EXEC = 0x0008, 0x0010
 _AT_EMPTY_PATH = 0x1000
 _EPERM, _EACCES, _ENOSYS, _EAFNOSUPPORT = 1, 13, 38, 97
-
-
-def _check(result: int, what: str) -> int:
-    """Raise OSError with errno when a libc/syscall wrapper returned -1."""
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-    return result
 
 
 def _prctl(option: int, arg2: int = 0, arg3: int = 0, what: str = "prctl") -> int:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import errno
 import os
 
-from corral.agent_proc.sandbox import _check, _libc, drop_capabilities, set_capabilities, unshare_pid_namespace
+from corral.agent_proc.libc import LIBC, check
+from corral.agent_proc.sandbox import drop_capabilities, set_capabilities, unshare_pid_namespace
 
 __all__ = ["enter_user_namespace", "drop_every_capability", "kernel_has_user_namespaces", "probe", "try_in_child"]
 
@@ -31,7 +32,7 @@ def enter_user_namespace() -> None:
     thread: the kernel refuses CLONE_NEWUSER otherwise.
     """
     uid, gid = os.geteuid(), os.getegid()
-    _check(_libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
+    check(LIBC.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
     _write_own("setgroups", "deny")  # an unprivileged gid_map needs it; nobody here can change groups either
     _write_own("uid_map", f"{uid} {uid} 1")
     _write_own("gid_map", f"{gid} {gid} 1")

@@ -10,6 +10,7 @@ import os
 import signal
 import time
 
+from corral.agent_proc.limits import CgroupPart, LimitSpec
 from corral.supervisor import cgroupfs as fs
 from corral.supervisor.cgroupfs import run_dir_name, sweep_stale_runs
 from corral.supervisor.limiter import MemoryLimiter
@@ -36,9 +37,9 @@ class _CgroupLimiter(MemoryLimiter):
             return None
         return {"current": current, "peak": fs.read_int(os.path.join(path, peak_file))}
 
-    def _prepare_memory(self, key: str) -> dict:
+    def _prepare_memory(self, key: str) -> LimitSpec:
         """Create <parent>/<key>, set its limits, return the spec; cleans up and raises OSError on failure."""
-        return {"kind": self.mechanism, "path": self.make_leaf(key), "limit_bytes": int(self.limit_bytes)}
+        return LimitSpec(self.mechanism, path=self.make_leaf(key), limit_bytes=int(self.limit_bytes))
 
     def make_leaf(self, key: str) -> str:
         """Create <parent>/<key> with its limits set; cleans up and raises OSError on failure."""
@@ -48,11 +49,11 @@ class _CgroupLimiter(MemoryLimiter):
         try:
             os.mkdir(path)
         except FileExistsError:
-            self.kill_all({"path": path})  # stale leftover with the same key: reuse, but empty it
+            self.kill_all(LimitSpec(self.mechanism, path=path))  # a stale leftover of the same key: empty it
         try:
             self._set_limits(path)
         except OSError:
-            self.release_memory({"path": path})
+            self.release_memory(LimitSpec(self.mechanism, path=path))
             raise
         return path
 
@@ -102,17 +103,16 @@ class _CgroupLimiter(MemoryLimiter):
             for name in os.listdir(self.path):
                 child = os.path.join(self.path, name)
                 if os.path.isdir(child):
-                    self.release_memory({"path": child})
+                    self.release_memory(LimitSpec(self.mechanism, path=child))
             fs.rmdir_retry(self.path)
         except OSError:
             pass
 
 
 def _spec_path(spec) -> str | None:
-    """The cgroup dir named by a spec, or None for non-cgroup specs."""
-    if isinstance(spec, dict) and isinstance(spec.get("path"), str):
-        return spec["path"]
-    return None
+    """The cgroup dir named by a spec (a LimitSpec or a control's CgroupPart), or None for non-cgroup specs."""
+    path = getattr(spec, "path", None)
+    return path if isinstance(path, str) else None
 
 
 class Cgroup2Limiter(_CgroupLimiter):
@@ -228,20 +228,20 @@ class ControlLimit:
             described["reason"] = self.reason
         return described
 
-    def prepare(self, key: str, memory_spec: dict) -> dict | None:
+    def prepare(self, key: str, memory_spec: LimitSpec) -> CgroupPart | None:
         """This spawn's part of the spec: the cgroup holding the limit (and whether the child must join it)."""
         if self.mechanism == "cgroup2":
-            path = memory_spec["path"]
+            path = memory_spec.path
             for name, value in self.files.items():
                 fs.write(os.path.join(path, name), value)
-            return {"path": path}
+            return CgroupPart(path)
         if self.mechanism == "cgroup1":
-            return {"path": self.group.make_leaf(key), "join": True}
+            return CgroupPart(self.group.make_leaf(key), join=True)
         return None
 
-    def usage(self, part: dict) -> dict | None:
+    def usage(self, part: CgroupPart) -> dict | None:
         """Current use from the cgroup: pids.current; cpu.stat's usage and throttling (what the kernel has)."""
-        path = part.get("path") if isinstance(part, dict) else None
+        path = _spec_path(part)
         if path is None:
             return None
         if self.resource == "pids":
@@ -252,9 +252,9 @@ class ControlLimit:
             return None
         return {"usage_usec": stat.get("usage_usec"), "throttled": stat.get("nr_throttled", 0)}
 
-    def release(self, part: dict) -> None:
+    def release(self, part: CgroupPart) -> None:
         """Remove this spawn's leaf of its own hierarchy (cgroup1); the memory cgroup goes with memory."""
-        if self.mechanism == "cgroup1" and isinstance(part, dict):
+        if self.mechanism == "cgroup1" and isinstance(part, CgroupPart):
             self.group.release_memory(part)
 
     def close(self) -> None:

@@ -85,7 +85,7 @@ class Drain:
         if self._ended is not None and not self._ended.done():
             self._ended.set_result(None)  # the relays still waiting answer 503
         for s in list(self._sessions()):
-            waiting = [turn for turn in s.life.turns.values() if not turn.future.done()]
+            waiting = s.life.turns.waiting()
             if waiting:
                 s.life.interrupt()
             for turn in waiting:

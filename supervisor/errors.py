@@ -17,11 +17,11 @@ class CorralError(Exception):
             self.code = code
 
 
-class BadRequest(CorralError):
+class InvalidRequest(CorralError):
     status, code = 400, "bad_request"
 
 
-class UnknownCommand(BadRequest):
+class CommandNotFound(InvalidRequest):
     code = "unknown_command"
 
 
@@ -63,7 +63,7 @@ class AgentBadReply(CorralError):
     status, code = 502, "agent_bad_reply"
 
 
-class UpstreamError(CorralError):
+class UpstreamFailed(CorralError):
     """A service the agent relies on (a model's API, a tool server) failed this turn; the agent lives."""
 
     status, code = 502, "upstream_error"

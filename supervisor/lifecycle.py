@@ -1,8 +1,9 @@
-"""Start and close of what the sessions share: the store, the hub, the limiter, the sandbox, the spawner.
+"""Start and close of what the sessions share: the run dir, the sandbox, the limiter, the store, the hub, the spawner.
 
-A base of ``Supervisor`` (supervisor/registry.py), kept apart so the registry reads as one: it
-starts the parts in dependency order and closes them in reverse, restarts the zygote when it dies,
-runs retention on a timer and reports health. It holds no session state of its own.
+``Lifecycle`` is a part the registry (``Supervisor``, supervisor/registry.py) holds as
+``lifecycle``: it owns the shared parts, starts them in dependency order and closes them in
+reverse, and restarts the zygote when it dies. It holds no session: the registry stops its sessions
+and asks the cluster to join or leave between these steps.
 """
 
 import asyncio
@@ -10,9 +11,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
-import signal
 import tempfile
-import time
 
 from corral.agent_proc import environment
 from corral.supervisor import descriptors, errors, states
@@ -28,48 +27,60 @@ from corral.supervisor.store import StoreError, create_store
 
 log = get_logger(component="supervisor")
 
+# What a start may fail with that the operator can act on: the server refuses to start, saying why.
+STARTUP_REFUSALS = (SpawnError, StoreError, OSError, ValueError, SandboxRefused)
 
 
 class Lifecycle:
-    """Start, close and health of a Supervisor's shared parts."""
+    """The shared parts of one server, from start to close."""
 
-    async def start(self) -> None:
-        """Open the store, bind the hub, start the zygote."""
+    def __init__(self, config, *, background, store=None, claim=None, launcher=None, tenant_egress=None,
+                 on_egress_denied=None, on_egress_counted=None):
+        """``store``/``claim``: given already made (else made at start); ``launcher``: the spawner class.
+
+        ``background``: the registry's task set, which runs zygote restarts past their caller;
+        ``tenant_egress``: each tenant's egress rules; ``on_egress_denied``: told of each refusal at the gateway;
+        ``on_egress_counted``: told of each count there (session, tenant, field, amount), for usage.
+        """
+        self.config = config
+        self.background = background
+        self.store = store
+        self.claim = claim  # this server's hold on its identity, from before the store opens; released at close
+        self.launcher = launcher or ZygoteSpawner  # supervisor/spawner.py's interface
+        self.tenant_egress = dict(tenant_egress or {})  # tenant -> its egress rules and upstreams (tenants file)
+        self.on_egress_denied = on_egress_denied
+        self.on_egress_counted = on_egress_counted
+        self.gateway = None  # the egress gateway (supervisor/egress/), with --agent-network proxy
+        self.run_dir: str | None = None
+        self.limiter = None
+        self.sandbox = None
+        self.hub: Hub | None = None
+        self.spawner = None  # the running launcher, None while the zygote restarts
+        self.closing = False
+        self._zygote_restart: asyncio.Task | None = None
+
+    @property
+    def run_id(self) -> str:
+        """This run's name in cgroups and temp trees (the run directory's suffix)."""
+        return os.path.basename(self.run_dir).removeprefix("corral-")
+
+    def make_run_dir(self) -> None:
+        """This run's private directory (removed at close)."""
         self.run_dir = tempfile.mkdtemp(prefix="corral-", dir=self._run_parent())
         os.chmod(self.run_dir, 0o700)
-        try:
-            await self._start_parts()
-        except (SpawnError, StoreError, OSError, ValueError, SandboxRefused) as exc:
-            await self.close()
-            raise errors.StartupError(str(exc)) from exc
-        except BaseException:
-            await self.close()
-            raise
-        self._schedule_retention()
-        self.usage.start()
-        self.events.publish_global("node", state="joined", node=self.node)
-        log.info("supervisor_started", run_dir=self.run_dir, limit=self.limiter.describe(), agent=self.config.agent)
 
-    def _run_parent(self) -> str | None:
-        """Parent of the run directory."""
-        if self.config.run_dir:
-            os.makedirs(self.config.run_dir, mode=0o700, exist_ok=True)
-            return str(self.config.run_dir)
-        return os.environ.get("XDG_RUNTIME_DIR") or None
-
-    async def _start_parts(self) -> None:
-        """Start each part in dependency order."""
+    async def open(self, node: str) -> None:
+        """The sandbox, the limiter, then this node's identity and the store."""
         await self._sweep_agent_trees()
         self._choose_sandbox()  # before the limiter: whether sessions have uids of their own decides the pids fallback
-        self._fit_max_sessions()
-
+        self.fit_max_sessions()
         if self.sandbox.network_mode == "proxy":
-            self.gateway = build_gateway(self.config, self.tenant_egress, on_denied=self._egress_denied,
-                                         on_count=self._egress_counted)
+            self.gateway = build_gateway(self.config, self.tenant_egress, on_denied=self.on_egress_denied,
+                                         on_count=self.on_egress_counted)
         limit = self.config.memory_limit or None
         # probing may sweep a dead server's cgroups, which waits for the kernel: off the loop
         self.limiter = await asyncio.to_thread(
-            choose_limiter, limit, run_id=os.path.basename(self.run_dir).removeprefix("corral-"),
+            choose_limiter, limit, run_id=self.run_id,
             prefer=self.config.limit_mechanism, cpu_limit=self.config.cpu_limit, max_pids=self.config.max_pids,
             pids_rlimit=self.sandbox.on("uid"))
         for reason in getattr(self.limiter, "fallback_reasons", ()):
@@ -81,13 +92,15 @@ class Lifecycle:
             self.store = create_store(self.config.database_url, self.config.data_dir)
         # the identity first: a server whose identity is held by a live one must not touch the store
         if self.claim is None:
-            self.claim = await claim_node(self.store, self.node)
+            self.claim = await claim_node(self.store, node)
         await self.store.open()
-        await self._join_cluster()
-        await self._end_orphans()
-        self.hub = Hub(on_frame=self._on_frame, on_drop=self._on_drop, on_abuse=self._on_abuse,
-                       on_pause=self._on_pause, frame_rate=self.config.agent_frame_rate)
-        await self._start_spawner()
+
+    def _run_parent(self) -> str | None:
+        """Parent of the run directory."""
+        if self.config.run_dir:
+            os.makedirs(self.config.run_dir, mode=0o700, exist_ok=True)
+            return str(self.config.run_dir)
+        return os.environ.get("XDG_RUNTIME_DIR") or None
 
     async def _sweep_agent_trees(self) -> None:
         """Remove the agents' temp trees of dead servers (whatever this one's sandbox mode): off the loop."""
@@ -104,8 +117,7 @@ class Lifecycle:
         protected = [str(c.data_dir), self.run_dir, str(c.tenants) if c.tenants else None]
         self.sandbox = choose_sandbox(
             c.sandbox, protected=protected, network_mode=c.agent_network, uid_range=c.uid_range,
-            max_pids=c.max_pids, max_open_files=c.max_open_files, disk=c.agent_disk,
-            run_id=os.path.basename(self.run_dir).removeprefix("corral-"))
+            max_pids=c.max_pids, max_open_files=c.max_open_files, disk=c.agent_disk, run_id=self.run_id)
         for name, layer in self.sandbox.layers.items():
             if layer["in_force"]:
                 log.info("sandbox_layer", layer=name, detail=layer["detail"])
@@ -119,23 +131,12 @@ class Lifecycle:
                         "services (the database, corral's own port), the cloud metadata address, and listen on its "
                         "addresses; --agent-network proxy gives them a namespace of their own")
 
-    def _egress_counted(self, session_id: str, tenant: str, field: str, amount: int) -> None:
-        """Traffic through the egress gateway, for the session's and tenant's usage (billing)."""
-        if field in ("bytes_in", "bytes_out"):
-            self.usage.record_egress(session_id, bytes=amount, tenant=tenant)
-        elif field == "requests":
-            self.usage.record_egress(session_id, requests=amount, tenant=tenant)
-
-    def _egress_denied(self, session_id: str, tenant: str, destination: str, reason: str) -> None:
-        """A refusal at the egress gateway, for the admin event stream (it is logged and counted there)."""
-        self.events.publish_global("egress_denied", session_id=session_id, tenant=tenant, destination=destination,
-                                   reason=reason)
-
-    def _fit_max_sessions(self) -> None:
+    def fit_max_sessions(self) -> None:
         """Cap max_sessions at what the open-files limit and the sandbox uids hold, saying so in one line.
 
         Capped, not refused: the server serves what fits and answers 503 at_capacity past it, where
         refusing would leave every session down for a setting the operator can lower at leisure.
+        The registry takes the capped config after ``open``.
         """
         c = self.config
         fits = {"open files": (descriptors.sessions_that_fit(), "raise the open-files limit (ulimit -n) or run as root")}
@@ -148,17 +149,22 @@ class Lifecycle:
                                 f"most {max(1, most)} ({remedy})")
             self.config = dataclasses.replace(c, max_sessions=max(1, most))
 
-    async def _end_orphans(self) -> None:
+    async def end_orphans(self, node: str) -> None:
         """End the sessions this server's previous run left live in the store (it died with them)."""
         lost = await self.store.end_orphans(self.claim.orphans_of, status=states.LOST, end_reason=states.LOST_REASON)
         if lost:
-            log.warning("orphans_ended", node=self.node, sessions=lost, reason=states.LOST_REASON)
+            log.warning("orphans_ended", node=node, sessions=lost, reason=states.LOST_REASON)
+
+    async def launch(self, **on) -> None:
+        """Bind the hub (``on``: its on_frame/on_drop/on_abuse/on_pause callbacks) and start a zygote."""
+        self.hub = Hub(frame_rate=self.config.agent_frame_rate, **on)
+        await self._start_spawner()
 
     async def _start_spawner(self) -> None:
         """Start a zygote."""
-        launcher = self.launcher or ZygoteSpawner
-        spawner = launcher(self.config.agent, limiter=self.limiter, sandbox=self.sandbox, on_lost=self._on_zygote_lost,
-                           environment=self._zygote_environment(), gateway=self.gateway)
+        spawner = self.launcher(self.config.agent, limiter=self.limiter, sandbox=self.sandbox,
+                                on_lost=self._on_zygote_lost, environment=self._zygote_environment(),
+                                gateway=self.gateway)
         await spawner.start()
         self.spawner = spawner
 
@@ -169,34 +175,42 @@ class Lifecycle:
                     **environment.declared_values(self.config.agent_env, os.environ)}
         return environment.zygote_environment(tmpdir, declared, os.environ)
 
-    async def close(self) -> None:
-        """Stop every session, the zygote and the hub; remove the run directory.
+    async def ready_spawner(self):
+        """The spawner to launch with (waiting for a zygote restart in progress); 503 if there is none."""
+        if self.spawner is None and self._zygote_restart is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._zygote_restart), self.config.spawn_timeout)
+        if self.spawner is None:
+            raise errors.Unavailable("the zygote is restarting", retry_after=1)
+        return self.spawner
 
-        One close runs, to its end: a caller cancelled meanwhile (a stop signal during start-up)
-        does not cut it short, and a later caller waits for it.
-        """
-        if self._close_task is None:
-            self._close_task = asyncio.ensure_future(self._close())
-        await asyncio.shield(self._close_task)
+    def _on_zygote_lost(self) -> None:
+        """The zygote died and took every agent with it: their exits come on their futures; start another."""
+        self.spawner = None  # its processes' exits come on their futures, "the zygote died"
+        if not self.closing:
+            self._zygote_restart = self.background.spawn(self._restart_zygote())
 
-    async def _close(self) -> None:
-        """Close the parts in reverse order of their start."""
-        self._closing = True
-        if self._retention_timer is not None:
-            self._retention_timer.cancel()
-        live = [s for s in self.sessions.values() if s.live]
-        if live:
-            stops = [s.life.stop(states.ENDED, force=self.drain.hurried) for s in live]
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*stops, return_exceptions=True), self.config.stop_timeout + 2)
+    async def _restart_zygote(self) -> None:
+        """Start a new zygote after the old one died."""
+        try:
+            await self._start_spawner()
+        except Exception as exc:
+            log.error("zygote_restart_failed", error=str(exc))
+
+    def begin_close(self) -> bool:
+        """Mark the server closing (no more spawns, no zygote restart); False if it already was."""
+        if self.closing:
+            return False
+        self.closing = True
+        return True
+
+    async def close_spawner(self) -> None:
+        """Stop the zygote (after the sessions stopped)."""
         if self.spawner is not None:
             await self.spawner.close()
-        with contextlib.suppress(Exception):
-            await self._leave_cluster()
-        self.output.close()
-        await self.background.wait(timeout=5)
-        self.turn_deadlines.close()
-        self.hung_turns.close()
+
+    async def close(self) -> None:
+        """Close the hub, the limiter, the sandbox, the store and the identity; remove the run directory."""
         if self.hub is not None:
             self.hub.close()
         if self.gateway is not None:
@@ -209,78 +223,18 @@ class Lifecycle:
                 log.warning("agent_tmp_left", **removal)  # the next start's sweep takes it
         if self.store is not None:
             with contextlib.suppress(Exception):
-                await self.usage.close()  # the ends of the sessions just stopped, before the store goes
-            self.events.publish_global("node", state="left", node=self.node)
-            with contextlib.suppress(Exception):
                 await self.store.close()
         if self.claim is not None:
             await self.claim.release()
         if self.run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
-        log.info("supervisor_stopped")
 
-    def hurry(self) -> None:
-        """Stop now (a further signal during the shutdown): SIGKILL every session's process, live or stopping.
-
-        A live one is stopped (ended, not crashed: the stop comes first); one already stopping gets the SIGKILL.
-        """
-        self.drain.hurried = True
-        for s in list(self.sessions.values()):
-            if s.state == states.STOPPING:
-                s.life.send_signal(signal.SIGKILL)
-            elif s.live:
-                self.background.spawn(s.life.stop(states.ENDED, force=True))
-
-    def _on_zygote_lost(self) -> None:
-        """The zygote died and took every agent with it: mark them crashed and start another."""
-        self.spawner = None  # its processes' exits come on their futures, "the zygote died"
-        if not self._closing:
-            self._zygote_restart = self.background.spawn(self._restart_zygote())
-
-    async def _restart_zygote(self) -> None:
-        """Start a new zygote after the old one died."""
-        try:
-            await self._start_spawner()
-        except Exception as exc:
-            log.error("zygote_restart_failed", error=str(exc))
-
-    def _schedule_retention(self) -> None:
-        """Delete ended sessions past the retention period, on a timer."""
-        interval = max(1.0, min(3600.0, self.config.retention / 4))
-        loop = asyncio.get_running_loop()
-        self._retention_timer = loop.call_later(interval, self._retention_due)
-
-    def _retention_due(self) -> None:
-        """Run one retention pass and schedule the next."""
-        self.background.spawn(self.purge_ended())
-        self._schedule_retention()
-
-    async def purge_ended(self) -> int:
-        """Delete sessions that ended more than ``retention`` seconds ago."""
-        removed = await self.store_call(self.store.purge_ended(self.config.retention))
-        if removed:
-            log.info("retention_purged", sessions=removed)
-            self.events.publish_global("purged", sessions=removed, retention=self.config.retention)
-        return removed
-
-    def egress_counts(self, session_id: str, tenant: str) -> dict | None:
-        """A session's traffic through the egress gateway (bytes_in, bytes_out, requests, refused); None without one."""
-        return self.gateway.counters_for(session_id, tenant) if self.gateway else None
-
-    def egress_by_tenant(self) -> dict[str, dict]:
-        """Every tenant's traffic through the egress gateway since start."""
-        return self.gateway.tenant_counters() if self.gateway else {}
-
-    def health(self) -> dict:
-        """What /health reports about the supervisor."""
+    def describe(self) -> dict:
+        """What /health reports about the shared parts."""
         return {
-            "live_sessions": self.live_count,
-            "max_sessions": self.config.max_sessions,  # after start-up's cap (_fit_max_sessions)
-            "sessions_in_memory": len(self.sessions),
             "zygote_pid": self.spawner.pid if self.spawner else None,
             "limit": self.limiter.describe() if self.limiter else None,
             "sandbox": self.sandbox.describe(self.gateway and self.gateway.address()) if self.sandbox else None,
             "egress": self.gateway.describe() if self.gateway else None,
             "store": getattr(self.store, "backend", None),
-            "uptime_seconds": round(time.time() - self.started_at, 3),
         }

@@ -1,13 +1,15 @@
 """What every memory limiter offers the spawner, and the mechanisms that need no cgroup (none, rlimit).
 
-For every spawn the spawner calls ``prepare(key)`` and sends the resulting plain-dict spec to the
-zygote; the forked child applies it with ``agent_proc.limits.apply_limits`` before any agent code
+For every spawn the spawner calls ``prepare(key)`` and sends the resulting ``LimitSpec``
+(agent_proc/limits.py) to the zygote; the forked child applies it with ``apply_limits`` before any agent code
 runs. After the child exits the spawner asks ``oom_killed(spec)`` (before ``release(spec)``, which
 removes the evidence). The cgroup mechanisms are in supervisor/cgroups.py.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
+from corral.agent_proc.limits import LimitSpec
 
 if TYPE_CHECKING:
     from corral.supervisor.cgroups import ControlLimit
@@ -31,28 +33,26 @@ class MemoryLimiter:
         described.update((name, control.describe()) for name, control in self.controls.items())
         return described
 
-    def prepare(self, key: str) -> dict:
+    def prepare(self, key: str) -> LimitSpec:
         """Per-spawn spec for apply_limits in the child: memory, then each control (undone on failure)."""
         spec = self._prepare_memory(key)
         try:
             for name, control in self.controls.items():
                 part = control.prepare(key, spec)
                 if part is not None:
-                    spec.setdefault("controls", {})[name] = part
-                    if part.get("join"):
-                        spec.setdefault("join", []).append(part["path"])
+                    spec.controls[name] = part
         except OSError:
             self.release(spec)
             raise
         return spec
 
-    def _prepare_memory(self, key: str) -> dict:
+    def _prepare_memory(self, key: str) -> LimitSpec:
         """The memory part of the spec."""
-        return {"kind": "none"}
+        return LimitSpec()
 
     def control_usage(self, spec) -> dict:
         """Each control's current use in this spawn ({} where there is no cgroup to ask)."""
-        parts = spec.get("controls", {}) if isinstance(spec, dict) else {}
+        parts = spec.controls if isinstance(spec, LimitSpec) else {}
         usage = {}
         for name, part in parts.items():
             used = self.controls[name].usage(part) if name in self.controls else None
@@ -62,14 +62,14 @@ class MemoryLimiter:
 
     def release(self, spec) -> None:
         """After the spawn's process exited: release each control's part, then memory's; never raises."""
-        parts = spec.get("controls", {}) if isinstance(spec, dict) else {}
+        parts = spec.controls if isinstance(spec, LimitSpec) else {}
         for name, part in parts.items():
             if name in self.controls:
                 self.controls[name].release(part)
         self.release_memory(spec)
 
     def release_memory(self, spec) -> None:
-        """Release what this spawn held of memory alone (a control of its own hierarchy calls it too); nothing without a cgroup."""
+        """Release this spawn's memory part (a cgroup1 control calls it too); nothing without a cgroup."""
 
     def close(self) -> None:
         """At shutdown: the controls' per-run dirs, then memory's."""
@@ -78,7 +78,7 @@ class MemoryLimiter:
         self._close_memory()
 
     def _close_memory(self) -> None:
-        """Release what this spawn held of memory alone (a control of its own hierarchy calls it too); nothing without a cgroup."""
+        """Nothing to clean up without a cgroup."""
 
     def oom_killed(self, spec) -> bool:
         """No kernel OOM verdict without a cgroup; the agent reports MemoryError itself."""
@@ -109,6 +109,6 @@ class RlimitLimiter(MemoryLimiter):
 
     mechanism = "rlimit"
 
-    def _prepare_memory(self, key: str) -> dict:
+    def _prepare_memory(self, key: str) -> LimitSpec:
         """The child does all the work; just pass the size."""
-        return {"kind": "rlimit", "limit_bytes": int(self.limit_bytes)}
+        return LimitSpec("rlimit", limit_bytes=int(self.limit_bytes))

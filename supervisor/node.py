@@ -138,14 +138,8 @@ def lock_key(search_path: str, node: str) -> int:
 
 
 async def claim_node(store, node: str) -> NoClaim:
-    """Claim ``node``'s identity in ``store`` (not yet opened) for this process's life, or raise NodeTaken."""
-    backend = getattr(store, "backend", None)
-    if backend == "sqlite":
-        claim = FileClaim(store.path)
-        claim.acquire()
-        return claim
-    if backend == "postgresql":
-        claim = AdvisoryClaim(store, node)
-        await claim.acquire()
-        return claim
-    return NoClaim(node)
+    """Claim ``node``'s identity in ``store`` (not yet opened) for this process's life, or raise NodeTaken.
+
+    The store knows which claim it needs (``Store.hold_identity``): its backend is chosen once, in create_store.
+    """
+    return await store.hold_identity(node)

@@ -48,18 +48,18 @@ class Reaper:
 
     def arm_idle(self, s: Session) -> None:
         """Make sure an idle timer is pending for a session that just went idle."""
-        if "idle" not in s.life.timers:
+        if "idle" not in s.timers:
             self._schedule_idle(s, s.last_activity + self.idle_timeout)
 
     def _schedule_idle(self, s: Session, due_monotonic: float) -> None:
         """Schedule the idle check at a monotonic time."""
         loop = asyncio.get_running_loop()
         delay = max(0.0, due_monotonic - time.monotonic())
-        s.life.timers["idle"] = loop.call_later(delay, self._idle_check, s)
+        s.timers["idle"] = loop.call_later(delay, self._idle_check, s)
 
     def _idle_check(self, s: Session) -> None:
         """Reap the session if it has really been idle for the whole timeout."""
-        s.life.timers.pop("idle", None)
+        s.timers.pop("idle", None)
         if s.state != states.IDLE or s.inflight:
             # Busy, going down, or a request is between admission and its frame (e.g. committing
             # the message): not idle. The next busy -> idle transition re-arms.
@@ -74,10 +74,10 @@ class Reaper:
         """Start the max-age timer of a freshly spawned process (if max_age is set)."""
         if self.max_age > 0:
             loop = asyncio.get_running_loop()
-            s.life.timers["age"] = loop.call_later(self.max_age, self._age_due, s)
+            s.timers["age"] = loop.call_later(self.max_age, self._age_due, s)
 
     def _age_due(self, s: Session) -> None:
         """The process reached max_age."""
-        s.life.timers.pop("age", None)
+        s.timers.pop("age", None)
         if s.state in (states.IDLE, states.BUSY, states.STARTING):
             self.on_due(s, states.EXPIRED)

@@ -3,11 +3,13 @@
 ``Supervisor`` is to a session's ``SessionLife`` (supervisor/session_life.py) what jupyter_client's
 ``MultiKernelManager`` is to a ``KernelManager``: it holds the indexes (by id, by pid, by routing
 id), capacity and quotas, get-or-create (asking the cluster directory where a session
-lives: supervisor/cluster/), start and close of the shared parts (store, hub, spawner, limiter,
-sandbox), retention, counters and health, and ``transition``, the one place a state changes.
-Each session's ``SessionLife`` sees it as a ``SessionHost`` (supervisor/session_host.py).
-What the routes ask (find, history, end, stats) is ``Queries`` (supervisor/queries.py).
-Everything that happens to one session's process is its ``SessionLife``'s.
+lives: supervisor/cluster/), counters and health, and ``transition``, the one place a state
+changes. It holds four parts, each an object of its own: ``lifecycle`` (the shared parts' start
+and close, supervisor/lifecycle.py), ``activation`` (this node in the cluster: the directory,
+claims, fencing, supervisor/cluster/activation.py), ``retention`` (supervisor/retention.py) and
+``queries`` (what the routes ask: find, history, end, stats, supervisor/queries.py). Each session's ``SessionLife`` sees the registry as a
+``SessionHost`` (supervisor/session_host.py); everything that happens to one session's process is
+its ``SessionLife``'s.
 
 One asyncio loop, no threads of its own, no per-session polling: agent frames arrive through
 the hub's reader, deaths through the spawner's exit reports, idle and age through timers.
@@ -17,6 +19,8 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import os
+import signal
 import time
 from collections import Counter
 
@@ -24,22 +28,22 @@ from corral.agent_proc import protocol as p
 from corral.supervisor import errors, states
 from corral.supervisor.agent_output import AgentOutput
 from corral.supervisor.cluster.activation import Activation
-from corral.supervisor.lifecycle import Lifecycle
+from corral.supervisor.lifecycle import STARTUP_REFUSALS, Lifecycle
 from corral.supervisor.config import Config
 from corral.supervisor.deadlines import Deadlines
-from corral.supervisor.events import EventBus
 from corral.supervisor.drain import Drain
-from corral.supervisor.hub import Hub
+from corral.supervisor.events import EventBus
 from corral.supervisor.logs import debug_enabled, get_logger
+from corral.supervisor.store_errors import store_call
 from corral.supervisor.node import node_name
 from corral.supervisor.queries import Queries
 from corral.supervisor.reaper import Reaper
 from corral.supervisor.restarts import RestartPolicy
+from corral.supervisor.retention import Retention
 from corral.supervisor.session import Session, TokenBucket, Turn, bad_session_id, new_session_id, valid_session_id
-from corral.supervisor.session_keys import id_of, session_key
+from corral.supervisor.session_keys import session_key
 from corral.supervisor.session_life import SessionLife
-from corral.supervisor.store import SessionNotFound as StoredSessionMissing
-from corral.supervisor.store import StaleEpoch, StoreError
+from corral.supervisor.turns import Turns
 from corral.supervisor.tasks import TaskSet
 from corral.supervisor.usage import Usage
 
@@ -48,7 +52,7 @@ log = get_logger(component="supervisor")
 _TURN_STATES = (states.IDLE, states.BUSY)
 
 
-class Supervisor(Lifecycle, Activation, Queries):
+class Supervisor:
     """Owns every session of one corral server."""
 
     def __init__(self, config: Config, *, store=None, claim=None, events: EventBus | None = None,
@@ -58,14 +62,9 @@ class Supervisor(Lifecycle, Activation, Queries):
         ``launcher``: the spawner class (supervisor/spawner.py's interface); the zygote's by default.
         """
         self.config = config
-        self.launcher = launcher
-        self.store = store
         self.events = events or EventBus()
         self.tenant_limits: dict[str, int] = dict(tenant_limits or {})
         self.tenant_env: dict[str, dict[str, str]] = dict(tenant_env or {})  # variables each tenant's agents get
-
-        self.tenant_egress: dict = dict(tenant_egress or {})  # tenant -> its egress rules and upstreams (tenants file)
-        self.gateway = None  # the egress gateway (supervisor/egress/), with --agent-network proxy
         self.sessions: dict[str, Session] = {}
         self.by_pid: dict[int, Session] = {}
         self.by_rid: dict[bytes, Session] = {}
@@ -74,30 +73,147 @@ class Supervisor(Lifecycle, Activation, Queries):
         self.counters: Counter = Counter()  # spawns, restarts, crashes, ooms, reaps ... since start
         self.policy = RestartPolicy(config.max_restarts, config.restart_window)
         self.reaper = Reaper(idle_timeout=config.idle_timeout, max_age=config.max_age, on_due=self._on_due)
-        self.turn_deadlines = Deadlines(on_due=_time_out)  # turn -> its SessionLife, until request_timeout
-        # A timed-out turn -> its SessionLife, for stop_timeout/2 more: then the agent is unresponsive.
+        self.turn_deadlines = Deadlines(on_due=_time_out)  # turn -> its session's Turns, until request_timeout
+        # A timed-out turn -> its session's Turns, for stop_timeout/2 more: then the agent is unresponsive.
         self.hung_turns = Deadlines(on_due=_turn_hung)
-        self.run_dir: str | None = None
-        self.limiter = None
-        self.sandbox = None
-        self.hub: Hub | None = None
-        self.spawner = None  # the ZygoteSpawner (supervisor/spawner.py), started by Lifecycle.start
         self.usage = Usage(self, interval=config.usage_interval)  # usage per session and tenant (supervisor/usage.py)
         self.output = AgentOutput(config.agent_log_lines, self.events)  # every agent's stdout/stderr, and each session's tail
         self.started_at = time.time()
-        # Names this server in the store's sessions.node (supervisor/node.py says what it means)
-        self.node = node_name(config.port)
-        self.claim = claim  # this server's hold on its identity, from before the store opens; released at close
         self._request_ids = itertools.count(1)
         # coroutines the supervisor runs past their caller (end writes, stops, zygote restarts)
         self.background = TaskSet(log, expected=(errors.CorralError,))
         # session id -> the store write recording its last death, awaited before it respawns
         self._status_writes: dict[str, asyncio.Task] = {}
-        self._retention_timer = None
-        self._zygote_restart: asyncio.Task | None = None
-        self._closing = False
         self._close_task: asyncio.Task | None = None
         self.drain = Drain(self.sessions.values)  # the shutdown's: refuse new turns, wait, end what remains
+        self.lifecycle = Lifecycle(config, background=self.background, store=store, claim=claim, launcher=launcher,
+                                   tenant_egress=tenant_egress, on_egress_denied=self._egress_denied,
+                                   on_egress_counted=self._egress_counted)
+        # node: names this server in the store's sessions.node (supervisor/node.py says what it means)
+        self.activation = Activation(config, node_name(config.port), sessions=self.sessions, counters=self.counters,
+                                     events=self.events, node_info=self.node_info, end_now=self._end_now)
+        self.queries = Queries(self, self.activation)
+        self.retention = Retention(config.retention, store=lambda: self.store, events=self.events,
+                                   background=self.background)
+
+    # The shared parts, as the sessions, the web layer and the tests read them (the lifecycle owns them).
+    store = property(lambda self: self.lifecycle.store, doc="The session store.")
+    hub = property(lambda self: self.lifecycle.hub, doc="The ROUTER every agent's connection is on.")
+    spawner = property(lambda self: self.lifecycle.spawner, doc="The running launcher (None while the zygote restarts).")
+    limiter = property(lambda self: self.lifecycle.limiter, doc="The memory limiter and its controls.")
+    sandbox = property(lambda self: self.lifecycle.sandbox, doc="The sandbox plan chosen at start.")
+    run_dir = property(lambda self: self.lifecycle.run_dir, doc="This run's private directory.")
+    claim = property(lambda self: self.lifecycle.claim, doc="This server's hold on its node identity.")
+    closing = property(lambda self: self.lifecycle.closing, doc="Whether the server is shutting down (no more spawns).")
+    node = property(lambda self: self.activation.node, doc="This node's name (its cluster node id once it joined).")
+    membership = property(lambda self: self.activation.membership, doc="This node's cluster membership, if any.")
+    gateway = property(lambda self: self.lifecycle.gateway, doc="The egress gateway (--agent-network proxy), if any.")
+
+    async def start(self) -> None:
+        """Open the store, join the cluster, bind the hub, start the zygote."""
+        self.lifecycle.make_run_dir()
+        try:
+            await self.lifecycle.open(self.node)
+            # start-up may cap max_sessions at what the host holds (Lifecycle.fit_max_sessions)
+            self.config = self.activation.config = self.lifecycle.config
+            await self.activation.join(self.store, self.claim)
+            await self.lifecycle.end_orphans(self.node)
+            await self.lifecycle.launch(on_frame=self.on_frame, on_drop=self.on_drop, on_abuse=self.on_abuse,
+                                        on_pause=self.on_pause)
+        except STARTUP_REFUSALS as exc:
+            await self.close()
+            raise errors.StartupError(str(exc)) from exc
+        except BaseException:
+            await self.close()
+            raise
+        self.retention.start()
+        self.usage.start()
+        self.events.publish_global("node", state="joined", node=self.node)
+        log.info("supervisor_started", run_dir=self.run_dir, limit=self.limiter.describe(), agent=self.config.agent)
+
+    async def close(self) -> None:
+        """Stop every session, the zygote, the cluster membership and the shared parts.
+
+        One close runs, to its end: a caller cancelled meanwhile (a stop signal during start-up)
+        does not cut it short, and a later caller waits for it.
+        """
+        if self._close_task is None:
+            self._close_task = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._close_task)
+
+    async def _close(self) -> None:
+        """Close the parts in reverse order of their start."""
+        self.lifecycle.begin_close()
+        self.retention.stop()
+        live = [s for s in self.sessions.values() if s.live]
+        if live:
+            stops = [s.life.stop(states.ENDED, force=self.drain.hurried) for s in live]
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*stops, return_exceptions=True), self.config.stop_timeout + 2)
+        await self.lifecycle.close_spawner()
+        with contextlib.suppress(Exception):
+            await self.activation.leave()
+        self.output.close()
+        await self.background.wait(timeout=5)
+        self.turn_deadlines.close()
+        self.hung_turns.close()
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                await self.usage.close()  # the ends of the sessions just stopped, before the store goes
+            self.events.publish_global("node", state="left", node=self.node)
+        await self.lifecycle.close()
+        log.info("supervisor_stopped")
+
+    def hurry(self) -> None:
+        """Stop now (a further signal during the shutdown): SIGKILL every session's process, live or stopping.
+
+        A live one is stopped (ended, not crashed: the stop comes first); one already stopping gets the SIGKILL.
+        """
+        self.drain.hurried = True
+        for s in list(self.sessions.values()):
+            if s.state == states.STOPPING:
+                s.life.send_signal(signal.SIGKILL)
+            elif s.live:
+                self.background.spawn(s.life.stop(states.ENDED, force=True))
+
+    def _egress_counted(self, session_id: str, tenant: str, field: str, amount: int) -> None:
+        """Traffic through the egress gateway, for the session's and tenant's usage (billing)."""
+        if field in ("bytes_in", "bytes_out"):
+            self.usage.record_egress(session_id, bytes=amount, tenant=tenant)
+        elif field == "requests":
+            self.usage.record_egress(session_id, requests=amount, tenant=tenant)
+
+    def _egress_denied(self, session_id: str, tenant: str, destination: str, reason: str) -> None:
+        """A refusal at the egress gateway, for the admin event stream (it is logged and counted there)."""
+        self.events.publish_global("egress_denied", session_id=session_id, tenant=tenant, destination=destination,
+                                   reason=reason)
+
+    def egress_counts(self, session_id: str, tenant: str) -> dict | None:
+        """A session's traffic through the egress gateway (bytes_in, bytes_out, requests, refused); None without one."""
+        return self.gateway.counters_for(session_id, tenant) if self.gateway else None
+
+    def egress_by_tenant(self) -> dict[str, dict]:
+        """Every tenant's traffic through the egress gateway since start."""
+        return self.gateway.tenant_counters() if self.gateway else {}
+
+    def health(self) -> dict:
+        """What /health reports about the supervisor."""
+        return {
+            "live_sessions": self.live_count,
+            "max_sessions": self.config.max_sessions,  # after start-up's cap (Lifecycle.fit_max_sessions)
+            "sessions_in_memory": len(self.sessions),
+            **self.lifecycle.describe(),
+            "uptime_seconds": round(time.time() - self.started_at, 3),
+        }
+
+    def node_info(self) -> dict:
+        """What this node reports in its heartbeat (shown by /admin/nodes)."""
+        rss = None
+        with contextlib.suppress(OSError, ValueError):
+            with open(f"/proc/{os.getpid()}/statm") as f:
+                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return {"live_sessions": self.live_count, "sessions_in_memory": len(self.sessions),
+                "server_rss_bytes": rss, "pid": os.getpid()}
 
     async def get_or_create(self, session_id: str | None, tenant: str, metadata: dict | None = None) -> Session:
         """The tenant's session with this id (from memory or the store), or a new one.
@@ -110,8 +226,8 @@ class Supervisor(Lifecycle, Activation, Queries):
             raise bad_session_id()
         key = session_key(tenant, session_id)
         s = self.sessions.get(key)
-        if s is None or (not s.live and self.directory.fenced):
-            record = await self._placed(key)
+        if s is None or (not s.live and self.activation.fenced):
+            record = await self.activation.placed(key)
             if record is not None and record.tenant != tenant:  # a row from before ids were per tenant
                 raise errors.SessionNotFound(f"no session {session_id}")
             s = self.sessions.get(key)  # another request may have registered it meanwhile
@@ -144,6 +260,10 @@ class Supervisor(Lifecycle, Activation, Queries):
         """Number of live sessions."""
         return self.live_count
 
+    async def moved(self, session_id: str) -> errors.SessionMoved:
+        """The error for a session another node has claimed, naming its owner when that one is alive."""
+        return await self.activation.moved(session_id)
+
     def agent_env(self, tenant: str) -> dict[str, str]:
         """The variables a tenant's agents get over the base environment (the tenants file's ``env``)."""
         return self.tenant_env.get(tenant, {})
@@ -155,15 +275,10 @@ class Supervisor(Lifecycle, Activation, Queries):
         if s.state in states.STOP_REASONS or s.state is None:
             self._unregister(s)
             s.life.cancel_timers()
-        elif "forget" not in s.life.timers:
+        elif "forget" not in s.timers:
             # Keep crash history for the restart window, then let it go.
             loop = asyncio.get_running_loop()
-            s.life.timers["forget"] = loop.call_later(self.config.restart_window, self._forget_after_window, s)
-
-    @property
-    def closing(self) -> bool:
-        """Whether the server is shutting down (no more spawns)."""
-        return self._closing
+            s.timers["forget"] = loop.call_later(self.config.restart_window, self._forget_after_window, s)
 
     def next_request_id(self) -> int:
         """A request id no other turn of this server has."""
@@ -185,24 +300,19 @@ class Supervisor(Lifecycle, Activation, Queries):
 
     async def ready_spawner(self):
         """The spawner to launch with (waiting for a zygote restart in progress); 503 if there is none."""
-        if self.spawner is None and self._zygote_restart is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self._zygote_restart), self.config.spawn_timeout)
-        if self.spawner is None:
-            raise errors.Unavailable("the zygote is restarting", retry_after=1)
-        return self.spawner
+        return await self.lifecycle.ready_spawner()
 
     async def record_message(self, s: Session, role: str, text: str):
         """Commit one message to the store; SessionMoved, the session fenced out, on a stale epoch."""
         try:
-            return await self.store_call(self.store.append_message(s.key, role, text, epoch=s.epoch))
+            return await store_call(self.store.append_message(s.key, role, text, epoch=s.epoch))
         except errors.SessionMoved:
-            self.fence_out(s, f"its {role} message was refused for a stale epoch")
+            self.activation.fence_out(s, f"its {role} message was refused for a stale epoch")
             raise
 
     def _forget_after_window(self, s: Session) -> None:
         """The restart window of a crashed session has passed."""
-        s.life.timers.pop("forget", None)
+        s.timers.pop("forget", None)
         if not s.live and not s.inflight:
             self._unregister(s)
 
@@ -232,12 +342,12 @@ class Supervisor(Lifecycle, Activation, Queries):
         return await self.complete(s, turn)
 
     async def submit(self, s: Session, kind: int, body, *, on_chunk=None, record_as: str | None = None) -> Turn:
-        """Admit, persist and send one message (SessionLife.submit); return the turn to wait on."""
-        return await s.life.submit(kind, body, on_chunk=on_chunk, record_as=record_as)
+        """Admit, persist and send one message (Turns.submit); return the turn to wait on."""
+        return await s.life.turns.submit(kind, body, on_chunk=on_chunk, record_as=record_as)
 
     async def complete(self, s: Session, turn: Turn) -> dict:
-        """Wait for a submitted turn's answer (SessionLife.complete)."""
-        return await s.life.complete(turn)
+        """Wait for a submitted turn's answer (Turns.complete)."""
+        return await s.life.turns.complete(turn)
 
     def interrupt(self, s: Session) -> bool:
         """Interrupt the turn in progress (SessionLife.interrupt)."""
@@ -279,42 +389,42 @@ class Supervisor(Lifecycle, Activation, Queries):
             # Otherwise, with a pool of connections, the old end could land after the new start
             # and leave a live session marked ended (and purgeable by retention).
             await asyncio.wait([ended])
-        record = await self._claim(s)
+        record = await self.activation.claim(s)
         s.created_at, s.message_count = record.created_at, record.message_count
-        history = await self.store_call(self.store.history(s.key, limit=self.config.history_limit))
+        history = await store_call(self.store.history(s.key, limit=self.config.history_limit))
         return recent_history(history, self.config.history_limit_bytes)
 
-    def _on_frame(self, rid: bytes, kind: int, req: int, body, size: int) -> None:
+    def on_frame(self, rid: bytes, kind: int, req: int, body, size: int) -> None:
         """Route one frame from an agent to its session (the connection says which: rid is bound at spawn)."""
         s = self.by_rid.get(rid)
         if s is not None:  # else the last words of a process that is already gone
-            s.life.on_frame(kind, req, body, size)
+            s.life.turns.on_frame(kind, req, body, size)
 
-    def _on_abuse(self, rid: bytes, reason: str, detail: str) -> None:
+    def on_abuse(self, rid: bytes, reason: str, detail: str) -> None:
         """The hub cut an agent's connection (flood, protocol error): kill that agent, and only it."""
         s = self.by_rid.get(rid)
         if s is not None:
             self.counters["agents_killed_for_abuse"] += 1
             s.life.kill_for(reason, detail=f"{reason}: {detail}")
 
-    def _on_pause(self, rid: bytes) -> None:
+    def on_pause(self, rid: bytes) -> None:
         """Count a connection the hub stopped reading: its agent sends PINGs and reads no PONGs."""
         self.counters["agent_reads_paused"] += 1
 
-    def _on_drop(self, rid: bytes, why: str) -> None:
+    def on_drop(self, rid: bytes, why: str) -> None:
         """Count a frame the hub refused and tell global listeners (metrics, tests)."""
         self.counters["frames_dropped"] += 1
         self.events.publish_global("frame_dropped", routing_id=rid[:128].decode("utf-8", "replace"), reason=why)
         s = self.by_rid.get(rid)
         if s is not None:
             # The hub routes by connection, so a live session's own process sent it.
-            s.life.stray_frame()
+            s.life.turns.stray_frame()
 
     def record_end(self, s: Session, final: str) -> None:
         """Write the end to the store in the background; a respawn waits for it (see prepare_spawn)."""
-        if self._unclaimed(s):
+        if self.activation.unclaimed(s):
             return  # fenced out, or its claim was refused: the session's row is another node's
-        write = self.background.spawn(self.store_call(
+        write = self.background.spawn(store_call(
             self.store.set_status(s.key, final, end_reason=s.end_reason or final, ended=True, epoch=s.epoch)))
         self._status_writes[s.key] = write
         write.add_done_callback(functools.partial(self._end_recorded, s.key))
@@ -329,6 +439,11 @@ class Supervisor(Lifecycle, Activation, Queries):
         if self._status_writes:
             await asyncio.wait(list(self._status_writes.values()))
 
+    def _end_now(self, s: Session) -> None:
+        """SIGKILL a session's process and stop it in the background (fenced out: it must not answer more)."""
+        s.life.send_signal(signal.SIGKILL)
+        self.background.spawn(s.life.stop(states.ENDED, force=True))
+
     def _on_due(self, s: Session, reason: str) -> None:
         """A reaper timer fired: stop the session in the background."""
         self.background.spawn(s.life.stop(reason))
@@ -340,7 +455,7 @@ class Supervisor(Lifecycle, Activation, Queries):
             self._unregister(s)
             s.life.cancel_timers()
         if purge:
-            await self.store_call(self.store.delete_session(s.key))
+            await store_call(self.store.delete_session(s.key))
 
     def transition(self, s: Session, new: str, **info) -> None:
         """Move a session to a new state (asserted), keep counts, log and publish it."""
@@ -367,20 +482,6 @@ class Supervisor(Lifecycle, Activation, Queries):
         log.info("session_state", session_id=s.id, tenant=s.tenant, pid=s.pid, old=old, new=new, **info)
         self.events.publish("state", s.key, tenant=s.tenant, state=new, previous=old, pid=s.pid, **info)
 
-    async def store_call(self, coro):
-        """Await a store operation; an unreachable store is a 503, not a traceback."""
-        try:
-            return await coro
-        except StoreError as exc:
-            # the cause names files, hosts and tables: it goes to the log, not to tenants
-            log.error("store_error", error=str(exc))
-            raise errors.Unavailable("the session store is unavailable; try again shortly", retry_after=5) from None
-        except StaleEpoch as exc:
-            raise errors.SessionMoved(f"session {id_of(exc.args[0])} was claimed by another node") from None
-        except StoredSessionMissing as exc:
-            # its data was purged (DELETE ?purge=true, retention) while a request was on its way
-            raise errors.SessionNotFound(f"session {id_of(exc.args[0])} was deleted") from None
-
 
 def recent_history(history: list, max_bytes: int) -> list[dict]:
     """The newest messages of ``history`` whose contents fit in ``max_bytes`` (the oldest are dropped)."""
@@ -394,11 +495,11 @@ def recent_history(history: list, max_bytes: int) -> list[dict]:
     return kept
 
 
-def _time_out(turn: Turn, life: SessionLife) -> None:
+def _time_out(turn: Turn, turns: Turns) -> None:
     """request_timeout passed without an answer (one deadline timer for every turn)."""
-    life.time_out(turn)
+    turns.time_out(turn)
 
 
-def _turn_hung(turn: Turn, life: SessionLife) -> None:
+def _turn_hung(turn: Turn, turns: Turns) -> None:
     """A timed-out turn is still running stop_timeout/2 after its interrupt."""
-    life.turn_hung(turn)
+    turns.turn_hung(turn)

@@ -22,9 +22,9 @@ def valid_session_id(session_id) -> bool:
     return isinstance(session_id, str) and _SESSION_ID.fullmatch(session_id) is not None
 
 
-def bad_session_id() -> errors.BadRequest:
+def bad_session_id() -> errors.InvalidRequest:
     """The 400 for a session id that breaks the rule."""
-    return errors.BadRequest(SESSION_ID_RULE, code="bad_session_id")
+    return errors.InvalidRequest(SESSION_ID_RULE, code="bad_session_id")
 
 
 def new_session_id() -> str:
@@ -87,7 +87,10 @@ class Session:
     inflight: int = 0  # requests accepted and not answered (including ones waiting for a spawn)
     bucket: TokenBucket | None = None
     epoch: int | None = None  # the cluster claim this node's process runs under (None: not claimed)
-    life: object = None  # its SessionLife (supervisor/session_life.py): the process, the turns, the timers
+    # name -> asyncio.TimerHandle: idle and age (the reaper's), forget (the registry's), term, kill
+    # and interrupt (its life's); its life cancels them when the process goes
+    timers: dict = field(default_factory=dict)
+    life: object = None  # its SessionLife (supervisor/session_life.py): the process, the turns
     key: str = ""  # its tenant and id as one name (supervisor/session_keys.py): what corral knows it by
 
     def __post_init__(self):

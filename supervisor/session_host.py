@@ -31,8 +31,8 @@ class SessionHost(Protocol):
     output: AgentOutput  # every agent's stdout/stderr
     policy: RestartPolicy
     reaper: Reaper  # idle and max-age timers
-    turn_deadlines: Deadlines  # turn -> its SessionLife, until request_timeout
-    hung_turns: Deadlines  # a timed-out turn -> its SessionLife, until it counts as unresponsive
+    turn_deadlines: Deadlines  # turn -> its session's Turns, until request_timeout
+    hung_turns: Deadlines  # a timed-out turn -> its session's Turns, until it counts as unresponsive
     drain: Drain  # the shutdown's: new turns refused once it has ended the turns in flight
 
     @property

@@ -3,10 +3,12 @@
 ``SessionLife`` is to the registry (``Supervisor``, supervisor/registry.py) what jupyter_client's
 ``KernelManager`` is to its ``MultiKernelManager``: one per session (``session.life``), it owns the
 state that is not in the state table (``dying``, ``stop_reason``, ``kill_reason``, the
-``starting``/``ready``/``exited`` futures, the named timers, the turns) and everything that happens
-to the session's process. It reaches the registry only through ``SessionHost``
-(supervisor/session_host.py), changes the session's state only through its ``transition``, and
-reaches processes only through the spawner (supervisor/spawner.py).
+``starting``/``ready``/``exited`` futures) and everything that happens to the session's process,
+and cancels the session's named timers when it goes. Its turns are a part it holds, ``turns``
+(supervisor/turns.py), which asks it for what it needs through ``TurnsProcess``. It reaches the
+registry only through ``SessionHost`` (supervisor/session_host.py), changes the session's state
+only through its ``transition``, and reaches processes only through the spawner
+(supervisor/spawner.py).
 """
 
 import asyncio
@@ -33,7 +35,7 @@ INTERRUPT_RESEND_AFTER = 0.5
 INTERRUPT_RESENDS = 4
 
 
-class SessionLife(Turns):
+class SessionLife:
     """The life of one session's process, and the state of it that is not the session's state."""
 
     def __init__(self, session, host: SessionHost):
@@ -45,10 +47,8 @@ class SessionLife(Turns):
         self.starting: asyncio.Future | None = None  # resolves when a spawn finishes (either way)
         self.ready: asyncio.Future | None = None  # resolves on the agent's READY
         self.exited: asyncio.Future | None = None  # resolves when the current process is gone
-        self.timers: dict = {}  # name -> asyncio.TimerHandle
-        self.turns: dict = {}  # req id -> Turn, sent to the agent
+        self.turns = Turns(session, host, self)  # the turns sent to the current process (supervisor/turns.py)
         self.interrupts = 0  # SIGINTs sent to the current process
-        self.stray_frames = 0  # frames for turns it was never given, or forged, from the current process
         self.generation = 0  # spawns so far
         # The routing id of the current process's hub connection: the session id plus a per-spawn suffix.
         self.routing_id = b""
@@ -57,13 +57,13 @@ class SessionLife(Turns):
 
     def cancel_timer(self, name: str) -> None:
         """Cancel one named timer, if set."""
-        handle = self.timers.pop(name, None)
+        handle = self.session.timers.pop(name, None)
         if handle is not None:
             handle.cancel()
 
     def cancel_timers(self, *names: str) -> None:
         """Cancel the named timers, or all of them."""
-        for name in names or list(self.timers):
+        for name in names or list(self.session.timers):
             self.cancel_timer(name)
 
     async def ensure_live(self) -> None:
@@ -120,7 +120,7 @@ class SessionLife(Turns):
         self.routing_id = f"{s.key}/{self.generation}/{secrets.token_hex(4)}".encode()
         self.stop_reason = s.end_reason = s.exit_description = self.kill_reason = None
         self.dying = False
-        self.stray_frames = 0
+        self.turns.new_process()
         self.interrupts = 0
         self.ready, self.exited = loop.create_future(), loop.create_future()
         self.exited.add_done_callback(consume)
@@ -131,7 +131,7 @@ class SessionLife(Turns):
             await self._fork()
             await asyncio.wait_for(asyncio.shield(self.ready), self.host.config.spawn_timeout)
             self._still_starting()  # it may have died between READY and now
-            start = self._send(p.START, p.start_body(history, s.metadata), None)
+            start = self.turns.send(p.START, p.start_body(history, s.metadata), None)
             await asyncio.wait_for(asyncio.shield(start.future), self.host.config.spawn_timeout)
         except asyncio.TimeoutError as exc:
             await self._spawn_failed(exc)
@@ -142,7 +142,7 @@ class SessionLife(Turns):
         s.spawned_at = time.monotonic()
         self.host.counters["spawns"] += 1
         self.host.events.publish("spawned", s.key, tenant=s.tenant, pid=s.pid, seconds=s.spawned_at - started)
-        self.host.transition(s, states.BUSY if self.turns else states.IDLE)
+        self.host.transition(s, states.BUSY if self.turns.pending else states.IDLE)
         self.host.reaper.arm_age(s)
 
     def _still_starting(self) -> None:
@@ -245,11 +245,7 @@ class SessionLife(Turns):
         err = errors.AgentDied(f"the agent {_verb(final)} ({why})", code=code)
         if self.host.drain.ended:  # stopped by the shutdown: the caller may send it again elsewhere
             err = self.host.drain.error()
-        for turn in self.turns.values():
-            if not turn.future.done():
-                turn.future.set_exception(err)
-                turn.future.add_done_callback(consume)
-        self.turns.clear()
+        self.turns.fail_all(err)
         if self.ready is not None and not self.ready.done():
             self.ready.set_exception(err)
             self.ready.add_done_callback(consume)
@@ -282,8 +278,9 @@ class SessionLife(Turns):
         else:
             self.host.hub.send(self.routing_id, p.pack_shutdown(self.interrupts))
             loop = asyncio.get_running_loop()
-            self.timers["term"] = loop.call_later(self.host.config.stop_timeout / 2, self.send_signal, signal.SIGTERM)
-            self.timers["kill"] = loop.call_later(self.host.config.stop_timeout, self.send_signal, signal.SIGKILL)
+            timers, stop_timeout = self.session.timers, self.host.config.stop_timeout
+            timers["term"] = loop.call_later(stop_timeout / 2, self.send_signal, signal.SIGTERM)
+            timers["kill"] = loop.call_later(stop_timeout, self.send_signal, signal.SIGKILL)
         return await asyncio.shield(self.exited)
 
     async def kill(self) -> str | None:
@@ -293,10 +290,11 @@ class SessionLife(Turns):
     def interrupt(self) -> bool:
         """SIGINT the agent's process group; the turn in progress (or about to start) ends as interrupted."""
         s = self.session
-        if s.pid is None or not self.turns or s.state not in (states.BUSY, states.STOPPING):
+        current = self.turns.current()
+        if s.pid is None or current is None or s.state not in (states.BUSY, states.STOPPING):
             return False
         self.cancel_timer("interrupt")
-        return self._send_interrupt(next(iter(self.turns)), INTERRUPT_RESENDS)
+        return self._send_interrupt(current, INTERRUPT_RESENDS)
 
     def _send_interrupt(self, target: int, resends: int) -> bool:
         """Signal the agent, and look again shortly in case the signal was lost.
@@ -311,14 +309,15 @@ class SessionLife(Turns):
         sent = self.send_signal(signal.SIGINT)
         if sent and resends > 0:
             loop = asyncio.get_running_loop()
-            self.timers["interrupt"] = loop.call_later(INTERRUPT_RESEND_AFTER, self._resend_interrupt, target, resends)
+            self.session.timers["interrupt"] = loop.call_later(INTERRUPT_RESEND_AFTER, self._resend_interrupt,
+                                                               target, resends)
         return sent
 
     def _resend_interrupt(self, target: int, resends: int) -> None:
         """The interrupt timer fired: signal again if the target turn is still the one running."""
         s = self.session
-        self.timers.pop("interrupt", None)
-        if s.pid is not None and self.turns and next(iter(self.turns)) == target:
+        self.session.timers.pop("interrupt", None)
+        if s.pid is not None and self.turns.current() == target:
             self._send_interrupt(target, resends - 1)
 
     def send_signal(self, sig: int) -> bool:
@@ -353,9 +352,20 @@ class SessionLife(Turns):
         self.host.transition(s, states.STOPPING, reason="agent_exiting")
         # stop_reason stays None, so the exit is classified as crashed/oom; the timer covers an
         # agent that announces its death and then does not die.
-        self.timers["kill"] = asyncio.get_running_loop().call_later(
-            self.host.config.stop_timeout, self.send_signal, signal.SIGKILL
-        )
+        self.kill_after(self.host.config.stop_timeout)
+
+    def kill_after(self, delay: float) -> None:
+        """SIGKILL the process after ``delay`` seconds (the timer goes with the process)."""
+        self.session.timers["kill"] = asyncio.get_running_loop().call_later(delay, self.send_signal, signal.SIGKILL)
+
+    def send_request(self, kind: int, req: int, body) -> None:
+        """Write one request frame on the current process's connection (refused if the agent is gone)."""
+        self.host.hub.send(self.routing_id, p.pack_request(kind, req, body, self.interrupts))
+
+    def on_ready(self, body) -> None:
+        """The agent said READY: the spawn waiting on it goes on."""
+        if self.ready is not None and not self.ready.done():
+            self.ready.set_result(body)
 
 
 def _verb(final: str) -> str:

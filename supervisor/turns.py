@@ -1,26 +1,30 @@
 """A session's turns: admission, the mailbox, the agent's frames, a turn's deadline.
 
-The first half of ``SessionLife`` (supervisor/session_life.py), kept in a file of its own: these
-methods read and write the per-session state that ``SessionLife`` holds (``turns``, the futures,
-``kill_reason``) and reach the registry through ``self.host`` only for what is shared (the hub,
-the store, the events, the counters, ``transition``).
+``Turns`` is a part each ``SessionLife`` (supervisor/session_life.py) holds as ``turns``: it owns
+the turns sent to the current process (``pending``, by request id) and the count of frames the
+process had no business sending. It asks its session's process for what it needs through
+``TurnsProcess`` (below: be live, send a request, interrupt, kill) and the registry through
+``SessionHost`` (supervisor/session_host.py) for what is shared (the events, the store, the
+counters, the deadlines, ``transition``).
 """
 
 import asyncio
 import signal
 import time
+from typing import Protocol
 
 from corral.agent_proc import protocol as p
 from corral.supervisor import errors, states
 from corral.supervisor.logs import get_logger
 from corral.supervisor.session import Turn
+from corral.supervisor.session_host import SessionHost
 
 log = get_logger(component="supervisor")
 
 _FAIL_ERRORS = {
-    p.UNKNOWN_COMMAND: errors.UnknownCommand,
-    p.BAD_REQUEST: errors.BadRequest,
-    p.UPSTREAM_ERROR: errors.UpstreamError,
+    p.UNKNOWN_COMMAND: errors.CommandNotFound,
+    p.BAD_REQUEST: errors.InvalidRequest,
+    p.UPSTREAM_ERROR: errors.UpstreamFailed,
     p.AGENT_CRASHED: errors.AgentDied,
     p.AGENT_OOM: errors.AgentDied,
     p.AGENT_BAD_REPLY: errors.AgentBadReply,
@@ -33,8 +37,62 @@ UNRESPONSIVE, STRAY_FRAMES, TURN_TOO_LARGE = "unresponsive", "stray_frames", "tu
 DEATH_CODES = {states.OOM: p.AGENT_OOM, states.CRASHED: p.AGENT_CRASHED}
 
 
+class TurnsProcess(Protocol):
+    """What a session's turns ask of its process's life (``SessionLife`` implements it)."""
+
+    dying: bool  # the agent announced its death and is exiting: new turns wait for the respawn
+
+    async def ensure_live(self) -> None:
+        """Make sure the session has a ready process."""
+
+    def send_request(self, kind: int, req: int, body) -> None:
+        """Write one request frame on the current process's connection."""
+
+    def on_ready(self, body) -> None:
+        """The agent said READY."""
+
+    def interrupt(self) -> bool:
+        """SIGINT the turn in progress."""
+
+    def kill_for(self, reason: str, sig: int = signal.SIGKILL, detail: str | None = None) -> None:
+        """End the process because of what it did."""
+
+    def kill_after(self, delay: float) -> None:
+        """SIGKILL the process after ``delay`` seconds unless it is gone by then."""
+
+    def dying_now(self) -> None:
+        """The agent said it is exiting: take no more messages until its exit report."""
+
+
 class Turns:
-    """Turns of one session (a base of SessionLife, which holds the state these methods use)."""
+    """The turns of one session's current process."""
+
+    def __init__(self, session, host: SessionHost, process: TurnsProcess):
+        self.session = session
+        self.host = host
+        self.process = process
+        self.pending: dict[int, Turn] = {}  # req id -> Turn, sent to the agent
+        self.stray_frames = 0  # frames for turns it was never given, or forged, from the current process
+
+    def new_process(self) -> None:
+        """A new process starts: nothing of the old one's counts toward its bounds."""
+        self.stray_frames = 0
+
+    def current(self) -> int | None:
+        """The request id of the turn in progress (the oldest one sent), or None."""
+        return next(iter(self.pending), None)
+
+    def waiting(self) -> list[Turn]:
+        """The turns sent to the process whose answer has not come."""
+        return [turn for turn in self.pending.values() if not turn.future.done()]
+
+    def fail_all(self, err: Exception) -> None:
+        """The process is gone: every turn sent to it fails with ``err``."""
+        for turn in self.pending.values():
+            if not turn.future.done():
+                turn.future.set_exception(err)
+                turn.future.add_done_callback(consume)
+        self.pending.clear()
 
     async def submit(self, kind: int, body, *, on_chunk=None, record_as: str | None = None) -> Turn:
         """Admit, persist and send one message; return the turn to wait on.
@@ -51,7 +109,7 @@ class Turns:
         s.inflight += 1
         s.last_activity = time.monotonic()
         try:
-            await self.ensure_live()
+            await self.process.ensure_live()
             if record_as is not None:
                 try:
                     await self._record(record_as, body)
@@ -59,8 +117,8 @@ class Turns:
                     raise await self.host.moved(s.key) from None  # not committed: the new owner may take it
                 # The process may have died (and a respawn begun) while the message was committed:
                 # sending now would put the turn in a mailbox nobody reads.
-                await self.ensure_live()
-            turn = self._send(kind, body, on_chunk)
+                await self.process.ensure_live()
+            turn = self.send(kind, body, on_chunk)
             if record_as is not None:
                 turn.in_bytes = utf8_len(body)
             return turn
@@ -102,7 +160,7 @@ class Turns:
         if turn.future.done():
             return
         turn.abandoned = True
-        self.interrupt()
+        self.process.interrupt()
         # If the interrupt is ignored, the agent is unresponsive (turn_hung): one timer for all.
         self.host.hung_turns.add(turn, self.host.config.stop_timeout / 2, self)
         turn.future.set_exception(errors.TurnTimeout(
@@ -116,14 +174,12 @@ class Turns:
         restored, on its next message.
         """
         s = self.session
-        if s.state != states.BUSY or turn not in self.turns.values():
+        if s.state != states.BUSY or turn not in self.pending.values():
             return  # answered (or the process is already gone)
         self.host.counters["agents_unresponsive"] += 1
         log.warning("agent_unresponsive", session_id=s.id, tenant=s.tenant, pid=s.pid)
-        self.kill_for(UNRESPONSIVE, signal.SIGTERM)
-        self.timers["kill"] = asyncio.get_running_loop().call_later(
-            self.host.config.stop_timeout / 2, self.send_signal, signal.SIGKILL
-        )
+        self.process.kill_for(UNRESPONSIVE, signal.SIGTERM)
+        self.process.kill_after(self.host.config.stop_timeout / 2)
 
     def _admit(self, body) -> None:
         """Refuse a message that cannot be sent or is over the size, mailbox or rate bounds (before any work)."""
@@ -137,7 +193,7 @@ class Turns:
             else:
                 p.check_encodable(body)
         except (TypeError, ValueError, OverflowError) as exc:  # UnicodeEncodeError is a ValueError
-            raise errors.BadRequest(f"the message cannot be encoded for the agent: {exc}") from None
+            raise errors.InvalidRequest(f"the message cannot be encoded for the agent: {exc}") from None
         if s.inflight >= self.host.config.mailbox_size:
             raise errors.MailboxFull(f"session {s.id} has {s.inflight} messages in flight", retry_after=1)
         if s.bucket is not None:
@@ -145,16 +201,16 @@ class Turns:
             if wait:
                 raise errors.RateLimited(f"session {s.id} is over its rate limit", retry_after=wait)
 
-    def _send(self, kind: int, body, on_chunk) -> Turn:
+    def send(self, kind: int, body, on_chunk) -> Turn:
         """Put one frame in the agent's mailbox."""
         s = self.session
         if self.host.drain.ended:  # admitted before the shutdown ended the turns: nobody will run it
             raise self.host.drain.error()
         req = self.host.next_request_id()
         turn = Turn(kind, asyncio.get_running_loop().create_future(), on_chunk)
-        self.turns[req] = turn
+        self.pending[req] = turn
         # If the agent is already gone, the frame is refused; its exit report fails the turn.
-        self.host.hub.send(self.routing_id, p.pack_request(kind, req, body, self.interrupts))
+        self.process.send_request(kind, req, body)
         if s.state == states.IDLE:
             self.host.transition(s, states.BUSY)
         return turn
@@ -164,7 +220,7 @@ class Turns:
         s = self.session
         s.inflight -= 1
         s.last_activity = time.monotonic()
-        if s.state == states.BUSY and not self.turns:
+        if s.state == states.BUSY and not self.pending:
             self.host.transition(s, states.IDLE)
         elif s.state == states.IDLE:
             self.host.reaper.arm_idle(s)  # a request refused before its frame left skips the idle timer's re-arm
@@ -186,13 +242,13 @@ class Turns:
         """Handle one frame from this session's agent (the registry routes it by connection)."""
         s = self.session
         if kind in (p.CHUNK, p.DONE, p.FAIL):
-            turn = self.turns.get(req)
+            turn = self.pending.get(req)
             if turn is None:
                 self.stray_frame()
                 return
             turn.bytes += size
             if turn.bytes > self.host.config.max_turn_bytes:
-                self.kill_for(TURN_TOO_LARGE, detail=f"sent over {self.host.config.max_turn_bytes} bytes for one turn")
+                self.process.kill_for(TURN_TOO_LARGE, detail=f"sent over {self.host.config.max_turn_bytes} bytes for one turn")
                 return
         if kind == p.CHUNK:
             if not turn.abandoned:
@@ -208,7 +264,7 @@ class Turns:
             if problem is not None:
                 self._fail_turn(req, p.fail_body(p.AGENT_BAD_REPLY, problem))
                 return
-            turn = self.turns.get(req)
+            turn = self.pending.get(req)
             if turn is not None and turn.kind == p.MESSAGE and not turn.chunks and body.get("reply"):
                 # A reply the agent returned whole comes without a CHUNK frame (one frame less per
                 # turn); listeners still see it as the turn's one chunk, as if it had been streamed.
@@ -217,8 +273,7 @@ class Turns:
         elif kind == p.FAIL:
             self._fail_turn(req, body or {})
         elif kind == p.READY:
-            if self.ready is not None and not self.ready.done():
-                self.ready.set_result(body)
+            self.process.on_ready(body)
 
     def stray_frame(self) -> None:
         """Count a frame an agent had no business sending; kill the agent past STRAY_FRAME_LIMIT."""
@@ -227,17 +282,17 @@ class Turns:
         if self.stray_frames == STRAY_FRAME_LIMIT:
             self.host.counters["agents_killed_for_abuse"] += 1
             log.warning("agent_flooding_killed", session_id=s.id, tenant=s.tenant, pid=s.pid, frames=self.stray_frames)
-            self.kill_for(STRAY_FRAMES, detail=f"killed after {STRAY_FRAME_LIMIT} frames for turns it was not given")
+            self.process.kill_for(STRAY_FRAMES, detail=f"killed after {STRAY_FRAME_LIMIT} frames for turns it was not given")
 
     def _finish_turn(self, req: int, result: dict) -> None:
         """Resolve a turn."""
         s = self.session
-        turn = self.turns.pop(req, None)
+        turn = self.pending.pop(req, None)
         if turn is not None and turn.abandoned:
             self.host.hung_turns.discard(turn)
         if turn is not None and not turn.future.done():
             turn.future.set_result(result)
-        if s.state == states.BUSY and not self.turns and not s.inflight:
+        if s.state == states.BUSY and not self.pending and not s.inflight:
             self.host.transition(s, states.IDLE)
 
     def _fail_turn(self, req: int, body: dict) -> None:
@@ -251,8 +306,8 @@ class Turns:
             self._finish_turn(req, {"status": "interrupted", "reply": None, "message_text": message})
             return
         if code in (p.AGENT_CRASHED, p.AGENT_OOM):
-            self.dying = True  # it exits right after this frame: new turns must wait for the respawn
-        turn = self.turns.pop(req, None)
+            self.process.dying = True  # it exits right after this frame: new turns must wait for the respawn
+        turn = self.pending.pop(req, None)
         if turn is not None and turn.abandoned:
             self.host.hung_turns.discard(turn)
         if turn is not None and not turn.future.done():
@@ -260,7 +315,7 @@ class Turns:
             turn.future.set_exception(err_cls(message, code=code if err_cls is errors.AgentDied else None))
             turn.future.add_done_callback(consume)
         if code in DEATH_CODES.values():
-            self.dying_now()
+            self.process.dying_now()
 
 
 def utf8_len(content) -> int:

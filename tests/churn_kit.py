@@ -96,5 +96,5 @@ def _stale_cgroups(sup) -> list[str]:
     path = getattr(sup.limiter, "path", None)
     if not path or not os.path.isdir(path):
         return []
-    live = {os.path.basename(s.limits["path"]) for s in sup.sessions.values() if s.limits}
+    live = {os.path.basename(s.limits.path) for s in sup.sessions.values() if s.limits and s.limits.path}
     return sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and d not in live)

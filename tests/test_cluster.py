@@ -400,7 +400,7 @@ async def test_a_clean_stop_hands_the_sessions_over_at_once(pg_pair):
     await a.close()  # SIGTERM's path: stop the sessions, then delete the node's row
     sb = await b.get_or_create(sid, "t")  # no wait for a lease: a is gone from the table
     assert "Alice" in (await b.chat(sb, "what is my name?"))["reply"]
-    nodes = await b.cluster_nodes()
+    nodes = await b.queries.cluster_nodes()
     assert [n["node"] for n in nodes] == [b.node] and nodes[0]["sessions_owned"] == 1
 
 

@@ -6,6 +6,7 @@ import os
 import psutil
 import pytest
 
+from corral.agent_proc.limits import LimitSpec
 from corral.supervisor import errors, states
 from tests.conftest import wait_for_state
 
@@ -226,7 +227,7 @@ async def test_session_ids_are_per_tenant(sup):
 
 async def test_bad_session_id(sup):
     for bad in ["", "x" * 129, "has space", "../etc", "é"]:
-        with pytest.raises(errors.BadRequest):
+        with pytest.raises(errors.InvalidRequest):
             await sup.get_or_create(bad, "default")
 
 
@@ -256,9 +257,9 @@ async def test_unknown_command_and_bad_args_keep_the_process(demo_sup):
     s = await sup.get_or_create("cmd", "default")
     await sup.chat(s, "hello")
     pid = s.pid
-    with pytest.raises(errors.UnknownCommand):
+    with pytest.raises(errors.CommandNotFound):
         await sup.command(s, "no-such-command", {})
-    with pytest.raises(errors.BadRequest):
+    with pytest.raises(errors.InvalidRequest):
         await sup.command(s, "sleep", {"seconds": "soon"})
     assert s.pid == pid and s.state == states.IDLE
 
@@ -345,11 +346,11 @@ async def test_a_session_begun_again_gets_a_cgroup_and_temp_dir_of_its_own(sup):
     s = await sup.get_or_create("again", "default")
     await sup.chat(s, "hello")
     first = (s.limits, s.sandbox)
-    await sup.end("again", "default")
+    await sup.queries.end("again", "default")
     s = await sup.get_or_create("again", "default")
     await sup.chat(s, "hello")
     assert s.life.generation == 1
     for before, now in zip(first, (s.limits, s.sandbox)):
-        names = [spec.get("path") or spec.get("tmpdir") for spec in (before, now) if spec]
+        names = [spec.path if isinstance(spec, LimitSpec) else spec.get("tmpdir") for spec in (before, now) if spec]
         assert len(set(names)) == len(names)
     assert first[0] or first[1], "neither a cgroup nor a temp dir here: nothing to compare"

@@ -5,7 +5,7 @@ import sqlite3
 
 import pytest
 
-from corral.supervisor.store import SessionNotFound, create_store
+from corral.supervisor.store import UnknownSession, create_store
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ async def test_an_append_to_a_missing_session_fails_alone(store):
         store.append_message("here", "user", "two"),
         return_exceptions=True,
     )
-    assert isinstance(results[1], SessionNotFound)
+    assert isinstance(results[1], UnknownSession)
     assert [r.seq for r in (results[0], results[2])] == [1, 2]
     assert [m.content for m in await store.history("here")] == ["one", "two"]
 

@@ -67,7 +67,7 @@ async def test_a_flooding_agent_is_killed_and_the_others_keep_answering(make_sup
     with pytest.raises(errors.AgentDied) as info:  # killed as hostile, long before its 200,000 frames
         await flood
     figures = {"before": latency_summary(before), "during": latency_summary(during),
-               "flood_seconds": round(time.monotonic() - started, 2), "stray": flooder.life.stray_frames,
+               "flood_seconds": round(time.monotonic() - started, 2), "stray": flooder.life.turns.stray_frames,
                "rss_growth_mib": round((psutil.Process().memory_info().rss - rss_before) / 2**20, 1)}
     print(json.dumps(figures))
     assert info.value.code == "session_ended" and flooder.state == states.KILLED
@@ -99,14 +99,14 @@ async def test_frames_for_another_sessions_turns_are_dropped_and_the_victim_is_u
     # (not the ids after: its own command's id is among those).
     pending = asyncio.ensure_future(sup.command(victim, "sleep", {"seconds": 1}))
     await wait_for_state(sup, victim, states.BUSY)
-    req = max(victim.life.turns)
+    req = max(victim.life.turns.pending)
     low, high = max(0, req - 100), req + 1
     spoof = await sup.command(spoofer, "spoof", {"low": low, "high": high})
     assert (await pending)["reply"] == {"slept": 1}  # the real answer, not a spoofed one
     assert (await sup.chat(victim, "what is my name?"))["reply"] == "Your name is Alice."
     # Its own connection's frames are in order: by its DONE, every spoofed frame was taken as stray.
-    assert spoof["reply"]["sent"] == high - low == spoofer.life.stray_frames
-    print(json.dumps({"spoofed_frames": spoof["reply"]["sent"], "stray": spoofer.life.stray_frames}))
+    assert spoof["reply"]["sent"] == high - low == spoofer.life.turns.stray_frames
+    print(json.dumps({"spoofed_frames": spoof["reply"]["sent"], "stray": spoofer.life.turns.stray_frames}))
 
 
 async def test_children_die_with_their_agent(make_supervisor):

@@ -55,7 +55,7 @@ async def test_an_interrupt_cancels_the_graph(sup):
 
 async def test_a_failing_node_is_a_turn_error_not_a_crash(sup):
     s = await sup.get_or_create("fragile", "default")
-    with pytest.raises(errors.UpstreamError, match="the graph fell over"):
+    with pytest.raises(errors.UpstreamFailed, match="the graph fell over"):
         await sup.chat(s, "fail")
     assert s.state == states.IDLE
 

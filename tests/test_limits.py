@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from corral.agent_proc.limits import OOM_EXIT_CODE, apply_limits
+from corral.agent_proc.limits import OOM_EXIT_CODE, LimitSpec, apply_limits
 from corral.supervisor.limits import (
     Cgroup1Limiter, Cgroup2Limiter, NoLimiter, RlimitLimiter, choose_limiter, parse_cores, parse_size,
     process_start_time, run_dir_name,
@@ -140,7 +140,7 @@ def test_v2_prepare_oom_usage_kill(fake_v2):
     lim = _choose(fake_v2)
     spec = lim.prepare("s-abc-1")
     leaf = fake_v2["own"] / RUN / "s-abc-1"
-    assert spec == {"kind": "cgroup2", "path": str(leaf), "limit_bytes": 64 * MiB}
+    assert spec == LimitSpec("cgroup2", path=str(leaf), limit_bytes=64 * MiB)
     assert (leaf / "memory.max").read_text() == str(64 * MiB)
     assert (leaf / "memory.oom.group").read_text() == "1"
     assert (leaf / "memory.swap.max").read_text() == "0"
@@ -180,7 +180,7 @@ def test_v2_not_delegated_falls_back_to_rlimit(fake_v2):
     assert isinstance(lim, RlimitLimiter)
     assert lim.fallback_reasons[0].startswith("cgroup2: memory controller not delegated")
     assert lim.fallback_reasons[1].startswith("cgroup1: no cgroup v1 memory controller")
-    assert lim.prepare("k") == {"kind": "rlimit", "limit_bytes": 64 * MiB}
+    assert lim.prepare("k") == LimitSpec("rlimit", limit_bytes=64 * MiB)
 
 
 def test_v2_refuses_root_cgroup(fake_v2):
@@ -217,7 +217,7 @@ def test_v1_chosen_prepare_oom_usage(fake_v1):
     assert lim.fallback_reasons and lim.fallback_reasons[0].startswith("cgroup2: no pure cgroup v2 mount")
     spec = lim.prepare("s-x-2")
     leaf = parent / "s-x-2"
-    assert spec == {"kind": "cgroup1", "path": str(leaf), "limit_bytes": 64 * MiB}
+    assert spec == LimitSpec("cgroup1", path=str(leaf), limit_bytes=64 * MiB)
     assert (leaf / "memory.limit_in_bytes").read_text() == str(64 * MiB)
     assert (leaf / "memory.memsw.limit_in_bytes").read_text() == str(64 * MiB)
     _put(leaf / "memory.oom_control", "oom_kill_disable 0\nunder_oom 0\noom_kill 0\n")
@@ -252,7 +252,7 @@ def test_v2_cpu_and_pids_go_into_the_memory_leaf(fake_v2):
     spec = lim.prepare("s-x-1")
     leaf = run / "s-x-1"
     assert (leaf / "cpu.max").read_text() == "50000 100000" and (leaf / "pids.max").read_text() == "32"
-    assert "join" not in spec  # the child joins the memory leaf already
+    assert spec.join == []  # the child joins the memory leaf already
     _put(leaf / "pids.current", "3\n")
     _put(leaf / "cpu.stat", "usage_usec 1200\nuser_usec 1000\nsystem_usec 200\nnr_throttled 4\n")
     assert lim.control_usage(spec) == {"pids": {"current": 3}, "cpu": {"usage_usec": 1200, "throttled": 4}}
@@ -264,7 +264,7 @@ def test_v2_cpu_not_delegated_is_reported_unavailable_never_ignored(fake_v2):
     assert cpu["mechanism"] == "unavailable" and "cpu controller not delegated" in cpu["reason"]
     assert lim.describe()["pids"]["mechanism"] == "cgroup2"
     assert any(r.startswith("cpu: cgroup2: cpu controller not delegated") for r in lim.fallback_reasons)
-    assert "cpu" not in lim.prepare("s-x-1").get("controls", {})
+    assert "cpu" not in lim.prepare("s-x-1").controls
 
 
 @pytest.fixture
@@ -286,7 +286,7 @@ def test_v1_cpu_and_pids_get_leaves_of_their_own_the_child_joins(fake_v1_control
     cpu_leaf, pids_leaf = tree["cpu_own"] / RUN / "s-x-1", tree["pids_own"] / RUN / "s-x-1"
     assert lim.describe()["cpu"] == {"mechanism": "cgroup1", "limit": 0.2, "path": str(tree["cpu_own"] / RUN)}
     spec = lim.prepare("s-x-1")
-    assert spec["join"] == [str(cpu_leaf), str(pids_leaf)]
+    assert spec.join == [str(cpu_leaf), str(pids_leaf)]
     assert (cpu_leaf / "cpu.cfs_period_us").read_text() == "100000"
     assert (cpu_leaf / "cpu.cfs_quota_us").read_text() == "20000"
     assert (pids_leaf / "pids.max").read_text() == "8"
@@ -323,15 +323,15 @@ def test_nolimiter_and_rlimit_are_inert():
         spec = lim.prepare("k")
         assert lim.oom_killed(spec) is False and lim.usage(spec) is None
         lim.kill_all(spec), lim.release(spec), lim.close()
-    assert NoLimiter().prepare("k") == {"kind": "none"}
+    assert NoLimiter().prepare("k") == LimitSpec()
 
 
 def test_apply_limits_none_and_errors(tmp_path):
-    apply_limits({"kind": "none"})
+    apply_limits(LimitSpec())
     with pytest.raises(OSError):
-        apply_limits({"kind": "bogus"})
+        apply_limits(LimitSpec("bogus"))
     with pytest.raises(OSError):
-        apply_limits({"kind": "cgroup1", "path": str(tmp_path / "missing"), "limit_bytes": 1})
+        apply_limits(LimitSpec("cgroup1", path=str(tmp_path / "missing"), limit_bytes=1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,7 +427,7 @@ def test_real_oom_kill_and_sibling(real_limiter):
     assert usage["peak"] is None or usage["peak"] >= 32 * MiB
     for spec in (hog_spec, ok_spec):
         real_limiter.release(spec)
-        assert not os.path.exists(spec["path"])
+        assert not os.path.exists(spec.path)
     assert real_limiter.usage(hog_spec) is None  # gone, and still no exception
 
 
@@ -465,7 +465,7 @@ def test_real_kill_all_kills_child_and_grandchild(real_limiter):
         _set_subreaper(False)
     assert real_limiter.oom_killed(spec) is False
     real_limiter.release(spec)
-    assert not os.path.exists(spec["path"])
+    assert not os.path.exists(spec.path)
 
 
 @pytest.fixture
@@ -541,4 +541,4 @@ def test_real_rlimit_memoryerror():
     hog_status, ok_status = _wait(hog), _wait(ok)
     assert os.WIFEXITED(hog_status) and os.WEXITSTATUS(hog_status) == OOM_EXIT_CODE
     assert os.WIFEXITED(ok_status) and os.WEXITSTATUS(ok_status) == 0
-    assert lim.oom_killed({"kind": "rlimit"}) is False
+    assert lim.oom_killed(LimitSpec("rlimit")) is False

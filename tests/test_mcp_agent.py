@@ -84,11 +84,11 @@ async def test_lists_and_calls_the_servers_tools(sup):
 
 async def test_bad_tool_requests_are_400s_and_the_agent_lives(sup):
     s = await sup.get_or_create("picky", "default")
-    with pytest.raises(errors.BadRequest, match="no tool named 'nope'"):
+    with pytest.raises(errors.InvalidRequest, match="no tool named 'nope'"):
         await call(sup, s, "nope")
-    with pytest.raises(errors.UnknownCommand):
+    with pytest.raises(errors.CommandNotFound):
         await sup.command(s, "drop_tables", {})
-    with pytest.raises(errors.BadRequest, match="JSON object"):
+    with pytest.raises(errors.InvalidRequest, match="JSON object"):
         await sup.chat(s, "add {not json")
     assert (await sup.chat(s, "tools"))["reply"].startswith("add (tools): Add two integers.")
 
@@ -135,7 +135,7 @@ async def test_a_server_that_cannot_start_is_an_upstream_error(make_supervisor, 
     sup = await make_supervisor(agent=AGENT, request_timeout=SLOW, sandbox=SANDBOX)
     s = await sup.get_or_create("haunted", "default")
     said = AgentSays(sup, f"cannot execute {tmp_path / 'missing'}: No such file or directory")  # in its logs
-    with pytest.raises(errors.UpstreamError, match=f"MCP server 'ghost' failed to start: {tmp_path / 'missing'}: "):
+    with pytest.raises(errors.UpstreamFailed, match=f"MCP server 'ghost' failed to start: {tmp_path / 'missing'}: "):
         await sup.command(s, "list_tools", {})
     assert s.state == states.IDLE
     await said.wait()
@@ -176,7 +176,7 @@ async def test_a_streamable_http_server_is_connected_to(make_supervisor, monkeyp
         "remote": {"url": http_server}, "local": {"command": sys.executable, "args": [SERVER]}}}))
     sup = await make_supervisor(agent=AGENT, request_timeout=SLOW, sandbox=SANDBOX)
     s = await sup.get_or_create("remote-user", "default")
-    with pytest.raises(errors.BadRequest, match="name the 'server'"):
+    with pytest.raises(errors.InvalidRequest, match="name the 'server'"):
         await call(sup, s, "add", a=1, b=2)
     result = await sup.command(s, "call_tool", {"name": "whoami", "arguments": {}, "server": "remote"})
     remote = json.loads(result["reply"]["content"][0]["text"])

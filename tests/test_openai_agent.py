@@ -123,7 +123,7 @@ async def test_an_error_mid_stream_fails_the_turn_not_the_agent(sup, fake):
     await sup.chat(s, "Ada")
     pid = s.pid
     chunks = []
-    with pytest.raises(errors.UpstreamError) as info:
+    with pytest.raises(errors.UpstreamFailed) as info:
         await sup.chat(s, "break", on_chunk=chunks.append)
     assert info.value.status == 502 and "the model fell over" in info.value.message
     assert chunks == ["Hel", "lo", ", ", "break"]  # what arrived before the error was streamed
@@ -133,7 +133,7 @@ async def test_an_error_mid_stream_fails_the_turn_not_the_agent(sup, fake):
 
 async def test_a_rejected_request_is_a_clear_turn_error(sup, fake):
     s = await sup.get_or_create("unauthorised", "default")
-    with pytest.raises(errors.UpstreamError) as info:
+    with pytest.raises(errors.UpstreamFailed) as info:
         await sup.chat(s, "bad key")
     assert info.value.message == "the model's API answered 401: Incorrect API key provided"
     assert len(fake.requests) == 1  # not retried
@@ -148,7 +148,7 @@ async def test_a_rate_limit_is_retried(sup, fake):
 
 async def test_rate_limit_retries_are_bounded_in_time(sup, fake):
     s = await sup.get_or_create("rebuffed", "default")
-    with pytest.raises(errors.UpstreamError) as info:
+    with pytest.raises(errors.UpstreamFailed) as info:
         await sup.chat(s, "always busy")
     assert info.value.message == "the model's API answered 429: slow down"
     assert 2 <= len(fake.requests) <= 6  # retried (every 0.2 s, for CORRAL_OPENAI_RETRY_FOR=1 s), then given up
@@ -173,7 +173,7 @@ async def test_the_api_unreachable_is_a_clear_turn_error(make_supervisor, monkey
     monkeypatch.setenv("CORRAL_OPENAI_MODEL", "fake-model")
     sup = await make_supervisor(agent=AGENT, agent_network="host")  # the agent's own error, no gateway between
     s = await sup.get_or_create("lonely", "default")
-    with pytest.raises(errors.UpstreamError) as info:
+    with pytest.raises(errors.UpstreamFailed) as info:
         await sup.chat(s, "anyone?")
     assert info.value.message.startswith("cannot reach the model's API at http://127.0.0.1:")
     assert s.state == states.IDLE

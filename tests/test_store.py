@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 
 from corral.supervisor.store import (
-    MessageRecord, SessionNotFound, SessionRecord, Store, StoreError, create_store,
+    MessageRecord, Placement, UnknownSession, SessionRecord, Store, StoreError, create_store,
 )
 from corral.supervisor.store.base import load_migrations
 from corral.supervisor.store.postgres import PostgresStore
@@ -171,9 +171,9 @@ async def test_history_limit(store):
 
 
 async def test_append_to_unknown_session(store):
-    with pytest.raises(SessionNotFound):
+    with pytest.raises(UnknownSession):
         await store.append_message("ghost", "user", "boo")
-    with pytest.raises(KeyError):  # SessionNotFound is a KeyError
+    with pytest.raises(KeyError):  # UnknownSession is a KeyError
         await store.append_message("ghost", "user", "boo")
 
 
@@ -251,6 +251,35 @@ async def test_end_orphans_ends_only_that_nodes_unended_sessions(store):
     back = await store.upsert_session("a", tenant="t", agent="x", node="n2")  # resumed on another node
     assert (back.node, back.ended_at) == ("n2", None)
     assert await store.end_orphans("n1", status="lost", end_reason="server_died") == 0
+
+
+async def test_cluster_methods_claim_and_place_sessions(store):
+    """What the directory asks of every backend: a shared store fences and knows owners; a single node's does not."""
+    first = await store.claim_session("s", tenant="t", agent="x", metadata={"k": 1}, node="n1")
+    assert (first.id, first.tenant, first.node, first.metadata) == ("s", "t", "n1", {"k": 1})
+    placed = await store.placement("s", "n1")
+    assert placed.record.id == "s" and placed.owner_url is None  # its own session
+    assert await store.placement("none", "n1") == Placement(None)
+    if not store.shared:
+        # a single node's store: every claim wins, nothing goes stale, no node rows
+        assert (await store.claim_session("s", tenant="t", agent="x", metadata={}, node="n2")).node == "n2"
+        assert await store.stale_claims({"s": first.epoch}, "n1") == []
+        assert await store.node_records() == []
+        return
+    # n1 is not a live node (no row in nodes), so n2 may take the session over: the epoch moves on
+    second = await store.claim_session("s", tenant="t", agent="x", metadata={}, node="n2")
+    assert (second.node, second.epoch) == ("n2", first.epoch + 1)
+    assert await store.stale_claims({"s": first.epoch}, "n1") == ["s"]
+    assert await store.stale_claims({"s": second.epoch}, "n2") == []
+    await store.join_node("n2", url="http://n2", lease=30, info={"pid": 7})
+    assert await store.claim_session("s", tenant="t", agent="x", metadata={}, node="n1") is None  # n2 is alive
+    placed = await store.placement("s", "n1")
+    assert (placed.owner, placed.owner_url) == ("n2", "http://n2")
+    assert await store.renew_node("n2", url="http://n2", lease=30, info={"pid": 7}) is True
+    [row] = await store.node_records()
+    assert (row.id, row.url, row.alive, row.sessions_owned, row.info) == ("n2", "http://n2", True, 1, {"pid": 7})
+    await store.leave_node("n2")
+    assert await store.node_records() == []
 
 
 async def test_purge_ended_removes_only_old_ended(store):

@@ -63,7 +63,7 @@ async def test_one_servers_session_ending_leaves_the_others_agent_alone(make_sup
     await first.chat(mine, "my name is Ada")
     await second.chat(theirs, "my name is Grace")
     assert mine.sandbox["uid"] != theirs.sandbox["uid"]
-    await first.end("mine", "default")  # the zygote kills whatever is left under mine's uid
+    await first.queries.end("mine", "default")  # the zygote kills whatever is left under mine's uid
     assert psutil.pid_exists(theirs.pid) and psutil.Process(theirs.pid).status() != psutil.STATUS_ZOMBIE
     assert (await second.chat(theirs, "what is my name?"))["reply"] == "Your name is Grace."
 

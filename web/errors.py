@@ -6,7 +6,7 @@ from aiohttp import http_exceptions, web
 
 from corral.supervisor import errors
 from corral.supervisor.logs import get_logger
-from corral.supervisor.store import StoreError
+from corral.supervisor.store_errors import api_error
 from corral.web.keys import ERROR_CODE
 
 log = get_logger(component="web")
@@ -25,12 +25,9 @@ def error_response(status: int, code: str, message: str, *, retry_after: float |
 
 def json_error(request: web.Request, exc: Exception) -> web.Response | None:
     """The JSON answer for an exception a handler raised, or None to let it pass on; never leaks a traceback."""
+    exc = api_error(exc) or exc  # a store call no store_call wrapped: the same conversion
     if isinstance(exc, errors.CorralError):
         return error_response(exc.status, exc.code, exc.message, retry_after=exc.retry_after)
-    if isinstance(exc, StoreError):
-        log.error("store_error", path=request.path, error=str(exc))
-        # the cause names files, hosts and tables: it stays in the log
-        return error_response(503, "unavailable", "the session store is unavailable; try again shortly", retry_after=5)
     if isinstance(exc, web.HTTPException):
         if exc.status < 400 or exc.content_type == "application/json":
             return None
@@ -91,8 +88,14 @@ class _JsonErrorServer(web.Server):
 def answer_protocol_errors_in_json(app: web.Application) -> None:
     """Make every server of this app (web.run_app, AppRunner, the test server) answer parser errors in JSON.
 
-    aiohttp has no hook for those answers (aio-libs/aiohttp#3287); its runners build the server
-    through the app's ``_make_handler``, so the app's own one hands out ours.
+    aiohttp offers no public way to answer those (checked in its 3.14 source): a parser error goes
+    to ``RequestHandler.handle_error`` and never reaches a middleware or ``on_response_prepare``
+    (aio-libs/aiohttp#3287 and #6463 are open; #12890, which would route it through the app, was
+    closed unmerged), and the server's protocol class is fixed. Its runners build the server
+    through the app's private ``_make_handler``, so this is the one place corral touches an aiohttp
+    private name (tests/test_structure.py allows exactly this one): the app's own ``_make_handler``
+    hands out a server whose class only adds ``__call__`` making our protocol. Drop it when aiohttp
+    lets an app answer parser errors.
     """
     make_server = app._make_handler
 

@@ -194,7 +194,7 @@ async def ask_peers(request: web.Request, path: str, query: dict | None = None) 
     A node that does not answer in time, or not with a 200, is left out rather than holding the view up.
     """
     sup = request.app[SUPERVISOR]
-    peers = [n["url"] for n in await sup.cluster_nodes() if n.get("alive") and not n.get("self")]
+    peers = [n["url"] for n in await sup.queries.cluster_nodes() if n.get("alive") and not n.get("self")]
     if not peers:
         return []
     headers = {FORWARDED_BY: sup.node}  # marks the call as local-only: no fan-out from there

@@ -26,9 +26,9 @@ async def json_body(request: web.Request) -> dict:
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise errors.BadRequest(f"malformed JSON: {exc}", code="malformed_json") from None
+        raise errors.InvalidRequest(f"malformed JSON: {exc}", code="malformed_json") from None
     if not isinstance(body, dict):
-        raise errors.BadRequest("the JSON body must be an object", code="malformed_json")
+        raise errors.InvalidRequest("the JSON body must be an object", code="malformed_json")
     return body
 
 
@@ -48,12 +48,12 @@ def field(body: dict, name: str, kind: type, *, required: bool = False, default=
     value = body.get(name, None)
     if value is None:
         if required:
-            raise errors.BadRequest(f"'{name}' is required", code="missing_field")
+            raise errors.InvalidRequest(f"'{name}' is required", code="missing_field")
         return default
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise errors.BadRequest(f"'{name}' must be {_kind_name(kind)}", code="wrong_type")
+        raise errors.InvalidRequest(f"'{name}' must be {_kind_name(kind)}", code="wrong_type")
     if kind is str and not _is_utf8(value):
-        raise errors.BadRequest(f"'{name}' must be valid Unicode text (no lone surrogates)", code="wrong_type")
+        raise errors.InvalidRequest(f"'{name}' must be valid Unicode text (no lone surrogates)", code="wrong_type")
     return value
 
 
@@ -61,7 +61,7 @@ def message_of(body: dict) -> str:
     """The body's ``message``: required, text, not empty (an empty turn is nobody's message)."""
     message = field(body, "message", str, required=True)
     if not message:
-        raise errors.BadRequest("'message' must not be empty", code="empty_message")
+        raise errors.InvalidRequest("'message' must not be empty", code="empty_message")
     return message
 
 
@@ -87,7 +87,7 @@ def query_int(request: web.Request, query: IntQuery, default: int | None = None)
     except ValueError:
         value = None
     if value is None or not query.low <= value <= query.high:
-        raise errors.BadRequest(f"query parameter '{query.name}' must be an integer from {query.low} to {query.high}",
+        raise errors.InvalidRequest(f"query parameter '{query.name}' must be an integer from {query.low} to {query.high}",
                                 code="wrong_type")
     return value
 
@@ -96,7 +96,7 @@ def query_bool(request: web.Request, name: str) -> bool:
     """A boolean query parameter (true/false/1/0, absent = false); 400 when it is anything else."""
     raw = request.query.get(name, "false").lower()
     if raw not in ("true", "false", "1", "0", ""):
-        raise errors.BadRequest(f"query parameter '{name}' must be true or false", code="wrong_type")
+        raise errors.InvalidRequest(f"query parameter '{name}' must be true or false", code="wrong_type")
     return raw in ("true", "1")
 
 
@@ -110,7 +110,7 @@ def session_id_of(request: web.Request, body: dict | None = None) -> str | None:
     if body is not None and body.get("session_id") is not None:
         sid = body["session_id"]
         if not isinstance(sid, str):
-            raise errors.BadRequest("'session_id' must be a string", code="bad_session_id")
+            raise errors.InvalidRequest("'session_id' must be a string", code="bad_session_id")
         return sid
     return (
         request.query.get("session_id")
@@ -146,7 +146,7 @@ async def find_session(request: web.Request, sid: str, *, missing_ok: bool = Fal
 
     With ``missing_ok`` an unknown id gives None instead: the seed routes treat it as a new session.
     """
-    found = await request.app[SUPERVISOR].find(checked_session_id(sid), tenant_of(request),
+    found = await request.app[SUPERVISOR].queries.find(checked_session_id(sid), tenant_of(request),
                                                stored=request.get(OWNER_UNREACHABLE, False))
     if found is None and not missing_ok:
         raise errors.SessionNotFound(f"no session {sid}")

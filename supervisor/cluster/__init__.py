@@ -4,7 +4,7 @@ A session is a virtual actor (Orleans): any node may activate it, the directory 
 one does at a time, and the epoch of its claim fences out a node that lost it without knowing.
 """
 
-from corral.supervisor.cluster.directory import Directory, LocalDirectory, PgDirectory, directory_for
+from corral.supervisor.cluster.directory import Directory
 from corral.supervisor.cluster.membership import Membership, new_node_id
 
-__all__ = ["Directory", "LocalDirectory", "PgDirectory", "Membership", "directory_for", "new_node_id"]
+__all__ = ["Directory", "Membership", "new_node_id"]

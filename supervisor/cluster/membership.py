@@ -48,10 +48,7 @@ class Membership:
     async def join(self) -> None:
         """Insert this node's row (alive from now on) and start the renewal timer."""
         started = time.monotonic()
-        await self.store._execute(
-            "INSERT INTO nodes (id, url, expires_at, info) "
-            "VALUES ($1, $2, now() + make_interval(secs => $3::float8), $4)",
-            self.node_id, self.url, self.lease, self._info())
+        await self.store.join_node(self.node_id, url=self.url, lease=self.lease, info=self._info())
         self.valid_until = started + self.lease
         log.info("node_joined", node=self.node_id, url=self.url, lease=self.lease)
         if self.name:
@@ -65,12 +62,8 @@ class Membership:
         identity and URL belongs to a run that is dead (crashed, SIGKILLed), however long its
         lease still has: without this, its sessions would answer 503 until that lease ran out.
         """
-        tag = await self.store._execute(
-            "WITH previous AS (DELETE FROM nodes WHERE id <> $1 AND url = $2 AND info->>'name' = $3 RETURNING id) "
-            "UPDATE sessions SET status = $4, end_reason = $5, ended_at = now(), epoch = epoch + 1 "
-            "WHERE ended_at IS NULL AND node IN (SELECT id FROM previous)",
-            self.node_id, self.url, self.name, states.LOST, states.LOST_REASON)
-        sessions = int(tag.split()[-1])
+        sessions = await self.store.take_over_previous_runs(
+            self.node_id, url=self.url, name=self.name, status=states.LOST, end_reason=states.LOST_REASON)
         if sessions:
             log.warning("previous_run_taken_over", node=self.node_id, name=self.name, sessions=sessions)
 
@@ -100,16 +93,8 @@ class Membership:
         started = time.monotonic()
         late = started > self.valid_until - self.lease / 6
         try:
-            rows = await self.store._fetch(
-                # valid: the old lease still had a margin left, so no other node could have seen it lapse
-                "WITH old AS (SELECT expires_at > now() + make_interval(secs => $3::float8 / 6) AS valid "
-                "FROM nodes WHERE id = $1) "
-                "INSERT INTO nodes (id, url, expires_at, info) "
-                "VALUES ($1, $2, now() + make_interval(secs => $3::float8), $4) "
-                "ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), expires_at = EXCLUDED.expires_at, "
-                "info = EXCLUDED.info RETURNING coalesce((SELECT valid FROM old), false)",
-                self.node_id, self.url, self.lease, self._info())
-            held = rows[0][0]
+            # held: the old lease still had a margin left, so no other node could have seen it lapse
+            held = await self.store.renew_node(self.node_id, url=self.url, lease=self.lease, info=self._info())
         except (StoreError, OSError) as exc:
             log.warning("heartbeat_failed", node=self.node_id, error=str(exc))
             if time.monotonic() > self.valid_until:
@@ -132,16 +117,12 @@ class Membership:
         finds, when it wakes, that it no longer holds them.
         """
         try:
-            tag = await self.store._execute(
-                "WITH dead AS (DELETE FROM nodes WHERE expires_at < now() - make_interval(secs => $1::float8) "
-                "RETURNING id) UPDATE sessions SET status = $2, end_reason = $3, "
-                "ended_at = now(), epoch = epoch + 1 WHERE ended_at IS NULL AND node IN (SELECT id FROM dead)",
-                self.lease, states.LOST, states.LOST_REASON)
+            ended = await self.store.sweep_dead_nodes(self.lease, status=states.LOST, end_reason=states.LOST_REASON)
         except StoreError as exc:
             log.warning("node_sweep_failed", error=str(exc))
             return
-        if tag.split()[-1] != "0":
-            log.warning("dead_nodes_sessions_ended", sessions=int(tag.split()[-1]))
+        if ended:
+            log.warning("dead_nodes_sessions_ended", sessions=ended)
 
     async def leave(self) -> None:
         """Stop renewing and delete the row: this node's sessions are free for others at once."""
@@ -151,7 +132,7 @@ class Membership:
         if self._renewing is not None and not self._renewing.done():
             self._renewing.cancel()
         try:
-            await self.store._execute("DELETE FROM nodes WHERE id = $1", self.node_id)
+            await self.store.leave_node(self.node_id)
         except StoreError as exc:
             log.warning("node_leave_failed", node=self.node_id, error=str(exc))
         else:

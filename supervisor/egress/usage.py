@@ -12,13 +12,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-__all__ = ["Usage", "Grant", "Grants", "RETAINED"]
+__all__ = ["EgressCounts", "Grant", "Grants", "RETAINED"]
 
 RETAINED = 4096  # ended sessions whose counts stay readable
 
 
 @dataclass
-class Usage:
+class EgressCounts:
     """Egress counts: bytes to the agent (in) and from it (out), requests made, requests refused."""
 
     bytes_in: int = 0
@@ -38,8 +38,8 @@ class Grant:
     token: str
     session_id: str
     tenant: str
-    session: Usage
-    tenant_usage: Usage
+    session: EgressCounts
+    tenant_usage: EgressCounts
     open: int = 0  # connections of this spawn the gateway holds now
     on_count: Callable[[str, str, str, int], None] | None = None  # (session, tenant, field, amount): billing
 
@@ -57,17 +57,17 @@ class Grants:
     def __init__(self, on_count: Callable[[str, str, str, int], None] | None = None):
         self.on_count = on_count  # every count of every grant, for usage accounting (supervisor/usage.py)
         self.by_token: dict[str, Grant] = {}
-        self.live: dict[tuple[str, str], tuple[Usage, int]] = {}  # (tenant, session) -> (counts, live grants)
-        self.ended: OrderedDict[tuple[str, str], Usage] = OrderedDict()
-        self.tenants: dict[str, Usage] = {}
+        self.live: dict[tuple[str, str], tuple[EgressCounts, int]] = {}  # (tenant, session) -> (counts, live grants)
+        self.ended: OrderedDict[tuple[str, str], EgressCounts] = OrderedDict()
+        self.tenants: dict[str, EgressCounts] = {}
 
     def issue(self, session_id: str, tenant: str) -> Grant:
         """A new token for one spawn of a session."""
         key = (tenant, session_id)
-        usage, count = self.live.get(key) or (self.ended.pop(key, None) or Usage(), 0)
+        usage, count = self.live.get(key) or (self.ended.pop(key, None) or EgressCounts(), 0)
         self.live[key] = (usage, count + 1)
-        grant = Grant(secrets.token_urlsafe(24), session_id, tenant, usage, self.tenants.setdefault(tenant, Usage()),
-                      on_count=self.on_count)
+        grant = Grant(secrets.token_urlsafe(24), session_id, tenant, usage,
+                      self.tenants.setdefault(tenant, EgressCounts()), on_count=self.on_count)
         self.by_token[grant.token] = grant
         return grant
 
@@ -90,7 +90,7 @@ class Grants:
         """The live grant of a token, or None."""
         return self.by_token.get(token) if token else None
 
-    def session_usage(self, session_id: str, tenant: str) -> Usage | None:
+    def session_usage(self, session_id: str, tenant: str) -> EgressCounts | None:
         """A session's counts (live or recently ended), or None."""
         key = (tenant, session_id)
         live = self.live.get(key)

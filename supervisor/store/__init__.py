@@ -4,11 +4,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .base import MessageRecord, SessionNotFound, SessionRecord, StaleEpoch, Store, StoreError
+from .base import (
+    ACTIVATIONS, MessageRecord, NodeRecord, Placement, SessionRecord, StaleEpoch, Store, StoreError, UnknownSession,
+)
 from .memory import MemoryStore
 
-__all__ = ["Store", "SessionRecord", "MessageRecord", "StoreError", "SessionNotFound", "StaleEpoch",
-           "MemoryStore", "create_store", "DEFAULT_SQLITE_NAME"]
+__all__ = ["Store", "SessionRecord", "MessageRecord", "Placement", "NodeRecord", "ACTIVATIONS", "StoreError",
+           "UnknownSession",
+           "StaleEpoch", "MemoryStore", "create_store", "DEFAULT_SQLITE_NAME"]
 
 DEFAULT_SQLITE_NAME = "corral.sqlite3"
 

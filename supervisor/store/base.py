@@ -8,9 +8,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from corral.supervisor.node import NoClaim
 from corral.supervisor.session_keys import id_of
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# The channel a claim notifies on a store several nodes share, payload "<session key> <node id>" (neither holds a space)
+ACTIVATIONS = "corral_activations"
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[A-Za-z0-9_]+\.sql$")
 
 
@@ -25,7 +28,7 @@ class StaleEpoch(Exception):
         return f"session {self.args[0]!r} was claimed by another node (epoch {self.args[1]} is stale)"
 
 
-class SessionNotFound(KeyError):
+class UnknownSession(KeyError):
     """append_message on a session id the store does not hold."""
 
     def __str__(self) -> str:
@@ -68,6 +71,30 @@ class MessageRecord:
         """Plain JSON-ready dict (built by hand: asdict deep-copies, and this runs twice per turn)."""
         return {"session_id": id_of(self.session_id), "seq": self.seq, "role": self.role,
                 "content": self.content, "created_at": self.created_at}
+
+
+@dataclass
+class Placement:
+    """A session as the cluster directory sees it: its record, and its owner when another live node has it."""
+
+    record: SessionRecord | None
+    owner_url: str | None = None
+    owner: str | None = None
+
+
+@dataclass
+class NodeRecord:
+    """One row of `nodes` (a member of a cluster), with its lease's age and the live sessions it owns."""
+
+    id: str
+    url: str
+    alive: bool
+    started_at: float  # unix seconds, as the other times
+    heartbeat_at: float
+    expires_at: float
+    lease_age: float  # seconds since its last heartbeat
+    sessions_owned: int
+    info: dict[str, Any] = field(default_factory=dict)  # what the node reports of itself
 
 
 @dataclass(frozen=True)
@@ -282,7 +309,7 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def append_message(self, session_id: str, role: str, content: str, *,
                              epoch: int | None = None) -> MessageRecord:
-        """Append with the next seq, committed before returning; SessionNotFound if absent.
+        """Append with the next seq, committed before returning; UnknownSession if absent.
 
         With ``epoch``, StaleEpoch if the session has been claimed since (single-node backends ignore it).
         """
@@ -330,3 +357,50 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def stats(self) -> dict[str, Any]:
         """Totals, active, average messages per session, and the same per tenant."""
+
+    # ---- what the node identity and the cluster ask (supervisor/node.py, supervisor/cluster/) ----
+    # A store several nodes share (PostgreSQL) overrides these; a single node's store (SQLite,
+    # memory) claims a session by upsert, fences nothing and has no other nodes.
+
+    shared = False  # whether several nodes share this store (a cluster: writes are fenced by epoch)
+
+    async def hold_identity(self, node: str) -> NoClaim:
+        """Hold ``node``'s identity in this store (not yet opened) for this process's life; NodeTaken if held."""
+        return NoClaim(node)
+
+    async def claim_session(self, session_id: str, *, tenant: str, agent: str, metadata: dict[str, Any],
+                            node: str) -> SessionRecord | None:
+        """Make ``node`` the session's owner (creating it if new); None when another live node owns it."""
+        return await self.upsert_session(session_id, tenant=tenant, agent=agent, metadata=metadata, node=node)
+
+    async def placement(self, session_id: str, node: str) -> Placement:
+        """The stored session and, when a live node other than ``node`` owns it, that node."""
+        return Placement(await self.get_session(session_id))
+
+    async def stale_claims(self, claims: dict[str, int], node: str) -> list[str]:
+        """Of ``node``'s session -> epoch claims, the ones no longer its own (another node claimed them)."""
+        return []
+
+    async def node_records(self) -> list[NodeRecord]:
+        """The cluster's nodes, oldest first (none in a store no other node shares)."""
+        return []
+
+    async def join_node(self, node_id: str, *, url: str, lease: float, info: dict[str, Any]) -> None:
+        """Insert this node's row, alive for ``lease`` seconds."""
+        raise NotImplementedError(f"a {self.backend} store has no cluster membership")
+
+    async def renew_node(self, node_id: str, *, url: str, lease: float, info: dict[str, Any]) -> bool:
+        """Push this node's lease forward; True if the old one still had a margin (no claim could be lost)."""
+        raise NotImplementedError(f"a {self.backend} store has no cluster membership")
+
+    async def sweep_dead_nodes(self, lease: float, *, status: str, end_reason: str) -> int:
+        """End the sessions of nodes dead for over ``lease`` seconds and delete those nodes; how many sessions."""
+        raise NotImplementedError(f"a {self.backend} store has no cluster membership")
+
+    async def leave_node(self, node_id: str) -> None:
+        """Delete this node's row: its sessions are free for others at once."""
+        raise NotImplementedError(f"a {self.backend} store has no cluster membership")
+
+    async def take_over_previous_runs(self, node_id: str, *, url: str, name: str, status: str, end_reason: str) -> int:
+        """End the rows of this server's earlier runs (same ``name`` and ``url``) and their sessions; how many."""
+        raise NotImplementedError(f"a {self.backend} store has no cluster membership")

@@ -8,7 +8,7 @@ from typing import Any
 from corral.supervisor.session_keys import session_key
 
 from .base import (
-    USAGE_COUNTERS, MessageRecord, SessionNotFound, SessionRecord, Store, UsageDelta, build_stats, usage_dict,
+    USAGE_COUNTERS, MessageRecord, SessionRecord, Store, UnknownSession, UsageDelta, build_stats, usage_dict,
     usage_period, usage_rows,
 )
 
@@ -70,7 +70,7 @@ class MemoryStore(Store):
         """Append with the next seq."""
         rec = self._sessions.get(session_id)
         if rec is None:
-            raise SessionNotFound(session_id)
+            raise UnknownSession(session_id)
         now = time.time()
         rec.message_count += 1
         rec.last_activity = now

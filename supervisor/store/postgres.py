@@ -12,10 +12,12 @@ from urllib.parse import unquote, urlsplit
 
 import asyncpg
 
+from corral.supervisor.node import AdvisoryClaim
+
 from .base import (
-    SESSION_USAGE_COLS, USAGE_COUNTERS, MessageRecord, SessionNotFound, SessionRecord, StaleEpoch, Store, StoreError,
-    UsageDelta, build_stats, load_migrations, session_usage_record, tenant_sums, usage_period, usage_rows,
-    usage_upserts,
+    ACTIVATIONS, SESSION_USAGE_COLS, USAGE_COUNTERS, MessageRecord, NodeRecord, Placement, SessionRecord, StaleEpoch,
+    Store, StoreError, UnknownSession, UsageDelta, build_stats, load_migrations, session_usage_record, tenant_sums,
+    usage_period, usage_rows, usage_upserts,
 )
 
 _SESSION_COLS = ("id, tenant, agent, metadata, status, end_reason, message_count, "
@@ -23,6 +25,8 @@ _SESSION_COLS = ("id, tenant, agent, metadata, status, end_reason, message_count
 _USAGE_SQL = tuple(sql.replace("{greatest}", "greatest") for sql in usage_upserts(lambda i: f"${i}"))
 _USAGE_SUMS = ", ".join(f"sum({c})" for c in USAGE_COUNTERS) + ", max(memory_peak_bytes)"
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+# an owner is alive while its row in `nodes` has not expired (the database's clock)
+_OWNER_ALIVE = "EXISTS (SELECT 1 FROM nodes n WHERE n.id = sessions.node AND n.expires_at > now())"
 # any fixed key works; every corral node uses this one, so migrations run one node at a time
 _MIGRATION_LOCK = 0x636F7272616C  # "corral"
 # errors of a connection the server dropped or that lost track of its protocol state (e.g.
@@ -84,6 +88,7 @@ class PostgresStore(Store):
     """PostgreSQL store shared by any number of corral nodes. Times come from the server clock."""
 
     backend = "postgresql"
+    shared = True
 
     def __init__(self, url: str, *, schema: str | None = None, min_size: int = 1,
                  max_size: int = 10, statement_cache_size: int = 256,
@@ -312,7 +317,7 @@ class PostgresStore(Store):
                 if await con.fetchval("SELECT 1 FROM sessions WHERE id = $1", session_id):
                     raise StaleEpoch(session_id, epoch)
         if row is None:
-            raise SessionNotFound(session_id)
+            raise UnknownSession(session_id)
         return MessageRecord(session_id, row["seq"], role, content, row["created_at"].timestamp())
 
     async def history(self, session_id: str, *, limit: int | None = None) -> list[MessageRecord]:
@@ -323,3 +328,108 @@ class PostgresStore(Store):
             return [_message(r) for r in rows]
         rows = await self._fetch(cols + " ORDER BY seq DESC LIMIT $2", session_id, max(int(limit), 0))
         return [_message(r) for r in reversed(rows)]
+
+    # ---- the cluster: node identity, claims, membership (docs/cluster.md) ------------------
+
+    async def hold_identity(self, node: str) -> AdvisoryClaim:
+        """A session-level advisory lock on (search path, node), on a connection of its own; NodeTaken if held."""
+        claim = AdvisoryClaim(self, node)
+        await claim.acquire()
+        return claim
+
+    async def placement(self, session_id: str, node: str) -> Placement:
+        """The session with its owner's URL when a live node other than ``node`` holds it active."""
+        rows = await self._fetch(
+            f"SELECT {_SESSION_COLS}, "
+            "(SELECT url FROM nodes n WHERE n.id = sessions.node AND n.expires_at > now() "
+            " AND n.id <> $2 AND sessions.ended_at IS NULL) AS owner_url FROM sessions WHERE id = $1",
+            session_id, node)
+        if not rows:
+            return Placement(None)
+        record = _session(rows[0])
+        url = rows[0]["owner_url"]
+        return Placement(record, url, record.node if url else None)
+
+    async def claim_session(self, session_id: str, *, tenant: str, agent: str, metadata: dict[str, Any],
+                            node: str) -> SessionRecord | None:
+        """One statement: insert, or take over when unowned, ours, ended (passivated), or the owner is dead.
+
+        Concurrent claims of one row serialise on its lock and the loser re-reads the winner's
+        row (READ COMMITTED re-checks the WHERE), so at most one node wins each epoch.
+        """
+        rows = await self._fetch(
+            "INSERT INTO sessions (id, tenant, agent, metadata, status, node, epoch, created_at, last_activity) "
+            "VALUES ($1, $2, $3, $4, 'starting', $5, 1, now(), now()) "
+            "ON CONFLICT (id) DO UPDATE SET status = 'starting', node = EXCLUDED.node, "
+            "epoch = sessions.epoch + 1, end_reason = NULL, ended_at = NULL "
+            "WHERE sessions.node IS NULL OR sessions.node = EXCLUDED.node OR sessions.ended_at IS NOT NULL "
+            f"OR NOT {_OWNER_ALIVE} "
+            # every node's streams of the session learn where it lives now (sent at commit)
+            f"RETURNING {_SESSION_COLS}, pg_notify('{ACTIVATIONS}', sessions.id || ' ' || sessions.node)",
+            session_id, tenant, agent, metadata or {}, node)
+        return _session(rows[0]) if rows else None
+
+    async def stale_claims(self, claims: dict[str, int], node: str) -> list[str]:
+        """Sessions whose epoch moved on (or that are gone) since ``node`` claimed them."""
+        if not claims:
+            return []
+        rows = await self._fetch(
+            "SELECT mine.id FROM unnest($1::text[], $2::bigint[]) AS mine (id, epoch) "
+            "LEFT JOIN sessions s ON s.id = mine.id "
+            "WHERE s.id IS NULL OR s.epoch <> mine.epoch OR s.node IS DISTINCT FROM $3",
+            list(claims), list(claims.values()), node)
+        return [r[0] for r in rows]
+
+    async def node_records(self) -> list[NodeRecord]:
+        """Every node row with its lease age, liveness and live session count."""
+        rows = await self._fetch(
+            "SELECT n.id, n.url, n.started_at, n.heartbeat_at, n.expires_at, n.info, "
+            "extract(epoch FROM now() - n.heartbeat_at) AS lease_age, n.expires_at > now() AS alive, "
+            "(SELECT count(*) FROM sessions s WHERE s.node = n.id AND s.ended_at IS NULL) AS sessions_owned "
+            "FROM nodes n ORDER BY n.started_at, n.id")
+        return [NodeRecord(
+            id=r["id"], url=r["url"], alive=r["alive"], started_at=r["started_at"].timestamp(),
+            heartbeat_at=r["heartbeat_at"].timestamp(), expires_at=r["expires_at"].timestamp(),
+            lease_age=float(r["lease_age"]), sessions_owned=r["sessions_owned"], info=r["info"] or {},
+        ) for r in rows]
+
+    async def join_node(self, node_id: str, *, url: str, lease: float, info: dict[str, Any]) -> None:
+        """Insert this node's row, alive for ``lease`` seconds of the database's clock."""
+        await self._execute(
+            "INSERT INTO nodes (id, url, expires_at, info) "
+            "VALUES ($1, $2, now() + make_interval(secs => $3::float8), $4)",
+            node_id, url, lease, info)
+
+    async def renew_node(self, node_id: str, *, url: str, lease: float, info: dict[str, Any]) -> bool:
+        """Push expires_at forward; True if the old lease still had a margin left (no other node saw it lapse)."""
+        rows = await self._fetch(
+            "WITH old AS (SELECT expires_at > now() + make_interval(secs => $3::float8 / 6) AS valid "
+            "FROM nodes WHERE id = $1) "
+            "INSERT INTO nodes (id, url, expires_at, info) "
+            "VALUES ($1, $2, now() + make_interval(secs => $3::float8), $4) "
+            "ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), expires_at = EXCLUDED.expires_at, "
+            "info = EXCLUDED.info RETURNING coalesce((SELECT valid FROM old), false)",
+            node_id, url, lease, info)
+        return rows[0][0]
+
+    async def sweep_dead_nodes(self, lease: float, *, status: str, end_reason: str) -> int:
+        """End the sessions of nodes dead for over ``lease`` and delete those nodes (the epoch moves on)."""
+        tag = await self._execute(
+            "WITH dead AS (DELETE FROM nodes WHERE expires_at < now() - make_interval(secs => $1::float8) "
+            "RETURNING id) UPDATE sessions SET status = $2, end_reason = $3, "
+            "ended_at = now(), epoch = epoch + 1 WHERE ended_at IS NULL AND node IN (SELECT id FROM dead)",
+            lease, status, end_reason)
+        return int(tag.split()[-1])
+
+    async def leave_node(self, node_id: str) -> None:
+        """Delete this node's row."""
+        await self._execute("DELETE FROM nodes WHERE id = $1", node_id)
+
+    async def take_over_previous_runs(self, node_id: str, *, url: str, name: str, status: str, end_reason: str) -> int:
+        """End the rows of this server's earlier runs and their sessions (their epoch moves on); how many sessions."""
+        tag = await self._execute(
+            "WITH previous AS (DELETE FROM nodes WHERE id <> $1 AND url = $2 AND info->>'name' = $3 RETURNING id) "
+            "UPDATE sessions SET status = $4, end_reason = $5, ended_at = now(), epoch = epoch + 1 "
+            "WHERE ended_at IS NULL AND node IN (SELECT id FROM previous)",
+            node_id, url, name, status, end_reason)
+        return int(tag.split()[-1])

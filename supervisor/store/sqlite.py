@@ -17,8 +17,10 @@ from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+from corral.supervisor.node import FileClaim
+
 from .base import (
-    SESSION_USAGE_COLS, USAGE_COUNTERS, MessageRecord, SessionNotFound, SessionRecord, Store, StoreError, UsageDelta,
+    SESSION_USAGE_COLS, USAGE_COUNTERS, MessageRecord, SessionRecord, Store, StoreError, UnknownSession, UsageDelta,
     build_stats, load_migrations, session_usage_record, tenant_sums, usage_period, usage_rows, usage_upserts,
 )
 
@@ -191,6 +193,12 @@ class SQLiteStore(Store):
             (session_id, tenant, agent, json.dumps(metadata or {}), status, now, now, node)).fetchall())
         return _session(rows[0])
 
+    async def hold_identity(self, node: str) -> FileClaim:
+        """The file is the identity: an exclusive flock on ``<file>.lock`` (NodeTaken if another server has it)."""
+        claim = FileClaim(self.path)
+        claim.acquire()
+        return claim
+
     async def get_session(self, session_id: str) -> SessionRecord | None:
         """The session, or None."""
         row = await self._one(f"SELECT {_SESSION_COLS} FROM sessions WHERE id = ?", (session_id,))
@@ -309,7 +317,7 @@ class SQLiteStore(Store):
                     if done.done():
                         continue
                     if record is None:
-                        done.set_exception(SessionNotFound(session_id))
+                        done.set_exception(UnknownSession(session_id))
                     else:
                         done.set_result(record)
         finally:

@@ -24,7 +24,7 @@ async def list_sessions(request: web.Request) -> web.Response:
     tenant = request.query.get("tenant") or None
     state = request.query.get("state") or None
     if state is not None and state not in states.ALL and state != LIVE_FILTER:
-        raise errors.BadRequest(f"state must be one of {sorted(states.ALL)} or '{LIVE_FILTER}'", code="wrong_type")
+        raise errors.InvalidRequest(f"state must be one of {sorted(states.ALL)} or '{LIVE_FILTER}'", code="wrong_type")
     limit = query_int(request, paths.ADMIN_LIMIT)
     offset = query_int(request, paths.ADMIN_OFFSET)
     rows = await _rows(request, tenant, state, limit + 1, offset)
@@ -38,11 +38,11 @@ async def _rows(request: web.Request, tenant: str | None, state: str | None, wan
     """Rows ``offset .. offset+want`` of memory and store merged, newest first (live: from every node)."""
     app = request.app
     sup = app[SUPERVISOR]
-    rows = [{**admin_row(v, app.get(PROCSTATS)), "node": v.node} for v in sup.held_views(tenant, state)]
+    rows = [{**admin_row(v, app.get(PROCSTATS)), "node": v.node} for v in sup.queries.held_views(tenant, state)]
     if state == LIVE_FILTER and forward.FORWARDED_BY not in request.headers:
         rows += await forward.live_rows_elsewhere(request, tenant, offset + want)
     if state != LIVE_FILTER:
-        rows += [admin_row(v) for v in await sup.stored_views(tenant, state, offset + want)]
+        rows += [admin_row(v) for v in await sup.queries.stored_views(tenant, state, offset + want)]
     rows.sort(key=lambda row: (-row["created_at"], row["session_id"], row["tenant"]))
     return rows[offset : offset + want]
 
@@ -50,13 +50,13 @@ async def _rows(request: web.Request, tenant: str | None, state: str | None, wan
 async def _named(request: web.Request) -> tuple[str, str]:
     """The session id in the path and its tenant: ``?tenant=``, else the one tenant with that id (409 if several)."""
     sid = checked_session_id(request.match_info["session_id"])
-    return sid, await request.app[SUPERVISOR].tenant_of(sid, request.query.get("tenant") or None)
+    return sid, await request.app[SUPERVISOR].queries.tenant_of(sid, request.query.get("tenant") or None)
 
 
 async def _found(request: web.Request) -> SessionView:
     """The session named in the path (memory, else store), any tenant; 404 if unknown."""
     sid, tenant = await _named(request)
-    found = await request.app[SUPERVISOR].find(sid, tenant, stored=request.get(OWNER_UNREACHABLE, False))
+    found = await request.app[SUPERVISOR].queries.find(sid, tenant, stored=request.get(OWNER_UNREACHABLE, False))
     if found is None:
         raise errors.SessionNotFound(f"no session {sid}")
     return found
@@ -93,7 +93,7 @@ async def kill_session(request: web.Request) -> web.Response:
     """
     purge = query_bool(request, "purge")
     sid, tenant = await _named(request)
-    found, stopping = await request.app[SUPERVISOR].discard(sid, tenant, purge=purge,
+    found, stopping = await request.app[SUPERVISOR].queries.discard(sid, tenant, purge=purge,
                                                             run=request.app[BACKGROUND].spawn)
     if stopping:
         return web.json_response({**admin_row(found), "state": states.STOPPING}, status=202)
@@ -104,7 +104,7 @@ async def kill_session(request: web.Request) -> web.Response:
 async def interrupt_session(request: web.Request) -> web.Response:
     """Interrupt the session's turn in progress, if any."""
     found = await _found(request)
-    done = request.app[SUPERVISOR].interrupt_turn(found.key)
+    done = request.app[SUPERVISOR].queries.interrupt_turn(found.key)
     return web.json_response({"session_id": found.id, "tenant": found.tenant, "state": found.state,
                               "interrupted": done})
 
@@ -114,9 +114,9 @@ async def stats(request: web.Request) -> web.Response:
     """Totals from the store (sessions, active, messages, averages, per tenant) and this node's live view."""
     sup = request.app[SUPERVISOR]
     return web.json_response({
-        **await sup.stats(),
+        **await sup.queries.stats(),
         **_agent_memory(request.app.get(PROCSTATS)),
-        **await sup.cluster_totals(),
+        **await sup.queries.cluster_totals(),
     })
 
 

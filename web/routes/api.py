@@ -37,7 +37,7 @@ async def state(request: web.Request) -> web.Response:
     """The session's messages (from the store), ``is_processing`` and agent state; never spawns."""
     sid = requested_session_id(request)
     limit = query_int(request, paths.STATE_LIMIT)
-    found, history = await request.app[SUPERVISOR].history(sid, tenant_of(request), limit=limit,
+    found, history = await request.app[SUPERVISOR].queries.history(sid, tenant_of(request), limit=limit,
                                                            stored=request.get(OWNER_UNREACHABLE, False))
     if found is None:
         return session_response(new_session_view(sid, messages=[]), sid)
@@ -52,7 +52,7 @@ async def interrupt(request: web.Request) -> web.Response:
     found = await find_session(request, sid, missing_ok=True)
     if found is None:
         return session_response(new_session_view(sid, interrupted=False), sid)
-    done = request.app[SUPERVISOR].interrupt_turn(found.key)
+    done = request.app[SUPERVISOR].queries.interrupt_turn(found.key)
     return session_response(session_view(found, interrupted=done), sid)
 
 
@@ -64,7 +64,7 @@ async def system(request: web.Request) -> web.Response:
     s = await open_session(request, body)
     sup = request.app[SUPERVISOR]
     result = await sup.system(s, message)
-    return session_response(session_view(sup.view(s), status=result["status"], reply=result.get("reply")), s.id)
+    return session_response(session_view(sup.queries.view(s), status=result["status"], reply=result.get("reply")), s.id)
 
 
 @routes.post(paths.MCP_COMMAND)
@@ -77,7 +77,7 @@ async def mcp_command(request: web.Request) -> web.Response:
     s = await open_session(request, body)
     sup = request.app[SUPERVISOR]
     result = await sup.command(s, command, args)
-    return session_response(session_view(sup.view(s), status=result["status"], result=result.get("reply")), s.id)
+    return session_response(session_view(sup.queries.view(s), status=result["status"], result=result.get("reply")), s.id)
 
 
 @routes.post(paths.SESSIONS)
@@ -88,7 +88,7 @@ async def create_session(request: web.Request) -> web.Response:
     was_live = s.live
     sup = request.app[SUPERVISOR]
     await sup.ensure_live(s)
-    response = session_response(session_detail(sup.view(s)), s.id, status=200 if was_live else 201)
+    response = session_response(session_detail(sup.queries.view(s)), s.id, status=200 if was_live else 201)
     response.headers["Location"] = f"/api/sessions/{s.id}"
     return response
 
@@ -108,19 +108,19 @@ async def delete_session(request: web.Request) -> web.Response:
     """
     purge = query_bool(request, "purge")
     sid = checked_session_id(request.match_info["session_id"])
-    state = await request.app[SUPERVISOR].end(sid, tenant_of(request), purge=purge)
+    state = await request.app[SUPERVISOR].queries.end(sid, tenant_of(request), purge=purge)
     return web.json_response({"session_id": sid, "state": state, "purged": purge})
 
 
 def check_packable(name: str, value, depth: int = 0) -> None:
     """Refuse JSON the agent wire format cannot carry (huge integers, very deep nesting)."""
     if depth > _MAX_DEPTH:
-        raise errors.BadRequest(f"'{name}' nests deeper than {_MAX_DEPTH} levels", code="wrong_type")
+        raise errors.InvalidRequest(f"'{name}' nests deeper than {_MAX_DEPTH} levels", code="wrong_type")
     if isinstance(value, bool) or value is None or isinstance(value, float):
         return
     if isinstance(value, int):
         if not _INT_RANGE[0] <= value <= _INT_RANGE[1]:
-            raise errors.BadRequest(f"'{name}' holds an integer beyond 64 bits", code="wrong_type")
+            raise errors.InvalidRequest(f"'{name}' holds an integer beyond 64 bits", code="wrong_type")
     elif isinstance(value, str):
         field({name: value}, name, str)
     elif isinstance(value, list):

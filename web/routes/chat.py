@@ -21,6 +21,6 @@ async def chat(request: web.Request) -> web.Response:
     turn = await sup.submit_chat(s, message)
     if not wait:
         request.app[BACKGROUND].spawn(sup.complete(s, turn))
-        return session_response(session_view(sup.view(s), status="accepted"), s.id, status=202)
+        return session_response(session_view(sup.queries.view(s), status="accepted"), s.id, status=202)
     result = await sup.complete(s, turn)
-    return session_response(session_view(sup.view(s), status=result["status"], reply=result.get("reply")), s.id)
+    return session_response(session_view(sup.queries.view(s), status=result["status"], reply=result.get("reply")), s.id)

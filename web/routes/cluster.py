@@ -12,4 +12,4 @@ routes = web.RouteTableDef()
 async def list_nodes(request: web.Request) -> web.Response:
     """Every node in the membership table (just this one without a cluster)."""
     sup = request.app[SUPERVISOR]
-    return web.json_response({"node": sup.node, "nodes": await sup.cluster_nodes()})
+    return web.json_response({"node": sup.node, "nodes": await sup.queries.cluster_nodes()})

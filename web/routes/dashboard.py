@@ -134,7 +134,7 @@ async def _send_snapshot(request: web.Request, response: web.StreamResponse) -> 
     await refresh_figures(request.app)
     stats = request.app.get(PROCSTATS)
     sup = request.app[SUPERVISOR]
-    sessions = [{**admin_row(v, stats), "node": v.node} for v in sup.held_views(state=LIVE_FILTER)]
+    sessions = [{**admin_row(v, stats), "node": v.node} for v in sup.queries.held_views(state=LIVE_FILTER)]
     if sup.membership is not None:
         sessions += await forward.live_rows_elsewhere(request, None, 1000)
     await _send(response, "sessions", {"sessions": sessions})
@@ -144,7 +144,7 @@ async def _send_figures(request: web.Request, response: web.StreamResponse) -> N
     """The process figures of every live session."""
     await refresh_figures(request.app)
     stats = request.app[PROCSTATS]
-    figures = {v.key: stats.for_session(v) for v in request.app[SUPERVISOR].held_views(state=LIVE_FILTER)}
+    figures = {v.key: stats.for_session(v) for v in request.app[SUPERVISOR].queries.held_views(state=LIVE_FILTER)}
     await _send(response, "figures", {"figures": figures})
 
 

@@ -56,7 +56,7 @@ async def chat_stream(request: web.Request) -> web.StreamResponse:
     finally:
         listener.leave()
     if moved:  # another node activated the session: its events are there now
-        owner = await request.app[SUPERVISOR].owner_url(sid)
+        owner = await request.app[SUPERVISOR].activation.owner_url(sid)
         if owner is not None:
             await forward.follow_stream(request, response, owner)
     return response
@@ -85,7 +85,7 @@ async def _first_frames(request: web.Request, listener: Listener, sid: str) -> l
 
 async def _snapshot(request: web.Request, sid: str) -> dict:
     """What ``GET /api/state`` answers, read after joining (never starts a process)."""
-    found, history = await request.app[SUPERVISOR].history(sid, tenant_of(request))
+    found, history = await request.app[SUPERVISOR].queries.history(sid, tenant_of(request))
     if found is None:
         return new_session_view(sid, messages=[])
     return session_view(found, messages=[message_view(m) for m in history])

@@ -47,10 +47,10 @@ def _period(request: web.Request) -> tuple[float | None, float | None]:
         try:
             bounds.append(parse_time(raw) if raw else None)
         except ValueError as exc:
-            raise errors.BadRequest(f"query parameter '{name}': {exc}", code="wrong_type") from None
+            raise errors.InvalidRequest(f"query parameter '{name}': {exc}", code="wrong_type") from None
     since, until = bounds
     if since is not None and until is not None and until < since:
-        raise errors.BadRequest("query parameter 'until' is before 'since'", code="wrong_type")
+        raise errors.InvalidRequest("query parameter 'until' is before 'since'", code="wrong_type")
     return since, until
 
 
