@@ -16,7 +16,7 @@ PRODUCT = ("supervisor", "agent_proc", "web", "corral")
 ALLOWED = {
     "os._exit": "a forked child must leave without running the parent's atexit hooks and buffers",
     "sys.modules['random']._inst": "the zygote reseeds random's hidden instance in each child (agent_proc/forking.py)",
-    "app._make_handler": "aiohttp has no public way to answer its parser's errors in JSON (web/errors.py says why)",
+    "app._make_handler": "aiohttp has no public way to answer its parser's errors in JSON (web/error_responses.py says why)",
 }
 
 

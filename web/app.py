@@ -8,7 +8,7 @@ from corral.supervisor.logs import get_logger
 from corral.supervisor.tasks import TaskSet
 from corral.web import cors, forward, monitoring, openapi, webhooks
 from corral.web.auth import auth_from_config, check_bind, log_mode
-from corral.web.errors import answer_protocol_errors_in_json
+from corral.web.error_responses import answer_protocol_errors_in_json
 from corral.web.middleware import front_door
 from corral.web.routes import admin, api, chat, cluster, dashboard, health, metrics, stream, usage
 from corral.web.keys import AUTH, BACKGROUND, CONFIG, SUPERVISOR
