@@ -131,3 +131,14 @@ def test_layers_and_parts_import_only_downward():
             offences += [f"{where}: imports {name} ({why})" for name in sorted(_imports(path))
                          if any(name == b or name.startswith(b + ".") for b in banned)]
     assert not offences, "\n".join(offences)
+
+
+def test_each_module_name_is_used_once():
+    """Modules are named by role: no two product files share a name (a package's __init__ and the routes aside)."""
+    seen: dict[str, list[str]] = {}
+    for path in _product_files():
+        where = str(path.relative_to(ROOT))
+        if path.name != "__init__.py" and not where.startswith("web/routes/"):
+            seen.setdefault(path.name, []).append(where)
+    twins = {name: places for name, places in seen.items() if len(places) > 1}
+    assert not twins, f"module names used more than once: {twins}"
