@@ -1,7 +1,7 @@
 """The sandbox layers an agent process puts itself in right after the fork (stdlib + ctypes only).
 
 Each layer is one small function taking plain values, so it can be tested alone. The supervisor
-decides which layers a host gets (``supervisor.sandbox``) and sends a plain-dict spec through the
+decides which layers a host gets (``supervisor.sandbox_plan``) and sends a plain-dict spec through the
 zygote; ``confine`` applies it in the order the kernel needs: what needs root first (rlimits, the
 uid drop), then ``no_new_privs``, Landlock and seccomp, which any user may apply to itself.
 """

@@ -53,7 +53,7 @@ def boot() -> None:
 
 
 def zygote_main(conn, fd_channel: socket.socket, agent_spec: str, supervisor_pid: int, options: dict | None = None) -> None:
-    """Entry point of the zygote process; ``options`` from ``supervisor.sandbox.Sandbox.zygote_options``."""
+    """Entry point of the zygote process; ``options`` from ``supervisor.sandbox_plan.Sandbox.zygote_options``."""
     set_title(f"corral: zygote agent={agent_spec}")
     die_with_parent(supervisor_pid)
     # Ctrl-C and a group-wide SIGTERM reach us too; the supervisor decides when we go (and if it

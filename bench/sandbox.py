@@ -24,7 +24,7 @@ from corral.agent_proc import userns
 from bench import footprint
 from bench.spawn import agents, bring_live, first_reply
 from corral.supervisor import Config, Supervisor
-from corral.supervisor import sandbox as policy
+from corral.supervisor import sandbox_plan as policy
 from corral.supervisor.logs import configure
 
 MB = 1024 * 1024

@@ -2,7 +2,7 @@
 
 The memory limiters make one leaf cgroup per spawn under a per-run dir; a control (cpu, pids) writes its
 files into that leaf (cgroup v2) or into a leaf of its own v1 hierarchy that the child joins. The probes
-raise with a reason when the host does not allow a mechanism; supervisor/limits.py chooses among them.
+raise with a reason when the host does not allow a mechanism; supervisor/limit_plan.py chooses among them.
 """
 from __future__ import annotations
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from corral.supervisor.egress.policy import parse_rule
 from corral.supervisor.egress.upstreams import parse_header, parse_upstream
-from corral.supervisor.limits import MECHANISMS
-from corral.supervisor.sandbox import MODES as SANDBOX_MODES
-from corral.supervisor.sandbox import parse_uid_range
+from corral.supervisor.limit_plan import MECHANISMS
+from corral.supervisor.sandbox_plan import MODES as SANDBOX_MODES
+from corral.supervisor.sandbox_plan import parse_uid_range
 from corral.supervisor.settings import http_url
 from corral.supervisor.settings import (  # noqa: F401 (SettingError: raised by Config, caught by the CLI)
     AGENT, CORES, COUNT, ENV_ENTRY, PATH, PORT, RATE, SECONDS, SIZE, TEXT, TOKEN, URL, ORIGINS,

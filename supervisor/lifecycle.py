@@ -18,10 +18,10 @@ from corral.supervisor import descriptors, errors, states
 from corral.supervisor.agent_tmp import sweep_dead_trees
 from corral.supervisor.egress import build_gateway
 from corral.supervisor.hub import Hub
-from corral.supervisor.limits import choose_limiter
+from corral.supervisor.limit_plan import choose_limiter
 from corral.supervisor.logs import get_logger
 from corral.supervisor.node import claim_node
-from corral.supervisor.sandbox import SandboxRefused, choose_sandbox
+from corral.supervisor.sandbox_plan import SandboxRefused, choose_sandbox
 from corral.supervisor.spawner import SpawnError, ZygoteSpawner
 from corral.supervisor.store import StoreError, create_store
 

@@ -12,7 +12,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from corral.agent_proc.environment import parse_entry
-from corral.supervisor.limits import parse_cores, parse_size
+from corral.supervisor.limit_plan import parse_cores, parse_size
 
 Check = Callable[[object], str | None]  # a value -> the problem with it, or None
 

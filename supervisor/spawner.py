@@ -75,8 +75,8 @@ class ZygoteSpawner(Launcher):
         gateway=None,
     ):
         self.agent_spec = agent_spec
-        self.limiter = limiter  # supervisor/limits.py: a memory limit per process
-        self.sandbox = sandbox  # supervisor/sandbox.py: a uid, a temp dir and the layers per process
+        self.limiter = limiter  # supervisor/limit_plan.py: a memory limit per process
+        self.sandbox = sandbox  # supervisor/sandbox_plan.py: a uid, a temp dir and the layers per process
         self.on_lost = on_lost
         self.gateway = gateway  # supervisor/egress/gateway.py: serves the listener the zygote makes in the agents' namespace
         self.start_timeout = start_timeout

@@ -1,7 +1,7 @@
 """How the store's failures read to a client: the one conversion of a store error into the API's.
 
 Every store call a request waits on goes through ``store_call``; the web layer's last resort
-(web/errors.py) converts with the same ``api_error``, so a store failure reads the same whichever
+(web/error_responses.py) converts with the same ``api_error``, so a store failure reads the same whichever
 path it took: the store unreachable is a 503 ``unavailable`` (its cause, which names files, hosts
 and tables, goes to the log only), a write refused for a stale epoch is a ``session_moved``, and a
 session purged while a request was on its way is a 404.

@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from corral.agent_proc.limits import OOM_EXIT_CODE, LimitSpec, apply_limits
-from corral.supervisor.limits import (
+from corral.supervisor.limit_plan import (
     Cgroup1Limiter, Cgroup2Limiter, NoLimiter, RlimitLimiter, choose_limiter, parse_cores, parse_size,
     process_start_time, run_dir_name,
 )

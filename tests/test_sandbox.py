@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from corral.agent_proc import sandbox as layers
-from corral.supervisor import sandbox as policy
+from corral.supervisor import sandbox_plan as policy
 from corral.supervisor.store import DEFAULT_SQLITE_NAME
 from tests.agents.hostile import spawn
 from tests.procs import start_server, wait_gone

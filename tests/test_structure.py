@@ -16,7 +16,7 @@ PRODUCT = ("supervisor", "agent_proc", "web", "corral")
 ALLOWED = {
     "os._exit": "a forked child must leave without running the parent's atexit hooks and buffers",
     "sys.modules['random']._inst": "the zygote reseeds random's hidden instance in each child (agent_proc/forking.py)",
-    "app._make_handler": "aiohttp has no public way to answer its parser's errors in JSON (web/errors.py says why)",
+    "app._make_handler": "aiohttp has no public way to answer its parser's errors in JSON (web/error_responses.py says why)",
 }
 
 
@@ -131,3 +131,14 @@ def test_layers_and_parts_import_only_downward():
             offences += [f"{where}: imports {name} ({why})" for name in sorted(_imports(path))
                          if any(name == b or name.startswith(b + ".") for b in banned)]
     assert not offences, "\n".join(offences)
+
+
+def test_each_module_name_is_used_once():
+    """Modules are named by role: no two product files share a name (a package's __init__ and the routes aside)."""
+    seen: dict[str, list[str]] = {}
+    for path in _product_files():
+        where = str(path.relative_to(ROOT))
+        if path.name != "__init__.py" and not where.startswith("web/routes/"):
+            seen.setdefault(path.name, []).append(where)
+    twins = {name: places for name, places in seen.items() if len(places) > 1}
+    assert not twins, f"module names used more than once: {twins}"

@@ -7,7 +7,7 @@ import os
 import psutil
 import pytest
 
-from corral.supervisor import sandbox as policy
+from corral.supervisor import sandbox_plan as policy
 from corral.supervisor.uid_claims import UidClaims, claims_dir_problem
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (the uid layer)")

@@ -20,7 +20,7 @@ import pytest
 from corral.agent_proc import sandbox as layers
 from corral.agent_proc import userns
 from corral.supervisor import cgroupfs
-from corral.supervisor import sandbox as policy
+from corral.supervisor import sandbox_plan as policy
 from tests.chaos_kit import call, client_session
 from tests.procs import CORRAL_MAIN, start_server, wait_gone
 from tests.test_sandbox import ROOT, attempt, in_child, shared_dir, unprivileged_uid  # noqa: F401  fixtures

@@ -12,7 +12,7 @@ import pwd
 import subprocess
 import sys
 
-from corral.supervisor.sandbox import unreadable_for_others
+from corral.supervisor.sandbox_plan import unreadable_for_others
 from tests.procs import CORRAL_MAIN, start_server
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,9 +6,9 @@ from corral.supervisor import Config, Supervisor
 from corral.supervisor.errors import CorralError
 from corral.supervisor.logs import get_logger
 from corral.supervisor.tasks import TaskSet
-from corral.web import cors, forward, monitoring, openapi, webhooks
+from corral.web import cors, forward, monitoring, openapi, webhook_wiring
 from corral.web.auth import auth_from_config, check_bind, log_mode
-from corral.web.errors import answer_protocol_errors_in_json
+from corral.web.error_responses import answer_protocol_errors_in_json
 from corral.web.middleware import front_door
 from corral.web.routes import admin, api, chat, cluster, dashboard, health, metrics, stream, usage
 from corral.web.keys import AUTH, BACKGROUND, CONFIG, SUPERVISOR
@@ -41,7 +41,7 @@ def create_app(config: Config, *, store=None, claim=None) -> web.Application:
     cors.setup(app, config.cors_origins)
     monitoring.install(app)
     dashboard.install(app)
-    webhooks.install(app)
+    webhook_wiring.install(app)
     return app
 
 

@@ -31,7 +31,7 @@ from corral.supervisor.logs import get_logger
 from corral.supervisor.session_keys import DEFAULT_TENANT
 
 from corral.supervisor.settings import http_url
-from corral.web.errors import error_response
+from corral.web.error_responses import error_response
 from corral.web.keys import ADMIN, AUTH, TENANT
 
 log = get_logger(component="auth")

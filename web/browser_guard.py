@@ -20,7 +20,7 @@ from aiohttp import web
 
 from corral.web.auth import is_loopback
 from corral.web.cors import CorsPolicy
-from corral.web.errors import error_response
+from corral.web.error_responses import error_response
 from corral.web.keys import AUTH, CONFIG
 
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from corral.web.auth import refusal
 from corral.web.browser_guard import browser_refusal
-from corral.web.errors import json_error
+from corral.web.error_responses import json_error
 from corral.web.keys import METRICS
 from corral.web.monitoring import count, refresh_figures, shows_figures
 

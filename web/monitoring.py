@@ -59,5 +59,5 @@ def route_of(request: web.Request) -> str:
 
 
 def error_code(response: web.StreamResponse) -> str:
-    """The ``error.code`` a JSON error answer was made with (web/errors.py), else ``http_<status>``."""
+    """The ``error.code`` a JSON error answer was made with (web/error_responses.py), else ``http_<status>``."""
     return response.get(ERROR_CODE) or f"http_{response.status}"

@@ -28,7 +28,7 @@ from corral.supervisor.egress.heads import HEAD_LIMIT, BadHead
 from corral.supervisor.egress.policy import Policy
 from corral.supervisor.egress.splice import FarSide, connect, splice
 from corral.supervisor.egress.upstreams import Upstream, client_tls, env_name
-from corral.supervisor.egress.usage import Grant, Grants
+from corral.supervisor.egress.grants import Grant, Grants
 from corral.supervisor.logs import get_logger
 
 __all__ = ["Gateway", "TenantEgress", "Refused"]

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 
 from corral.supervisor.egress import heads
-from corral.supervisor.egress.usage import Grant
+from corral.supervisor.egress.grants import Grant
 
 __all__ = ["FarSide", "connect", "splice", "CHUNK"]
 

@@ -12,7 +12,7 @@ from corral.supervisor import errors, states
 from corral.supervisor.views import LIVE_FILTER, SessionView
 from corral.web import forward, paths
 from corral.web.requests import checked_session_id, query_bool, query_int
-from corral.web.views import admin_row
+from corral.web.session_json import admin_row
 from corral.web.keys import BACKGROUND, OWNER_UNREACHABLE, PROCSTATS, SUPERVISOR
 
 routes = web.RouteTableDef()

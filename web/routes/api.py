@@ -24,7 +24,7 @@ from corral.web.requests import (
     session_response,
     tenant_of,
 )
-from corral.web.views import message_view, new_session_view, session_detail, session_view
+from corral.web.session_json import message_view, new_session_view, session_detail, session_view
 from corral.web.keys import OWNER_UNREACHABLE, SUPERVISOR
 
 routes = web.RouteTableDef()

@@ -4,7 +4,7 @@ from aiohttp import web
 
 from corral.web import paths
 from corral.web.requests import field, json_body, message_of, open_session, session_response
-from corral.web.views import session_view
+from corral.web.session_json import session_view
 from corral.web.keys import BACKGROUND, SUPERVISOR
 
 routes = web.RouteTableDef()

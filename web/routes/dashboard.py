@@ -17,7 +17,7 @@ from corral.supervisor.views import LIVE_FILTER
 from corral.web import forward, paths
 from corral.web.monitoring import refresh_figures
 from corral.web.sse import CLOSE, SSE_HEADERS, format_event, serve_queue
-from corral.web.views import admin_row
+from corral.web.session_json import admin_row
 from corral.web.keys import EVENT_STREAMS, PROCSTATS, SUPERVISOR
 
 STATIC = Path(__file__).resolve().parent.parent / "static"

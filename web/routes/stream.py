@@ -15,7 +15,7 @@ from corral.web.requests import find_session, remember_session, requested_sessio
 from corral.web.sse import (
     KEEPALIVE_FRAME, MOVED, SSE_HEADERS, Listener, StreamEvent, StreamHub, format_event, serve_queue,
 )
-from corral.web.views import message_view, new_session_view, session_view
+from corral.web.session_json import message_view, new_session_view, session_view
 from corral.web.keys import SUPERVISOR
 
 routes = web.RouteTableDef()
