@@ -82,7 +82,11 @@ class Usage:
         self.totals: dict[str, Counter] = {}  # tenant -> counters since this server started (Prometheus)
         self.ends: Counter = Counter()  # (tenant, reason) -> ends since this server started
         self.batches = 0  # batches written
-        self._processes: dict[str, _Process] = {}  # session id -> its live process's last reading
+        self.reads = 0  # process readings taken (each a /proc read or two, on the worker thread)
+        self._processes: dict[str, _Process] = {}  # session key -> its live process's last reading
+        # sessions started or with a turn since the last pass: only these are read (an idle process
+        # uses no CPU, and its memory x time is counted from its last reading at its next one or its end)
+        self._touched: set[str] = set()
         self._flush: asyncio.Task | None = None
         self._flush_timer: asyncio.TimerHandle | None = None
         self._sample_timer: asyncio.TimerHandle | None = None
@@ -140,17 +144,20 @@ class Usage:
             if event.get("out_bytes") is not None:
                 counts.update(messages_out=1, bytes_out=event["out_bytes"])
             self._add(sid, tenant, **counts)
+            self._touched.add(sid)
             self.timeline.count_turn()
         elif kind == "spawned":
             s = self.sup.sessions.get(sid)
             if s is not None and s.pid is not None:
                 self._processes[sid] = _Process(s.pid, time.monotonic())
+                self._touched.add(sid)
             self._add(sid, tenant, starts=1)
         elif kind == "end":
             self._ended(sid, tenant, event.get("end_reason") or event.get("reason"), event.get("cpu_seconds"))
 
     def _ended(self, sid: str, tenant: str, reason: str, cpu_seconds: float | None) -> None:
         """Count an end: its reason, the process's CPU not yet counted, its memory since the last sample."""
+        self._touched.discard(sid)
         proc = self._processes.pop(sid, None)
         counts = {"ends": 1}
         if proc is not None:
@@ -248,10 +255,19 @@ class Usage:
         self._sampling.add_done_callback(lambda _: self._arm_sample())
 
     async def sample(self) -> None:
-        """Read every live process's CPU and memory on a worker thread, count the differences, feed the timeline."""
-        read = await self._read([sid for sid, s in list(self.sup.sessions.items()) if s.pid is not None])
-        if read is not None:
-            self.timeline.sample(time.time(), self.sup.live_count, read)
+        """Read the processes of the sessions active since the last pass (a worker thread), feed the timeline.
+
+        Idle sessions are not read: 10,000 idle sessions cost the pass nothing but their last readings
+        (measured: reading every live process every 10 s was 4 % of a core at 7,900 idle sessions).
+        """
+        touched, self._touched = self._touched, set()
+        read = await self._read([sid for sid in touched if sid in self.sup.sessions])
+        if read is None:
+            self._touched |= touched  # read them next time
+            return
+        known = {sid: (proc.memory, proc.cpu_seen) for sid, proc in self._processes.items()
+                 if sid not in read and sid in self.sup.sessions}
+        self.timeline.sample(time.time(), self.sup.live_count, {**known, **read})
 
     async def _read(self, session_ids) -> dict[str, tuple[int, float]] | None:
         """Read these sessions' processes on a worker thread and count what they used since the last reading.
@@ -260,6 +276,7 @@ class Usage:
         """
         sessions = [(sid, self.sup.sessions.get(sid)) for sid in session_ids]
         targets = [(sid, s.pid, s.limits) for sid, s in sessions if s is not None and s.pid is not None]
+        self.reads += len(targets)
         try:
             readings = await asyncio.get_running_loop().run_in_executor(None, _read_all, targets, self.sup.limiter)
         except Exception as exc:  # a failed pass counts nothing; the next one catches up (CPU is cumulative)

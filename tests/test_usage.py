@@ -135,6 +135,28 @@ async def test_usage_with_the_store_down_is_a_503(aiohttp_client, make_config, t
         assert response.headers["Retry-After"] == "5" and "sqlite" not in body["error"]["message"].lower()
 
 
+async def test_idle_sessions_cost_the_sampling_pass_no_reading(make_supervisor):
+    """A pass reads the processes active since the last one; idle ones keep their last reading on the timeline."""
+    sup = await make_supervisor(usage_interval=0.05)
+    sessions = [await sup.get_or_create(f"idle{i}", "acme") for i in range(3)]
+    for s in sessions:
+        await sup.chat(s, "hello")
+
+    async def passes(n: int) -> None:
+        """Wait for n more sampling passes (each adds one point to the node's timeline)."""
+        target = len(sup.usage.timeline.points) + n
+        await until(lambda: asyncio.sleep(0, len(sup.usage.timeline.points) >= target))
+
+    await passes(2)  # the turns' sessions are read once
+    reads = sup.usage.reads
+    await passes(4)
+    assert sup.usage.reads == reads  # nobody spoke: nothing read
+    assert sup.usage.timeline.points[-1]["live"] == 3 and sup.usage.timeline.points[-1]["memory_mib"] > 0
+    await sup.chat(sessions[0], "again")
+    await passes(2)
+    assert reads < sup.usage.reads <= reads + 2  # the one that spoke (its turn's batch may read it too)
+
+
 async def test_cpu_is_counted_as_of_each_turns_end(aiohttp_client, make_config, tmp_path):
     """With no sample due for an hour, a live session's CPU reaches the store with its turn's batch."""
     client = await start(aiohttp_client, make_config, tmp_path, tenants=TENANTS, usage_interval=3600)
