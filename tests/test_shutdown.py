@@ -178,3 +178,20 @@ def test_a_signal_during_start_up_stops_it_cleanly(tmp_path, started):
     assert proc.wait(30) == 0
     assert logged(tmp_path, "stopping during start-up")
     assert_nothing_left(proc, [], tmp_path, run)
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.1, 0.15, 0.2, 0.3])
+def test_a_ctrl_c_while_corral_loads_leaves_without_a_traceback(tmp_path, delay):
+    """Ctrl-C in the first fraction of a second (Python still importing corral) ends it quietly.
+
+    The sleep is the point of the test, not a stand-in for an event: the signal must land at
+    different moments of the start-up, before any event could be waited on. (The interpreter's own
+    first ~30 ms, before any of corral's code runs, are Python's to answer.)
+    """
+    proc = subprocess.Popen([*CORRAL_MAIN, "serve", "--port", str(free_port()), "--data-dir", str(tmp_path / "data"),
+                             "--run-dir", str(tmp_path / "run")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=30)[1].decode()
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert proc.returncode in (0, 128 + signal.SIGINT), (proc.returncode, err)

@@ -10,15 +10,30 @@ from corral.web import argv_secrets
 # First of all, before the imports below take their ~0.1 s: the console script imports this module.
 SECRET_FLAGS_GIVEN = argv_secrets.hide()
 
-import argparse  # noqa: E402 (after hiding the secrets)
-import dataclasses
-import difflib
-import errno
-import gc
-import os
-import socket
-import sys
-import time
+import os  # noqa: E402 (after hiding the secrets)
+import signal  # noqa: E402
+
+
+def _interrupted_while_importing(signum, frame) -> None:
+    """A Ctrl-C while corral's modules load: leave at once, as an interrupted command does, without a traceback."""
+    os._exit(128 + signum)
+
+
+# Until the imports below are done (the serve command then sets up its own shutdown ladder); the
+# previous handler comes back at the end of this module.
+try:
+    _HANDLER_BEFORE_IMPORTS = signal.signal(signal.SIGINT, _interrupted_while_importing)
+except ValueError:  # imported outside the main thread (not as the command): nothing to guard
+    _HANDLER_BEFORE_IMPORTS = None
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import difflib  # noqa: E402
+import errno  # noqa: E402
+import gc  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
 
 from corral.supervisor.config import Config, SettingError, settings
 from corral.web import ops_cli
@@ -348,3 +363,7 @@ def main(argv=None) -> int:
     if args.command == "serve":
         return serve(config_from(args))
     return ops_cli.run(args)
+
+
+if _HANDLER_BEFORE_IMPORTS is not None:
+    signal.signal(signal.SIGINT, _HANDLER_BEFORE_IMPORTS)  # the imports are done: Ctrl-C is the commands' again
