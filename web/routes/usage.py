@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from aiohttp import web
 
 from corral.supervisor import errors
-from corral.supervisor.session_keys import id_of, session_key
+from corral.supervisor.session_keys import session_key
 from corral.web import forward, paths
 from corral.web.requests import checked_session_id, tenant_of
 from corral.web.keys import SUPERVISOR
@@ -95,15 +95,9 @@ async def session_timeline(request: web.Request) -> web.Response:
     """One session's memory and CPU over its life (this node's ring), and its usage."""
     sid = checked_session_id(request.match_info["session_id"])
     sup = request.app[SUPERVISOR]
-    series = sup.usage.timeline.session(_timeline_key(sup, sid, request.query.get("tenant")))
+    # whose session: ?tenant=, else the one tenant with that id (409 if several), as every admin route
+    tenant = await sup.queries.tenant_of(sid, request.query.get("tenant") or None)
+    series = sup.usage.timeline.session(session_key(tenant, sid))
     if series is None:
         raise errors.SessionNotFound(f"no timeline of session {sid} on this node")
     return web.json_response({"session_id": sid, **series})
-
-
-def _timeline_key(sup, sid: str, tenant: str | None) -> str:
-    """The key of the session ``sid`` of ``tenant``; without a tenant, of the one held session with that id."""
-    if tenant is not None:
-        return session_key(tenant, sid)
-    held = [key for key in sup.sessions if id_of(key) == sid]
-    return held[0] if len(held) == 1 else sid
