@@ -296,6 +296,7 @@ class Usage:
             proc.cpu_seen, proc.memory, proc.since = max(cpu, proc.cpu_seen), memory, now
             self._add(sid, s.tenant, peak=max(memory, peak), cpu_seconds=cpu_delta, memory_mib_seconds=mib_seconds)
             per_session[sid] = (memory, proc.cpu_seen)
+        self._touched.difference_update(per_session)  # read now (a turn's batch): the next pass need not again
         return per_session
 
     # ---- Prometheus ----------------------------------------------------------------------------
