@@ -287,6 +287,7 @@ async def test_dashboard_plots_the_node_the_tenants_and_a_session_as_the_api_say
         await sup.chat(s, "hello")
         await sup.stop(s, "ended")
     await live_session(sup, "watch", "carol")
+    await live_session(sup, "watch", "dave")  # the same id in another tenant: each row plots its own session
     headers = {"Authorization": f"Bearer {TOKEN}"}
     page = await browser.new_page(viewport={"width": 1400, "height": 1600})
     page.set_default_timeout(WAIT_MS)
@@ -294,12 +295,14 @@ async def test_dashboard_plots_the_node_the_tenants_and_a_session_as_the_api_say
         await open_dashboard(page, server)
         await page.wait_for_function("window.corralPlots && corralPlots.charts.live && corralPlots.charts.live.data[0].length >= 2")
         await page.wait_for_function("corralPlots.tenantChart !== null")
-        await page.click("tr[data-session-id=watch] td.sid")  # a row opens its plot
-        await page.wait_for_function("corralPlots.sessionCharts.watch && corralPlots.sessionCharts.watch.data[0].length >= 1")
+        for tenant in ("carol", "dave"):  # a row opens its plot
+            await page.click(f"tr[data-session-id=watch][data-tenant={tenant}] td.sid")
+            await page.wait_for_function(f"corralPlots.sessionCharts['{tenant}/watch'] && "
+                                         f"corralPlots.sessionCharts['{tenant}/watch'].data[0].length >= 1")
         drawn = await page.evaluate("""() => ({
             node: Object.fromEntries(Object.entries(corralPlots.charts).map(([k, u]) => [k, u.data])),
             tenants: corralPlots.tenantChart.data, tenantNames: Object.keys(corralPlots.tenants.tenants).sort(),
-            session: corralPlots.sessionCharts.watch.data,
+            sessions: [corralPlots.sessionCharts["carol/watch"].data, corralPlots.sessionCharts["dave/watch"].data],
             canvases: document.querySelectorAll("#plots canvas, tr.plot-row canvas").length,
         })""")
         shot = await page.screenshot(path=str(tmp_path / "dashboard-plots.png"), full_page=True)
@@ -309,21 +312,23 @@ async def test_dashboard_plots_the_node_the_tenants_and_a_session_as_the_api_say
         async with server_client(server) as client:
             node = await (await client.get("/admin/timeline", headers=headers)).json()
             usage = await (await client.get("/admin/usage?since=24h", headers=headers)).json()
-            life = await (await client.get("/admin/sessions/watch/timeline", headers=headers)).json()
-        assert drawn["canvases"] >= 7  # 5 node charts, the tenants' and the session's
+            lives = [await (await client.get(f"/admin/sessions/watch/timeline?tenant={tenant}", headers=headers)).json()
+                     for tenant in ("carol", "dave")]
+        assert drawn["canvases"] >= 8  # 5 node charts, the tenants' and the two sessions'
         points = {t: i for i, t in enumerate(node["t"])}  # the ring moved on since: compare the points both have
         for key in ("live", "memory_mib", "cpu_cores", "turns_per_s"):
             shown = dict(zip(*drawn["node"][key]))
             assert shown and all(node[key][points[t]] == value for t, value in shown.items() if t in points), key
-        assert max(drawn["node"]["live"][1]) == 1  # carol's; alice's and bob's ended before the first sample
+        assert max(drawn["node"]["live"][1]) == 2  # carol's and dave's; alice's and bob's ended before the first sample
         assert sum(drawn["node"]["ends"][1]) == sum(node["ends"]["ended"]) == 2  # the only reason so far
-        assert drawn["tenantNames"] == ["alice", "bob", "carol"]
+        assert drawn["tenantNames"] == ["alice", "bob", "carol", "dave"]
         for i, tenant in enumerate(drawn["tenantNames"][:2]):  # ended: their sums no longer move
             used = usage["tenants"][tenant]
             assert drawn["tenants"][1][i] == used["cpu_seconds"] and drawn["tenants"][3][i] == used["turns"] == 1
             assert abs(drawn["tenants"][2][i] - used["memory_mib_seconds"] / 3600) < 1e-9
-        assert drawn["session"][0] == life["t"][:len(drawn["session"][0])]
-        assert drawn["session"][1][:1] == [pytest.approx(life["memory_mib"][0], rel=1e-6)]
+        for session, life in zip(drawn["sessions"], lives):
+            assert session[0] == life["t"][:len(session[0])]
+            assert session[1][:1] == [pytest.approx(life["memory_mib"][0], rel=1e-6)]
 
 
 @contextlib.asynccontextmanager

@@ -187,3 +187,20 @@ async def test_a_batch_the_store_refused_is_written_when_it_is_back(sup):
     await sup.usage.flush()
     row = await sup.store.session_usage("acme/e1")
     assert (row["egress_bytes"], row["egress_requests"], row["starts"]) == (150, 2, 1) and not sup.usage.pending
+
+
+async def test_a_session_timeline_is_named_by_tenant_when_two_tenants_share_its_id(aiohttp_client, make_config, tmp_path):
+    """GET /admin/sessions/{id}/timeline: 409 when two tenants use the id, each one's own series with ?tenant=."""
+    client = await start(aiohttp_client, make_config, tmp_path, tenants=TENANTS, usage_interval=0.05)
+    sup = supervisor_of(client)
+    for who in (ALICE, BOB):
+        await json_of(await client.post("/api/chat", json={"message": "hi", "session_id": "twin"}, headers=who), 200)
+    await until(lambda: asyncio.sleep(0, all(sup.usage.timeline.session(f"{t}/twin") for t in ("alice", "bob"))))
+    await assert_error(await client.get("/admin/sessions/twin/timeline", headers=ADMIN), 409, "ambiguous_session")
+    for tenant in ("alice", "bob"):
+        life = await json_of(await client.get("/admin/sessions/twin/timeline", params={"tenant": tenant},
+                                              headers=ADMIN), 200)
+        own = sup.usage.timeline.session(f"{tenant}/twin")  # its first point: the ring only grows in this test
+        assert life["session_id"] == "twin" and (life["t"][0], life["memory_mib"][0]) == (own["t"][0], own["memory_mib"][0])
+    await assert_error(await client.get("/admin/sessions/twin/timeline", params={"tenant": "nobody"}, headers=ADMIN),
+                       404, "session_not_found")

@@ -61,7 +61,7 @@
     const sorted = [...rows.values()].sort((a, b) => (b.rss_bytes || 0) - (a.rss_bytes || 0) || a.session_id.localeCompare(b.session_id));
     const columns = $("sessions").querySelectorAll("thead th").length;
     body.replaceChildren(...sorted.flatMap((r) => [renderRow(r),
-      ...(CorralPlots.isOpen(r.session_id) ? [CorralPlots.sessionRow(r.session_id, columns)] : []),
+      ...(CorralPlots.isOpen(keyOf(r)) ? [CorralPlots.sessionRow(keyOf(r), columns)] : []),
       ...(logs.has(keyOf(r)) ? [renderLogs(r)] : [])]));
     const total = sorted.reduce((sum, r) => sum + (r.rss_bytes || 0), 0);
     $("totals").textContent = locked ? "" : `${sorted.length} live · ${bytes(total)} RSS`;
@@ -71,6 +71,7 @@
   function renderRow(r) {
     const tr = document.createElement("tr");
     tr.dataset.sessionId = r.session_id;
+    tr.dataset.tenant = r.tenant;
     tr.dataset.state = r.state;
     const idle = r.idle_seconds === undefined ? null : r.idle_seconds + (Date.now() - r.seenAt) / 1000;
     const cells = [r.session_id, r.tenant, r.pid ?? "–", r.state, seconds(r.state === "idle" ? idle : 0),
@@ -82,8 +83,8 @@
       td.textContent = value;
       if (i === 0) { // cut with an ellipsis when long; a click opens (or closes) its plot
         Object.assign(td, { className: "sid opens", title: r.session_id });
-        td.setAttribute("aria-expanded", String(CorralPlots.isOpen(r.session_id)));
-        td.addEventListener("click", () => CorralPlots.toggle(r.session_id, render));
+        td.setAttribute("aria-expanded", String(CorralPlots.isOpen(keyOf(r))));
+        td.addEventListener("click", () => CorralPlots.toggle(keyOf(r), sessionPath(r, "/timeline"), render));
       }
       tr.appendChild(td);
     });

@@ -1,7 +1,7 @@
 // The dashboard's plots, drawn with uPlot (shipped in /static/vendor/uplot/, no CDN):
 // this node's last hour (GET /admin/timeline: live sessions, memory, CPU, turns a second, ends by
 // reason), usage by tenant over a chosen period (GET /admin/usage), and a session's memory and CPU
-// over its life (GET /admin/sessions/{id}/timeline) under its row. They refresh once per sampling
+// over its life (GET /admin/sessions/{id}/timeline?tenant=) under its row. They refresh once per sampling
 // interval of the server (--usage-interval), the pace at which the data changes.
 // window.corralPlots holds the charts and the data they were drawn from (the browser test reads it).
 "use strict";
@@ -13,7 +13,7 @@ const CorralPlots = (function () {
     ["live", "Live sessions", ""], ["memory_mib", "Agent memory", " MiB"],
     ["cpu_cores", "CPU", " cores"], ["turns_per_s", "Turns", "/s"],
   ];
-  const state = { charts: {}, node: null, tenants: null, tenantChart: null, sessions: {}, sessionCharts: {} };
+  const state = { charts: {}, node: null, tenants: null, tenantChart: null, sessions: {}, paths: {}, sessionCharts: {} };
   let headers = () => ({});
   let timer = null;
   let generation = 0; // a stop (or a new start) ends the refresh loop of the previous start
@@ -123,41 +123,45 @@ const CorralPlots = (function () {
   }
 
   // ---- a session's life, under its row ------------------------------------------------------
-  function isOpen(sessionId) {
-    return sessionId in state.sessions;
+  // A session is named by its key (its id, or tenant/id: two tenants may use one id) and read from
+  // the path the dashboard gives (its timeline route with ?tenant=).
+  function isOpen(key) {
+    return key in state.sessions;
   }
 
-  function toggle(sessionId, rerender) {
-    if (isOpen(sessionId)) {
-      delete state.sessions[sessionId];
-      if (state.sessionCharts[sessionId]) state.sessionCharts[sessionId].destroy();
-      delete state.sessionCharts[sessionId];
+  function toggle(key, path, rerender) {
+    if (isOpen(key)) {
+      delete state.sessions[key];
+      delete state.paths[key];
+      if (state.sessionCharts[key]) state.sessionCharts[key].destroy();
+      delete state.sessionCharts[key];
       rerender();
     } else {
-      state.sessions[sessionId] = null;
+      state.sessions[key] = null;
+      state.paths[key] = path;
       rerender();
-      loadSession(sessionId).finally(rerender);
+      loadSession(key).finally(rerender);
     }
   }
 
-  async function loadSession(sessionId) {
+  async function loadSession(key) {
     try {
-      state.sessions[sessionId] = await getJSON(`/admin/sessions/${encodeURIComponent(sessionId)}/timeline`);
+      state.sessions[key] = await getJSON(state.paths[key]);
     } catch (error) {
-      state.sessions[sessionId] = { error: `timeline: ${error.message}` };
+      state.sessions[key] = { error: `timeline: ${error.message}` };
     }
-    if (state.sessionCharts[sessionId]) state.sessionCharts[sessionId].destroy();
-    delete state.sessionCharts[sessionId];
+    if (state.sessionCharts[key]) state.sessionCharts[key].destroy();
+    delete state.sessionCharts[key];
   }
 
   // The row under a session's row: its memory and CPU since it started (a chart made once per load).
-  function sessionRow(sessionId, colSpan) {
+  function sessionRow(key, colSpan) {
     const tr = document.createElement("tr");
     tr.className = "plot-row";
-    tr.dataset.plotFor = sessionId;
+    tr.dataset.plotFor = key;
     const td = document.createElement("td");
     td.colSpan = colSpan;
-    const data = state.sessions[sessionId];
+    const data = state.sessions[key];
     if (!data || data.error) {
       td.textContent = data ? data.error : "loading…";
     } else {
@@ -165,8 +169,8 @@ const CorralPlots = (function () {
       box.className = "chart";
       td.appendChild(box);
       requestAnimationFrame(() => {
-        if (state.sessionCharts[sessionId]) state.sessionCharts[sessionId].destroy();
-        state.sessionCharts[sessionId] = chart(`${sessionId}: memory (MiB) and CPU (cores) over its life`,
+        if (state.sessionCharts[key]) state.sessionCharts[key].destroy();
+        state.sessionCharts[key] = chart(`${key}: memory (MiB) and CPU (cores) over its life`,
           ["Memory MiB", "CPU cores"], [data.t, data.memory_mib, data.cpu_cores], box);
       });
     }
