@@ -14,15 +14,15 @@ import os  # noqa: E402 (after hiding the secrets)
 import signal  # noqa: E402
 
 
-def _interrupted_while_importing(signum, frame) -> None:
-    """A Ctrl-C while corral's modules load: leave at once, as an interrupted command does, without a traceback."""
+def _interrupted_while_loading(signum, frame) -> None:
+    """A Ctrl-C while corral's modules load (nothing started yet): leave at once with 130, without a traceback."""
     os._exit(128 + signum)
 
 
 # Until the imports below are done (the serve command then sets up its own shutdown ladder); the
 # previous handler comes back at the end of this module.
 try:
-    _HANDLER_BEFORE_IMPORTS = signal.signal(signal.SIGINT, _interrupted_while_importing)
+    _HANDLER_BEFORE_IMPORTS = signal.signal(signal.SIGINT, _interrupted_while_loading)
 except ValueError:  # imported outside the main thread (not as the command): nothing to guard
     _HANDLER_BEFORE_IMPORTS = None
 
@@ -359,11 +359,30 @@ async def _freeze_startup_objects(app) -> None:
 
 def main(argv=None) -> int:
     """Entry point of the ``corral`` console script."""
-    args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        return serve(config_from(args))
+    # Ctrl-C goes on leaving quietly while serve loads the web stack, until its shutdown ladder
+    # takes the signal over; the other commands have it back as KeyboardInterrupt.
+    previous = _quiet_interrupts()
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "serve":
+            return serve(config_from(args))
+    finally:
+        _restore_interrupts(previous)
     return ops_cli.run(args)
 
 
-if _HANDLER_BEFORE_IMPORTS is not None:
-    signal.signal(signal.SIGINT, _HANDLER_BEFORE_IMPORTS)  # the imports are done: Ctrl-C is the commands' again
+def _quiet_interrupts():
+    """Make a Ctrl-C leave at once with 130 (in the main thread); the handler it replaced, or None."""
+    try:
+        return signal.signal(signal.SIGINT, _interrupted_while_loading)
+    except ValueError:  # not the main thread: nothing to guard
+        return None
+
+
+def _restore_interrupts(previous) -> None:
+    """Put ``previous`` back unless someone (serve's ladder) has taken SIGINT over since."""
+    if previous is not None and signal.getsignal(signal.SIGINT) is _interrupted_while_loading:
+        signal.signal(signal.SIGINT, previous)
+
+
+_restore_interrupts(_HANDLER_BEFORE_IMPORTS)  # the imports are done: Ctrl-C is the importer's again
