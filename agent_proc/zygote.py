@@ -4,10 +4,12 @@ It runs in its own process (a fresh interpreter the supervisor starts with a cle
 ``boot``), talks to the supervisor over a pipe in the typed records of ``zygote_messages``, and
 reports every child's pid and exit status (by the request's spawn id, so an exit is never read
 before the supervisor can tell whose it is; the supervisor holds no descriptor per child for its
-exit). Each spawn request comes with the child's connection to the hub (one end of a socket pair)
-and its output pipe (stdout and stderr both), passed over a second socket with SCM_RIGHTS, so the
-child is connected from birth and the hub needs no listening socket. Forking from here costs milliseconds where a fresh interpreter costs tens of
-them, and children share its pages.
+exit). Each spawn request comes with the child's connection to the hub (one end of a socket pair),
+passed over a second socket with SCM_RIGHTS, so the child is connected from birth and the hub needs
+no listening socket. The child's output pipe (stdout and stderr both) is made here and its read end
+kept here: what agents write goes to the supervisor as ``Output`` records (``output_relay.py``), so
+the server holds one descriptor per session, not two. Forking from here costs milliseconds where a
+fresh interpreter costs tens of them, and children share its pages.
 """
 
 import _signal
@@ -21,7 +23,9 @@ import sys
 import traceback
 
 from corral.agent_proc import disk, environment, forking, netns, sandbox, startup_checks, userns, warmup
-from corral.agent_proc.zygote_messages import Exited, Failed, Quit, Ready, Spawn, Spawned, SpawnFailed, Start, recv, send
+from corral.agent_proc.output_relay import OutputRelay
+from corral.agent_proc.zygote_messages import (Exited, Failed, PauseOutput, Quit, Ready, Spawn, Spawned, SpawnFailed,
+                                                Start, recv, send)
 from corral.agent_proc.limits import apply_limits
 from corral.agent_proc.process import agent_title, arm_death_signal, die_with_parent, load_agent_class, set_title
 from corral.agent_proc.sources import keep_sources
@@ -217,7 +221,7 @@ class Zygote:
     def __init__(self, conn, fd_channel: socket.socket, agent_cls, *, ns_init: int | None = None, prebuilt=None):
         self.conn = conn
         self.prebuilt = prebuilt  # sandbox.Prebuilt: the layers' rules and filters, built once for every child
-        # the supervisor sends each child's hub connection (and stdio pipes) here, before its request
+        # the supervisor sends each child's hub connection here, before its request
         self.fd_channel = fd_channel
         self.ns_init = ns_init  # pid 1 of the agents' pid namespace, if there is one
         self.pidfd = os.pidfd_open(os.getpid())  # lets a child check we are alive (its getppid is 0 in a pid namespace)
@@ -233,6 +237,8 @@ class Zygote:
         # of) selectors', multiprocess's and socket's teardown code in every agent. The child never
         # returns to them, and leaves by os._exit, so no finalizer closes a number twice.
         self.own_fds = (self.pidfd, self.wake_r, self.wake_w, self.selector.fileno(), conn.fileno(), fd_channel.fileno())
+        # every child's output pipe (read ends above everything opened so far: made last)
+        self.output = OutputRelay(self.selector, lambda msg: send(self.conn, msg))
 
     def serve(self) -> None:
         """Wait for spawn requests and SIGCHLD; return when the supervisor says quit or goes away."""
@@ -242,13 +248,19 @@ class Zygote:
         self.selector.register(self.wake_r, selectors.EVENT_READ, "signal")
         send(self.conn, Ready(os.getpid(), self.forker.describe()))
         while True:
-            for key, _ in self.selector.select():
-                if key.data == "signal":
+            ready = sorted(self.selector.select(self.output.timeout()), key=_requests_first)
+            for key, _ in ready:
+                if key.data == "conn":
+                    if not self.handle_request():
+                        return
+                elif key.data == "signal":
                     self._drain_wakeups()
                     if not self.reap():
                         return
-                elif not self.handle_request():
-                    return
+                else:
+                    self.output.read(key.data)  # a spawn id: its agent wrote
+            self.output.flush()
+            self.output.resume_due()
 
     def _drain_wakeups(self) -> None:
         """Empty the signal wakeup pipe."""
@@ -267,28 +279,37 @@ class Zygote:
         if isinstance(msg, Spawn):
             self.spawn(msg)
             return True
+        if isinstance(msg, PauseOutput):
+            self.output.pause(msg.spawn_id, msg.seconds)
+            return True
         return not isinstance(msg, Quit)
 
     def spawn(self, req: Spawn) -> None:
         """Fork one agent process with its hub connection (and output pipe) and report its pid."""
         try:
-            fds = self._recv_descriptors(2 if req.output else 1)
+            conn_fd = self._recv_connection()
         except OSError as exc:
             send(self.conn, SpawnFailed(req.spawn_id, f"no hub connection: {exc}", exc.errno))
             return
-        pid = bounded = None
+        pid = bounded = read_fd = write_fd = None
         try:
+            if req.output:
+                read_fd, write_fd = self.output.open()
             bounded = _bound_disk(req.sandbox or {})
             pid = self.forker.fork()
         except OSError as exc:
-            what = "fork failed" if bounded or not (req.sandbox or {}).get("disk") else "no bounded TMPDIR"
+            what = ("no output pipe" if req.output and write_fd is None else
+                    "fork failed" if bounded or not (req.sandbox or {}).get("disk") else "no bounded TMPDIR")
             send(self.conn, SpawnFailed(req.spawn_id, f"{what}: {exc}", exc.errno))
             _unbound_disk(bounded)
         if pid == 0:
-            self._become_agent(req, fds[0], fds[1] if req.output else None)  # never returns
-        for fd in fds:
-            os.close(fd)  # the child's now: the hub and the log reader see EOF when the child's side closes
+            self._become_agent(req, conn_fd, write_fd)  # never returns
+        for fd in (conn_fd, write_fd):
+            if fd is not None:
+                os.close(fd)  # the child's now: the hub sees EOF when the child's side closes, the pipe when its writers do
         if pid is None:
+            if read_fd is not None:
+                os.close(read_fd)
             return
         if bounded:
             self.mounts[pid] = bounded
@@ -297,6 +318,8 @@ class Zygote:
         if uid is not None:
             self.uids[pid] = uid
         send(self.conn, Spawned(req.spawn_id, pid))
+        if read_fd is not None:
+            self.output.watch(req.spawn_id, read_fd)  # after Spawned: its output comes after its pid
 
     def reap(self) -> bool:
         """Collect every exited child, kill what it left behind, report its status; False if pid 1 of the agents died."""
@@ -321,22 +344,21 @@ class Zygote:
                 pass
             uid = self.uids.pop(pid, None)
             if uid is not None:
-                _kill_uid(uid)  # setsid'ed and double-forked leftovers too, before the uid is handed out again
+                _kill_uid(uid, self.output.close_in_child)  # setsid'ed and double-forked leftovers too, before the uid is handed out again
             _, status, rusage = os.wait4(pid, 0)  # its CPU (and its reaped children's) for usage accounting
             _unbound_disk(self.mounts.pop(pid, None))  # before the report: the supervisor then removes the dir
-            send(self.conn, Exited(self.children.pop(pid), status, rusage.ru_utime + rusage.ru_stime))
+            spawn_id = self.children.pop(pid)
+            self.output.drain(spawn_id)  # its last lines (a crash's traceback) before its exit
+            send(self.conn, Exited(spawn_id, status, rusage.ru_utime + rusage.ru_stime))
 
-    def _recv_descriptors(self, count: int) -> list[int]:
-        """The child's hub connection, then its output pipe, sent just before its request.
-
-        Close-on-exec: a program the agent runs inherits none of them (the pipe is dup2'ed onto 1 and 2).
-        """
-        _, fds, _, _ = socket.recv_fds(self.fd_channel, 1, count, socket.MSG_CMSG_CLOEXEC)
-        if len(fds) != count:
+    def _recv_connection(self) -> int:
+        """The child's hub connection, sent just before its request (close-on-exec: a program the agent runs has none)."""
+        _, fds, _, _ = socket.recv_fds(self.fd_channel, 1, 1, socket.MSG_CMSG_CLOEXEC)
+        if len(fds) != 1:
             for fd in fds:
                 os.close(fd)
-            raise OSError(f"expected {count} descriptors, got {len(fds)}")
-        return fds
+            raise OSError(f"expected 1 descriptor, got {len(fds)}")
+        return fds[0]
 
     def _become_agent(self, req: Spawn, conn_fd: int, output_fd: int | None) -> None:
         """In the forked child: isolate, limit, and run the agent; always exits."""
@@ -350,6 +372,7 @@ class Zygote:
                 os._exit(1)
             for fd in self.own_fds:
                 os.close(fd)
+            self.output.close_in_child(keep=conn_fd)  # no agent may read another's output
             signal.set_wakeup_fd(-1)
             # _signal's: signal.signal would map the old handler (our lambda) to an enum member,
             # failing through enum's lookup and exception code, copied into every agent.
@@ -377,6 +400,11 @@ class Zygote:
             os._exit(code)
 
 
+def _requests_first(ready: tuple) -> bool:
+    """Sort key of a select's results: the supervisor's requests (a pause) before the pipes are read."""
+    return ready[0].data != "conn"
+
+
 def _bound_disk(spec: dict) -> str | None:
     """Mount the size-limited tmpfs on a session's TMPDIR (the disk layer), before its agent is forked; its path."""
     if not spec.get("disk"):
@@ -396,14 +424,18 @@ def _unbound_disk(path: str | None) -> None:
             pass  # already gone; the namespace takes whatever is left when the zygote exits
 
 
-def _kill_uid(uid: int) -> None:
-    """SIGKILL every process of a sandbox uid (what an agent left behind): kill(-1) from a child that becomes it."""
+def _kill_uid(uid: int, close_pipes) -> None:
+    """SIGKILL every process of a sandbox uid (what an agent left behind): kill(-1) from a child that becomes it.
+
+    ``close_pipes`` closes the agents' output pipes in that child: it becomes the uid before it dies.
+    """
     try:
         pid = os.fork()
     except OSError:
         return
     if pid == 0:
         try:
+            close_pipes(keep=-1)
             os.setresuid(uid, uid, uid)
             os.kill(-1, signal.SIGKILL)  # every process we may signal but ourselves: that uid's
         except OSError:

@@ -193,7 +193,7 @@ def test_the_servers_stderr_is_json_lines_only(tmp_path):
 
 
 def test_serve_lifts_its_open_files_limit(tmp_path):
-    """Each live session holds two descriptors in the server: a 1024 soft limit would cap it near 500."""
+    """Each live session holds a descriptor in the server (and one in the zygote): a 1024 soft limit would cap it near 768."""
     import resource
 
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
