@@ -1,61 +1,136 @@
-"""The read ends of every agent's output pipe, held in the zygote: what they hold goes to the supervisor.
+"""The output relay: a process the zygote forks at its start, holding the read end of every agent's output pipe.
 
-The zygote makes each agent's output pipe (stdout and stderr both, ``stdio.py``) and keeps its read
-end, so the server holds no descriptor for it: one per session there (its hub connection), not two.
-The zygote's serve loop watches every read end with its selector; what is readable is read
-(``READ_BYTES`` a pipe a pass) and sent as one ``Output`` record for all of them, by spawn id. The
-supervisor splits, bounds and logs the lines (``supervisor/agent_output.py``); when a session's log
-budget is spent it sends ``PauseOutput`` and its pipe is not read for that long, so a flooding agent
-fills its own pipe and drops its own writes. When an agent exits, what its pipe still holds is read
-(``DRAIN_READS`` reads at most) and sent before its ``Exited``, then the pipe is closed.
+The zygote makes each agent's output pipe (stdout and stderr both, ``stdio.py``), forks the agent,
+and hands the read end to the relay with the agent's ``Spawned`` record (SCM_RIGHTS over a socket
+pair of their own), keeping no copy: the server holds no descriptor for it (one per session there,
+its hub connection, not two), and neither the zygote nor any agent holds another agent's. The relay
+watches every read end with a selector; what is readable is read (``READ_BYTES`` a pipe a pass) and
+sent to the supervisor as one ``Output`` record for all of them, by spawn id, over a pipe of its own.
+The supervisor splits, bounds and logs the lines (``supervisor/agent_output.py``); when a session's
+log budget is spent it sends the relay ``PauseOutput`` and the pipe is not read for that long, so a
+flooding agent fills its own pipe and drops its own writes.
 
-The read ends live at or above ``base`` (kept free of anything else the zygote opens), so a new
-agent closes every other agent's with one ``close_range`` call, touching no Python object.
+Every ``Spawned`` and ``Exited`` record goes to the supervisor through here, so a spawn's output
+comes after its pid and before its exit: on ``Exited`` the relay first reads what the agent's pipe
+still holds (``DRAIN_READS`` reads at most), sends it, closes the pipe, then forwards the record.
+
+Why a process and not the zygote's own loop: ``fork`` gives a child a descriptor table as large as
+its parent's highest descriptor, never shrunk by closing; a zygote holding N read ends would give
+every agent a table of N entries (~130 KiB of kernel memory each at 10,000; docs/benchmarks.md).
 """
 
-import fcntl
+import contextlib
 import os
-import resource
 import selectors
+import socket
 import time
 
-from corral.agent_proc.zygote_messages import Output
+from corral.agent_proc.process import arm_death_signal, set_title
+from corral.agent_proc.sandbox import parent_gone, set_capabilities
+from corral.agent_proc.zygote_messages import Exited, Output, PauseOutput, Spawned, decode, encode, recv, send
 
 READ_BYTES = 64 * 1024
 DRAIN_READS = 2  # at an agent's exit: what a pipe buffers (64 KiB by default), within reason
 BATCH_BYTES = 1024 * 1024  # an Output record is sent once it holds this much
-PIPE_BASE = 64  # the read ends' lowest number: the zygote's own descriptors stay below it
+RECORD_BYTES = 4096  # the most a zygote -> relay record takes (Spawned, Exited)
+
+
+def start(supervisor_conn, zygote_pidfd: int, close: tuple) -> tuple[int, socket.socket]:
+    """In the zygote, before any agent: fork the relay; its pid and the zygote's socket to it.
+
+    ``supervisor_conn`` is the relay's pipe to the supervisor (the zygote closes its copy);
+    ``close`` the zygote's descriptors the relay has no use for.
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            set_title("corral: output relay")
+            arm_death_signal()
+            if parent_gone(zygote_pidfd):
+                os._exit(0)
+            for fd in (*close, ours.fileno()):
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                set_capabilities(0)  # it reads pipes and writes to the supervisor: nothing the zygote kept is its
+            run(theirs, supervisor_conn)
+        finally:
+            os._exit(0)
+    theirs.close()
+    supervisor_conn.close()
+    return pid, ours
+
+
+def report(relay: socket.socket, msg, read_fd: int | None = None) -> None:
+    """From the zygote: a ``Spawned`` (with the agent's pipe's read end, if it has one) or ``Exited`` record."""
+    data = encode(msg)
+    if read_fd is None:
+        relay.send(data)
+    else:
+        socket.send_fds(relay, [data], [read_fd])
+
+
+def run(zygote: socket.socket, conn) -> None:
+    """The relay's loop: the zygote's records, the supervisor's pauses, the pipes; until either side is gone."""
+    selector = selectors.DefaultSelector()
+    relay = OutputRelay(selector, lambda msg: send(conn, msg))
+    selector.register(zygote.fileno(), selectors.EVENT_READ, "zygote")
+    selector.register(conn.fileno(), selectors.EVENT_READ, "supervisor")
+    while True:
+        ready = sorted(selector.select(relay.timeout()), key=_records_first)
+        for key, _ in ready:
+            if key.data == "zygote":
+                if not relay.from_zygote(zygote):
+                    return
+            elif key.data == "supervisor":
+                try:
+                    msg = recv(conn)
+                except (EOFError, OSError, ValueError):
+                    return
+                if isinstance(msg, PauseOutput):
+                    relay.pause(msg.spawn_id, msg.seconds)
+            else:
+                relay.read(key.data)  # a spawn id: its agent wrote
+        relay.flush()
+        relay.resume_due()
+
+
+def _records_first(ready: tuple) -> bool:
+    """Sort key of a select's results: records and pauses before the pipes are read."""
+    return not isinstance(ready[0].data, str)
 
 
 class OutputRelay:
-    """Agents' output pipes: made at spawn, read on the zygote's loop, paused on request, drained at exit."""
+    """Agents' output pipes: watched from their spawn, read, paused on request, drained at exit."""
 
     def __init__(self, selector: selectors.BaseSelector, send):
         self.selector = selector
         self.send = send  # sends one record to the supervisor
-        self.base = max(PIPE_BASE, _highest_fd() + 1)
-        self.top = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        if self.top == resource.RLIM_INFINITY:
-            self.top = 1 << 20
         self.pipes: dict[int, int] = {}  # spawn id -> its pipe's read end
         self.paused: dict[int, float] = {}  # spawn id -> when (monotonic) its pipe is read again
         self.batch: list[tuple[int, bytes]] = []
         self.batch_bytes = 0
 
-    def open(self) -> tuple[int, int]:
-        """A new output pipe: (read end, at or above ``base``; write end), both close-on-exec, reads non-blocking."""
-        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    def from_zygote(self, zygote: socket.socket) -> bool:
+        """Forward one record of the zygote's: a spawn's pipe is watched after it, an exit's drained before; False at the end."""
         try:
-            high = fcntl.fcntl(r, fcntl.F_DUPFD_CLOEXEC, self.base)
+            data, fds, _, _ = socket.recv_fds(zygote, RECORD_BYTES, 1, socket.MSG_CMSG_CLOEXEC)
         except OSError:
-            os.close(w)
-            raise
-        finally:
-            os.close(r)
-        return high, w
+            return False
+        if not data:
+            return False
+        msg = decode(data)
+        if isinstance(msg, Exited):
+            self.drain(msg.spawn_id)
+        self.flush()
+        self.send(msg)
+        if isinstance(msg, Spawned) and fds:
+            self.watch(msg.spawn_id, fds[0])
+        return True
 
     def watch(self, spawn_id: int, read_fd: int) -> None:
         """Relay what the pipe of ``spawn_id`` holds from now on."""
+        os.set_blocking(read_fd, False)
         self.pipes[spawn_id] = read_fd
         self.selector.register(read_fd, selectors.EVENT_READ, spawn_id)
 
@@ -76,7 +151,7 @@ class OutputRelay:
             self._close(spawn_id)
 
     def drain(self, spawn_id: int) -> None:
-        """The agent is gone: take what its pipe still holds (paused or not), send it, close the pipe."""
+        """The agent is gone: queue what its pipe still holds (paused or not), close the pipe."""
         fd = self.pipes.get(spawn_id)
         if fd is None:
             return
@@ -89,7 +164,6 @@ class OutputRelay:
                 break
             self._add(spawn_id, data)
         self._close(spawn_id)
-        self.flush()
 
     def pause(self, spawn_id: int, seconds: float) -> None:
         """Leave the pipe of ``spawn_id`` unread for ``seconds``."""
@@ -119,14 +193,6 @@ class OutputRelay:
             batch, self.batch, self.batch_bytes = self.batch, [], 0
             self.send(Output(tuple(batch)))
 
-    def close_in_child(self, keep: int) -> None:
-        """In a new agent: close every read end (other agents' output) but descriptor ``keep``, without a loop."""
-        if keep >= self.base:  # only if the zygote's own descriptors ever outgrew the space below base
-            os.closerange(self.base, keep)
-            os.closerange(keep + 1, self.top)
-        else:
-            os.closerange(self.base, self.top)
-
     def _add(self, spawn_id: int, data: bytes) -> None:
         """Queue what was read for the next record."""
         self.batch.append((spawn_id, data))
@@ -140,11 +206,3 @@ class OutputRelay:
         if self.paused.pop(spawn_id, None) is None:
             self.selector.unregister(fd)
         os.close(fd)
-
-
-def _highest_fd() -> int:
-    """The highest descriptor this process has open."""
-    try:
-        return max(int(fd) for fd in os.listdir("/proc/self/fd"))
-    except (OSError, ValueError):
-        return 63

@@ -7,9 +7,11 @@ before the supervisor can tell whose it is; the supervisor holds no descriptor p
 exit). Each spawn request comes with the child's connection to the hub (one end of a socket pair),
 passed over a second socket with SCM_RIGHTS, so the child is connected from birth and the hub needs
 no listening socket. The child's output pipe (stdout and stderr both) is made here and its read end
-kept here: what agents write goes to the supervisor as ``Output`` records (``output_relay.py``), so
-the server holds one descriptor per session, not two. Forking from here costs milliseconds where a
-fresh interpreter costs tens of them, and children share its pages.
+handed to the output relay, a process forked here at the start (``output_relay.py``), with the
+child's ``Spawned`` record: the relay sends what agents write to the supervisor as ``Output``
+records, and every ``Spawned`` and ``Exited`` goes through it, so the server holds one descriptor per
+session, not two. Forking from here costs milliseconds where a fresh interpreter costs tens of
+them, and children share its pages.
 """
 
 import _signal
@@ -23,9 +25,8 @@ import sys
 import traceback
 
 from corral.agent_proc import disk, environment, forking, netns, sandbox, startup_checks, userns, warmup
-from corral.agent_proc.output_relay import OutputRelay
-from corral.agent_proc.zygote_messages import (Exited, Failed, PauseOutput, Quit, Ready, Spawn, Spawned, SpawnFailed,
-                                                Start, recv, send)
+from corral.agent_proc import output_relay
+from corral.agent_proc.zygote_messages import Exited, Failed, Quit, Ready, Spawn, Spawned, SpawnFailed, Start, recv, send
 from corral.agent_proc.limits import apply_limits
 from corral.agent_proc.process import agent_title, arm_death_signal, die_with_parent, load_agent_class, set_title
 from corral.agent_proc.sources import keep_sources
@@ -37,15 +38,17 @@ STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # a terminal's Ctrl-C and a grou
 def boot() -> None:
     """The zygote's first code (``python -c``; supervisor/spawner.py): read its start message, then run.
 
-    ``sys.argv`` holds only the numbers of its two descriptors: the pipe to the supervisor and the
-    socket the hub connections come over. The ``Start`` record (agent, supervisor pid, sandbox
-    options, the supervisor's ``sys.path``, so agent modules import as they would there) comes on
-    the pipe: no secret of the server's is on our command line, in our environment or our memory.
+    ``sys.argv`` holds only the numbers of its three descriptors: the pipe to the supervisor, the
+    socket the hub connections come over and the output relay's pipe to the supervisor. The ``Start``
+    record (agent, supervisor pid, sandbox options, the supervisor's ``sys.path``, so agent modules
+    import as they would there) comes on the pipe: no secret of the server's is on our command line,
+    in our environment or our memory.
     """
     from multiprocess.connection import Connection
 
     conn = Connection(int(sys.argv[1]))
     fd_channel = socket.socket(fileno=int(sys.argv[2]))
+    relay_conn = Connection(int(sys.argv[3]))
     try:
         start = recv(conn)
     except (EOFError, OSError):
@@ -53,10 +56,11 @@ def boot() -> None:
     if not isinstance(start, Start):
         raise SystemExit(f"corral zygote: expected a start message, got {type(start).__name__}")
     sys.path[:] = start.sys_path
-    zygote_main(conn, fd_channel, start.agent, start.supervisor_pid, start.options)
+    zygote_main(conn, fd_channel, relay_conn, start.agent, start.supervisor_pid, start.options)
 
 
-def zygote_main(conn, fd_channel: socket.socket, agent_spec: str, supervisor_pid: int, options: dict | None = None) -> None:
+def zygote_main(conn, fd_channel: socket.socket, relay_conn, agent_spec: str, supervisor_pid: int,
+                options: dict | None = None) -> None:
     """Entry point of the zygote process; ``options`` from ``supervisor.sandbox_plan.Sandbox.zygote_options``."""
     set_title(f"corral: zygote agent={agent_spec}")
     die_with_parent(supervisor_pid)
@@ -66,12 +70,12 @@ def zygote_main(conn, fd_channel: socket.socket, agent_spec: str, supervisor_pid
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held by the supervisor until now (spawner.py)
     try:
-        _start_and_serve(conn, fd_channel, agent_spec, options or {})
+        _start_and_serve(conn, fd_channel, relay_conn, agent_spec, options or {})
     except (BrokenPipeError, ConnectionResetError, EOFError):
         return  # the supervisor went away (a stop signal during its start-up): nobody to report to
 
 
-def _start_and_serve(conn, fd_channel: socket.socket, agent_spec: str, options: dict) -> None:
+def _start_and_serve(conn, fd_channel: socket.socket, relay_conn, agent_spec: str, options: dict) -> None:
     """Set up the sandbox's process tree, import the agent, report ready, then serve spawn requests."""
     try:
         if options.get("user_namespace") and (options.get("pid_namespace") or options.get("net_namespace")):
@@ -98,7 +102,7 @@ def _start_and_serve(conn, fd_channel: socket.socket, agent_spec: str, options: 
         return
     warmup.rehearse(tmpdir=prebuilt and prebuilt.tmp_parent)  # before the freeze: what it leaves is shared, not copied into each agent
     gc.freeze()  # keep the imported objects out of GC passes so children don't copy their pages
-    Zygote(conn, fd_channel, agent_cls, ns_init=ns_init, prebuilt=prebuilt).serve()
+    Zygote(conn, fd_channel, relay_conn, agent_cls, ns_init=ns_init, prebuilt=prebuilt).serve()
 
 
 def _enter_mount_namespace(options: dict) -> None:
@@ -218,7 +222,8 @@ def preload_stdlib() -> None:
 class Zygote:
     """Forks children on request and reports their deaths."""
 
-    def __init__(self, conn, fd_channel: socket.socket, agent_cls, *, ns_init: int | None = None, prebuilt=None):
+    def __init__(self, conn, fd_channel: socket.socket, relay_conn, agent_cls, *, ns_init: int | None = None,
+                 prebuilt=None):
         self.conn = conn
         self.prebuilt = prebuilt  # sandbox.Prebuilt: the layers' rules and filters, built once for every child
         # the supervisor sends each child's hub connection here, before its request
@@ -236,9 +241,10 @@ class Zygote:
         # What a child closes of ours, by number: closing the objects would run (and copy the pages
         # of) selectors', multiprocess's and socket's teardown code in every agent. The child never
         # returns to them, and leaves by os._exit, so no finalizer closes a number twice.
-        self.own_fds = (self.pidfd, self.wake_r, self.wake_w, self.selector.fileno(), conn.fileno(), fd_channel.fileno())
-        # every child's output pipe (read ends above everything opened so far: made last)
-        self.output = OutputRelay(self.selector, lambda msg: send(self.conn, msg))
+        own_fds = (self.pidfd, self.wake_r, self.wake_w, self.selector.fileno(), conn.fileno(), fd_channel.fileno())
+        # every child's output pipe is read there, and its Spawned and Exited go through it
+        self.relay_pid, self.relay = output_relay.start(relay_conn, self.pidfd, close=own_fds)
+        self.own_fds = (*own_fds, self.relay.fileno())  # an agent must not speak for the zygote
 
     def serve(self) -> None:
         """Wait for spawn requests and SIGCHLD; return when the supervisor says quit or goes away."""
@@ -248,19 +254,13 @@ class Zygote:
         self.selector.register(self.wake_r, selectors.EVENT_READ, "signal")
         send(self.conn, Ready(os.getpid(), self.forker.describe()))
         while True:
-            ready = sorted(self.selector.select(self.output.timeout()), key=_requests_first)
-            for key, _ in ready:
-                if key.data == "conn":
-                    if not self.handle_request():
-                        return
-                elif key.data == "signal":
+            for key, _ in self.selector.select():
+                if key.data == "signal":
                     self._drain_wakeups()
                     if not self.reap():
                         return
-                else:
-                    self.output.read(key.data)  # a spawn id: its agent wrote
-            self.output.flush()
-            self.output.resume_due()
+                elif not self.handle_request():
+                    return
 
     def _drain_wakeups(self) -> None:
         """Empty the signal wakeup pipe."""
@@ -279,9 +279,6 @@ class Zygote:
         if isinstance(msg, Spawn):
             self.spawn(msg)
             return True
-        if isinstance(msg, PauseOutput):
-            self.output.pause(msg.spawn_id, msg.seconds)
-            return True
         return not isinstance(msg, Quit)
 
     def spawn(self, req: Spawn) -> None:
@@ -294,7 +291,7 @@ class Zygote:
         pid = bounded = read_fd = write_fd = None
         try:
             if req.output:
-                read_fd, write_fd = self.output.open()
+                read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
             bounded = _bound_disk(req.sandbox or {})
             pid = self.forker.fork()
         except OSError as exc:
@@ -303,10 +300,10 @@ class Zygote:
             send(self.conn, SpawnFailed(req.spawn_id, f"{what}: {exc}", exc.errno))
             _unbound_disk(bounded)
         if pid == 0:
-            self._become_agent(req, conn_fd, write_fd)  # never returns
+            self._become_agent(req, conn_fd, read_fd, write_fd)  # never returns
         for fd in (conn_fd, write_fd):
             if fd is not None:
-                os.close(fd)  # the child's now: the hub sees EOF when the child's side closes, the pipe when its writers do
+                os.close(fd)  # the child's now: the hub sees EOF when the child's side closes
         if pid is None:
             if read_fd is not None:
                 os.close(read_fd)
@@ -317,9 +314,11 @@ class Zygote:
         uid = (req.sandbox or {}).get("uid")
         if uid is not None:
             self.uids[pid] = uid
-        send(self.conn, Spawned(req.spawn_id, pid))
-        if read_fd is not None:
-            self.output.watch(req.spawn_id, read_fd)  # after Spawned: its output comes after its pid
+        try:
+            output_relay.report(self.relay, Spawned(req.spawn_id, pid), read_fd)  # the relay reads the pipe from now on
+        finally:
+            if read_fd is not None:
+                os.close(read_fd)
 
     def reap(self) -> bool:
         """Collect every exited child, kill what it left behind, report its status; False if pid 1 of the agents died."""
@@ -332,9 +331,9 @@ class Zygote:
                 return True
             pid = info.si_pid
             if pid not in self.children:
-                os.waitpid(pid, 0)  # an orphan adopted as subreaper, or the namespace's init
-                if pid == self.ns_init:
-                    return False  # no agent can be forked any more: let the supervisor start a new zygote
+                os.waitpid(pid, 0)  # an orphan adopted as subreaper, the namespace's init or the output relay
+                if pid in (self.ns_init, self.relay_pid):
+                    return False  # no agent can be forked (or reported) any more: let the supervisor start a new zygote
                 continue
             # The zombie still holds its pid, so the group id cannot have been reused yet:
             # whatever the agent forked dies with it, and nobody else is hit.
@@ -344,12 +343,11 @@ class Zygote:
                 pass
             uid = self.uids.pop(pid, None)
             if uid is not None:
-                _kill_uid(uid, self.output.close_in_child)  # setsid'ed and double-forked leftovers too, before the uid is handed out again
+                _kill_uid(uid)  # setsid'ed and double-forked leftovers too, before the uid is handed out again
             _, status, rusage = os.wait4(pid, 0)  # its CPU (and its reaped children's) for usage accounting
             _unbound_disk(self.mounts.pop(pid, None))  # before the report: the supervisor then removes the dir
-            spawn_id = self.children.pop(pid)
-            self.output.drain(spawn_id)  # its last lines (a crash's traceback) before its exit
-            send(self.conn, Exited(spawn_id, status, rusage.ru_utime + rusage.ru_stime))
+            # through the relay, which sends what its pipe still holds (a crash's traceback) first
+            output_relay.report(self.relay, Exited(self.children.pop(pid), status, rusage.ru_utime + rusage.ru_stime))
 
     def _recv_connection(self) -> int:
         """The child's hub connection, sent just before its request (close-on-exec: a program the agent runs has none)."""
@@ -360,7 +358,7 @@ class Zygote:
             raise OSError(f"expected 1 descriptor, got {len(fds)}")
         return fds[0]
 
-    def _become_agent(self, req: Spawn, conn_fd: int, output_fd: int | None) -> None:
+    def _become_agent(self, req: Spawn, conn_fd: int, read_fd: int | None, output_fd: int | None) -> None:
         """In the forked child: isolate, limit, and run the agent; always exits."""
         code = 1
         try:
@@ -372,7 +370,8 @@ class Zygote:
                 os._exit(1)
             for fd in self.own_fds:
                 os.close(fd)
-            self.output.close_in_child(keep=conn_fd)  # no agent may read another's output
+            if read_fd is not None:
+                os.close(read_fd)  # the relay's; the zygote holds no other agent's
             signal.set_wakeup_fd(-1)
             # _signal's: signal.signal would map the old handler (our lambda) to an enum member,
             # failing through enum's lookup and exception code, copied into every agent.
@@ -400,11 +399,6 @@ class Zygote:
             os._exit(code)
 
 
-def _requests_first(ready: tuple) -> bool:
-    """Sort key of a select's results: the supervisor's requests (a pause) before the pipes are read."""
-    return ready[0].data != "conn"
-
-
 def _bound_disk(spec: dict) -> str | None:
     """Mount the size-limited tmpfs on a session's TMPDIR (the disk layer), before its agent is forked; its path."""
     if not spec.get("disk"):
@@ -424,18 +418,14 @@ def _unbound_disk(path: str | None) -> None:
             pass  # already gone; the namespace takes whatever is left when the zygote exits
 
 
-def _kill_uid(uid: int, close_pipes) -> None:
-    """SIGKILL every process of a sandbox uid (what an agent left behind): kill(-1) from a child that becomes it.
-
-    ``close_pipes`` closes the agents' output pipes in that child: it becomes the uid before it dies.
-    """
+def _kill_uid(uid: int) -> None:
+    """SIGKILL every process of a sandbox uid (what an agent left behind): kill(-1) from a child that becomes it."""
     try:
         pid = os.fork()
     except OSError:
         return
     if pid == 0:
         try:
-            close_pipes(keep=-1)
             os.setresuid(uid, uid, uid)
             os.kill(-1, signal.SIGKILL)  # every process we may signal but ourselves: that uid's
         except OSError:

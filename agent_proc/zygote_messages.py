@@ -6,10 +6,12 @@ declaration order: plain pickle over ``send_bytes`` costs ~3 µs a message where
 ``multiprocess``'s ``Connection.send`` (dill) costs ~100 µs, paid on each side of every spawn and
 every exit. A kind the reader does not know is a ``ValueError``, not a silent mismatch.
 
-Supervisor → zygote: ``Start`` once, then ``Spawn``, ``PauseOutput``, ``Quit``. Zygote → supervisor: ``Ready``
-or ``Failed`` once at start, then ``Spawned`` or ``SpawnFailed`` per ``Spawn``, ``Output`` as agents
-write, and ``Exited`` per child, all by spawn id (so an exit is never read before the supervisor can
-tell whose it is). A child's last ``Output`` comes before its ``Exited``.
+Supervisor → zygote: ``Start`` once, then ``Spawn``, ``Quit``. Zygote → supervisor: ``Ready`` or ``Failed``
+once at start, then ``SpawnFailed`` for a ``Spawn`` that failed. The zygote's output relay
+(``output_relay.py``) → supervisor, on a pipe of its own: ``Spawned`` per child forked, ``Output`` as
+agents write, ``Exited`` per child, all by spawn id (so an exit is never read before the supervisor
+can tell whose it is), a child's output after its ``Spawned`` and before its ``Exited``; supervisor →
+relay: ``PauseOutput``.
 """
 
 import dataclasses

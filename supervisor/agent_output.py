@@ -1,8 +1,8 @@
-"""What agents print: each agent's stdout and stderr, relayed by the zygote, logged and kept per session.
+"""What agents print: each agent's stdout and stderr, relayed by the zygote's output relay, logged and kept per session.
 
 Every agent process gets one pipe of its own at spawn for both streams (``agent_proc/stdio.py`` is
-the writing end: lines written through ``sys.stderr`` start with ``STDERR_MARK``). The zygote holds
-its read end and sends what it reads in ``Output`` records (``agent_proc/output_relay.py``), so a
+the writing end: lines written through ``sys.stderr`` start with ``STDERR_MARK``). The zygote's
+output relay holds its read end and sends what it reads in ``Output`` records (``agent_proc/output_relay.py``), so a
 session holds no descriptor here for its output; the spawner feeds each record to the session's
 ``Capture``. Nothing polls. Each line becomes one structured log line (``agent_output`` with session_id, tenant, pid and stream), a
 global ``agent_output`` event for whoever subscribed to that type, and joins the session's tail,
@@ -14,7 +14,7 @@ Bounds, counted as the log writes them (after JSON escaping: a ``\\x01`` byte is
 - a session may log ``LINE_RATE`` lines a second (bursts of ``LINE_BURST``) and ``BYTE_RATE`` bytes
   of log a second (bursts of ``BYTE_BURST``; each line counts its escaped text and the fields around
   it). Past either, its lines are dropped and counted, and its pipe is not read for
-  ``PAUSE_SECONDS`` (the zygote is told: ``PauseOutput``), so a flooding agent fills its own pipe and drops its own writes (it never waits
+  ``PAUSE_SECONDS`` (the relay is told: ``PauseOutput``), so a flooding agent fills its own pipe and drops its own writes (it never waits
   on them) instead of costing the server CPU or disk. What was dropped is summed up in one
   ``agent_output_dropped`` log line (lines, bytes, which bound) when output next gets through and
   when the process ends, and in the tail.
@@ -134,7 +134,7 @@ def parse_line(raw: bytes, truncated: bool) -> tuple[str, str, int, bool]:
 
 
 class Capture:
-    """One agent process's output, fed by the spawner as the zygote relays it, until the process is gone."""
+    """One agent process's output, fed by the spawner as the output relay sends it, until the process is gone."""
 
     def __init__(self, outputs: "AgentOutput", session):
         self.outputs = outputs
@@ -147,10 +147,10 @@ class Capture:
         self.overhead = LINE_OVERHEAD + len(session.id) + len(session.tenant)
         self.dropped_lines = self.dropped_bytes = 0  # since the last report
         self.dropped_by: set[str] = set()  # which bounds dropped them
-        self.paused_until = 0.0  # monotonic: the zygote was asked not to read the pipe before then
+        self.paused_until = 0.0  # monotonic: the relay was asked not to read the pipe before then
 
     def feed(self, pid: int, data: bytes) -> float:
-        """What the process wrote (its pipe, read by the zygote); seconds its pipe should not be read for (0: read on)."""
+        """What the process wrote (its pipe, read by the output relay); seconds its pipe should not be read for (0: read on)."""
         if self.closed:
             return 0.0
         self.pid = pid

@@ -1,8 +1,8 @@
 """The server's open-files budget: what ``--max-sessions`` needs, what the limit allows, the headroom check.
 
 A live session holds ``PER_SESSION`` descriptor in the server: its hub connection (one end of a
-socket pair). Its output pipe costs none here (the zygote holds its read end and relays what the
-agent writes: agent_proc/output_relay.py), its exit none (the zygote reports it by spawn id) and its
+socket pair). Its output pipe costs none here (the zygote's output relay holds its read end and
+sends what the agent writes: agent_proc/output_relay.py), its exit none (reported by spawn id) and its
 sandbox uid none (one file holds every uid claim, supervisor/uid_claims.py). The rest of the table
 is kept for what is not a session: client connections, the store, logs; ``reserve`` of it. A new
 session whose descriptor would eat into that reserve is refused with a 503 (``out_of_descriptors``),

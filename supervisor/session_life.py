@@ -177,7 +177,7 @@ class SessionLife:
             self.send_signal(signal.SIGKILL)
 
     async def _agent_connection(self):
-        """The new process's end of its hub connection (its output pipe is the zygote's); 503 when descriptors run out."""
+        """The new process's end of its hub connection (its output pipe is the relay's); 503 when descriptors run out."""
         conn = None
         try:
             conn = await self.host.hub.connect(self.routing_id)

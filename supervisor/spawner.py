@@ -2,11 +2,11 @@
 
 ``ZygoteSpawner`` starts one zygote (a fresh interpreter with a clean environment: nothing of the
 server's command line, environment or memory) and asks it to fork a child per session, handing it
-the child's hub connection (SCM_RIGHTS over a socket pair of their own); the zygote reports each
-child's pid, what it writes to stdout and stderr (the zygote holds its output pipe:
-agent_proc/output_relay.py) and, the moment it dies, its wait status (by spawn id, in the typed
-records of agent_proc/zygote_messages.py), so the server holds no descriptor per child but its hub
-connection.
+the child's hub connection (SCM_RIGHTS over a socket pair of their own); the zygote's output relay
+(a process it forks: agent_proc/output_relay.py) reports each child's pid, what it writes to stdout
+and stderr (the relay holds its output pipe) and, the moment it dies, its wait status (by spawn id,
+in the typed records of agent_proc/zygote_messages.py, over a pipe of its own), so the server holds
+no descriptor per child but its hub connection.
 A sandbox layer or another launcher goes behind the same ``Launcher`` interface.
 """
 
@@ -37,7 +37,7 @@ ZYGOTE_DIED = LAUNCHER_DIED  # the wait status reported for agents that died wit
 REPORTS_PER_WAKEUP = 64  # the zygote's records handled per loop wakeup: a stream of output never starves the loop
 
 
-# The zygote's whole command line: the interpreter, this, and the numbers of its two descriptors.
+# The zygote's whole command line: the interpreter, this, and the numbers of its three descriptors.
 # Not multiprocess's spawn: that hands the child the server's environment and pickles its sys.argv
 # (which may hold --admin-token), its main module and its authkey into it.
 ZYGOTE_BOOT = "from corral.agent_proc.zygote import boot; boot()"
@@ -88,6 +88,7 @@ class ZygoteSpawner(Launcher):
         self.environment = environment if environment is not None else {}
         self.process = None
         self.conn = None
+        self.relay_conn = None  # the output relay's: Spawned, Output and Exited come on it, PauseOutput goes
         self.fd_channel: socket.socket | None = None
         self.pid: int | None = None  # the zygote's
         self._pending: dict[int, asyncio.Future] = {}  # spawn id -> its pid, until the zygote reports it
@@ -106,20 +107,21 @@ class ZygoteSpawner(Launcher):
         loop = asyncio.get_running_loop()
         self.conn, child_conn = multiprocess.Pipe(duplex=True)
         self.fd_channel, child_fds = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.relay_conn, child_relay = multiprocess.Pipe(duplex=True)
+        passed = (child_conn.fileno(), child_fds.fileno(), child_relay.fileno())
         try:
             with _stop_signals_held():  # the new interpreter inherits the mask; the zygote unblocks them
-                self.process = subprocess.Popen(
-                    [sys.executable, "-c", ZYGOTE_BOOT, str(child_conn.fileno()), str(child_fds.fileno())],
-                    env=self.environment, stdin=subprocess.DEVNULL,
-                    pass_fds=(child_conn.fileno(), child_fds.fileno()))
+                self.process = subprocess.Popen([sys.executable, "-c", ZYGOTE_BOOT, *map(str, passed)],
+                                                env=self.environment, stdin=subprocess.DEVNULL, pass_fds=passed)
         finally:
             child_conn.close()
             child_fds.close()
+            child_relay.close()
         msgs.send(self.conn, msgs.Start(agent=self.agent_spec, supervisor_pid=os.getpid(),
                                         options=self.zygote_options, sys_path=list(sys.path)))
         self.pid = self.process.pid
         self._ready = loop.create_future()
-        loop.add_reader(self.conn.fileno(), self._on_readable)
+        loop.add_reader(self.conn.fileno(), self._on_readable, "conn")
         try:
             self.fork = await asyncio.wait_for(self._ready, self.start_timeout)
         except asyncio.TimeoutError:
@@ -128,6 +130,8 @@ class ZygoteSpawner(Launcher):
         except BaseException:  # its error, or a stop signal during start-up: the zygote goes too
             await self.close()
             raise
+        # Once ready: the relay is forked then, and a zygote that failed to start must be heard saying why.
+        loop.add_reader(self.relay_conn.fileno(), self._on_readable, "relay_conn")
         if self.zygote_options.get("net_namespace") and self.gateway is not None:
             await self._serve_gateway()
         log.info("zygote_ready", pid=self.pid, agent=self.agent_spec, fork=self.fork)
@@ -205,13 +209,14 @@ class ZygoteSpawner(Launcher):
             return False
         return True
 
-    def _on_readable(self) -> None:
-        """Handle everything the zygote has reported."""
+    def _on_readable(self, name: str) -> None:
+        """Handle what the zygote (``conn``) or its output relay (``relay_conn``) has reported."""
         try:
             for _ in range(REPORTS_PER_WAKEUP):  # the rest, if any, on the next wakeup
-                if self.conn is None or not self.conn.poll(0):
+                conn = getattr(self, name)
+                if conn is None or not conn.poll(0):
                     break
-                self._handle(msgs.recv(self.conn))
+                self._handle(msgs.recv(conn))
         except (EOFError, OSError, ValueError):
             self._lost()
 
@@ -246,8 +251,8 @@ class ZygoteSpawner(Launcher):
             proc = self._procs.get(spawn_id)
             if proc is not None and proc.output is not None:
                 pause = proc.output.feed(proc.pid, data)
-                if pause and self.conn is not None:
-                    msgs.send(self.conn, msgs.PauseOutput(spawn_id, pause))
+                if pause and self.relay_conn is not None:
+                    msgs.send(self.relay_conn, msgs.PauseOutput(spawn_id, pause))
 
     def _exited(self, proc: AgentProcess, status: int, description: str, cpu_seconds: float | None = None) -> None:
         """A process is gone: take the memory limit's verdict, free its limits and sandbox, report it."""
@@ -288,13 +293,15 @@ class ZygoteSpawner(Launcher):
             self.on_lost()
 
     def _detach(self) -> None:
-        """Stop watching the pipe and close it."""
-        if self.conn is not None:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self.conn.fileno())
-            with contextlib.suppress(Exception):
-                self.conn.close()
-            self.conn = None
+        """Stop watching the pipes and close them."""
+        for name in ("conn", "relay_conn"):
+            conn = getattr(self, name)
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    asyncio.get_running_loop().remove_reader(conn.fileno())
+                with contextlib.suppress(Exception):
+                    conn.close()
+                setattr(self, name, None)
         if self.fd_channel is not None:
             self.fd_channel.close()
             self.fd_channel = None

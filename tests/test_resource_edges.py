@@ -129,6 +129,14 @@ def pipes(pid: int) -> set[str]:
     return {t for t in fd_targets(pid) if t.startswith("pipe:")}
 
 
+def output_relay(zygote: int) -> int:
+    """The pid of the zygote's output relay, by its title."""
+    for child in psutil.Process(zygote).children():
+        if " ".join(child.cmdline()).startswith("corral: output relay"):
+            return child.pid
+    raise AssertionError("no output relay")
+
+
 async def test_a_live_session_holds_one_descriptor_in_the_server(make_supervisor):
     sup = await make_supervisor(agent="tests.output_agents:Printer")
     await sup.ensure_live(await sup.get_or_create("first", "acme"))  # the shared parts are open
@@ -139,9 +147,9 @@ async def test_a_live_session_holds_one_descriptor_in_the_server(make_supervisor
     assert descriptors.PER_SESSION == 1
     assert fd_count(os.getpid()) - before <= 10  # its hub connection: no output pipe here
     assert pipes(os.getpid()) == server_pipes
-    # the zygote holds the pipes' read ends, and output still arrives, marked by stream
-    zygote = pipes(sup.spawner.pid)
-    assert all(pipes(s.pid) & zygote for s in sessions)
+    # the zygote's output relay holds the pipes' read ends, and output still arrives, marked by stream
+    relayed = pipes(output_relay(sup.spawner.pid))
+    assert all(pipes(s.pid) & relayed for s in sessions)
     await sup.command(sessions[0], "say", {"text": "through the zygote", "stream": "stderr"})
     await sup.stop(sessions[0], "ended")
     assert [(e["stream"], e["line"]) for e in sup.agent_output(sessions[0].key)] == [("stderr", "through the zygote")]
@@ -150,10 +158,14 @@ async def test_a_live_session_holds_one_descriptor_in_the_server(make_supervisor
 async def test_an_agent_holds_no_other_sessions_output_pipe(make_supervisor):
     sup = await make_supervisor(agent="tests.output_agents:Printer")
     sessions = [await sup.get_or_create(f"own{i}", "acme") for i in range(4)]
-    for s in sessions:
-        await sup.ensure_live(s)  # each forked while the zygote holds the earlier ones' read ends
+    await sup.ensure_live(sessions[0])
+    zygote_fds = fd_count(sup.spawner.pid)
+    for s in sessions[1:]:
+        await sup.ensure_live(s)
+    assert fd_count(sup.spawner.pid) == zygote_fds  # no descriptor per session in the zygote either
     held = {s.pid: pipes(s.pid) for s in sessions}
-    relayed = pipes(sup.spawner.pid)
+    relayed = pipes(output_relay(sup.spawner.pid))
+    assert not pipes(sup.spawner.pid) & relayed  # the zygote keeps none: every agent forks with a small table
     for s in sessions:
         own = {os.readlink(f"/proc/{s.pid}/fd/1")}
         assert own == {os.readlink(f"/proc/{s.pid}/fd/2")} and own <= relayed
