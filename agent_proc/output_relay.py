@@ -35,27 +35,29 @@ BATCH_BYTES = 1024 * 1024  # an Output record is sent once it holds this much
 RECORD_BYTES = 4096  # the most a zygote -> relay record takes (Spawned, Exited)
 
 
-def start(supervisor_conn, zygote_pidfd: int, close: tuple) -> tuple[int, socket.socket]:
+def start(supervisor_conn, close: tuple) -> tuple[int, socket.socket]:
     """In the zygote, before any agent: fork the relay; its pid and the zygote's socket to it.
 
     ``supervisor_conn`` is the relay's pipe to the supervisor (the zygote closes its copy);
-    ``close`` the zygote's descriptors the relay has no use for.
+    ``close`` the zygote's descriptors the relay has no use for. It dies with the zygote.
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    zygote = os.pidfd_open(os.getpid())
     pid = os.fork()
     if pid == 0:
         try:
             set_title("corral: output relay")
             arm_death_signal()
-            if parent_gone(zygote_pidfd):
+            if parent_gone(zygote):
                 os._exit(0)
-            for fd in (*close, ours.fileno()):
+            for fd in (*close, ours.fileno(), zygote):
                 os.close(fd)
             with contextlib.suppress(OSError):
                 set_capabilities(0)  # it reads pipes and writes to the supervisor: nothing the zygote kept is its
             run(theirs, supervisor_conn)
         finally:
             os._exit(0)
+    os.close(zygote)
     theirs.close()
     supervisor_conn.close()
     return pid, ours

@@ -95,6 +95,8 @@ def _start_and_serve(conn, fd_channel: socket.socket, relay_conn, agent_spec: st
         # agent's import may start one. The network namespace before it: that drops our capabilities.
         if options.get("net_namespace"):
             _enter_network_namespace(fd_channel)
+        # Before the agents' pid namespace: outside it, no agent sees it; nothing made after it is its.
+        relay = output_relay.start(relay_conn, close=(conn.fileno(), fd_channel.fileno()))
         ns_init = _set_up_process_tree(conn, options)
         prebuilt = sandbox.prebuild(options)
     except OSError as exc:
@@ -102,7 +104,7 @@ def _start_and_serve(conn, fd_channel: socket.socket, relay_conn, agent_spec: st
         return
     warmup.rehearse(tmpdir=prebuilt and prebuilt.tmp_parent)  # before the freeze: what it leaves is shared, not copied into each agent
     gc.freeze()  # keep the imported objects out of GC passes so children don't copy their pages
-    Zygote(conn, fd_channel, relay_conn, agent_cls, ns_init=ns_init, prebuilt=prebuilt).serve()
+    Zygote(conn, fd_channel, relay, agent_cls, ns_init=ns_init, prebuilt=prebuilt).serve()
 
 
 def _enter_mount_namespace(options: dict) -> None:
@@ -222,8 +224,8 @@ def preload_stdlib() -> None:
 class Zygote:
     """Forks children on request and reports their deaths."""
 
-    def __init__(self, conn, fd_channel: socket.socket, relay_conn, agent_cls, *, ns_init: int | None = None,
-                 prebuilt=None):
+    def __init__(self, conn, fd_channel: socket.socket, relay: tuple[int, socket.socket], agent_cls, *,
+                 ns_init: int | None = None, prebuilt=None):
         self.conn = conn
         self.prebuilt = prebuilt  # sandbox.Prebuilt: the layers' rules and filters, built once for every child
         # the supervisor sends each child's hub connection here, before its request
@@ -241,10 +243,11 @@ class Zygote:
         # What a child closes of ours, by number: closing the objects would run (and copy the pages
         # of) selectors', multiprocess's and socket's teardown code in every agent. The child never
         # returns to them, and leaves by os._exit, so no finalizer closes a number twice.
-        own_fds = (self.pidfd, self.wake_r, self.wake_w, self.selector.fileno(), conn.fileno(), fd_channel.fileno())
-        # every child's output pipe is read there, and its Spawned and Exited go through it
-        self.relay_pid, self.relay = output_relay.start(relay_conn, self.pidfd, close=own_fds)
-        self.own_fds = (*own_fds, self.relay.fileno())  # an agent must not speak for the zygote
+        # The output relay (its pid, our socket to it): every child's output pipe is read there, and
+        # its Spawned and Exited go through it. An agent must not speak for the zygote: it closes it too.
+        self.relay_pid, self.relay = relay
+        self.own_fds = (self.pidfd, self.wake_r, self.wake_w, self.selector.fileno(), conn.fileno(),
+                        fd_channel.fileno(), self.relay.fileno())
 
     def serve(self) -> None:
         """Wait for spawn requests and SIGCHLD; return when the supervisor says quit or goes away."""
