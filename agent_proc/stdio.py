@@ -1,12 +1,13 @@
-"""An agent's stdout and stderr: one pipe to the supervisor that never makes the agent wait.
+"""An agent's stdout and stderr: one pipe, relayed to the supervisor, that never makes the agent wait.
 
-Fds 1 and 2 are the same pipe (one descriptor per session in the server, not two); what the agent
+Fds 1 and 2 are the same pipe, made by the zygote; its output relay holds the read end and sends what
+it reads to the supervisor (``output_relay.py``: no descriptor per session in the server for it); what the agent
 writes through ``sys.stderr`` has each line marked with ``STDERR_MARK``, a byte UTF-8 text never
 holds, so the supervisor tells the streams apart (``supervisor/agent_output.py``). A program the
 agent runs writes raw bytes to fd 1 or 2, unmarked: its lines count as stdout.
 
-The supervisor reads the pipe on its loop and logs every line with the session's id. If it falls
-behind and the pipe's buffer is full, what the agent writes is dropped, not waited for: the agent's
+The supervisor logs every line with the session's id. If the relay falls behind (or stops reading
+a flooding agent's pipe for a while) and the pipe's buffer is full, what the agent writes is dropped, not waited for: the agent's
 turn goes on, and the next write that fits starts with a ``[corral: N bytes of output dropped]``
 line. The pipe is non-blocking for every writer that shares it, so a program the agent starts may
 see EAGAIN on a full pipe too.
@@ -60,7 +61,7 @@ class DroppingPipe(io.RawIOBase):
             self.dropped_total += size
             return size
         except BrokenPipeError:
-            return size  # the supervisor is gone; so are we, shortly
+            return size  # the relay is gone; so are we, shortly
 
     def _marked(self, data: bytes) -> bytes:
         """``data`` with the mark at the start of each line it begins."""

@@ -4,9 +4,13 @@ It runs in its own process (a fresh interpreter the supervisor starts with a cle
 ``boot``), talks to the supervisor over a pipe in the typed records of ``zygote_messages``, and
 reports every child's pid and exit status (by the request's spawn id, so an exit is never read
 before the supervisor can tell whose it is; the supervisor holds no descriptor per child for its
-exit). Each spawn request comes with the child's connection to the hub (one end of a socket pair)
-and its output pipe (stdout and stderr both), passed over a second socket with SCM_RIGHTS, so the
-child is connected from birth and the hub needs no listening socket. Forking from here costs milliseconds where a fresh interpreter costs tens of
+exit). Each spawn request comes with the child's connection to the hub (one end of a socket pair),
+passed over a second socket with SCM_RIGHTS, so the child is connected from birth and the hub needs
+no listening socket. The child's output pipe (stdout and stderr both) is made here and its read end
+handed to the output relay, a process forked here at the start (``output_relay.py``), with the
+child's ``Spawned`` record: the relay sends what agents write to the supervisor as ``Output``
+records, and every ``Spawned`` and ``Exited`` goes through it, so the server holds one descriptor per
+session, not two. Forking from here costs milliseconds where a fresh interpreter costs tens of
 them, and children share its pages.
 """
 
@@ -21,6 +25,7 @@ import sys
 import traceback
 
 from corral.agent_proc import disk, environment, forking, netns, sandbox, startup_checks, userns, warmup
+from corral.agent_proc import output_relay
 from corral.agent_proc.zygote_messages import Exited, Failed, Quit, Ready, Spawn, Spawned, SpawnFailed, Start, recv, send
 from corral.agent_proc.limits import apply_limits
 from corral.agent_proc.process import agent_title, arm_death_signal, die_with_parent, load_agent_class, set_title
@@ -33,15 +38,17 @@ STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # a terminal's Ctrl-C and a grou
 def boot() -> None:
     """The zygote's first code (``python -c``; supervisor/spawner.py): read its start message, then run.
 
-    ``sys.argv`` holds only the numbers of its two descriptors: the pipe to the supervisor and the
-    socket the hub connections come over. The ``Start`` record (agent, supervisor pid, sandbox
-    options, the supervisor's ``sys.path``, so agent modules import as they would there) comes on
-    the pipe: no secret of the server's is on our command line, in our environment or our memory.
+    ``sys.argv`` holds only the numbers of its three descriptors: the pipe to the supervisor, the
+    socket the hub connections come over and the output relay's pipe to the supervisor. The ``Start``
+    record (agent, supervisor pid, sandbox options, the supervisor's ``sys.path``, so agent modules
+    import as they would there) comes on the pipe: no secret of the server's is on our command line,
+    in our environment or our memory.
     """
     from multiprocess.connection import Connection
 
     conn = Connection(int(sys.argv[1]))
     fd_channel = socket.socket(fileno=int(sys.argv[2]))
+    relay_conn = Connection(int(sys.argv[3]))
     try:
         start = recv(conn)
     except (EOFError, OSError):
@@ -49,10 +56,11 @@ def boot() -> None:
     if not isinstance(start, Start):
         raise SystemExit(f"corral zygote: expected a start message, got {type(start).__name__}")
     sys.path[:] = start.sys_path
-    zygote_main(conn, fd_channel, start.agent, start.supervisor_pid, start.options)
+    zygote_main(conn, fd_channel, relay_conn, start.agent, start.supervisor_pid, start.options)
 
 
-def zygote_main(conn, fd_channel: socket.socket, agent_spec: str, supervisor_pid: int, options: dict | None = None) -> None:
+def zygote_main(conn, fd_channel: socket.socket, relay_conn, agent_spec: str, supervisor_pid: int,
+                options: dict | None = None) -> None:
     """Entry point of the zygote process; ``options`` from ``supervisor.sandbox_plan.Sandbox.zygote_options``."""
     set_title(f"corral: zygote agent={agent_spec}")
     die_with_parent(supervisor_pid)
@@ -62,12 +70,12 @@ def zygote_main(conn, fd_channel: socket.socket, agent_spec: str, supervisor_pid
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held by the supervisor until now (spawner.py)
     try:
-        _start_and_serve(conn, fd_channel, agent_spec, options or {})
+        _start_and_serve(conn, fd_channel, relay_conn, agent_spec, options or {})
     except (BrokenPipeError, ConnectionResetError, EOFError):
         return  # the supervisor went away (a stop signal during its start-up): nobody to report to
 
 
-def _start_and_serve(conn, fd_channel: socket.socket, agent_spec: str, options: dict) -> None:
+def _start_and_serve(conn, fd_channel: socket.socket, relay_conn, agent_spec: str, options: dict) -> None:
     """Set up the sandbox's process tree, import the agent, report ready, then serve spawn requests."""
     try:
         if options.get("user_namespace") and (options.get("pid_namespace") or options.get("net_namespace")):
@@ -87,6 +95,8 @@ def _start_and_serve(conn, fd_channel: socket.socket, agent_spec: str, options: 
         # agent's import may start one. The network namespace before it: that drops our capabilities.
         if options.get("net_namespace"):
             _enter_network_namespace(fd_channel)
+        # Before the agents' pid namespace: outside it, no agent sees it; nothing made after it is its.
+        relay = output_relay.start(relay_conn, close=(conn.fileno(), fd_channel.fileno()))
         ns_init = _set_up_process_tree(conn, options)
         prebuilt = sandbox.prebuild(options)
     except OSError as exc:
@@ -94,7 +104,7 @@ def _start_and_serve(conn, fd_channel: socket.socket, agent_spec: str, options: 
         return
     warmup.rehearse(tmpdir=prebuilt and prebuilt.tmp_parent)  # before the freeze: what it leaves is shared, not copied into each agent
     gc.freeze()  # keep the imported objects out of GC passes so children don't copy their pages
-    Zygote(conn, fd_channel, agent_cls, ns_init=ns_init, prebuilt=prebuilt).serve()
+    Zygote(conn, fd_channel, relay, agent_cls, ns_init=ns_init, prebuilt=prebuilt).serve()
 
 
 def _enter_mount_namespace(options: dict) -> None:
@@ -214,10 +224,11 @@ def preload_stdlib() -> None:
 class Zygote:
     """Forks children on request and reports their deaths."""
 
-    def __init__(self, conn, fd_channel: socket.socket, agent_cls, *, ns_init: int | None = None, prebuilt=None):
+    def __init__(self, conn, fd_channel: socket.socket, relay: tuple[int, socket.socket], agent_cls, *,
+                 ns_init: int | None = None, prebuilt=None):
         self.conn = conn
         self.prebuilt = prebuilt  # sandbox.Prebuilt: the layers' rules and filters, built once for every child
-        # the supervisor sends each child's hub connection (and stdio pipes) here, before its request
+        # the supervisor sends each child's hub connection here, before its request
         self.fd_channel = fd_channel
         self.ns_init = ns_init  # pid 1 of the agents' pid namespace, if there is one
         self.pidfd = os.pidfd_open(os.getpid())  # lets a child check we are alive (its getppid is 0 in a pid namespace)
@@ -232,7 +243,11 @@ class Zygote:
         # What a child closes of ours, by number: closing the objects would run (and copy the pages
         # of) selectors', multiprocess's and socket's teardown code in every agent. The child never
         # returns to them, and leaves by os._exit, so no finalizer closes a number twice.
-        self.own_fds = (self.pidfd, self.wake_r, self.wake_w, self.selector.fileno(), conn.fileno(), fd_channel.fileno())
+        # The output relay (its pid, our socket to it): every child's output pipe is read there, and
+        # its Spawned and Exited go through it. An agent must not speak for the zygote: it closes it too.
+        self.relay_pid, self.relay = relay
+        self.own_fds = (self.pidfd, self.wake_r, self.wake_w, self.selector.fileno(), conn.fileno(),
+                        fd_channel.fileno(), self.relay.fileno())
 
     def serve(self) -> None:
         """Wait for spawn requests and SIGCHLD; return when the supervisor says quit or goes away."""
@@ -272,23 +287,29 @@ class Zygote:
     def spawn(self, req: Spawn) -> None:
         """Fork one agent process with its hub connection (and output pipe) and report its pid."""
         try:
-            fds = self._recv_descriptors(2 if req.output else 1)
+            conn_fd = self._recv_connection()
         except OSError as exc:
             send(self.conn, SpawnFailed(req.spawn_id, f"no hub connection: {exc}", exc.errno))
             return
-        pid = bounded = None
+        pid = bounded = read_fd = write_fd = None
         try:
+            if req.output:
+                read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
             bounded = _bound_disk(req.sandbox or {})
             pid = self.forker.fork()
         except OSError as exc:
-            what = "fork failed" if bounded or not (req.sandbox or {}).get("disk") else "no bounded TMPDIR"
+            what = ("no output pipe" if req.output and write_fd is None else
+                    "fork failed" if bounded or not (req.sandbox or {}).get("disk") else "no bounded TMPDIR")
             send(self.conn, SpawnFailed(req.spawn_id, f"{what}: {exc}", exc.errno))
             _unbound_disk(bounded)
         if pid == 0:
-            self._become_agent(req, fds[0], fds[1] if req.output else None)  # never returns
-        for fd in fds:
-            os.close(fd)  # the child's now: the hub and the log reader see EOF when the child's side closes
+            self._become_agent(req, conn_fd, read_fd, write_fd)  # never returns
+        for fd in (conn_fd, write_fd):
+            if fd is not None:
+                os.close(fd)  # the child's now: the hub sees EOF when the child's side closes
         if pid is None:
+            if read_fd is not None:
+                os.close(read_fd)
             return
         if bounded:
             self.mounts[pid] = bounded
@@ -296,7 +317,11 @@ class Zygote:
         uid = (req.sandbox or {}).get("uid")
         if uid is not None:
             self.uids[pid] = uid
-        send(self.conn, Spawned(req.spawn_id, pid))
+        try:
+            output_relay.report(self.relay, Spawned(req.spawn_id, pid), read_fd)  # the relay reads the pipe from now on
+        finally:
+            if read_fd is not None:
+                os.close(read_fd)
 
     def reap(self) -> bool:
         """Collect every exited child, kill what it left behind, report its status; False if pid 1 of the agents died."""
@@ -309,9 +334,9 @@ class Zygote:
                 return True
             pid = info.si_pid
             if pid not in self.children:
-                os.waitpid(pid, 0)  # an orphan adopted as subreaper, or the namespace's init
-                if pid == self.ns_init:
-                    return False  # no agent can be forked any more: let the supervisor start a new zygote
+                os.waitpid(pid, 0)  # an orphan adopted as subreaper, the namespace's init or the output relay
+                if pid in (self.ns_init, self.relay_pid):
+                    return False  # no agent can be forked (or reported) any more: let the supervisor start a new zygote
                 continue
             # The zombie still holds its pid, so the group id cannot have been reused yet:
             # whatever the agent forked dies with it, and nobody else is hit.
@@ -324,21 +349,19 @@ class Zygote:
                 _kill_uid(uid)  # setsid'ed and double-forked leftovers too, before the uid is handed out again
             _, status, rusage = os.wait4(pid, 0)  # its CPU (and its reaped children's) for usage accounting
             _unbound_disk(self.mounts.pop(pid, None))  # before the report: the supervisor then removes the dir
-            send(self.conn, Exited(self.children.pop(pid), status, rusage.ru_utime + rusage.ru_stime))
+            # through the relay, which sends what its pipe still holds (a crash's traceback) first
+            output_relay.report(self.relay, Exited(self.children.pop(pid), status, rusage.ru_utime + rusage.ru_stime))
 
-    def _recv_descriptors(self, count: int) -> list[int]:
-        """The child's hub connection, then its output pipe, sent just before its request.
-
-        Close-on-exec: a program the agent runs inherits none of them (the pipe is dup2'ed onto 1 and 2).
-        """
-        _, fds, _, _ = socket.recv_fds(self.fd_channel, 1, count, socket.MSG_CMSG_CLOEXEC)
-        if len(fds) != count:
+    def _recv_connection(self) -> int:
+        """The child's hub connection, sent just before its request (close-on-exec: a program the agent runs has none)."""
+        _, fds, _, _ = socket.recv_fds(self.fd_channel, 1, 1, socket.MSG_CMSG_CLOEXEC)
+        if len(fds) != 1:
             for fd in fds:
                 os.close(fd)
-            raise OSError(f"expected {count} descriptors, got {len(fds)}")
-        return fds
+            raise OSError(f"expected 1 descriptor, got {len(fds)}")
+        return fds[0]
 
-    def _become_agent(self, req: Spawn, conn_fd: int, output_fd: int | None) -> None:
+    def _become_agent(self, req: Spawn, conn_fd: int, read_fd: int | None, output_fd: int | None) -> None:
         """In the forked child: isolate, limit, and run the agent; always exits."""
         code = 1
         try:
@@ -350,6 +373,8 @@ class Zygote:
                 os._exit(1)
             for fd in self.own_fds:
                 os.close(fd)
+            if read_fd is not None:
+                os.close(read_fd)  # the relay's; the zygote holds no other agent's
             signal.set_wakeup_fd(-1)
             # _signal's: signal.signal would map the old handler (our lambda) to an enum member,
             # failing through enum's lookup and exception code, copied into every agent.

@@ -6,9 +6,12 @@ declaration order: plain pickle over ``send_bytes`` costs ~3 µs a message where
 ``multiprocess``'s ``Connection.send`` (dill) costs ~100 µs, paid on each side of every spawn and
 every exit. A kind the reader does not know is a ``ValueError``, not a silent mismatch.
 
-Supervisor → zygote: ``Start`` once, then ``Spawn``, ``Quit``. Zygote → supervisor: ``Ready`` or ``Failed`` once at
-start, then ``Spawned`` or ``SpawnFailed`` per ``Spawn`` and ``Exited`` per child, all by spawn id
-(so an exit is never read before the supervisor can tell whose it is).
+Supervisor → zygote: ``Start`` once, then ``Spawn``, ``Quit``. Zygote → supervisor: ``Ready`` or ``Failed``
+once at start, then ``SpawnFailed`` for a ``Spawn`` that failed. The zygote's output relay
+(``output_relay.py``) → supervisor, on a pipe of its own: ``Spawned`` per child forked, ``Output`` as
+agents write, ``Exited`` per child, all by spawn id (so an exit is never read before the supervisor
+can tell whose it is), a child's output after its ``Spawned`` and before its ``Exited``; supervisor →
+relay: ``PauseOutput``.
 """
 
 import dataclasses
@@ -43,7 +46,7 @@ class Failed:
 
 @dataclass(frozen=True, slots=True)
 class Spawn:
-    """Fork one agent. Its descriptors (hub connection, then its output pipe if ``output``) come just before."""
+    """Fork one agent. Its hub connection comes just before; ``output``: capture its stdout and stderr (``Output``)."""
 
     spawn_id: int
     session_id: str
@@ -82,11 +85,26 @@ class Exited:
 
 
 @dataclass(frozen=True, slots=True)
+class Output:
+    """What agents wrote to their output pipes since the last one: ``(spawn_id, bytes)`` pairs, in order."""
+
+    chunks: tuple
+
+
+@dataclass(frozen=True, slots=True)
+class PauseOutput:
+    """Do not read the output pipe of ``spawn_id`` for ``seconds`` (its log budget is spent)."""
+
+    spawn_id: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class Quit:
     """The supervisor is closing: the zygote leaves (its children's death signal takes them)."""
 
 
-MESSAGES = (Start, Ready, Failed, Spawn, Spawned, SpawnFailed, Exited, Quit)
+MESSAGES = (Start, Ready, Failed, Spawn, Spawned, SpawnFailed, Output, PauseOutput, Exited, Quit)
 _KINDS = {cls: cls.__name__ for cls in MESSAGES}
 _CLASSES = {cls.__name__: cls for cls in MESSAGES}
 _FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in MESSAGES}

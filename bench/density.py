@@ -72,7 +72,7 @@ def run(table, args, client) -> None:
         table.add(f"density: USS median of {len(sample)} sampled agents", f"{statistics.median(uss) / 1e6:.2f} MB",
                   target="<= 1.9 MB")
         table.add("density: descriptors per session in the server", f"{(fds_after - fds_before) / n:.2f}",
-                  target="<= 2")
+                  target="<= 1")
         table.add("density: supervisor RSS", f"{sup.memory_info().rss / MIB:.0f} MiB")
         cpu = footprint.idle_cpu({"supervisor": [sup]}, args.idle_seconds)
         table.add(f"density: supervisor CPU while {live} idle ({args.idle_seconds:g} s)", f"{cpu['supervisor']:.2f} %",

@@ -1,9 +1,10 @@
-"""What agents print: each agent's stdout and stderr, read on the loop, logged and kept per session.
+"""What agents print: each agent's stdout and stderr, relayed by the zygote's output relay, logged and kept per session.
 
 Every agent process gets one pipe of its own at spawn for both streams (``agent_proc/stdio.py`` is
-the other end: lines written through ``sys.stderr`` start with ``STDERR_MARK``), so a session holds
-one descriptor here, not two. Its read end is watched with ``add_reader``: nothing polls. Each line
-becomes one structured log line (``agent_output`` with session_id, tenant, pid and stream), a
+the writing end: lines written through ``sys.stderr`` start with ``STDERR_MARK``). The zygote's
+output relay holds its read end and sends what it reads in ``Output`` records (``agent_proc/output_relay.py``), so a
+session holds no descriptor here for its output; the spawner feeds each record to the session's
+``Capture``. Nothing polls. Each line becomes one structured log line (``agent_output`` with session_id, tenant, pid and stream), a
 global ``agent_output`` event for whoever subscribed to that type, and joins the session's tail,
 the last lines an admin can read (``GET /admin/sessions/{id}/logs``).
 
@@ -13,7 +14,7 @@ Bounds, counted as the log writes them (after JSON escaping: a ``\\x01`` byte is
 - a session may log ``LINE_RATE`` lines a second (bursts of ``LINE_BURST``) and ``BYTE_RATE`` bytes
   of log a second (bursts of ``BYTE_BURST``; each line counts its escaped text and the fields around
   it). Past either, its lines are dropped and counted, and its pipe is not read for
-  ``PAUSE_SECONDS``, so a flooding agent fills its own pipe and drops its own writes (it never waits
+  ``PAUSE_SECONDS`` (the relay is told: ``PauseOutput``), so a flooding agent fills its own pipe and drops its own writes (it never waits
   on them) instead of costing the server CPU or disk. What was dropped is summed up in one
   ``agent_output_dropped`` log line (lines, bytes, which bound) when output next gets through and
   when the process ends, and in the tail.
@@ -21,9 +22,6 @@ A tail keeps at most ``lines`` lines and ``TAIL_CHARS`` characters. The tails of
 ``RETIRED_TAILS`` sessions that left memory stay readable.
 """
 
-import asyncio
-import contextlib
-import os
 import time
 from collections import OrderedDict, deque
 from json.encoder import encode_basestring_ascii
@@ -45,7 +43,6 @@ BYTE_BURST = 256 * 1024
 LINE_OVERHEAD = 160
 PAUSE_SECONDS = 0.5  # reading stops this long once a session's budget is spent (100 lines, 32 KiB refill)
 RETIRED_TAILS = 256
-READ_BYTES = 64 * 1024
 
 
 class Tail:
@@ -137,44 +134,30 @@ def parse_line(raw: bytes, truncated: bool) -> tuple[str, str, int, bool]:
 
 
 class Capture:
-    """One agent process's output pipe, read on the loop until EOF or its exit."""
+    """One agent process's output, fed by the spawner as the output relay sends it, until the process is gone."""
 
-    def __init__(self, outputs: "AgentOutput", session, pid: int, fd: int):
+    def __init__(self, outputs: "AgentOutput", session):
         self.outputs = outputs
         self.session = session
-        self.pid = pid
-        self.fd: int | None = fd
+        self.pid: int | None = None  # known with its first output
+        self.closed = False
         self.splitter = LineSplitter()
         self.line_budget = TokenBucket(LINE_RATE, LINE_BURST)
         self.byte_budget = TokenBucket(BYTE_RATE, BYTE_BURST)
         self.overhead = LINE_OVERHEAD + len(session.id) + len(session.tenant)
         self.dropped_lines = self.dropped_bytes = 0  # since the last report
         self.dropped_by: set[str] = set()  # which bounds dropped them
-        self.paused: asyncio.TimerHandle | None = None
-        self.loop = asyncio.get_running_loop()
-        os.set_blocking(fd, False)
-        self._watch()
+        self.paused_until = 0.0  # monotonic: the relay was asked not to read the pipe before then
 
-    def _watch(self) -> None:
-        """Read the pipe when it has data."""
-        if self.fd is not None:
-            self.loop.add_reader(self.fd, self._readable)
+    def feed(self, pid: int, data: bytes) -> float:
+        """What the process wrote (its pipe, read by the output relay); seconds its pipe should not be read for (0: read on)."""
+        if self.closed:
+            return 0.0
+        self.pid = pid
+        return self._lines(self.splitter.feed(data))
 
-    def _readable(self) -> None:
-        """Take one read's worth of lines from the pipe."""
-        try:
-            data = os.read(self.fd, READ_BYTES)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if data:
-            self._lines(self.splitter.feed(data))
-        else:
-            self._close_pipe()
-
-    def _lines(self, lines: list[tuple[bytes, bool]]) -> None:
-        """Log and keep each line the budgets allow; pause reading once one is spent."""
+    def _lines(self, lines: list[tuple[bytes, bool]]) -> float:
+        """Log and keep each line the budgets allow; once one is spent, PAUSE_SECONDS (if not paused already)."""
         for raw, truncated in lines:
             stream, text, size, truncated = parse_line(raw, truncated)
             if not self._admit(size + self.overhead, len(raw)):
@@ -183,9 +166,11 @@ class Capture:
                 self._report_dropped()
             self._emit(stream, text, truncated)
         spent = self.line_budget.tokens < 1 or self.byte_budget.tokens < MAX_LINE_BYTES + self.overhead
-        if spent and self.paused is None and self.fd is not None:
-            self.loop.remove_reader(self.fd)
-            self.paused = self.loop.call_later(PAUSE_SECONDS, self._resume)
+        now = time.monotonic()
+        if spent and now >= self.paused_until:
+            self.paused_until = now + PAUSE_SECONDS
+            return PAUSE_SECONDS
+        return 0.0
 
     def _admit(self, cost: int, raw_size: int) -> bool:
         """Whether a line of ``cost`` log bytes fits both budgets now; count it dropped if not."""
@@ -199,11 +184,6 @@ class Capture:
         self.dropped_lines += 1
         self.dropped_bytes += raw_size + 1
         return False
-
-    def _resume(self) -> None:
-        """The budgets have refilled some: read again."""
-        self.paused = None
-        self._watch()
 
     def _emit(self, stream: str, text: str, truncated: bool) -> None:
         """One line: a log line and an entry in the session's tail."""
@@ -226,32 +206,14 @@ class Capture:
         self.outputs.tail(s).add({"time": time.time(), "pid": self.pid, "stream": "corral",
                                   "line": f"[corral: {lines} lines dropped ({size} bytes): more than {why}]"})
 
-    def _close_pipe(self) -> None:
-        """The pipe reached EOF (every writer is gone): flush its last line and close it."""
-        fd, self.fd = self.fd, None
-        self.loop.remove_reader(fd)
-        os.close(fd)
+    def close(self) -> None:
+        """The process is gone (what its pipe still held came before its exit): log its last line, sum up drops."""
+        if self.closed:
+            return
+        self.closed = True
         for raw, truncated in self.splitter.flush():  # at most one line: past the budgets too
             stream, text, _, truncated = parse_line(raw, truncated)
             self._emit(stream, text, truncated)
-
-    def close(self) -> None:
-        """The process is gone: take what its pipe still holds (within the budgets), then close it."""
-        if self.paused is not None:
-            self.paused.cancel()
-            self.paused = None
-        if self.fd is not None:
-            with contextlib.suppress(OSError):
-                for _ in range(2):  # what a pipe buffers (64 KiB by default), within reason
-                    data = os.read(self.fd, READ_BYTES)
-                    if not data:
-                        break
-                    self._lines(self.splitter.feed(data))
-            if self.paused is not None:  # the budget ran out on the way: nothing will resume it
-                self.paused.cancel()
-                self.paused = None
-            if self.fd is not None:
-                self._close_pipe()
         if self.dropped_lines:
             self._report_dropped()
 
@@ -266,18 +228,14 @@ class AgentOutput:
         self.tails: dict[object, Tail] = {}  # session -> its tail, while the session is in memory
         self.retired: OrderedDict[str, Tail] = OrderedDict()  # session key -> tail, sessions gone from memory
 
-    @staticmethod
-    def pipe() -> tuple[int, int]:
-        """A fresh output pipe: (read end, write end)."""
-        return os.pipe2(os.O_CLOEXEC)
-
-    def attach(self, session, pid: int, read_fd: int) -> None:
-        """Start reading a new process's output pipe."""
+    def attach(self, session) -> Capture:
+        """The capture a new process of the session writes to (given to the launcher)."""
         self.detach(session)
-        self.captures[session] = Capture(self, session, pid, read_fd)
+        capture = self.captures[session] = Capture(self, session)
+        return capture
 
     def detach(self, session) -> None:
-        """The session's process is gone: drain and close its pipe."""
+        """The session's process is gone (or never came): close its capture."""
         capture = self.captures.pop(session, None)
         if capture is not None:
             capture.close()
@@ -306,6 +264,6 @@ class AgentOutput:
         return None if tail is None else list(tail.lines)
 
     def close(self) -> None:
-        """Close every pipe (the server is stopping)."""
+        """Close every capture (the server is stopping)."""
         for session in list(self.captures):
             self.detach(session)

@@ -1,19 +1,25 @@
 """The server's open-files budget: what ``--max-sessions`` needs, what the limit allows, the headroom check.
 
-A live session holds ``PER_SESSION`` descriptors in the server: its hub connection (one end of a
-socket pair) and the read end of its output pipe (stdout and stderr share it, agent_proc/stdio.py).
-Its exit costs none (the zygote reports it by spawn id) and its sandbox uid none (one file holds
-every uid claim, supervisor/uid_claims.py). The rest of the table is kept for what is not a session:
-client connections, the store, logs; ``reserve`` of it. A new session whose descriptors would eat
-into that reserve is refused with a 503 (``out_of_descriptors``), so accepting a connection never
-meets EMFILE while sessions fill the table.
+A live session holds ``PER_SESSION`` descriptor in the server: its hub connection (one end of a
+socket pair). Its output pipe costs none here (the zygote's output relay holds its read end and
+sends what the agent writes: agent_proc/output_relay.py), its exit none (reported by spawn id) and its
+sandbox uid none (one file holds every uid claim, supervisor/uid_claims.py). The rest of the table
+is kept for what is not a session: client connections, the store, logs; ``reserve`` of it. A new
+session whose descriptor would eat into that reserve is refused with a 503 (``out_of_descriptors``),
+so accepting a connection never meets EMFILE while sessions fill the table.
+
+The reserve is a floor, not a share: sessions stop at ``--max-sessions`` first. 10,000 sessions in a
+20,000-descriptor table (this container's hard limit) take 10,000 and leave 10,000 for connections
+(a streaming client per session), well above the 4,096 kept; a table too small for ``--max-sessions``
+is capped at start-up with a warning (supervisor/lifecycle.py), the 503 is for the limit lowered
+on a running server.
 """
 
 import errno
 import os
 import resource
 
-PER_SESSION = 2
+PER_SESSION = 1
 RESERVE = 4096  # descriptors kept for client connections, the store and logs (at most a quarter of the limit)
 NR_OPEN = "/proc/sys/fs/nr_open"
 

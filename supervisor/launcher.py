@@ -13,6 +13,7 @@ import errno
 import signal
 import socket
 from dataclasses import dataclass
+from typing import Protocol
 
 # The wait status reported for agents that died with their launcher (the zygote).
 LAUNCHER_DIED = -1
@@ -39,6 +40,13 @@ class SpawnError(Exception):
         return cls(message, retry_after=retry_after, code=RESOURCE_CODES.get(err, "unavailable"))
 
 
+class OutputSink(Protocol):
+    """Where a launched process's stdout and stderr go (``supervisor/agent_output.py``'s ``Capture``)."""
+
+    def feed(self, pid: int, data: bytes) -> float:
+        """Take what the process ``pid`` wrote; seconds its output should not be read for (0: read on)."""
+
+
 @dataclass(frozen=True)
 class Exit:
     """How an agent process ended: its wait status, the memory limit's verdict, in words."""
@@ -59,6 +67,7 @@ class AgentProcess:
     limits: dict | None = None
     sandbox: dict | None = None
     egress_token: str | None = None  # its grant at the egress gateway, revoked when it is gone
+    output: OutputSink | None = None  # what its stdout and stderr are fed to
 
 
 class Launcher(abc.ABC):
@@ -76,8 +85,9 @@ class Launcher(abc.ABC):
         """Be ready to launch; raise SpawnError if that cannot be."""
 
     @abc.abstractmethod
-    async def launch(self, key: str, request: dict, conn: socket.socket, *, output: int | None = None) -> AgentProcess:
-        """Start one agent speaking on ``conn`` (stdout and stderr onto the pipe ``output``); SpawnError if not.
+    async def launch(self, key: str, request: dict, conn: socket.socket, *,
+                     output: OutputSink | None = None) -> AgentProcess:
+        """Start one agent speaking on ``conn`` (what it writes to stdout and stderr fed to ``output``); SpawnError if not.
 
         ``key`` names its per-process resources; ``request`` holds session_id, routing_id and tenant.
         The returned process's ``exited`` future resolves to an ``Exit`` once it is gone.

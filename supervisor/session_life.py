@@ -14,7 +14,6 @@ only through its ``transition``, and reaches processes only through the spawner
 import asyncio
 import contextlib
 import functools
-import os
 import secrets
 import signal
 import time
@@ -155,45 +154,40 @@ class SessionLife:
         """Ask the spawner for a process inside the session's memory limit."""
         s = self.session
         spawner = await self.host.ready_spawner()
-        conn, read_fd, write_fd = await self._agent_descriptors()
+        conn = await self._agent_connection()
         try:
             proc = await spawner.launch(f"s{self.generation}-{s.key.replace('/', '-')}",
                                         {"session_id": s.id, "routing_id": self.routing_id, "tenant": s.tenant,
                                          "env": self.host.agent_env(s.tenant)},
-                                        conn, output=write_fd)
+                                        conn, output=self.host.output.attach(s))
         except SpawnError as exc:
-            os.close(read_fd)
+            self.host.output.detach(s)
             raise errors.Unavailable(str(exc), retry_after=exc.retry_after, code=exc.code) from None
         except BaseException:
-            os.close(read_fd)
+            self.host.output.detach(s)
             raise
         finally:
             conn.close()  # the zygote has its own copy, and the child takes it over
-            os.close(write_fd)  # the agent holds it now; EOF comes when it (and its children) are gone
         self.process, self.launcher = proc, spawner
         s.pid, s.limits, s.sandbox = proc.pid, proc.limits, proc.sandbox
         self.host.index(s, pid=proc.pid)
-        self.host.output.attach(s, proc.pid, read_fd)
         # If it is already dead, this runs on the next turn of the loop: nothing is lost in between.
         proc.exited.add_done_callback(functools.partial(self._on_exit, proc))
         if self.kill_reason is not None:  # it abused its connection before we knew its pid
             self.send_signal(signal.SIGKILL)
 
-    async def _agent_descriptors(self) -> tuple:
-        """The new process's hub connection and output pipe (read end, write end); 503 when descriptors run out."""
-        opened = []
+    async def _agent_connection(self):
+        """The new process's end of its hub connection (its output pipe is the relay's); 503 when descriptors run out."""
+        conn = None
         try:
             conn = await self.host.hub.connect(self.routing_id)
-            opened.append(conn.close)
-            read_fd, write_fd = self.host.output.pipe()
-            opened += [functools.partial(os.close, read_fd), functools.partial(os.close, write_fd)]
-            descriptors.ensure_headroom(max(read_fd, write_fd))
+            descriptors.ensure_headroom(conn.fileno())  # the pair's second: the higher number
         except OSError as exc:
-            for close in opened:
-                close()
+            if conn is not None:
+                conn.close()
             raise errors.Unavailable(f"cannot open the agent's descriptors: {exc.strerror or exc}", retry_after=5,
                                      code=RESOURCE_CODES.get(exc.errno, "unavailable")) from None
-        return conn, read_fd, write_fd
+        return conn
 
     async def _spawn_failed(self, exc: BaseException) -> None:
         """Make sure a failed spawn leaves no process behind and the session down."""

@@ -2,9 +2,11 @@
 
 ``ZygoteSpawner`` starts one zygote (a fresh interpreter with a clean environment: nothing of the
 server's command line, environment or memory) and asks it to fork a child per session, handing it
-the child's hub connection and output pipe (SCM_RIGHTS over a socket pair of their own); the zygote
-reports each child's pid and, the moment it dies, its wait status (by spawn id, in the typed records
-of agent_proc/zygote_messages.py), so the server holds no descriptor per child to learn of its exit.
+the child's hub connection (SCM_RIGHTS over a socket pair of their own); the zygote's output relay
+(a process it forks: agent_proc/output_relay.py) reports each child's pid, what it writes to stdout
+and stderr (the relay holds its output pipe) and, the moment it dies, its wait status (by spawn id,
+in the typed records of agent_proc/zygote_messages.py, over a pipe of its own), so the server holds
+no descriptor per child but its hub connection.
 A sandbox layer or another launcher goes behind the same ``Launcher`` interface.
 """
 
@@ -23,7 +25,7 @@ import multiprocess
 
 from corral.agent_proc import zygote_messages as msgs
 from corral.agent_proc.zygote import STOP_SIGNALS
-from corral.supervisor.launcher import LAUNCHER_DIED, AgentProcess, Exit, Launcher, SpawnError
+from corral.supervisor.launcher import LAUNCHER_DIED, AgentProcess, Exit, Launcher, OutputSink, SpawnError
 from corral.supervisor.logs import get_logger
 from corral.supervisor.reaper import describe_status
 
@@ -32,9 +34,10 @@ __all__ = ["ZygoteSpawner", "SpawnError", "AgentProcess", "Exit", "ZYGOTE_DIED"]
 log = get_logger(component="spawner")
 
 ZYGOTE_DIED = LAUNCHER_DIED  # the wait status reported for agents that died with their zygote
+REPORTS_PER_WAKEUP = 64  # the zygote's records handled per loop wakeup: a stream of output never starves the loop
 
 
-# The zygote's whole command line: the interpreter, this, and the numbers of its two descriptors.
+# The zygote's whole command line: the interpreter, this, and the numbers of its three descriptors.
 # Not multiprocess's spawn: that hands the child the server's environment and pickles its sys.argv
 # (which may hold --admin-token), its main module and its authkey into it.
 ZYGOTE_BOOT = "from corral.agent_proc.zygote import boot; boot()"
@@ -85,6 +88,7 @@ class ZygoteSpawner(Launcher):
         self.environment = environment if environment is not None else {}
         self.process = None
         self.conn = None
+        self.relay_conn = None  # the output relay's: Spawned, Output and Exited come on it, PauseOutput goes
         self.fd_channel: socket.socket | None = None
         self.pid: int | None = None  # the zygote's
         self._pending: dict[int, asyncio.Future] = {}  # spawn id -> its pid, until the zygote reports it
@@ -103,20 +107,21 @@ class ZygoteSpawner(Launcher):
         loop = asyncio.get_running_loop()
         self.conn, child_conn = multiprocess.Pipe(duplex=True)
         self.fd_channel, child_fds = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.relay_conn, child_relay = multiprocess.Pipe(duplex=True)
+        passed = (child_conn.fileno(), child_fds.fileno(), child_relay.fileno())
         try:
             with _stop_signals_held():  # the new interpreter inherits the mask; the zygote unblocks them
-                self.process = subprocess.Popen(
-                    [sys.executable, "-c", ZYGOTE_BOOT, str(child_conn.fileno()), str(child_fds.fileno())],
-                    env=self.environment, stdin=subprocess.DEVNULL,
-                    pass_fds=(child_conn.fileno(), child_fds.fileno()))
+                self.process = subprocess.Popen([sys.executable, "-c", ZYGOTE_BOOT, *map(str, passed)],
+                                                env=self.environment, stdin=subprocess.DEVNULL, pass_fds=passed)
         finally:
             child_conn.close()
             child_fds.close()
+            child_relay.close()
         msgs.send(self.conn, msgs.Start(agent=self.agent_spec, supervisor_pid=os.getpid(),
                                         options=self.zygote_options, sys_path=list(sys.path)))
         self.pid = self.process.pid
         self._ready = loop.create_future()
-        loop.add_reader(self.conn.fileno(), self._on_readable)
+        loop.add_reader(self.conn.fileno(), self._on_readable, "conn")
         try:
             self.fork = await asyncio.wait_for(self._ready, self.start_timeout)
         except asyncio.TimeoutError:
@@ -125,6 +130,8 @@ class ZygoteSpawner(Launcher):
         except BaseException:  # its error, or a stop signal during start-up: the zygote goes too
             await self.close()
             raise
+        # Once ready: the relay is forked then, and a zygote that failed to start must be heard saying why.
+        loop.add_reader(self.relay_conn.fileno(), self._on_readable, "relay_conn")
         if self.zygote_options.get("net_namespace") and self.gateway is not None:
             await self._serve_gateway()
         log.info("zygote_ready", pid=self.pid, agent=self.agent_spec, fork=self.fork)
@@ -138,15 +145,16 @@ class ZygoteSpawner(Launcher):
             raise SpawnError(f"the zygote sent no gateway listener: {exc}") from None
         await self.gateway.serve(socket.socket(fileno=fds[0]))
 
-    async def launch(self, key: str, request: dict, conn: socket.socket, *, output: int | None = None) -> AgentProcess:
-        """Start one agent process speaking on ``conn`` (stdout and stderr onto the pipe ``output``).
+    async def launch(self, key: str, request: dict, conn: socket.socket, *,
+                     output: OutputSink | None = None) -> AgentProcess:
+        """Start one agent process speaking on ``conn`` (what it writes to stdout and stderr fed to ``output``).
 
         ``key`` names its cgroup and temp dir; ``request`` (session_id, routing_id, tenant) goes to
         the child. Raises SpawnError (nothing left behind) if it cannot be started.
         """
         if self.conn is None or self._closing:
             raise SpawnError("the zygote is not running")
-        proc = AgentProcess(next(self._ids), asyncio.get_running_loop().create_future())
+        proc = AgentProcess(next(self._ids), asyncio.get_running_loop().create_future(), output=output)
         proc.exited.add_done_callback(_consume)
         # One name per spawn: a session ended and begun again counts its generations from 1 anew,
         # and its last process's cgroup may still be being released on the worker thread.
@@ -169,22 +177,22 @@ class ZygoteSpawner(Launcher):
             spawn = msgs.Spawn(spawn_id=proc.spawn_id, session_id=request["session_id"],
                                routing_id=request.get("routing_id"), tenant=request["tenant"],
                                limits=proc.limits, sandbox=proc.sandbox, output=output is not None, env=env)
-            proc.pid = await self._fork(proc, spawn, conn, output)
+            proc.pid = await self._fork(proc, spawn, conn)
         except BaseException:
             if self._procs.pop(proc.spawn_id, None) is proc:
                 self._release(proc)
             raise
         return proc
 
-    async def _fork(self, proc: AgentProcess, spawn: msgs.Spawn, conn: socket.socket, output: int | None) -> int:
-        """Send the zygote the descriptors and the request; return the child's pid."""
+    async def _fork(self, proc: AgentProcess, spawn: msgs.Spawn, conn: socket.socket) -> int:
+        """Send the zygote the connection and the request; return the child's pid."""
         fut = asyncio.get_running_loop().create_future()
         self._pending[proc.spawn_id] = fut
         self._procs[proc.spawn_id] = proc
         try:
-            # The descriptors first (the connection, then the output pipe): the zygote takes them when
-            # it reads the request. A few bytes on a socket of their own, so neither send blocks the loop.
-            socket.send_fds(self.fd_channel, [b"c"], [conn.fileno()] + ([output] if output is not None else []))
+            # The connection first: the zygote takes it when it reads the request. A few bytes on a
+            # socket of their own, so neither send blocks the loop.
+            socket.send_fds(self.fd_channel, [b"c"], [conn.fileno()])
             msgs.send(self.conn, spawn)
         except (OSError, ValueError) as exc:
             self._pending.pop(proc.spawn_id, None)
@@ -201,17 +209,22 @@ class ZygoteSpawner(Launcher):
             return False
         return True
 
-    def _on_readable(self) -> None:
-        """Handle everything the zygote has reported."""
+    def _on_readable(self, name: str) -> None:
+        """Handle what the zygote (``conn``) or its output relay (``relay_conn``) has reported."""
         try:
-            while self.conn is not None and self.conn.poll(0):
-                self._handle(msgs.recv(self.conn))
+            for _ in range(REPORTS_PER_WAKEUP):  # the rest, if any, on the next wakeup
+                conn = getattr(self, name)
+                if conn is None or not conn.poll(0):
+                    break
+                self._handle(msgs.recv(conn))
         except (EOFError, OSError, ValueError):
             self._lost()
 
     def _handle(self, msg) -> None:
         """Dispatch one report from the zygote."""
-        if isinstance(msg, msgs.Exited):
+        if isinstance(msg, msgs.Output):
+            self._output(msg.chunks)
+        elif isinstance(msg, msgs.Exited):
             proc = self._procs.pop(msg.spawn_id, None)
             if proc is not None:
                 self._exited(proc, msg.status, describe_status(msg.status), msg.cpu_seconds)
@@ -219,6 +232,9 @@ class ZygoteSpawner(Launcher):
             fut = self._pending.pop(msg.spawn_id, None)
             if fut is not None and not fut.done():
                 if isinstance(msg, msgs.Spawned):
+                    proc = self._procs.get(msg.spawn_id)
+                    if proc is not None:
+                        proc.pid = msg.pid  # now: its output may come before launch returns
                     fut.set_result(msg.pid)
                 else:
                     fut.set_exception(SpawnError.from_os_error(msg.reason, msg.errno))
@@ -228,6 +244,15 @@ class ZygoteSpawner(Launcher):
                     self._ready.set_result(msg.fork)  # how it forks agents (agent_proc/forking.py)
                 else:
                     self._ready.set_exception(SpawnError(msg.reason))
+
+    def _output(self, chunks: tuple) -> None:
+        """Feed what agents wrote to their sinks; ask the zygote to pause the pipes whose budget is spent."""
+        for spawn_id, data in chunks:
+            proc = self._procs.get(spawn_id)
+            if proc is not None and proc.output is not None:
+                pause = proc.output.feed(proc.pid, data)
+                if pause and self.relay_conn is not None:
+                    msgs.send(self.relay_conn, msgs.PauseOutput(spawn_id, pause))
 
     def _exited(self, proc: AgentProcess, status: int, description: str, cpu_seconds: float | None = None) -> None:
         """A process is gone: take the memory limit's verdict, free its limits and sandbox, report it."""
@@ -268,13 +293,15 @@ class ZygoteSpawner(Launcher):
             self.on_lost()
 
     def _detach(self) -> None:
-        """Stop watching the pipe and close it."""
-        if self.conn is not None:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self.conn.fileno())
-            with contextlib.suppress(Exception):
-                self.conn.close()
-            self.conn = None
+        """Stop watching the pipes and close them."""
+        for name in ("conn", "relay_conn"):
+            conn = getattr(self, name)
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    asyncio.get_running_loop().remove_reader(conn.fileno())
+                with contextlib.suppress(Exception):
+                    conn.close()
+                setattr(self, name, None)
         if self.fd_channel is not None:
             self.fd_channel.close()
             self.fd_channel = None

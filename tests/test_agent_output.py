@@ -124,6 +124,26 @@ async def test_a_flooding_agent_drops_its_output_instead_of_waiting(make_supervi
     lines.unsubscribe()
 
 
+async def test_the_output_relays_death_is_the_zygotes_and_a_new_pair_takes_over(make_supervisor):
+    import os
+
+    import psutil
+
+    sup = await make_supervisor(agent=PRINTER)
+    s = await sup.get_or_create("relayed", "acme")
+    await sup.ensure_live(s)
+    zygote = sup.spawner.pid
+    [relay] = [c.pid for c in psutil.Process(zygote).children() if c.cmdline()[:1] == ["corral: output relay"]]
+    os.kill(relay, signal.SIGKILL)
+    await wait_for_state(sup, s, {"crashed"})  # no exit could be reported without it: the zygote went too
+    assert s.exit_description == "the zygote died"
+    lines = OutputLines(sup)
+    await sup.command(s, "say", {"text": "through the new relay"})  # a new zygote, with a relay of its own
+    assert (await lines.wait_for("through the new relay"))["pid"] == s.pid
+    assert sup.spawner.pid != zygote
+    lines.unsubscribe()
+
+
 async def test_admins_read_a_sessions_output_over_http(aiohttp_client, make_config, tmp_path):
     client = await start(aiohttp_client, make_config, tmp_path, tenants=TENANTS, agent=PRINTER)
     sup = supervisor_of(client)
@@ -193,7 +213,7 @@ def test_the_servers_stderr_is_json_lines_only(tmp_path):
 
 
 def test_serve_lifts_its_open_files_limit(tmp_path):
-    """Each live session holds two descriptors in the server: a 1024 soft limit would cap it near 500."""
+    """Each live session holds a descriptor in the server (and one in the zygote): a 1024 soft limit would cap it near 768."""
     import resource
 
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

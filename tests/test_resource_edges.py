@@ -1,4 +1,4 @@
-"""Density and its edge (issue 21, and issue 19's log floods): two descriptors per session, and every
+"""Density and its edge (issue 21, and issue 19's log floods): one descriptor per session, and every
 resource a new session needs running out on purpose in a real ``corral serve``: the answer is a 503
 with a code and Retry-After, live sessions keep answering, nothing unhandled is logged, nothing leaks.
 """
@@ -113,13 +113,63 @@ def stop(proc) -> None:
     proc.wait(30)
 
 
-async def test_a_live_session_holds_two_descriptors_in_the_server(make_supervisor):
-    sup = await make_supervisor()
+def fd_targets(pid: int) -> list[str]:
+    """What each open descriptor of a process is (``socket:[…]``, ``pipe:[…]``, a path)."""
+    targets = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:  # closed while listed
+            pass
+    return targets
+
+
+def pipes(pid: int) -> set[str]:
+    """The pipes a process holds an end of."""
+    return {t for t in fd_targets(pid) if t.startswith("pipe:")}
+
+
+def output_relay(zygote: int) -> int:
+    """The pid of the zygote's output relay, by its title."""
+    for child in psutil.Process(zygote).children():
+        if " ".join(child.cmdline()).startswith("corral: output relay"):
+            return child.pid
+    raise AssertionError("no output relay")
+
+
+async def test_a_live_session_holds_one_descriptor_in_the_server(make_supervisor):
+    sup = await make_supervisor(agent="tests.output_agents:Printer")
     await sup.ensure_live(await sup.get_or_create("first", "acme"))  # the shared parts are open
-    before = fd_count(os.getpid())
-    for i in range(10):
-        await sup.ensure_live(await sup.get_or_create(f"fd{i}", "acme"))
-    assert fd_count(os.getpid()) - before <= descriptors.PER_SESSION * 10
+    before, server_pipes = fd_count(os.getpid()), pipes(os.getpid())
+    sessions = [await sup.get_or_create(f"fd{i}", "acme") for i in range(10)]
+    for s in sessions:
+        await sup.ensure_live(s)
+    assert descriptors.PER_SESSION == 1
+    assert fd_count(os.getpid()) - before <= 10  # its hub connection: no output pipe here
+    assert pipes(os.getpid()) == server_pipes
+    # the zygote's output relay holds the pipes' read ends, and output still arrives, marked by stream
+    relayed = pipes(output_relay(sup.spawner.pid))
+    assert all(pipes(s.pid) & relayed for s in sessions)
+    await sup.command(sessions[0], "say", {"text": "through the zygote", "stream": "stderr"})
+    await sup.stop(sessions[0], "ended")
+    assert [(e["stream"], e["line"]) for e in sup.agent_output(sessions[0].key)] == [("stderr", "through the zygote")]
+
+
+async def test_an_agent_holds_no_other_sessions_output_pipe(make_supervisor):
+    sup = await make_supervisor(agent="tests.output_agents:Printer")
+    sessions = [await sup.get_or_create(f"own{i}", "acme") for i in range(4)]
+    await sup.ensure_live(sessions[0])
+    zygote_fds = fd_count(sup.spawner.pid)
+    for s in sessions[1:]:
+        await sup.ensure_live(s)
+    assert fd_count(sup.spawner.pid) == zygote_fds  # no descriptor per session in the zygote either
+    held = {s.pid: pipes(s.pid) for s in sessions}
+    relayed = pipes(output_relay(sup.spawner.pid))
+    assert not pipes(sup.spawner.pid) & relayed  # the zygote keeps none: every agent forks with a small table
+    for s in sessions:
+        own = {os.readlink(f"/proc/{s.pid}/fd/1")}
+        assert own == {os.readlink(f"/proc/{s.pid}/fd/2")} and own <= relayed
+        assert held[s.pid] & relayed == own, "an agent holds another session's output pipe"
 
 
 @needs_root
