@@ -16,7 +16,6 @@ import json.encoder
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 from corral.supervisor.session_keys import session_key
 
@@ -25,20 +24,23 @@ from corral.supervisor.cluster.activation import ACTIVATED_ELSEWHERE
 # The EventBus types a stream carries (``spawned`` is an operator event, not a client one).
 STREAM_TYPES = frozenset({"state", "delta", "message", "error", "end"})
 # Fields of a bus event that are not for clients (the pid is the operator's business).
-_PRIVATE_FIELDS = ("type", "time", "tenant", "pid")
+_PRIVATE_FIELDS = frozenset({"type", "time", "tenant", "pid"})
 
 
-@dataclass(frozen=True, slots=True)
 class StreamEvent:
-    """One numbered event, with its frame as it goes on the wire (encoded once, for every listener)."""
+    """One numbered event, with its frame as it goes on the wire (encoded once, for every listener).
 
-    id: int
-    type: str
-    data: dict
-    frame: bytes = field(init=False, repr=False, compare=False)
+    A plain slotted class: made for every delta, it is cheaper to build than a frozen dataclass.
+    """
 
-    def __post_init__(self):
-        object.__setattr__(self, "frame", format_event(self.type, self.data, self.id))
+    __slots__ = ("id", "type", "data", "frame")
+
+    def __init__(self, event_id: int, event_type: str, data: dict):
+        self.id, self.type, self.data = event_id, event_type, data
+        self.frame = format_event(event_type, data, event_id)
+
+    def __repr__(self) -> str:
+        return f"StreamEvent(id={self.id}, type={self.type!r}, data={self.data!r})"
 
 
 def _compact_json() -> Callable[[object], str]:
@@ -228,18 +230,20 @@ class SessionChannel:
         return self.buffer[-1].id if self.buffer else self.floor
 
     def _on_event(self, event: dict) -> None:
-        """Number, buffer and fan out one bus event of this session."""
-        if event["type"] == ACTIVATED_ELSEWHERE:
+        """Number, buffer and fan out one bus event of this session (run for every delta: kept lean)."""
+        event_type = event["type"]
+        if event_type == ACTIVATED_ELSEWHERE:
             for listener in list(self.listeners):
                 listener.deliver(MOVED)
             return
-        if event["type"] not in STREAM_TYPES or not self.hub.owned_by(self.session_key, self.tenant):
+        if event_type not in STREAM_TYPES or not self.hub.owned_by(self.session_key, self.tenant):
             return
-        if len(self.buffer) == self.buffer.maxlen:
-            self.floor = self.buffer[0].id
-        numbered = StreamEvent(self.hub.next_id(), event["type"], client_data(event))
-        self.buffer.append(numbered)
-        for listener in list(self.listeners):
+        buffer = self.buffer
+        if len(buffer) == buffer.maxlen:
+            self.floor = buffer[0].id
+        numbered = StreamEvent(self.hub.next_id(), event_type, client_data(event))
+        buffer.append(numbered)
+        for listener in self.listeners:  # delivering never adds or removes a listener
             listener.deliver(numbered)
 
     def add(self) -> Listener:
