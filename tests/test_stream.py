@@ -2,6 +2,8 @@
 
 import asyncio
 import json
+import os
+import threading
 
 import pytest
 from tests.apihelpers import ALICE, BOB, TENANTS, assert_error, start
@@ -126,6 +128,75 @@ async def test_deltas_in_order_then_message(demo_client):
     stream.close()
 
 
+async def test_deltas_queued_while_the_stream_is_busy_go_out_in_one_write(aiohttp_client, make_config, tmp_path):
+    """Deltas that pile up before the stream's writer runs reach the client in one write (one HTTP
+    chunk), in order, with their own ids: a stream that falls behind catches up in one write.
+
+    The agent bursts while the loop is held (the test shares it with the server), so every delta
+    is on its connection before the server reads one; then they all come in one read.
+    """
+    burst = 25
+    app = create_app(make_config(agent="tests.perf_agents:BurstAgent", sandbox="off"))
+    client = await aiohttp_client(app)
+    go, sent = tmp_path / "go", tmp_path / "sent"
+    os.mkfifo(go)
+    os.mkfifo(sent)
+    response = await client.get("/api/chat/stream", params={"session_id": "burst"})
+    chunks = HTTPChunks(response)
+    await chunks.until(b"event: state")
+    posted = await client.post("/api/chat", json={"message": f"{burst} {go} {sent}", "session_id": "burst",
+                                                  "wait": False})
+    assert posted.status == 202
+    await chunks.until(b'"state":"busy"')  # the turn has reached the agent, which waits at the gate
+    sent_all = threading.Event()
+
+    def open_the_gate() -> None:
+        with open(go, "w") as gate:
+            gate.write("go")
+        with open(sent) as report:
+            report.read()
+        sent_all.set()
+
+    threading.Thread(target=open_the_gate, daemon=True).start()
+    assert sent_all.wait(TIMEOUT)  # holds the loop: the burst waits, unread, on the agent's connection
+    await chunks.until(b'"role":"assistant"')
+    with_deltas = [chunk for chunk in chunks.seen if b"event: delta" in chunk]
+    assert len(with_deltas) == 1, [chunk.count(b"event: delta") for chunk in with_deltas]
+    events = [block.split("\n") for block in with_deltas[0].decode().strip().split("\n\n")]
+    deltas = [json.loads(lines[2][len("data: "):]) for lines in events if lines[1] == "event: delta"]
+    assert [d["text"] for d in deltas] == [f"{i} " for i in range(burst)]
+    assert [d["seq"] for d in deltas] == list(range(1, burst + 1))
+    ids = [int(lines[0][len("id: "):]) for lines in events]
+    assert ids == sorted(set(ids))
+    response.close()
+
+
+class HTTPChunks:
+    """Reads an event stream by its HTTP chunks (one per write of the server's)."""
+
+    def __init__(self, response):
+        self.response = response
+        self.seen: list[bytes] = []
+        self._partial = b""
+
+    async def until(self, needle: bytes, timeout: float = TIMEOUT) -> None:
+        """Read whole chunks until one holds ``needle``."""
+
+        async def read():
+            while True:
+                data, end_of_chunk = await self.response.content.readchunk()
+                if not data and not end_of_chunk:
+                    raise EOFError("the stream ended")
+                self._partial += data
+                if end_of_chunk:
+                    self.seen.append(self._partial)
+                    self._partial = b""
+                    if needle in self.seen[-1]:
+                        return
+
+        await asyncio.wait_for(read(), timeout)
+
+
 async def test_a_reply_not_waited_for_comes_on_the_stream(client):
     """wait=false answers 202 at once; the reply arrives as events; a new stream starts from /api/state."""
     stream = await listen(client, "hana")
@@ -246,6 +317,21 @@ async def test_the_last_listener_leaving_unsubscribes_and_releases_the_buffer(cl
     again = hub.listen("default", "frank")
     assert again.channel.events_after(before - 1) is None  # nothing kept: a resume gets a fresh snapshot
     again.leave()
+
+
+async def test_a_listener_too_far_behind_is_closed_with_what_it_had_intact(client):
+    """Past ``queue_size`` unsent events a stream is ended (its memory is bounded); the events it
+    had queued still go out, none dropped, so its resume from the last one it got loses nothing."""
+    hub, sup = client.app[STREAMS], client.app[SUPERVISOR]
+    hub.queue_size = 3
+    slow = hub.listen("default", "gina")  # a stream whose writer never runs
+    s = await sup.get_or_create("gina", "default")
+    await sup.chat(s, "my name is Gina")  # more than 3 events: state, message, deltas, message, state
+    channel = slow.channel
+    assert slow.closed and slow.queue.qsize() == 3
+    assert [e.id for e in slow.queue.take()] == [e.id for e in channel.buffer][:3]
+    assert len(channel.buffer) > 3
+    slow.leave()
 
 
 async def test_stream_refuses_bad_ids_and_another_tenants_id_is_the_callers_own(client):

@@ -8,7 +8,6 @@ when nobody watches). In a cluster the tick sends a whole ``sessions`` snapshot 
 other nodes' live sessions asked of them, so the dashboard shows every node's (docs/cluster.md).
 """
 
-import asyncio
 from pathlib import Path
 
 from aiohttp import web
@@ -16,7 +15,7 @@ from aiohttp import web
 from corral.supervisor.views import LIVE_FILTER
 from corral.web import forward, paths
 from corral.web.monitoring import refresh_figures
-from corral.web.sse import CLOSE, SSE_HEADERS, format_event, serve_queue
+from corral.web.sse import SSE_HEADERS, EventQueue, format_event, serve_queue
 from corral.web.session_json import admin_row
 from corral.web.keys import EVENT_STREAMS, PROCSTATS, SUPERVISOR
 
@@ -73,26 +72,23 @@ def _page(name: str) -> web.FileResponse:
 async def admin_events(request: web.Request) -> web.StreamResponse:
     """SSE of session events for the dashboard."""
     sup = request.app[SUPERVISOR]
-    queue: asyncio.Queue = asyncio.Queue(QUEUE_BOUND)
+    queue = EventQueue(QUEUE_BOUND)
     overflowed = False
 
     def on_event(event: dict) -> None:
         nonlocal overflowed
-        if not overflowed:
-            try:
-                queue.put_nowait(event)
-            except asyncio.QueueFull:
-                overflowed = True  # the writer catches up by sending a fresh snapshot
+        if not overflowed and not queue.put(event):
+            overflowed = True  # the writer catches up by sending a fresh snapshot
 
-    async def send(item: dict) -> None:
-        """One event; once the queue has overflowed, a fresh snapshot instead of what it dropped."""
+    async def send(items: list[dict]) -> None:
+        """The queued events in one write; once the queue has overflowed, a fresh snapshot instead of what it dropped."""
         nonlocal overflowed
         if overflowed:
             _drain(queue)
             overflowed = False
             await _send_snapshot(request, response)
         else:
-            await _send(response, item["type"], item)
+            await response.write(b"".join(format_event(item["type"], item) for item in items))
 
     async def tick() -> None:
         """Every FIGURES_EVERY seconds: the figures (in a cluster, a snapshot: other nodes change too)."""
@@ -123,10 +119,9 @@ async def _open_stream(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def _drain(queue: asyncio.Queue) -> None:
+def _drain(queue: EventQueue) -> None:
     """Drop what a slow reader missed (a snapshot replaces it)."""
-    while not queue.empty():
-        queue.get_nowait()
+    queue.take()
 
 
 async def _send_snapshot(request: web.Request, response: web.StreamResponse) -> None:
@@ -157,7 +152,7 @@ async def close_event_streams(app: web.Application) -> None:
     """On shutdown, end every open dashboard stream so the server can stop at once."""
     for queue in list(app[EVENT_STREAMS]):
         _drain(queue)
-        queue.put_nowait(CLOSE)
+        queue.close()
 
 
 def install(app: web.Application) -> None:

@@ -76,7 +76,7 @@ async def _first_frames(request: web.Request, listener: Listener, sid: str) -> l
     if resume_from is not None:
         missed = channel.events_after(resume_from)
         if missed is not None:
-            return [event.encode() for event in missed]
+            return [event.frame for event in missed]
     snapshot_id = channel.last_id
     snapshot = await _snapshot(request, sid)
     _drop_covered_messages(listener, snapshot)
@@ -94,11 +94,8 @@ async def _snapshot(request: web.Request, sid: str) -> dict:
 def _drop_covered_messages(listener: Listener, snapshot: dict) -> None:
     """Drop queued ``message`` events the snapshot already holds (they arrived while it was read)."""
     newest = snapshot["messages"][-1]["seq"] if snapshot["messages"] else 0
-    queue = listener.queue
-    kept = [queue.get_nowait() for _ in range(queue.qsize())]
-    for item in kept:
-        if not (isinstance(item, StreamEvent) and item.type == "message" and item.data.get("seq", 0) <= newest):
-            queue.put_nowait(item)
+    listener.queue.keep(lambda item: not (isinstance(item, StreamEvent) and item.type == "message"
+                                          and item.data.get("seq", 0) <= newest))
 
 
 async def _open(request: web.Request, sid: str) -> web.StreamResponse:
@@ -111,25 +108,30 @@ async def _open(request: web.Request, sid: str) -> web.StreamResponse:
 
 
 async def _pump(response: web.StreamResponse, listener: Listener, backlog: list[bytes], keepalive: float) -> bool:
-    """Write the backlog, then each event as it comes, with a keep-alive comment when quiet.
+    """Write the backlog, then the events as they come, with a keep-alive comment when quiet.
 
+    The events queued since the last write go out in one write (one HTTP chunk, one send): a
+    stream that falls behind catches up at the cost of one write, not one per event.
     True when it stopped because another node activated the session (the stream follows it there).
     """
     moved = False
 
-    async def write(item) -> None:
+    async def write(items: list) -> None:
         nonlocal moved
-        if item is MOVED:
-            moved = True
-            listener.close_stream()  # what is queued before the move still goes out
-            return
-        await response.write(item.encode())
+        frames = []
+        for item in items:
+            if item is MOVED:
+                moved = True
+                listener.close_stream()  # what is queued before the move still goes out
+            else:
+                frames.append(item.frame)
+        if frames:
+            await response.write(b"".join(frames))
 
     async def keep_alive() -> None:
         await response.write(KEEPALIVE_FRAME)
 
     with contextlib.suppress(ConnectionError):
-        for frame in backlog:
-            await response.write(frame)
+        await response.write(b"".join(backlog))
         await serve_queue(listener.queue, keepalive, write, keep_alive)
     return moved
