@@ -44,6 +44,58 @@ def slabs() -> dict[str, int]:
     return out
 
 
+def memory_cgroup_root() -> str | None:
+    """Where the memory controller is mounted (cgroup v1's own hierarchy, else the unified one); None if nowhere."""
+    unified = None
+    with open("/proc/mounts") as f:
+        for line in f:
+            _, where, kind, options = line.split()[:4]
+            if kind == "cgroup" and "memory" in options.split(","):
+                return where
+            if kind == "cgroup2":
+                unified = where
+    return unified
+
+
+def shrinker_map_bytes(count: int = 20) -> float | None:
+    """Unreclaimable slab one new memory cgroup takes in kmalloc-1k, measured with ``count`` empty ones.
+
+    The kernel gives every memory cgroup one 520-byte unit (a kmalloc-1k object) per 64 memory-aware
+    shrinker ids, sized by the most such shrinkers the host ever had at once (every mounted superblock
+    has one, and the number never shrinks until reboot). None where it cannot be measured (not root).
+    """
+    root = memory_cgroup_root()
+    if root is None or os.geteuid() != 0:
+        return None
+    parent = os.path.join(root, f"corral-density-probe-{os.getpid()}")
+    try:
+        os.mkdir(parent)
+    except OSError:
+        return None
+    made = []
+    try:
+        before = _active_objects("kmalloc-1k")
+        for i in range(count):
+            os.mkdir(os.path.join(parent, str(i)))
+            made.append(os.path.join(parent, str(i)))
+        return (_active_objects("kmalloc-1k") - before) * 1024 / count
+    except OSError:
+        return None
+    finally:
+        for path in reversed(made):
+            os.rmdir(path)
+        os.rmdir(parent)
+
+
+def _active_objects(cache: str) -> int:
+    """Active objects of one slab cache (/proc/slabinfo)."""
+    with open("/proc/slabinfo") as f:
+        for line in f:
+            if line.startswith(cache + " "):
+                return int(line.split()[1])
+    return 0
+
+
 def fd_count(pid: int) -> int:
     """Open descriptors of a process."""
     return len(os.listdir(f"/proc/{pid}/fd"))
@@ -57,15 +109,21 @@ def run(table, args, client) -> None:
                        sandbox_uid_range=uids) as srv:
         sup = srv.process()
         client("create", srv.url, n=10, concurrency=10, prefix="warmup")  # fault in the zygote's and server's paths
+        map_before = shrinker_map_bytes()
         fds_before, mem_before, slab_before = fd_count(sup.pid), meminfo(), slabs()
         created = client("create", srv.url, n=n, concurrency=32, prefix="dense")
         mem_after, slab_after, fds_after = meminfo(), slabs(), fd_count(sup.pid)
+        map_after = shrinker_map_bytes()
         live = json.loads(_get(srv.url + "/health"))["live_sessions"] - 10
         refused = ", ".join(f"{count} × {what}" for what, count in created.get("refused", {}).items()) or "none"
         table.add(f"density: bring {n} sandboxed sessions live (32 clients)",
                   f"{created['seconds']:.1f} s, {live} live, refused: {refused}")
         n = max(1, live)  # the figures per session are per session that came up
         _memory_rows(table, n, mem_before, mem_after, slab_before, slab_after)
+        if map_before is not None and map_after is not None:
+            table.add("density: kernel shrinker map per memory cgroup (kmalloc-1k), before / with the sessions live",
+                      f"{map_before / 1024:.0f} / {map_after / 1024:.0f} KiB (~{map_after / 1024 * 64:.0f} superblocks "
+                      "at most ever on this host)")
         agents = srv.agents()
         sample = random.Random(21).sample(agents, min(USS_SAMPLE, len(agents)))
         uss = [footprint.memory([p])["uss"] for p in sample]
