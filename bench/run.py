@@ -308,6 +308,8 @@ def main(argv=None) -> int:
     parser.add_argument("--kernels", type=int, default=5, help="Jupyter kernels started for the peer figures")
     parser.add_argument("--sessions", type=int, default=1000, help="live sessions of the scale run")
     parser.add_argument("--density", type=int, default=1000, help="live sandboxed sessions of the density run")
+    parser.add_argument("--serve-flag", action="append", default=[], metavar="NAME=VALUE",
+                        help="a corral serve setting for the density run, e.g. agent_disk=0 (repeatable)")
     parser.add_argument("--idle-seconds", type=float, default=10.0, help="window of the idle CPU figure")
     args = parser.parse_args(argv)
     unknown = set(args.parts) - set(PARTS)
