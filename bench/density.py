@@ -13,6 +13,8 @@ import os
 import random
 import statistics
 
+import psutil
+
 from bench import footprint, server
 
 MIB = 1024 * 1024
@@ -100,6 +102,19 @@ def _active_objects(cache: str) -> int:
     return 0
 
 
+def memory_threads() -> list[psutil.Process]:
+    """The kernel threads whose work grows with the pages N agents share: DAMON's, reclaim's and KSM's.
+
+    A DAMON or reclaim pass over a page the zygote shares with N agents walks its N mappings
+    (docs/benchmarks.md), so on a host running them their CPU is part of what idle sessions cost.
+    """
+    found = []
+    for proc in psutil.process_iter(["name"]):
+        if (proc.info["name"] or "").startswith(("kdamond", "kswapd", "ksmd")):
+            found.append(proc)
+    return found
+
+
 def fd_count(pid: int) -> int:
     """Open descriptors of a process."""
     return len(os.listdir(f"/proc/{pid}/fd"))
@@ -137,9 +152,11 @@ def run(table, args, client) -> None:
         table.add("density: descriptors per session in the server", f"{(fds_after - fds_before) / n:.2f}",
                   target="<= 1")
         table.add("density: supervisor RSS", f"{sup.memory_info().rss / MIB:.0f} MiB")
-        cpu = footprint.idle_cpu({"supervisor": [sup]}, args.idle_seconds)
+        cpu = footprint.idle_cpu({"supervisor": [sup], "kernel": memory_threads()}, args.idle_seconds)
         table.add(f"density: supervisor CPU while {live} idle ({args.idle_seconds:g} s)", f"{cpu['supervisor']:.2f} %",
                   target="<= 1 %")
+        table.add(f"density: while {live} idle, the kernel's memory threads (kdamond, kswapd, ksmd) / the whole machine",
+                  f"{cpu['kernel']:.1f} % of a core / {cpu['machine']:.1f} % of all cores")
         for connections in WARM_CLIENTS:  # saturating the 2 cores, then a load that leaves them room
             warm = client("warm", srv.url, connections=connections, sessions=n, seconds=args.seconds, prefix="dense")
             table.add(f"density: warm chat across the {n} sessions, {connections} clients: p50 / p99 at the rate it made",

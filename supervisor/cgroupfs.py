@@ -40,6 +40,14 @@ def write_optional(path: str, value: str | int) -> None:
         pass  # cgroupfs refuses to create unknown files; the limit itself is already set
 
 
+def read_optional(path: str) -> str | None:
+    """A small kernel file's stripped contents, None where it is missing or unreadable."""
+    try:
+        return read(path)
+    except OSError:
+        return None
+
+
 def read_int(path: str) -> int | None:
     """Read an integer file; None when missing/unreadable or "max"."""
     try:

@@ -14,7 +14,7 @@ import shutil
 import tempfile
 
 from corral.agent_proc import environment
-from corral.supervisor import descriptors, errors, states
+from corral.supervisor import descriptors, errors, host_memory, states
 from corral.supervisor.agent_tmp import sweep_dead_trees
 from corral.supervisor.egress import build_gateway
 from corral.supervisor.hub import Hub
@@ -74,6 +74,7 @@ class Lifecycle:
         await self._sweep_agent_trees()
         self._choose_sandbox()  # before the limiter: whether sessions have uids of their own decides the pids fallback
         self.fit_max_sessions()
+        self._note_host_memory()
         if self.sandbox.network_mode == "proxy":
             self.gateway = build_gateway(self.config, self.tenant_egress, on_denied=self.on_egress_denied,
                                          on_count=self.on_egress_counted)
@@ -148,6 +149,13 @@ class Lifecycle:
                         message=f"--max-sessions {c.max_sessions} does not fit: the {by} allow {most}; serving at "
                                 f"most {max(1, most)} ({remedy})")
             self.config = dataclasses.replace(c, max_sessions=max(1, most))
+
+    @staticmethod
+    def _note_host_memory() -> None:
+        """Say once what the host's memory monitors will cost as sessions add up (supervisor/host_memory.py)."""
+        note = host_memory.note()
+        if note:
+            log.warning("host_memory_note", note=note)
 
     async def end_orphans(self, node: str) -> None:
         """End the sessions this server's previous run left live in the store (it died with them)."""
