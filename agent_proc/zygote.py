@@ -24,7 +24,7 @@ import socket
 import sys
 import traceback
 
-from corral.agent_proc import disk, environment, forking, netns, sandbox, startup_checks, userns, warmup
+from corral.agent_proc import disk, environment, forking, immortal, netns, sandbox, startup_checks, userns, warmup
 from corral.agent_proc import output_relay
 from corral.agent_proc.zygote_messages import Exited, Failed, Quit, Ready, Spawn, Spawned, SpawnFailed, Start, recv, send
 from corral.agent_proc.limits import apply_limits
@@ -103,8 +103,19 @@ def _start_and_serve(conn, fd_channel: socket.socket, relay_conn, agent_spec: st
         send(conn, Failed(f"cannot set up the sandbox: {exc}"))
         return
     warmup.rehearse(tmpdir=prebuilt and prebuilt.tmp_parent)  # before the freeze: what it leaves is shared, not copied into each agent
+    heap = _share_heap(options.get("immortal_heap", "auto"))  # last before the freeze: get_objects skips frozen ones
     gc.freeze()  # keep the imported objects out of GC passes so children don't copy their pages
-    Zygote(conn, fd_channel, relay, agent_cls, ns_init=ns_init, prebuilt=prebuilt).serve()
+    Zygote(conn, fd_channel, relay, agent_cls, ns_init=ns_init, prebuilt=prebuilt, heap=heap).serve()
+
+
+def _share_heap(choice: str) -> str:
+    """Make the objects held now immortal unless told not to or the interpreter cannot; what was done, in words."""
+    if choice == "off":
+        return "counted (--immortal-heap off)"
+    why_not = immortal.unavailable()
+    if why_not:
+        return f"counted ({why_not})"
+    return f"immortal ({immortal.make_heap_immortal()} objects)"
 
 
 def _enter_mount_namespace(options: dict) -> None:
@@ -225,8 +236,9 @@ class Zygote:
     """Forks children on request and reports their deaths."""
 
     def __init__(self, conn, fd_channel: socket.socket, relay: tuple[int, socket.socket], agent_cls, *,
-                 ns_init: int | None = None, prebuilt=None):
+                 ns_init: int | None = None, prebuilt=None, heap: str = "counted"):
         self.conn = conn
+        self.heap = heap  # whether the objects every child shares are immortal (agent_proc/immortal.py), in words
         self.prebuilt = prebuilt  # sandbox.Prebuilt: the layers' rules and filters, built once for every child
         # the supervisor sends each child's hub connection here, before its request
         self.fd_channel = fd_channel
@@ -255,7 +267,7 @@ class Zygote:
         signal.signal(signal.SIGCHLD, lambda *_: None)  # the wakeup fd does the work
         self.selector.register(self.conn.fileno(), selectors.EVENT_READ, "conn")
         self.selector.register(self.wake_r, selectors.EVENT_READ, "signal")
-        send(self.conn, Ready(os.getpid(), self.forker.describe()))
+        send(self.conn, Ready(os.getpid(), self.forker.describe(), self.heap))
         while True:
             for key, _ in self.selector.select():
                 if key.data == "signal":

@@ -31,10 +31,12 @@ class Start:
 
 @dataclass(frozen=True, slots=True)
 class Ready:
-    """The zygote has imported the agent and can fork; ``fork`` says how (agent_proc/forking.py)."""
+    """The zygote has imported the agent and can fork; ``fork`` says how (agent_proc/forking.py), ``heap``
+    whether the objects its children share are immortal (agent_proc/immortal.py)."""
 
     pid: int
     fork: str
+    heap: str = "counted"
 
 
 @dataclass(frozen=True, slots=True)

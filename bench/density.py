@@ -102,6 +102,50 @@ def _active_objects(cache: str) -> int:
     return 0
 
 
+USS_KINDS = ("anonymous mappings", "C heap", "libpython", "python binary", "other libraries", "stack", "other")
+USS_KIND_SAMPLE = 20
+
+
+def uss_by_kind(pid: int) -> dict[str, int]:
+    """Bytes of ``pid``'s pages mapped by it alone (its USS), by the kind of mapping they are in.
+
+    Anonymous mappings are CPython's object arenas and large buffers; the C heap is malloc's brk
+    area; libpython is the interpreter's static data (small ints, static types, the type cache).
+    """
+    out: dict[str, int] = {}
+    kind = "other"
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                first = line.split(None, 1)[0]
+                if not first.endswith(":"):  # a mapping's header: "start-end perms offset dev inode [path]"
+                    parts = line.split(None, 5)
+                    kind = _kind(parts[5].strip() if len(parts) > 5 else "")
+                elif first in ("Private_Clean:", "Private_Dirty:"):
+                    out[kind] = out.get(kind, 0) + int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def _kind(path: str) -> str:
+    """Which of USS_KINDS a mapping of ``path`` is."""
+    name = os.path.basename(path)
+    if not path:
+        return "anonymous mappings"
+    if path == "[heap]":
+        return "C heap"
+    if path == "[stack]":
+        return "stack"
+    if name.startswith("libpython"):
+        return "libpython"
+    if name.startswith("python"):
+        return "python binary"
+    if ".so" in name:
+        return "other libraries"
+    return "other"
+
+
 def memory_threads() -> list[psutil.Process]:
     """The kernel threads whose work grows with the pages N agents share: DAMON's, reclaim's and KSM's.
 
@@ -149,6 +193,10 @@ def run(table, args, client) -> None:
         uss = [footprint.memory([p])["uss"] for p in sample]
         table.add(f"density: USS median of {len(sample)} sampled agents", f"{statistics.median(uss) / 1e6:.2f} MB",
                   target="<= 1.9 MB")
+        kinds = [uss_by_kind(p.pid) for p in sample[:USS_KIND_SAMPLE]]
+        table.add(f"density: an agent's USS by kind, KiB (median of {len(kinds)})",
+                  ", ".join(f"{kind} {statistics.median(k.get(kind, 0) for k in kinds) / 1024:.0f}"
+                            for kind in USS_KINDS))
         table.add("density: descriptors per session in the server", f"{(fds_after - fds_before) / n:.2f}",
                   target="<= 1")
         table.add("density: supervisor RSS", f"{sup.memory_info().rss / MIB:.0f} MiB")

@@ -24,6 +24,7 @@ DEFAULT_AGENT = "corral.agent_proc.demo:DemoAgent"
 LOOPS = ("auto", "asyncio", "uvloop")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 NETWORK_MODES = ("proxy", "host", "off")
+IMMORTAL_HEAP = ("auto", "off")
 
 
 def _checked(parse):
@@ -212,6 +213,13 @@ class Config:
         doc="seconds between samples of every live agent's CPU and memory: usage accounting and the dashboard's "
             "plots; see [operations.md](operations.md#usage)")
     loop: str = setting("auto", choice("loop", LOOPS), "event loop: auto (uvloop when installed) | asyncio | uvloop")
+    # agent_proc/immortal.py: ~0.7 MB less per idle agent on CPython 3.12 (docs/benchmarks.md)
+    immortal_heap: str = setting(
+        "auto", choice("immortal-heap", IMMORTAL_HEAP), "make the zygote's objects immortal before it forks, so agents "
+        "share their pages instead of copying them to count references: auto (on CPython 3.12/3.13) | off",
+        doc="make the zygote's objects immortal before it forks, so agents share their pages instead of copying them "
+            "to count references: `auto` (where the interpreter allows it: CPython 3.12 and 3.13; the start-up log's "
+            "`zygote_ready` says `heap=`) or `off`; see [operations.md](operations.md#memory-how-many-sessions-a-node-holds)")
 
     def __post_init__(self):
         """Validate values that would otherwise fail far from their cause."""

@@ -119,6 +119,7 @@ class Lifecycle:
         self.sandbox = choose_sandbox(
             c.sandbox, protected=protected, network_mode=c.agent_network, uid_range=c.uid_range,
             max_pids=c.max_pids, max_open_files=c.max_open_files, disk=c.agent_disk, run_id=self.run_id)
+        self.sandbox.immortal_heap = c.immortal_heap
         for name, layer in self.sandbox.layers.items():
             if layer["in_force"]:
                 log.info("sandbox_layer", layer=name, detail=layer["detail"])

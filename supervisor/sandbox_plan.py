@@ -86,6 +86,9 @@ class Sandbox:
         self.dropped_paths: list[str] = []
         self.notes: list[str] = []
         self.remover = Remover()  # temp dirs go on a thread of their own: a session's end never waits for one
+        # not a layer, but the zygote's one other choice made once before it forks (--immortal-heap,
+        # agent_proc/immortal.py), so it travels with the layers' options, in every sandbox mode
+        self.immortal_heap = "auto"
 
     def on(self, layer: str) -> bool:
         """Whether a layer is in force."""
@@ -109,7 +112,7 @@ class Sandbox:
         """What the zygote does once: the agents' pid namespace (in a user namespace unless root), a subreaper, the prebuilt layers."""
         options = {"pid_namespace": self.on("pid_namespace"), "user_namespace": self.on("user_namespace"),
                    "net_namespace": self.network_mode == "proxy", "subreaper": self.mode != "off",
-                   "mount_namespace": self.on("disk"), "own_uid": self.on("uid")}
+                   "mount_namespace": self.on("disk"), "own_uid": self.on("uid"), "immortal_heap": self.immortal_heap}
         if self.mode != "off" and self.prebuild:
             options.update(prebuild=True, landlock=self._landlock_abi(), read_paths=self.read_paths,
                            device_paths=list(DEVICE_WRITE_PATHS), seccomp=self.on("seccomp"),

@@ -100,6 +100,7 @@ class ZygoteSpawner(Launcher):
         self._ids = itertools.count(1)
         self._ready: asyncio.Future | None = None
         self.fork: str | None = None  # how the zygote forks agents, once it is ready
+        self.heap: str | None = None  # whether the objects its agents share are immortal (agent_proc/immortal.py)
         self._closing = False
 
     async def start(self) -> None:
@@ -123,7 +124,8 @@ class ZygoteSpawner(Launcher):
         self._ready = loop.create_future()
         loop.add_reader(self.conn.fileno(), self._on_readable, "conn")
         try:
-            self.fork = await asyncio.wait_for(self._ready, self.start_timeout)
+            ready = await asyncio.wait_for(self._ready, self.start_timeout)
+            self.fork, self.heap = ready.fork, ready.heap
         except asyncio.TimeoutError:
             await self.close()
             raise SpawnError(f"the zygote did not start within {self.start_timeout}s") from None
@@ -134,7 +136,7 @@ class ZygoteSpawner(Launcher):
         loop.add_reader(self.relay_conn.fileno(), self._on_readable, "relay_conn")
         if self.zygote_options.get("net_namespace") and self.gateway is not None:
             await self._serve_gateway()
-        log.info("zygote_ready", pid=self.pid, agent=self.agent_spec, fork=self.fork)
+        log.info("zygote_ready", pid=self.pid, agent=self.agent_spec, fork=self.fork, heap=self.heap)
 
     async def _serve_gateway(self) -> None:
         """Take the gateway's listener the zygote made in the agents' namespace (queued before "ready") and serve it."""
@@ -241,7 +243,7 @@ class ZygoteSpawner(Launcher):
         elif isinstance(msg, (msgs.Ready, msgs.Failed)):
             if not self._ready.done():
                 if isinstance(msg, msgs.Ready):
-                    self._ready.set_result(msg.fork)  # how it forks agents (agent_proc/forking.py)
+                    self._ready.set_result(msg)  # how it forks agents (agent_proc/forking.py), its heap
                 else:
                     self._ready.set_exception(SpawnError(msg.reason))
 

@@ -116,3 +116,16 @@ class ForkFacts(DemoAgent):
 
         return {"random": random.getrandbits(64), "hooks": dict(fork_hooks), "instances": instances}
 
+
+
+SHARED_AT_IMPORT = ("made when the zygote imported this module", 42.5)
+
+
+class RefcountAgent(DemoAgent):
+    """Answers with the reference count of an object its module made at import (in the zygote) and of one made now."""
+
+    def on_message(self, text):
+        import sys
+
+        fresh = [text]
+        return f"{sys.getrefcount(SHARED_AT_IMPORT)} {sys.getrefcount(fresh)}"

@@ -29,11 +29,13 @@
   }
 
   function bytes(n) {
+    // three digits at most ("900K", "1.0M", "22.4M"), so the columns keep their width: an agent's
+    // USS near 1 MiB once printed as "1000.0K" and pushed the Kill button out of a 1280-pixel window
     if (n === null || n === undefined) return "–";
     const units = ["B", "K", "M", "G"];
     let i = 0;
-    while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
-    return i ? `${n.toFixed(1)}${units[i]}` : `${n}B`;
+    while (n >= 1000 && i < units.length - 1) { n /= 1024; i++; }
+    return i ? `${n.toFixed(n >= 100 ? 0 : 1)}${units[i]}` : `${n}B`;
   }
 
   function seconds(s) {
