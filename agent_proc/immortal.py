@@ -39,7 +39,7 @@ def _refcount_field(obj) -> ctypes.c_ssize_t:
 def unavailable() -> str | None:
     """Why this interpreter's objects cannot be made immortal here; None when they can."""
     if sys.implementation.name != "cpython" or sys.version_info[:2] not in _SUPPORTED:
-        return f"needs CPython 3.12 or 3.13 (this is {sys.implementation.name} {sys.version.split()[0]})"
+        return f"needs CPython 3.12 or 3.13, not {sys.implementation.name} {sys.version.split()[0]}"
     if sys.maxsize < 2**63 - 1:
         return "needs a 64-bit build"
     if sysconfig.get_config_var("Py_GIL_DISABLED"):
