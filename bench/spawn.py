@@ -75,7 +75,8 @@ async def run(args) -> list[tuple[str, str, str]]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
         config = Config(agent="bench.agents:EchoAgent", data_dir=tmp, database_url=args.database_url,
-                        rate_limit=0, max_sessions=args.sessions + 100, idle_timeout=3600)
+                        rate_limit=0, max_sessions=args.sessions + 100, idle_timeout=3600,
+                        immortal_heap=args.immortal_heap)
         sup = Supervisor(config)
         await sup.start()
         try:
@@ -114,6 +115,7 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--idle-seconds", type=float, default=10.0)
     parser.add_argument("--database-url", default="memory://", help="store (default memory://; '' = SQLite)")
+    parser.add_argument("--immortal-heap", default="auto", choices=("auto", "off"), help="corral serve's --immortal-heap")
     args = parser.parse_args(argv)
     configure("warning")
     rows = asyncio.run(run(args))
