@@ -115,7 +115,9 @@ def _share_heap(choice: str) -> str:
     why_not = immortal.unavailable()
     if why_not:
         return f"counted ({why_not})"
-    return f"immortal ({immortal.make_heap_immortal()} objects)"
+    marked = immortal.make_heap_immortal()
+    filled = immortal.fill_free_blocks()  # after: the walk's own bookkeeping left free blocks too
+    return f"immortal ({marked} objects, {filled} free blocks filled)"
 
 
 def _enter_mount_namespace(options: dict) -> None:

@@ -2,6 +2,7 @@
 own, then real agents under a real supervisor with the heap immortal, with ``--immortal-heap off``, and
 on an interpreter that cannot."""
 
+import re
 import subprocess
 import sys
 import sysconfig
@@ -54,10 +55,43 @@ def test_what_is_held_is_never_counted_again_and_what_comes_after_is_counted_and
     assert out.returncode == 0 and out.stdout.startswith("ok "), out.stderr
 
 
+WHERE_NEW_OBJECTS_GO = textwrap.dedent("""
+    import gc, sys
+    from corral.agent_proc import immortal
+
+    POOL = 16 * 1024  # CPython 3.12/3.13's object allocator: pools of 16 KiB, aligned
+    held = gc.get_objects()
+    old = {id(o) & ~(POOL - 1) for o in held} | {id(r) & ~(POOL - 1) for o in held for r in gc.get_referents(o)}
+    del held
+    filled = immortal.fill_free_blocks() if sys.argv[1] == "fill" else 0
+    made = [bytes(size - 33) for size in range(48, 513, 16) for _ in range(10)]  # 10 of each size class
+    shared = sum(id(b) & ~(POOL - 1) in old for b in made) / len(made)
+    print(filled, len(immortal._FILLERS), round(shared, 2))
+""")
+
+
+def where_new_objects_go(fill: bool) -> tuple[int, int, float]:
+    """(blocks filled, fillers held, the share of 300 new objects put in pools the objects made before are in)."""
+    out = subprocess.run([sys.executable, "-c", WHERE_NEW_OBJECTS_GO, "fill" if fill else "no"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    filled, held, shared = out.stdout.split()
+    return int(filled), int(held), float(shared)
+
+
+@needs_immortal
+def test_new_objects_go_to_pools_of_their_own_once_the_free_blocks_are_filled():
+    """What the zygote's agents then do: their objects are packed in new pages, not spread over shared ones."""
+    _, _, shared_before = where_new_objects_go(fill=False)
+    filled, held, shared_after = where_new_objects_go(fill=True)
+    assert shared_before > 0.5  # the measure sees the spreading it is about
+    assert filled > 100 and held == filled and shared_after < 0.1, (filled, held, shared_after)
+
+
 @needs_immortal
 async def test_agents_find_the_zygotes_objects_immortal_and_their_own_counted(make_supervisor):
     sup = await make_supervisor(agent=AGENT)
-    assert sup.spawner.heap.startswith("immortal (") and sup.spawner.heap.endswith(" objects)")
+    assert re.fullmatch(r"immortal \(\d+ objects, \d+ free blocks filled\)", sup.spawner.heap), sup.spawner.heap
     for sid in ("a", "b"):  # two agents of one zygote
         held, fresh = map(int, (await sup.chat(await sup.get_or_create(sid, "default"), "hi"))["reply"].split())
         assert held == immortal.IMMORTAL_REFCNT and fresh < 10
