@@ -32,7 +32,6 @@ import os
 import re
 import sys
 import sysconfig
-import tempfile
 
 __all__ = ["unavailable", "make_heap_immortal", "fill_free_blocks", "IMMORTAL_REFCNT"]
 
@@ -130,14 +129,22 @@ def _filler(size: int):
 
 
 def _malloc_stats() -> str:
-    """What ``sys._debugmallocstats()`` writes to the C stderr."""
-    with tempfile.TemporaryFile("w+") as out:
-        saved = os.dup(2)
-        try:
-            os.dup2(out.fileno(), 2)
-            sys._debugmallocstats()
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        out.seek(0)
-        return out.read()
+    """What ``sys._debugmallocstats()`` writes to the C stderr; "" where it cannot be caught.
+
+    Caught in a pipe, not a file: the zygote may have no writable directory, and the table (a few
+    KiB) fits in a pipe's buffer, so nothing has to read while it is written.
+    """
+    try:
+        read_end, write_end = os.pipe()
+    except OSError:
+        return ""
+    saved = os.dup(2)
+    try:
+        os.dup2(write_end, 2)
+        sys._debugmallocstats()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(write_end)
+    with os.fdopen(read_end, "rb") as out:
+        return out.read().decode(errors="replace")
