@@ -93,7 +93,8 @@ _CODE = type(make_heap_immortal.__code__)
 
 # One line of sys._debugmallocstats()'s table: class, size, pools, blocks in use, free blocks.
 _SIZE_CLASS = re.compile(r"^\s+\d+\s+(\d+)\s+\d+\s+\d+\s+(\d+)\s*$", re.M)
-_FILLERS: collections.deque = collections.deque()  # held for good (and made immortal with the rest); its blocks are malloc's
+# held for good and never touched, so never counted; a deque, whose blocks are malloc's, not the pools'
+_FILLERS: collections.deque = collections.deque()
 _FILL_ROUNDS = 4
 
 
@@ -107,7 +108,7 @@ def fill_free_blocks() -> int:
     the free blocks are read from ``sys._debugmallocstats()``. 0 when its table cannot be read.
     """
     filled = 0
-    for _ in range(_FILL_ROUNDS):  # filling makes objects of its own (ints, a list): a few rounds take what they freed
+    for _ in range(_FILL_ROUNDS):  # reading the table makes and frees objects too: a few rounds take those blocks
         counts = [(int(size), int(free)) for size, free in _SIZE_CLASS.findall(_malloc_stats())]
         total = sum(free for _, free in counts)
         if not total:
@@ -136,9 +137,9 @@ def _malloc_stats() -> str:
     """
     try:
         read_end, write_end = os.pipe()
-    except OSError:
+        saved = os.dup(2)
+    except OSError:  # out of descriptors, or no stderr to put back
         return ""
-    saved = os.dup(2)
     try:
         os.dup2(write_end, 2)
         sys._debugmallocstats()
