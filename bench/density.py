@@ -113,30 +113,22 @@ def uss_by_kind(pid: int) -> dict[str, int]:
     area; libpython is the interpreter's static data (small ints, static types, the type cache).
     """
     out: dict[str, int] = {}
-    kind = "other"
     try:
-        with open(f"/proc/{pid}/smaps") as f:
-            for line in f:
-                first = line.split(None, 1)[0]
-                if not first.endswith(":"):  # a mapping's header: "start-end perms offset dev inode [path]"
-                    parts = line.split(None, 5)
-                    kind = _kind(parts[5].strip() if len(parts) > 5 else "")
-                elif first in ("Private_Clean:", "Private_Dirty:"):
-                    out[kind] = out.get(kind, 0) + int(line.split()[1]) * 1024
-    except OSError:
-        pass
+        maps = psutil.Process(pid).memory_maps(grouped=True)  # /proc/PID/smaps, summed by path
+    except psutil.Error:
+        return out
+    for mapping in maps:
+        kind = _kind(mapping.path)
+        out[kind] = out.get(kind, 0) + mapping.private_clean + mapping.private_dirty
     return out
 
 
 def _kind(path: str) -> str:
-    """Which of USS_KINDS a mapping of ``path`` is."""
+    """Which of USS_KINDS a mapping of ``path`` (psutil's name for it) is."""
+    special = {"[anon]": "anonymous mappings", "": "anonymous mappings", "[heap]": "C heap", "[stack]": "stack"}
+    if path in special:
+        return special[path]
     name = os.path.basename(path)
-    if not path:
-        return "anonymous mappings"
-    if path == "[heap]":
-        return "C heap"
-    if path == "[stack]":
-        return "stack"
     if name.startswith("libpython"):
         return "libpython"
     if name.startswith("python"):
